@@ -1,0 +1,87 @@
+// The one interface between the allocator and the memory it manages.
+//
+// A backend reserves virtual ranges, creates 2 MiB physical chunks, maps chunks into
+// ranges and unmaps them, and tells the allocator when work on a stream has finished.
+// It holds no allocator policy: the caching allocator decides what to map where.
+//
+// Note [Backend error contract]
+// - Every failing call throws. Lack of physical memory on the device throws
+//   DeviceOutOfMemory (so the allocator can release caches and retry); anything else
+//   throws BackendError naming the call and the driver's error.
+// - A call that throws has no effect: a failed map leaves the range unmapped, a failed
+//   create_chunk leaks no handle. The allocator's rollback depends on it.
+// - unmap/unreserve/release_chunk/release_event are used on rollback paths; they may
+//   throw too, and the allocator counts such failures instead of propagating them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace vmm {
+
+// Physical chunk size. CUDA's VMM granularity on every GPU we target is 2 MiB
+// (FACTS.md); a backend whose granularity differs is refused at construction.
+constexpr std::size_t kChunkSize = std::size_t{2} << 20;
+
+// A stream as the caller names it: the cudaStream_t value on CUDA (0 is the legacy
+// default stream), anything on the host backend, whose streams are trivially ordered.
+using StreamId = std::uintptr_t;
+using EventId = std::uintptr_t;
+using ChunkHandle = std::uint64_t;
+
+class BackendError : public std::runtime_error {
+ public:
+  using std::runtime_error::runtime_error;
+};
+
+// The device itself has no physical memory left (as opposed to the allocator's cap).
+class DeviceOutOfMemory : public BackendError {
+ public:
+  using BackendError::BackendError;
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string name() const = 0;
+  virtual int device() const = 0;
+  // Bytes of physical memory the device has in all (the base for fraction caps).
+  virtual std::size_t total_memory() const = 0;
+  // Bytes of physical memory the device has free right now, as the driver sees it.
+  virtual std::size_t free_memory() const = 0;
+
+  // Virtual ranges: `bytes` is a multiple of kChunkSize; the result is kChunkSize-aligned.
+  virtual std::uintptr_t reserve(std::size_t bytes) = 0;
+  virtual void unreserve(std::uintptr_t addr, std::size_t bytes) = 0;
+
+  // Physical chunks of exactly kChunkSize bytes.
+  virtual ChunkHandle create_chunk() = 0;
+  virtual void release_chunk(ChunkHandle chunk) = 0;
+
+  // Map one chunk at `addr` (kChunkSize-aligned, inside a reserved range). A mapped range
+  // is not accessible until set_access is called on it. unmap takes any chunk-aligned
+  // sub-range whose chunks are all mapped.
+  virtual void map(std::uintptr_t addr, ChunkHandle chunk) = 0;
+  virtual void unmap(std::uintptr_t addr, std::size_t bytes) = 0;
+  virtual void set_access(std::uintptr_t addr, std::size_t bytes) = 0;
+
+  // Stream ordering. An event recorded on a stream completes once all work submitted to
+  // that stream before the record has finished.
+  virtual EventId record_event(StreamId stream) = 0;
+  virtual bool event_done(EventId event) = 0;
+  // Work submitted to `stream` after this call starts only once `event` has completed;
+  // the host does not block.
+  virtual void stream_wait_event(StreamId stream, EventId event) = 0;
+  virtual void release_event(EventId event) = 0;
+  // Blocks the host until all work on the device has finished.
+  virtual void synchronize() = 0;
+
+  // Data movement between host memory and mapped device memory (tests and tools).
+  virtual void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) = 0;
+  virtual void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) = 0;
+};
+
+}  // namespace vmm

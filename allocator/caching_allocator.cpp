@@ -1,0 +1,390 @@
+#include "caching_allocator.hpp"
+
+#include <algorithm>
+#include <cstdio>
+#include <stdexcept>
+
+namespace vmm {
+namespace {
+
+std::string format_size(std::size_t bytes) {
+  char buf[64];
+  const double b = static_cast<double>(bytes);
+  if (bytes < (std::size_t{1} << 10)) std::snprintf(buf, sizeof buf, "%zu bytes", bytes);
+  else if (bytes < (std::size_t{1} << 20)) std::snprintf(buf, sizeof buf, "%.2f KiB", b / 1024);
+  else if (bytes < (std::size_t{1} << 30)) std::snprintf(buf, sizeof buf, "%.2f MiB", b / (1 << 20));
+  else std::snprintf(buf, sizeof buf, "%.2f GiB", b / (1 << 30));
+  return buf;
+}
+
+std::string hex(std::uintptr_t ptr) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "0x%zx", static_cast<std::size_t>(ptr));
+  return buf;
+}
+
+// Moves a stat's current value to `value`, keeping peak and cumulative counts right.
+void set_current(Stat& stat, std::int64_t value) {
+  if (value > stat.current) stat.increase(value - stat.current);
+  else if (value < stat.current) stat.decrease(stat.current - value);
+}
+
+}  // namespace
+
+CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Config config)
+    : backend_(std::move(backend)),
+      config_(config),
+      pool_(*backend_),
+      cache_(*backend_, pool_, config_) {
+  if (config_.memory_fraction != 0) set_memory_fraction(config_.memory_fraction);
+  else set_memory_cap(config_.memory_cap);
+}
+
+CachingAllocator::~CachingAllocator() {
+  try {
+    backend_->synchronize();
+  } catch (const std::exception&) {
+  }
+}
+
+std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!pending_.empty()) process_pending(/*wait=*/false);
+  if (size <= kSmallRequestLimit) {
+    const std::size_t rounded = SmallPool::round(size);
+    SmallBlock* block = small_.allocate(rounded, stream);
+    if (block == nullptr) {
+      Mapping* segment = acquire(1, stream, size);
+      block = small_.allocate_in_new_segment(segment, rounded, stream);
+      sync_reserved_stats();
+    }
+    block->requested = size;
+    allocation_.increase(Pool::kSmall, 1);
+    active_.increase(Pool::kSmall, 1);
+    allocated_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(block->size));
+    active_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(block->size));
+    requested_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(size));
+    return block->addr;
+  }
+  const std::size_t chunks = (size + kChunkSize - 1) / kChunkSize;
+  Mapping* mapping = acquire(chunks, stream, size);
+  const std::size_t bytes = chunks * kChunkSize;
+  large_.emplace(mapping->base, LargeAllocation{mapping, bytes, size, stream});
+  sync_reserved_stats();
+  allocation_.increase(Pool::kLarge, 1);
+  active_.increase(Pool::kLarge, 1);
+  allocated_bytes_.increase(Pool::kLarge, static_cast<std::int64_t>(bytes));
+  active_bytes_.increase(Pool::kLarge, static_cast<std::int64_t>(bytes));
+  requested_bytes_.increase(Pool::kLarge, static_cast<std::int64_t>(size));
+  return mapping->base;
+}
+
+Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::size_t requested) {
+  std::string cause;
+  try {
+    if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
+    // Before any new physical memory: finish frees and take back free small segments.
+    if (!pending_.empty()) process_pending(/*wait=*/false);
+    if (small_.reclaim(cache_) > 0) {
+      sync_reserved_stats();
+      if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
+    }
+    return cache_.acquire(chunks, stream, /*allow_create=*/true);
+  } catch (const CapExceeded& e) {
+    cause = e.what();
+  } catch (const DeviceOutOfMemory& e) {
+    cause = e.what();
+  }
+  ++num_alloc_retries_;
+  release_cached();
+  try {
+    Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/true);
+    sync_reserved_stats();
+    return m;
+  } catch (const CapExceeded& e) {
+    cause = e.what();
+  } catch (const DeviceOutOfMemory& e) {
+    cause = e.what();
+  }
+  sync_reserved_stats();
+  throw_oom(requested, cause);
+}
+
+void CachingAllocator::throw_oom(std::size_t requested, const std::string& cause) {
+  ++num_ooms_;
+  const bool cuda = backend_->name().find("cuda") != std::string::npos;
+  const std::size_t total = backend_->total_memory();
+  std::size_t free = 0;
+  try {
+    free = backend_->free_memory();
+  } catch (const std::exception&) {
+  }
+  const std::size_t reserved = pool_.count() * kChunkSize;
+  const auto allocated = static_cast<std::size_t>(allocated_bytes_.all.current);
+  const std::size_t cap = pool_.cap();
+  std::string message = std::string(cuda ? "CUDA" : "Host backend") +
+      " out of memory. Tried to allocate " + format_size(requested) + ". " +
+      (cuda ? "GPU " : "Device ") + std::to_string(backend_->device()) +
+      " has a total capacity of " + format_size(total) + " of which " + format_size(free) +
+      " is free. vmmalloc's cap is " + format_size(cap) + " (" + cause + "); it holds " +
+      format_size(reserved) + " in " + std::to_string(pool_.count()) + " chunks, of which " +
+      format_size(allocated) + " is allocated and " + format_size(reserved - std::min(reserved, allocated)) +
+      " is reserved but unallocated, in " + std::to_string(cache_.mapping_count()) +
+      " mappings. Free tensors you no longer need, lower the batch size";
+  message += cap < total ? ", or raise the cap (VMMALLOC_CONF=memory_cap:<bytes> or "
+                           "torch.cuda.set_per_process_memory_fraction)."
+                         : ".";
+  throw OutOfMemoryError(message, requested, stats_locked());
+}
+
+void CachingAllocator::release_cached() {
+  backend_->synchronize();
+  ++num_sync_all_streams_;
+  process_pending(/*wait=*/true);
+  small_.reclaim(cache_);
+  cache_.finish_retiring(/*wait=*/true);
+  cache_.forget_streams();
+  cache_.evict_idle();
+  cache_.truncate_in_use();
+  cache_.release_free_chunks();
+  sync_reserved_stats();
+}
+
+void CachingAllocator::empty_cache() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  release_cached();
+}
+
+void CachingAllocator::deallocate(std::uintptr_t ptr) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!recorded_streams_.empty()) {
+    auto it = recorded_streams_.find(ptr);
+    if (it != recorded_streams_.end()) {
+      // Note [record_stream]: the memory stays active until the work queued on every
+      // recorded stream up to now has finished; allocated counts drop at once, as in
+      // PyTorch.
+      StreamId stream;
+      std::size_t size;
+      Pool pool;
+      live(ptr, &stream, &size, &pool);
+      PendingFree pending{ptr, {}};
+      pending.events.reserve(it->second.size());
+      try {
+        for (StreamId s : it->second) pending.events.push_back(backend_->record_event(s));
+      } catch (...) {
+        for (EventId e : pending.events) backend_->release_event(e);
+        throw;
+      }
+      recorded_streams_.erase(it);
+      pending_.push_back(std::move(pending));
+      const std::size_t requested =
+          pool == Pool::kSmall ? small_.find(ptr)->requested : large_.at(ptr).requested;
+      allocation_.decrease(pool, 1);
+      allocated_bytes_.decrease(pool, static_cast<std::int64_t>(size));
+      requested_bytes_.decrease(pool, static_cast<std::int64_t>(requested));
+      return;
+    }
+  }
+  if (SmallBlock* block = small_.find(ptr)) {
+    allocation_.decrease(Pool::kSmall, 1);
+    allocated_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->size));
+    requested_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->requested));
+  } else if (auto it = large_.find(ptr); it != large_.end()) {
+    allocation_.decrease(Pool::kLarge, 1);
+    allocated_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(it->second.size));
+    requested_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(it->second.requested));
+  } else {
+    throw std::invalid_argument("vmmalloc: free of " + hex(ptr) +
+                                ", which this allocator does not hold (never allocated here, "
+                                "or already freed)");
+  }
+  free_now(ptr);
+}
+
+// Returns the memory of a live or pending allocation to the pools; allocated counts were
+// already dropped by deallocate().
+void CachingAllocator::free_now(std::uintptr_t ptr) {
+  if (SmallBlock* block = small_.find(ptr)) {
+    active_.decrease(Pool::kSmall, 1);
+    active_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->size));
+    small_.free(block);
+    return;
+  }
+  auto it = large_.find(ptr);
+  active_.decrease(Pool::kLarge, 1);
+  active_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(it->second.size));
+  cache_.release(it->second.mapping, it->second.stream);
+  large_.erase(it);
+}
+
+void CachingAllocator::process_pending(bool wait) {
+  std::size_t kept = 0;
+  for (PendingFree& p : pending_) {
+    bool done = true;
+    if (!wait) {
+      for (EventId e : p.events) {
+        if (!backend_->event_done(e)) {
+          done = false;
+          break;
+        }
+      }
+    }
+    if (!done) {
+      pending_[kept++] = std::move(p);
+      continue;
+    }
+    for (EventId e : p.events) backend_->release_event(e);
+    free_now(p.ptr);
+  }
+  pending_.resize(kept);
+}
+
+void CachingAllocator::record_stream(std::uintptr_t ptr, StreamId stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  StreamId own;
+  if (!live(ptr, &own, nullptr, nullptr)) {
+    throw std::invalid_argument("vmmalloc: record_stream on " + hex(ptr) +
+                                ", which is not a live allocation of this allocator");
+  }
+  if (stream == own) return;
+  auto& streams = recorded_streams_[ptr];
+  if (std::find(streams.begin(), streams.end(), stream) == streams.end()) streams.push_back(stream);
+}
+
+bool CachingAllocator::live(std::uintptr_t ptr, StreamId* stream, std::size_t* size,
+                            Pool* pool) const {
+  if (const SmallBlock* block = small_.find(ptr)) {
+    if (stream) *stream = block->stream;
+    if (size) *size = block->size;
+    if (pool) *pool = Pool::kSmall;
+    return true;
+  }
+  auto it = large_.find(ptr);
+  if (it == large_.end()) return false;
+  if (stream) *stream = it->second.stream;
+  if (size) *size = it->second.size;
+  if (pool) *pool = Pool::kLarge;
+  return true;
+}
+
+void CachingAllocator::sync_reserved_stats() {
+  const auto all = static_cast<std::int64_t>(pool_.count());
+  const auto small = static_cast<std::int64_t>(small_.segment_count());
+  const auto chunk = static_cast<std::int64_t>(kChunkSize);
+  set_current(segment_.all, all);
+  set_current(segment_.small, small);
+  set_current(segment_.large, all - small);
+  set_current(reserved_bytes_.all, all * chunk);
+  set_current(reserved_bytes_.small, small * chunk);
+  set_current(reserved_bytes_.large, (all - small) * chunk);
+}
+
+StatList CachingAllocator::stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return stats_locked();
+}
+
+StatList CachingAllocator::stats_locked() const {
+  StatList out;
+  out.reserve(160);
+  append_pool_stat(out, "allocation", allocation_);
+  append_pool_stat(out, "active", active_);
+  append_pool_stat(out, "segment", segment_);
+  append_pool_stat(out, "allocated_bytes", allocated_bytes_);
+  append_pool_stat(out, "active_bytes", active_bytes_);
+  append_pool_stat(out, "requested_bytes", requested_bytes_);
+  append_pool_stat(out, "reserved_bytes", reserved_bytes_);
+  // Inactive split: free bytes inside partly used small segments (current only).
+  PoolStat inactive;
+  const auto split_bytes = static_cast<std::int64_t>(small_.free_bytes_in_used_segments());
+  inactive.increase(Pool::kSmall, split_bytes);
+  inactive.reset_accumulated();
+  append_pool_stat(out, "inactive_split_bytes", inactive);
+  PoolStat inactive_count;
+  append_pool_stat(out, "inactive_split", inactive_count);
+  Stat none;
+  append_stat(out, "oversize_allocations", none);
+  append_stat(out, "oversize_segments", none);
+  out.emplace_back("num_alloc_retries", num_alloc_retries_);
+  out.emplace_back("num_ooms", num_ooms_);
+  out.emplace_back("num_sync_all_streams", num_sync_all_streams_);
+  out.emplace_back("num_device_alloc", pool_.created);
+  out.emplace_back("num_device_free", pool_.released);
+  out.emplace_back("max_split_size", -1);
+  append_stat(out, "vmm.chunks", pool_.chunks_stat);
+  out.emplace_back("vmm.free_chunks", static_cast<std::int64_t>(pool_.free_count()));
+  out.emplace_back("vmm.memory_cap", static_cast<std::int64_t>(pool_.cap()));
+  out.emplace_back("vmm.small_segments", static_cast<std::int64_t>(small_.segment_count()));
+  out.emplace_back("vmm.pending_frees", static_cast<std::int64_t>(pending_.size()));
+  cache_.append_stats(out);
+  return out;
+}
+
+void CachingAllocator::reset_peak_stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (PoolStat* s : {&allocation_, &active_, &segment_, &allocated_bytes_, &active_bytes_,
+                      &requested_bytes_, &reserved_bytes_}) {
+    s->reset_peak();
+  }
+  pool_.chunks_stat.reset_peak();
+  cache_.reset_peak();
+}
+
+void CachingAllocator::reset_accumulated_stats() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (PoolStat* s : {&allocation_, &active_, &segment_, &allocated_bytes_, &active_bytes_,
+                      &requested_bytes_, &reserved_bytes_}) {
+    s->reset_accumulated();
+  }
+  num_alloc_retries_ = num_ooms_ = num_sync_all_streams_ = 0;
+}
+
+void CachingAllocator::set_memory_cap(std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const std::size_t total = backend_->total_memory();
+  pool_.set_cap(bytes == 0 ? total : std::min(bytes, total));
+}
+
+void CachingAllocator::set_memory_fraction(double fraction) {
+  if (!(fraction > 0 && fraction <= 1)) {
+    throw std::invalid_argument("vmmalloc: memory fraction must be in (0, 1], got " +
+                                std::to_string(fraction));
+  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  pool_.set_cap(static_cast<std::size_t>(fraction * static_cast<double>(backend_->total_memory())));
+}
+
+std::size_t CachingAllocator::memory_cap() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return pool_.cap();
+}
+
+std::size_t CachingAllocator::allocation_size(std::uintptr_t ptr) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::size_t size = 0;
+  if (!live(ptr, nullptr, &size, nullptr)) {
+    throw std::invalid_argument("vmmalloc: " + hex(ptr) + " is not a live allocation");
+  }
+  return size;
+}
+
+std::vector<std::uint64_t> CachingAllocator::chunk_ids(std::uintptr_t ptr) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::uint64_t> out;
+  if (const SmallBlock* block = small_.find(ptr)) {
+    out.push_back(block->segment->mapping->chunks[0]->id);
+  } else if (auto it = large_.find(ptr); it != large_.end()) {
+    const Mapping* m = it->second.mapping;
+    for (std::size_t i = 0; i < m->used; ++i) out.push_back(m->chunks[i]->id);
+  } else {
+    throw std::invalid_argument("vmmalloc: " + hex(ptr) + " is not a live allocation");
+  }
+  return out;
+}
+
+std::vector<std::uintptr_t> CachingAllocator::chunk_addresses(std::uint64_t chunk_id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return cache_.addresses_of(chunk_id);
+}
+
+}  // namespace vmm

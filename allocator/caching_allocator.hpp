@@ -1,0 +1,104 @@
+// The per-device caching allocator: one lock, requests routed to the small pool (<= 1 MiB)
+// or to the mapping cache (larger, in 2 MiB chunks), record_stream, the out-of-memory
+// retry, and statistics under PyTorch's names.
+//
+// Note [Out-of-memory retry]
+// Growth is the last resort: a large request is served by a ready mapping, else by
+// stitching free chunks, else, after finishing pending frees and handing free small
+// segments back, by stitching with new chunks. If the cap or the device refuses a chunk,
+// everything cached is released (device synchronized, idle mappings unmapped, free chunks
+// returned) and the request is retried once; only then OutOfMemoryError is thrown, with
+// the statistics. Every step leaves the allocator consistent, so the next request that
+// fits succeeds.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "backend.hpp"
+#include "chunk_pool.hpp"
+#include "config.hpp"
+#include "errors.hpp"
+#include "mapping_cache.hpp"
+#include "small_pool.hpp"
+#include "stats.hpp"
+
+namespace vmm {
+
+class CachingAllocator {
+ public:
+  CachingAllocator(std::shared_ptr<Backend> backend, Config config = {});
+  ~CachingAllocator();
+  CachingAllocator(const CachingAllocator&) = delete;
+  CachingAllocator& operator=(const CachingAllocator&) = delete;
+
+  // Never returns 0: a size of 0 gets a minimal block. Throws OutOfMemoryError.
+  std::uintptr_t allocate(std::size_t size, StreamId stream);
+  // Throws std::invalid_argument for a pointer this allocator does not hold.
+  void deallocate(std::uintptr_t ptr);
+  // `ptr` is also used on `stream`: its memory is not reused before that work is done.
+  void record_stream(std::uintptr_t ptr, StreamId stream);
+  // Returns every unused chunk and virtual range to the backend.
+  void empty_cache();
+
+  StatList stats() const;
+  void reset_peak_stats();
+  void reset_accumulated_stats();
+
+  // Caps physical memory; 0 means the device's total memory.
+  void set_memory_cap(std::size_t bytes);
+  // Caps physical memory at a fraction in (0, 1] of the device's total memory.
+  void set_memory_fraction(double fraction);
+  std::size_t memory_cap() const;
+
+  std::size_t allocation_size(std::uintptr_t ptr) const;
+  std::vector<std::uint64_t> chunk_ids(std::uintptr_t ptr) const;
+  std::vector<std::uintptr_t> chunk_addresses(std::uint64_t chunk_id) const;
+
+  Backend& backend() { return *backend_; }
+  const Config& config() const { return config_; }
+
+ private:
+  struct LargeAllocation {
+    Mapping* mapping;
+    std::size_t size;
+    std::size_t requested;
+    StreamId stream;
+  };
+  struct PendingFree {
+    std::uintptr_t ptr;
+    std::vector<EventId> events;
+  };
+
+  Mapping* acquire(std::size_t chunks, StreamId stream, std::size_t requested);
+  [[noreturn]] void throw_oom(std::size_t requested, const std::string& cause);
+  void release_cached();
+  void process_pending(bool wait);
+  void free_now(std::uintptr_t ptr);
+  void sync_reserved_stats();
+  bool live(std::uintptr_t ptr, StreamId* stream, std::size_t* size, Pool* pool) const;
+  StatList stats_locked() const;
+
+  mutable std::mutex mutex_;
+  std::shared_ptr<Backend> backend_;
+  Config config_;
+  ChunkPool pool_;
+  MappingCache cache_;
+  SmallPool small_;
+  std::unordered_map<std::uintptr_t, LargeAllocation> large_;
+  std::unordered_map<std::uintptr_t, std::vector<StreamId>> recorded_streams_;
+  std::vector<PendingFree> pending_;
+
+  PoolStat allocation_, active_, segment_;
+  PoolStat allocated_bytes_, active_bytes_, requested_bytes_, reserved_bytes_;
+  std::int64_t num_alloc_retries_ = 0;
+  std::int64_t num_ooms_ = 0;
+  std::int64_t num_sync_all_streams_ = 0;
+};
+
+}  // namespace vmm

@@ -1,0 +1,79 @@
+// The physical chunks of one device: creation under the memory cap, release, and the list
+// of free chunks that stitching draws from.
+//
+// Note [Chunk states]
+// A chunk is busy while a live allocation (or a small-pool segment) uses it through any
+// mapping, and free otherwise. A free chunk may still be mapped by cached mappings; it is
+// released to the backend only once no mapping refers to it. `stream` is the stream of
+// the chunk's last use (kNoStream once the device was synchronized); it decides whether
+// reuse on another stream must first wait for that stream (Note [Stream-ordered reuse]).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "backend.hpp"
+#include "stats.hpp"
+
+namespace vmm {
+
+// No stream: the chunk's last use is known to have finished.
+constexpr StreamId kNoStream = ~StreamId{0};
+
+struct Mapping;
+
+struct Chunk {
+  ChunkHandle handle = 0;
+  std::uint64_t id = 0;  // serial number, never reused (introspection and tests)
+  bool busy = false;
+  StreamId stream = kNoStream;
+  std::vector<Mapping*> mappings;  // cached mappings that map this chunk
+  // Intrusive free list; valid while !busy.
+  Chunk* free_prev = nullptr;
+  Chunk* free_next = nullptr;
+  std::size_t index = 0;  // position in ChunkPool::chunks_
+};
+
+class ChunkPool {
+ public:
+  explicit ChunkPool(Backend& backend) : backend_(backend) {}
+  ~ChunkPool();  // releases every chunk; the caller unmapped them first
+  ChunkPool(const ChunkPool&) = delete;
+  ChunkPool& operator=(const ChunkPool&) = delete;
+
+  // A new free chunk. Throws CapExceeded past `cap_bytes`, DeviceOutOfMemory or
+  // BackendError from the backend; nothing changes on failure.
+  Chunk* create();
+  // Returns a free, unmapped chunk to the backend.
+  void release(Chunk* chunk);
+
+  void mark_busy(Chunk* chunk);
+  void mark_free(Chunk* chunk, StreamId stream);
+
+  Chunk* first_free() const { return free_head_; }
+  std::size_t free_count() const { return free_count_; }
+  std::size_t count() const { return chunks_.size(); }
+  const std::vector<std::unique_ptr<Chunk>>& all() const { return chunks_; }
+
+  void set_cap(std::size_t bytes) { cap_bytes_ = bytes; }
+  std::size_t cap() const { return cap_bytes_; }
+
+  Stat chunks_stat;  // live chunks
+  std::int64_t created = 0;
+  std::int64_t released = 0;
+
+ private:
+  void link_free(Chunk* chunk);
+  void unlink_free(Chunk* chunk);
+
+  Backend& backend_;
+  std::size_t cap_bytes_ = 0;
+  std::vector<std::unique_ptr<Chunk>> chunks_;
+  Chunk* free_head_ = nullptr;
+  std::size_t free_count_ = 0;
+  std::uint64_t next_id_ = 1;
+};
+
+}  // namespace vmm

@@ -1,0 +1,38 @@
+// Allocator options, parsed from "key:value,key:value" (the VMMALLOC_CONF syntax, which
+// mirrors PYTORCH_CUDA_ALLOC_CONF). Every key is validated: an unknown key or a bad value
+// throws std::invalid_argument naming the key and what is allowed. Never a silent default.
+#pragma once
+
+#include <cstddef>
+#include <string>
+
+namespace vmm {
+
+struct Config {
+  // Cap on physical bytes held (chunks). 0 with memory_fraction 0: no cap beyond the device.
+  std::size_t memory_cap = 0;
+  // Cap as a fraction of the device's total memory, in (0, 1]; 0 means unset.
+  double memory_fraction = 0.0;
+  // Serve large requests by stitching free chunks into new virtual ranges. Off: behave
+  // like a non-stitching caching allocator (for comparisons).
+  bool stitching = true;
+  // Bounds on cached mappings (stitched and primary); past either, idle ones are unmapped,
+  // least recently used first.
+  std::size_t max_cached_mappings = 4096;
+  // Virtual bytes all mappings may hold; 0 means 4x the device's total memory.
+  std::size_t max_mapped_bytes = 0;
+  // A cached idle mapping of m chunks serves a request of n chunks when n <= m <= n * ratio.
+  double reuse_ratio = 2.0;
+};
+
+// Parses a configuration string; later issues add keys here, each with its own check.
+Config parse_config(const std::string& text);
+
+// Parses a byte count such as "1073741824", "512MiB", "8GiB", "1.5GB"; throws
+// std::invalid_argument mentioning `what` on a malformed value.
+std::size_t parse_bytes(const std::string& value, const std::string& what);
+
+// The accepted keys, comma separated (for error messages and docs).
+const char* config_keys();
+
+}  // namespace vmm

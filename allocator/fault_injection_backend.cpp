@@ -1,0 +1,65 @@
+#include "fault_injection_backend.hpp"
+
+#include <stdexcept>
+
+namespace vmm {
+
+BackendOp parse_backend_op(const std::string& name) {
+  if (name == "reserve") return BackendOp::kReserve;
+  if (name == "create_chunk") return BackendOp::kCreateChunk;
+  if (name == "map") return BackendOp::kMap;
+  if (name == "set_access") return BackendOp::kSetAccess;
+  throw std::invalid_argument("unknown backend operation '" + name +
+                              "'; allowed: reserve, create_chunk, map, set_access");
+}
+
+FaultInjectionBackend::FaultInjectionBackend(std::shared_ptr<Backend> inner)
+    : inner_(std::move(inner)) {
+  if (!inner_) throw std::invalid_argument("FaultInjectionBackend needs a backend to wrap");
+}
+
+void FaultInjectionBackend::fail(BackendOp op, int skip, int count) {
+  if (skip < 0 || count < 1) throw std::invalid_argument("fail: need skip >= 0 and count >= 1");
+  std::lock_guard<std::mutex> lock(mutex_);
+  Plan& plan = plans_[static_cast<std::size_t>(op)];
+  plan.fail_from = plan.calls + skip;
+  plan.fail_until = plan.fail_from + count;
+}
+
+long FaultInjectionBackend::calls(BackendOp op) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return plans_[static_cast<std::size_t>(op)].calls;
+}
+
+void FaultInjectionBackend::maybe_fail(BackendOp op, const char* what) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  Plan& plan = plans_[static_cast<std::size_t>(op)];
+  const long index = plan.calls++;
+  if (index < plan.fail_from || index >= plan.fail_until) return;
+  if (op == BackendOp::kCreateChunk) {
+    throw DeviceOutOfMemory(std::string("injected failure of ") + what);
+  }
+  throw BackendError(std::string("injected failure of ") + what);
+}
+
+std::uintptr_t FaultInjectionBackend::reserve(std::size_t bytes) {
+  maybe_fail(BackendOp::kReserve, "reserve");
+  return inner_->reserve(bytes);
+}
+
+ChunkHandle FaultInjectionBackend::create_chunk() {
+  maybe_fail(BackendOp::kCreateChunk, "create_chunk");
+  return inner_->create_chunk();
+}
+
+void FaultInjectionBackend::map(std::uintptr_t addr, ChunkHandle chunk) {
+  maybe_fail(BackendOp::kMap, "map");
+  inner_->map(addr, chunk);
+}
+
+void FaultInjectionBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
+  maybe_fail(BackendOp::kSetAccess, "set_access");
+  inner_->set_access(addr, bytes);
+}
+
+}  // namespace vmm

@@ -1,0 +1,67 @@
+// An adaptor that forwards to another backend and makes chosen calls fail, to prove that
+// a failure in the middle of a stitch or a map leaks nothing and corrupts nothing.
+#pragma once
+
+#include <array>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "backend.hpp"
+
+namespace vmm {
+
+enum class BackendOp { kReserve, kCreateChunk, kMap, kSetAccess, kCount };
+
+// Parses "reserve", "create_chunk", "map", "set_access"; throws std::invalid_argument
+// naming the allowed values otherwise.
+BackendOp parse_backend_op(const std::string& name);
+
+class FaultInjectionBackend final : public Backend {
+ public:
+  explicit FaultInjectionBackend(std::shared_ptr<Backend> inner);
+
+  // The next `skip` calls of `op` succeed, then `count` calls fail (create_chunk failures
+  // throw DeviceOutOfMemory, others BackendError), then calls succeed again.
+  void fail(BackendOp op, int skip, int count = 1);
+  // Calls of `op` made so far (successful or not).
+  long calls(BackendOp op) const;
+
+  std::string name() const override { return "fault-injection(" + inner_->name() + ")"; }
+  int device() const override { return inner_->device(); }
+  std::size_t total_memory() const override { return inner_->total_memory(); }
+  std::size_t free_memory() const override { return inner_->free_memory(); }
+  std::uintptr_t reserve(std::size_t bytes) override;
+  void unreserve(std::uintptr_t addr, std::size_t bytes) override { inner_->unreserve(addr, bytes); }
+  ChunkHandle create_chunk() override;
+  void release_chunk(ChunkHandle chunk) override { inner_->release_chunk(chunk); }
+  void map(std::uintptr_t addr, ChunkHandle chunk) override;
+  void unmap(std::uintptr_t addr, std::size_t bytes) override { inner_->unmap(addr, bytes); }
+  void set_access(std::uintptr_t addr, std::size_t bytes) override;
+  EventId record_event(StreamId s) override { return inner_->record_event(s); }
+  bool event_done(EventId e) override { return inner_->event_done(e); }
+  void stream_wait_event(StreamId s, EventId e) override { inner_->stream_wait_event(s, e); }
+  void release_event(EventId e) override { inner_->release_event(e); }
+  void synchronize() override { inner_->synchronize(); }
+  void copy_from_host(std::uintptr_t dst, const void* src, std::size_t n) override {
+    inner_->copy_from_host(dst, src, n);
+  }
+  void copy_to_host(void* dst, std::uintptr_t src, std::size_t n) override {
+    inner_->copy_to_host(dst, src, n);
+  }
+
+ private:
+  struct Plan {
+    long calls = 0;
+    long fail_from = -1;  // call index of the first failure; -1: none planned
+    long fail_until = -1;
+  };
+  // Counts the call and throws if it is planned to fail.
+  void maybe_fail(BackendOp op, const char* what);
+
+  std::shared_ptr<Backend> inner_;
+  mutable std::mutex mutex_;
+  std::array<Plan, static_cast<std::size_t>(BackendOp::kCount)> plans_{};
+};
+
+}  // namespace vmm

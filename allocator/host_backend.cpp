@@ -1,0 +1,135 @@
+#include "host_backend.hpp"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <string>
+
+namespace vmm {
+namespace {
+
+std::string errno_text(const char* call) {
+  return std::string("host backend: ") + call + " failed: " + std::strerror(errno);
+}
+
+void check_aligned(std::uintptr_t addr, std::size_t bytes, const char* call) {
+  if (addr % kChunkSize != 0 || bytes % kChunkSize != 0 || bytes == 0) {
+    throw BackendError(std::string("host backend: ") + call +
+                       " needs a non-empty, chunk-aligned range");
+  }
+}
+
+// Chunk handles are slot + 1 so that 0 never names a chunk.
+std::size_t slot_of(ChunkHandle chunk) { return static_cast<std::size_t>(chunk - 1); }
+
+}  // namespace
+
+HostBackend::HostBackend(std::size_t capacity_bytes, int device)
+    : capacity_(capacity_bytes / kChunkSize * kChunkSize), device_(device) {
+  if (capacity_ == 0) {
+    throw BackendError("host backend: capacity must be at least one 2 MiB chunk");
+  }
+  memfd_ = memfd_create("vmmalloc-host-chunks", MFD_CLOEXEC);
+  if (memfd_ < 0) throw BackendError(errno_text("memfd_create"));
+}
+
+HostBackend::~HostBackend() {
+  if (memfd_ >= 0) close(memfd_);
+}
+
+std::size_t HostBackend::free_memory() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return capacity_ - live_chunks_ * kChunkSize;
+}
+
+std::uintptr_t HostBackend::reserve(std::size_t bytes) {
+  if (bytes == 0 || bytes % kChunkSize != 0) {
+    throw BackendError("host backend: reserve needs a non-zero multiple of 2 MiB");
+  }
+  // Over-reserve by one chunk and trim, so that the range is chunk-aligned like CUDA's.
+  const std::size_t padded = bytes + kChunkSize;
+  void* raw = mmap(nullptr, padded, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+                   -1, 0);
+  if (raw == MAP_FAILED) throw BackendError(errno_text("mmap(reserve)"));
+  const auto start = reinterpret_cast<std::uintptr_t>(raw);
+  const std::uintptr_t aligned = (start + kChunkSize - 1) / kChunkSize * kChunkSize;
+  if (aligned > start) munmap(raw, aligned - start);
+  const std::uintptr_t end = start + padded;
+  if (end > aligned + bytes) munmap(reinterpret_cast<void*>(aligned + bytes), end - aligned - bytes);
+  return aligned;
+}
+
+void HostBackend::unreserve(std::uintptr_t addr, std::size_t bytes) {
+  check_aligned(addr, bytes, "unreserve");
+  if (munmap(reinterpret_cast<void*>(addr), bytes) != 0) throw BackendError(errno_text("munmap"));
+}
+
+ChunkHandle HostBackend::create_chunk() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if ((live_chunks_ + 1) * kChunkSize > capacity_) {
+    throw DeviceOutOfMemory("host backend: out of memory (capacity " +
+                            std::to_string(capacity_ >> 20) + " MiB in use)");
+  }
+  std::size_t slot;
+  if (!free_slots_.empty()) {
+    slot = free_slots_.back();
+    free_slots_.pop_back();
+  } else {
+    slot = file_chunks_;
+    if (ftruncate(memfd_, static_cast<off_t>((slot + 1) * kChunkSize)) != 0) {
+      throw DeviceOutOfMemory(errno_text("ftruncate"));
+    }
+    ++file_chunks_;
+  }
+  ++live_chunks_;
+  return slot + 1;
+}
+
+void HostBackend::release_chunk(ChunkHandle chunk) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const std::size_t slot = slot_of(chunk);
+  if (chunk == 0 || slot >= file_chunks_) throw BackendError("host backend: unknown chunk");
+  // Give the pages back to the kernel; the slot's offset stays valid for reuse.
+  if (fallocate(memfd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
+                static_cast<off_t>(slot * kChunkSize), static_cast<off_t>(kChunkSize)) != 0) {
+    throw BackendError(errno_text("fallocate(PUNCH_HOLE)"));
+  }
+  free_slots_.push_back(slot);
+  --live_chunks_;
+}
+
+void HostBackend::map(std::uintptr_t addr, ChunkHandle chunk) {
+  check_aligned(addr, kChunkSize, "map");
+  // PROT_NONE until set_access, as a CUDA mapping is inaccessible until cuMemSetAccess.
+  void* got = mmap(reinterpret_cast<void*>(addr), kChunkSize, PROT_NONE, MAP_SHARED | MAP_FIXED,
+                   memfd_, static_cast<off_t>(slot_of(chunk) * kChunkSize));
+  if (got == MAP_FAILED) throw BackendError(errno_text("mmap(map)"));
+}
+
+void HostBackend::unmap(std::uintptr_t addr, std::size_t bytes) {
+  check_aligned(addr, bytes, "unmap");
+  // Replace the mapping by a fresh PROT_NONE reservation, so the range stays reserved.
+  void* got = mmap(reinterpret_cast<void*>(addr), bytes, PROT_NONE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  if (got == MAP_FAILED) throw BackendError(errno_text("mmap(unmap)"));
+}
+
+void HostBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
+  check_aligned(addr, bytes, "set_access");
+  if (mprotect(reinterpret_cast<void*>(addr), bytes, PROT_READ | PROT_WRITE) != 0) {
+    throw BackendError(errno_text("mprotect"));
+  }
+}
+
+void HostBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) {
+  std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
+}
+
+void HostBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
+  std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
+}
+
+}  // namespace vmm

@@ -1,0 +1,61 @@
+// The host backend: CUDA VMM semantics on CPU memory, so the allocator runs for real in CI.
+//
+// Physical chunks are kChunkSize-sized offsets of one memfd. Reserving is a PROT_NONE
+// anonymous mapping; mapping a chunk is mmap(MAP_FIXED | MAP_SHARED) of its memfd offset,
+// so two virtual ranges that map one chunk really alias. set_access makes a mapped
+// range readable and writable, as cuMemSetAccess does; before it, touching the range
+// faults, as on a GPU.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <vector>
+
+#include "backend.hpp"
+
+namespace vmm {
+
+class HostBackend final : public Backend {
+ public:
+  // `capacity_bytes` plays the device's physical memory: create_chunk throws
+  // DeviceOutOfMemory once that many bytes of chunks exist.
+  explicit HostBackend(std::size_t capacity_bytes, int device = 0);
+  ~HostBackend() override;
+  HostBackend(const HostBackend&) = delete;
+  HostBackend& operator=(const HostBackend&) = delete;
+
+  std::string name() const override { return "host"; }
+  int device() const override { return device_; }
+  std::size_t total_memory() const override { return capacity_; }
+  std::size_t free_memory() const override;
+
+  std::uintptr_t reserve(std::size_t bytes) override;
+  void unreserve(std::uintptr_t addr, std::size_t bytes) override;
+  ChunkHandle create_chunk() override;
+  void release_chunk(ChunkHandle chunk) override;
+  void map(std::uintptr_t addr, ChunkHandle chunk) override;
+  void unmap(std::uintptr_t addr, std::size_t bytes) override;
+  void set_access(std::uintptr_t addr, std::size_t bytes) override;
+
+  // Host work is synchronous: every event is complete when recorded.
+  EventId record_event(StreamId) override { return 1; }
+  bool event_done(EventId) override { return true; }
+  void stream_wait_event(StreamId, EventId) override {}
+  void release_event(EventId) override {}
+  void synchronize() override {}
+
+  void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) override;
+  void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) override;
+
+ private:
+  const std::size_t capacity_;
+  const int device_;
+  int memfd_ = -1;
+  mutable std::mutex mutex_;
+  std::size_t file_chunks_ = 0;           // chunks the memfd has room for
+  std::vector<std::size_t> free_slots_;   // released chunk slots, reused before growing
+  std::size_t live_chunks_ = 0;
+};
+
+}  // namespace vmm

@@ -1,0 +1,372 @@
+#include "mapping_cache.hpp"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "errors.hpp"
+
+namespace vmm {
+
+MappingCache::MappingCache(Backend& backend, ChunkPool& pool, const Config& config)
+    : backend_(backend), pool_(pool), config_(config) {
+  max_mapped_bytes_ = config.max_mapped_bytes != 0 ? config.max_mapped_bytes
+                                                   : 4 * backend.total_memory();
+}
+
+MappingCache::~MappingCache() {
+  finish_retiring(/*wait=*/true);
+  for (auto& m : mappings_) {
+    count_failure([&] {
+      if (!m->chunks.empty()) backend_.unmap(m->base, m->chunks.size() * kChunkSize);
+    });
+    count_failure([&] { backend_.unreserve(m->base, m->reserved_bytes); });
+  }
+}
+
+template <typename F>
+void MappingCache::count_failure(F&& cleanup) noexcept {
+  try {
+    cleanup();
+  } catch (const std::exception&) {
+    ++backend_errors;
+  }
+}
+
+Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_create) {
+  if (Mapping* m = find_ready(chunks, stream)) {
+    use(m, chunks, stream);
+    ++hits;
+    return m;
+  }
+  return stitch(chunks, stream, allow_create);
+}
+
+void MappingCache::release(Mapping* mapping, StreamId stream) {
+  const std::size_t used = mapping->used;
+  mapping->in_use = false;
+  mapping->used = 0;
+  mapping->last_stream = stream;
+  for (std::size_t i = 0; i < used; ++i) {
+    Chunk* chunk = mapping->chunks[i];
+    pool_.mark_free(chunk, stream);
+    for (Mapping* other : chunk->mappings) {
+      if (--other->busy_chunks == 0 && !other->in_use) ready_insert(other, stream);
+    }
+  }
+  lru_push(mapping);
+}
+
+Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunks,
+                                       StreamId stream) {
+  auto it = ready_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
+  if (it != ready_.end() && it->stream == stream && it->chunks <= max_chunks) return it->mapping;
+  return nullptr;
+}
+
+// Best fit among ready mappings of `chunks` to `chunks * reuse_ratio` chunks: first those
+// last used on `stream`, then those known idle, then those of other streams (which cost
+// a GPU-side wait in use()). A much larger mapping is not used for a small request: its
+// range would stay busy while most of its chunks sit idle, and the next request that
+// needs it would have to stitch.
+Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream) {
+  if (ready_.empty()) return nullptr;
+  const double limit = std::floor(static_cast<double>(chunks) * config_.reuse_ratio);
+  const std::size_t max_chunks =
+      limit >= static_cast<double>(std::numeric_limits<std::size_t>::max() / 2)
+          ? std::numeric_limits<std::size_t>::max() / 2
+          : std::max(chunks, static_cast<std::size_t>(limit));
+  if (Mapping* m = try_ready_group(chunks, max_chunks, stream)) return m;
+  if (stream != kNoStream) {
+    if (Mapping* m = try_ready_group(chunks, max_chunks, kNoStream)) return m;
+  }
+  for (auto it = ready_.begin(); it != ready_.end();) {
+    const StreamId other = it->stream;
+    if (other == kNoStream) break;  // kNoStream sorts last and was tried above
+    if (other != stream) {
+      if (Mapping* m = try_ready_group(chunks, max_chunks, other)) return m;
+    }
+    it = ready_.lower_bound(ReadyKey{other + 1, 0, 0, nullptr});
+  }
+  return nullptr;
+}
+
+void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
+  // Waits first, so that a failing event call leaves everything as it was.
+  StreamId waited[8];
+  std::size_t n_waited = 0;
+  for (std::size_t i = 0; i < chunks; ++i) {
+    const StreamId last = mapping->chunks[i]->stream;
+    if (last == stream || last == kNoStream) continue;
+    if (std::find(waited, waited + n_waited, last) != waited + n_waited) continue;
+    const EventId event = backend_.record_event(last);
+    try {
+      backend_.stream_wait_event(stream, event);
+    } catch (...) {
+      count_failure([&] { backend_.release_event(event); });
+      throw;
+    }
+    count_failure([&] { backend_.release_event(event); });
+    ++cross_stream_waits;
+    if (n_waited < 8) waited[n_waited++] = last;
+  }
+  if (mapping->ready) ready_erase(mapping);
+  lru_unlink(mapping);
+  mapping->in_use = true;
+  mapping->used = chunks;
+  for (std::size_t i = 0; i < chunks; ++i) {
+    Chunk* chunk = mapping->chunks[i];
+    pool_.mark_busy(chunk);
+    for (Mapping* other : chunk->mappings) {
+      if (other->busy_chunks++ == 0 && other->ready) ready_erase(other);
+    }
+  }
+}
+
+Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create) {
+  std::vector<Chunk*> picked;
+  picked.reserve(chunks);
+  if (config_.stitching) {
+    // Prefer free chunks that no ready mapping needs, so stitching does not break up
+    // mappings that serve other sizes with no driver call.
+    for (const bool want_feeding : {false, true}) {
+      for (Chunk* c = pool_.first_free(); c != nullptr && picked.size() < chunks;
+           c = c->free_next) {
+        const bool feeds_ready = std::any_of(c->mappings.begin(), c->mappings.end(),
+                                             [](const Mapping* m) { return m->ready; });
+        if (feeds_ready == want_feeding) picked.push_back(c);
+      }
+    }
+  }
+  const std::size_t reused = picked.size();
+  if (reused < chunks && !allow_create) return nullptr;
+
+  std::vector<Chunk*> created;
+  created.reserve(chunks - reused);
+  try {
+    while (picked.size() < chunks) {
+      Chunk* c = pool_.create();
+      created.push_back(c);
+      picked.push_back(c);
+    }
+  } catch (...) {
+    rollback_created(created);
+    throw;
+  }
+
+  const std::size_t bytes = chunks * kChunkSize;
+  std::uintptr_t base = 0;
+  std::size_t mapped = 0;
+  auto mapping = std::make_unique<Mapping>();
+  try {
+    mapping->chunks.reserve(chunks);
+    mappings_.reserve(mappings_.size() + 1);
+    for (Chunk* c : picked) c->mappings.reserve(c->mappings.size() + 1);
+    base = backend_.reserve(bytes);
+    for (; mapped < chunks; ++mapped) backend_.map(base + mapped * kChunkSize, picked[mapped]->handle);
+    backend_.set_access(base, bytes);
+  } catch (...) {
+    if (mapped > 0) count_failure([&] { backend_.unmap(base, mapped * kChunkSize); });
+    if (base != 0) count_failure([&] { backend_.unreserve(base, bytes); });
+    rollback_created(created);
+    throw;
+  }
+
+  // From here on nothing throws (capacity was reserved above), so state stays consistent.
+  Mapping* m = mapping.get();
+  m->base = base;
+  m->reserved_bytes = bytes;
+  m->chunks = std::move(picked);
+  m->id = next_id_++;
+  m->index = mappings_.size();
+  mappings_.push_back(std::move(mapping));
+  for (Chunk* c : m->chunks) c->mappings.push_back(m);  // all free: busy_chunks stays 0
+  mappings_stat.increase(1);
+  mapped_bytes_stat.increase(static_cast<std::int64_t>(bytes));
+  if (reused > 0) {
+    ++stitches;
+    stitched_bytes += static_cast<std::int64_t>(bytes);
+  } else {
+    ++fresh_mappings;
+  }
+  try {
+    use(m, chunks, stream);
+  } catch (...) {
+    // Only the cross-stream event calls can throw; give the mapping back as idle.
+    lru_push(m);
+    if (m->busy_chunks == 0) ready_insert(m, kNoStream);
+    throw;
+  }
+  enforce_bounds();
+  return m;
+}
+
+void MappingCache::rollback_created(std::vector<Chunk*>& created) {
+  for (Chunk* c : created) count_failure([&] { pool_.release(c); });
+  created.clear();
+}
+
+void MappingCache::enforce_bounds() {
+  while (lru_head_ != nullptr && (mappings_.size() > config_.max_cached_mappings ||
+                                  static_cast<std::size_t>(mapped_bytes_stat.current) >
+                                      max_mapped_bytes_)) {
+    evict(lru_head_);
+  }
+  finish_retiring(/*wait=*/false);
+}
+
+void MappingCache::evict(Mapping* mapping) {
+  if (mapping->ready) ready_erase(mapping);
+  lru_unlink(mapping);
+  for (Chunk* c : mapping->chunks) {
+    auto& list = c->mappings;
+    list.erase(std::find(list.begin(), list.end(), mapping));
+  }
+  Retiring retiring{mapping->base, mapping->chunks.size() * kChunkSize, mapping->reserved_bytes, 0};
+  bool deferred = false;
+  if (mapping->last_stream != kNoStream) {
+    try {
+      retiring.event = backend_.record_event(mapping->last_stream);
+      deferred = true;
+    } catch (const std::exception&) {
+      ++backend_errors;
+      count_failure([&] { backend_.synchronize(); });
+    }
+  }
+  if (deferred) {
+    retiring_.push_back(retiring);
+  } else {
+    if (retiring.mapped_bytes) count_failure([&] { backend_.unmap(retiring.base, retiring.mapped_bytes); });
+    count_failure([&] { backend_.unreserve(retiring.base, retiring.reserved_bytes); });
+  }
+  mappings_stat.decrease(1);
+  mapped_bytes_stat.decrease(static_cast<std::int64_t>(mapping->reserved_bytes));
+  ++evictions;
+  const std::size_t index = mapping->index;
+  mappings_[index] = std::move(mappings_.back());
+  mappings_[index]->index = index;
+  mappings_.pop_back();
+}
+
+void MappingCache::finish_retiring(bool wait) {
+  if (retiring_.empty()) return;
+  if (wait) count_failure([&] { backend_.synchronize(); });
+  std::size_t kept = 0;
+  for (Retiring& r : retiring_) {
+    bool done = wait;
+    if (!done) {
+      try {
+        done = backend_.event_done(r.event);
+      } catch (const std::exception&) {
+        ++backend_errors;
+      }
+    }
+    if (!done) {
+      retiring_[kept++] = r;
+      continue;
+    }
+    count_failure([&] { backend_.release_event(r.event); });
+    if (r.mapped_bytes) count_failure([&] { backend_.unmap(r.base, r.mapped_bytes); });
+    count_failure([&] { backend_.unreserve(r.base, r.reserved_bytes); });
+  }
+  retiring_.resize(kept);
+}
+
+void MappingCache::forget_streams() {
+  for (Chunk* c = pool_.first_free(); c != nullptr; c = c->free_next) c->stream = kNoStream;
+  std::vector<Mapping*> ready;
+  ready.reserve(ready_.size());
+  for (const ReadyKey& key : ready_) ready.push_back(key.mapping);
+  ready_.clear();
+  for (Mapping* m : ready) {
+    m->ready = false;
+    ready_insert(m, kNoStream);
+  }
+  for (auto& m : mappings_) {
+    if (!m->in_use) m->last_stream = kNoStream;
+  }
+}
+
+void MappingCache::evict_idle() {
+  while (lru_head_ != nullptr) evict(lru_head_);
+  finish_retiring(/*wait=*/false);
+}
+
+void MappingCache::truncate_in_use() {
+  for (auto& m : mappings_) {
+    if (!m->in_use || m->used == m->chunks.size()) continue;
+    const std::size_t tail = m->chunks.size() - m->used;
+    count_failure([&] { backend_.unmap(m->base + m->used * kChunkSize, tail * kChunkSize); });
+    for (std::size_t i = m->used; i < m->chunks.size(); ++i) {
+      auto& list = m->chunks[i]->mappings;
+      list.erase(std::find(list.begin(), list.end(), m.get()));
+    }
+    m->chunks.resize(m->used);
+  }
+}
+
+void MappingCache::release_free_chunks() {
+  Chunk* c = pool_.first_free();
+  while (c != nullptr) {
+    Chunk* next = c->free_next;
+    if (c->mappings.empty()) count_failure([&] { pool_.release(c); });
+    c = next;
+  }
+}
+
+std::vector<std::uintptr_t> MappingCache::addresses_of(std::uint64_t chunk_id) const {
+  std::vector<std::uintptr_t> out;
+  for (const auto& m : mappings_) {
+    for (std::size_t i = 0; i < m->chunks.size(); ++i) {
+      if (m->chunks[i]->id == chunk_id) out.push_back(m->base + i * kChunkSize);
+    }
+  }
+  return out;
+}
+
+void MappingCache::ready_insert(Mapping* mapping, StreamId stream) {
+  mapping->ready_it =
+      ready_.insert(ReadyKey{stream, mapping->chunks.size(), mapping->id, mapping}).first;
+  mapping->ready = true;
+}
+
+void MappingCache::ready_erase(Mapping* mapping) {
+  ready_.erase(mapping->ready_it);
+  mapping->ready = false;
+}
+
+void MappingCache::lru_push(Mapping* mapping) {
+  mapping->lru_prev = lru_tail_;
+  mapping->lru_next = nullptr;
+  if (lru_tail_) lru_tail_->lru_next = mapping;
+  else lru_head_ = mapping;
+  lru_tail_ = mapping;
+  mapping->in_lru = true;
+}
+
+void MappingCache::lru_unlink(Mapping* mapping) {
+  if (!mapping->in_lru) return;
+  if (mapping->lru_prev) mapping->lru_prev->lru_next = mapping->lru_next;
+  else lru_head_ = mapping->lru_next;
+  if (mapping->lru_next) mapping->lru_next->lru_prev = mapping->lru_prev;
+  else lru_tail_ = mapping->lru_prev;
+  mapping->lru_prev = mapping->lru_next = nullptr;
+  mapping->in_lru = false;
+}
+
+void MappingCache::append_stats(StatList& out) const {
+  append_stat(out, "vmm.cached_mappings", mappings_stat);
+  append_stat(out, "vmm.mapped_bytes", mapped_bytes_stat);
+  out.emplace_back("vmm.ready_mappings", static_cast<std::int64_t>(ready_.size()));
+  out.emplace_back("vmm.retiring_mappings", static_cast<std::int64_t>(retiring_.size()));
+  out.emplace_back("vmm.mapping_hits", hits);
+  out.emplace_back("vmm.stitches", stitches);
+  out.emplace_back("vmm.stitched_bytes", stitched_bytes);
+  out.emplace_back("vmm.fresh_mappings", fresh_mappings);
+  out.emplace_back("vmm.mapping_evictions", evictions);
+  out.emplace_back("vmm.cross_stream_waits", cross_stream_waits);
+  out.emplace_back("vmm.backend_errors", backend_errors);
+  out.emplace_back("vmm.max_mapped_bytes", static_cast<std::int64_t>(max_mapped_bytes_));
+}
+
+}  // namespace vmm

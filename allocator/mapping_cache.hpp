@@ -1,0 +1,145 @@
+// Virtual mappings of physical chunks: every large allocation and every small-pool segment
+// is the prefix of one mapping. When no cached mapping fits a request, free chunks from
+// anywhere are stitched into a fresh virtually contiguous range (GMLake) before any new
+// physical memory is created.
+//
+// Note [Mappings and readiness]
+// A mapping is a reserved virtual range with chunks mapped back to back. One chunk can be
+// mapped by several mappings at once (that is what stitching is). A mapping is
+// - in use: an allocation holds its first `used` chunks (those chunks are busy);
+// - ready: not in use and none of its chunks busy, so any prefix of it can be handed out
+//   with no driver call. Ready mappings sit in an ordered index (stream, chunks, id);
+// - idle but not ready: some of its chunks are busy through another mapping.
+// busy_chunks counts a mapping's busy chunks, so readiness changes in O(1) per chunk as
+// allocations come and go. Not-in-use mappings also sit on an LRU list; past the bounds
+// (count, virtual bytes) the least recently used are unmapped. Unmapping a mapping never
+// touches its chunks' physical memory, which may be live under another mapping.
+//
+// Note [Stream-ordered reuse]
+// A chunk freed on stream S may still be read by work queued on S. Reuse on S itself is
+// safe by stream order. Reuse on another stream T first makes T wait for an event
+// recorded on S (GPU-side, the host does not block). A chunk whose stream is kNoStream is
+// known idle (the device was synchronized). Likewise a mapping's virtual range may still
+// be read by work on its last stream: evicting it records an event there and the range is
+// unmapped only once that event completes (the driver does not wait: FACTS.md).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <set>
+#include <vector>
+
+#include "backend.hpp"
+#include "chunk_pool.hpp"
+#include "config.hpp"
+#include "stats.hpp"
+
+namespace vmm {
+
+struct Mapping;
+
+struct ReadyKey {
+  StreamId stream;
+  std::size_t chunks;
+  std::uint64_t id;
+  Mapping* mapping;
+  bool operator<(const ReadyKey& o) const {
+    if (stream != o.stream) return stream < o.stream;
+    if (chunks != o.chunks) return chunks < o.chunks;
+    return id < o.id;
+  }
+};
+
+struct Mapping {
+  std::uintptr_t base = 0;
+  std::size_t reserved_bytes = 0;  // virtual bytes reserved (>= mapped chunks)
+  std::vector<Chunk*> chunks;      // mapped back to back from base
+  std::uint64_t id = 0;
+  std::size_t index = 0;           // position in MappingCache::mappings_
+  std::size_t busy_chunks = 0;
+  std::size_t used = 0;            // chunks held by the allocation while in use
+  bool in_use = false;
+  StreamId last_stream = kNoStream;
+  bool ready = false;
+  std::set<ReadyKey>::iterator ready_it;
+  Mapping* lru_prev = nullptr;
+  Mapping* lru_next = nullptr;
+  bool in_lru = false;
+};
+
+class MappingCache {
+ public:
+  MappingCache(Backend& backend, ChunkPool& pool, const Config& config);
+  ~MappingCache();  // unmaps every mapping (process teardown; nothing may be in flight)
+  MappingCache(const MappingCache&) = delete;
+  MappingCache& operator=(const MappingCache&) = delete;
+
+  // A mapping whose first `chunks` chunks are now busy and safe to use on `stream`.
+  // Returns nullptr when that needs new physical chunks and !allow_create. Throws
+  // CapExceeded, DeviceOutOfMemory or BackendError; on a throw nothing has changed.
+  Mapping* acquire(std::size_t chunks, StreamId stream, bool allow_create);
+  // The allocation on `mapping` is gone; its chunks were last used on `stream`.
+  void release(Mapping* mapping, StreamId stream);
+
+  // Slow paths, called with the device synchronized (Note [Stream-ordered reuse]).
+  void forget_streams();
+  void evict_idle();            // unmap every mapping not in use
+  void truncate_in_use();       // unmap the chunks past each in-use mapping's prefix
+  void release_free_chunks();   // give free chunks no mapping refers to back
+  void finish_retiring(bool wait);
+
+  std::size_t mapping_count() const { return mappings_.size(); }
+  std::size_t ready_count() const { return ready_.size(); }
+  std::size_t retiring_count() const { return retiring_.size(); }
+  // Every address at which `chunk_id` is mapped (introspection and tests).
+  std::vector<std::uintptr_t> addresses_of(std::uint64_t chunk_id) const;
+
+  void append_stats(StatList& out) const;
+  void reset_peak() { mappings_stat.reset_peak(); mapped_bytes_stat.reset_peak(); }
+
+  Stat mappings_stat;
+  Stat mapped_bytes_stat;
+  std::int64_t hits = 0;
+  std::int64_t stitches = 0;
+  std::int64_t stitched_bytes = 0;
+  std::int64_t fresh_mappings = 0;
+  std::int64_t evictions = 0;
+  std::int64_t cross_stream_waits = 0;
+  std::int64_t backend_errors = 0;  // failures on cleanup paths, counted not thrown
+
+ private:
+  struct Retiring {
+    std::uintptr_t base;
+    std::size_t mapped_bytes;
+    std::size_t reserved_bytes;
+    EventId event;
+  };
+
+  Mapping* find_ready(std::size_t chunks, StreamId stream);
+  Mapping* try_ready_group(std::size_t chunks, std::size_t max_chunks, StreamId stream);
+  Mapping* stitch(std::size_t chunks, StreamId stream, bool allow_create);
+  void use(Mapping* mapping, std::size_t chunks, StreamId stream);
+  void evict(Mapping* mapping);
+  void enforce_bounds();
+  void ready_insert(Mapping* mapping, StreamId stream);
+  void ready_erase(Mapping* mapping);
+  void lru_push(Mapping* mapping);
+  void lru_unlink(Mapping* mapping);
+  void rollback_created(std::vector<Chunk*>& created);
+  template <typename F>
+  void count_failure(F&& cleanup) noexcept;
+
+  Backend& backend_;
+  ChunkPool& pool_;
+  const Config& config_;
+  std::size_t max_mapped_bytes_;
+  std::vector<std::unique_ptr<Mapping>> mappings_;
+  std::set<ReadyKey> ready_;
+  Mapping* lru_head_ = nullptr;  // least recently released
+  Mapping* lru_tail_ = nullptr;
+  std::vector<Retiring> retiring_;
+  std::uint64_t next_id_ = 1;
+};
+
+}  // namespace vmm

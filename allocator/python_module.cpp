@@ -1,0 +1,141 @@
+// vmmalloc._C: a thin pybind11 layer over the C++ core. No policy lives here.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <memory>
+#include <string>
+
+#include "backend.hpp"
+#include "caching_allocator.hpp"
+#include "config.hpp"
+#include "cuda_backend.hpp"
+#include "cuda_driver.hpp"
+#include "errors.hpp"
+#include "fault_injection_backend.hpp"
+#include "host_backend.hpp"
+#include "hot_path_timing.hpp"
+
+namespace py = pybind11;
+using namespace vmm;
+
+namespace {
+
+py::dict to_dict(const StatList& stats) {
+  py::dict out;
+  for (const auto& [key, value] : stats) out[py::str(key)] = value;
+  return out;
+}
+
+py::dict config_to_dict(const Config& c) {
+  py::dict out;
+  out["memory_cap"] = c.memory_cap;
+  out["memory_fraction"] = c.memory_fraction;
+  out["stitching"] = c.stitching;
+  out["max_cached_mappings"] = c.max_cached_mappings;
+  out["max_mapped_bytes"] = c.max_mapped_bytes;
+  out["reuse_ratio"] = c.reuse_ratio;
+  return out;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "vmmalloc's C++ core: chunk pool, stitching caching allocator, backends.";
+  m.attr("CHUNK_SIZE") = kChunkSize;
+  m.attr("SMALL_REQUEST_LIMIT") = kSmallRequestLimit;
+
+  static py::exception<BackendError> backend_error(m, "BackendError", PyExc_RuntimeError);
+  static py::handle oom_type = [&] {
+    py::object type = py::reinterpret_steal<py::object>(PyErr_NewExceptionWithDoc(
+        "vmmalloc._C.OutOfMemoryError",
+        "The allocator could not serve a request after releasing its caches and retrying. "
+        "`stats` holds the allocator statistics at the moment of failure.",
+        PyExc_MemoryError, nullptr));
+    m.attr("OutOfMemoryError") = type;
+    return type.release();
+  }();
+  py::register_exception_translator([](std::exception_ptr p) {
+    try {
+      if (p) std::rethrow_exception(p);
+    } catch (const OutOfMemoryError& e) {
+      py::object exc = py::reinterpret_borrow<py::object>(oom_type)(e.what());
+      exc.attr("stats") = to_dict(e.stats());
+      exc.attr("requested_bytes") = e.requested();
+      PyErr_SetObject(oom_type.ptr(), exc.ptr());
+    } catch (const BackendError& e) {
+      py::set_error(backend_error, e.what());
+    }
+  });
+
+  m.def("parse_config", [](const std::string& text) { return config_to_dict(parse_config(text)); },
+        py::arg("text"),
+        "Validates a VMMALLOC_CONF string ('key:value,...') and returns the options as a "
+        "dict. Raises ValueError naming a bad key or value.");
+  m.def("config_keys", [] { return std::string(config_keys()); });
+  m.def("cuda_unavailable_reason", [] { return cu::driver_unavailable_reason(); },
+        "Empty when the CUDA driver loaded; otherwise why the cuda backend cannot run.");
+
+  py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend",
+                                                "Where chunks live: host (memfd) or cuda.")
+      .def_property_readonly("name", &Backend::name)
+      .def_property_readonly("device", &Backend::device)
+      .def_property_readonly("total_memory", &Backend::total_memory)
+      .def_property_readonly("free_memory", &Backend::free_memory)
+      .def("synchronize", &Backend::synchronize)
+      .def("write", [](Backend& b, std::uintptr_t addr, py::bytes data) {
+             const std::string s = data;
+             b.copy_from_host(addr, s.data(), s.size());
+           }, py::arg("address"), py::arg("data"),
+           "Copies bytes from the host to mapped memory at `address`.")
+      .def("read", [](Backend& b, std::uintptr_t addr, std::size_t n) {
+             std::string s(n, '\0');
+             b.copy_to_host(s.data(), addr, n);
+             return py::bytes(s);
+           }, py::arg("address"), py::arg("size"),
+           "Copies `size` bytes of mapped memory at `address` to the host.");
+
+  py::class_<HostBackend, Backend, std::shared_ptr<HostBackend>>(
+      m, "HostBackend", "CUDA VMM semantics on CPU memory (memfd chunks, mmap mappings).")
+      .def(py::init<std::size_t, int>(), py::arg("capacity"), py::arg("device") = 0);
+
+  py::class_<CudaBackend, Backend, std::shared_ptr<CudaBackend>>(
+      m, "CudaBackend", "The CUDA driver's virtual memory API on one device.")
+      .def(py::init<int>(), py::arg("device"));
+
+  py::class_<FaultInjectionBackend, Backend, std::shared_ptr<FaultInjectionBackend>>(
+      m, "FaultInjectionBackend", "Forwards to a backend and fails chosen calls on demand.")
+      .def(py::init<std::shared_ptr<Backend>>(), py::arg("inner"))
+      .def("fail", [](FaultInjectionBackend& b, const std::string& op, int skip, int count) {
+             b.fail(parse_backend_op(op), skip, count);
+           }, py::arg("op"), py::arg("skip") = 0, py::arg("count") = 1,
+           "After `skip` more successful calls of `op` (reserve, create_chunk, map, "
+           "set_access), fail the next `count`.")
+      .def("calls", [](const FaultInjectionBackend& b, const std::string& op) {
+             return b.calls(parse_backend_op(op));
+           }, py::arg("op"));
+
+  py::class_<CachingAllocator>(m, "Allocator",
+                               "The stitching caching allocator of one device.")
+      .def(py::init([](std::shared_ptr<Backend> backend, const std::string& conf) {
+             return std::make_unique<CachingAllocator>(std::move(backend), parse_config(conf));
+           }), py::arg("backend"), py::arg("conf") = "", py::keep_alive<1, 2>())
+      .def("allocate", &CachingAllocator::allocate, py::arg("size"), py::arg("stream") = 0,
+           py::call_guard<py::gil_scoped_release>())
+      .def("deallocate", &CachingAllocator::deallocate, py::arg("ptr"),
+           py::call_guard<py::gil_scoped_release>())
+      .def("record_stream", &CachingAllocator::record_stream, py::arg("ptr"), py::arg("stream"))
+      .def("empty_cache", &CachingAllocator::empty_cache, py::call_guard<py::gil_scoped_release>())
+      .def("stats", [](const CachingAllocator& a) { return to_dict(a.stats()); })
+      .def("reset_peak_stats", &CachingAllocator::reset_peak_stats)
+      .def("reset_accumulated_stats", &CachingAllocator::reset_accumulated_stats)
+      .def("set_memory_cap", &CachingAllocator::set_memory_cap, py::arg("bytes"))
+      .def("set_memory_fraction", &CachingAllocator::set_memory_fraction, py::arg("fraction"))
+      .def_property_readonly("memory_cap", &CachingAllocator::memory_cap)
+      .def("allocation_size", &CachingAllocator::allocation_size, py::arg("ptr"))
+      .def("chunk_ids", &CachingAllocator::chunk_ids, py::arg("ptr"))
+      .def("chunk_addresses", &CachingAllocator::chunk_addresses, py::arg("chunk_id"));
+
+  m.def("time_alloc_free_pairs", &time_alloc_free_pairs, py::arg("allocator"), py::arg("sizes"),
+        py::arg("rounds"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
+        "Nanoseconds per cached allocate+deallocate pair, timed in C++.");
+}
