@@ -69,7 +69,8 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
   const std::size_t chunks = (size + kChunkSize - 1) / kChunkSize;
   Mapping* mapping = acquire(chunks, stream, size);
   const std::size_t bytes = chunks * kChunkSize;
-  large_.emplace(mapping->base, LargeAllocation{mapping, bytes, size, stream});
+  mapping->requested = size;
+  large_.insert(mapping->base, mapping);
   sync_reserved_stats();
   allocation_.increase(Pool::kLarge, 1);
   active_.increase(Pool::kLarge, 1);
@@ -178,7 +179,7 @@ void CachingAllocator::deallocate(std::uintptr_t ptr) {
       recorded_streams_.erase(it);
       pending_.push_back(std::move(pending));
       const std::size_t requested =
-          pool == Pool::kSmall ? small_.find(ptr)->requested : large_.at(ptr).requested;
+          pool == Pool::kSmall ? small_.find(ptr)->requested : large_.find(ptr)->requested;
       allocation_.decrease(pool, 1);
       allocated_bytes_.decrease(pool, static_cast<std::int64_t>(size));
       requested_bytes_.decrease(pool, static_cast<std::int64_t>(requested));
@@ -189,10 +190,10 @@ void CachingAllocator::deallocate(std::uintptr_t ptr) {
     allocation_.decrease(Pool::kSmall, 1);
     allocated_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->size));
     requested_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->requested));
-  } else if (auto it = large_.find(ptr); it != large_.end()) {
+  } else if (Mapping* m = large_.find(ptr)) {
     allocation_.decrease(Pool::kLarge, 1);
-    allocated_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(it->second.size));
-    requested_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(it->second.requested));
+    allocated_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->used * kChunkSize));
+    requested_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->requested));
   } else {
     throw std::invalid_argument("vmmalloc: free of " + hex(ptr) +
                                 ", which this allocator does not hold (never allocated here, "
@@ -210,11 +211,11 @@ void CachingAllocator::free_now(std::uintptr_t ptr) {
     small_.free(block);
     return;
   }
-  auto it = large_.find(ptr);
+  Mapping* m = large_.find(ptr);
   active_.decrease(Pool::kLarge, 1);
-  active_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(it->second.size));
-  cache_.release(it->second.mapping, it->second.stream);
-  large_.erase(it);
+  active_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->used * kChunkSize));
+  large_.erase(ptr);
+  cache_.release(m, m->use_stream);
 }
 
 void CachingAllocator::process_pending(bool wait) {
@@ -259,10 +260,10 @@ bool CachingAllocator::live(std::uintptr_t ptr, StreamId* stream, std::size_t* s
     if (pool) *pool = Pool::kSmall;
     return true;
   }
-  auto it = large_.find(ptr);
-  if (it == large_.end()) return false;
-  if (stream) *stream = it->second.stream;
-  if (size) *size = it->second.size;
+  const Mapping* m = large_.find(ptr);
+  if (m == nullptr) return false;
+  if (stream) *stream = m->use_stream;
+  if (size) *size = m->used * kChunkSize;
   if (pool) *pool = Pool::kLarge;
   return true;
 }
@@ -373,8 +374,7 @@ std::vector<std::uint64_t> CachingAllocator::chunk_ids(std::uintptr_t ptr) const
   std::vector<std::uint64_t> out;
   if (const SmallBlock* block = small_.find(ptr)) {
     out.push_back(block->segment->mapping->chunks[0]->id);
-  } else if (auto it = large_.find(ptr); it != large_.end()) {
-    const Mapping* m = it->second.mapping;
+  } else if (const Mapping* m = large_.find(ptr)) {
     for (std::size_t i = 0; i < m->used; ++i) out.push_back(m->chunks[i]->id);
   } else {
     throw std::invalid_argument("vmmalloc: " + hex(ptr) + " is not a live allocation");

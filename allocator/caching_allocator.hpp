@@ -25,6 +25,7 @@
 #include "config.hpp"
 #include "errors.hpp"
 #include "mapping_cache.hpp"
+#include "pointer_map.hpp"
 #include "small_pool.hpp"
 #include "stats.hpp"
 
@@ -64,12 +65,6 @@ class CachingAllocator {
   const Config& config() const { return config_; }
 
  private:
-  struct LargeAllocation {
-    Mapping* mapping;
-    std::size_t size;
-    std::size_t requested;
-    StreamId stream;
-  };
   struct PendingFree {
     std::uintptr_t ptr;
     std::vector<EventId> events;
@@ -90,7 +85,7 @@ class CachingAllocator {
   ChunkPool pool_;
   MappingCache cache_;
   SmallPool small_;
-  std::unordered_map<std::uintptr_t, LargeAllocation> large_;
+  PointerMap<Mapping*> large_;  // live large allocations by base address
   std::unordered_map<std::uintptr_t, std::vector<StreamId>> recorded_streams_;
   std::vector<PendingFree> pending_;
 

@@ -27,7 +27,7 @@ Chunk* ChunkPool::create() {
   chunk->index = chunks_.size();
   Chunk* raw = chunk.get();
   chunks_.push_back(std::move(chunk));
-  link_free(raw);
+  ++free_count_;
   chunks_stat.increase(1);
   ++created;
   return raw;
@@ -35,40 +35,13 @@ Chunk* ChunkPool::create() {
 
 void ChunkPool::release(Chunk* chunk) {
   backend_.release_chunk(chunk->handle);
-  unlink_free(chunk);
+  --free_count_;
   const std::size_t index = chunk->index;
   chunks_[index] = std::move(chunks_.back());
   chunks_[index]->index = index;
   chunks_.pop_back();
   chunks_stat.decrease(1);
   ++released;
-}
-
-void ChunkPool::mark_busy(Chunk* chunk) {
-  unlink_free(chunk);
-  chunk->busy = true;
-}
-
-void ChunkPool::mark_free(Chunk* chunk, StreamId stream) {
-  chunk->busy = false;
-  chunk->stream = stream;
-  link_free(chunk);
-}
-
-void ChunkPool::link_free(Chunk* chunk) {
-  chunk->free_prev = nullptr;
-  chunk->free_next = free_head_;
-  if (free_head_) free_head_->free_prev = chunk;
-  free_head_ = chunk;
-  ++free_count_;
-}
-
-void ChunkPool::unlink_free(Chunk* chunk) {
-  if (chunk->free_prev) chunk->free_prev->free_next = chunk->free_next;
-  else free_head_ = chunk->free_next;
-  if (chunk->free_next) chunk->free_next->free_prev = chunk->free_prev;
-  chunk->free_prev = chunk->free_next = nullptr;
-  --free_count_;
 }
 
 }  // namespace vmm

@@ -2,6 +2,9 @@
 // of free chunks that stitching draws from.
 //
 // Note [Chunk states]
+// Only slow paths (stitching, release) enumerate free chunks, by scanning all(); the hot
+// path flips `busy` and a counter, nothing more.
+//
 // A chunk is busy while a live allocation (or a small-pool segment) uses it through any
 // mapping, and free otherwise. A free chunk may still be mapped by cached mappings; it is
 // released to the backend only once no mapping refers to it. `stream` is the stream of
@@ -30,9 +33,6 @@ struct Chunk {
   bool busy = false;
   StreamId stream = kNoStream;
   std::vector<Mapping*> mappings;  // cached mappings that map this chunk
-  // Intrusive free list; valid while !busy.
-  Chunk* free_prev = nullptr;
-  Chunk* free_next = nullptr;
   std::size_t index = 0;  // position in ChunkPool::chunks_
 };
 
@@ -49,10 +49,16 @@ class ChunkPool {
   // Returns a free, unmapped chunk to the backend.
   void release(Chunk* chunk);
 
-  void mark_busy(Chunk* chunk);
-  void mark_free(Chunk* chunk, StreamId stream);
+  void mark_busy(Chunk* chunk) {
+    chunk->busy = true;
+    --free_count_;
+  }
+  void mark_free(Chunk* chunk, StreamId stream) {
+    chunk->busy = false;
+    chunk->stream = stream;
+    ++free_count_;
+  }
 
-  Chunk* first_free() const { return free_head_; }
   std::size_t free_count() const { return free_count_; }
   std::size_t count() const { return chunks_.size(); }
   const std::vector<std::unique_ptr<Chunk>>& all() const { return chunks_; }
@@ -65,13 +71,9 @@ class ChunkPool {
   std::int64_t released = 0;
 
  private:
-  void link_free(Chunk* chunk);
-  void unlink_free(Chunk* chunk);
-
   Backend& backend_;
   std::size_t cap_bytes_ = 0;
   std::vector<std::unique_ptr<Chunk>> chunks_;
-  Chunk* free_head_ = nullptr;
   std::size_t free_count_ = 0;
   std::uint64_t next_id_ = 1;
 };

@@ -47,13 +47,20 @@ void MappingCache::release(Mapping* mapping, StreamId stream) {
   mapping->in_use = false;
   mapping->used = 0;
   mapping->last_stream = stream;
+  // A chunk mapped only here needs no walk of its mapping list: the bulk update below
+  // covers `mapping` itself (the common case once stitched mappings have settled).
   for (std::size_t i = 0; i < used; ++i) {
     Chunk* chunk = mapping->chunks[i];
     pool_.mark_free(chunk, stream);
+    if (chunk->mappings.size() == 1) continue;
     for (Mapping* other : chunk->mappings) {
-      if (--other->busy_chunks == 0 && !other->in_use) ready_insert(other, stream);
+      if (other != mapping && --other->busy_chunks == 0 && !other->in_use) {
+        ready_insert(other, stream);
+      }
     }
   }
+  mapping->busy_chunks -= used;
+  if (mapping->busy_chunks == 0) ready_insert(mapping, stream);
   lru_push(mapping);
 }
 
@@ -114,13 +121,16 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
   lru_unlink(mapping);
   mapping->in_use = true;
   mapping->used = chunks;
+  mapping->use_stream = stream;
   for (std::size_t i = 0; i < chunks; ++i) {
     Chunk* chunk = mapping->chunks[i];
     pool_.mark_busy(chunk);
+    if (chunk->mappings.size() == 1) continue;  // see release()
     for (Mapping* other : chunk->mappings) {
-      if (other->busy_chunks++ == 0 && other->ready) ready_erase(other);
+      if (other != mapping && other->busy_chunks++ == 0 && other->ready) ready_erase(other);
     }
   }
+  mapping->busy_chunks += chunks;
 }
 
 Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create) {
@@ -130,8 +140,9 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
     // Prefer free chunks that no ready mapping needs, so stitching does not break up
     // mappings that serve other sizes with no driver call.
     for (const bool want_feeding : {false, true}) {
-      for (Chunk* c = pool_.first_free(); c != nullptr && picked.size() < chunks;
-           c = c->free_next) {
+      for (const auto& owned : pool_.all()) {
+        Chunk* c = owned.get();
+        if (c->busy || picked.size() == chunks) continue;
         const bool feeds_ready = std::any_of(c->mappings.begin(), c->mappings.end(),
                                              [](const Mapping* m) { return m->ready; });
         if (feeds_ready == want_feeding) picked.push_back(c);
@@ -273,7 +284,9 @@ void MappingCache::finish_retiring(bool wait) {
 }
 
 void MappingCache::forget_streams() {
-  for (Chunk* c = pool_.first_free(); c != nullptr; c = c->free_next) c->stream = kNoStream;
+  for (const auto& c : pool_.all()) {
+    if (!c->busy) c->stream = kNoStream;
+  }
   std::vector<Mapping*> ready;
   ready.reserve(ready_.size());
   for (const ReadyKey& key : ready_) ready.push_back(key.mapping);
@@ -306,12 +319,11 @@ void MappingCache::truncate_in_use() {
 }
 
 void MappingCache::release_free_chunks() {
-  Chunk* c = pool_.first_free();
-  while (c != nullptr) {
-    Chunk* next = c->free_next;
-    if (c->mappings.empty()) count_failure([&] { pool_.release(c); });
-    c = next;
+  std::vector<Chunk*> unmapped;
+  for (const auto& c : pool_.all()) {
+    if (!c->busy && c->mappings.empty()) unmapped.push_back(c.get());
   }
+  for (Chunk* c : unmapped) count_failure([&] { pool_.release(c); });
 }
 
 std::vector<std::uintptr_t> MappingCache::addresses_of(std::uint64_t chunk_id) const {

@@ -59,6 +59,8 @@ struct Mapping {
   std::size_t index = 0;           // position in MappingCache::mappings_
   std::size_t busy_chunks = 0;
   std::size_t used = 0;            // chunks held by the allocation while in use
+  std::size_t requested = 0;       // bytes the allocation asked for (statistics)
+  StreamId use_stream = 0;         // the allocation's stream while in use
   bool in_use = false;
   StreamId last_stream = kNoStream;
   bool ready = false;

@@ -5,7 +5,7 @@ namespace vmm {
 SmallPool::~SmallPool() {
   for (SmallSegment* seg : segments_) delete seg;
   for (SmallBlock* b : free_blocks_) delete b;
-  for (auto& entry : live_) delete entry.second;
+  live_.for_each([](std::uintptr_t, SmallBlock* b) { delete b; });
   for (SmallBlock* b : spare_blocks_) delete b;
 }
 
@@ -64,7 +64,7 @@ SmallBlock* SmallPool::take(SmallBlock* block, std::size_t size) {
   }
   block->allocated = true;
   block->segment->allocated_bytes += block->size;
-  live_.emplace(block->addr, block);
+  live_.insert(block->addr, block);
   return block;
 }
 

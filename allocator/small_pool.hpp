@@ -13,11 +13,11 @@
 #include <cstddef>
 #include <cstdint>
 #include <set>
-#include <unordered_map>
 #include <vector>
 
 #include "backend.hpp"
 #include "mapping_cache.hpp"
+#include "pointer_map.hpp"
 #include "stats.hpp"
 
 namespace vmm {
@@ -70,10 +70,7 @@ class SmallPool {
   SmallBlock* allocate_in_new_segment(Mapping* mapping, std::size_t size, StreamId stream);
   // Frees a block; returns its rounded size.
   void free(SmallBlock* block);
-  SmallBlock* find(std::uintptr_t ptr) const {
-    auto it = live_.find(ptr);
-    return it == live_.end() ? nullptr : it->second;
-  }
+  SmallBlock* find(std::uintptr_t ptr) const { return live_.find(ptr); }
 
   // Hands every fully free segment back to `cache`; returns how many.
   std::size_t reclaim(MappingCache& cache);
@@ -87,7 +84,7 @@ class SmallPool {
   void delete_block(SmallBlock* block);
 
   std::set<SmallBlock*, SmallBlockOrder> free_blocks_;
-  std::unordered_map<std::uintptr_t, SmallBlock*> live_;
+  PointerMap<SmallBlock*> live_;
   std::vector<SmallSegment*> segments_;
   std::vector<SmallBlock*> spare_blocks_;  // recycled block records (no heap churn)
 };
