@@ -22,7 +22,7 @@
 namespace vmm {
 
 // Physical chunk size. CUDA's VMM granularity on every GPU we target is 2 MiB
-// (FACTS.md); a backend whose granularity differs is refused at construction.
+// (FACTS.md); a backend whose granularity does not divide it is refused at construction.
 constexpr std::size_t kChunkSize = std::size_t{2} << 20;
 
 // A stream as the caller names it: the cudaStream_t value on CUDA (0 is the legacy

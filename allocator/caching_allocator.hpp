@@ -62,6 +62,7 @@ class CachingAllocator {
   std::vector<std::uintptr_t> chunk_addresses(std::uint64_t chunk_id) const;
 
   Backend& backend() { return *backend_; }
+  const std::shared_ptr<Backend>& shared_backend() const { return backend_; }
   const Config& config() const { return config_; }
 
  private:

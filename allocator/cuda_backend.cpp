@@ -22,6 +22,7 @@ std::string hex(std::uint64_t value) {
   std::snprintf(buffer, sizeof buffer, "0x%llx", static_cast<unsigned long long>(value));
   return buffer;
 }
+std::string hex(const void* pointer) { return hex(reinterpret_cast<std::uintptr_t>(pointer)); }
 
 std::string failure(int device, cu::CUresult result, const std::string& call) {
   return "cuda backend (device " + std::to_string(device) + "): " + call + " failed: " +
@@ -69,7 +70,7 @@ class ContextGuard {
     check(device, api.cuCtxGetCurrent(&previous_), [] { return std::string("cuCtxGetCurrent()"); });
     if (previous_ == context) return;
     check(device, api.cuCtxSetCurrent(context),
-          [&] { return "cuCtxSetCurrent(primary context " + hex(reinterpret_cast<std::uintptr_t>(context)) + ")"; });
+          [&] { return "cuCtxSetCurrent(primary context " + hex(context) + ")"; });
     switched_ = true;
   }
   ~ContextGuard() {
@@ -112,14 +113,15 @@ CudaBackend::CudaBackend(int device) : api_(require_driver()), device_(device) {
     check(device_,
           api_.cuMemGetAllocationGranularity(&granularity, &prop,
                                              cu::CU_MEM_ALLOC_GRANULARITY_MINIMUM),
-          [] { return std::string("cuMemGetAllocationGranularity(pinned device memory, minimum)"); });
+          [] { return std::string("cuMemGetAllocationGranularity(pinned, device, minimum)"); });
     // Chunks are created, mapped and aligned in kChunkSize units, which CUDA accepts
     // exactly when they are multiples of the granularity (2 MiB on our GPUs, FACTS.md).
     if (granularity == 0 || kChunkSize % granularity != 0) {
       throw BackendError("cuda backend (device " + std::to_string(device_) +
                          "): the device's minimum allocation granularity is " +
-                         std::to_string(granularity) + " bytes, which does not divide vmmalloc's " +
-                         std::to_string(kChunkSize) + "-byte chunk size; this GPU is not supported.");
+                         std::to_string(granularity) +
+                         " bytes, which does not divide vmmalloc's " + std::to_string(kChunkSize) +
+                         "-byte chunk size; this GPU is not supported.");
     }
   } catch (...) {
     api_.cuDevicePrimaryCtxRelease_v2(cu_device_);
@@ -146,7 +148,8 @@ std::size_t CudaBackend::free_memory() const {
   ContextGuard guard(api_, context_, device_);  // cuMemGetInfo reports the current device
   std::size_t free = 0;
   std::size_t total = 0;
-  check(device_, api_.cuMemGetInfo_v2(&free, &total), [] { return std::string("cuMemGetInfo_v2()"); });
+  check(device_, api_.cuMemGetInfo_v2(&free, &total),
+        [] { return std::string("cuMemGetInfo_v2()"); });
   return free;
 }
 
@@ -286,7 +289,7 @@ void CudaBackend::synchronize() {
 void CudaBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemcpyHtoD_v2(dst, src, bytes), [&] {
-    return "cuMemcpyHtoD_v2(dst=" + hex(dst) + ", src=" + hex(reinterpret_cast<std::uintptr_t>(src)) +
+    return "cuMemcpyHtoD_v2(dst=" + hex(dst) + ", src=" + hex(src) +
            ", bytes=" + std::to_string(bytes) + ")";
   });
 }
@@ -294,7 +297,7 @@ void CudaBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_
 void CudaBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemcpyDtoH_v2(dst, src, bytes), [&] {
-    return "cuMemcpyDtoH_v2(dst=" + hex(reinterpret_cast<std::uintptr_t>(dst)) + ", src=" + hex(src) +
+    return "cuMemcpyDtoH_v2(dst=" + hex(dst) + ", src=" + hex(src) +
            ", bytes=" + std::to_string(bytes) + ")";
   });
 }

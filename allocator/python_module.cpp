@@ -131,6 +131,7 @@ PYBIND11_MODULE(_C, m) {
       .def("set_memory_cap", &CachingAllocator::set_memory_cap, py::arg("bytes"))
       .def("set_memory_fraction", &CachingAllocator::set_memory_fraction, py::arg("fraction"))
       .def_property_readonly("memory_cap", &CachingAllocator::memory_cap)
+      .def_property_readonly("backend", &CachingAllocator::shared_backend)
       .def("allocation_size", &CachingAllocator::allocation_size, py::arg("ptr"))
       .def("chunk_ids", &CachingAllocator::chunk_ids, py::arg("ptr"))
       .def("chunk_addresses", &CachingAllocator::chunk_addresses, py::arg("chunk_id"));

@@ -25,9 +25,9 @@ namespace ours = vmm::cu;
                                  MEMBER_TYPE(::S, M)>::value,                               \
                 #S "::" #M)
 
-// ToCuda rewrites a type built from our declarations into the same type built
-// from cuda.h's (enum for enum, struct for struct, pointers and const preserved), so struct
-// members and DriverApi entry points can be required to have *exactly* cuda.h's types.
+// ToCuda rewrites a type built from our declarations into the same type built from
+// cuda.h's (enum for enum, struct for struct, pointers and const preserved), so struct
+// members and DriverApi entry points can be required to have exactly cuda.h's types.
 template <class T> struct ToCuda { using type = T; };
 template <class T> struct ToCuda<T*> { using type = typename ToCuda<T>::type*; };
 template <class T> struct ToCuda<const T> { using type = const typename ToCuda<T>::type; };
@@ -56,8 +56,9 @@ MAP(CUevent_st);
 // uint64_t are distinct types on Linux even though both are 64-bit).
 static_assert(std::is_same<ours::CUdevice, ::CUdevice>::value, "CUdevice");
 static_assert(std::is_same<ours::CUdeviceptr, ::CUdeviceptr>::value, "CUdeviceptr");
-static_assert(std::is_same<ours::CUmemGenericAllocationHandle, ::CUmemGenericAllocationHandle>::value,
-              "CUmemGenericAllocationHandle");
+static_assert(
+    std::is_same<ours::CUmemGenericAllocationHandle, ::CUmemGenericAllocationHandle>::value,
+    "CUmemGenericAllocationHandle");
 static_assert(std::is_same<ours::cuuint64_t, ::cuuint64_t>::value, "cuuint64_t");
 
 // Enums: same size, same values.
@@ -138,13 +139,13 @@ SAME_MEMBER(CUmemAllocationProp, allocFlags.usage);
 SAME_MEMBER(CUmemAllocationProp, allocFlags.reserved);
 
 SAME_SIZE(CUmemAccessDesc);
-static_assert(alignof(ours::CUmemAccessDesc) == alignof(::CUmemAccessDesc), "alignof CUmemAccessDesc");
+static_assert(alignof(ours::CUmemAccessDesc) == alignof(::CUmemAccessDesc),
+              "alignof CUmemAccessDesc");
 SAME_MEMBER(CUmemAccessDesc, location);
 SAME_MEMBER(CUmemAccessDesc, flags);
 
-
-// Signatures. `cuda_name` is spelt as cuda.h's macros leave it (e.g. cuMemGetInfo_v2 is declared via
-// the cuMemGetInfo macro), so &::cuda_name is the function of that exact ABI version.
+// Signatures. `cuda_name` is spelt as cuda.h's macros leave it (cuMemGetInfo_v2 is declared
+// through the cuMemGetInfo macro), so &::cuda_name is the function of that exact ABI version.
 #define SAME_SIGNATURE(member, cuda_name)                                                  \
   static_assert(std::is_same<ToCuda<decltype(ours::DriverApi::member)>::type,              \
                              decltype(&::cuda_name)>::value,                               \
@@ -178,11 +179,13 @@ SAME_SIGNATURE(cuStreamWaitEvent, cuStreamWaitEvent);
 SAME_SIGNATURE(cuMemcpyHtoD_v2, cuMemcpyHtoD_v2);
 SAME_SIGNATURE(cuMemcpyDtoH_v2, cuMemcpyDtoH_v2);
 
-// cuda_driver.cpp's private typedefs for the two cuGetProcAddress versions, restated.
+// cuda_driver.cpp's private typedef for cuGetProcAddress_v2, restated. (cuda.h declares the
+// 4-argument cuGetProcAddress, our fallback for pre-12.0 drivers, only in an internal section.)
 using OurGetProcAddressV2 = ours::CUresult (*)(const char*, void**, int, ours::cuuint64_t,
                                                ours::CUdriverProcAddressQueryResult*);
-static_assert(std::is_same<ToCuda<OurGetProcAddressV2>::type, decltype(&::cuGetProcAddress_v2)>::value,
-              "signature of cuGetProcAddress_v2");
+static_assert(
+    std::is_same<ToCuda<OurGetProcAddressV2>::type, decltype(&::cuGetProcAddress_v2)>::value,
+    "signature of cuGetProcAddress_v2");
 
 // The ABI version we ask cuGetProcAddress for must not be newer than the headers checked.
 static_assert(ours::kDriverApiVersion <= CUDA_VERSION, "kDriverApiVersion newer than cuda.h");

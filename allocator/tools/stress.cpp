@@ -1,0 +1,954 @@
+// Randomized multi-threaded stress test of the allocator core on the host backend, built
+// and run under AddressSanitizer + UndefinedBehaviorSanitizer by .ci/sanitize.sh.
+//
+//   stress [--threads=N] [--seed=S] [--ops=N] [--rounds=R] [--phase=NAME[,NAME...]] [--list]
+//
+// Each phase builds a HostBackend and a CachingAllocator over it with its own Config.
+// Worker threads run seeded random sequences of operations: allocate (1..4 KiB, up to
+// 1 MiB, 1..24 MiB, edge sizes), fill with a pattern derived from (pointer, serial), keep
+// the block live a while, verify it fully (memcmp) before freeing, record_stream on other
+// streams, empty_cache, and frees in a thread other than the allocating one (hand-off
+// queue). Checked throughout:
+// - no two live allocations overlap (registry of [ptr, ptr + allocation_size));
+// - contents survive everything other threads do (full verify at free, samples at barriers);
+// - between rounds, with every thread parked at a barrier, the statistics match the live
+//   set exactly, chunk introspection agrees, no chunk of a large allocation is shared, the
+//   backend holds exactly the chunks the allocator reports;
+// - every OutOfMemoryError is re-examined with all threads quiesced: the same request is
+//   retried and must succeed iff it fits under the cap given the chunks live allocations
+//   hold; after freeing what the thread holds, a request that fits must succeed;
+// - at the end of each phase, after freeing everything and empty_cache(), every current
+//   statistic is zero and the backend has all of its memory back.
+// The seed fixes each thread's operation sequence (thread interleavings still vary). On a
+// violation the program prints what failed and the thread's last operations, and exits 1.
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cerrno>
+#include <cstdarg>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <functional>
+#include <limits>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <random>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "backend.hpp"
+#include "caching_allocator.hpp"
+#include "config.hpp"
+#include "errors.hpp"
+#include "fault_injection_backend.hpp"
+#include "host_backend.hpp"
+#include "small_pool.hpp"
+
+namespace {
+
+using vmm::StreamId;
+constexpr std::size_t KiB = std::size_t{1} << 10;
+constexpr std::size_t MiB = std::size_t{1} << 20;
+constexpr std::size_t kChunk = vmm::kChunkSize;
+constexpr StreamId kStreams[] = {0, 1, 2};
+constexpr int kNumStreams = 3;
+
+// ---------------------------------------------------------------------------------------
+// Options and failure reporting
+
+struct Options {
+  int threads = 4;
+  std::uint64_t seed = 0x5eed2024;
+  long ops = 6000;   // operations per thread per phase
+  int rounds = 8;    // barriers per phase (quiesced checks)
+  std::vector<std::string> phases;  // empty: all
+};
+
+Options g_opt;
+std::mutex g_print_mutex;
+const char* g_phase_name = "setup";
+int g_phases_passed = 0;
+
+struct LogEntry {
+  char op = 0;            // 'A' allocate, 'F' free, 'X' free of a handed-off block, 'R'
+                          // record_stream, 'E' empty_cache, 'O' OOM, 'H' hand-off, 'B' error
+  std::size_t size = 0;
+  StreamId stream = 0;
+  std::uintptr_t ptr = 0;
+  std::uint64_t serial = 0;
+};
+
+struct OpLog {
+  static constexpr int kSize = 48;
+  LogEntry entries[kSize];
+  long count = 0;
+  void add(char op, std::size_t size, StreamId stream, std::uintptr_t ptr, std::uint64_t serial) {
+    entries[count % kSize] = LogEntry{op, size, stream, ptr, serial};
+    ++count;
+  }
+};
+
+thread_local OpLog* t_log = nullptr;
+thread_local int t_thread = -1;
+
+[[noreturn]] void fail(const char* fmt, ...) {
+  std::lock_guard<std::mutex> lock(g_print_mutex);
+  std::fflush(stdout);
+  std::fprintf(stderr, "\nstress: FAIL in phase '%s' (seed %llu, thread %d): ", g_phase_name,
+               static_cast<unsigned long long>(g_opt.seed), t_thread);
+  va_list ap;
+  va_start(ap, fmt);
+  std::vfprintf(stderr, fmt, ap);
+  va_end(ap);
+  std::fprintf(stderr, "\n");
+  if (t_log != nullptr && t_log->count > 0) {
+    std::fprintf(stderr, "last operations of this thread (oldest first):\n");
+    const long first = std::max<long>(0, t_log->count - OpLog::kSize);
+    for (long i = first; i < t_log->count; ++i) {
+      const LogEntry& e = t_log->entries[i % OpLog::kSize];
+      std::fprintf(stderr, "  #%ld %c size=%zu stream=%zu ptr=0x%zx serial=%llu\n", i, e.op,
+                   e.size, static_cast<std::size_t>(e.stream), static_cast<std::size_t>(e.ptr),
+                   static_cast<unsigned long long>(e.serial));
+    }
+  }
+  std::fprintf(stderr, "stress: %d passed, 1 failed\n", g_phases_passed);
+  std::fflush(stderr);
+  std::_Exit(1);
+}
+
+#define CHECK(cond, ...)        \
+  do {                          \
+    if (!(cond)) fail(__VA_ARGS__); \
+  } while (0)
+
+// ---------------------------------------------------------------------------------------
+// Synchronization helpers
+
+// Reader-writer gate that prefers writers: every allocator call of a worker holds it
+// shared; a quiesced re-check (after an OOM) holds it exclusively.
+class Gate {
+ public:
+  void lock_shared() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    cv_.wait(lock, [&] { return !writer_ && writers_waiting_ == 0; });
+    ++readers_;
+  }
+  void unlock_shared() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (--readers_ == 0) cv_.notify_all();
+  }
+  void lock() {
+    std::unique_lock<std::mutex> lock(mutex_);
+    ++writers_waiting_;
+    cv_.wait(lock, [&] { return !writer_ && readers_ == 0; });
+    --writers_waiting_;
+    writer_ = true;
+  }
+  void unlock() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    writer_ = false;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  int readers_ = 0;
+  int writers_waiting_ = 0;
+  bool writer_ = false;
+};
+
+struct SharedHold {
+  explicit SharedHold(Gate& g) : gate(g) { gate.lock_shared(); }
+  ~SharedHold() { gate.unlock_shared(); }
+  Gate& gate;
+};
+
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  // The last thread to arrive runs `completion` while the others wait.
+  void arrive_and_wait(const std::function<void()>& completion) {
+    std::unique_lock<std::mutex> lock(mutex_);
+    const long gen = generation_;
+    if (++arrived_ == n_) {
+      completion();
+      arrived_ = 0;
+      ++generation_;
+      cv_.notify_all();
+      return;
+    }
+    cv_.wait(lock, [&] { return generation_ != gen; });
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable cv_;
+  const int n_;
+  int arrived_ = 0;
+  long generation_ = 0;
+};
+
+// ---------------------------------------------------------------------------------------
+// Contents: a pattern derived from (pointer, serial), position dependent.
+
+inline std::uint64_t mix64(std::uint64_t x) {
+  x += 0x9e3779b97f4a7c15ULL;
+  x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ULL;
+  x = (x ^ (x >> 27)) * 0x94d049bb133111ebULL;
+  return x ^ (x >> 31);
+}
+
+constexpr std::size_t kScratchWords = 8192;  // 64 KiB
+constexpr std::size_t kScratchBytes = kScratchWords * 8;
+
+// Words [first, first + n) of the pattern with `key`. A bijection of (key + i * odd), so
+// two keys differ at every position and a displaced range never matches.
+void generate(std::uint64_t key, std::size_t first, std::uint64_t* out, std::size_t n) {
+  std::uint64_t x = key + first * 0xd1b54a32d192ed03ULL;
+  for (std::size_t i = 0; i < n; ++i) {
+    out[i] = x ^ (x >> 29);
+    x += 0xd1b54a32d192ed03ULL;
+  }
+}
+
+struct Block {
+  std::uintptr_t ptr = 0;
+  std::size_t requested = 0;   // size asked for (and filled)
+  std::size_t size = 0;        // allocation_size()
+  StreamId stream = 0;
+  std::uint64_t serial = 0;
+  std::uint64_t key = 0;
+  int owner = -1;              // thread that allocated it
+  bool recorded = false;       // record_stream was called on another stream
+};
+
+struct Scratch {
+  std::vector<std::uint64_t> expect = std::vector<std::uint64_t>(kScratchWords);
+  std::vector<std::uint64_t> got = std::vector<std::uint64_t>(kScratchWords);
+};
+
+void fill(vmm::Backend& backend, const Block& b, Scratch& s) {
+  for (std::size_t off = 0; off < b.requested; off += kScratchBytes) {
+    const std::size_t n = std::min(kScratchBytes, b.requested - off);
+    generate(b.key, off / 8, s.expect.data(), (n + 7) / 8);
+    backend.copy_from_host(b.ptr + off, s.expect.data(), n);
+  }
+}
+
+void report_mismatch(const Block& b, std::size_t off, const unsigned char* got,
+                     const unsigned char* want, std::size_t n, const char* when) {
+  std::size_t i = 0;
+  while (i < n && got[i] == want[i]) ++i;
+  std::size_t zeros = 0;
+  for (std::size_t j = i; j < n && got[j] == 0; ++j) ++zeros;
+  fail("corrupted contents (%s): block 0x%zx (requested %zu, size %zu, stream %zu, serial %llu, "
+       "owner thread %d%s) differs at byte offset %zu: got 0x%02x, want 0x%02x (%zu zero bytes "
+       "follow)",
+       when, static_cast<std::size_t>(b.ptr), b.requested, b.size,
+       static_cast<std::size_t>(b.stream), static_cast<unsigned long long>(b.serial), b.owner,
+       b.recorded ? ", record_stream'ed" : "", off + i, got[i], want[i], zeros);
+}
+
+// Full check; `via_backend` reads through copy_to_host instead of touching memory directly.
+void verify(vmm::Backend& backend, const Block& b, Scratch& s, bool via_backend, const char* when) {
+  for (std::size_t off = 0; off < b.requested; off += kScratchBytes) {
+    const std::size_t n = std::min(kScratchBytes, b.requested - off);
+    generate(b.key, off / 8, s.expect.data(), (n + 7) / 8);
+    const void* have = reinterpret_cast<const void*>(b.ptr + off);
+    if (via_backend) {
+      backend.copy_to_host(s.got.data(), b.ptr + off, n);
+      have = s.got.data();
+    }
+    if (std::memcmp(have, s.expect.data(), n) != 0) {
+      report_mismatch(b, off, static_cast<const unsigned char*>(have),
+                      reinterpret_cast<const unsigned char*>(s.expect.data()), n, when);
+    }
+  }
+}
+
+// Cheap check: the first and last 64 bytes and one word in every 64 KiB.
+void verify_sample(const Block& b, std::mt19937_64& rng, const char* when) {
+  if (b.requested == 0) return;
+  std::uint64_t want[8];
+  auto check_range = [&](std::size_t off, std::size_t n) {
+    const std::size_t first_word = off / 8;
+    generate(b.key, first_word, want, (n + (off % 8) + 7) / 8);
+    const auto* want_bytes = reinterpret_cast<const unsigned char*>(want) + off % 8;
+    const auto* got = reinterpret_cast<const unsigned char*>(b.ptr + off);
+    if (std::memcmp(got, want_bytes, n) != 0) report_mismatch(b, off, got, want_bytes, n, when);
+  };
+  check_range(0, std::min<std::size_t>(b.requested, 56));
+  if (b.requested > 56) check_range((b.requested - 56) & ~std::size_t{7}, b.requested - ((b.requested - 56) & ~std::size_t{7}));
+  for (std::size_t base = 0; base + 8 <= b.requested; base += 64 * KiB) {
+    const std::size_t span = std::min<std::size_t>(64 * KiB, b.requested - base);
+    if (span < 8) break;
+    const std::size_t off = base + (rng() % (span / 8)) * 8;
+    if (off + 8 <= b.requested) check_range(off, 8);
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Statistics
+
+struct Stats {
+  std::unordered_map<std::string, std::int64_t> values;
+  explicit Stats(const vmm::StatList& list) {
+    for (const auto& kv : list) values[kv.first] = kv.second;
+  }
+  std::int64_t operator[](const std::string& name) const {
+    auto it = values.find(name);
+    if (it == values.end()) fail("statistic '%s' is missing from allocator.stats()", name.c_str());
+    return it->second;
+  }
+};
+
+// ---------------------------------------------------------------------------------------
+// Phases
+
+struct PhaseSpec {
+  const char* name;
+  const char* config;       // parse_config text
+  std::size_t capacity;     // HostBackend capacity
+  bool faults;              // wrap the backend in a FaultInjectionBackend
+  int large_pct;            // share of 1..24 MiB requests
+  int max_live;             // blocks a thread holds at most
+  const char* what;
+};
+
+const PhaseSpec kPhases[] = {
+    {"default", "", 256 * MiB, false, 8, 10, "defaults, 256 MiB device"},
+    {"cap", "memory_cap:96MiB", 256 * MiB, false, 16, 10, "96 MiB memory cap (OOMs expected)"},
+    {"evict", "max_cached_mappings:8", 256 * MiB, false, 10, 10,
+     "at most 8 cached mappings (evictions)"},
+    {"nostitch", "stitching:false,reuse_ratio:1.5,memory_cap:128MiB", 256 * MiB, false, 10, 10,
+     "stitching off, reuse_ratio 1.5, 128 MiB cap"},
+    {"faults", "memory_cap:128MiB,max_cached_mappings:64", 256 * MiB, true, 10, 10,
+     "injected reserve/create_chunk/map/set_access failures"},
+};
+
+struct Counters {
+  std::atomic<long> ops{0}, allocs{0}, frees{0}, cross_frees{0}, ooms{0}, oom_retry_ok{0},
+      record_streams{0}, empty_caches{0}, injected{0}, bytes{0}, handoffs{0};
+};
+
+class Phase {
+ public:
+  explicit Phase(const PhaseSpec& spec, int index)
+      : spec_(spec), config_(vmm::parse_config(spec.config)) {
+    host_ = std::make_shared<vmm::HostBackend>(spec.capacity);
+    if (spec.faults) {
+      faults_ = std::make_shared<vmm::FaultInjectionBackend>(host_);
+      backend_ = faults_;
+    } else {
+      backend_ = host_;
+    }
+    alloc_ = std::make_unique<vmm::CachingAllocator>(backend_, config_);
+    phase_seed_ = mix64(g_opt.seed ^ (0x1000 + static_cast<std::uint64_t>(index)));
+    cap_chunks_ = std::min(alloc_->memory_cap(), host_->total_memory()) / kChunk;
+  }
+
+  void run();
+
+ private:
+  struct Worker {
+    int id = 0;
+    std::mt19937_64 rng;
+    std::vector<Block> held;
+    OpLog log;
+    Scratch scratch;
+  };
+
+  std::size_t pick_size(std::mt19937_64& rng) const;
+  void worker_main(Worker& w);
+  void op_allocate(Worker& w);
+  void op_free(Worker& w, std::size_t index);
+  void free_block(Worker& w, Block b, bool verify_via_backend, bool exclusive);
+  enum class Got { kBlock, kOom, kInjected };
+  Got try_allocate(Worker& w, std::size_t size, StreamId stream, Block* out);
+  void after_oom(Worker& w, std::size_t size, StreamId stream);
+  void disarm_faults();
+  void arm_random_fault(std::mt19937_64& rng);
+  void register_block(const Block& b);
+  void unregister_block(const Block& b);
+  std::size_t busy_chunks_locked();
+  void quiesced_check(const char* when);
+  void final_checks();
+
+  const PhaseSpec& spec_;
+  vmm::Config config_;
+  std::shared_ptr<vmm::HostBackend> host_;
+  std::shared_ptr<vmm::FaultInjectionBackend> faults_;
+  std::shared_ptr<vmm::Backend> backend_;
+  std::unique_ptr<vmm::CachingAllocator> alloc_;
+  std::uint64_t phase_seed_ = 0;
+  std::size_t cap_chunks_ = 0;
+
+  Gate gate_;
+  std::mutex registry_mutex_;
+  std::map<std::uintptr_t, Block> registry_;  // every live allocation, by address
+  std::mutex queue_mutex_;
+  std::deque<Block> handoff_;
+  std::atomic<std::uint64_t> next_serial_{1};
+  std::int64_t peak_reserved_ = 0;
+  std::mt19937_64 check_rng_{12345};
+  Barrier* round_barrier_ = nullptr;
+  Counters c_;
+};
+
+std::size_t Phase::pick_size(std::mt19937_64& rng) const {
+  static const std::size_t kEdges[] = {0,           1,           511,         512,
+                                       513,         4096,        MiB - 1,     MiB,
+                                       MiB + 1,     2 * MiB - 1, 2 * MiB,     2 * MiB + 1,
+                                       4 * MiB,     6 * MiB + 7, 24 * MiB};
+  const int r = static_cast<int>(rng() % 100);
+  if (r < 3) return kEdges[rng() % (sizeof kEdges / sizeof kEdges[0])];
+  if (r < 3 + spec_.large_pct) return MiB + 1 + rng() % (23 * MiB);
+  if (r < 60) return 1 + rng() % 4096;
+  // Up to 1 MiB, skewed towards the small end (log-uniform).
+  const int bits = 12 + static_cast<int>(rng() % 9);  // 4 KiB .. 1 MiB
+  return std::min<std::size_t>(MiB, 4097 + rng() % (std::size_t{1} << bits));
+}
+
+std::size_t expected_allocation_size(std::size_t size) {
+  if (size <= vmm::kSmallRequestLimit) return vmm::SmallPool::round(size);
+  return (size + kChunk - 1) / kChunk * kChunk;
+}
+
+void Phase::register_block(const Block& b) {
+  std::lock_guard<std::mutex> lock(registry_mutex_);
+  auto next = registry_.lower_bound(b.ptr);
+  if (next != registry_.end() && next->first < b.ptr + b.size) {
+    fail("allocation [0x%zx, +%zu) (serial %llu) overlaps live allocation [0x%zx, +%zu) (serial %llu)",
+         static_cast<std::size_t>(b.ptr), b.size, static_cast<unsigned long long>(b.serial),
+         static_cast<std::size_t>(next->first), next->second.size,
+         static_cast<unsigned long long>(next->second.serial));
+  }
+  if (next != registry_.begin()) {
+    auto prev = std::prev(next);
+    if (prev->first + prev->second.size > b.ptr) {
+      fail("allocation [0x%zx, +%zu) (serial %llu) overlaps live allocation [0x%zx, +%zu) (serial %llu)",
+           static_cast<std::size_t>(b.ptr), b.size, static_cast<unsigned long long>(b.serial),
+           static_cast<std::size_t>(prev->first), prev->second.size,
+           static_cast<unsigned long long>(prev->second.serial));
+    }
+  }
+  registry_.emplace(b.ptr, b);
+}
+
+void Phase::unregister_block(const Block& b) {
+  std::lock_guard<std::mutex> lock(registry_mutex_);
+  auto it = registry_.find(b.ptr);
+  CHECK(it != registry_.end() && it->second.serial == b.serial,
+        "block 0x%zx (serial %llu) is missing from the registry", static_cast<std::size_t>(b.ptr),
+        static_cast<unsigned long long>(b.serial));
+  registry_.erase(it);
+}
+
+void Phase::disarm_faults() {
+  if (!faults_) return;
+  for (auto op : {vmm::BackendOp::kReserve, vmm::BackendOp::kCreateChunk, vmm::BackendOp::kMap,
+                  vmm::BackendOp::kSetAccess}) {
+    faults_->fail(op, 1 << 30, 1);  // the next failure is a billion calls away
+  }
+}
+
+void Phase::arm_random_fault(std::mt19937_64& rng) {
+  static const vmm::BackendOp kOps[] = {vmm::BackendOp::kReserve, vmm::BackendOp::kCreateChunk,
+                                        vmm::BackendOp::kMap, vmm::BackendOp::kSetAccess};
+  faults_->fail(kOps[rng() % 4], static_cast<int>(rng() % 4), 1);
+}
+
+// Allocates and registers the block; kOom on OutOfMemoryError, kInjected when a failure
+// injected into the backend surfaced as BackendError.
+Phase::Got Phase::try_allocate(Worker& w, std::size_t size, StreamId stream, Block* out) {
+  std::uintptr_t ptr = 0;
+  try {
+    ptr = alloc_->allocate(size, stream);
+  } catch (const vmm::OutOfMemoryError& e) {
+    CHECK(e.requested() == size, "OutOfMemoryError.requested() is %zu for a request of %zu",
+          e.requested(), size);
+    CHECK(std::strstr(e.what(), "out of memory") != nullptr, "odd OOM message: %s", e.what());
+    w.log.add('O', size, stream, 0, 0);
+    return Got::kOom;
+  } catch (const vmm::BackendError& e) {
+    if (faults_ && std::strstr(e.what(), "injected failure") != nullptr) {
+      c_.injected.fetch_add(1, std::memory_order_relaxed);
+      w.log.add('B', size, stream, 0, 0);
+      return Got::kInjected;
+    }
+    fail("allocate(%zu, stream %zu) threw BackendError: %s", size, static_cast<std::size_t>(stream),
+         e.what());
+  } catch (const std::exception& e) {
+    fail("allocate(%zu, stream %zu) threw %s", size, static_cast<std::size_t>(stream), e.what());
+  }
+  CHECK(ptr != 0, "allocate(%zu) returned 0", size);
+  const std::size_t want = expected_allocation_size(size);
+  CHECK(ptr % (size > vmm::kSmallRequestLimit ? kChunk : vmm::kSmallRounding) == 0,
+        "allocate(%zu) returned misaligned 0x%zx", size, static_cast<std::size_t>(ptr));
+  Block b;
+  b.ptr = ptr;
+  b.requested = size;
+  b.size = alloc_->allocation_size(ptr);
+  CHECK(b.size == want, "allocation_size(allocate(%zu)) is %zu, want %zu", size, b.size, want);
+  b.stream = stream;
+  b.serial = next_serial_.fetch_add(1, std::memory_order_relaxed);
+  b.key = mix64(static_cast<std::uint64_t>(ptr) ^ mix64(b.serial));
+  b.owner = w.id;
+  register_block(b);
+  w.log.add('A', size, stream, ptr, b.serial);
+  c_.allocs.fetch_add(1, std::memory_order_relaxed);
+  c_.bytes.fetch_add(static_cast<long>(size), std::memory_order_relaxed);
+  *out = b;
+  return Got::kBlock;
+}
+
+void Phase::free_block(Worker& w, Block b, bool verify_via_backend, bool exclusive) {
+  verify(*backend_, b, w.scratch, verify_via_backend, "before free");
+  {
+    std::unique_ptr<SharedHold> hold;
+    if (!exclusive) hold = std::make_unique<SharedHold>(gate_);
+    unregister_block(b);
+    try {
+      alloc_->deallocate(b.ptr);
+    } catch (const std::exception& e) {
+      fail("deallocate(0x%zx) (serial %llu) threw: %s", static_cast<std::size_t>(b.ptr),
+           static_cast<unsigned long long>(b.serial), e.what());
+    }
+  }
+  const bool cross = b.owner != w.id;
+  w.log.add(cross ? 'X' : 'F', b.requested, b.stream, b.ptr, b.serial);
+  c_.frees.fetch_add(1, std::memory_order_relaxed);
+  if (cross) c_.cross_frees.fetch_add(1, std::memory_order_relaxed);
+}
+
+// Chunks held by live allocations (the registry); caller holds the gate exclusively.
+std::size_t Phase::busy_chunks_locked() {
+  std::set<std::uint64_t> busy;
+  std::lock_guard<std::mutex> lock(registry_mutex_);
+  for (const auto& kv : registry_) {
+    for (std::uint64_t id : alloc_->chunk_ids(kv.first)) busy.insert(id);
+  }
+  return busy.size();
+}
+
+// An OOM under concurrency proves little; re-examine it with every thread quiesced.
+void Phase::after_oom(Worker& w, std::size_t size, StreamId stream) {
+  c_.ooms.fetch_add(1, std::memory_order_relaxed);
+  gate_.lock();
+  disarm_faults();
+  const std::size_t need = size <= vmm::kSmallRequestLimit ? 1 : (size + kChunk - 1) / kChunk;
+  std::size_t busy = busy_chunks_locked();
+  std::size_t free_chunks = cap_chunks_ - std::min(cap_chunks_, busy);
+  Block b;
+  const Got got = try_allocate(w, size, stream, &b);
+  CHECK(got != Got::kInjected, "an injected failure fired although all were disarmed");
+  const bool ok = got == Got::kBlock;
+  if (ok) {
+    CHECK(size <= vmm::kSmallRequestLimit || need <= free_chunks,
+          "a request of %zu chunks succeeded with only %zu of %zu chunks free under the cap",
+          need, free_chunks, cap_chunks_);
+    c_.oom_retry_ok.fetch_add(1, std::memory_order_relaxed);
+  } else {
+    CHECK(need > free_chunks,
+          "spurious OOM: with every thread quiesced, allocate(%zu) (%zu chunk(s)) failed while "
+          "live allocations hold %zu of the cap's %zu chunks", size, need, busy, cap_chunks_);
+  }
+  // Free everything this thread holds; a small request must then succeed if a chunk is
+  // free under the cap.
+  if (ok) {
+    fill(*backend_, b, w.scratch);
+    w.held.push_back(b);
+  }
+  for (Block& h : w.held) free_block(w, h, false, true);
+  w.held.clear();
+  busy = busy_chunks_locked();
+  free_chunks = cap_chunks_ - std::min(cap_chunks_, busy);
+  const std::size_t small = 1 + w.rng() % 4096;
+  const Got small_got = try_allocate(w, small, stream, &b);
+  CHECK(small_got != Got::kInjected, "an injected failure fired although all were disarmed");
+  if (small_got == Got::kBlock) {
+    fill(*backend_, b, w.scratch);
+    w.held.push_back(b);
+  } else {
+    CHECK(free_chunks == 0,
+          "after an OOM and freeing everything this thread held, allocate(%zu) failed with %zu "
+          "of %zu chunks free under the cap", small, free_chunks, cap_chunks_);
+  }
+  gate_.unlock();
+}
+
+void Phase::op_allocate(Worker& w) {
+  const std::size_t size = pick_size(w.rng);
+  const StreamId stream = kStreams[w.rng() % kNumStreams];
+  Block b;
+  Got got;
+  {
+    SharedHold hold(gate_);
+    got = try_allocate(w, size, stream, &b);
+  }
+  if (got == Got::kInjected) return;
+  if (got == Got::kOom) {
+    after_oom(w, size, stream);
+    return;
+  }
+  fill(*backend_, b, w.scratch);
+  w.held.push_back(b);
+}
+
+void Phase::op_free(Worker& w, std::size_t index) {
+  Block b = w.held[index];
+  w.held[index] = w.held.back();
+  w.held.pop_back();
+  free_block(w, b, (w.rng() % 4) == 0, false);
+}
+
+void Phase::worker_main(Worker& w) {
+  t_log = &w.log;
+  t_thread = w.id;
+  const long per_round = std::max<long>(1, g_opt.ops / g_opt.rounds);
+  for (int round = 0; round < g_opt.rounds; ++round) {
+    for (long i = 0; i < per_round; ++i) {
+      c_.ops.fetch_add(1, std::memory_order_relaxed);
+      const int r = static_cast<int>(w.rng() % 1000);
+      const bool can_alloc = static_cast<int>(w.held.size()) < spec_.max_live;
+      if (w.held.empty() || (can_alloc && r < 480)) {
+        op_allocate(w);
+      } else if (r < 880) {
+        op_free(w, w.rng() % w.held.size());
+      } else if (r < 930) {
+        // record_stream on another stream (sometimes its own, a no-op).
+        Block& b = w.held[w.rng() % w.held.size()];
+        const StreamId other = kStreams[w.rng() % kNumStreams];
+        {
+          SharedHold hold(gate_);
+          try {
+            alloc_->record_stream(b.ptr, other);
+          } catch (const std::exception& e) {
+            fail("record_stream(0x%zx, %zu) threw: %s", static_cast<std::size_t>(b.ptr),
+                 static_cast<std::size_t>(other), e.what());
+          }
+        }
+        if (other != b.stream) b.recorded = true;
+        w.log.add('R', b.requested, other, b.ptr, b.serial);
+        c_.record_streams.fetch_add(1, std::memory_order_relaxed);
+      } else if (r < 955) {
+        // Hand a block to whichever thread takes it next.
+        const std::size_t index = w.rng() % w.held.size();
+        Block b = w.held[index];
+        w.held[index] = w.held.back();
+        w.held.pop_back();
+        w.log.add('H', b.requested, b.stream, b.ptr, b.serial);
+        std::lock_guard<std::mutex> lock(queue_mutex_);
+        handoff_.push_back(b);
+        c_.handoffs.fetch_add(1, std::memory_order_relaxed);
+      } else if (r < 985) {
+        // Take a handed-off block: free it now, or keep it for later.
+        Block b;
+        {
+          std::lock_guard<std::mutex> lock(queue_mutex_);
+          if (handoff_.empty()) continue;
+          b = handoff_.front();
+          handoff_.pop_front();
+        }
+        if ((w.rng() % 2) == 0 || !can_alloc) free_block(w, b, false, false);
+        else w.held.push_back(b);
+      } else if (r < 990) {
+        SharedHold hold(gate_);
+        alloc_->empty_cache();
+        w.log.add('E', 0, 0, 0, 0);
+        c_.empty_caches.fetch_add(1, std::memory_order_relaxed);
+      } else if (r < 995) {
+        // Introspection on a live block agrees with its size and address.
+        const Block& b = w.held[w.rng() % w.held.size()];
+        SharedHold hold(gate_);
+        const std::vector<std::uint64_t> ids = alloc_->chunk_ids(b.ptr);
+        const std::size_t want = b.size > vmm::kSmallRequestLimit ? b.size / kChunk : 1;
+        CHECK(ids.size() == want, "chunk_ids(0x%zx) has %zu ids, want %zu",
+              static_cast<std::size_t>(b.ptr), ids.size(), want);
+        const std::vector<std::uintptr_t> where = alloc_->chunk_addresses(ids[0]);
+        const std::uintptr_t first = b.ptr & ~(kChunk - 1);
+        CHECK(std::find(where.begin(), where.end(), first) != where.end(),
+              "chunk_addresses(%llu) does not list 0x%zx, where block 0x%zx lives",
+              static_cast<unsigned long long>(ids[0]), static_cast<std::size_t>(first),
+              static_cast<std::size_t>(b.ptr));
+      } else if (faults_) {
+        arm_random_fault(w.rng);
+      } else {
+        verify_sample(w.held[w.rng() % w.held.size()], w.rng, "mid-life sample");
+      }
+    }
+    round_barrier_->arrive_and_wait([&] { quiesced_check("between rounds"); });
+  }
+  t_log = nullptr;
+}
+
+// Every thread is parked at the barrier: nothing moves.
+void Phase::quiesced_check(const char* when) {
+  if (faults_) disarm_faults();
+  Stats s(alloc_->stats());
+  std::int64_t bytes = 0, requested = 0;
+  std::set<std::uint64_t> small_chunks;
+  std::map<std::uint64_t, std::uintptr_t> large_chunks;  // chunk id -> block
+  for (const auto& kv : registry_) {
+    const Block& b = kv.second;
+    bytes += static_cast<std::int64_t>(b.size);
+    requested += static_cast<std::int64_t>(b.requested);
+    const std::size_t size = alloc_->allocation_size(b.ptr);
+    CHECK(size == b.size, "%s: allocation_size(0x%zx) is %zu, was %zu", when,
+          static_cast<std::size_t>(b.ptr), size, b.size);
+    const std::vector<std::uint64_t> ids = alloc_->chunk_ids(b.ptr);
+    if (b.size > vmm::kSmallRequestLimit) {
+      CHECK(ids.size() == b.size / kChunk, "%s: chunk_ids of a %zu-byte block has %zu ids", when,
+            b.size, ids.size());
+      for (std::size_t i = 0; i < ids.size(); ++i) {
+        CHECK(!small_chunks.count(ids[i]) && large_chunks.emplace(ids[i], b.ptr).second,
+              "%s: chunk %llu of large block 0x%zx is also held by another live allocation", when,
+              static_cast<unsigned long long>(ids[i]), static_cast<std::size_t>(b.ptr));
+      }
+    } else {
+      CHECK(ids.size() == 1, "%s: small block has %zu chunk ids", when, ids.size());
+      CHECK(!large_chunks.count(ids[0]),
+            "%s: chunk %llu of small block 0x%zx is also held by a large allocation", when,
+            static_cast<unsigned long long>(ids[0]), static_cast<std::size_t>(b.ptr));
+      small_chunks.insert(ids[0]);
+    }
+    verify_sample(b, check_rng_, when);
+  }
+  const auto n = static_cast<std::int64_t>(registry_.size());
+  CHECK(s["allocation.all.current"] == n, "%s: allocation.all.current is %lld, %lld are live",
+        when, static_cast<long long>(s["allocation.all.current"]), static_cast<long long>(n));
+  CHECK(s["allocated_bytes.all.current"] == bytes,
+        "%s: allocated_bytes.all.current is %lld, live allocations sum to %lld", when,
+        static_cast<long long>(s["allocated_bytes.all.current"]), static_cast<long long>(bytes));
+  CHECK(s["requested_bytes.all.current"] == requested,
+        "%s: requested_bytes.all.current is %lld, live requests sum to %lld", when,
+        static_cast<long long>(s["requested_bytes.all.current"]), static_cast<long long>(requested));
+  CHECK(s["allocated_bytes.all.current"] ==
+            s["allocated_bytes.small_pool.current"] + s["allocated_bytes.large_pool.current"],
+        "%s: allocated_bytes pools do not add up", when);
+  CHECK(s["active.all.current"] == n + s["vmm.pending_frees"],
+        "%s: active.all.current %lld != live %lld + pending frees %lld", when,
+        static_cast<long long>(s["active.all.current"]), static_cast<long long>(n),
+        static_cast<long long>(s["vmm.pending_frees"]));
+  CHECK(s["active_bytes.all.current"] >= bytes, "%s: active_bytes below allocated_bytes", when);
+  const std::int64_t chunks = s["vmm.chunks.current"];
+  CHECK(s["reserved_bytes.all.current"] == chunks * static_cast<std::int64_t>(kChunk),
+        "%s: reserved_bytes.all.current %lld != vmm.chunks.current %lld * 2 MiB", when,
+        static_cast<long long>(s["reserved_bytes.all.current"]), static_cast<long long>(chunks));
+  CHECK(s["segment.all.current"] == chunks, "%s: segment.all.current != vmm.chunks.current", when);
+  CHECK(s["segment.small_pool.current"] == s["vmm.small_segments"],
+        "%s: segment.small_pool.current != vmm.small_segments", when);
+  CHECK(static_cast<std::size_t>(chunks) <= cap_chunks_,
+        "%s: %lld chunks exceed the cap of %zu chunks", when, static_cast<long long>(chunks),
+        cap_chunks_);
+  CHECK(static_cast<std::size_t>(chunks) >= small_chunks.size() + large_chunks.size(),
+        "%s: live allocations use %zu chunks but only %lld exist", when,
+        small_chunks.size() + large_chunks.size(), static_cast<long long>(chunks));
+  CHECK(small_chunks.size() <= static_cast<std::size_t>(s["vmm.small_segments"]),
+        "%s: small blocks live in %zu chunks but there are %lld small segments", when,
+        small_chunks.size(), static_cast<long long>(s["vmm.small_segments"]));
+  CHECK(s["vmm.free_chunks"] <= chunks, "%s: more free chunks than chunks", when);
+  const std::size_t backend_free = host_->free_memory();
+  CHECK(backend_free == host_->total_memory() - static_cast<std::size_t>(chunks) * kChunk,
+        "%s: the backend has %zu bytes free, but the allocator holds %lld chunks of %zu", when,
+        backend_free, static_cast<long long>(chunks), host_->total_memory() / kChunk);
+  CHECK(s["vmm.backend_errors"] == 0, "%s: vmm.backend_errors is %lld", when,
+        static_cast<long long>(s["vmm.backend_errors"]));
+  CHECK(s["vmm.cached_mappings.current"] >= 0 && s["vmm.mapped_bytes.current"] >= 0,
+        "%s: negative mapping statistics", when);
+  peak_reserved_ = std::max(peak_reserved_, s["reserved_bytes.all.peak"]);
+}
+
+void Phase::final_checks() {
+  // Flush frees deferred by record_stream: the next allocation processes them.
+  {
+    const std::uintptr_t p = alloc_->allocate(1, 0);
+    alloc_->deallocate(p);
+  }
+  Stats before(alloc_->stats());
+  for (const char* name : {"allocation.all.current", "allocated_bytes.all.current",
+                           "active.all.current", "active_bytes.all.current",
+                           "requested_bytes.all.current", "vmm.pending_frees"}) {
+    CHECK(before[name] == 0, "after freeing everything, %s is %lld", name,
+          static_cast<long long>(before[name]));
+  }
+  // API misuse is refused, not absorbed.
+  const std::uintptr_t p = alloc_->allocate(100, 1);
+  alloc_->deallocate(p);
+  auto refuses = [&](const char* what, const std::function<void()>& call) {
+    try {
+      call();
+    } catch (const std::invalid_argument&) {
+      return;
+    } catch (const std::exception& e) {
+      fail("%s threw the wrong exception: %s", what, e.what());
+    }
+    fail("%s was accepted", what);
+  };
+  refuses("a double free", [&] { alloc_->deallocate(p); });
+  refuses("a free of an address never allocated", [&] { alloc_->deallocate(p + 8); });
+  refuses("record_stream on a freed block", [&] { alloc_->record_stream(p, 2); });
+  refuses("allocation_size of a freed block", [&] { alloc_->allocation_size(p); });
+
+  alloc_->empty_cache();
+  Stats s(alloc_->stats());
+  for (const char* name :
+       {"allocated_bytes.all.current", "active_bytes.all.current", "allocation.all.current",
+        "active.all.current", "requested_bytes.all.current", "reserved_bytes.all.current",
+        "segment.all.current", "inactive_split_bytes.all.current", "vmm.chunks.current",
+        "vmm.cached_mappings.current", "vmm.mapped_bytes.current", "vmm.free_chunks",
+        "vmm.small_segments", "vmm.pending_frees", "vmm.ready_mappings",
+        "vmm.retiring_mappings", "vmm.backend_errors"}) {
+    CHECK(s[name] == 0, "after freeing everything and empty_cache(), %s is %lld", name,
+          static_cast<long long>(s[name]));
+  }
+  CHECK(host_->free_memory() == host_->total_memory(),
+        "after empty_cache() the backend still has %zu bytes in chunks",
+        host_->total_memory() - host_->free_memory());
+  CHECK(s["num_device_alloc"] == s["num_device_free"],
+        "num_device_alloc %lld != num_device_free %lld", static_cast<long long>(s["num_device_alloc"]),
+        static_cast<long long>(s["num_device_free"]));
+}
+
+void Phase::run() {
+  const auto start = std::chrono::steady_clock::now();
+  std::vector<std::unique_ptr<Worker>> workers;
+  for (int t = 0; t < g_opt.threads; ++t) {
+    auto w = std::make_unique<Worker>();
+    w->id = t;
+    w->rng.seed(mix64(phase_seed_ + static_cast<std::uint64_t>(t)));
+    workers.push_back(std::move(w));
+  }
+  Barrier barrier(g_opt.threads);
+  round_barrier_ = &barrier;
+  std::vector<std::thread> threads;
+  for (auto& w : workers) threads.emplace_back([this, &w] { worker_main(*w); });
+  for (auto& t : threads) t.join();
+  round_barrier_ = nullptr;
+
+  // Free what is left: blocks still held (freed here, in another thread than their
+  // owners') and blocks still in the hand-off queue.
+  Worker main_worker;
+  main_worker.id = -1;
+  t_log = &main_worker.log;
+  if (faults_) disarm_faults();
+  for (auto& w : workers) {
+    for (Block& b : w->held) free_block(main_worker, b, false, false);
+    w->held.clear();
+  }
+  for (Block& b : handoff_) free_block(main_worker, b, false, false);
+  handoff_.clear();
+  CHECK(registry_.empty(), "%zu blocks are still registered", registry_.size());
+  quiesced_check("after freeing everything");
+  Stats s(alloc_->stats());
+  final_checks();
+  t_log = nullptr;
+  const double secs =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf(
+      "phase %s: %ld ops, %ld allocs (%.1f GiB), %ld OOMs (%ld retried ok), %ld injected "
+      "failures, %lld stitches, %lld mapping hits, %lld evictions, %lld cross-stream waits, "
+      "%ld record_streams, %ld cross-thread frees, %ld empty_caches, peak %lld MiB reserved, "
+      "%.1f s\n",
+      spec_.name, c_.ops.load(), c_.allocs.load(),
+      static_cast<double>(c_.bytes.load()) / (1024.0 * 1024 * 1024), c_.ooms.load(),
+      c_.oom_retry_ok.load(), c_.injected.load(), static_cast<long long>(s["vmm.stitches"]),
+      static_cast<long long>(s["vmm.mapping_hits"]),
+      static_cast<long long>(s["vmm.mapping_evictions"]),
+      static_cast<long long>(s["vmm.cross_stream_waits"]), c_.record_streams.load(),
+      c_.cross_frees.load(), c_.empty_caches.load(),
+      static_cast<long long>(std::max(peak_reserved_, s["reserved_bytes.all.peak"]) >> 20), secs);
+  std::fflush(stdout);
+}
+
+[[noreturn]] void usage(const char* argv0, const char* why) {
+  std::fprintf(stderr,
+               "%s: %s\nusage: %s [--threads=N] [--seed=S] [--ops=N] [--rounds=R] "
+               "[--phase=NAME[,NAME...]] [--list]\n",
+               argv0, why, argv0);
+  std::exit(2);
+}
+
+long parse_long(const char* argv0, const std::string& value, long lo, long hi) {
+  char* end = nullptr;
+  errno = 0;
+  const long long v = std::strtoll(value.c_str(), &end, 0);
+  if (value.empty() || *end != '\0' || errno != 0 || v < lo || v > hi) {
+    usage(argv0, ("bad number '" + value + "'").c_str());
+  }
+  return static_cast<long>(v);
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string arg = argv[i];
+    const std::size_t eq = arg.find('=');
+    const std::string key = arg.substr(0, eq);
+    const std::string value = eq == std::string::npos ? "" : arg.substr(eq + 1);
+    if (key == "--threads") {
+      g_opt.threads = static_cast<int>(parse_long(argv[0], value, 1, 256));
+    } else if (key == "--seed") {
+      char* end = nullptr;
+      g_opt.seed = std::strtoull(value.c_str(), &end, 0);
+      if (value.empty() || *end != '\0') usage(argv[0], "bad seed");
+    } else if (key == "--ops") {
+      g_opt.ops = parse_long(argv[0], value, 1, 1L << 40);
+    } else if (key == "--rounds") {
+      g_opt.rounds = static_cast<int>(parse_long(argv[0], value, 1, 1 << 20));
+    } else if (key == "--phase") {
+      std::size_t start = 0;
+      while (start <= value.size()) {
+        std::size_t end = value.find(',', start);
+        if (end == std::string::npos) end = value.size();
+        if (end > start) g_opt.phases.push_back(value.substr(start, end - start));
+        start = end + 1;
+      }
+    } else if (key == "--list") {
+      for (const PhaseSpec& p : kPhases) std::printf("%-9s %s\n", p.name, p.what);
+      return 0;
+    } else if (key == "--help" || key == "-h") {
+      usage(argv[0], "help");
+    } else {
+      usage(argv[0], ("unknown argument '" + arg + "'").c_str());
+    }
+  }
+  for (const std::string& name : g_opt.phases) {
+    bool known = false;
+    for (const PhaseSpec& p : kPhases) known = known || name == p.name;
+    if (!known) usage(argv[0], ("unknown phase '" + name + "' (--list shows them)").c_str());
+  }
+  std::printf("stress: seed %llu, %d threads, %ld ops per thread per phase, %d rounds\n",
+              static_cast<unsigned long long>(g_opt.seed), g_opt.threads, g_opt.ops, g_opt.rounds);
+  std::fflush(stdout);
+  int index = 0;
+  for (const PhaseSpec& spec : kPhases) {
+    ++index;
+    if (!g_opt.phases.empty() &&
+        std::find(g_opt.phases.begin(), g_opt.phases.end(), spec.name) == g_opt.phases.end()) {
+      continue;
+    }
+    g_phase_name = spec.name;
+    try {
+      Phase phase(spec, index);
+      phase.run();
+    } catch (const std::exception& e) {
+      fail("unexpected exception: %s", e.what());
+    }
+    ++g_phases_passed;
+  }
+  g_phase_name = "done";
+  std::printf("stress: %d passed, 0 failed\n", g_phases_passed);
+  return 0;
+}

@@ -1,0 +1,61 @@
+"""Shared fixtures: every allocator test runs on each backend (host in CI, cuda on a GPU)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+import vmmalloc
+
+MiB = 1 << 20
+
+
+def _cuda_skip_reason() -> str:
+    reason = vmmalloc.cuda_unavailable_reason()
+    if reason:
+        return reason
+    return ""
+
+
+@dataclass
+class BackendKind:
+    """Makes allocators over one backend kind with a given amount of usable memory."""
+
+    name: str
+
+    def backend(self, capacity: int) -> vmmalloc.Backend:
+        if self.name == "host":
+            return vmmalloc.HostBackend(capacity)
+        return vmmalloc.CudaBackend(0)
+
+    def allocator(self, capacity: int = 256 * MiB, conf: str = "", backend=None) -> vmmalloc.Allocator:
+        """An allocator limited to `capacity` bytes: the host backend's whole device, or a
+        cap on the real GPU (so tests behave alike on both)."""
+        backend = backend if backend is not None else self.backend(capacity)
+        if self.name == "cuda" and "memory_cap" not in conf:
+            conf = f"{conf},memory_cap:{capacity}" if conf else f"memory_cap:{capacity}"
+        return vmmalloc.Allocator(backend, conf)
+
+
+@pytest.fixture(
+    params=[
+        "host",
+        pytest.param("cuda", marks=pytest.mark.gpu),
+    ]
+)
+def kind(request) -> BackendKind:
+    if request.param == "cuda":
+        reason = _cuda_skip_reason()
+        if reason:
+            pytest.skip(reason)
+    return BackendKind(request.param)
+
+
+def pattern(tag: int, size: int) -> bytes:
+    """Bytes that differ between allocations and between offsets, so that an overlap or a
+    lost write shows up as a mismatch."""
+    import numpy as np
+
+    words = (size + 3) // 4
+    values = (np.arange(words, dtype=np.uint64) * 2654435761 + tag * 40503 + 17) & 0xFFFFFFFF
+    return values.astype(np.uint32).tobytes()[:size]
