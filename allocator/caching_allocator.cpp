@@ -54,7 +54,7 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
     const std::size_t rounded = SmallPool::round(size);
     SmallBlock* block = small_.allocate(rounded, stream);
     if (block == nullptr) {
-      Mapping* segment = acquire(1, stream, size);
+      Mapping* segment = acquire(1, stream, size, /*small_segment=*/true);
       block = small_.allocate_in_new_segment(segment, rounded, stream);
       sync_reserved_stats();
     }
@@ -67,7 +67,7 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
     return block->addr;
   }
   const std::size_t chunks = (size + kChunkSize - 1) / kChunkSize;
-  Mapping* mapping = acquire(chunks, stream, size);
+  Mapping* mapping = acquire(chunks, stream, size, /*small_segment=*/false);
   const std::size_t bytes = chunks * kChunkSize;
   mapping->requested = size;
   large_.insert(mapping->base, mapping);
@@ -80,13 +80,20 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
   return mapping->base;
 }
 
-Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::size_t requested) {
+// Note [Small segments before growth]
+// A large request takes back fully free small segments (of any stream) before creating
+// chunks. A new small segment does not: the free segments belong to other streams (its
+// own stream's would have served the request), and moving segments between streams on
+// every alternation would chain those streams together with waits. It creates a chunk,
+// and only the out-of-memory retry reclaims them, as PyTorch's small pool does.
+Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::size_t requested,
+                                   bool small_segment) {
   std::string cause;
   try {
     if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
     // Before any new physical memory: finish frees and take back free small segments.
     if (!pending_.empty()) process_pending(/*wait=*/false);
-    if (small_.reclaim(cache_) > 0) {
+    if (!small_segment && small_.reclaim(cache_) > 0) {
       sync_reserved_stats();
       if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
     }

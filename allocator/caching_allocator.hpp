@@ -71,7 +71,8 @@ class CachingAllocator {
     std::vector<EventId> events;
   };
 
-  Mapping* acquire(std::size_t chunks, StreamId stream, std::size_t requested);
+  Mapping* acquire(std::size_t chunks, StreamId stream, std::size_t requested,
+                   bool small_segment);
   [[noreturn]] void throw_oom(std::size_t requested, const std::string& cause);
   void release_cached();
   void process_pending(bool wait);

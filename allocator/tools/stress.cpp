@@ -24,6 +24,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cmath>
 #include <condition_variable>
 #include <cerrno>
 #include <cstdarg>
@@ -412,7 +413,12 @@ std::size_t Phase::pick_size(std::mt19937_64& rng) const {
                                        4 * MiB,     6 * MiB + 7, 24 * MiB};
   const int r = static_cast<int>(rng() % 100);
   if (r < 3) return kEdges[rng() % (sizeof kEdges / sizeof kEdges[0])];
-  if (r < 3 + spec_.large_pct) return MiB + 1 + rng() % (23 * MiB);
+  if (r < 3 + spec_.large_pct) {
+    // 1..24 MiB, log-uniform: every chunk count shows up, the small ones most.
+    const double u = static_cast<double>(rng() >> 11) / static_cast<double>(std::uint64_t{1} << 53);
+    const auto size = static_cast<std::size_t>(static_cast<double>(MiB) * std::exp2(u * std::log2(24.0)));
+    return std::min(24 * MiB, std::max(MiB + 1, size + rng() % 4096));
+  }
   if (r < 60) return 1 + rng() % 4096;
   // Up to 1 MiB, skewed towards the small end (log-uniform).
   const int bits = 12 + static_cast<int>(rng() % 9);  // 4 KiB .. 1 MiB
@@ -651,7 +657,7 @@ void Phase::worker_main(Worker& w) {
         std::lock_guard<std::mutex> lock(queue_mutex_);
         handoff_.push_back(b);
         c_.handoffs.fetch_add(1, std::memory_order_relaxed);
-      } else if (r < 985) {
+      } else if (r < 988) {
         // Take a handed-off block: free it now, or keep it for later.
         Block b;
         {
@@ -663,6 +669,7 @@ void Phase::worker_main(Worker& w) {
         if ((w.rng() % 2) == 0 || !can_alloc) free_block(w, b, false, false);
         else w.held.push_back(b);
       } else if (r < 990) {
+        if (w.rng() % 4 != 0) continue;
         SharedHold hold(gate_);
         alloc_->empty_cache();
         w.log.add('E', 0, 0, 0, 0);
@@ -950,5 +957,6 @@ int main(int argc, char** argv) {
   }
   g_phase_name = "done";
   std::printf("stress: %d passed, 0 failed\n", g_phases_passed);
+  std::fflush(stdout);  // LeakSanitizer's exit-time report would not flush it
   return 0;
 }

@@ -1,0 +1,359 @@
+"""Scripted allocator scenarios: stitching and aliasing, fragmentation, the cap and OOM,
+empty_cache, failures injected mid-stitch, streams and threads. Every test runs on each
+backend (see conftest)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+import vmmalloc
+from conftest import MiB, pattern
+
+CHUNK = vmmalloc.CHUNK_SIZE
+
+
+def test_stitched_block_aliases_the_chunks_it_was_built_from(kind):
+    alloc = kind.allocator(64 * MiB)
+    be = alloc.backend
+    blocks = [alloc.allocate(4 * MiB) for _ in range(4)]
+    alloc.deallocate(blocks[0])
+    alloc.deallocate(blocks[2])
+    created_before = alloc.stats()["num_device_alloc"]
+
+    stitched = alloc.allocate(8 * MiB)
+
+    stats = alloc.stats()
+    assert stats["vmm.stitches"] == 1
+    assert stats["num_device_alloc"] == created_before, "stitching must not create chunks"
+    data = pattern(7, 8 * MiB)
+    be.write(stitched, data)
+    for index, chunk in enumerate(alloc.chunk_ids(stitched)):
+        addresses = alloc.chunk_addresses(chunk)
+        assert stitched + index * CHUNK in addresses
+        others = [a for a in addresses if a != stitched + index * CHUNK]
+        assert others, "the chunk's original mapping should still be cached"
+        for other in others:
+            assert be.read(other, CHUNK) == data[index * CHUNK:(index + 1) * CHUNK]
+
+
+def test_fragmented_holes_serve_a_large_block_without_new_memory(kind):
+    # Eight 20 MiB blocks fill the cap; every other one is freed, leaving 80 MiB in holes
+    # no single one of which fits an 80 MiB request.
+    cap = 160 * MiB
+    alloc = kind.allocator(cap + 8 * MiB, conf=f"memory_cap:{cap}")
+    blocks = [alloc.allocate(20 * MiB) for _ in range(8)]
+    for ptr in blocks[::2]:
+        alloc.deallocate(ptr)
+    before = alloc.stats()
+    assert before["reserved_bytes.all.current"] == cap
+
+    big = alloc.allocate(80 * MiB)
+
+    after = alloc.stats()
+    assert after["reserved_bytes.all.current"] == cap
+    assert after["num_device_alloc"] == before["num_device_alloc"]
+    assert after["num_alloc_retries"] == 0
+    assert after["vmm.stitches"] == 1
+    alloc.backend.write(big, pattern(3, 80 * MiB))
+    assert alloc.backend.read(big, 80 * MiB) == pattern(3, 80 * MiB)
+
+
+def test_without_stitching_the_same_holes_cost_a_release_and_new_memory(kind):
+    # The comparison point: a non-stitching allocator cannot use the holes; it must give
+    # them back to the device and create the memory anew (or fail where it cannot).
+    cap = 160 * MiB
+    alloc = kind.allocator(cap + 8 * MiB, conf=f"memory_cap:{cap},stitching:false")
+    blocks = [alloc.allocate(20 * MiB) for _ in range(8)]
+    for ptr in blocks[::2]:
+        alloc.deallocate(ptr)
+    before = alloc.stats()
+
+    alloc.allocate(80 * MiB)
+
+    after = alloc.stats()
+    assert after["vmm.stitches"] == 0
+    assert after["num_alloc_retries"] == 1
+    assert after["num_device_free"] - before["num_device_free"] == 40
+    assert after["num_device_alloc"] - before["num_device_alloc"] == 40
+
+
+def test_cap_oom_error_carries_statistics_and_allocator_stays_usable(kind):
+    alloc = kind.allocator(64 * MiB, conf="memory_cap:32MiB")
+    a = alloc.allocate(16 * MiB)
+    b = alloc.allocate(14 * MiB)
+    with pytest.raises(vmmalloc.OutOfMemoryError) as caught:
+        alloc.allocate(16 * MiB)
+    error = caught.value
+    assert isinstance(error, MemoryError)
+    message = str(error)
+    assert "out of memory. Tried to allocate 16.00 MiB" in message
+    assert "memory_cap" in message, "the message should say how to raise the cap"
+    assert error.requested_bytes == 16 * MiB
+    assert error.stats["num_ooms"] == 1
+    assert error.stats["num_alloc_retries"] == 1
+    assert error.stats["allocated_bytes.all.current"] == 30 * MiB
+    # Still usable: a request that fits succeeds, and so does one that fits after a free
+    # (16 MiB + one small chunk + 14 MiB is the whole 32 MiB cap).
+    small = alloc.allocate(100)
+    alloc.deallocate(b)
+    c = alloc.allocate(14 * MiB)
+    for ptr in (a, small, c):
+        alloc.deallocate(ptr)
+    assert alloc.stats()["allocated_bytes.all.current"] == 0
+
+
+def test_large_request_takes_back_free_small_segments_before_growing(kind):
+    alloc = kind.allocator(64 * MiB, conf="memory_cap:8MiB")
+    smalls = [alloc.allocate(600 * 1024) for _ in range(8)]  # 3 per segment: 3 segments
+    for ptr in smalls:
+        alloc.deallocate(ptr)
+    assert alloc.stats()["vmm.small_segments"] == 3
+    big = alloc.allocate(8 * MiB)  # needs all 4 chunks: the free segments must come back
+    stats = alloc.stats()
+    assert stats["vmm.small_segments"] == 0
+    assert stats["reserved_bytes.all.current"] == 8 * MiB
+    alloc.deallocate(big)
+
+
+def test_set_memory_cap_and_fraction(kind):
+    alloc = kind.allocator(64 * MiB)
+    alloc.set_memory_cap(10 * MiB)
+    assert alloc.memory_cap == 10 * MiB
+    with pytest.raises(vmmalloc.OutOfMemoryError):
+        alloc.allocate(12 * MiB)
+    alloc.set_memory_fraction(1.0)
+    assert alloc.memory_cap == alloc.backend.total_memory
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        alloc.set_memory_fraction(1.5)
+
+
+def test_empty_cache_returns_every_unused_chunk_and_range(kind):
+    alloc = kind.allocator(128 * MiB)
+    free_at_start = alloc.backend.free_memory
+    ptrs = [alloc.allocate(size) for size in (100, 5000, 700_000, 3 * MiB, 9 * MiB, 20 * MiB)]
+    keep = ptrs[3]
+    for ptr in ptrs:
+        if ptr != keep:
+            alloc.deallocate(ptr)
+    alloc.deallocate(alloc.allocate(6 * MiB))  # stitched from the freed blocks' chunks
+    alloc.empty_cache()
+    stats = alloc.stats()
+    kept_chunks = len(alloc.chunk_ids(keep))
+    assert stats["reserved_bytes.all.current"] >= kept_chunks * CHUNK
+    alloc.deallocate(keep)
+    alloc.empty_cache()
+    stats = alloc.stats()
+    assert stats["reserved_bytes.all.current"] == 0
+    assert stats["vmm.chunks.current"] == 0
+    assert stats["vmm.cached_mappings.current"] == 0
+    assert stats["vmm.mapped_bytes.current"] == 0
+    assert stats["num_device_alloc"] == stats["num_device_free"]
+    if kind.name == "host":
+        assert alloc.backend.free_memory == free_at_start
+
+
+def test_empty_cache_keeps_live_data_and_trims_in_use_mappings(kind):
+    alloc = kind.allocator(64 * MiB)
+    big = alloc.allocate(10 * MiB)
+    alloc.deallocate(big)
+    prefix = alloc.allocate(5 * MiB)  # reuses the 10 MiB mapping's first 3 chunks
+    alloc.backend.write(prefix, pattern(1, 5 * MiB))
+    alloc.empty_cache()
+    assert alloc.stats()["reserved_bytes.all.current"] == 6 * MiB
+    assert alloc.backend.read(prefix, 5 * MiB) == pattern(1, 5 * MiB)
+    alloc.deallocate(prefix)
+
+
+@pytest.mark.parametrize("op", ["reserve", "map", "set_access"])
+def test_failure_mid_stitch_leaks_nothing(kind, op):
+    inner = kind.backend(64 * MiB)
+    faulty = vmmalloc.FaultInjectionBackend(inner)
+    alloc = kind.allocator(64 * MiB, backend=faulty)
+    blocks = [alloc.allocate(4 * MiB) for _ in range(4)]
+    for index, ptr in enumerate(blocks):
+        faulty.write(ptr, pattern(index, 4 * MiB))
+    alloc.deallocate(blocks[0])
+    alloc.deallocate(blocks[2])
+    before = alloc.stats()
+    free_before = inner.free_memory
+
+    faulty.fail(op, skip=1 if op == "map" else 0)
+    with pytest.raises(vmmalloc.BackendError, match="injected failure"):
+        alloc.allocate(8 * MiB)
+
+    after = alloc.stats()
+    for key in ("reserved_bytes.all.current", "allocated_bytes.all.current", "vmm.chunks.current",
+                "vmm.cached_mappings.current", "vmm.mapped_bytes.current", "vmm.stitches"):
+        assert after[key] == before[key], key
+    assert after["vmm.backend_errors"] == 0
+    assert inner.free_memory == free_before
+    for index in (1, 3):
+        assert faulty.read(blocks[index], 4 * MiB) == pattern(index, 4 * MiB)
+    # The same request succeeds once the backend behaves.
+    stitched = alloc.allocate(8 * MiB)
+    assert alloc.stats()["vmm.stitches"] == before["vmm.stitches"] + 1
+    alloc.deallocate(stitched)
+
+
+def test_chunk_creation_failure_is_retried_then_reported_without_leak(kind):
+    inner = kind.backend(64 * MiB)
+    faulty = vmmalloc.FaultInjectionBackend(inner)
+    alloc = kind.allocator(64 * MiB, backend=faulty)
+    free_before = inner.free_memory
+    faulty.fail("create_chunk", skip=2, count=1)  # third chunk of five fails once
+    ptr = alloc.allocate(10 * MiB)
+    assert alloc.stats()["num_alloc_retries"] == 1
+    alloc.deallocate(ptr)
+    alloc.empty_cache()
+    assert inner.free_memory == free_before
+
+    faulty.fail("create_chunk", skip=2, count=1000)
+    with pytest.raises(vmmalloc.OutOfMemoryError):
+        alloc.allocate(10 * MiB)
+    stats = alloc.stats()
+    assert stats["vmm.chunks.current"] == 0
+    assert stats["reserved_bytes.all.current"] == 0
+    assert inner.free_memory == free_before
+
+
+def test_host_device_exhaustion_is_an_oom_error():
+    # Host only: exhausting a real GPU is the GPU suite's torch-level OOM test.
+    alloc = vmmalloc.Allocator(vmmalloc.HostBackend(16 * MiB))
+    a = alloc.allocate(12 * MiB)
+    with pytest.raises(vmmalloc.OutOfMemoryError, match="Tried to allocate 6.00 MiB"):
+        alloc.allocate(6 * MiB)
+    alloc.deallocate(a)
+    alloc.deallocate(alloc.allocate(16 * MiB))
+
+
+def test_small_requests_share_one_chunk_and_coalesce(kind):
+    alloc = kind.allocator(64 * MiB)
+    tiny = [alloc.allocate(4) for _ in range(1000)]
+    stats = alloc.stats()
+    assert stats["reserved_bytes.all.current"] == CHUNK
+    assert stats["allocated_bytes.all.current"] == 1000 * 512
+    assert len(set(tiny)) == 1000
+    for ptr in tiny:
+        alloc.deallocate(ptr)
+    # Coalesced back into one free block: a 1 MiB request fits in the same segment.
+    one = alloc.allocate(1 * MiB)
+    assert alloc.stats()["reserved_bytes.all.current"] == CHUNK
+    assert alloc.stats()["inactive_split_bytes.all.current"] == CHUNK - MiB
+    alloc.deallocate(one)
+
+
+def test_cached_mappings_stay_within_bounds(kind):
+    alloc = kind.allocator(128 * MiB, conf="max_cached_mappings:4")
+    for size_chunks in range(1, 12):
+        ptr = alloc.allocate(size_chunks * CHUNK)
+        alloc.deallocate(ptr)
+        assert alloc.stats()["vmm.cached_mappings.current"] <= 4
+    assert alloc.stats()["vmm.mapping_evictions"] > 0
+
+
+def test_small_block_freed_on_one_stream_is_not_reused_on_another(kind):
+    alloc = kind.allocator(64 * MiB)
+    a = alloc.allocate(1000, stream=1)
+    alloc.deallocate(a)
+    b = alloc.allocate(1000, stream=2)
+    assert b != a
+    assert alloc.stats()["vmm.cross_stream_waits"] == 0
+    assert alloc.allocate(1000, stream=1) == a
+
+
+def test_large_reuse_across_streams_waits_for_the_old_stream(kind):
+    alloc = kind.allocator(64 * MiB)
+    a = alloc.allocate(8 * MiB, stream=1)
+    alloc.deallocate(a)
+    b = alloc.allocate(8 * MiB, stream=2)
+    assert b == a  # the cached mapping is reused ...
+    assert alloc.stats()["vmm.cross_stream_waits"] == 1  # ... behind an event on stream 1
+
+
+def test_record_stream_keeps_memory_active_until_that_stream_is_done(kind):
+    alloc = kind.allocator(64 * MiB)
+    ptr = alloc.allocate(4 * MiB, stream=0)
+    alloc.record_stream(ptr, 5)
+    alloc.deallocate(ptr)
+    stats = alloc.stats()
+    assert stats["allocated_bytes.all.current"] == 0
+    assert stats["active_bytes.all.current"] == 4 * MiB
+    alloc.backend.synchronize()
+    other = alloc.allocate(100)  # any allocation processes finished events
+    stats = alloc.stats()
+    assert stats["active_bytes.all.current"] == 512
+    alloc.deallocate(other)
+    with pytest.raises(ValueError, match="not a live allocation"):
+        alloc.record_stream(ptr, 5)
+
+
+def test_bad_frees_are_clear_errors(kind):
+    alloc = kind.allocator(64 * MiB)
+    ptr = alloc.allocate(3 * MiB)
+    alloc.deallocate(ptr)
+    with pytest.raises(ValueError, match="already freed"):
+        alloc.deallocate(ptr)
+    with pytest.raises(ValueError, match="does not hold"):
+        alloc.deallocate(12345)
+
+
+def test_zero_byte_request_gets_a_real_block(kind):
+    alloc = kind.allocator(64 * MiB)
+    ptr = alloc.allocate(0)
+    assert ptr != 0
+    assert alloc.allocation_size(ptr) == 512
+    alloc.deallocate(ptr)
+
+
+def test_threads_allocate_and_free_concurrently(kind):
+    alloc = kind.allocator(256 * MiB)
+    be = alloc.backend
+    errors: list[BaseException] = []
+    sizes = [64, 3000, 200_000, 900_000, 3 * MiB, 7 * MiB]
+
+    def worker(seed: int) -> None:
+        try:
+            held = []
+            for step in range(300):
+                size = sizes[(seed * 7 + step) % len(sizes)]
+                ptr = alloc.allocate(size, stream=seed % 2)
+                tag = seed * 100_000 + step
+                be.write(ptr, pattern(tag, min(size, 4096)))
+                held.append((ptr, size, tag))
+                if len(held) > 6:
+                    p, s, t = held.pop(step % len(held))
+                    assert be.read(p, min(s, 4096)) == pattern(t, min(s, 4096))
+                    alloc.deallocate(p)
+            for p, s, t in held:
+                assert be.read(p, min(s, 4096)) == pattern(t, min(s, 4096))
+                alloc.deallocate(p)
+        except BaseException as error:  # surfaced in the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    stats = alloc.stats()
+    assert stats["allocation.all.current"] == 0
+    assert stats["allocated_bytes.all.current"] == 0
+    alloc.empty_cache()
+    assert alloc.stats()["reserved_bytes.all.current"] == 0
+
+
+def test_peak_and_accumulated_statistics_reset(kind):
+    alloc = kind.allocator(64 * MiB)
+    ptr = alloc.allocate(6 * MiB)
+    alloc.deallocate(ptr)
+    stats = alloc.stats()
+    assert stats["allocated_bytes.all.peak"] == 6 * MiB
+    assert stats["allocated_bytes.large_pool.allocated"] == 6 * MiB
+    alloc.reset_peak_stats()
+    alloc.reset_accumulated_stats()
+    stats = alloc.stats()
+    assert stats["allocated_bytes.all.peak"] == 0
+    assert stats["allocated_bytes.large_pool.allocated"] == 0
+    assert stats["reserved_bytes.all.peak"] == stats["reserved_bytes.all.current"]

@@ -1,0 +1,82 @@
+"""VMMALLOC_CONF parsing, and importing vmmalloc on a machine without CUDA."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import vmmalloc
+
+
+def test_empty_and_full_configs_parse():
+    assert vmmalloc.parse_config("")["stitching"] is True
+    conf = vmmalloc.parse_config(
+        " memory_cap:1.5GiB, stitching:false,max_cached_mappings:16,max_mapped_bytes:64GB,reuse_ratio:1.5 ")
+    assert conf["memory_cap"] == 3 * (1 << 29)
+    assert conf["stitching"] is False
+    assert conf["max_cached_mappings"] == 16
+    assert conf["max_mapped_bytes"] == 64 * 10**9
+    assert conf["reuse_ratio"] == 1.5
+
+
+@pytest.mark.parametrize(
+    ("text", "fragments"),
+    [
+        ("colour:blue", ["unknown key 'colour'", "memory_cap", "stitching"]),
+        ("memory_cap:lots", ["'memory_cap'", "8GiB"]),
+        ("memory_fraction:1.5", ["'memory_fraction'", "(0, 1]"]),
+        ("stitching:maybe", ["'stitching'", "true or false"]),
+        ("max_cached_mappings:0", ["'max_cached_mappings'", ">= 1"]),
+        ("reuse_ratio:0.5", ["'reuse_ratio'", ">= 1"]),
+        ("memory_cap", ["not key:value"]),
+        ("stitching:true,stitching:false", ["given twice"]),
+        ("memory_cap:1GiB,memory_fraction:0.5", ["not both"]),
+    ],
+)
+def test_bad_configs_name_the_key_and_the_allowed_values(text, fragments):
+    with pytest.raises(ValueError) as caught:
+        vmmalloc.parse_config(text)
+    for fragment in fragments:
+        assert fragment in str(caught.value)
+
+
+def test_allocator_rejects_a_bad_config():
+    with pytest.raises(ValueError, match="unknown key"):
+        vmmalloc.Allocator(vmmalloc.HostBackend(1 << 24), "nope:1")
+
+
+def test_memory_fraction_config_sets_the_cap():
+    alloc = vmmalloc.Allocator(vmmalloc.HostBackend(64 << 20), "memory_fraction:0.25")
+    assert alloc.memory_cap == 16 << 20
+
+
+def test_make_backend_names():
+    assert vmmalloc.make_backend("host", capacity=1 << 22).name == "host"
+    with pytest.raises(ValueError, match="allowed: host, cuda"):
+        vmmalloc.make_backend("tpu")
+
+
+def test_import_works_without_cuda_and_says_why_cuda_is_unavailable():
+    # A fresh interpreter: importing must not touch the GPU or need libcuda.
+    code = "import vmmalloc; print(vmmalloc.cuda_available()); print(vmmalloc.cuda_unavailable_reason())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    available, reason = out.splitlines()[0], "\n".join(out.splitlines()[1:])
+    if available == "True":
+        assert reason == ""
+    else:
+        assert reason.startswith("CUDA is unavailable")
+        with pytest.raises(vmmalloc.BackendError, match="CUDA is unavailable"):
+            vmmalloc.CudaBackend(0)
+
+
+def test_extension_does_not_link_libcuda_or_torch():
+    import vmmalloc._C as ext
+
+    with open(ext.__file__, "rb") as f:
+        assert b"libcuda.so.1" in f.read()  # opened at run time, by name
+    dynamic = subprocess.run(["readelf", "-d", ext.__file__], capture_output=True, text=True, check=True)
+    needed = [line for line in dynamic.stdout.splitlines() if "NEEDED" in line]
+    assert needed, "readelf listed no dependencies at all"
+    for lib in ("libcuda", "libcudart", "libtorch", "libc10"):
+        assert not any(lib in line for line in needed), needed
