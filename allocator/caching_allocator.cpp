@@ -197,31 +197,31 @@ void CachingAllocator::deallocate(std::uintptr_t ptr) {
     allocation_.decrease(Pool::kSmall, 1);
     allocated_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->size));
     requested_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->requested));
+    free_small(block);
   } else if (Mapping* m = large_.find(ptr)) {
     allocation_.decrease(Pool::kLarge, 1);
     allocated_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->used * kChunkSize));
     requested_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->requested));
+    free_large(m);
   } else {
     throw std::invalid_argument("vmmalloc: free of " + hex(ptr) +
                                 ", which this allocator does not hold (never allocated here, "
                                 "or already freed)");
   }
-  free_now(ptr);
 }
 
-// Returns the memory of a live or pending allocation to the pools; allocated counts were
-// already dropped by deallocate().
-void CachingAllocator::free_now(std::uintptr_t ptr) {
-  if (SmallBlock* block = small_.find(ptr)) {
-    active_.decrease(Pool::kSmall, 1);
-    active_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->size));
-    small_.free(block);
-    return;
-  }
-  Mapping* m = large_.find(ptr);
+// free_small / free_large return the memory of a live or pending allocation to the pools;
+// allocated counts were already dropped by deallocate().
+void CachingAllocator::free_small(SmallBlock* block) {
+  active_.decrease(Pool::kSmall, 1);
+  active_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->size));
+  small_.free(block);
+}
+
+void CachingAllocator::free_large(Mapping* m) {
   active_.decrease(Pool::kLarge, 1);
   active_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->used * kChunkSize));
-  large_.erase(ptr);
+  large_.erase(m->base);
   cache_.release(m, m->use_stream);
 }
 
@@ -242,7 +242,8 @@ void CachingAllocator::process_pending(bool wait) {
       continue;
     }
     for (EventId e : p.events) backend_->release_event(e);
-    free_now(p.ptr);
+    if (SmallBlock* block = small_.find(p.ptr)) free_small(block);
+    else free_large(large_.find(p.ptr));
   }
   pending_.resize(kept);
 }
@@ -262,7 +263,7 @@ void CachingAllocator::record_stream(std::uintptr_t ptr, StreamId stream) {
 bool CachingAllocator::live(std::uintptr_t ptr, StreamId* stream, std::size_t* size,
                             Pool* pool) const {
   if (const SmallBlock* block = small_.find(ptr)) {
-    if (stream) *stream = block->stream;
+    if (stream) *stream = block->segment->stream;
     if (size) *size = block->size;
     if (pool) *pool = Pool::kSmall;
     return true;

@@ -76,7 +76,8 @@ class CachingAllocator {
   [[noreturn]] void throw_oom(std::size_t requested, const std::string& cause);
   void release_cached();
   void process_pending(bool wait);
-  void free_now(std::uintptr_t ptr);
+  void free_small(SmallBlock* block);
+  void free_large(Mapping* mapping);
   void sync_reserved_stats();
   bool live(std::uintptr_t ptr, StreamId* stream, std::size_t* size, Pool* pool) const;
   StatList stats_locked() const;

@@ -14,4 +14,7 @@ namespace vmm {
 double time_alloc_free_pairs(CachingAllocator& allocator, const std::vector<std::size_t>& sizes,
                              std::size_t rounds, StreamId stream);
 
+// The same loop over the C library's malloc/free: the peer the host hot path is held to.
+double time_malloc_free_pairs(const std::vector<std::size_t>& sizes, std::size_t rounds);
+
 }  // namespace vmm

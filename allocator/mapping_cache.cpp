@@ -48,26 +48,31 @@ void MappingCache::release(Mapping* mapping, StreamId stream) {
   mapping->used = 0;
   mapping->last_stream = stream;
   // A chunk mapped only here needs no walk of its mapping list: the bulk update below
-  // covers `mapping` itself (the common case once stitched mappings have settled).
+  // covers `mapping` itself.
   for (std::size_t i = 0; i < used; ++i) {
     Chunk* chunk = mapping->chunks[i];
     pool_.mark_free(chunk, stream);
     if (chunk->mappings.size() == 1) continue;
     for (Mapping* other : chunk->mappings) {
-      if (other != mapping && --other->busy_chunks == 0 && !other->in_use) {
-        ready_insert(other, stream);
-      }
+      if (other != mapping) --other->busy_chunks;
     }
   }
   mapping->busy_chunks -= used;
-  if (mapping->busy_chunks == 0) ready_insert(mapping, stream);
+  index_insert(mapping, stream);
   lru_push(mapping);
 }
 
+// Idle mappings whose chunks are busy elsewhere are skipped; the scan is bounded so that
+// a crowd of such mappings costs a stitch, not an unbounded walk.
 Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunks,
                                        StreamId stream) {
-  auto it = ready_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
-  if (it != ready_.end() && it->stream == stream && it->chunks <= max_chunks) return it->mapping;
+  constexpr int kMaxSkipped = 16;
+  int skipped = 0;
+  for (auto it = idle_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
+       it != idle_.end() && it->stream == stream && it->chunks <= max_chunks; ++it) {
+    if (it->mapping->busy_chunks == 0) return it->mapping;
+    if (++skipped == kMaxSkipped) break;
+  }
   return nullptr;
 }
 
@@ -77,7 +82,7 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
 // range would stay busy while most of its chunks sit idle, and the next request that
 // needs it would have to stitch.
 Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream) {
-  if (ready_.empty()) return nullptr;
+  if (idle_.empty()) return nullptr;
   const double limit = std::floor(static_cast<double>(chunks) * config_.reuse_ratio);
   const std::size_t max_chunks =
       limit >= static_cast<double>(std::numeric_limits<std::size_t>::max() / 2)
@@ -87,13 +92,13 @@ Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream) {
   if (stream != kNoStream) {
     if (Mapping* m = try_ready_group(chunks, max_chunks, kNoStream)) return m;
   }
-  for (auto it = ready_.begin(); it != ready_.end();) {
+  for (auto it = idle_.begin(); it != idle_.end();) {
     const StreamId other = it->stream;
     if (other == kNoStream) break;  // kNoStream sorts last and was tried above
     if (other != stream) {
       if (Mapping* m = try_ready_group(chunks, max_chunks, other)) return m;
     }
-    it = ready_.lower_bound(ReadyKey{other + 1, 0, 0, nullptr});
+    it = idle_.lower_bound(ReadyKey{other + 1, 0, 0, nullptr});
   }
   return nullptr;
 }
@@ -117,7 +122,7 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
     ++cross_stream_waits;
     if (n_waited < 8) waited[n_waited++] = last;
   }
-  if (mapping->ready) ready_erase(mapping);
+  index_erase(mapping);
   lru_unlink(mapping);
   mapping->in_use = true;
   mapping->used = chunks;
@@ -127,13 +132,14 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
     pool_.mark_busy(chunk);
     if (chunk->mappings.size() == 1) continue;  // see release()
     for (Mapping* other : chunk->mappings) {
-      if (other != mapping && other->busy_chunks++ == 0 && other->ready) ready_erase(other);
+      if (other != mapping) ++other->busy_chunks;
     }
   }
   mapping->busy_chunks += chunks;
 }
 
 Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create) {
+  if (!allow_create && (!config_.stitching || pool_.free_count() < chunks)) return nullptr;
   std::vector<Chunk*> picked;
   picked.reserve(chunks);
   if (config_.stitching) {
@@ -144,7 +150,7 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
         Chunk* c = owned.get();
         if (c->busy || picked.size() == chunks) continue;
         const bool feeds_ready = std::any_of(c->mappings.begin(), c->mappings.end(),
-                                             [](const Mapping* m) { return m->ready; });
+                                             [](const Mapping* m) { return is_ready(m); });
         if (feeds_ready == want_feeding) picked.push_back(c);
       }
     }
@@ -205,7 +211,7 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
   } catch (...) {
     // Only the cross-stream event calls can throw; give the mapping back as idle.
     lru_push(m);
-    if (m->busy_chunks == 0) ready_insert(m, kNoStream);
+    index_insert(m, kNoStream);
     throw;
   }
   enforce_bounds();
@@ -227,7 +233,7 @@ void MappingCache::enforce_bounds() {
 }
 
 void MappingCache::evict(Mapping* mapping) {
-  if (mapping->ready) ready_erase(mapping);
+  index_erase(mapping);
   lru_unlink(mapping);
   for (Chunk* c : mapping->chunks) {
     auto& list = c->mappings;
@@ -287,13 +293,13 @@ void MappingCache::forget_streams() {
   for (const auto& c : pool_.all()) {
     if (!c->busy) c->stream = kNoStream;
   }
-  std::vector<Mapping*> ready;
-  ready.reserve(ready_.size());
-  for (const ReadyKey& key : ready_) ready.push_back(key.mapping);
-  ready_.clear();
-  for (Mapping* m : ready) {
-    m->ready = false;
-    ready_insert(m, kNoStream);
+  std::vector<Mapping*> idle;
+  idle.reserve(idle_.size());
+  for (const ReadyKey& key : idle_) idle.push_back(key.mapping);
+  idle_.clear();
+  for (Mapping* m : idle) {
+    m->indexed = false;
+    index_insert(m, kNoStream);
   }
   for (auto& m : mappings_) {
     if (!m->in_use) m->last_stream = kNoStream;
@@ -336,15 +342,22 @@ std::vector<std::uintptr_t> MappingCache::addresses_of(std::uint64_t chunk_id) c
   return out;
 }
 
-void MappingCache::ready_insert(Mapping* mapping, StreamId stream) {
-  mapping->ready_it =
-      ready_.insert(ReadyKey{stream, mapping->chunks.size(), mapping->id, mapping}).first;
-  mapping->ready = true;
+void MappingCache::index_insert(Mapping* mapping, StreamId stream) {
+  mapping->index_it =
+      idle_.insert(ReadyKey{stream, mapping->chunks.size(), mapping->id, mapping}).first;
+  mapping->indexed = true;
 }
 
-void MappingCache::ready_erase(Mapping* mapping) {
-  ready_.erase(mapping->ready_it);
-  mapping->ready = false;
+void MappingCache::index_erase(Mapping* mapping) {
+  if (!mapping->indexed) return;
+  idle_.erase(mapping->index_it);
+  mapping->indexed = false;
+}
+
+std::size_t MappingCache::ready_count() const {
+  std::size_t n = 0;
+  for (const ReadyKey& key : idle_) n += key.mapping->busy_chunks == 0 ? 1 : 0;
+  return n;
 }
 
 void MappingCache::lru_push(Mapping* mapping) {
@@ -369,7 +382,7 @@ void MappingCache::lru_unlink(Mapping* mapping) {
 void MappingCache::append_stats(StatList& out) const {
   append_stat(out, "vmm.cached_mappings", mappings_stat);
   append_stat(out, "vmm.mapped_bytes", mapped_bytes_stat);
-  out.emplace_back("vmm.ready_mappings", static_cast<std::int64_t>(ready_.size()));
+  out.emplace_back("vmm.ready_mappings", static_cast<std::int64_t>(ready_count()));
   out.emplace_back("vmm.retiring_mappings", static_cast<std::int64_t>(retiring_.size()));
   out.emplace_back("vmm.mapping_hits", hits);
   out.emplace_back("vmm.stitches", stitches);

@@ -7,13 +7,14 @@
 // A mapping is a reserved virtual range with chunks mapped back to back. One chunk can be
 // mapped by several mappings at once (that is what stitching is). A mapping is
 // - in use: an allocation holds its first `used` chunks (those chunks are busy);
-// - ready: not in use and none of its chunks busy, so any prefix of it can be handed out
-//   with no driver call. Ready mappings sit in an ordered index (stream, chunks, id);
-// - idle but not ready: some of its chunks are busy through another mapping.
-// busy_chunks counts a mapping's busy chunks, so readiness changes in O(1) per chunk as
-// allocations come and go. Not-in-use mappings also sit on an LRU list; past the bounds
-// (count, virtual bytes) the least recently used are unmapped. Unmapping a mapping never
-// touches its chunks' physical memory, which may be live under another mapping.
+// - idle: not in use. Idle mappings sit in an ordered index (stream, chunks, id) and on an
+//   LRU list; past the bounds (count, virtual bytes) the least recently used are unmapped.
+//   Unmapping never touches the chunks' physical memory, which may be live elsewhere;
+// - ready: idle with busy_chunks == 0, so any prefix of it can be handed out with no
+//   driver call. busy_chunks counts a mapping's busy chunks (through any mapping).
+// Readiness is checked when the index is searched, not maintained in it: an allocation
+// then costs one index update for its own mapping, however many other mappings share
+// its chunks.
 //
 // Note [Stream-ordered reuse]
 // A chunk freed on stream S may still be read by work queued on S. Reuse on S itself is
@@ -63,8 +64,8 @@ struct Mapping {
   StreamId use_stream = 0;         // the allocation's stream while in use
   bool in_use = false;
   StreamId last_stream = kNoStream;
-  bool ready = false;
-  std::set<ReadyKey>::iterator ready_it;
+  bool indexed = false;  // in the idle index (== !in_use once created)
+  std::set<ReadyKey>::iterator index_it;
   Mapping* lru_prev = nullptr;
   Mapping* lru_next = nullptr;
   bool in_lru = false;
@@ -92,7 +93,7 @@ class MappingCache {
   void finish_retiring(bool wait);
 
   std::size_t mapping_count() const { return mappings_.size(); }
-  std::size_t ready_count() const { return ready_.size(); }
+  std::size_t ready_count() const;
   std::size_t retiring_count() const { return retiring_.size(); }
   // Every address at which `chunk_id` is mapped (introspection and tests).
   std::vector<std::uintptr_t> addresses_of(std::uint64_t chunk_id) const;
@@ -124,8 +125,9 @@ class MappingCache {
   void use(Mapping* mapping, std::size_t chunks, StreamId stream);
   void evict(Mapping* mapping);
   void enforce_bounds();
-  void ready_insert(Mapping* mapping, StreamId stream);
-  void ready_erase(Mapping* mapping);
+  void index_insert(Mapping* mapping, StreamId stream);
+  void index_erase(Mapping* mapping);
+  static bool is_ready(const Mapping* m) { return m->indexed && m->busy_chunks == 0; }
   void lru_push(Mapping* mapping);
   void lru_unlink(Mapping* mapping);
   void rollback_created(std::vector<Chunk*>& created);
@@ -137,7 +139,7 @@ class MappingCache {
   const Config& config_;
   std::size_t max_mapped_bytes_;
   std::vector<std::unique_ptr<Mapping>> mappings_;
-  std::set<ReadyKey> ready_;
+  std::set<ReadyKey> idle_;
   Mapping* lru_head_ = nullptr;  // least recently released
   Mapping* lru_tail_ = nullptr;
   std::vector<Retiring> retiring_;

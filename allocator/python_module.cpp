@@ -139,4 +139,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("time_alloc_free_pairs", &time_alloc_free_pairs, py::arg("allocator"), py::arg("sizes"),
         py::arg("rounds"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
         "Nanoseconds per cached allocate+deallocate pair, timed in C++.");
+  m.def("time_malloc_free_pairs", &time_malloc_free_pairs, py::arg("sizes"), py::arg("rounds"),
+        py::call_guard<py::gil_scoped_release>(),
+        "Nanoseconds per malloc+free pair of the C library, timed in C++ (the peer).");
 }

@@ -3,10 +3,30 @@
 namespace vmm {
 
 SmallPool::~SmallPool() {
-  for (SmallSegment* seg : segments_) delete seg;
-  for (SmallBlock* b : free_blocks_) delete b;
-  live_.for_each([](std::uintptr_t, SmallBlock* b) { delete b; });
+  for (SmallSegment* seg : segments_) {
+    for (SmallBlock* b = seg->first; b != nullptr;) {
+      SmallBlock* next = b->next;
+      delete b;
+      b = next;
+    }
+    delete seg;
+  }
   for (SmallBlock* b : spare_blocks_) delete b;
+}
+
+SmallPool::Index& SmallPool::index_for(StreamId stream) {
+  if (last_index_ < indexes_.size() && indexes_[last_index_].first == stream) {
+    return *indexes_[last_index_].second;
+  }
+  for (std::size_t i = 0; i < indexes_.size(); ++i) {
+    if (indexes_[i].first == stream) {
+      last_index_ = i;
+      return *indexes_[i].second;
+    }
+  }
+  indexes_.emplace_back(stream, std::make_unique<Index>());
+  last_index_ = indexes_.size() - 1;
+  return *indexes_.back().second;
 }
 
 SmallBlock* SmallPool::new_block() {
@@ -17,18 +37,12 @@ SmallBlock* SmallPool::new_block() {
   return b;
 }
 
-void SmallPool::delete_block(SmallBlock* block) { spare_blocks_.push_back(block); }
-
 SmallBlock* SmallPool::allocate(std::size_t size, StreamId stream) {
-  SmallBlock key;
-  key.stream = stream;
-  key.size = size;
-  key.addr = 0;
-  auto it = free_blocks_.lower_bound(&key);
-  if (it == free_blocks_.end() || (*it)->stream != stream) return nullptr;
-  SmallBlock* block = *it;
-  free_blocks_.erase(it);
-  return take(block, size);
+  Index& index = index_for(stream);
+  SmallBlock* block = index.best_fit(size);
+  if (block == nullptr) return nullptr;
+  index.remove(block);
+  return take(index, block, size);
 }
 
 SmallBlock* SmallPool::allocate_in_new_segment(Mapping* mapping, std::size_t size,
@@ -36,31 +50,28 @@ SmallBlock* SmallPool::allocate_in_new_segment(Mapping* mapping, std::size_t siz
   auto* seg = new SmallSegment();
   seg->mapping = mapping;
   seg->stream = stream;
-  seg->index = segments_.size();
-  segments_.push_back(seg);
   SmallBlock* block = new_block();
   block->addr = mapping->base;
   block->size = kChunkSize;
-  block->stream = stream;
   block->segment = seg;
-  return take(block, size);
+  seg->first = block;
+  segments_.push_back(seg);
+  return take(index_for(stream), block, size);
 }
 
-// `block` is free and not in free_blocks_; splits off the tail if it is big enough to
-// serve another request.
-SmallBlock* SmallPool::take(SmallBlock* block, std::size_t size) {
+// `block` is free and in no index; splits off the tail when it can serve another request.
+SmallBlock* SmallPool::take(Index& index, SmallBlock* block, std::size_t size) {
   if (block->size - size >= kSmallRounding) {
     SmallBlock* rest = new_block();
     rest->addr = block->addr + size;
     rest->size = block->size - size;
-    rest->stream = block->stream;
     rest->segment = block->segment;
     rest->prev = block;
     rest->next = block->next;
     if (block->next) block->next->prev = rest;
     block->next = rest;
     block->size = size;
-    free_blocks_.insert(rest);
+    index.insert(rest);
   }
   block->allocated = true;
   block->segment->allocated_bytes += block->size;
@@ -73,23 +84,24 @@ void SmallPool::free(SmallBlock* block) {
   block->allocated = false;
   block->requested = 0;
   block->segment->allocated_bytes -= block->size;
-  // Coalesce with free neighbours: a segment's free space is always maximal blocks.
+  Index& index = index_for(block->segment->stream);
+  // Merge with free neighbours, keeping the lower block (Note [Small block invariants]).
   if (SmallBlock* prev = block->prev; prev && !prev->allocated) {
-    free_blocks_.erase(prev);
+    index.remove(prev);
     prev->size += block->size;
     prev->next = block->next;
     if (block->next) block->next->prev = prev;
-    delete_block(block);
+    recycle(block);
     block = prev;
   }
   if (SmallBlock* next = block->next; next && !next->allocated) {
-    free_blocks_.erase(next);
+    index.remove(next);
     block->size += next->size;
     block->next = next->next;
     if (next->next) next->next->prev = block;
-    delete_block(next);
+    recycle(next);
   }
-  free_blocks_.insert(block);
+  index.insert(block);
 }
 
 std::size_t SmallPool::reclaim(MappingCache& cache) {
@@ -100,18 +112,10 @@ std::size_t SmallPool::reclaim(MappingCache& cache) {
       ++i;
       continue;
     }
-    // A fully free segment is one free block covering the whole chunk.
-    SmallBlock key;
-    key.stream = seg->stream;
-    key.size = kChunkSize;
-    key.addr = seg->mapping->base;
-    auto it = free_blocks_.find(&key);
-    SmallBlock* whole = *it;
-    free_blocks_.erase(it);
-    delete_block(whole);
+    index_for(seg->stream).remove(seg->first);
+    recycle(seg->first);
     cache.release(seg->mapping, seg->stream);
     segments_[i] = segments_.back();
-    segments_[i]->index = i;
     segments_.pop_back();
     delete seg;
     ++reclaimed;

@@ -5,25 +5,32 @@
 // Note [Small segments and streams]
 // A segment belongs to the stream that created it and serves only that stream, so a
 // block freed on a stream is reused only by later work on the same stream (stream order
-// makes that safe). A fully free segment stays cached until the large pool needs chunks
-// or empty_cache runs; reclaiming it hands its mapping back to the MappingCache, tagged
-// with the segment's stream (Note [Stream-ordered reuse]).
+// makes that safe). Each stream has its own size-class index of free blocks. A fully free
+// segment stays cached until the large pool needs chunks or memory runs out; reclaiming
+// it hands its mapping back to the MappingCache, tagged with the segment's stream
+// (Note [Stream-ordered reuse]).
+//
+// Note [Small block invariants]
+// Blocks of a segment tile it in address order (prev/next). Free neighbours are always
+// merged, so a free block's neighbours are allocated; a segment with no allocated byte is
+// one free block, its `first`. The first block of a segment is never merged away (merging
+// keeps the lower block), so `first` stays valid for the segment's life.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
-#include <set>
+#include <memory>
+#include <utility>
 #include <vector>
 
 #include "backend.hpp"
 #include "mapping_cache.hpp"
 #include "pointer_map.hpp"
-#include "stats.hpp"
+#include "size_class_index.hpp"
 
 namespace vmm {
 
 constexpr std::size_t kSmallRequestLimit = std::size_t{1} << 20;  // 1 MiB
-constexpr std::size_t kSmallRounding = 512;
 
 struct SmallSegment;
 
@@ -32,43 +39,36 @@ struct SmallBlock {
   std::size_t size = 0;
   std::size_t requested = 0;
   bool allocated = false;
-  StreamId stream = 0;
   SmallSegment* segment = nullptr;
   SmallBlock* prev = nullptr;  // address-ordered neighbours within the segment
   SmallBlock* next = nullptr;
+  SmallBlock* free_prev = nullptr;  // size-class list, while free
+  SmallBlock* free_next = nullptr;
 };
 
 struct SmallSegment {
   Mapping* mapping = nullptr;
   StreamId stream = 0;
   std::size_t allocated_bytes = 0;
-  std::size_t index = 0;  // position in SmallPool::segments_
-};
-
-struct SmallBlockOrder {
-  bool operator()(const SmallBlock* a, const SmallBlock* b) const {
-    if (a->stream != b->stream) return a->stream < b->stream;
-    if (a->size != b->size) return a->size < b->size;
-    return a->addr < b->addr;
-  }
+  SmallBlock* first = nullptr;
 };
 
 class SmallPool {
  public:
-  ~SmallPool();
   SmallPool() = default;
+  ~SmallPool();
   SmallPool(const SmallPool&) = delete;
   SmallPool& operator=(const SmallPool&) = delete;
 
   static std::size_t round(std::size_t size) {
-    return size == 0 ? kSmallRounding : (size + kSmallRounding - 1) / kSmallRounding * kSmallRounding;
+    return size == 0 ? kSmallRounding
+                     : (size + kSmallRounding - 1) / kSmallRounding * kSmallRounding;
   }
 
-  // A block from a cached segment of `stream`, or nullptr if none fits.
+  // A block of `size` (rounded) from a cached segment of `stream`, or nullptr.
   SmallBlock* allocate(std::size_t size, StreamId stream);
   // Adds a fresh segment on `mapping` (one chunk, in use) and allocates from it.
   SmallBlock* allocate_in_new_segment(Mapping* mapping, std::size_t size, StreamId stream);
-  // Frees a block; returns its rounded size.
   void free(SmallBlock* block);
   SmallBlock* find(std::uintptr_t ptr) const { return live_.find(ptr); }
 
@@ -79,14 +79,17 @@ class SmallPool {
   std::size_t free_bytes_in_used_segments() const;
 
  private:
-  SmallBlock* take(SmallBlock* block, std::size_t size);
+  using Index = SizeClassIndex<SmallBlock>;
+  Index& index_for(StreamId stream);
+  SmallBlock* take(Index& index, SmallBlock* block, std::size_t size);
   SmallBlock* new_block();
-  void delete_block(SmallBlock* block);
+  void recycle(SmallBlock* block) { spare_blocks_.push_back(block); }
 
-  std::set<SmallBlock*, SmallBlockOrder> free_blocks_;
+  std::vector<std::pair<StreamId, std::unique_ptr<Index>>> indexes_;  // few streams
+  std::size_t last_index_ = 0;  // the stream looked up last, tried first
   PointerMap<SmallBlock*> live_;
   std::vector<SmallSegment*> segments_;
-  std::vector<SmallBlock*> spare_blocks_;  // recycled block records (no heap churn)
+  std::vector<SmallBlock*> spare_blocks_;  // recycled block records: no heap churn
 };
 
 }  // namespace vmm
