@@ -279,6 +279,7 @@ bool CachingAllocator::live(std::uintptr_t ptr, StreamId* stream, std::size_t* s
 void CachingAllocator::sync_reserved_stats() {
   const auto all = static_cast<std::int64_t>(pool_.count());
   const auto small = static_cast<std::int64_t>(small_.segment_count());
+  if (all == segment_.all.current && small == segment_.small.current) return;
   const auto chunk = static_cast<std::int64_t>(kChunkSize);
   set_current(segment_.all, all);
   set_current(segment_.small, small);

@@ -343,14 +343,19 @@ std::vector<std::uintptr_t> MappingCache::addresses_of(std::uint64_t chunk_id) c
 }
 
 void MappingCache::index_insert(Mapping* mapping, StreamId stream) {
-  mapping->index_it =
-      idle_.insert(ReadyKey{stream, mapping->chunks.size(), mapping->id, mapping}).first;
+  const ReadyKey key{stream, mapping->chunks.size(), mapping->id, mapping};
+  if (mapping->spare_node.empty()) {
+    mapping->index_it = idle_.insert(key).first;
+  } else {
+    mapping->spare_node.value() = key;
+    mapping->index_it = idle_.insert(std::move(mapping->spare_node)).position;
+  }
   mapping->indexed = true;
 }
 
 void MappingCache::index_erase(Mapping* mapping) {
   if (!mapping->indexed) return;
-  idle_.erase(mapping->index_it);
+  mapping->spare_node = idle_.extract(mapping->index_it);
   mapping->indexed = false;
 }
 

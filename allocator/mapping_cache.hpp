@@ -66,6 +66,9 @@ struct Mapping {
   StreamId last_stream = kNoStream;
   bool indexed = false;  // in the idle index (== !in_use once created)
   std::set<ReadyKey>::iterator index_it;
+  // The index node, kept while the mapping is out of the index, so that moving in and out
+  // on every allocate/free allocates nothing.
+  std::set<ReadyKey>::node_type spare_node;
   Mapping* lru_prev = nullptr;
   Mapping* lru_next = nullptr;
   bool in_lru = false;
