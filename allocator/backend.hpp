@@ -78,6 +78,8 @@ class Backend {
   virtual void release_event(EventId event) = 0;
   // Blocks the host until all work on the device has finished.
   virtual void synchronize() = 0;
+  // Whether `stream` is being captured into a CUDA graph (never on the host backend).
+  virtual bool is_capturing(StreamId stream) = 0;
 
   // Data movement between host memory and mapped device memory (tests and tools).
   virtual void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) = 0;

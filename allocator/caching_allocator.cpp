@@ -378,6 +378,11 @@ std::size_t CachingAllocator::allocation_size(std::uintptr_t ptr) const {
   return size;
 }
 
+bool CachingAllocator::owns(std::uintptr_t ptr) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return live(ptr, nullptr, nullptr, nullptr);
+}
+
 std::vector<std::uint64_t> CachingAllocator::chunk_ids(std::uintptr_t ptr) const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::uint64_t> out;

@@ -58,6 +58,8 @@ class CachingAllocator {
   std::size_t memory_cap() const;
 
   std::size_t allocation_size(std::uintptr_t ptr) const;
+  // Whether `ptr` is the start of a live allocation of this allocator.
+  bool owns(std::uintptr_t ptr) const;
   std::vector<std::uint64_t> chunk_ids(std::uintptr_t ptr) const;
   std::vector<std::uintptr_t> chunk_addresses(std::uint64_t chunk_id) const;
 

@@ -267,6 +267,14 @@ void CudaBackend::stream_wait_event(StreamId stream, EventId event) {
   });
 }
 
+bool CudaBackend::is_capturing(StreamId stream) {
+  ContextGuard guard(api_, context_, device_);
+  cu::CUstreamCaptureStatus status = cu::CU_STREAM_CAPTURE_STATUS_NONE;
+  check(device_, api_.cuStreamIsCapturing(as_stream(stream), &status),
+        [&] { return "cuStreamIsCapturing(stream=" + hex(stream) + ")"; });
+  return status != cu::CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
 void CudaBackend::release_event(EventId event) {
   {
     std::lock_guard<std::mutex> lock(events_mutex_);

@@ -47,6 +47,7 @@ class CudaBackend final : public Backend {
   void stream_wait_event(StreamId stream, EventId event) override;
   void release_event(EventId event) override;
   void synchronize() override;
+  bool is_capturing(StreamId stream) override;
 
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) override;
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) override;

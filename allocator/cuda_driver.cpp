@@ -133,6 +133,7 @@ void load_into(Driver& d) {
   need(a.cuEventQuery, "cuEventQuery", "cuEventQuery");
   need(a.cuEventDestroy_v2, "cuEventDestroy", "cuEventDestroy_v2");
   need(a.cuStreamWaitEvent, "cuStreamWaitEvent", "cuStreamWaitEvent");
+  need(a.cuStreamIsCapturing, "cuStreamIsCapturing", "cuStreamIsCapturing");
   need(a.cuMemcpyHtoD_v2, "cuMemcpyHtoD", "cuMemcpyHtoD_v2");
   need(a.cuMemcpyDtoH_v2, "cuMemcpyDtoH", "cuMemcpyDtoH_v2");
   if (missing != nullptr) {

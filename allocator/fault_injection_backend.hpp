@@ -43,6 +43,7 @@ class FaultInjectionBackend final : public Backend {
   void stream_wait_event(StreamId s, EventId e) override { inner_->stream_wait_event(s, e); }
   void release_event(EventId e) override { inner_->release_event(e); }
   void synchronize() override { inner_->synchronize(); }
+  bool is_capturing(StreamId s) override { return inner_->is_capturing(s); }
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t n) override {
     inner_->copy_from_host(dst, src, n);
   }

@@ -44,6 +44,7 @@ class HostBackend final : public Backend {
   void stream_wait_event(StreamId, EventId) override {}
   void release_event(EventId) override {}
   void synchronize() override {}
+  bool is_capturing(StreamId) override { return false; }
 
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) override;
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) override;

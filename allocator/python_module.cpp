@@ -10,6 +10,7 @@
 #include "config.hpp"
 #include "cuda_backend.hpp"
 #include "cuda_driver.hpp"
+#include "device_registry.hpp"
 #include "errors.hpp"
 #include "fault_injection_backend.hpp"
 #include "host_backend.hpp"
@@ -135,6 +136,36 @@ PYBIND11_MODULE(_C, m) {
       .def("allocation_size", &CachingAllocator::allocation_size, py::arg("ptr"))
       .def("chunk_ids", &CachingAllocator::chunk_ids, py::arg("ptr"))
       .def("chunk_addresses", &CachingAllocator::chunk_addresses, py::arg("chunk_id"));
+
+  // The process-wide allocators that torch's pluggable allocator reaches (one per device).
+  m.def("configure", [](const std::string& conf) { DeviceRegistry::instance().configure(conf); },
+        py::arg("conf"),
+        "Sets the options (VMMALLOC_CONF syntax) of the per-device allocators torch uses. "
+        "Raises ValueError for a bad string, RuntimeError once memory was allocated with "
+        "other options.");
+  m.def("configured", [] { return DeviceRegistry::instance().conf_text(); });
+  m.def("device_allocator",
+        [](int device) -> CachingAllocator& { return DeviceRegistry::instance().device(device); },
+        py::arg("device"),
+        py::return_value_policy::reference,
+        "The allocator torch uses on `device` (created on first use).");
+  m.def("device_allocator_exists",
+        [](int device) { return DeviceRegistry::instance().existing(device) != nullptr; },
+        py::arg("device"));
+  m.def("use_host_backend_for_devices", [](std::size_t capacity) {
+          DeviceRegistry::instance().set_backend_factory(
+              [capacity](int device) { return std::make_shared<HostBackend>(capacity, device); });
+        }, py::arg("capacity"),
+        "Tests and demos without a GPU: per-device allocators created from now on use the "
+        "host backend.");
+  m.def("reset_devices_for_tests", [] { DeviceRegistry::instance().reset_for_tests(); },
+        "Drops every per-device allocator (only with nothing allocated).");
+  m.def("set_oom_handler", [](std::uintptr_t address) {
+          DeviceRegistry::instance().set_oom_handler(
+              reinterpret_cast<DeviceRegistry::OomHandler>(address));
+        }, py::arg("address"),
+        "Installs a C function `void(const char*, size_t, int)` that throws the caller's "
+        "out-of-memory exception (0 removes it).");
 
   m.def("time_alloc_free_pairs", &time_alloc_free_pairs, py::arg("allocator"), py::arg("sizes"),
         py::arg("rounds"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),

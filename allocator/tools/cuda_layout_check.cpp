@@ -43,6 +43,7 @@ MAP(CUmemLocationType);
 MAP(CUmemAccess_flags);
 MAP(CUmemAllocationGranularity_flags);
 MAP(CUevent_flags);
+MAP(CUstreamCaptureStatus);
 MAP(CUdriverProcAddressQueryResult);
 MAP(CUmemLocation);
 MAP(CUmemAllocationProp);
@@ -103,6 +104,9 @@ SAME_SIZE(CUevent_flags);
 SAME_VALUE(CU_EVENT_DEFAULT);
 SAME_VALUE(CU_EVENT_BLOCKING_SYNC);
 SAME_VALUE(CU_EVENT_DISABLE_TIMING);
+SAME_VALUE(CU_STREAM_CAPTURE_STATUS_NONE);
+SAME_VALUE(CU_STREAM_CAPTURE_STATUS_ACTIVE);
+SAME_VALUE(CU_STREAM_CAPTURE_STATUS_INVALIDATED);
 
 SAME_SIZE(CUdriverProcAddress_flags);
 SAME_VALUE(CU_GET_PROC_ADDRESS_DEFAULT);
@@ -176,6 +180,7 @@ SAME_SIGNATURE(cuEventRecord, cuEventRecord);
 SAME_SIGNATURE(cuEventQuery, cuEventQuery);
 SAME_SIGNATURE(cuEventDestroy_v2, cuEventDestroy_v2);
 SAME_SIGNATURE(cuStreamWaitEvent, cuStreamWaitEvent);
+SAME_SIGNATURE(cuStreamIsCapturing, cuStreamIsCapturing);
 SAME_SIGNATURE(cuMemcpyHtoD_v2, cuMemcpyHtoD_v2);
 SAME_SIGNATURE(cuMemcpyDtoH_v2, cuMemcpyDtoH_v2);
 
