@@ -4,9 +4,31 @@ The extension links neither libcuda nor torch: the CUDA driver is opened at run 
 (allocator/cuda_driver.cpp), so the build needs only a C++17 compiler and Python headers.
 """
 from glob import glob
+from pathlib import Path
 
 from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+# VMMALLOC=1 support: a .pth line run at every interpreter start. It costs one environment
+# lookup when VMMALLOC is unset and imports vmmalloc._autostart otherwise.
+AUTOSTART_PTH = "vmmalloc-autostart.pth"
+AUTOSTART_LINE = (
+    "import os; os.environ.get('VMMALLOC', '').strip() and __import__('vmmalloc._autostart')\n"
+)
+
+
+class build_py_with_pth(build_py):
+    """Puts the start-up .pth file at the root of the wheel (site-packages)."""
+
+    def run(self):
+        super().run()
+        target = Path(self.build_lib) / AUTOSTART_PTH
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(AUTOSTART_LINE)
+
+    def get_outputs(self, include_bytecode=True):
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / AUTOSTART_PTH)]
 
 extension = Pybind11Extension(
     "vmmalloc._C",
@@ -17,4 +39,35 @@ extension = Pybind11Extension(
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-fvisibility=hidden"],
 )
 
-setup(ext_modules=[extension], cmdclass={"build_ext": build_ext})
+class _AutostartStrategy:
+    """Wraps setuptools' editable strategy so that editable wheels carry the .pth too."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def __enter__(self):
+        self.inner.__enter__()
+        return self
+
+    def __exit__(self, *exc_info):
+        return self.inner.__exit__(*exc_info)
+
+    def __call__(self, wheel, files, mapping):
+        result = self.inner(wheel, files, mapping)
+        wheel.writestr(AUTOSTART_PTH, AUTOSTART_LINE)
+        return result
+
+
+cmdclass = {"build_ext": build_ext, "build_py": build_py_with_pth}
+try:  # PEP 660 editable installs (setuptools >= 64) build their own wheel
+    from setuptools.command.editable_wheel import editable_wheel
+
+    class editable_wheel_with_pth(editable_wheel):
+        def _select_strategy(self, *args, **kwargs):
+            return _AutostartStrategy(super()._select_strategy(*args, **kwargs))
+
+    cmdclass["editable_wheel"] = editable_wheel_with_pth
+except ImportError:
+    pass
+
+setup(ext_modules=[extension], cmdclass=cmdclass)

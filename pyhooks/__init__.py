@@ -5,6 +5,9 @@ chunks are stitched into a new virtually contiguous block instead of asking the 
 for more (GMLake). The core is C++ (``vmmalloc._C``) and runs on two backends with the
 same semantics: ``cuda`` (the driver's virtual memory API) and ``host`` (memfd + mmap,
 so everything runs on a machine without a GPU).
+
+Turn it on for PyTorch with ``vmmalloc.enable_vmm_allocator()`` before any CUDA work, or
+with no code change: ``VMMALLOC=1 python train.py``.
 """
 from vmmalloc._C import (
     CHUNK_SIZE,
@@ -19,6 +22,7 @@ from vmmalloc._C import (
     parse_config,
 )
 from vmmalloc.backends import cuda_available, cuda_unavailable_reason, make_backend
+from vmmalloc.torch_allocator import enable_vmm_allocator, is_enabled
 
 __all__ = [
     "CHUNK_SIZE",
@@ -32,6 +36,8 @@ __all__ = [
     "OutOfMemoryError",
     "cuda_available",
     "cuda_unavailable_reason",
+    "enable_vmm_allocator",
+    "is_enabled",
     "make_backend",
     "parse_config",
 ]

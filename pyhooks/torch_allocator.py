@@ -1,0 +1,108 @@
+"""vmmalloc as PyTorch's CUDA allocator: enable_vmm_allocator() and the torch.cuda memory
+APIs that a plain pluggable allocator breaks (FACTS.md), routed to vmmalloc's figures."""
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from typing import Any
+
+from vmmalloc import _C
+
+_lock = threading.Lock()
+_enabled_conf: str | None = None
+_pluggable = None  # keeps torch's wrapper object alive
+
+# Python keyword -> VMMALLOC_CONF key.
+OPTION_KEYS = ("memory_cap", "memory_fraction", "stitching", "max_cached_mappings",
+               "max_mapped_bytes", "reuse_ratio")
+
+
+def _format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
+
+
+def build_conf(options: dict[str, Any], env_conf: str = "") -> str:
+    """Merges keyword options over a VMMALLOC_CONF string; the result is validated."""
+    items: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in env_conf.split(","))):
+        key, _, value = item.partition(":")
+        items[key.strip()] = value.strip()
+    for key, value in options.items():
+        if key not in OPTION_KEYS:
+            raise ValueError(f"enable_vmm_allocator: unknown option {key!r}; allowed: {', '.join(OPTION_KEYS)}")
+        if key in ("memory_cap", "memory_fraction"):
+            items.pop("memory_fraction" if key == "memory_cap" else "memory_cap", None)
+        items[key] = _format_value(value)
+    conf = ",".join(f"{k}:{v}" for k, v in items.items())
+    _C.parse_config(conf)  # raises ValueError naming the key and the allowed values
+    return conf
+
+
+def is_enabled() -> bool:
+    """Whether vmmalloc serves this process's CUDA allocations."""
+    return _enabled_conf is not None
+
+
+def enable_vmm_allocator(**options: Any) -> None:
+    """Make vmmalloc PyTorch's CUDA allocator for this process.
+
+    Call it once, before any CUDA tensor exists (or set ``VMMALLOC=1`` and change no
+    code). Options override ``VMMALLOC_CONF``: ``memory_cap`` (bytes or a string such as
+    ``"40GiB"``), ``memory_fraction``, ``stitching``, ``max_cached_mappings``,
+    ``max_mapped_bytes``, ``reuse_ratio``. Calling it again with the same options does
+    nothing.
+
+    Raises:
+        ValueError: an unknown option or a bad value (the message names it).
+        RuntimeError: CUDA was already initialized by PyTorch's native allocator, or
+            vmmalloc is already enabled with other options.
+    """
+    global _enabled_conf, _pluggable
+    import torch
+
+    conf = build_conf(options, os.environ.get("VMMALLOC_CONF", ""))
+    with _lock:
+        if _enabled_conf is not None:
+            if conf != _enabled_conf:
+                raise RuntimeError(
+                    f"vmmalloc is already enabled with options {_enabled_conf!r}; it cannot be "
+                    f"re-enabled with {conf!r} in the same process.")
+            return
+        if torch.cuda.is_initialized():
+            raise RuntimeError(
+                "vmmalloc.enable_vmm_allocator() was called after CUDA was initialized by "
+                "PyTorch's native allocator, which cannot be swapped out any more. Either call "
+                "enable_vmm_allocator() earlier, before the first CUDA tensor or torch.cuda call, "
+                "or run the program with VMMALLOC=1 (no code change needed).")
+        reason = _C.cuda_unavailable_reason()
+        if reason:
+            raise RuntimeError(f"vmmalloc cannot replace the CUDA allocator: {reason}")
+        _C.configure(conf)
+        pluggable = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "vmm_malloc", "vmm_free")
+        library = ctypes.CDLL(_C.__file__)
+        raw = pluggable.allocator()
+
+        def address(name: str) -> int:
+            return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+
+        raw.set_init_fn(address("vmm_init"))
+        raw.set_reset_fn(address("vmm_empty_cache"))
+        raw.set_memory_fraction_fn(address("vmm_set_memory_fraction"))
+        raw.set_record_stream_fn(address("vmm_record_stream"))
+        raw.set_base_alloc_fn(address("vmm_base_alloc"))
+        try:
+            torch.cuda.memory.change_current_allocator(pluggable)
+        except RuntimeError as error:
+            raise RuntimeError(
+                "vmmalloc could not replace PyTorch's CUDA allocator because it was already "
+                "initialized. Call enable_vmm_allocator() before any CUDA work, or run with "
+                f"VMMALLOC=1. ({error})") from error
+        _pluggable = pluggable
+        from vmmalloc import torch_glue, torch_memory_api
+
+        torch_glue.install_oom_handler(torch)
+        torch_memory_api.install(torch)
+        _enabled_conf = conf
