@@ -1,0 +1,248 @@
+"""vmmalloc as PyTorch's CUDA allocator, on a real GPU. Each scenario runs in a fresh
+interpreter, because the allocator must be chosen before CUDA starts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import vmmalloc
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not vmmalloc.cuda_available(), reason=vmmalloc.cuda_unavailable_reason() or "no CUDA"),
+]
+
+PRELUDE = """
+import json, os, sys
+import torch
+import vmmalloc
+MiB = 1 << 20
+def report(**kw):
+    print("RESULT " + json.dumps(kw))
+"""
+
+
+def run(code: str, env: dict[str, str] | None = None, expect_ok: bool = True) -> dict:
+    # Only what the scenario asks for: an outer VMMALLOC must not leak into the native runs.
+    full_env = {k: v for k, v in os.environ.items() if k not in ("VMMALLOC", "VMMALLOC_CONF")}
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-c", PRELUDE + textwrap.dedent(code)], capture_output=True,
+                          text=True, env=full_env, timeout=600)
+    if expect_ok:
+        assert proc.returncode == 0, f"stdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-4000:]}"
+    results = [line[len("RESULT "):] for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    out = json.loads(results[-1]) if results else {}
+    out["_returncode"], out["_stderr"] = proc.returncode, proc.stderr
+    return out
+
+
+def test_memory_apis_report_vmmalloc_figures():
+    r = run("""
+        vmmalloc.enable_vmm_allocator()
+        a = torch.empty(5 * MiB, dtype=torch.uint8, device="cuda")
+        b = torch.empty(1000, dtype=torch.uint8, device="cuda")
+        stats = torch.cuda.memory_stats()
+        summary = torch.cuda.memory_summary()
+        allocated, peak = torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated()
+        reserved, max_reserved = torch.cuda.memory_reserved(), torch.cuda.max_memory_reserved()
+        del a
+        after_del = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        peak_after_reset = torch.cuda.max_memory_allocated()
+        torch.cuda.reset_accumulated_memory_stats()
+        accumulated = torch.cuda.memory_stats()["allocated_bytes.all.allocated"]
+        free_before = torch.cuda.mem_get_info()[0]
+        torch.cuda.empty_cache()
+        free_after = torch.cuda.mem_get_info()[0]
+        report(allocated=allocated, peak=peak, reserved=reserved, max_reserved=max_reserved,
+               after_del=after_del, peak_after_reset=peak_after_reset, accumulated=accumulated,
+               reserved_after_empty=torch.cuda.memory_reserved(), freed=free_after - free_before,
+               has_summary="GPU reserved memory" in summary, chunks=stats["vmm.chunks.current"],
+               backend=torch.cuda.get_allocator_backend())
+    """)
+    assert r["allocated"] == 6 * 2**20 + 1024  # 3 chunks + one 512-rounded small block
+    assert r["peak"] == r["allocated"]
+    assert r["reserved"] == 8 * 2**20 == r["max_reserved"]  # 3 chunks + 1 small segment
+    assert r["after_del"] == 1024
+    assert r["peak_after_reset"] == 1024
+    assert r["accumulated"] == 0
+    assert r["reserved_after_empty"] == 2 * 2**20  # only the small segment still in use
+    assert r["freed"] >= 6 * 2**20, "empty_cache should give the chunks back to the GPU"
+    assert r["has_summary"] and r["chunks"] == 4
+
+
+def test_out_of_memory_is_torch_oom_and_the_process_stays_usable():
+    r = run("""
+        vmmalloc.enable_vmm_allocator(memory_cap="1GiB")
+        keep = torch.ones(600 * MiB // 4, device="cuda")
+        try:
+            torch.empty(600 * MiB, dtype=torch.uint8, device="cuda")
+            raised = None
+        except torch.OutOfMemoryError as error:
+            raised = str(error)
+            is_cuda_oom = isinstance(error, torch.cuda.OutOfMemoryError)
+        after = torch.ones(300 * MiB // 4, device="cuda") * 2
+        report(raised=raised, is_cuda_oom=is_cuda_oom, value=float(after.sum()), keep=float(keep.sum()),
+               ooms=torch.cuda.memory_stats()["num_ooms"], fraction=torch.cuda.get_per_process_memory_fraction())
+    """)
+    assert r["raised"] and r["raised"].startswith("CUDA out of memory. Tried to allocate 600.00 MiB")
+    assert "vmmalloc" in r["raised"]
+    assert r["is_cuda_oom"]
+    assert r["value"] == 2.0 * (300 * 2**20 // 4)
+    assert r["keep"] == 600 * 2**20 // 4
+    assert r["ooms"] == 1
+    assert 0 < r["fraction"] < 0.02
+
+
+def test_set_per_process_memory_fraction_is_the_cap():
+    r = run("""
+        vmmalloc.enable_vmm_allocator()
+        total = torch.cuda.get_device_properties(0).total_memory
+        torch.cuda.set_per_process_memory_fraction(0.01)
+        try:
+            torch.empty(int(total * 0.02), dtype=torch.uint8, device="cuda")
+            raised = False
+        except torch.OutOfMemoryError:
+            raised = True
+        ok = torch.empty(int(total * 0.005), dtype=torch.uint8, device="cuda")
+        report(raised=raised, fraction=torch.cuda.get_per_process_memory_fraction())
+    """)
+    assert r["raised"]
+    assert abs(r["fraction"] - 0.01) < 1e-3
+
+
+def test_record_stream_keeps_the_block_until_the_other_stream_is_done():
+    r = run("""
+        vmmalloc.enable_vmm_allocator()
+        side = torch.cuda.Stream()
+        x = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
+        x_ptr = x.data_ptr()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # keeps the side stream busy for a while
+            x.fill_(7)
+        x.record_stream(side)
+        del x
+        pending = torch.cuda.memory_stats()["active_bytes.all.current"] - torch.cuda.memory_allocated()
+        y = torch.zeros(64 * MiB, dtype=torch.uint8, device="cuda")
+        reused_early = y.data_ptr() == x_ptr
+        torch.cuda.synchronize()
+        report(pending=pending, reused_early=reused_early, y_sum=int(y.sum()))
+    """)
+    assert r["pending"] == 64 * 2**20
+    assert not r["reused_early"]
+    assert r["y_sum"] == 0, "the side stream's fill must not land in the new tensor"
+
+
+def test_two_streams_compute_correctly():
+    r = run("""
+        vmmalloc.enable_vmm_allocator()
+        s1, s2 = torch.cuda.Stream(), torch.cuda.Stream()
+        outs = []
+        for step in range(20):
+            for s, k in ((s1, 1.0), (s2, 2.0)):
+                with torch.cuda.stream(s):
+                    a = torch.full((1024, 1024), k + step, device="cuda")
+                    outs.append(float((a @ a).sum().item()))
+                    del a
+        torch.cuda.synchronize()
+        expected = [ (k + step) ** 2 * 1024 * 1024 * 1024 for step in range(20) for k in (1.0, 2.0)]
+        report(ok=all(abs(o - e) / e < 1e-5 for o, e in zip(outs, expected)))
+    """)
+    assert r["ok"]
+
+
+def test_vmmalloc_1_turns_it_on_with_no_code_change():
+    r = run("""
+        x = torch.ones(10 * MiB, device="cuda")
+        report(enabled=vmmalloc.is_enabled(), chunks=torch.cuda.memory_stats()["vmm.chunks.current"])
+    """, env={"VMMALLOC": "1", "VMMALLOC_CONF": "memory_fraction:0.5"})
+    assert r["enabled"] and r["chunks"] >= 20
+
+
+def test_enable_too_late_says_how_to_fix_it():
+    r = run("""
+        torch.ones(1, device="cuda")
+        try:
+            vmmalloc.enable_vmm_allocator()
+            message = ""
+        except RuntimeError as error:
+            message = str(error)
+        report(message=message)
+    """)
+    assert "after CUDA was initialized" in r["message"]
+    assert "VMMALLOC=1" in r["message"] and "earlier" in r["message"]
+
+
+def test_graph_capture_is_a_clear_error_not_silent_reuse():
+    r = run("""
+        vmmalloc.enable_vmm_allocator()
+        static = torch.ones(1024, device="cuda")
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                out = static * 2
+            message = ""
+        except Exception as error:
+            message = str(error)
+        after = float((torch.ones(4, device="cuda") * 3).sum())
+        report(message=message, after=after)
+    """)
+    assert "graph capture" in r["message"]
+    assert r["after"] == 12.0
+
+
+TRAIN = """
+import torch.nn as nn
+torch.manual_seed(0)
+torch.use_deterministic_algorithms(True)
+torch.backends.cudnn.benchmark = False
+model = nn.TransformerEncoder(nn.TransformerEncoderLayer(128, 4, 256, dropout=0.0, batch_first=True), 2).cuda()
+opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+losses = []
+for step in range(8):
+    g = torch.Generator(device="cuda").manual_seed(step)
+    x = torch.randn(8, 16 + 4 * step, 128, device="cuda", generator=g)
+    loss = model(x).pow(2).mean()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    losses.append(loss.item())
+checksum = sum(float(p.double().sum()) for p in model.parameters())
+report(losses=losses, checksum=checksum)
+"""
+
+
+def test_training_steps_are_bit_identical_to_the_native_allocator():
+    env = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    native = run(TRAIN, env=env)
+    ours = run("vmmalloc.enable_vmm_allocator()\n" + TRAIN, env=env)
+    assert ours["losses"] == native["losses"]
+    assert ours["checksum"] == native["checksum"]
+
+
+HF = """
+from transformers import LlamaConfig, LlamaForCausalLM
+torch.manual_seed(0)
+config = LlamaConfig(vocab_size=1000, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+model = LlamaForCausalLM(config).cuda().eval()
+ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(1)).cuda()
+with torch.no_grad():
+    logits = model(ids).logits
+    tokens = model.generate(ids, max_new_tokens=20, do_sample=False)
+report(logits=float(logits.double().sum()), tokens=tokens.tolist())
+"""
+
+
+def test_hugging_face_forward_and_generate_match_native():
+    pytest.importorskip("transformers")
+    native = run(HF)
+    ours = run("vmmalloc.enable_vmm_allocator()\n" + HF)
+    assert ours["tokens"] == native["tokens"]
+    assert ours["logits"] == native["logits"]
