@@ -86,7 +86,7 @@ def test_out_of_memory_is_torch_oom_and_the_process_stays_usable():
         except torch.OutOfMemoryError as error:
             raised = str(error)
             is_cuda_oom = isinstance(error, torch.cuda.OutOfMemoryError)
-        after = torch.ones(300 * MiB // 4, device="cuda") * 2
+        after = torch.full((300 * MiB // 4,), 2.0, device="cuda")  # fits beside `keep`
         report(raised=raised, is_cuda_oom=is_cuda_oom, value=float(after.sum()), keep=float(keep.sum()),
                ooms=torch.cuda.memory_stats()["num_ooms"], fraction=torch.cuda.get_per_process_memory_fraction())
     """)
