@@ -66,6 +66,8 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
     requested_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(size));
     return block->addr;
   }
+  // No number of chunks under the cap serves it; and size + kChunkSize - 1 could wrap.
+  if (size > pool_.cap()) throw_oom(size, "the request is larger than the memory cap");
   const std::size_t chunks = (size + kChunkSize - 1) / kChunkSize;
   Mapping* mapping = acquire(chunks, stream, size, /*small_segment=*/false);
   const std::size_t bytes = chunks * kChunkSize;

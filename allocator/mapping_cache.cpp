@@ -317,7 +317,10 @@ void MappingCache::truncate_in_use() {
     const std::size_t tail = m->chunks.size() - m->used;
     count_failure([&] { backend_.unmap(m->base + m->used * kChunkSize, tail * kChunkSize); });
     for (std::size_t i = m->used; i < m->chunks.size(); ++i) {
-      auto& list = m->chunks[i]->mappings;
+      Chunk* c = m->chunks[i];
+      // Busy through another mapping: m counted it, and its release will no longer see m.
+      if (c->busy) --m->busy_chunks;
+      auto& list = c->mappings;
       list.erase(std::find(list.begin(), list.end(), m.get()));
     }
     m->chunks.resize(m->used);

@@ -358,3 +358,28 @@ def test_peak_and_accumulated_statistics_reset(kind):
     assert stats["allocated_bytes.all.peak"] == 0
     assert stats["allocated_bytes.large_pool.allocated"] == 0
     assert stats["reserved_bytes.all.peak"] == stats["reserved_bytes.all.current"]
+
+
+def test_trimmed_mapping_becomes_ready_again(kind):
+    # Found by the sanitizer stress: empty_cache trimmed a mapping whose tail chunk was
+    # busy elsewhere and left it counting that chunk as busy forever.
+    alloc = kind.allocator(64 * MiB)
+    alloc.deallocate(alloc.allocate(6 * MiB))
+    b = alloc.allocate(4 * MiB)  # prefix of the 3-chunk mapping
+    c = alloc.allocate(2 * MiB)  # its third chunk, stitched into a mapping of its own
+    alloc.empty_cache()
+    alloc.deallocate(b)
+    alloc.deallocate(c)
+    stats = alloc.stats()
+    assert stats["vmm.ready_mappings"] == stats["vmm.cached_mappings.current"]
+    stitches = stats["vmm.stitches"]
+    alloc.deallocate(alloc.allocate(4 * MiB))
+    assert alloc.stats()["vmm.stitches"] == stitches, "the trimmed mapping should serve it"
+
+
+def test_absurd_sizes_are_out_of_memory_errors(kind):
+    alloc = kind.allocator(64 * MiB)
+    for size in (2**64 - 1, 2**62, 2**50):
+        with pytest.raises(vmmalloc.OutOfMemoryError, match="larger than the memory cap"):
+            alloc.allocate(size)
+    alloc.deallocate(alloc.allocate(4 * MiB))

@@ -120,11 +120,18 @@ def test_record_stream_keeps_the_block_until_the_other_stream_is_done():
     r = run("""
         vmmalloc.enable_vmm_allocator()
         side = torch.cuda.Stream()
+        # Warm the kernels up: a kernel's first launch loads its module, which waits for
+        # the GPU to go idle and would let the side stream finish before the free.
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(1)
+            torch.empty(16, dtype=torch.uint8, device="cuda").fill_(7)
+        torch.zeros(16, dtype=torch.uint8, device="cuda").sum()
+        torch.cuda.synchronize()
         x = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
         x_ptr = x.data_ptr()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
-            torch.cuda._sleep(200_000_000)  # keeps the side stream busy for a while
+            torch.cuda._sleep(1_000_000_000)  # keeps the side stream busy for ~0.5 s
             x.fill_(7)
         x.record_stream(side)
         del x
