@@ -13,7 +13,10 @@ from bench.common import RESULTS_DIR, environment, write_result
 
 BENCHMARKS = {
     "core_hot_path": "bench.core_hot_path",
+    "torch_hot_path": "bench.torch_hot_path",
+    "fragmentation": "bench.fragmentation",
 }
+GPU_ONLY = {"torch_hot_path", "fragmentation"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     rows = []
-    for name in args.names or list(BENCHMARKS):
+    names = args.names or [n for n in BENCHMARKS if args.backend == "cuda" or n not in GPU_ONLY]
+    for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         print(f"[bench] {name} on {args.backend} ...", flush=True)
         result = module.run(backend=args.backend, quick=args.quick)
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         path = write_result(result["benchmark"], result, args.out)
         print(f"[bench] wrote {path}", flush=True)
         rows += [(name, *row) for row in module.summary(result)]
+    if not rows:
+        return 0
     width = max(len(r[1]) for r in rows)
     print(f"\n{'benchmark':<16} {'measure':<{width}}  {'value':>18}  target")
     for bench, measure, value, target in rows:

@@ -1,0 +1,166 @@
+"""Fragmentation and headroom of a ~1B Llama training loop (random weights, bf16, AdamW,
+gradient checkpointing) whose batch and sequence length vary from step to step.
+
+- fragmentation: peak reserved / peak allocated for native, expandable_segments and
+  vmmalloc, each in its own process on the same schedule; step time against native's.
+  Measured on an H200 (FACTS.md): native 1.37, expandable_segments 1.18.
+  Targets: vmmalloc at most 1.05, step time at least 0.97x native's (time ratio <= 1/0.97).
+- headroom: the largest batch of that loop that runs under the same memory limit,
+  vmmalloc against native. Target: at least 1.25x.
+"""
+from __future__ import annotations
+
+import random
+import statistics
+import sys
+import time
+from typing import Any
+
+from bench.workers import run_worker, worker_main
+
+GiB = 1 << 30
+BATCHES = [1, 2, 3, 4, 6, 8]
+SEQS = [256, 384, 512, 768, 1024, 1536, 2048]
+HEADROOM_SEQS = [2048, 768, 1536, 512, 2048]
+
+
+def schedule(steps: int, seed: int = 0) -> list[tuple[int, int]]:
+    rng = random.Random(seed)
+    return [(rng.choice(BATCHES), rng.choice(SEQS)) for _ in range(steps)]
+
+
+def build(torch, layers: int):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632,
+                         num_hidden_layers=layers, num_attention_heads=32, num_key_value_heads=8,
+                         max_position_embeddings=4096, attn_implementation="sdpa", use_cache=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    return model, optimizer
+
+
+def train_step(torch, model, optimizer, batch: int, seq: int, step: int) -> float:
+    g = torch.Generator(device="cuda").manual_seed(step)
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda", generator=g)
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def measure(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    import vmmalloc
+
+    limit = args.get("limit_bytes")
+    if limit and args["system"] != "vmmalloc":
+        torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
+    model, optimizer = build(torch, args["layers"])
+    plan = schedule(args["steps"], args.get("seed", 0))
+    if "batch" in args:  # headroom probe: one batch size, long and short sequences in turn
+        plan = [(args["batch"], seq) for seq in HEADROOM_SEQS]
+    times, losses = [], []
+    try:
+        for step, (batch, seq) in enumerate(plan):
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            losses.append(train_step(torch, model, optimizer, batch, seq, step))
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+    except torch.OutOfMemoryError as error:
+        return {"ok": False, "oom_at_step": len(times), "error": str(error)[:300],
+                "vmmalloc_enabled": vmmalloc.is_enabled()}
+    stats = torch.cuda.memory_stats()
+    warm = times[3:] if len(times) > 6 else times
+    return {
+        "ok": True,
+        "vmmalloc_enabled": vmmalloc.is_enabled(),
+        "peak_allocated": torch.cuda.max_memory_allocated(),
+        "peak_reserved": torch.cuda.max_memory_reserved(),
+        "ratio": torch.cuda.max_memory_reserved() / torch.cuda.max_memory_allocated(),
+        "step_time_median": statistics.median(warm),
+        "step_times": times,
+        "losses": losses,
+        "num_alloc_retries": stats.get("num_alloc_retries", 0),
+        "stitches": stats.get("vmm.stitches"),
+        "mapping_hits": stats.get("vmm.mapping_hits"),
+    }
+
+
+def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int = 64) -> dict[str, Any]:
+    """Doubling then bisection over the batch size; each probe in a fresh process."""
+    probes: dict[int, bool] = {}
+
+    def fits(batch: int) -> bool:
+        if batch not in probes:
+            r = run_worker("bench.fragmentation", system,
+                           {"layers": layers, "steps": steps, "batch": batch, "limit_bytes": limit})
+            probes[batch] = r["ok"]
+        return probes[batch]
+
+    lo, hi = 0, 4
+    while hi <= ceiling and fits(hi):
+        lo, hi = hi, hi * 2
+    if lo == 0 and hi == 4:
+        lo, hi = 0, 4  # even 4 does not fit: bisect below it
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"largest_batch": lo, "probes": {str(k): v for k, v in sorted(probes.items())}}
+
+
+def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
+    layers = 16
+    steps = 16 if quick else 30
+    systems = {name: run_worker("bench.fragmentation", name, {"layers": layers, "steps": steps})
+               for name in ("native", "expandable_segments", "vmmalloc")}
+    assert systems["vmmalloc"]["vmmalloc_enabled"]
+    limit = 24 * GiB
+    headroom = {name: largest_batch(name, layers, len(HEADROOM_SEQS), limit) for name in ("native", "vmmalloc")}
+    native, ours = systems["native"], systems["vmmalloc"]
+    time_ratio = ours["step_time_median"] / native["step_time_median"]
+    headroom_ratio = headroom["vmmalloc"]["largest_batch"] / max(1, headroom["native"]["largest_batch"])
+    return {
+        "benchmark": "fragmentation",
+        "workload": {"model": f"Llama {layers} layers, hidden 2048, ~1.1B params, bf16, AdamW, "
+                              "gradient checkpointing", "steps": steps, "batches": BATCHES, "seqs": SEQS,
+                     "headroom_limit_bytes": limit},
+        "systems": {name: {k: v for k, v in r.items()} for name, r in systems.items()},
+        "headroom": headroom,
+        "ratios": {
+            "reserved_over_allocated": {name: r["ratio"] for name, r in systems.items()},
+            "vmmalloc_step_time_vs_native": time_ratio,
+            "vmmalloc_speed_vs_native": 1 / time_ratio,
+            "headroom_vmmalloc_vs_native": headroom_ratio,
+        },
+        "targets": {"vmmalloc_reserved_over_allocated_max": 1.05, "vmmalloc_speed_vs_native_min": 0.97,
+                    "headroom_min": 1.25},
+        "met": {
+            "fragmentation": ours["ratio"] <= 1.05,
+            "step_time": 1 / time_ratio >= 0.97,
+            "headroom": headroom_ratio >= 1.25,
+        },
+    }
+
+
+def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    r = result["ratios"]
+    rows = [(f"reserved/allocated, {name}", f"{v:.3f}", "<= 1.05" if name == "vmmalloc" else "")
+            for name, v in r["reserved_over_allocated"].items()]
+    rows.append(("step speed vmmalloc / native", f"{r['vmmalloc_speed_vs_native']:.3f}x", ">= 0.97x"))
+    h = result["headroom"]
+    rows.append(("largest batch native / vmmalloc",
+                 f"{h['native']['largest_batch']} / {h['vmmalloc']['largest_batch']}", ""))
+    rows.append(("headroom vmmalloc / native", f"{r['headroom_vmmalloc_vs_native']:.2f}x", ">= 1.25x"))
+    return rows
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    worker_main(measure)

@@ -1,0 +1,35 @@
+"""Runs one measurement in a fresh interpreter under a chosen allocator, because the CUDA
+allocator is fixed at CUDA start-up: each compared system gets its own process."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from typing import Any
+
+# How each system is switched on in its process.
+SYSTEM_ENV: dict[str, dict[str, str]] = {
+    "native": {},
+    "expandable_segments": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"},
+    "vmmalloc": {"VMMALLOC": "1"},
+}
+
+
+def run_worker(module: str, system: str, args: dict[str, Any], timeout: int = 900) -> dict[str, Any]:
+    """Runs `python -m <module> --worker '<json args>'` under `system`; returns its RESULT."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VMMALLOC", "VMMALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    env.update(SYSTEM_ENV[system])
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps({**args, "system": system})],
+                          capture_output=True, text=True, env=env, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"{module} worker for {system} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def worker_main(measure) -> None:
+    """Entry point of a worker process: parses the JSON args, prints the RESULT line."""
+    args = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+    print("RESULT " + json.dumps(measure(args)), flush=True)
