@@ -108,8 +108,6 @@ def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int
     lo, hi = 0, 4
     while hi <= ceiling and fits(hi):
         lo, hi = hi, hi * 2
-    if lo == 0 and hi == 4:
-        lo, hi = 0, 4  # even 4 does not fit: bisect below it
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
