@@ -117,16 +117,19 @@ def test_set_per_process_memory_fraction_is_the_cap():
 
 
 def test_record_stream_keeps_the_block_until_the_other_stream_is_done():
+    # Kernels are loaded eagerly and warmed up on the same shapes: a lazily loaded kernel's
+    # first launch waits for the GPU to go idle, which would let the side stream finish
+    # before the free and make early reuse legitimate.
     r = run("""
         vmmalloc.enable_vmm_allocator()
         side = torch.cuda.Stream()
-        # Warm the kernels up: a kernel's first launch loads its module, which waits for
-        # the GPU to go idle and would let the side stream finish before the free.
-        with torch.cuda.stream(side):
-            torch.cuda._sleep(1)
-            torch.empty(16, dtype=torch.uint8, device="cuda").fill_(7)
-        torch.zeros(16, dtype=torch.uint8, device="cuda").sum()
-        torch.cuda.synchronize()
+        for _ in range(2):
+            with torch.cuda.stream(side):
+                torch.cuda._sleep(1)
+                torch.empty(64 * MiB, dtype=torch.uint8, device="cuda").fill_(7)
+            torch.zeros(64 * MiB, dtype=torch.uint8, device="cuda").sum()
+            torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         x = torch.empty(64 * MiB, dtype=torch.uint8, device="cuda")
         x_ptr = x.data_ptr()
         side.wait_stream(torch.cuda.current_stream())
@@ -135,12 +138,14 @@ def test_record_stream_keeps_the_block_until_the_other_stream_is_done():
             x.fill_(7)
         x.record_stream(side)
         del x
+        side_busy = not side.query()
         pending = torch.cuda.memory_stats()["active_bytes.all.current"] - torch.cuda.memory_allocated()
         y = torch.zeros(64 * MiB, dtype=torch.uint8, device="cuda")
         reused_early = y.data_ptr() == x_ptr
         torch.cuda.synchronize()
-        report(pending=pending, reused_early=reused_early, y_sum=int(y.sum()))
-    """)
+        report(side_busy=side_busy, pending=pending, reused_early=reused_early, y_sum=int(y.sum()))
+    """, env={"CUDA_MODULE_LOADING": "EAGER"})
+    assert r["side_busy"], "the side stream finished too early for this test to mean anything"
     assert r["pending"] == 64 * 2**20
     assert not r["reused_early"]
     assert r["y_sum"] == 0, "the side stream's fill must not land in the new tensor"
