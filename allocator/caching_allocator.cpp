@@ -229,7 +229,8 @@ void CachingAllocator::free_large(Mapping* m) {
 
 void CachingAllocator::process_pending(bool wait) {
   std::size_t kept = 0;
-  for (PendingFree& p : pending_) {
+  for (std::size_t i = 0; i < pending_.size(); ++i) {
+    PendingFree& p = pending_[i];
     bool done = true;
     if (!wait) {
       for (EventId e : p.events) {
@@ -240,7 +241,10 @@ void CachingAllocator::process_pending(bool wait) {
       }
     }
     if (!done) {
-      pending_[kept++] = std::move(p);
+      // Never self-move: a vector moved onto itself may come out empty, and a pending
+      // free with no events would then count as finished (a real bug, seen on a GPU).
+      if (kept != i) pending_[kept] = std::move(p);
+      ++kept;
       continue;
     }
     for (EventId e : p.events) backend_->release_event(e);

@@ -42,6 +42,60 @@ void FaultInjectionBackend::maybe_fail(BackendOp op, const char* what) {
   throw BackendError(std::string("injected failure of ") + what);
 }
 
+void FaultInjectionBackend::hold_events() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  holding_ = true;
+}
+
+void FaultInjectionBackend::release_events() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  holding_ = false;
+  held_.clear();
+}
+
+EventId FaultInjectionBackend::record_event(StreamId stream) {
+  const EventId inner = inner_->record_event(stream);
+  std::lock_guard<std::mutex> lock(mutex_);
+  const EventId event = next_event_++;
+  events_.emplace(event, inner);
+  if (holding_) held_.insert(event);
+  return event;
+}
+
+EventId FaultInjectionBackend::inner_event(EventId event) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto it = events_.find(event);
+  if (it == events_.end()) throw BackendError("fault injection: unknown event");
+  return it->second;
+}
+
+bool FaultInjectionBackend::event_done(EventId event) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (held_.count(event) != 0) return false;
+  }
+  return inner_->event_done(inner_event(event));
+}
+
+void FaultInjectionBackend::stream_wait_event(StreamId stream, EventId event) {
+  inner_->stream_wait_event(stream, inner_event(event));
+}
+
+void FaultInjectionBackend::release_event(EventId event) {
+  const EventId inner = inner_event(event);
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    events_.erase(event);
+    held_.erase(event);
+  }
+  inner_->release_event(inner);
+}
+
+void FaultInjectionBackend::synchronize() {
+  inner_->synchronize();
+  release_events();
+}
+
 std::uintptr_t FaultInjectionBackend::reserve(std::size_t bytes) {
   maybe_fail(BackendOp::kReserve, "reserve");
   return inner_->reserve(bytes);

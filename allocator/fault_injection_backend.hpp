@@ -5,6 +5,8 @@
 #include <array>
 #include <memory>
 #include <mutex>
+#include <map>
+#include <set>
 #include <string>
 
 #include "backend.hpp"
@@ -26,6 +28,11 @@ class FaultInjectionBackend final : public Backend {
   void fail(BackendOp op, int skip, int count = 1);
   // Calls of `op` made so far (successful or not).
   long calls(BackendOp op) const;
+  // While held, events recorded from now on stay "in flight" (event_done is false) until
+  // release_events() or synchronize(): stream work that has not finished yet, on any
+  // backend, including the host's, whose own events complete at once.
+  void hold_events();
+  void release_events();
 
   std::string name() const override { return "fault-injection(" + inner_->name() + ")"; }
   int device() const override { return inner_->device(); }
@@ -38,11 +45,11 @@ class FaultInjectionBackend final : public Backend {
   void map(std::uintptr_t addr, ChunkHandle chunk) override;
   void unmap(std::uintptr_t addr, std::size_t bytes) override { inner_->unmap(addr, bytes); }
   void set_access(std::uintptr_t addr, std::size_t bytes) override;
-  EventId record_event(StreamId s) override { return inner_->record_event(s); }
-  bool event_done(EventId e) override { return inner_->event_done(e); }
-  void stream_wait_event(StreamId s, EventId e) override { inner_->stream_wait_event(s, e); }
-  void release_event(EventId e) override { inner_->release_event(e); }
-  void synchronize() override { inner_->synchronize(); }
+  EventId record_event(StreamId s) override;
+  bool event_done(EventId e) override;
+  void stream_wait_event(StreamId s, EventId e) override;
+  void release_event(EventId e) override;
+  void synchronize() override;
   bool is_capturing(StreamId s) override { return inner_->is_capturing(s); }
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t n) override {
     inner_->copy_from_host(dst, src, n);
@@ -63,6 +70,13 @@ class FaultInjectionBackend final : public Backend {
   std::shared_ptr<Backend> inner_;
   mutable std::mutex mutex_;
   std::array<Plan, static_cast<std::size_t>(BackendOp::kCount)> plans_{};
+  // Events get ids of their own (the host backend reuses one id for all), mapped to the
+  // inner backend's events.
+  EventId inner_event(EventId event) const;
+  std::map<EventId, EventId> events_;
+  EventId next_event_ = 1;
+  bool holding_ = false;
+  std::set<EventId> held_;  // recorded while holding, not yet released
 };
 
 }  // namespace vmm

@@ -279,7 +279,7 @@ void MappingCache::finish_retiring(bool wait) {
       }
     }
     if (!done) {
-      retiring_[kept++] = r;
+      retiring_[kept++] = r;  // trivially copyable: self-assignment is harmless
       continue;
     }
     count_failure([&] { backend_.release_event(r.event); });

@@ -113,7 +113,11 @@ PYBIND11_MODULE(_C, m) {
            "set_access), fail the next `count`.")
       .def("calls", [](const FaultInjectionBackend& b, const std::string& op) {
              return b.calls(parse_backend_op(op));
-           }, py::arg("op"));
+           }, py::arg("op"))
+      .def("hold_events", &FaultInjectionBackend::hold_events,
+           "Events recorded from now on stay in flight until release_events() or "
+           "synchronize(): simulates stream work that has not finished.")
+      .def("release_events", &FaultInjectionBackend::release_events);
 
   py::class_<CachingAllocator>(m, "Allocator",
                                "The stitching caching allocator of one device.")

@@ -383,3 +383,55 @@ def test_absurd_sizes_are_out_of_memory_errors(kind):
         with pytest.raises(vmmalloc.OutOfMemoryError, match="larger than the memory cap"):
             alloc.allocate(size)
     alloc.deallocate(alloc.allocate(4 * MiB))
+
+
+def held_allocator(kind, capacity=64 * MiB, conf=""):
+    """An allocator whose backend can keep stream work 'in flight' on any backend."""
+    faulty = vmmalloc.FaultInjectionBackend(kind.backend(capacity))
+    return kind.allocator(capacity, conf, backend=faulty), faulty
+
+
+def test_record_stream_block_is_not_reused_while_the_stream_works(kind):
+    # On a GPU this was a real bug: a pending free lost its events and was reused at once.
+    alloc, faulty = held_allocator(kind)
+    x = alloc.allocate(8 * MiB, stream=0)
+    alloc.record_stream(x, 2)
+    faulty.hold_events()  # stream 2 is still working when x is freed
+    alloc.deallocate(x)
+    for _ in range(3):  # several passes over the pending list
+        y = alloc.allocate(8 * MiB, stream=0)
+        assert y != x, "reused while stream 2 may still use it"
+        assert alloc.stats()["vmm.pending_frees"] == 1
+        alloc.deallocate(y)
+    faulty.release_events()
+    z = alloc.allocate(8 * MiB, stream=0)
+    assert alloc.stats()["vmm.pending_frees"] == 0
+    assert z == x or alloc.stats()["vmm.mapping_hits"] > 0
+    alloc.deallocate(z)
+
+
+def test_empty_cache_waits_for_pending_frees(kind):
+    alloc, faulty = held_allocator(kind)
+    x = alloc.allocate(4 * MiB)
+    alloc.record_stream(x, 2)
+    faulty.hold_events()
+    alloc.deallocate(x)
+    alloc.empty_cache()  # synchronizes the device: the pending free completes
+    stats = alloc.stats()
+    assert stats["vmm.pending_frees"] == 0
+    assert stats["reserved_bytes.all.current"] == 0
+
+
+def test_evicted_mapping_is_unmapped_only_after_its_stream_is_done(kind):
+    alloc, faulty = held_allocator(kind, 128 * MiB, "max_cached_mappings:1")
+    a = alloc.allocate(4 * MiB, stream=1)
+    faulty.hold_events()
+    alloc.deallocate(a)
+    b = alloc.allocate(6 * MiB, stream=1)  # a new mapping pushes a's out of the cache
+    stats = alloc.stats()
+    assert stats["vmm.mapping_evictions"] == 1
+    assert stats["vmm.retiring_mappings"] == 1, "a's range may still be read by stream 1"
+    faulty.release_events()
+    alloc.deallocate(b)
+    alloc.deallocate(alloc.allocate(10 * MiB, stream=1))  # any slow path finishes retiring
+    assert alloc.stats()["vmm.retiring_mappings"] == 0
