@@ -71,6 +71,7 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
   for (auto it = idle_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
        it != idle_.end() && it->stream == stream && it->chunks <= max_chunks; ++it) {
     if (it->mapping->busy_chunks == 0) return it->mapping;
+    ++skipped_busy_;
     if (++skipped == kMaxSkipped) break;
   }
   return nullptr;
@@ -82,6 +83,13 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
 // range would stay busy while most of its chunks sit idle, and the next request that
 // needs it would have to stitch.
 Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream) {
+  skipped_busy_ = 0;
+  Mapping* found = find_ready_in_groups(chunks, stream);
+  if (found == nullptr) ++(skipped_busy_ > 0 ? misses_busy : misses_empty);
+  return found;
+}
+
+Mapping* MappingCache::find_ready_in_groups(std::size_t chunks, StreamId stream) {
   if (idle_.empty()) return nullptr;
   const double limit = std::floor(static_cast<double>(chunks) * config_.reuse_ratio);
   const std::size_t max_chunks =
@@ -393,6 +401,8 @@ void MappingCache::append_stats(StatList& out) const {
   out.emplace_back("vmm.ready_mappings", static_cast<std::int64_t>(ready_count()));
   out.emplace_back("vmm.retiring_mappings", static_cast<std::int64_t>(retiring_.size()));
   out.emplace_back("vmm.mapping_hits", hits);
+  out.emplace_back("vmm.misses_no_candidate", misses_empty);
+  out.emplace_back("vmm.misses_candidates_busy", misses_busy);
   out.emplace_back("vmm.stitches", stitches);
   out.emplace_back("vmm.stitched_bytes", stitched_bytes);
   out.emplace_back("vmm.fresh_mappings", fresh_mappings);

@@ -107,6 +107,8 @@ class MappingCache {
   Stat mappings_stat;
   Stat mapped_bytes_stat;
   std::int64_t hits = 0;
+  std::int64_t misses_empty = 0;  // no idle mapping of a fitting size
+  std::int64_t misses_busy = 0;   // fitting idle mappings, all with chunks busy elsewhere
   std::int64_t stitches = 0;
   std::int64_t stitched_bytes = 0;
   std::int64_t fresh_mappings = 0;
@@ -123,6 +125,7 @@ class MappingCache {
   };
 
   Mapping* find_ready(std::size_t chunks, StreamId stream);
+  Mapping* find_ready_in_groups(std::size_t chunks, StreamId stream);
   Mapping* try_ready_group(std::size_t chunks, std::size_t max_chunks, StreamId stream);
   Mapping* stitch(std::size_t chunks, StreamId stream, bool allow_create);
   void use(Mapping* mapping, std::size_t chunks, StreamId stream);
@@ -147,6 +150,7 @@ class MappingCache {
   Mapping* lru_tail_ = nullptr;
   std::vector<Retiring> retiring_;
   std::uint64_t next_id_ = 1;
+  int skipped_busy_ = 0;  // candidates skipped by the current find_ready
 };
 
 }  // namespace vmm
