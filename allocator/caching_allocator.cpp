@@ -99,7 +99,7 @@ Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::siz
       sync_reserved_stats();
       if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
     }
-    return cache_.acquire(chunks, stream, /*allow_create=*/true);
+    return cache_.acquire(chunks, stream, /*allow_create=*/true, growth_budget(chunks));
   } catch (const CapExceeded& e) {
     cause = e.what();
   } catch (const DeviceOutOfMemory& e) {
@@ -118,6 +118,17 @@ Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::siz
   }
   sync_reserved_stats();
   throw_oom(requested, cause);
+}
+
+// Note [Growth slack]: chunks that may be created, beyond those the request needs, while
+// reserved stays within (1 + growth_slack) x allocated, counting this request as allocated.
+std::size_t CachingAllocator::growth_budget(std::size_t chunks) const {
+  const double allocated =
+      static_cast<double>(allocated_bytes_.all.current) + static_cast<double>(chunks * kChunkSize);
+  const double limit = allocated * (1.0 + config_.growth_slack);
+  const double reserved = static_cast<double>(pool_.count() * kChunkSize);
+  if (limit <= reserved) return 0;
+  return static_cast<std::size_t>((limit - reserved) / static_cast<double>(kChunkSize));
 }
 
 void CachingAllocator::throw_oom(std::size_t requested, const std::string& cause) {

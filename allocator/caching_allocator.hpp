@@ -75,6 +75,7 @@ class CachingAllocator {
 
   Mapping* acquire(std::size_t chunks, StreamId stream, std::size_t requested,
                    bool small_segment);
+  std::size_t growth_budget(std::size_t chunks) const;
   [[noreturn]] void throw_oom(std::size_t requested, const std::string& cause);
   void release_cached();
   void process_pending(bool wait);

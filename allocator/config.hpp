@@ -23,6 +23,10 @@ struct Config {
   std::size_t max_mapped_bytes = 0;
   // A cached idle mapping of m chunks serves a request of n chunks when n <= m <= n * ratio.
   double reuse_ratio = 2.0;
+  // Physical memory may exceed allocated memory by this fraction through growth before a
+  // stitch breaks up cached mappings (Note [Growth slack]). Bounds peak reserved / peak
+  // allocated by 1 + growth_slack (up to one chunk of rounding).
+  double growth_slack = 0.04;
 };
 
 // Parses a configuration string; later issues add keys here, each with its own check.

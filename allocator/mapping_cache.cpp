@@ -33,13 +33,14 @@ void MappingCache::count_failure(F&& cleanup) noexcept {
   }
 }
 
-Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_create) {
+Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_create,
+                               std::size_t growth_budget) {
   if (Mapping* m = find_ready(chunks, stream)) {
     use(m, chunks, stream);
     ++hits;
     return m;
   }
-  return stitch(chunks, stream, allow_create);
+  return stitch(chunks, stream, allow_create, growth_budget);
 }
 
 void MappingCache::release(Mapping* mapping, StreamId stream) {
@@ -146,20 +147,31 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
   mapping->busy_chunks += chunks;
 }
 
-Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create) {
+Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create,
+                              std::size_t growth_budget) {
   if (!allow_create && (!config_.stitching || pool_.free_count() < chunks)) return nullptr;
   std::vector<Chunk*> picked;
   picked.reserve(chunks);
   if (config_.stitching) {
-    // Prefer free chunks that no ready mapping needs, so stitching does not break up
-    // mappings that serve other sizes with no driver call.
-    for (const bool want_feeding : {false, true}) {
-      for (const auto& owned : pool_.all()) {
-        Chunk* c = owned.get();
-        if (c->busy || picked.size() == chunks) continue;
-        const bool feeds_ready = std::any_of(c->mappings.begin(), c->mappings.end(),
-                                             [](const Mapping* m) { return is_ready(m); });
-        if (feeds_ready == want_feeding) picked.push_back(c);
+    // Note [Growth slack]: free chunks no ready mapping needs first; chunks of ready
+    // mappings only when growing within the slack cannot cover the rest.
+    std::vector<Chunk*> feeding;
+    for (const auto& owned : pool_.all()) {
+      Chunk* c = owned.get();
+      if (c->busy) continue;
+      const bool feeds_ready = std::any_of(c->mappings.begin(), c->mappings.end(),
+                                           [](const Mapping* m) { return is_ready(m); });
+      if (!feeds_ready) {
+        if (picked.size() < chunks) picked.push_back(c);
+      } else if (feeding.size() + picked.size() < chunks) {
+        feeding.push_back(c);
+      }
+    }
+    const std::size_t missing = chunks - picked.size();
+    const bool grow = missing > 0 && allow_create && missing <= growth_budget;
+    if (!grow) {
+      for (std::size_t i = 0; i < feeding.size() && picked.size() < chunks; ++i) {
+        picked.push_back(feeding[i]);
       }
     }
   }

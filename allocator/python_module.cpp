@@ -35,6 +35,7 @@ py::dict config_to_dict(const Config& c) {
   out["max_cached_mappings"] = c.max_cached_mappings;
   out["max_mapped_bytes"] = c.max_mapped_bytes;
   out["reuse_ratio"] = c.reuse_ratio;
+  out["growth_slack"] = c.growth_slack;
   return out;
 }
 

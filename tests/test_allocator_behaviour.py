@@ -435,3 +435,24 @@ def test_evicted_mapping_is_unmapped_only_after_its_stream_is_done(kind):
     alloc.deallocate(b)
     alloc.deallocate(alloc.allocate(10 * MiB, stream=1))  # any slow path finishes retiring
     assert alloc.stats()["vmm.retiring_mappings"] == 0
+
+
+@pytest.mark.parametrize("slack", [0.04, 0.0])
+def test_growth_within_slack_keeps_cached_mappings_whole(kind, slack):
+    alloc = kind.allocator(256 * MiB, conf=f"growth_slack:{slack}")
+    keep = alloc.allocate(100 * MiB)
+    alloc.deallocate(alloc.allocate(4 * MiB))  # a ready 2-chunk mapping
+    before = alloc.stats()
+    big = alloc.allocate(6 * MiB)  # 3 chunks: no cached mapping fits
+    after = alloc.stats()
+    if slack:
+        # 104 MiB reserved + 6 MiB new <= 1.04 x 106 MiB allocated: grow, break nothing.
+        assert after["vmm.stitches"] == before["vmm.stitches"]
+        assert after["vmm.ready_mappings"] == before["vmm.ready_mappings"]
+        assert after["reserved_bytes.all.current"] == 110 * MiB
+    else:
+        assert after["vmm.stitches"] == before["vmm.stitches"] + 1
+        assert after["reserved_bytes.all.current"] == 106 * MiB
+    assert after["reserved_bytes.all.peak"] <= (1 + slack) * after["allocated_bytes.all.peak"]
+    alloc.deallocate(big)
+    alloc.deallocate(keep)

@@ -29,6 +29,7 @@ def test_empty_and_full_configs_parse():
         ("stitching:maybe", ["'stitching'", "true or false"]),
         ("max_cached_mappings:0", ["'max_cached_mappings'", ">= 1"]),
         ("reuse_ratio:0.5", ["'reuse_ratio'", ">= 1"]),
+        ("growth_slack:2", ["'growth_slack'", "[0, 1]"]),
         ("memory_cap", ["not key:value"]),
         ("stitching:true,stitching:false", ["given twice"]),
         ("memory_cap:1GiB,memory_fraction:0.5", ["not both"]),
