@@ -49,7 +49,7 @@ bool parse_bool(const std::string& key, const std::string& value) {
 
 const char* config_keys() {
   return "memory_cap, memory_fraction, stitching, max_cached_mappings, max_mapped_bytes, "
-         "reuse_ratio, growth_slack";
+         "reuse_ratio, growth_slack, max_ready_scan";
 }
 
 std::size_t parse_bytes(const std::string& raw, const std::string& what) {
@@ -116,6 +116,10 @@ Config parse_config(const std::string& text) {
     } else if (key == "reuse_ratio") {
       config.reuse_ratio = parse_double(key, value, "a number >= 1");
       if (config.reuse_ratio < 1) bad_value(key, value, "a number >= 1");
+    } else if (key == "max_ready_scan") {
+      const double n = parse_double(key, value, "a whole number >= 1");
+      if (n < 1 || n != std::floor(n) || n > 1e9) bad_value(key, value, "a whole number >= 1");
+      config.max_ready_scan = static_cast<std::size_t>(n);
     } else if (key == "growth_slack") {
       config.growth_slack = parse_double(key, value, "a number in [0, 1]");
       if (config.growth_slack < 0 || config.growth_slack > 1) bad_value(key, value, "a number in [0, 1]");

@@ -27,6 +27,10 @@ struct Config {
   // stitch breaks up cached mappings (Note [Growth slack]). Bounds peak reserved / peak
   // allocated by 1 + growth_slack (up to one chunk of rounding).
   double growth_slack = 0.04;
+  // Idle mappings a lookup may pass over (their chunks busy elsewhere) before stitching.
+  // Measured (bench/NOTES.md): 16 left fitting mappings unfound and cost 1700 stitches in
+  // one training step; a miss stitches at >= 23 us per chunk, so a deep scan is cheap.
+  std::size_t max_ready_scan = 4096;
 };
 
 // Parses a configuration string; later issues add keys here, each with its own check.

@@ -67,13 +67,12 @@ void MappingCache::release(Mapping* mapping, StreamId stream) {
 // a crowd of such mappings costs a stitch, not an unbounded walk.
 Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunks,
                                        StreamId stream) {
-  constexpr int kMaxSkipped = 16;
-  int skipped = 0;
+  std::size_t skipped = 0;
   for (auto it = idle_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
        it != idle_.end() && it->stream == stream && it->chunks <= max_chunks; ++it) {
     if (it->mapping->busy_chunks == 0) return it->mapping;
     ++skipped_busy_;
-    if (++skipped == kMaxSkipped) break;
+    if (++skipped == config_.max_ready_scan) break;
   }
   return nullptr;
 }

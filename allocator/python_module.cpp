@@ -36,6 +36,7 @@ py::dict config_to_dict(const Config& c) {
   out["max_mapped_bytes"] = c.max_mapped_bytes;
   out["reuse_ratio"] = c.reuse_ratio;
   out["growth_slack"] = c.growth_slack;
+  out["max_ready_scan"] = c.max_ready_scan;
   return out;
 }
 

@@ -116,12 +116,18 @@ def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int
 
 def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     layers = 16
-    steps = 16 if quick else 30
-    systems = {name: run_worker("bench.fragmentation", name, {"layers": layers, "steps": steps})
-               for name in ("native", "expandable_segments", "vmmalloc")}
+    steps = 16 if quick else 24
+    systems = {}
+    for name in ("native", "expandable_segments", "vmmalloc"):
+        systems[name] = run_worker("bench.fragmentation", name, {"layers": layers, "steps": steps})
+        print(f"[fragmentation] {name}: reserved/allocated {systems[name]['ratio']:.3f}, "
+              f"median step {systems[name]['step_time_median']:.3f} s", flush=True)
     assert systems["vmmalloc"]["vmmalloc_enabled"]
     limit = 24 * GiB
-    headroom = {name: largest_batch(name, layers, len(HEADROOM_SEQS), limit) for name in ("native", "vmmalloc")}
+    headroom = {}
+    for name in ("native", "vmmalloc"):
+        headroom[name] = largest_batch(name, layers, len(HEADROOM_SEQS), limit)
+        print(f"[fragmentation] headroom {name}: {headroom[name]}", flush=True)
     native, ours = systems["native"], systems["vmmalloc"]
     time_ratio = ours["step_time_median"] / native["step_time_median"]
     headroom_ratio = headroom["vmmalloc"]["largest_batch"] / max(1, headroom["native"]["largest_batch"])

@@ -15,7 +15,7 @@ _pluggable = None  # keeps torch's wrapper object alive
 
 # Python keyword -> VMMALLOC_CONF key.
 OPTION_KEYS = ("memory_cap", "memory_fraction", "stitching", "max_cached_mappings",
-               "max_mapped_bytes", "reuse_ratio", "growth_slack")
+               "max_mapped_bytes", "reuse_ratio", "growth_slack", "max_ready_scan")
 
 
 def _format_value(value: Any) -> str:
