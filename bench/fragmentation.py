@@ -60,7 +60,7 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     import vmmalloc
 
     limit = args.get("limit_bytes")
-    if limit and args["system"] != "vmmalloc":
+    if limit:  # the same call for every system; under vmmalloc it sets vmmalloc's cap
         torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
     model, optimizer = build(torch, args["layers"])
     plan = schedule(args["steps"], args.get("seed", 0))
@@ -112,6 +112,11 @@ def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
     return {"largest_batch": lo, "probes": {str(k): v for k, v in sorted(probes.items())}}
+
+
+def headroom_only(layers: int = 16, limit: int = 24 * GiB) -> dict[str, Any]:
+    """The headroom half alone (python -c "from bench.fragmentation import headroom_only")."""
+    return {name: largest_batch(name, layers, len(HEADROOM_SEQS), limit) for name in ("native", "vmmalloc")}
 
 
 def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
