@@ -37,15 +37,24 @@ def test_stitched_block_aliases_the_chunks_it_was_built_from(kind):
             assert be.read(other, CHUNK) == data[index * CHUNK:(index + 1) * CHUNK]
 
 
-def test_fragmented_holes_serve_a_large_block_without_new_memory(kind):
-    # Eight 20 MiB blocks fill the cap; every other one is freed, leaving 80 MiB in holes
-    # no single one of which fits an 80 MiB request.
-    cap = 160 * MiB
-    alloc = kind.allocator(cap + 8 * MiB, conf=f"memory_cap:{cap}")
+FRAGMENTED_CAP = 160 * MiB
+
+
+def fragmented(kind, conf=""):
+    """Eight 20 MiB blocks fill a 160 MiB cap; every other one is freed, leaving 80 MiB in
+    holes no single one of which fits an 80 MiB request. Returns the allocator and its
+    statistics at that point."""
+    conf = f"memory_cap:{FRAGMENTED_CAP}" + (f",{conf}" if conf else "")
+    alloc = kind.allocator(FRAGMENTED_CAP + 8 * MiB, conf=conf)
     blocks = [alloc.allocate(20 * MiB) for _ in range(8)]
     for ptr in blocks[::2]:
         alloc.deallocate(ptr)
-    before = alloc.stats()
+    return alloc, alloc.stats()
+
+
+def test_fragmented_holes_serve_a_large_block_without_new_memory(kind):
+    alloc, before = fragmented(kind)
+    cap = FRAGMENTED_CAP
     assert before["reserved_bytes.all.current"] == cap
 
     big = alloc.allocate(80 * MiB)
@@ -62,12 +71,7 @@ def test_fragmented_holes_serve_a_large_block_without_new_memory(kind):
 def test_without_stitching_the_same_holes_cost_a_release_and_new_memory(kind):
     # The comparison point: a non-stitching allocator cannot use the holes; it must give
     # them back to the device and create the memory anew (or fail where it cannot).
-    cap = 160 * MiB
-    alloc = kind.allocator(cap + 8 * MiB, conf=f"memory_cap:{cap},stitching:false")
-    blocks = [alloc.allocate(20 * MiB) for _ in range(8)]
-    for ptr in blocks[::2]:
-        alloc.deallocate(ptr)
-    before = alloc.stats()
+    alloc, before = fragmented(kind, "stitching:false")
 
     alloc.allocate(80 * MiB)
 
