@@ -140,6 +140,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("memory_cap", &CachingAllocator::memory_cap)
       .def_property_readonly("backend", &CachingAllocator::shared_backend)
       .def("allocation_size", &CachingAllocator::allocation_size, py::arg("ptr"))
+      .def("owns", &CachingAllocator::owns, py::arg("ptr"),
+           "Whether `ptr` is the start of a live allocation of this allocator.")
       .def("chunk_ids", &CachingAllocator::chunk_ids, py::arg("ptr"))
       .def("chunk_addresses", &CachingAllocator::chunk_addresses, py::arg("chunk_id"));
 

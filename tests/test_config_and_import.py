@@ -81,3 +81,17 @@ def test_extension_does_not_link_libcuda_or_torch():
     assert needed, "readelf listed no dependencies at all"
     for lib in ("libcuda", "libcudart", "libtorch", "libc10"):
         assert not any(lib in line for line in needed), needed
+
+
+def test_type_stubs_cover_exactly_the_extension():
+    import ast
+    from pathlib import Path
+
+    import vmmalloc._C as ext
+
+    stub = Path(vmmalloc.__file__).with_name("_C.pyi")
+    tree = ast.parse(stub.read_text())
+    stubbed = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+    stubbed |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+    public = {name for name in dir(ext) if not name.startswith("_")}
+    assert stubbed == public, f"stub only: {stubbed - public}; module only: {public - stubbed}"

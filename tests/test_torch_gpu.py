@@ -258,3 +258,28 @@ def test_hugging_face_forward_and_generate_match_native():
     ours = run("vmmalloc.enable_vmm_allocator()\n" + HF)
     assert ours["tokens"] == native["tokens"]
     assert ours["logits"] == native["logits"]
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.skipif(_gpu_count() < 2, reason="needs 2 GPUs (run on a 2-GPU machine)")
+def test_each_gpu_is_served_by_its_own_allocator():
+    r = run("""
+        vmmalloc.enable_vmm_allocator()
+        a = torch.ones(10 * MiB // 4, device="cuda:0")
+        b = torch.ones(20 * MiB // 4, device="cuda:1")
+        c = b.to("cuda:0") * 2
+        d0, d1 = vmmalloc._C.device_allocator(0), vmmalloc._C.device_allocator(1)
+        report(owns=[d0.owns(a.data_ptr()), d1.owns(b.data_ptr()), d0.owns(b.data_ptr())],
+               devices=[d0.backend.device, d1.backend.device],
+               allocated=[torch.cuda.memory_allocated(0), torch.cuda.memory_allocated(1)],
+               total=float(c.sum()))
+    """)
+    assert r["owns"] == [True, True, False]
+    assert r["devices"] == [0, 1]
+    assert r["allocated"] == [10 * 2**20 + 20 * 2**20, 20 * 2**20]
+    assert r["total"] == 2.0 * 20 * 2**20 / 4
