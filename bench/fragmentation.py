@@ -75,7 +75,7 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError as error:
-        return {"ok": False, "oom_at_step": len(times), "error": str(error)[:300],
+        return {"ok": False, "oom_at_step": len(times), "error": str(error)[:1200],
                 "vmmalloc_enabled": vmmalloc.is_enabled()}
     stats = torch.cuda.memory_stats()
     warm = times[3:] if len(times) > 6 else times
@@ -97,12 +97,15 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
 def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int = 64) -> dict[str, Any]:
     """Doubling then bisection over the batch size; each probe in a fresh process."""
     probes: dict[int, bool] = {}
+    failures: dict[str, str] = {}  # batch -> the OOM message: where the limit bit
 
     def fits(batch: int) -> bool:
         if batch not in probes:
             r = run_worker("bench.fragmentation", system,
                            {"layers": layers, "steps": steps, "batch": batch, "limit_bytes": limit})
             probes[batch] = r["ok"]
+            if not r["ok"]:
+                failures[str(batch)] = f"step {r['oom_at_step']}: {r['error']}"
         return probes[batch]
 
     lo, hi = 0, 4
@@ -111,7 +114,8 @@ def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return {"largest_batch": lo, "probes": {str(k): v for k, v in sorted(probes.items())}}
+    return {"largest_batch": lo, "probes": {str(k): v for k, v in sorted(probes.items())},
+            "failures": failures}
 
 
 def headroom_only(layers: int = 16, limit: int = 24 * GiB) -> dict[str, Any]:
