@@ -518,12 +518,18 @@ void Phase::disarm_faults() {
                   vmm::BackendOp::kSetAccess}) {
     faults_->fail(op, 1 << 30, 1);  // the next failure is a billion calls away
   }
+  faults_->release_events();
 }
 
 void Phase::arm_random_fault(std::mt19937_64& rng) {
   static const vmm::BackendOp kOps[] = {vmm::BackendOp::kReserve, vmm::BackendOp::kCreateChunk,
                                         vmm::BackendOp::kMap, vmm::BackendOp::kSetAccess};
   faults_->fail(kOps[rng() % 4], static_cast<int>(rng() % 4), 1);
+  // Stream work left in flight for a while: pending frees must stay pending and evicted
+  // ranges must wait (on a GPU a lost event once let memory be reused too early).
+  const auto dice = rng() % 6;
+  if (dice == 0) faults_->hold_events();
+  else if (dice == 1) faults_->release_events();
 }
 
 // Allocates and registers the block; kOom on OutOfMemoryError, kInjected when a failure
