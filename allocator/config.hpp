@@ -24,8 +24,7 @@ struct Config {
   // A cached idle mapping of m chunks serves a request of n chunks when n <= m <= n * ratio.
   double reuse_ratio = 2.0;
   // Physical memory may exceed allocated memory by this fraction through growth before a
-  // stitch breaks up cached mappings (Note [Growth slack]). Bounds peak reserved / peak
-  // allocated by 1 + growth_slack (up to one chunk of rounding).
+  // stitch breaks up cached mappings (Note [Growth slack]).
   double growth_slack = 0.04;
   // Idle mappings a lookup may pass over (their chunks busy elsewhere) before stitching.
   // Measured (bench/NOTES.md): 16 left fitting mappings unfound and cost 1700 stitches in
