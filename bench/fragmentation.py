@@ -22,6 +22,10 @@ GiB = 1 << 30
 BATCHES = [1, 2, 3, 4, 6, 8]
 SEQS = [256, 384, 512, 768, 1024, 1536, 2048]
 HEADROOM_SEQS = [2048, 768, 1536, 512, 2048]
+OOM_KEYS = ("allocated_bytes.all.current", "allocated_bytes.all.peak", "requested_bytes.all.peak",
+            "reserved_bytes.all.current", "reserved_bytes.all.peak", "inactive_split_bytes.all.current",
+            "vmm.small_segments", "vmm.free_chunks", "vmm.cached_mappings.current",
+            "vmm.retiring_mappings", "vmm.pending_frees", "num_alloc_retries", "num_ooms")
 
 
 def schedule(steps: int, seed: int = 0) -> list[tuple[int, int]]:
@@ -75,8 +79,11 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
     except torch.OutOfMemoryError as error:
+        stats = torch.cuda.memory_stats()
         return {"ok": False, "oom_at_step": len(times), "error": str(error)[:1200],
-                "vmmalloc_enabled": vmmalloc.is_enabled()}
+                "vmmalloc_enabled": vmmalloc.is_enabled(),
+                # where the memory was when it ran out (peaks include the failing step)
+                "stats_at_oom": {k: v for k, v in stats.items() if k in OOM_KEYS}}
     stats = torch.cuda.memory_stats()
     warm = times[3:] if len(times) > 6 else times
     return {
@@ -97,7 +104,7 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
 def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int = 64) -> dict[str, Any]:
     """Doubling then bisection over the batch size; each probe in a fresh process."""
     probes: dict[int, bool] = {}
-    failures: dict[str, str] = {}  # batch -> the OOM message: where the limit bit
+    failures: dict[str, dict] = {}  # batch -> OOM message and statistics: where the limit bit
 
     def fits(batch: int) -> bool:
         if batch not in probes:
@@ -105,7 +112,8 @@ def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int
                            {"layers": layers, "steps": steps, "batch": batch, "limit_bytes": limit})
             probes[batch] = r["ok"]
             if not r["ok"]:
-                failures[str(batch)] = f"step {r['oom_at_step']}: {r['error']}"
+                failures[str(batch)] = {"step": r["oom_at_step"], "error": r["error"],
+                                        "stats": r["stats_at_oom"]}
         return probes[batch]
 
     lo, hi = 0, 4
