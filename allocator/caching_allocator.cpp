@@ -178,16 +178,19 @@ void CachingAllocator::empty_cache() {
 
 void CachingAllocator::deallocate(std::uintptr_t ptr) {
   std::lock_guard<std::mutex> lock(mutex_);
+  SmallBlock* block = small_.find(ptr);
+  Mapping* mapping = block != nullptr ? nullptr : large_.find(ptr);
+  if (block == nullptr && mapping == nullptr) {
+    throw std::invalid_argument("vmmalloc: free of " + hex(ptr) +
+                                ", which this allocator does not hold (never allocated here, "
+                                "or already freed)");
+  }
   if (!recorded_streams_.empty()) {
     auto it = recorded_streams_.find(ptr);
     if (it != recorded_streams_.end()) {
       // Note [record_stream]: the memory stays active until the work queued on every
       // recorded stream up to now has finished; allocated counts drop at once, as in
       // PyTorch.
-      StreamId stream;
-      std::size_t size;
-      Pool pool;
-      live(ptr, &stream, &size, &pool);
       PendingFree pending{ptr, {}};
       pending.events.reserve(it->second.size());
       try {
@@ -198,29 +201,25 @@ void CachingAllocator::deallocate(std::uintptr_t ptr) {
       }
       recorded_streams_.erase(it);
       pending_.push_back(std::move(pending));
-      const std::size_t requested =
-          pool == Pool::kSmall ? small_.find(ptr)->requested : large_.find(ptr)->requested;
-      allocation_.decrease(pool, 1);
-      allocated_bytes_.decrease(pool, static_cast<std::int64_t>(size));
-      requested_bytes_.decrease(pool, static_cast<std::int64_t>(requested));
+      if (block != nullptr) drop_allocated(Pool::kSmall, block->size, block->requested);
+      else drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
       return;
     }
   }
-  if (SmallBlock* block = small_.find(ptr)) {
-    allocation_.decrease(Pool::kSmall, 1);
-    allocated_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->size));
-    requested_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->requested));
+  if (block != nullptr) {
+    drop_allocated(Pool::kSmall, block->size, block->requested);
     free_small(block);
-  } else if (Mapping* m = large_.find(ptr)) {
-    allocation_.decrease(Pool::kLarge, 1);
-    allocated_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->used * kChunkSize));
-    requested_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->requested));
-    free_large(m);
   } else {
-    throw std::invalid_argument("vmmalloc: free of " + hex(ptr) +
-                                ", which this allocator does not hold (never allocated here, "
-                                "or already freed)");
+    drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
+    free_large(mapping);
   }
+}
+
+// Allocated counts drop when the caller frees; active ones when the memory is reusable.
+void CachingAllocator::drop_allocated(Pool pool, std::size_t size, std::size_t requested) {
+  allocation_.decrease(pool, 1);
+  allocated_bytes_.decrease(pool, static_cast<std::int64_t>(size));
+  requested_bytes_.decrease(pool, static_cast<std::int64_t>(requested));
 }
 
 // free_small / free_large return the memory of a live or pending allocation to the pools;

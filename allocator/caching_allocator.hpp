@@ -79,6 +79,7 @@ class CachingAllocator {
   [[noreturn]] void throw_oom(std::size_t requested, const std::string& cause);
   void release_cached();
   void process_pending(bool wait);
+  void drop_allocated(Pool pool, std::size_t size, std::size_t requested);
   void free_small(SmallBlock* block);
   void free_large(Mapping* mapping);
   void sync_reserved_stats();

@@ -10,13 +10,6 @@ import vmmalloc
 MiB = 1 << 20
 
 
-def _cuda_skip_reason() -> str:
-    reason = vmmalloc.cuda_unavailable_reason()
-    if reason:
-        return reason
-    return ""
-
-
 @dataclass
 class BackendKind:
     """Makes allocators over one backend kind with a given amount of usable memory."""
@@ -45,7 +38,7 @@ class BackendKind:
 )
 def kind(request) -> BackendKind:
     if request.param == "cuda":
-        reason = _cuda_skip_reason()
+        reason = vmmalloc.cuda_unavailable_reason()
         if reason:
             pytest.skip(reason)
     return BackendKind(request.param)
