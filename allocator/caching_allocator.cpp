@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstdio>
+#include <limits>
 #include <stdexcept>
 
 namespace vmm {
@@ -35,7 +36,8 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Config conf
     : backend_(std::move(backend)),
       config_(config),
       pool_(*backend_),
-      cache_(*backend_, pool_, config_) {
+      cache_(*backend_, pool_, config_),
+      pages_(*backend_) {
   if (config_.memory_fraction != 0) set_memory_fraction(config_.memory_fraction);
   else set_memory_cap(config_.memory_cap);
 }
@@ -95,6 +97,7 @@ Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::siz
     if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
     // Before any new physical memory: finish frees and take back free small segments.
     if (!pending_.empty()) process_pending(/*wait=*/false);
+    if (pages_.has_retiring()) finish_page_retiring(/*wait=*/false);
     if (!small_segment && small_.reclaim(cache_) > 0) {
       sync_reserved_stats();
       if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
@@ -162,6 +165,7 @@ void CachingAllocator::release_cached() {
   backend_->synchronize();
   ++num_sync_all_streams_;
   process_pending(/*wait=*/true);
+  finish_page_retiring(/*wait=*/true);
   small_.reclaim(cache_);
   cache_.finish_retiring(/*wait=*/true);
   cache_.forget_streams();
@@ -169,6 +173,117 @@ void CachingAllocator::release_cached() {
   cache_.truncate_in_use();
   cache_.release_free_chunks();
   sync_reserved_stats();
+}
+
+VirtualRange* CachingAllocator::reserve_range(std::size_t bytes) {
+  if (bytes == 0) throw std::invalid_argument("vmmalloc: a virtual tensor needs at least 1 byte");
+  if (bytes > (std::numeric_limits<std::size_t>::max() >> 1)) {
+    throw std::invalid_argument("vmmalloc: a virtual tensor of " + std::to_string(bytes) +
+                                " bytes cannot be reserved");
+  }
+  const std::size_t rounded = (bytes + kChunkSize - 1) / kChunkSize * kChunkSize;
+  std::lock_guard<std::mutex> lock(mutex_);
+  return pages_.reserve(rounded);
+}
+
+void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::size_t stride,
+                                    std::size_t begin, std::size_t end, StreamId stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (range == nullptr || range->freed) {
+    throw std::logic_error("vmmalloc: this virtual tensor was freed; create a new one");
+  }
+  const std::size_t limit = range->bytes;
+  const bool fits = begin <= end && end <= limit &&
+                    (rows <= 1 || (stride != 0 && (rows - 1) <= (limit - end) / stride));
+  if (!fits) {
+    throw std::out_of_range(
+        "vmmalloc: cannot commit bytes [" + std::to_string(begin) + ", " + std::to_string(end) +
+        ") of " + std::to_string(rows) + " rows " + std::to_string(stride) +
+        " bytes apart: the virtual tensor reserves only " + std::to_string(limit) +
+        " bytes. Reserve a larger one (a longer maximum length or batch).");
+  }
+  if (pages_.has_retiring()) finish_page_retiring(/*wait=*/false);
+  const PagePlan plan = pages_.plan(*range, rows, stride, begin, end);
+  pages_.reclaim(*range, plan.reclaim);
+  count_pages(static_cast<std::int64_t>(plan.reclaim.size()));
+  pages_.retire(*range, plan.drop, stream);
+  count_pages(-static_cast<std::int64_t>(plan.drop.size()));
+  if (!plan.map.empty()) {
+    std::vector<Chunk*> chunks = acquire_page_chunks(plan.map.size(), stream);
+    try {
+      pages_.map(*range, plan.map, chunks);
+    } catch (...) {
+      cache_.return_chunks(chunks, stream);
+      sync_reserved_stats();
+      throw;
+    }
+    count_pages(static_cast<std::int64_t>(plan.map.size()));
+  }
+  sync_reserved_stats();
+}
+
+void CachingAllocator::free_range(VirtualRange* range, StreamId stream) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (range == nullptr || range->freed) return;
+  count_pages(-static_cast<std::int64_t>(range->live_pages));
+  pages_.free(*range, stream);  // may destroy *range
+  if (pages_.has_retiring()) finish_page_retiring(/*wait=*/false);
+  sync_reserved_stats();
+}
+
+std::vector<std::size_t> CachingAllocator::live_pages(const VirtualRange* range) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<std::size_t> out;
+  if (range == nullptr || range->freed) return out;
+  for (std::size_t p = 0; p < range->pages.size(); ++p) {
+    if (range->pages[p].chunk != nullptr && range->pages[p].retire_serial == 0) out.push_back(p);
+  }
+  return out;
+}
+
+// Note [KV pages]: pages are drawn like a stitch's chunks, with the same out-of-memory
+// retry as any request (Note [Out-of-memory retry]).
+std::vector<Chunk*> CachingAllocator::acquire_page_chunks(std::size_t n, StreamId stream) {
+  std::string cause;
+  try {
+    std::vector<Chunk*> chunks = cache_.take_chunks(n, stream, /*allow_create=*/false);
+    if (!chunks.empty()) return chunks;
+    if (!pending_.empty()) process_pending(/*wait=*/false);
+    if (small_.reclaim(cache_) > 0) sync_reserved_stats();
+    return cache_.take_chunks(n, stream, /*allow_create=*/true, growth_budget(n));
+  } catch (const CapExceeded& e) {
+    cause = e.what();
+  } catch (const DeviceOutOfMemory& e) {
+    cause = e.what();
+  }
+  ++num_alloc_retries_;
+  release_cached();
+  try {
+    std::vector<Chunk*> chunks = cache_.take_chunks(n, stream, /*allow_create=*/true);
+    sync_reserved_stats();
+    return chunks;
+  } catch (const CapExceeded& e) {
+    cause = e.what();
+  } catch (const DeviceOutOfMemory& e) {
+    cause = e.what();
+  }
+  sync_reserved_stats();
+  throw_oom(n * kChunkSize, cause);
+}
+
+void CachingAllocator::finish_page_retiring(bool wait) {
+  cache_.return_chunks(pages_.finish_retiring(wait), kNoStream);
+}
+
+// KV pages count as allocated (and active, and requested) memory of the large pool, as
+// the tensors of any other KV cache would.
+void CachingAllocator::count_pages(std::int64_t pages) {
+  if (pages == 0) return;
+  const std::int64_t bytes = pages * static_cast<std::int64_t>(kChunkSize);
+  for (PoolStat* s : {&allocated_bytes_, &active_bytes_, &requested_bytes_}) {
+    if (bytes > 0) s->increase(Pool::kLarge, bytes);
+    else s->decrease(Pool::kLarge, -bytes);
+  }
 }
 
 void CachingAllocator::empty_cache() {
@@ -343,6 +458,7 @@ StatList CachingAllocator::stats_locked() const {
   out.emplace_back("vmm.small_segments", static_cast<std::int64_t>(small_.segment_count()));
   out.emplace_back("vmm.pending_frees", static_cast<std::int64_t>(pending_.size()));
   cache_.append_stats(out);
+  pages_.append_stats(out);
   return out;
 }
 
@@ -354,6 +470,7 @@ void CachingAllocator::reset_peak_stats() {
   }
   pool_.chunks_stat.reset_peak();
   cache_.reset_peak();
+  pages_.reset_peak();
 }
 
 void CachingAllocator::reset_accumulated_stats() {

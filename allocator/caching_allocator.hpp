@@ -28,6 +28,7 @@
 #include "pointer_map.hpp"
 #include "small_pool.hpp"
 #include "stats.hpp"
+#include "virtual_pages.hpp"
 
 namespace vmm {
 
@@ -63,6 +64,23 @@ class CachingAllocator {
   std::vector<std::uint64_t> chunk_ids(std::uintptr_t ptr) const;
   std::vector<std::uintptr_t> chunk_addresses(std::uint64_t chunk_id) const;
 
+  // Virtual tensors (Note [KV pages]). A range is reserved virtual space, kChunkSize-
+  // aligned, of at least `bytes`; its pages are mapped by commit_range. Throws
+  // std::invalid_argument for 0 bytes, BackendError when the space cannot be reserved.
+  VirtualRange* reserve_range(std::size_t bytes);
+  // Afterwards exactly the pages overlapping [r*stride + begin, r*stride + end) for every
+  // r < rows are mapped (and counted as allocated); pages no longer needed are unmapped
+  // once the work queued on `stream` so far is done. Throws std::out_of_range past the
+  // range, std::logic_error for a freed range, OutOfMemoryError after the usual retry. On
+  // a throw, every page is either mapped or not; none is lost.
+  void commit_range(VirtualRange* range, std::size_t rows, std::size_t stride,
+                    std::size_t begin, std::size_t end, StreamId stream);
+  // Gives every page back (after the work queued on `stream`) and the range with them;
+  // `range` must not be used afterwards.
+  void free_range(VirtualRange* range, StreamId stream);
+  // Indices of the pages of `range` that are mapped and live (introspection and tests).
+  std::vector<std::size_t> live_pages(const VirtualRange* range) const;
+
   Backend& backend() { return *backend_; }
   const std::shared_ptr<Backend>& shared_backend() const { return backend_; }
   const Config& config() const { return config_; }
@@ -78,6 +96,9 @@ class CachingAllocator {
   std::size_t growth_budget(std::size_t chunks) const;
   [[noreturn]] void throw_oom(std::size_t requested, const std::string& cause);
   void release_cached();
+  std::vector<Chunk*> acquire_page_chunks(std::size_t n, StreamId stream);
+  void finish_page_retiring(bool wait);
+  void count_pages(std::int64_t pages);
   void process_pending(bool wait);
   void drop_allocated(Pool pool, std::size_t size, std::size_t requested);
   void free_small(SmallBlock* block);
@@ -92,6 +113,7 @@ class CachingAllocator {
   ChunkPool pool_;
   MappingCache cache_;
   SmallPool small_;
+  VirtualPages pages_;  // declared after cache_ and pool_: unmapped before they go
   PointerMap<Mapping*> large_;  // live large allocations by base address
   std::unordered_map<std::uintptr_t, std::vector<StreamId>> recorded_streams_;
   std::vector<PendingFree> pending_;

@@ -112,12 +112,12 @@ Mapping* MappingCache::find_ready_in_groups(std::size_t chunks, StreamId stream)
   return nullptr;
 }
 
-void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
+void MappingCache::wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream) {
   // Waits first, so that a failing event call leaves everything as it was.
   StreamId waited[8];
   std::size_t n_waited = 0;
-  for (std::size_t i = 0; i < chunks; ++i) {
-    const StreamId last = mapping->chunks[i]->stream;
+  for (std::size_t i = 0; i < n; ++i) {
+    const StreamId last = chunks[i]->stream;
     if (last == stream || last == kNoStream) continue;
     if (std::find(waited, waited + n_waited, last) != waited + n_waited) continue;
     const EventId event = backend_.record_event(last);
@@ -131,6 +131,10 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
     ++cross_stream_waits;
     if (n_waited < 8) waited[n_waited++] = last;
   }
+}
+
+void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
+  wait_for_chunks(mapping->chunks.data(), chunks, stream);
   index_erase(mapping);
   lru_unlink(mapping);
   mapping->in_use = true;
@@ -147,12 +151,11 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
   mapping->busy_chunks += chunks;
 }
 
-Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create,
-                              std::size_t growth_budget) {
-  if (!allow_create && (!config_.stitching || pool_.free_count() < chunks)) return nullptr;
-  std::vector<Chunk*> picked;
+bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
+                               std::size_t growth_budget, std::vector<Chunk*>& picked,
+                               std::vector<Chunk*>& created) {
   picked.reserve(chunks);
-  if (config_.stitching) {
+  if (reuse_free) {
     // Note [Growth slack]: free chunks no ready mapping needs first; chunks of ready
     // mappings only when growing within the slack cannot cover the rest.
     std::vector<Chunk*> feeding;
@@ -175,11 +178,11 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
       }
     }
   }
-  const std::size_t reused = picked.size();
-  if (reused < chunks && !allow_create) return nullptr;
-
-  std::vector<Chunk*> created;
-  created.reserve(chunks - reused);
+  if (picked.size() < chunks && !allow_create) {
+    picked.clear();
+    return false;
+  }
+  created.reserve(chunks - picked.size());
   try {
     while (picked.size() < chunks) {
       Chunk* c = pool_.create();
@@ -188,8 +191,20 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
     }
   } catch (...) {
     rollback_created(created);
+    picked.clear();
     throw;
   }
+  return true;
+}
+
+Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create,
+                              std::size_t growth_budget) {
+  if (!allow_create && (!config_.stitching || pool_.free_count() < chunks)) return nullptr;
+  std::vector<Chunk*> picked, created;
+  if (!pick_chunks(chunks, config_.stitching, allow_create, growth_budget, picked, created)) {
+    return nullptr;
+  }
+  const std::size_t reused = picked.size() - created.size();
 
   const std::size_t bytes = chunks * kChunkSize;
   std::uintptr_t base = 0;
@@ -241,6 +256,34 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
 void MappingCache::rollback_created(std::vector<Chunk*>& created) {
   for (Chunk* c : created) count_failure([&] { pool_.release(c); });
   created.clear();
+}
+
+// Note [KV pages]: a page is one chunk, so any free chunk serves; no stitch is involved.
+std::vector<Chunk*> MappingCache::take_chunks(std::size_t n, StreamId stream, bool allow_create,
+                                              std::size_t growth_budget) {
+  std::vector<Chunk*> picked, created;
+  if (!allow_create && pool_.free_count() < n) return picked;
+  if (!pick_chunks(n, /*reuse_free=*/true, allow_create, growth_budget, picked, created)) {
+    return picked;
+  }
+  try {
+    wait_for_chunks(picked.data(), picked.size(), stream);
+  } catch (...) {
+    rollback_created(created);
+    throw;
+  }
+  for (Chunk* c : picked) {
+    pool_.mark_busy(c);
+    for (Mapping* m : c->mappings) ++m->busy_chunks;
+  }
+  return picked;
+}
+
+void MappingCache::return_chunks(const std::vector<Chunk*>& chunks, StreamId stream) {
+  for (Chunk* c : chunks) {
+    pool_.mark_free(c, stream);
+    for (Mapping* m : c->mappings) --m->busy_chunks;
+  }
 }
 
 void MappingCache::enforce_bounds() {

@@ -101,6 +101,14 @@ class MappingCache {
   // The allocation on `mapping` is gone; its chunks were last used on `stream`.
   void release(Mapping* mapping, StreamId stream);
 
+  // `n` chunks for pages of virtual tensors (Note [KV pages]), now busy and safe to use on
+  // `stream`, picked as a stitch picks them (Note [Growth slack]). Empty when that needs
+  // new chunks and !allow_create. Throws like acquire; on a throw nothing has changed.
+  std::vector<Chunk*> take_chunks(std::size_t n, StreamId stream, bool allow_create,
+                                  std::size_t growth_budget = 0);
+  // Pages are gone (unmapped); their chunks were last used on `stream`.
+  void return_chunks(const std::vector<Chunk*>& chunks, StreamId stream);
+
   // Slow paths, called with the device synchronized (Note [Stream-ordered reuse]).
   void forget_streams();
   void evict_idle();            // unmap every mapping not in use
@@ -142,6 +150,13 @@ class MappingCache {
   Mapping* try_ready_group(std::size_t chunks, std::size_t max_chunks, StreamId stream);
   Mapping* stitch(std::size_t chunks, StreamId stream, bool allow_create,
                   std::size_t growth_budget);
+  // Free chunks (when reuse_free) then new ones; false, with nothing picked, when that
+  // needs new chunks and !allow_create. On a throw, the chunks it created are released.
+  bool pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
+                   std::size_t growth_budget, std::vector<Chunk*>& picked,
+                   std::vector<Chunk*>& created);
+  // Makes `stream` wait for the last streams of these chunks (Note [Stream-ordered reuse]).
+  void wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream);
   void use(Mapping* mapping, std::size_t chunks, StreamId stream);
   void evict(Mapping* mapping);
   void enforce_bounds();

@@ -11,10 +11,12 @@
 #include "cuda_backend.hpp"
 #include "cuda_driver.hpp"
 #include "device_registry.hpp"
+#include "dlpack_export.hpp"
 #include "errors.hpp"
 #include "fault_injection_backend.hpp"
 #include "host_backend.hpp"
 #include "hot_path_timing.hpp"
+#include "virtual_tensor.hpp"
 
 namespace py = pybind11;
 using namespace vmm;
@@ -38,6 +40,58 @@ py::dict config_to_dict(const Config& c) {
   out["growth_slack"] = c.growth_slack;
   out["max_ready_scan"] = c.max_ready_scan;
   return out;
+}
+
+// The DLPack export of a VirtualTensor keeps its Python handle alive (manager_ctx holds a
+// reference) so the reserved range outlives every torch tensor viewing it.
+struct Export {
+  dlpack::ManagedTensor managed;
+  std::int64_t shape[1];
+};
+
+void release_export(dlpack::ManagedTensor* self) {
+  Export* e = reinterpret_cast<Export*>(self);
+  PyGILState_STATE gil = PyGILState_Ensure();
+  auto* handle = static_cast<PyObject*>(self->manager_ctx);
+  try {
+    py::handle(handle).cast<VirtualTensor&>().remove_export();
+  } catch (const std::exception&) {
+    // Releasing never throws into torch's deleter; the range then stays reserved.
+  }
+  Py_XDECREF(handle);
+  PyGILState_Release(gil);
+  delete e;
+}
+
+void capsule_destructor(PyObject* capsule) {
+  // Only an export nobody consumed is still ours to release.
+  if (!PyCapsule_IsValid(capsule, dlpack::kCapsuleName)) return;
+  auto* managed = static_cast<dlpack::ManagedTensor*>(PyCapsule_GetPointer(capsule, dlpack::kCapsuleName));
+  if (managed != nullptr && managed->deleter != nullptr) managed->deleter(managed);
+}
+
+py::capsule export_dlpack(py::object handle, VirtualTensor& vt) {
+  const Backend& backend = vt.backend();
+  vt.add_export();  // throws for a freed handle
+  auto* e = new Export{};
+  e->shape[0] = static_cast<std::int64_t>(vt.bytes());
+  dlpack::Tensor& t = e->managed.dl_tensor;
+  t.data = reinterpret_cast<void*>(vt.address());
+  const bool cuda = backend.name().find("cuda") != std::string::npos;
+  t.device = {cuda ? dlpack::kCUDA : dlpack::kCPU, cuda ? backend.device() : 0};
+  t.ndim = 1;
+  t.dtype = {1, 8, 1};
+  t.shape = e->shape;
+  t.strides = nullptr;
+  t.byte_offset = 0;
+  e->managed.manager_ctx = handle.release().ptr();
+  e->managed.deleter = release_export;
+  PyObject* capsule = PyCapsule_New(&e->managed, dlpack::kCapsuleName, capsule_destructor);
+  if (capsule == nullptr) {
+    release_export(&e->managed);
+    throw py::error_already_set();
+  }
+  return py::reinterpret_steal<py::capsule>(capsule);
 }
 
 }  // namespace
@@ -144,6 +198,30 @@ PYBIND11_MODULE(_C, m) {
            "Whether `ptr` is the start of a live allocation of this allocator.")
       .def("chunk_ids", &CachingAllocator::chunk_ids, py::arg("ptr"))
       .def("chunk_addresses", &CachingAllocator::chunk_addresses, py::arg("chunk_id"));
+
+  py::class_<VirtualTensor>(m, "VirtualRange",
+                            "Reserved virtual memory of an allocator whose 2 MiB pages are "
+                            "mapped only where committed (the memory under virtual tensors).")
+      .def(py::init([](CachingAllocator& allocator, std::size_t bytes) {
+             return std::make_unique<VirtualTensor>(allocator, bytes);
+           }), py::arg("allocator"), py::arg("bytes"), py::keep_alive<1, 2>())
+      .def_property_readonly("address", &VirtualTensor::address)
+      .def_property_readonly("bytes", &VirtualTensor::bytes)
+      .def_property_readonly("freed", &VirtualTensor::freed)
+      .def_property_readonly("live_bytes", &VirtualTensor::live_bytes)
+      .def("live_pages", &VirtualTensor::live_pages,
+           "Indices of the 2 MiB pages now mapped and in use.")
+      .def("commit", &VirtualTensor::commit, py::arg("rows"), py::arg("stride"),
+           py::arg("begin"), py::arg("end"), py::arg("stream") = 0,
+           "Maps exactly the pages overlapping [r*stride + begin, r*stride + end) for r < "
+           "rows; the others are unmapped once the work queued on `stream` is done.")
+      .def("free", &VirtualTensor::free, py::arg("stream") = 0,
+           "Gives every page back after the work queued on `stream`; the range is unusable "
+           "afterwards (exported tensors keep the address space reserved, never mapped).")
+      .def_property_readonly("exports", &VirtualTensor::exports,
+                             "Exported tensors (DLPack) still alive.")
+      .def("dlpack", [](py::object self) { return export_dlpack(self, self.cast<VirtualTensor&>()); },
+           "A DLPack capsule of the whole range as a 1-D uint8 tensor (torch.from_dlpack).");
 
   // The process-wide allocators that torch's pluggable allocator reaches (one per device).
   m.def("configure", [](const std::string& conf) { DeviceRegistry::instance().configure(conf); },
