@@ -1,0 +1,172 @@
+"""VirtualTensor: a torch tensor over reserved virtual memory whose 2 MiB pages are mapped
+only where they are committed, from the same chunk pool as every other tensor.
+
+The first dimension holds rows (a batch) and the second grows (tokens); a commit names
+how many rows and which span of the second dimension must be backed by memory. Growing
+maps pages in place: nothing already written moves. Pages that fall out of the committed
+span go back to the pool once the work queued on the current stream is done.
+
+Note [Only committed parts are touched]
+The tensor returned by ``.tensor`` covers the whole reservation, most of which is not
+mapped. Reading or writing outside the committed span faults (on a GPU, it corrupts the
+CUDA context), so callers slice it to the committed span only; the KV caches do.
+"""
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+
+from vmmalloc import _C
+
+CHUNK_SIZE: int = _C.CHUNK_SIZE
+_host_allocator: _C.Allocator | None = None
+
+
+def host_allocator() -> _C.Allocator:
+    """The process-wide allocator for CPU virtual tensors (the host backend).
+
+    Its capacity is VMMALLOC_HOST_CAPACITY bytes if set, else half the machine's memory.
+    """
+    global _host_allocator
+    if _host_allocator is None:
+        text = os.environ.get("VMMALLOC_HOST_CAPACITY", "")
+        if text:
+            try:
+                capacity = int(text)
+            except ValueError:
+                raise ValueError(f"VMMALLOC_HOST_CAPACITY={text!r} is not a number of bytes") from None
+        else:
+            capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        capacity = max(CHUNK_SIZE, capacity // CHUNK_SIZE * CHUNK_SIZE)
+        _host_allocator = _C.Allocator(_C.HostBackend(capacity))
+    return _host_allocator
+
+
+def allocator_for(device: torch.device) -> _C.Allocator:
+    """The allocator whose chunk pool backs virtual tensors on `device`.
+
+    On CUDA it is the per-device allocator torch itself uses once vmmalloc is enabled, so
+    KV pages and ordinary tensors share one memory budget.
+    """
+    if device.type == "cpu":
+        return host_allocator()
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _C.device_allocator(index)
+    raise ValueError(f"virtual tensors live on 'cuda' or 'cpu' devices, not {device}")
+
+
+def current_stream(device: torch.device) -> int:
+    """The stream value the allocator orders page releases after (0 on the host)."""
+    if device.type == "cuda":
+        return torch.cuda.current_stream(device).cuda_stream
+    return 0
+
+
+class VirtualTensor:
+    """A ``[rows, length, *inner]`` tensor backed by memory only where committed.
+
+    Args:
+        shape: ``(rows, length, *inner)``: the most rows and the longest length it can hold.
+        dtype: element type.
+        device: ``"cuda"``, ``"cuda:N"`` or ``"cpu"`` (the host backend, for machines
+            without a GPU).
+        allocator: the allocator to draw pages from; by default the device's
+            (:func:`allocator_for`).
+
+    Rows are padded to whole pages when a row is at least a page long, so a row's pages
+    are its own; shorter rows are packed and share pages.
+    """
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, device: str | torch.device = "cuda",
+                 *, allocator: _C.Allocator | None = None) -> None:
+        shape = tuple(int(d) for d in shape)
+        if len(shape) < 2 or any(d <= 0 for d in shape):
+            raise ValueError(f"a virtual tensor needs a shape (rows, length, *inner) of positive sizes, got {shape}")
+        self.device = torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.dtype = dtype
+        self.shape = shape
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        self.item_bytes = math.prod(shape[2:]) * itemsize  # one position of one row
+        row_bytes = shape[1] * self.item_bytes
+        self.row_stride = -(-row_bytes // CHUNK_SIZE) * CHUNK_SIZE if row_bytes >= CHUNK_SIZE else row_bytes
+        self._allocator = allocator if allocator is not None else allocator_for(self.device)
+        self._range = _C.VirtualRange(self._allocator, (shape[0] - 1) * self.row_stride + row_bytes)
+        flat = torch.from_dlpack(self._range.dlpack())
+        if flat.device != self.device:
+            self._range.free()
+            raise ValueError(f"the allocator serves {flat.device}, not {self.device}")
+        inner_strides = [math.prod(shape[i + 1:]) for i in range(2, len(shape))]
+        self._tensor: torch.Tensor | None = flat.view(dtype).as_strided(
+            shape, [self.row_stride // itemsize, self.item_bytes // itemsize, *inner_strides])
+        self.rows = 0
+        self.start = 0
+        self.stop = 0
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The whole reservation as a strided tensor (Note [Only committed parts are touched])."""
+        if self._tensor is None:
+            raise RuntimeError("this virtual tensor was freed; create a new one")
+        return self._tensor
+
+    @property
+    def tokens_per_page(self) -> int:
+        """Positions of one row that one page holds (at least 1)."""
+        return max(1, CHUNK_SIZE // self.item_bytes)
+
+    def commit(self, rows: int, stop: int, start: int = 0) -> None:
+        """Backs positions ``[start, stop)`` of the first `rows` rows with memory; pages
+        outside go back after the work queued on the current stream.
+
+        Raises:
+            ValueError: for a span or row count outside the reservation.
+            RuntimeError: once freed.
+            torch.OutOfMemoryError: when no memory is left after releasing caches.
+        """
+        if not (0 <= rows <= self.shape[0] and 0 <= start <= stop <= self.shape[1]):
+            raise ValueError(
+                f"cannot commit rows [0, {rows}) positions [{start}, {stop}) of a virtual tensor "
+                f"of shape {self.shape}: it reserves at most {self.shape[0]} rows and "
+                f"{self.shape[1]} positions; reserve a larger one")
+        try:
+            self._range.commit(rows, self.row_stride, start * self.item_bytes, stop * self.item_bytes,
+                               current_stream(self.device))
+        except _C.OutOfMemoryError as error:
+            raise torch.OutOfMemoryError(str(error)) from error
+        self.rows, self.start, self.stop = rows, start, stop
+
+    @property
+    def committed_bytes(self) -> int:
+        """Bytes of memory now mapped under this tensor (whole pages)."""
+        return self._range.live_bytes
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes of virtual address space reserved."""
+        return self._range.bytes
+
+    @property
+    def freed(self) -> bool:
+        return self._range.freed
+
+    def free(self) -> None:
+        """Returns every page to the pool (after the work queued on the current stream).
+
+        ``.tensor`` and views of it must not be used afterwards; the address space stays
+        reserved until they are gone, so a stale view never aliases other memory.
+        """
+        if not self._range.freed:
+            self._range.free(current_stream(self.device))
+        self._tensor = None  # our own export: the pages go back now unless views remain
+        self.rows = self.start = self.stop = 0
+
+    def __repr__(self) -> str:
+        state = "freed" if self.freed else f"rows {self.rows}, positions [{self.start}, {self.stop})"
+        return (f"VirtualTensor(shape={self.shape}, dtype={self.dtype}, device={self.device}, {state}, "
+                f"committed {self.committed_bytes} of {self.reserved_bytes} bytes)")
