@@ -1,0 +1,125 @@
+"""patch_generate(): every ``model.generate()`` given no cache uses vmmalloc's KV cache.
+
+A cache the caller passes (``past_key_values``, or ``cache_implementation``) is always
+respected, as are ``use_cache=False`` and models whose caches are not plain decoder caches
+(encoder-decoder models). The patch wraps ``transformers.GenerationMixin.generate`` once
+per process; ``unpatch_generate()`` restores it.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+CACHES = ("vmm",)
+_state: dict[str, Any] = {"original": None, "cache": None, "options": {}, "attention": True}
+# Positions reserved beyond generate()'s max_length (virtual space only, no memory).
+_RESERVE_MARGIN = 64
+
+
+def _check_cache(cache: str) -> None:
+    if cache not in CACHES:
+        raise ValueError(f"unknown vmmalloc cache {cache!r}; allowed: {', '.join(CACHES)}")
+
+
+def patch_generate(cache: str = "vmm", *, attention: bool = True, **options: Any) -> None:
+    """Makes ``generate()`` use vmmalloc's cache whenever it is given none.
+
+    Args:
+        cache: ``"vmm"``: :class:`~vmmalloc.integrations.VirtualKVCache`.
+        attention: while generating, models on ``"sdpa"`` attention use
+            :func:`~vmmalloc.integrations.attention.virtual_sdpa_attention`, which reads the
+            virtual buffers with no copy.
+        **options: passed to the cache (``max_batch_size``, ``lookahead``).
+
+    Calling it again replaces the settings; the patch is applied once.
+    """
+    _check_cache(cache)
+    from transformers.generation.utils import GenerationMixin
+
+    _state.update(cache=cache, options=dict(options), attention=attention)
+    if _state["original"] is not None:
+        return
+    original = GenerationMixin.generate
+
+    @functools.wraps(original)
+    def generate(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return _generate(original, self, args, kwargs)
+
+    generate.__vmmalloc_patched__ = True  # type: ignore[attr-defined]
+    _state["original"] = original
+    GenerationMixin.generate = generate
+
+
+def unpatch_generate() -> None:
+    """Restores transformers' own ``generate()`` (no effect when not patched)."""
+    original = _state["original"]
+    if original is None:
+        return
+    from transformers.generation.utils import GenerationMixin
+
+    GenerationMixin.generate = original
+    _state.update(original=None, cache=None, options={})
+
+
+def is_patched() -> bool:
+    """Whether ``generate()`` is patched now."""
+    return _state["original"] is not None
+
+
+@contextlib.contextmanager
+def patched_generate(cache: str = "vmm", **options: Any) -> Iterator[None]:
+    """``with patched_generate(): model.generate(...)``: the patch for one block only (an
+    outer patch, if any, is restored afterwards)."""
+    saved = dict(_state)
+    was_patched = is_patched()
+    patch_generate(cache, **options)
+    try:
+        yield
+    finally:
+        if was_patched:
+            _state.update(cache=saved["cache"], options=saved["options"], attention=saved["attention"])
+        else:
+            unpatch_generate()
+
+
+def _uses_own_cache(model: Any, kwargs: dict[str, Any]) -> bool:
+    """Whether generate() should run untouched: the caller chose a cache, or none is used,
+    or the model's cache is not a plain decoder cache."""
+    config = getattr(model, "generation_config", None)
+    use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+    supports = getattr(model, "_supports_default_dynamic_cache", None)
+    return (kwargs.get("past_key_values") is not None or kwargs.get("cache_implementation") is not None
+            or getattr(config, "cache_implementation", None) is not None or use_cache is False
+            or model.config.is_encoder_decoder or (supports is not None and not supports()))
+
+
+def _reserved_length(model: Any, args: tuple, kwargs: dict[str, Any]) -> int:
+    """Prompt plus the most tokens generate() may add, within the model's positions."""
+    inputs = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+    if inputs is None and kwargs.get("inputs_embeds") is not None:
+        inputs = kwargs["inputs_embeds"]
+    prompt = int(inputs.shape[1]) if inputs is not None and getattr(inputs, "ndim", 0) >= 2 else 0
+    config = kwargs.get("generation_config") or model.generation_config
+    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
+    total = prompt + int(new) if new is not None else int(kwargs.get("max_length", config.max_length or 0))
+    return max(total, prompt + 1) + _RESERVE_MARGIN
+
+
+def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    if _uses_own_cache(model, kwargs):
+        return original(model, *args, **kwargs)
+    from vmmalloc.integrations.attention import register_attention
+    from vmmalloc.integrations.kv_cache import VirtualKVCache
+
+    kwargs["past_key_values"] = VirtualKVCache(model.config, max_length=_reserved_length(model, args, kwargs),
+                                               **_state["options"])
+    swap = _state["attention"] and getattr(model.config, "_attn_implementation", None) == "sdpa"
+    if not swap:
+        return original(model, *args, **kwargs)
+    model.config._attn_implementation = register_attention()
+    try:
+        return original(model, *args, **kwargs)
+    finally:
+        model.config._attn_implementation = "sdpa"

@@ -1,0 +1,291 @@
+"""VirtualKVCache: a Hugging Face Cache whose K/V grow in place inside reserved virtual
+ranges (vAttention), drawing 2 MiB pages from the same chunk pool as every tensor.
+
+Per layer, K and V are ``[max_batch, max_length, kv_heads, head_dim]`` virtual tensors
+(flash-attn's layout). ``update()`` writes the new tokens in place and returns
+``[batch, kv_heads, seq, head_dim]`` transposed views: no torch.cat, no copy of earlier
+tokens, and memory committed follows the tokens held, not the maximum length.
+
+Note [Views stay valid until the next change]
+The K/V that update() returns are views of the buffers. They stay valid until the cache
+changes shape (crop, batch selection, reset, free): pages the cache no longer needs go back
+to the pool, and a view kept across such a change may then point at unmapped memory.
+Models never keep them; callers who do should copy.
+
+Note [Pages mapped ahead, staggered by layer]
+Mapping a page costs about 35 us (FACTS.md). If every layer mapped its next page at the
+same token, that decode step would map 2 x layers x batch pages at once (about 18 ms for
+an 8B model at batch 8) and stand out as a spike. So each layer keeps a lead of mapped
+positions beyond its tokens and extends it by a page when the lead falls below a threshold
+that differs per layer (an even share of a page): the pages of a boundary are mapped a
+layer at a time, spread over the tokens before it. The cost is at most two pages per row
+beyond the tokens held.
+
+Note [Sliding windows stay contiguous]
+A sliding-window layer keeps the full-length buffer, so its window is one contiguous view;
+the pages wholly before the window are unmapped as it moves on. While generate() records
+the past (assisted decoding may crop back), pages are kept from where recording began.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from vmmalloc.integrations.hf_compat import crop_to_removal, layer_windows, text_config
+from vmmalloc.virtual_tensor import VirtualTensor
+
+
+class VirtualKVLayer(CacheLayerMixin):
+    """One attention layer's K/V in two virtual tensors (full attention, or a sliding window
+    when ``sliding_window`` is set)."""
+
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, max_length: int, sliding_window: int | None = None, *, max_batch_size: int | None = None,
+                 layer_index: int = 0, num_layers: int = 1, lookahead: bool = True, **kwargs: Any) -> None:
+        super().__init__()
+        if max_length <= 0:
+            raise ValueError(f"max_length must be positive, got {max_length}")
+        self.max_length = int(max_length)
+        self.sliding_window = None if sliding_window is None else int(sliding_window)
+        self.is_sliding = self.sliding_window is not None
+        self.max_batch_size = max_batch_size
+        self.lookahead = lookahead
+        self._stagger = (layer_index % num_layers + 1) / num_layers  # Note [Pages mapped ahead...]
+        self.length = 0       # tokens seen, absolute
+        self.batch_size = 0   # rows in use
+        self.record_past = False
+        self._record_from = 0  # first position kept while recording the past
+        self._k: VirtualTensor | None = None
+        self._v: VirtualTensor | None = None
+
+    # ----- the buffers ---------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        rows = max(batch, self.max_batch_size or 0)
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self._free_buffers()
+        self._k = VirtualTensor((rows, self.max_length, heads, head_dim), key_states.dtype, key_states.device)
+        self._v = VirtualTensor((rows, self.max_length, value_states.shape[1], value_states.shape[-1]),
+                                value_states.dtype, value_states.device)
+        self.is_initialized = True
+        self.length = 0
+        self.batch_size = batch
+        self._set_views(0)
+
+    def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
+        k, v = self._k, self._v
+        return (k is not None and v is not None and not k.freed and key_states.dtype == k.dtype
+                and key_states.device == k.device and key_states.shape[0] <= k.shape[0]
+                and tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) == k.shape[2:]
+                and tuple(value_states.shape[1:2]) + tuple(value_states.shape[3:]) == v.shape[2:])
+
+    def _free_buffers(self) -> None:
+        for vt in (self._k, self._v):
+            if vt is not None:
+                vt.free()
+        self._k = self._v = None
+        self.keys = self.values = None
+
+    def free(self) -> None:
+        """Gives every page and both reservations back; the layer starts afresh on next use."""
+        self._free_buffers()
+        self.is_initialized = False
+        self.length = self.batch_size = 0
+
+    def _window_start(self, length: int) -> int:
+        """First position the attention of a new token at `length` reads."""
+        if self.sliding_window is None:
+            return 0
+        return max(length - self.sliding_window + 1, 0)
+
+    def _commit(self, rows: int, stop: int, start: int) -> None:
+        """Backs [start, stop) of `rows` rows, with the lead of Note [Pages mapped ahead...]."""
+        k, v = self._k, self._v
+        page = k.tokens_per_page
+        keep_from = min(start, self._record_from) if self.record_past else start
+        lead = max(1, int(page * self._stagger)) if self.lookahead else 0
+        target = min(self.max_length, -(-(stop + lead) // page) * page) if lead else stop
+        same_rows_and_start = rows == k.rows and keep_from // page == k.start // page
+        if same_rows_and_start and stop <= k.stop and -(-k.stop // page) <= -(-target // page):
+            if k.stop >= min(stop + lead, self.max_length):
+                return  # the same pages serve: enough lead, nothing to give back
+        for vt in (k, v):
+            vt.commit(rows, target, keep_from)
+
+    def _set_views(self, start: int) -> None:
+        rows, stop = self.batch_size, self.length
+        self.keys = self._k.tensor[:rows, start:stop].transpose(1, 2)
+        self.values = self._v.tensor[:rows, start:stop].transpose(1, 2)
+
+    # ----- CacheLayerMixin -----------------------------------------------------------
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized or not self._fits(key_states, value_states):
+            if self.is_initialized and self.length > 0:
+                raise ValueError(
+                    f"the cache holds {self.length} tokens of batch {self.batch_size}; new states of shape "
+                    f"{tuple(key_states.shape)} do not continue them (reset() the cache first)")
+            self.lazy_initialization(key_states, value_states)
+        batch, before = key_states.shape[0], self.length
+        if before > 0 and batch != self.batch_size:
+            raise ValueError(f"the cache holds batch {self.batch_size}, update() got batch {batch}")
+        after = before + key_states.shape[-2]
+        if after > self.max_length:
+            raise ValueError(
+                f"VirtualKVCache reserved {self.max_length} positions per sequence and this update "
+                f"needs {after}; create it with a larger max_length")
+        start = self._window_start(before)
+        self.batch_size = batch
+        self._commit(batch, after, start)
+        self._k.tensor[:batch, before:after].copy_(key_states.transpose(1, 2))
+        self._v.tensor[:batch, before:after].copy_(value_states.transpose(1, 2))
+        self.length = after
+        self._set_views(start)
+        return self.keys, self.values
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        start = self._window_start(self.length)
+        return self.length + query_length - start, start
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def get_max_length(self) -> int:
+        return self.sliding_window if self.sliding_window is not None else -1
+
+    def get_max_cache_shape(self) -> int:  # transformers < 5.18 calls it
+        return self.get_max_length()
+
+    def reset(self) -> None:
+        """Forgets the tokens and gives their pages back; the reservations stay (warm)."""
+        if self._k is not None and not self._k.freed:
+            for vt in (self._k, self._v):
+                vt.commit(0, 0)
+        self.length = self.batch_size = 0
+        if self._k is not None and not self._k.freed:
+            self._set_views(0)
+        self.record_past = False
+        self._record_from = 0
+
+    def activate_past_recording(self) -> None:
+        self.record_past = True
+        self._record_from = self._window_start(self.length)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.length == 0:
+            return
+        start = self._window_start(self.length)
+        index = beam_idx.to(self.device)
+        for vt in (self._k, self._v):
+            view = vt.tensor[:self.batch_size, start:self.length]
+            view.copy_(view.index_select(0, index))
+
+    def crop(self, tokens_to_remove: Any) -> None:
+        if not self.is_initialized:
+            return
+        removed = crop_to_removal(tokens_to_remove, self.length)
+        if removed == 0:
+            return
+        length = self.length - removed
+        start = self._window_start(length)
+        if start < self._k.start:
+            raise RuntimeError(
+                f"cannot crop {removed} tokens of a sliding-window layer: positions from {start} were already "
+                "given back; generate() records the past (activate_past_recording) before it crops")
+        self.length = length
+        self._commit(self.batch_size, length, start)
+        self._set_views(start)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.length == 0:
+            self.batch_size *= repeats
+            return
+        index = torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats)
+        self._gather_rows(index)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.length == 0:
+            self.batch_size = len(indices)
+            return
+        self._gather_rows(indices.to(self.device))
+
+    def _gather_rows(self, index: torch.Tensor) -> None:
+        """Row r of the result is row index[r] now (beam expansion, batch selection)."""
+        rows, start = len(index), self._window_start(self.length)
+        saved = [vt.tensor[:self.batch_size, start:self.length].index_select(0, index) for vt in (self._k, self._v)]
+        if rows > self._k.shape[0]:  # more rows than reserved: new buffers, one copy
+            k, v = self._k, self._v
+            self._k = VirtualTensor((rows,) + k.shape[1:], k.dtype, k.device)
+            self._v = VirtualTensor((rows,) + v.shape[1:], v.dtype, v.device)
+            k.free()
+            v.free()
+        self.batch_size = rows
+        self._commit(rows, self.length, start)
+        for vt, data in zip((self._k, self._v), saved):
+            vt.tensor[:rows, start:self.length].copy_(data)
+        self._set_views(start)
+
+    def offload(self) -> None:
+        raise NotImplementedError("VirtualKVCache keeps K/V on the device; use the offloading cache instead")
+
+    def prefetch(self) -> None:
+        raise NotImplementedError("VirtualKVCache keeps K/V on the device; use the offloading cache instead")
+
+    @property
+    def committed_bytes(self) -> int:
+        return sum(vt.committed_bytes for vt in (self._k, self._v) if vt is not None and not vt.freed)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(vt.reserved_bytes for vt in (self._k, self._v) if vt is not None and not vt.freed)
+
+
+class VirtualKVCache(Cache):
+    """A transformers Cache whose K/V grow in place in virtual memory (vAttention).
+
+    Args:
+        config: the model's config: layer count and which layers use a sliding window.
+        max_length: positions reserved per sequence (prompt plus new tokens); by default
+            the config's ``max_position_embeddings``. Reserving is nearly free: only
+            positions holding tokens get memory.
+        max_batch_size: rows reserved; by default the batch of the first update.
+        lookahead: map pages ahead of the tokens, staggered by layer, so that no decode step
+            pays for a page boundary (Note [Pages mapped ahead, staggered by layer]).
+
+    Works with generate(): pass it as ``past_key_values``, or let
+    :func:`vmmalloc.integrations.patch_generate` do so.
+    """
+
+    def __init__(self, config: Any, max_length: int | None = None, max_batch_size: int | None = None,
+                 lookahead: bool = True) -> None:
+        windows = layer_windows(config)
+        if max_length is None:
+            max_length = getattr(text_config(config), "max_position_embeddings", None)
+            if max_length is None:
+                raise ValueError("the config has no max_position_embeddings; pass max_length")
+        layers = [VirtualKVLayer(max_length, window, max_batch_size=max_batch_size, layer_index=i,
+                                 num_layers=len(windows), lookahead=lookahead)
+                  for i, window in enumerate(windows)]
+        super().__init__(layers=layers)
+        self.max_length = int(max_length)
+
+    @property
+    def committed_bytes(self) -> int:
+        """Bytes of memory mapped under all layers' K/V now."""
+        return sum(layer.committed_bytes for layer in self.layers)
+
+    @property
+    def reserved_bytes(self) -> int:
+        """Bytes of virtual address space reserved for all layers' K/V."""
+        return sum(layer.reserved_bytes for layer in self.layers)
+
+    def free(self) -> None:
+        """Gives all memory and reservations back now (rather than when collected)."""
+        for layer in self.layers:
+            layer.free()
