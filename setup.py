@@ -10,11 +10,12 @@ from pybind11.setup_helpers import Pybind11Extension, build_ext
 from setuptools import setup
 from setuptools.command.build_py import build_py
 
-# VMMALLOC=1 support: a .pth line run at every interpreter start. It costs one environment
-# lookup when VMMALLOC is unset and imports vmmalloc._autostart otherwise.
+# VMMALLOC=1 and VMMALLOC_HF_CACHE support: a .pth line run at every interpreter start. It
+# costs two environment lookups when both are unset and imports vmmalloc._autostart otherwise.
 AUTOSTART_PTH = "vmmalloc-autostart.pth"
 AUTOSTART_LINE = (
-    "import os; os.environ.get('VMMALLOC', '').strip() and __import__('vmmalloc._autostart')\n"
+    "import os; (os.environ.get('VMMALLOC', '').strip() or os.environ.get('VMMALLOC_HF_CACHE', '').strip())"
+    " and __import__('vmmalloc._autostart')\n"
 )
 
 

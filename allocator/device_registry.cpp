@@ -13,8 +13,11 @@ DeviceRegistry& DeviceRegistry::instance() {
   return *registry;
 }
 
-DeviceRegistry::DeviceRegistry()
-    : factory_([](int device) { return std::make_shared<CudaBackend>(device); }) {
+namespace {
+std::shared_ptr<Backend> make_cuda_backend(int device) { return std::make_shared<CudaBackend>(device); }
+}  // namespace
+
+DeviceRegistry::DeviceRegistry() : factory_(make_cuda_backend) {
   for (auto& d : devices_) d.store(nullptr);
 }
 
@@ -67,6 +70,7 @@ void DeviceRegistry::reset_for_tests() {
     devices_[d].store(nullptr);
     owned_[d].reset();
   }
+  factory_ = make_cuda_backend;
 }
 
 }  // namespace vmm

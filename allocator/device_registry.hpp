@@ -49,7 +49,8 @@ class DeviceRegistry {
   void set_oom_handler(OomHandler handler) { oom_handler_.store(handler); }
   OomHandler oom_handler() const { return oom_handler_.load(); }
 
-  // Drops every allocator (tests of the registry itself; nothing may be allocated).
+  // Drops every allocator and restores the cuda backend factory (tests of the registry
+  // itself; nothing may be allocated, no virtual range may be alive).
   void reset_for_tests();
 
  private:

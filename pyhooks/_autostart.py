@@ -1,9 +1,11 @@
-"""Start-up hook behind VMMALLOC=1, armed by vmmalloc-autostart.pth at interpreter start.
+"""Start-up hooks behind VMMALLOC=1 and VMMALLOC_HF_CACHE, armed by vmmalloc-autostart.pth
+at interpreter start.
 
-The .pth line imports this module only when VMMALLOC is set, so an unset variable costs
-one environment lookup. Here a one-shot import hook waits for `import torch` and enables
-vmmalloc as soon as torch has loaded, before any CUDA allocation can happen. Child
-processes (python -m, torchrun, accelerate launch) inherit the variable and arm themselves.
+The .pth line imports this module only when one of the variables is set, so unset
+variables cost two environment lookups. Here one-shot import hooks wait for `import torch`
+(and enable vmmalloc as soon as torch has loaded, before any CUDA allocation can happen)
+and for `import transformers` (and patch generate()). Child processes (python -m,
+torchrun, accelerate launch) inherit the variables and arm themselves.
 """
 from __future__ import annotations
 
@@ -27,40 +29,71 @@ def requested() -> bool:
                      f"allowed: {', '.join(TRUE_VALUES)} to enable, {', '.join(v or repr(v) for v in FALSE_VALUES)} to disable")
 
 
+HF_CACHES = ("vmm",)
+
+
+def requested_hf_cache() -> str | None:
+    """The cache VMMALLOC_HF_CACHE asks generate() to use; raises ValueError for an unknown one."""
+    value = os.environ.get("VMMALLOC_HF_CACHE", "").strip().lower()
+    if value in FALSE_VALUES:
+        return None
+    if value in HF_CACHES:
+        return value
+    raise ValueError(f"VMMALLOC_HF_CACHE={os.environ['VMMALLOC_HF_CACHE']!r} is not understood; "
+                     f"allowed: {', '.join(HF_CACHES)}, or unset")
+
+
 def _enable() -> None:
     from vmmalloc.torch_allocator import enable_vmm_allocator
 
     enable_vmm_allocator()
 
 
-class _AfterTorchImport(importlib.abc.MetaPathFinder):
-    """Finds torch through the other finders and runs _enable once its module executed."""
+def _patch_generate(cache: str) -> None:
+    from vmmalloc.integrations.generate_patch import patch_generate
+
+    patch_generate(cache)
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Finds `module` through the other finders and runs `action` once it executed."""
+
+    def __init__(self, module: str, action) -> None:
+        self.module = module
+        self.action = action
 
     def find_spec(self, fullname, path, target=None):
-        if fullname != "torch":
+        if fullname != self.module:
             return None
         sys.meta_path.remove(self)  # one shot; also keeps find_spec below from recursing
-        spec = importlib.util.find_spec("torch")
+        spec = importlib.util.find_spec(fullname)
         if spec is None or spec.loader is None:
             return spec
         loader = spec.loader
         original = loader.exec_module
+        action = self.action
 
         def exec_module(module):
             original(module)
-            _enable()
+            action()
 
         loader.exec_module = exec_module
         return spec
 
 
+def _after_import(module: str, action) -> None:
+    if module in sys.modules:
+        action()
+    elif not any(isinstance(f, _AfterImport) and f.module == module for f in sys.meta_path):
+        sys.meta_path.insert(0, _AfterImport(module, action))
+
+
 def arm() -> None:
-    if not requested():
-        return
-    if "torch" in sys.modules:
-        _enable()
-    elif not any(isinstance(f, _AfterTorchImport) for f in sys.meta_path):
-        sys.meta_path.insert(0, _AfterTorchImport())
+    cache = requested_hf_cache()  # both variables are checked before anything is armed
+    if requested():
+        _after_import("torch", _enable)
+    if cache is not None:
+        _after_import("transformers", lambda: _patch_generate(cache))
 
 
 try:
@@ -70,7 +103,7 @@ except ValueError as error:  # a .pth line cannot raise usefully: make the next 
 
     class _Refuse(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path, target=None):
-            if fullname == "torch":
+            if fullname in ("torch", "transformers"):
                 raise ImportError(f"vmmalloc: {_message}")
             return None
 

@@ -3,6 +3,7 @@ ctypes on the host backend), option handling, VMMALLOC=1 start-up, the OOM glue 
 from __future__ import annotations
 
 import ctypes
+import gc
 import os
 import site
 import subprocess
@@ -20,6 +21,7 @@ MiB = 1 << 20
 @pytest.fixture
 def abi():
     """vmm_* functions of the extension, with per-device allocators on the host backend."""
+    gc.collect()  # virtual tensors of earlier tests hold the per-device allocators
     _C.reset_devices_for_tests()
     _C.use_host_backend_for_devices(64 * MiB)
     _C.configure("memory_cap:32MiB")

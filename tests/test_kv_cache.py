@@ -1,0 +1,309 @@
+"""VirtualTensor, VirtualKVCache, the attention function and patch_generate() against
+transformers' own caches: the same tokens, memory that follows the tokens, pages that go
+back to the pool. Runs on CPU (host backend, in CI) and on CUDA (GPU suite)."""
+from __future__ import annotations
+
+import gc
+import os
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from transformers import DynamicCache  # noqa: E402
+
+import vmmalloc  # noqa: E402
+from hf_models import prompt, tiny_model  # noqa: E402
+from vmmalloc.integrations import (VirtualKVCache, patch_generate, patched_generate, unpatch_generate,  # noqa: E402
+                                   virtual_sdpa_attention)
+from vmmalloc.integrations.kv_cache import VirtualKVLayer  # noqa: E402
+from vmmalloc.virtual_tensor import VirtualTensor, allocator_for  # noqa: E402
+
+CHUNK = vmmalloc.CHUNK_SIZE
+KINDS = ["llama", "qwen2", "mistral"]
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return request.param
+
+
+@pytest.fixture(autouse=True)
+def no_patch_left_behind():
+    yield
+    unpatch_generate()
+    gc.collect()
+
+
+def kv_stats(device: str) -> dict:
+    return allocator_for(torch.device(device)).stats()
+
+
+def generate_both(model, ids, mask, **kwargs):
+    """generate() with transformers' DynamicCache and with VirtualKVCache, same seed."""
+    torch.manual_seed(5)
+    ref = model.generate(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **kwargs)
+    torch.manual_seed(5)
+    cache = VirtualKVCache(model.config, max_length=ids.shape[1] + kwargs.get("max_new_tokens", 20) + 8)
+    out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
+    return ref, out, cache
+
+
+# ----- VirtualTensor ------------------------------------------------------------------
+
+
+def test_virtual_tensor_grows_in_place_and_gives_pages_back(device):
+    vt = VirtualTensor((2, 4096, 8, 64), torch.float16, device)  # 1 KiB a position: 2048 a page
+    assert vt.tokens_per_page == 2048 and vt.row_stride == 2 * CHUNK
+    vt.commit(2, 100)
+    vt.tensor[:2, :100] = 3.0
+    first = vt.tensor[:2, :100].clone()
+    pointer = vt.tensor.data_ptr()
+    vt.commit(2, 3000)  # grows into a second page per row: nothing moves
+    assert vt.tensor.data_ptr() == pointer
+    assert torch.equal(vt.tensor[:2, :100], first)
+    assert vt.committed_bytes == 4 * CHUNK
+    base = kv_stats(device)["vmm.kv_mapped_bytes.current"]
+    vt.commit(1, 100)
+    assert vt.committed_bytes == CHUNK
+    assert kv_stats(device)["vmm.kv_mapped_bytes.current"] == base - 3 * CHUNK
+    vt.free()
+    gc.collect()
+    assert kv_stats(device)["vmm.kv_mapped_bytes.current"] == base - 4 * CHUNK
+
+
+def test_virtual_tensor_bad_use_is_a_clear_error(device):
+    vt = VirtualTensor((2, 100, 4), torch.float32, device)
+    with pytest.raises(ValueError, match="reserves at most 2 rows and 100 positions"):
+        vt.commit(2, 101)
+    with pytest.raises(ValueError, match="positive sizes"):
+        VirtualTensor((0, 10), torch.float32, device)
+    vt.free()
+    with pytest.raises(RuntimeError, match="was freed"):
+        vt.commit(1, 1)
+    with pytest.raises(RuntimeError, match="was freed"):
+        vt.tensor
+
+
+def test_freed_kv_pages_serve_the_next_allocation(device):
+    alloc = allocator_for(torch.device(device))
+    vt = VirtualTensor((1, 8192, 8, 64), torch.float32, device)  # 2 KiB a position
+    vt.commit(1, 8192)  # 8 pages
+    chunks = alloc.stats()["vmm.chunks.current"]
+    vt.free()
+    gc.collect()
+    stream = torch.cuda.current_stream().cuda_stream if device == "cuda" else 0
+    ptr = alloc.allocate(16 << 20, stream)  # 8 chunks: the pages just given back
+    assert alloc.stats()["vmm.chunks.current"] == chunks
+    alloc.deallocate(ptr)
+
+
+# ----- the cache against transformers' ---------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_greedy_generate_matches_dynamic_cache(device, kind):
+    model = tiny_model(kind, device)
+    ids, mask = prompt(3, 12, device)  # left padding, prompt longer than the sliding window
+    ref, out, cache = generate_both(model, ids, mask, max_new_tokens=24, do_sample=False)
+    assert torch.equal(ref, out)
+    assert cache.get_seq_length() == ids.shape[1] + 24 - 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_beam_search_matches_dynamic_cache(device, kind):
+    model = tiny_model(kind, device)
+    ids, mask = prompt(2, 10, device)
+    ref, out, _ = generate_both(model, ids, mask, max_new_tokens=16, num_beams=3, do_sample=False)
+    assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_sampling_matches_dynamic_cache(device, kind):
+    model = tiny_model(kind, device)
+    ids, mask = prompt(2, 10, device)
+    ref, out, _ = generate_both(model, ids, mask, max_new_tokens=16, do_sample=True, top_k=20)
+    assert torch.equal(ref, out)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_assisted_decoding_crops_and_matches(device, kind):
+    model = tiny_model(kind, device)
+    assistant = tiny_model(kind, device, seed=3, layers=1)
+    ids, mask = prompt(1, 12, device, padded=False)
+    torch.manual_seed(0)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    with patched_generate():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, assistant_model=assistant)
+    assert torch.equal(ref, out)
+
+
+def test_cache_reuse_across_generate_calls(device):
+    model = tiny_model("qwen2", device)
+    ids, mask = prompt(2, 12, device)
+    cache = VirtualKVCache(model.config, max_length=64)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    reserved = cache.reserved_bytes
+    cache.reset()
+    assert cache.get_seq_length() == 0 and cache.committed_bytes == 0
+    assert cache.reserved_bytes == reserved, "reset keeps the reservations"
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert torch.equal(first, again)
+    # Continuing a generation from the cache, as with DynamicCache.
+    ref_cache = DynamicCache(config=model.config)
+    ref_first = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
+                               past_key_values=ref_cache)
+    more = torch.cat([mask, torch.ones_like(first[:, ids.shape[1]:])], dim=1)
+    ref = model.generate(ref_first, attention_mask=more, max_new_tokens=5, do_sample=False,
+                         past_key_values=ref_cache)
+    out = model.generate(again, attention_mask=more, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    assert torch.equal(ref, out)
+
+
+def test_generate_past_the_reservation_is_a_clear_error(device):
+    model = tiny_model("llama", device)
+    ids, mask = prompt(1, 12, device, padded=False)
+    cache = VirtualKVCache(model.config, max_length=16)
+    with pytest.raises(ValueError, match="reserved 16 positions per sequence"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+
+
+# ----- the layer: memory follows tokens, batch operations --------------------------------
+
+
+def reference_cat(chunks):
+    return torch.cat(chunks, dim=-2)
+
+
+@pytest.mark.parametrize("lookahead", [False, True])
+def test_committed_memory_follows_the_tokens(device, lookahead):
+    # 8 heads x 64 x fp32 = 2 KiB a position: 1024 positions a page; rows are padded to pages.
+    layer = VirtualKVLayer(max_length=8192, layer_index=1, num_layers=4, lookahead=lookahead)
+    g = torch.Generator().manual_seed(0)
+    keys = []
+    for step, new in enumerate([700, 1, 400, 1, 1, 1500, 1]):
+        k = torch.randn(2, 8, new, 64, generator=g).to(device)
+        out_k, out_v = layer.update(k, k * 2)
+        keys.append(k)
+        held = sum(x.shape[-2] for x in keys)
+        assert torch.equal(out_k, reference_cat(keys)) and torch.equal(out_v, reference_cat(keys) * 2)
+        pages = -(-held // 1024)
+        per_row = layer.committed_bytes // (2 * 2 * CHUNK)  # two rows, K and V
+        if lookahead:
+            assert pages <= per_row <= pages + 2, (step, held, per_row)
+        else:
+            assert per_row == pages, (step, held, per_row)
+    layer.crop(-2000)
+    assert layer.get_seq_length() == held - 2000
+    assert torch.equal(layer.keys, reference_cat(keys)[..., : held - 2000, :])
+    assert layer.committed_bytes // (2 * 2 * CHUNK) <= -(-(held - 2000) // 1024) + (2 if lookahead else 0)
+    layer.free()
+    assert layer.committed_bytes == 0
+
+
+def test_sliding_window_layer_gives_back_pages_behind_the_window(device):
+    layer = VirtualKVLayer(max_length=16384, sliding_window=1500, lookahead=False)
+    g = torch.Generator().manual_seed(0)
+    keys = []
+    for new in [1000, 600, 1, 3000, 1, 1]:
+        k = torch.randn(1, 8, new, 64, generator=g).to(device)
+        before = layer.get_seq_length()
+        kv_length, kv_offset = layer.get_mask_sizes(new)
+        out_k, _ = layer.update(k, k)
+        keys.append(k)
+        full = reference_cat(keys)
+        assert kv_offset == max(before - 1500 + 1, 0) and kv_length == before + new - kv_offset
+        assert torch.equal(out_k, full[..., kv_offset:, :])
+        first_page, last_page = kv_offset // 1024, (before + new - 1) // 1024
+        assert layer.committed_bytes == 2 * (last_page - first_page + 1) * CHUNK
+
+
+def test_batch_select_and_repeat_match_dynamic_layer(device):
+    from transformers.cache_utils import DynamicLayer
+
+    ours, ref = VirtualKVLayer(max_length=64), DynamicLayer()
+    k = torch.randn(3, 2, 5, 16).to(device)
+    for layer in (ours, ref):
+        layer.update(k, -k)
+    for op, arg in [("batch_repeat_interleave", 2), ("batch_select_indices", torch.tensor([5, 0, 3])),
+                    ("reorder_cache", torch.tensor([2, 2, 0]))]:
+        for layer in (ours, ref):
+            getattr(layer, op)(arg.to(device) if isinstance(arg, torch.Tensor) else arg)
+        assert torch.equal(ours.keys, ref.keys) and torch.equal(ours.values, ref.values), op
+    step = torch.randn(3, 2, 1, 16).to(device)
+    assert torch.equal(ours.update(step, step)[0], ref.update(step, step)[0])
+
+
+# ----- the attention function -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("q_len,kv_len,masked", [(1, 40, False), (1, 40, True), (7, 7, False), (7, 7, True),
+                                                 (3, 40, False)])
+def test_attention_on_strided_views_matches_sdpa_on_copies(device, q_len, kv_len, masked):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        num_key_value_groups, is_causal = 4, True
+
+    buffer = torch.randn(2, 64, 2, 32, device=device)  # [batch, max_len, kv_heads, head_dim]
+    key = buffer[:, :kv_len].transpose(1, 2)  # strided, like the cache's views
+    value = (buffer[:, :kv_len] * 0.5).transpose(1, 2)
+    query = torch.randn(2, 8, q_len, 32, device=device)
+    mask = None
+    if masked:
+        mask = torch.ones(2, 1, q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+        mask[0, ..., :3] = False  # left padding of the first row
+    ours, _ = virtual_sdpa_attention(Module(), query, key, value, mask, scaling=0.2)
+    if mask is None and 1 < q_len != kv_len:  # what the bottom-right causal alignment means
+        mask = torch.ones(1, 1, q_len, kv_len, dtype=torch.bool, device=device).tril(kv_len - q_len)
+    ref, _ = sdpa_attention_forward(Module(), query, key.contiguous(), value.contiguous(), mask, scaling=0.2)
+    torch.testing.assert_close(ours, ref, atol=1e-5, rtol=1e-4)
+
+
+# ----- patch_generate -------------------------------------------------------------------
+
+
+def test_patch_generate_uses_the_virtual_cache_and_respects_a_given_one(device):
+    model = tiny_model("llama", device)
+    ids, mask = prompt(2, 8, device)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert type(ref.past_key_values) is DynamicCache
+    patch_generate()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, VirtualKVCache)
+    assert torch.equal(ref.sequences, out.sequences)
+    assert model.config._attn_implementation == "sdpa", "the attention swap is undone after generate()"
+    mine = DynamicCache(config=model.config)
+    given = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, past_key_values=mine,
+                           return_dict_in_generate=True)
+    assert given.past_key_values is mine
+    unpatch_generate()
+    plain = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
+    assert type(plain.past_key_values) is DynamicCache
+
+
+def test_patched_generate_context_manager_and_bad_cache_name():
+    with pytest.raises(ValueError, match="unknown vmmalloc cache 'paged'; allowed: vmm"):
+        patch_generate("paged")
+    from vmmalloc.integrations import is_patched
+
+    with patched_generate():
+        assert is_patched()
+    assert not is_patched()
+
+
+def test_vmmalloc_hf_cache_env_patches_generate_at_import():
+    code = ("import transformers\nfrom transformers.generation.utils import GenerationMixin\n"
+            "print(getattr(GenerationMixin.generate, '__vmmalloc_patched__', False))\n")
+    env = {**os.environ, "VMMALLOC_HF_CACHE": "vmm"}
+    env.pop("VMMALLOC", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert out.stdout.strip() == "True"
+    bad = subprocess.run([sys.executable, "-c", "import transformers"], capture_output=True, text=True,
+                         env={**env, "VMMALLOC_HF_CACHE": "fast"})
+    assert bad.returncode != 0
+    assert "VMMALLOC_HF_CACHE='fast' is not understood; allowed: vmm" in bad.stderr

@@ -1,0 +1,179 @@
+"""Virtual ranges in the allocator core: pages mapped where committed, from the same chunk
+pool as allocations, retired only after stream work, never leaked on failure. Every test
+runs on each backend (see conftest)."""
+from __future__ import annotations
+
+import gc
+
+import pytest
+
+import vmmalloc
+from conftest import MiB, pattern
+from vmmalloc import _C
+
+CHUNK = vmmalloc.CHUNK_SIZE
+
+
+def faulty_allocator(kind, capacity=64 * MiB, conf=""):
+    faulty = vmmalloc.FaultInjectionBackend(kind.backend(capacity))
+    return kind.allocator(capacity, conf, backend=faulty), faulty
+
+
+def test_commit_maps_exactly_the_pages_rows_need_and_growth_keeps_contents(kind):
+    alloc = kind.allocator(64 * MiB)
+    vr = _C.VirtualRange(alloc, 4 * 3 * CHUNK)  # 4 rows of 3 pages
+    stride = 3 * CHUNK
+    vr.commit(rows=2, stride=stride, begin=0, end=100)
+    assert vr.live_pages() == [0, 3]
+    for row in range(2):
+        alloc.backend.write(vr.address + row * stride, pattern(row, 100))
+    vr.commit(rows=3, stride=stride, begin=0, end=CHUNK + 1)  # grow: rows and length
+    assert vr.live_pages() == [0, 1, 3, 4, 6, 7]
+    for row in range(2):
+        assert alloc.backend.read(vr.address + row * stride, 100) == pattern(row, 100)
+    vr.commit(rows=3, stride=stride, begin=CHUNK, end=CHUNK + 1)  # a window that moved on
+    assert vr.live_pages() == [1, 4, 7]
+    stats = alloc.stats()
+    assert stats["vmm.kv_mapped_bytes.current"] == 3 * CHUNK
+    assert stats["vmm.kv_mapped_bytes.peak"] == 6 * CHUNK
+    assert stats["allocated_bytes.all.current"] == 3 * CHUNK, "KV pages count as allocated memory"
+    vr.free()
+    alloc.empty_cache()
+    stats = alloc.stats()
+    assert stats["vmm.kv_mapped_bytes.current"] == 0
+    assert stats["vmm.virtual_ranges"] == 0
+    assert stats["reserved_bytes.all.current"] == 0
+
+
+def test_kv_pages_and_tensors_share_one_memory_budget(kind):
+    alloc = kind.allocator(16 * MiB)  # 8 chunks in all
+    vr = _C.VirtualRange(alloc, 8 * CHUNK)
+    vr.commit(1, 0, 0, 6 * CHUNK)
+    with pytest.raises(vmmalloc.OutOfMemoryError, match="Tried to allocate 6.00 MiB"):
+        alloc.allocate(6 * MiB)  # 6 pages + 3 chunks > 8
+    vr.commit(1, 0, 0, 2 * CHUNK)  # 4 pages given back ...
+    ptr = alloc.allocate(6 * MiB)  # ... serve the tensor
+    assert alloc.stats()["vmm.chunks.peak"] <= 8
+    alloc.deallocate(ptr)
+    vr.commit(1, 0, 0, 8 * CHUNK)  # and the tensor's chunks serve pages again
+    assert len(vr.live_pages()) == 8
+    assert alloc.stats()["vmm.chunks.current"] == 8
+    with pytest.raises(vmmalloc.OutOfMemoryError):
+        alloc.allocate(1)
+    vr.free()
+    alloc.deallocate(alloc.allocate(16 * MiB))  # everything came back
+
+
+def test_commit_past_memory_is_an_oom_and_keeps_what_was_mapped(kind):
+    alloc = kind.allocator(8 * MiB)
+    vr = _C.VirtualRange(alloc, 8 * CHUNK)
+    vr.commit(1, 0, 0, 2 * CHUNK)
+    alloc.backend.write(vr.address, pattern(7, 4096))
+    with pytest.raises(vmmalloc.OutOfMemoryError, match="Tried to allocate"):
+        vr.commit(1, 0, 0, 8 * CHUNK)
+    assert vr.live_pages() == [0, 1]
+    assert alloc.backend.read(vr.address, 4096) == pattern(7, 4096)
+    vr.commit(1, 0, 0, 4 * CHUNK)  # what fits still succeeds
+    assert vr.live_pages() == [0, 1, 2, 3]
+
+
+def test_page_given_up_stays_mapped_until_its_stream_is_done(kind):
+    alloc, faulty = faulty_allocator(kind)
+    vr = _C.VirtualRange(alloc, 4 * CHUNK)
+    vr.commit(1, 0, 0, 2 * CHUNK, stream=1)
+    chunks_before = alloc.stats()["vmm.chunks.current"]
+    faulty.hold_events()  # stream 1 still reads page 1
+    vr.commit(1, 0, 0, CHUNK, stream=1)
+    stats = alloc.stats()
+    assert stats["vmm.retiring_pages"] == 1
+    assert stats["vmm.kv_mapped_bytes.current"] == CHUNK
+    ptr = alloc.allocate(2 * MiB, stream=0)  # must not take the retiring page's chunk
+    assert alloc.stats()["vmm.chunks.current"] == chunks_before + 1
+    alloc.deallocate(ptr)
+    faulty.release_events()
+    alloc.deallocate(alloc.allocate(4 * MiB, stream=0))  # a slow path finishes retiring
+    assert alloc.stats()["vmm.retiring_pages"] == 0
+
+
+def test_retiring_page_needed_again_is_taken_back_with_its_contents(kind):
+    alloc, faulty = faulty_allocator(kind)
+    vr = _C.VirtualRange(alloc, 4 * CHUNK)
+    vr.commit(1, 0, 0, 2 * CHUNK, stream=1)
+    faulty.write(vr.address + CHUNK, pattern(3, 4096))
+    faulty.hold_events()
+    vr.commit(1, 0, 0, CHUNK, stream=1)  # page 1 retires ...
+    vr.commit(1, 0, 0, 2 * CHUNK, stream=1)  # ... and is needed again before its event
+    assert vr.live_pages() == [0, 1]
+    created = alloc.stats()["num_device_alloc"]
+    faulty.release_events()
+    alloc.empty_cache()  # finishes every retirement: the stale one must not unmap page 1
+    assert vr.live_pages() == [0, 1]
+    assert faulty.read(vr.address + CHUNK, 4096) == pattern(3, 4096)
+    assert alloc.stats()["num_device_alloc"] == created
+
+
+@pytest.mark.parametrize("op", ["map", "set_access", "create_chunk"])
+def test_failure_while_committing_leaks_nothing(kind, op):
+    alloc, faulty = faulty_allocator(kind)
+    vr = _C.VirtualRange(alloc, 8 * CHUNK)
+    vr.commit(1, 0, 0, CHUNK)
+    before = alloc.stats()
+    # create_chunk fails on the first try and on the retry after releasing caches
+    faulty.fail(op, skip=1 if op == "map" else 0, count=2 if op == "create_chunk" else 1)
+    error = vmmalloc.OutOfMemoryError if op == "create_chunk" else vmmalloc.BackendError
+    with pytest.raises(error):
+        vr.commit(1, 0, 0, 4 * CHUNK)
+    after = alloc.stats()
+    assert vr.live_pages() == [0]
+    assert after["allocated_bytes.all.current"] == before["allocated_bytes.all.current"]
+    assert after["vmm.free_chunks"] == after["vmm.chunks.current"] - 1, "chunks taken for pages came back"
+    vr.commit(1, 0, 0, 4 * CHUNK)
+    assert vr.live_pages() == [0, 1, 2, 3]
+
+
+def test_bad_commits_and_freed_ranges_are_clear_errors(kind):
+    alloc = kind.allocator()
+    vr = _C.VirtualRange(alloc, 2 * CHUNK)
+    with pytest.raises(IndexError, match="reserves only 4194304 bytes"):
+        vr.commit(3, CHUNK, 0, 10)
+    with pytest.raises(IndexError, match="cannot commit"):
+        vr.commit(1, 0, 10, 5)
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        _C.VirtualRange(alloc, 0)
+    vr.free()
+    with pytest.raises(RuntimeError, match="was freed"):
+        vr.commit(1, 0, 0, 10)
+    with pytest.raises(RuntimeError, match="was freed"):
+        vr.dlpack()
+
+
+def test_exported_views_keep_the_range_reserved_after_free(kind):
+    torch = pytest.importorskip("torch")
+    if kind.name == "cuda":
+        torch.cuda.init()
+    alloc = kind.allocator()
+    vr = _C.VirtualRange(alloc, 2 * CHUNK)
+    vr.commit(1, 0, 0, 100)
+    view = torch.from_dlpack(vr.dlpack())
+    assert view.device.type == ("cuda" if kind.name == "cuda" else "cpu")
+    assert view.numel() == 2 * CHUNK and vr.exports == 1
+    view[:100] = 5
+    assert int(view[:100].sum()) == 500
+    vr.free()
+    assert alloc.stats()["vmm.virtual_ranges"] == 1, "a live view keeps the address space"
+    del view
+    gc.collect()
+    stats = alloc.stats()
+    assert stats["vmm.virtual_ranges"] == 0
+    assert stats["vmm.kv_mapped_bytes.current"] == 0
+
+
+def test_empty_cache_keeps_committed_pages(kind):
+    alloc = kind.allocator()
+    vr = _C.VirtualRange(alloc, 4 * CHUNK)
+    vr.commit(1, 0, 0, 2 * CHUNK)
+    alloc.backend.write(vr.address, pattern(1, 4096))
+    alloc.empty_cache()
+    assert vr.live_pages() == [0, 1]
+    assert alloc.backend.read(vr.address, 4096) == pattern(1, 4096)
+    assert alloc.stats()["reserved_bytes.all.current"] == 2 * CHUNK
