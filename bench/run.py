@@ -15,8 +15,9 @@ BENCHMARKS = {
     "core_hot_path": "bench.core_hot_path",
     "torch_hot_path": "bench.torch_hot_path",
     "fragmentation": "bench.fragmentation",
+    "kv_cache": "bench.kv_cache",
 }
-GPU_ONLY = {"torch_hot_path", "fragmentation"}
+GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache"}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -307,3 +307,48 @@ def test_vmmalloc_hf_cache_env_patches_generate_at_import():
                          env={**env, "VMMALLOC_HF_CACHE": "fast"})
     assert bad.returncode != 0
     assert "VMMALLOC_HF_CACHE='fast' is not understood; allowed: vmm" in bad.stderr
+
+
+# ----- GPU only: long context, real attention kernels ------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_long_context_generate_matches_dynamic_cache_on_gpu(kind):
+    model = tiny_model(kind, "cuda", max_positions=20000)
+    ids, mask = prompt(2, 16384, "cuda")
+    ref, out, cache = generate_both(model, ids, mask, max_new_tokens=12, do_sample=False)
+    assert torch.equal(ref, out)
+    # K and V of 2 rows x 16K positions x (2 or 1) heads x 16 dims x fp32, in whole pages
+    # plus at most two pages of lead per row and buffer.
+    heads = model.config.num_key_value_heads
+    item = heads * 16 * 4
+    layers = model.config.num_hidden_layers
+    held = ids.shape[1] + 11
+    window = getattr(model.config, "sliding_window", None)
+    pages = -(-(min(held, window or held) * item) // CHUNK) + 1
+    assert cache.committed_bytes <= layers * 2 * 2 * (pages + 2) * CHUNK
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("q_len,masked", [(1, False), (1, True), (512, False)])
+def test_attention_on_strided_bf16_views_uses_real_kernels(q_len, masked):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module(torch.nn.Module):
+        num_key_value_groups, is_causal = 4, True
+
+    kv_len = 4096 if q_len == 1 else q_len
+    buffer = torch.randn(4, 8192, 8, 128, device="cuda", dtype=torch.bfloat16)
+    key, value = buffer[:, :kv_len].transpose(1, 2), (buffer[:, :kv_len] * 0.5).transpose(1, 2)
+    query = torch.randn(4, 32, q_len, 128, device="cuda", dtype=torch.bfloat16)
+    mask = None
+    if masked:
+        mask = torch.ones(4, 1, q_len, kv_len, dtype=torch.bool, device="cuda")
+        mask[1, ..., :100] = False
+    ours, _ = virtual_sdpa_attention(Module(), query, key, value, mask, scaling=128 ** -0.5)
+    ref, _ = sdpa_attention_forward(Module(), query.float(), key.float().contiguous(), value.float().contiguous(),
+                                    mask, scaling=128 ** -0.5)
+    torch.testing.assert_close(ours.float(), ref, atol=2e-2, rtol=2e-2)
