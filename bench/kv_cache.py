@@ -248,7 +248,8 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                         ("vmm_fraction_of_bandwidth_bound", "(1.0 = HBM bound)"),
                         ("dynamic_fraction_of_bandwidth_bound", "(peer)")):
         if key in ratios:
-            rows.append((key, f"{ratios[key]:.2f}", target))
+            value = ratios[key]
+            rows.append((key, "no step mapped" if value is None else f"{value:.2f}", target))
     return rows
 
 
