@@ -67,6 +67,8 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     if limit:  # the same call for every system; under vmmalloc it sets vmmalloc's cap
         torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
     model, optimizer = build(torch, args["layers"])
+    if "bound_batches" in args:
+        return live_bytes_by_batch(torch, model, optimizer, args["bound_batches"])
     plan = schedule(args["steps"], args.get("seed", 0))
     if "batch" in args:  # headroom probe: one batch size, long and short sequences in turn
         plan = [(args["batch"], seq) for seq in HEADROOM_SEQS]
@@ -99,6 +101,30 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
         "stitches": stats.get("vmm.stitches"),
         "mapping_hits": stats.get("vmm.mapping_hits"),
     }
+
+
+def live_bytes_by_batch(torch, model, optimizer, batches: list[int]) -> dict[str, Any]:
+    """Peak bytes of live tensors (requested, not rounded) of the headroom loop per batch,
+    with no limit: what any allocator must fit, whatever its fragmentation."""
+    peaks = {}
+    for batch in batches:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        for step, seq in enumerate(HEADROOM_SEQS):
+            train_step(torch, model, optimizer, batch, seq, step)
+        torch.cuda.synchronize()
+        peaks[str(batch)] = torch.cuda.memory_stats()["requested_bytes.all.peak"]
+    return {"ok": True, "peak_requested_bytes": peaks}
+
+
+def workload_bound(layers: int = 16, limit: int = 24 * GiB, batches: tuple[int, ...] = tuple(range(18, 25))
+                   ) -> dict[str, Any]:
+    """The largest batch whose live tensors alone fit under `limit` (measured without a limit,
+    under vmmalloc, whose requested bytes are exact): no allocator can run a larger one."""
+    r = run_worker("bench.fragmentation", "vmmalloc", {"layers": layers, "steps": len(HEADROOM_SEQS),
+                                                      "bound_batches": list(batches)})
+    fitting = [int(b) for b, peak in r["peak_requested_bytes"].items() if peak <= limit]
+    return {"largest_batch": max(fitting) if fitting else None, "peak_requested_bytes": r["peak_requested_bytes"]}
 
 
 def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int = 64) -> dict[str, Any]:

@@ -57,6 +57,7 @@
 #include "errors.hpp"
 #include "fault_injection_backend.hpp"
 #include "host_backend.hpp"
+#include "virtual_tensor.hpp"
 #include "small_pool.hpp"
 
 namespace {
@@ -344,6 +345,10 @@ const PhaseSpec kPhases[] = {
     // deferral, readiness after empty_cache truncates an in-use mapping, API misuse.
     {"edges", "memory_cap:32MiB", 64 * MiB, false, 0, 0,
      "deterministic edge cases (single thread)"},
+    // Virtual tensors (Note [KV pages]) committed at random by every thread next to plain
+    // allocations, under a tight cap, with stream events held in flight at random.
+    {"pages", "memory_cap:128MiB", 256 * MiB, true, 0, 0,
+     "virtual tensors grown, shrunk and slid at random beside allocations"},
 };
 
 // With nothing live and nothing pending, every cached mapping is idle and none of its
@@ -1133,6 +1138,129 @@ void run_edges(const PhaseSpec& spec) {
   std::fflush(stdout);
 }
 
+// Pages of a range that rows [0, rows) need over [begin, end) at `stride` (as the allocator
+// computes them, written independently here).
+std::set<std::size_t> needed_pages(std::size_t rows, std::size_t stride, std::size_t begin,
+                                   std::size_t end) {
+  std::set<std::size_t> out;
+  for (std::size_t r = 0; r < rows && end > begin; ++r) {
+    for (std::size_t p = (r * stride + begin) / kChunk; p <= (r * stride + end - 1) / kChunk; ++p) out.insert(p);
+  }
+  return out;
+}
+
+// Each thread owns two virtual tensors of 4 rows x 3 pages and commits random spans of
+// them, stamping every newly live page and checking that a page live before and after a
+// commit kept its stamp, with allocations of its own in between. Thread 0 holds stream
+// events in flight now and then, so that given-up pages stay retiring while others commit.
+void run_pages(const PhaseSpec& spec) {
+  const auto start = std::chrono::steady_clock::now();
+  auto host = std::make_shared<vmm::HostBackend>(spec.capacity);
+  auto faulty = std::make_shared<vmm::FaultInjectionBackend>(host);
+  auto alloc = std::make_unique<vmm::CachingAllocator>(faulty, vmm::parse_config(spec.config));
+  std::atomic<long> commits{0}, ooms{0}, checked{0};
+  std::atomic<bool> holding{false};
+  auto worker = [&](int thread) {
+    t_thread = thread;
+    std::mt19937_64 rng(mix64(g_opt.seed ^ (0x9000 + static_cast<std::uint64_t>(thread))));
+    constexpr std::size_t kRows = 4, kStride = 3 * kChunk;
+    std::vector<std::unique_ptr<vmm::VirtualTensor>> tensors;
+    std::vector<std::map<std::size_t, std::uint64_t>> stamps(2);  // live page -> stamp
+    for (int i = 0; i < 2; ++i) tensors.push_back(std::make_unique<vmm::VirtualTensor>(*alloc, kRows * kStride));
+    std::vector<std::uintptr_t> blocks;
+    const long ops = std::max(200L, g_opt.ops / 8);
+    for (long op = 0; op < ops; ++op) {
+      if (thread == 0 && op % 97 == 0) {
+        if (holding.exchange(!holding.load())) faulty->release_events();
+        else faulty->hold_events();
+      }
+      const int what = static_cast<int>(rng() % 4);
+      if (what == 0) {  // a plain allocation or free beside the pages
+        if (!blocks.empty() && rng() % 2) {
+          alloc->deallocate(blocks.back());
+          blocks.pop_back();
+        } else {
+          try {
+            blocks.push_back(alloc->allocate(1 + rng() % (6 * kChunk), rng() % 3));
+          } catch (const vmm::OutOfMemoryError&) {
+            ++ooms;
+          }
+        }
+        continue;
+      }
+      const int which = static_cast<int>(rng() % 2);
+      vmm::VirtualTensor& vt = *tensors[which];
+      const std::size_t rows = rng() % (kRows + 1);
+      const std::size_t begin = rng() % (kStride + 1);
+      const std::size_t end = begin + rng() % (kStride - begin + 1);
+      const auto needed = needed_pages(rows, kStride, begin, end);
+      auto& live = stamps[which];
+      bool oom = false;
+      try {
+        vt.commit(rows, kStride, begin, end, rng() % 3);
+        ++commits;
+      } catch (const vmm::OutOfMemoryError&) {
+        ++ooms;
+        oom = true;
+      }
+      const auto pages = vt.live_pages();
+      const std::set<std::size_t> now(pages.begin(), pages.end());
+      if (!oom) {
+        CHECK(now == needed, "pages: after commit(%zu rows, [%zu, %zu)) %zu pages are live, %zu needed",
+              rows, begin, end, now.size(), needed.size());
+      } else {
+        for (std::size_t p : now) CHECK(needed.count(p), "pages: page %zu live after a failed commit but not needed", p);
+      }
+      std::map<std::size_t, std::uint64_t> next;
+      for (std::size_t p : now) {
+        const std::uintptr_t addr = vt.address() + p * kChunk;
+        auto it = live.find(p);
+        if (it != live.end()) {  // live before and after: its stamp must be intact
+          std::uint64_t got = 0;
+          faulty->copy_to_host(&got, addr + 8 * (p % 7), sizeof got);
+          CHECK(got == it->second, "pages: page %zu lost its contents across a commit", p);
+          ++checked;
+          next[p] = it->second;
+        } else {
+          const std::uint64_t stamp = rng() | 1;
+          faulty->copy_from_host(addr + 8 * (p % 7), &stamp, sizeof stamp);
+          next[p] = stamp;
+        }
+      }
+      if (oom) {
+        for (const auto& [p, stamp] : live) {
+          if (needed.count(p)) CHECK(now.count(p), "pages: a failed commit lost needed page %zu", p);
+        }
+      }
+      live = std::move(next);
+      if (rng() % 50 == 0) {  // a tensor freed and replaced
+        tensors[which]->free(rng() % 3);
+        tensors[which] = std::make_unique<vmm::VirtualTensor>(*alloc, kRows * kStride);
+        live.clear();
+      }
+    }
+    for (std::uintptr_t b : blocks) alloc->deallocate(b);
+    tensors.clear();
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < g_opt.threads; ++t) threads.emplace_back(worker, t);
+  for (auto& t : threads) t.join();
+  faulty->release_events();
+  alloc->empty_cache();
+  Stats s(alloc->stats());
+  for (const char* name : {"allocated_bytes.all.current", "reserved_bytes.all.current", "vmm.chunks.current",
+                           "vmm.kv_mapped_bytes.current", "vmm.virtual_ranges", "vmm.retiring_pages",
+                           "vmm.page_backend_errors", "vmm.backend_errors"}) {
+    CHECK(s[name] == 0, "pages: at the end, %s is %lld", name, static_cast<long long>(s[name]));
+  }
+  alloc.reset();
+  CHECK(host->free_memory() == host->total_memory(), "pages: the backend did not get its memory back");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("phase pages: %ld commits, %ld OOMs, %ld pages checked across commits, %.1f s\n", commits.load(),
+              ooms.load(), checked.load(), secs);
+  std::fflush(stdout);
+}
+
 [[noreturn]] void usage(const char* argv0, const char* why) {
   std::fprintf(stderr,
                "%s: %s\nusage: %s [--threads=N] [--seed=S] [--ops=N] [--rounds=R] "
@@ -1205,6 +1333,8 @@ int main(int argc, char** argv) {
     try {
       if (std::strcmp(spec.name, "edges") == 0) {
         run_edges(spec);
+      } else if (std::strcmp(spec.name, "pages") == 0) {
+        run_pages(spec);
       } else {
         Phase phase(spec, index);
         phase.run();
