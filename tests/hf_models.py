@@ -8,14 +8,14 @@ VOCAB = 128
 
 
 def tiny_model(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-               layers: int = 2, max_positions: int = 512):
+               layers: int = 2, max_positions: int = 512, attention: str = "sdpa"):
     """``kind``: "llama" (GQA), "qwen2" (a full layer then sliding layers) or "mistral"
     (every layer slides, MQA)."""
     from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
                               Qwen2ForCausalLM)
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-                  num_attention_heads=4, max_position_embeddings=max_positions, attn_implementation="sdpa",
+                  num_attention_heads=4, max_position_embeddings=max_positions, attn_implementation=attention,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if kind == "llama":
         config, cls = LlamaConfig(num_key_value_heads=2, **common), LlamaForCausalLM

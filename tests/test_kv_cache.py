@@ -114,6 +114,18 @@ def test_greedy_generate_matches_dynamic_cache(device, kind):
     assert cache.get_seq_length() == ids.shape[1] + 24 - 1
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral"])
+def test_eager_attention_reads_the_views_too(device, kind):
+    model = tiny_model(kind, device, attention="eager")
+    ids, mask = prompt(3, 12, device)
+    ref, out, _ = generate_both(model, ids, mask, max_new_tokens=16, do_sample=False)
+    assert torch.equal(ref, out)
+    with patched_generate():  # an eager model keeps its attention under the patch
+        patched = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False)
+    assert torch.equal(ref, patched)
+    assert model.config._attn_implementation == "eager"
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_beam_search_matches_dynamic_cache(device, kind):
     model = tiny_model(kind, device)

@@ -283,3 +283,39 @@ def test_each_gpu_is_served_by_its_own_allocator():
     assert r["devices"] == [0, 1]
     assert r["allocated"] == [10 * 2**20 + 20 * 2**20, 20 * 2**20]
     assert r["total"] == 2.0 * 20 * 2**20 / 4
+
+
+LAUNCHED = """
+import json, os, torch, vmmalloc
+rank = int(os.environ.get("LOCAL_RANK", "0"))  # a single-process accelerate launch sets none
+torch.cuda.set_device(rank)
+x = torch.ones(8 << 20, device="cuda")
+own = vmmalloc._C.device_allocator(rank).owns(x.data_ptr())
+print("RESULT " + json.dumps({"rank": rank, "enabled": vmmalloc.is_enabled(), "own": own,
+                              "allocated": torch.cuda.memory_allocated(rank)}), flush=True)
+"""
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "accelerate"])
+def test_vmmalloc_1_reaches_every_launched_worker(tmp_path, launcher):
+    """VMMALLOC=1 on the launcher turns vmmalloc on in each worker, on the worker's GPU."""
+    if launcher == "accelerate":
+        pytest.importorskip("accelerate")
+    script = tmp_path / "worker.py"
+    script.write_text(LAUNCHED)
+    n = _gpu_count()
+    if launcher == "torchrun":
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", str(script)]
+    else:
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(n),
+                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                   *(["--multi_gpu"] if n > 1 else []), str(script)]
+    env = {k: v for k, v in os.environ.items() if k not in ("VMMALLOC", "VMMALLOC_CONF")}
+    proc = subprocess.run(command, capture_output=True, text=True, env={**env, "VMMALLOC": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = sorted((json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines()
+                      if "RESULT " in line), key=lambda r: r["rank"])
+    assert [r["rank"] for r in results] == list(range(n))
+    for r in results:
+        assert r["enabled"] and r["own"], r
+        assert r["allocated"] == 32 << 20, r
