@@ -92,8 +92,8 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
 // and only the out-of-memory retry reclaims them, as PyTorch's small pool does.
 Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::size_t requested,
                                    bool small_segment) {
-  std::string cause;
-  try {
+  return with_oom_retry(requested, [&](bool retry) -> Mapping* {
+    if (retry) return cache_.acquire(chunks, stream, /*allow_create=*/true);
     if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
     // Before any new physical memory: finish frees and take back free small segments.
     if (!pending_.empty()) process_pending(/*wait=*/false);
@@ -103,6 +103,17 @@ Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::siz
       if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
     }
     return cache_.acquire(chunks, stream, /*allow_create=*/true, growth_budget(chunks));
+  });
+}
+
+// Note [Out-of-memory retry], for mappings and pages alike: attempt(false) may grow within
+// the slack; when the cap or the device refuses a chunk, everything cached is released and
+// attempt(true) runs once more before OutOfMemoryError.
+template <typename Attempt>
+auto CachingAllocator::with_oom_retry(std::size_t requested, Attempt&& attempt) -> decltype(attempt(false)) {
+  std::string cause;
+  try {
+    return attempt(false);
   } catch (const CapExceeded& e) {
     cause = e.what();
   } catch (const DeviceOutOfMemory& e) {
@@ -111,9 +122,9 @@ Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::siz
   ++num_alloc_retries_;
   release_cached();
   try {
-    Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/true);
+    auto result = attempt(true);
     sync_reserved_stats();
-    return m;
+    return result;
   } catch (const CapExceeded& e) {
     cause = e.what();
   } catch (const DeviceOutOfMemory& e) {
@@ -244,31 +255,14 @@ std::vector<std::size_t> CachingAllocator::live_pages(const VirtualRange* range)
 // Note [KV pages]: pages are drawn like a stitch's chunks, with the same out-of-memory
 // retry as any request (Note [Out-of-memory retry]).
 std::vector<Chunk*> CachingAllocator::acquire_page_chunks(std::size_t n, StreamId stream) {
-  std::string cause;
-  try {
+  return with_oom_retry(n * kChunkSize, [&](bool retry) -> std::vector<Chunk*> {
+    if (retry) return cache_.take_chunks(n, stream, /*allow_create=*/true);
     std::vector<Chunk*> chunks = cache_.take_chunks(n, stream, /*allow_create=*/false);
     if (!chunks.empty()) return chunks;
     if (!pending_.empty()) process_pending(/*wait=*/false);
     if (small_.reclaim(cache_) > 0) sync_reserved_stats();
     return cache_.take_chunks(n, stream, /*allow_create=*/true, growth_budget(n));
-  } catch (const CapExceeded& e) {
-    cause = e.what();
-  } catch (const DeviceOutOfMemory& e) {
-    cause = e.what();
-  }
-  ++num_alloc_retries_;
-  release_cached();
-  try {
-    std::vector<Chunk*> chunks = cache_.take_chunks(n, stream, /*allow_create=*/true);
-    sync_reserved_stats();
-    return chunks;
-  } catch (const CapExceeded& e) {
-    cause = e.what();
-  } catch (const DeviceOutOfMemory& e) {
-    cause = e.what();
-  }
-  sync_reserved_stats();
-  throw_oom(n * kChunkSize, cause);
+  });
 }
 
 void CachingAllocator::finish_page_retiring(bool wait) {

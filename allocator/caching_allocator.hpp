@@ -97,6 +97,8 @@ class CachingAllocator {
   [[noreturn]] void throw_oom(std::size_t requested, const std::string& cause);
   void release_cached();
   std::vector<Chunk*> acquire_page_chunks(std::size_t n, StreamId stream);
+  template <typename Attempt>
+  auto with_oom_retry(std::size_t requested, Attempt&& attempt) -> decltype(attempt(false));
   void finish_page_retiring(bool wait);
   void count_pages(std::int64_t pages);
   void process_pending(bool wait);
