@@ -215,10 +215,11 @@ void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::
   }
   if (pages_.has_retiring()) finish_page_retiring(/*wait=*/false);
   const PagePlan plan = pages_.plan(*range, rows, stride, begin, end);
-  pages_.reclaim(*range, plan.reclaim);
+  // Needed pages still retiring are taken back first (no memory needed; and the retry of
+  // an out-of-memory below would otherwise finish their retirement under us). Pages are
+  // given up only once the new ones are mapped: a failed commit gives up nothing.
+  pages_.reclaim(*range, plan.reclaim, stream);
   count_pages(static_cast<std::int64_t>(plan.reclaim.size()));
-  pages_.retire(*range, plan.drop, stream);
-  count_pages(-static_cast<std::int64_t>(plan.drop.size()));
   if (!plan.map.empty()) {
     std::vector<Chunk*> chunks = acquire_page_chunks(plan.map.size(), stream);
     try {
@@ -230,6 +231,8 @@ void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::
     }
     count_pages(static_cast<std::int64_t>(plan.map.size()));
   }
+  pages_.retire(*range, plan.drop, stream);
+  count_pages(-static_cast<std::int64_t>(plan.drop.size()));
   sync_reserved_stats();
 }
 

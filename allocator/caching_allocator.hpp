@@ -72,7 +72,8 @@ class CachingAllocator {
   // r < rows are mapped (and counted as allocated); pages no longer needed are unmapped
   // once the work queued on `stream` so far is done. Throws std::out_of_range past the
   // range, std::logic_error for a freed range, OutOfMemoryError after the usual retry. On
-  // a throw, every page is either mapped or not; none is lost.
+  // a throw no page was given up and none newly mapped (needed pages that were retiring
+  // may have been taken back).
   void commit_range(VirtualRange* range, std::size_t rows, std::size_t stride,
                     std::size_t begin, std::size_t end, StreamId stream);
   // Gives every page back (after the work queued on `stream`) and the range with them;

@@ -63,8 +63,23 @@ PagePlan VirtualPages::plan(const VirtualRange& range, std::size_t rows, std::si
   return out;
 }
 
-void VirtualPages::reclaim(VirtualRange& range, const std::vector<std::size_t>& pages) {
-  for (std::size_t p : pages) range.pages[p].retire_serial = 0;
+void VirtualPages::reclaim(VirtualRange& range, const std::vector<std::size_t>& pages, StreamId stream) {
+  std::vector<std::uint64_t> waited;
+  for (std::size_t p : pages) {
+    const std::uint64_t serial = range.pages[p].retire_serial;
+    range.pages[p].retire_serial = 0;
+    if (std::find(waited.begin(), waited.end(), serial) != waited.end()) continue;
+    waited.push_back(serial);
+    for (const Retiring& r : retiring_) {
+      if (r.serial != serial || r.event == 0) continue;
+      try {
+        backend_.stream_wait_event(stream, r.event);
+      } catch (const std::exception&) {
+        ++backend_errors;
+        count_failure([&] { backend_.synchronize(); });
+      }
+    }
+  }
   range.live_pages += pages.size();
   live_bytes.increase(static_cast<std::int64_t>(pages.size() * kChunkSize));
 }

@@ -62,7 +62,9 @@ class VirtualPages {
   // caller checked that this lies inside the range.
   PagePlan plan(const VirtualRange& range, std::size_t rows, std::size_t stride,
                 std::size_t begin, std::size_t end) const;
-  void reclaim(VirtualRange& range, const std::vector<std::size_t>& pages);
+  // Takes retiring pages back for use on `stream`, which first waits for the work their
+  // retirement waits for (it may have been queued on another stream).
+  void reclaim(VirtualRange& range, const std::vector<std::size_t>& pages, StreamId stream);
   // Retires live pages after work queued on `stream` (Note [KV pages]).
   void retire(VirtualRange& range, const std::vector<std::size_t>& pages, StreamId stream);
   // Maps chunks[i] at pages[i] and grants access. Throws BackendError; then nothing is

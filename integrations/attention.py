@@ -2,10 +2,11 @@
 
 K/V from the virtual caches are strided views of ``[batch, max_length, kv_heads,
 head_dim]`` memory. PyTorch SDPA reads such views directly (only the last dimension must be
-contiguous: FACTS.md), so this function never copies K/V: grouped-query attention uses
-``enable_gqa`` for prompts and, for one-token decode steps, folds the query heads of a
-group into the query length (one K/V read per group, any mask), instead of transformers'
-``repeat_kv``, which copies K/V once per query head group.
+contiguous: FACTS.md). Decode steps never copy K/V: for one-token steps the query heads of
+a group are folded into the query length (one K/V read per group, any mask) instead of
+transformers' ``repeat_kv``, which copies K/V once per query head group. Prompts use
+``enable_gqa`` when there is no mask; with a mask (padding) K/V are expanded once, as
+transformers does, because no fused kernel takes ``enable_gqa`` with a mask.
 
 Registered under :data:`NAME` in transformers' AttentionInterface, with transformers' own
 SDPA mask builder, so padding and sliding windows are masked exactly as for ``"sdpa"``.
@@ -54,7 +55,13 @@ def virtual_sdpa_attention(module: torch.nn.Module, query: torch.Tensor, key: to
         # the bottom-right one.
         attention_mask = torch.ones(q_len, kv_len, dtype=torch.bool, device=query.device).tril(kv_len - q_len)
         causal = False
-    if q_len <= groups:  # short steps (speculative candidates): as for decode
+    short = q_len <= groups  # a few tokens (speculative candidates): kernels as for decode
+    if attention_mask is not None and groups > 1:
+        # No flash or memory-efficient kernel takes enable_gqa with a mask, and the math
+        # fallback's memory is quadratic in the length: expand K/V once, as transformers does.
+        key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+        groups = 1
+    if short:
         with sdpa_kernel(_DECODE_BACKENDS):
             out = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout,
                                                  scale=scaling, is_causal=causal, enable_gqa=groups > 1)

@@ -84,14 +84,22 @@ def patched_generate(cache: str = "vmm", **options: Any) -> Iterator[None]:
             unpatch_generate()
 
 
+def _setting(model: Any, kwargs: dict[str, Any], name: str, default: Any = None) -> Any:
+    """A generation setting as generate() will see it: keyword, else the generation_config
+    passed, else the model's."""
+    if name in kwargs:
+        return kwargs[name]
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return getattr(config, name, default)
+
+
 def _uses_own_cache(model: Any, kwargs: dict[str, Any]) -> bool:
     """Whether generate() should run untouched: the caller chose a cache, or none is used,
-    or the model's cache is not a plain decoder cache."""
-    config = getattr(model, "generation_config", None)
-    use_cache = kwargs.get("use_cache", getattr(config, "use_cache", True))
+    or this is an assistant model drafting for another generate() (which owns and sizes the
+    assistant's cache), or the model's cache is not a plain decoder cache."""
     supports = getattr(model, "_supports_default_dynamic_cache", None)
-    return (kwargs.get("past_key_values") is not None or kwargs.get("cache_implementation") is not None
-            or getattr(config, "cache_implementation", None) is not None or use_cache is False
+    return (kwargs.get("past_key_values") is not None or _setting(model, kwargs, "cache_implementation") is not None
+            or _setting(model, kwargs, "use_cache", True) is False or _setting(model, kwargs, "is_assistant", False)
             or model.config.is_encoder_decoder or (supports is not None and not supports()))
 
 
@@ -101,9 +109,8 @@ def _reserved_length(model: Any, args: tuple, kwargs: dict[str, Any]) -> int:
     if inputs is None and kwargs.get("inputs_embeds") is not None:
         inputs = kwargs["inputs_embeds"]
     prompt = int(inputs.shape[1]) if inputs is not None and getattr(inputs, "ndim", 0) >= 2 else 0
-    config = kwargs.get("generation_config") or model.generation_config
-    new = kwargs.get("max_new_tokens", getattr(config, "max_new_tokens", None))
-    total = prompt + int(new) if new is not None else int(kwargs.get("max_length", config.max_length or 0))
+    new = _setting(model, kwargs, "max_new_tokens")
+    total = prompt + int(new) if new is not None else int(_setting(model, kwargs, "max_length") or 0)
     return max(total, prompt + 1) + _RESERVE_MARGIN
 
 
@@ -111,11 +118,19 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     if _uses_own_cache(model, kwargs):
         return original(model, *args, **kwargs)
     from vmmalloc.integrations.attention import register_attention
+    from vmmalloc.integrations.hf_compat import layer_windows
     from vmmalloc.integrations.kv_cache import VirtualKVCache
 
+    try:
+        layer_windows(model.config)
+    except ValueError:  # layer types the virtual cache does not implement: transformers' own
+        return original(model, *args, **kwargs)
     kwargs["past_key_values"] = VirtualKVCache(model.config, max_length=_reserved_length(model, args, kwargs),
                                                **_state["options"])
-    swap = _state["attention"] and getattr(model.config, "_attn_implementation", None) == "sdpa"
+    # Only a plain decoder's attention is swapped: on composite configs transformers' setter
+    # would rewrite every sub-model's choice (a vision tower's too).
+    swap = (_state["attention"] and getattr(model.config, "_attn_implementation", None) == "sdpa"
+            and not getattr(model.config, "sub_configs", None))
     if not swap:
         return original(model, *args, **kwargs)
     model.config._attn_implementation = register_attention()

@@ -110,8 +110,8 @@ class VirtualKVLayer(CacheLayerMixin):
         keep_from = min(start, self._record_from) if self.record_past else start
         lead = max(1, int(page * self._stagger)) if self.lookahead else 0
         target = min(self.max_length, -(-(stop + lead) // page) * page) if lead else stop
-        same_rows_and_start = rows == k.rows and keep_from // page == k.start // page
-        if same_rows_and_start and stop <= k.stop and -(-k.stop // page) <= -(-target // page):
+        same = all(vt.rows == rows and vt.start // page == keep_from // page and vt.stop == k.stop for vt in (k, v))
+        if same and stop <= k.stop and -(-k.stop // page) <= -(-target // page):
             if k.stop >= min(stop + lead, self.max_length):
                 return  # the same pages serve: enough lead, nothing to give back
         for vt in (k, v):

@@ -52,6 +52,12 @@ def _enable() -> None:
 def _patch_generate(cache: str) -> None:
     from vmmalloc.integrations.generate_patch import patch_generate
 
+    if not requested():
+        import warnings
+
+        warnings.warn(f"VMMALLOC_HF_CACHE={cache} without VMMALLOC=1: KV pages come from a pool of their own, "
+                      "beside PyTorch's allocator, and neither releases the other's cache when memory runs out; "
+                      "set VMMALLOC=1 for one memory budget", RuntimeWarning, stacklevel=2)
     patch_generate(cache)
 
 

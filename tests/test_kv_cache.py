@@ -76,6 +76,20 @@ def test_virtual_tensor_grows_in_place_and_gives_pages_back(device):
     assert kv_stats(device)["vmm.kv_mapped_bytes.current"] == base - 4 * CHUNK
 
 
+def test_failed_commit_claims_no_span_and_the_next_one_maps(device):
+    if device == "cuda":
+        pytest.skip("a capped host allocator stands in for a full device here")
+    small = vmmalloc.Allocator(vmmalloc.HostBackend(8 << 20))
+    vt = VirtualTensor((1, 8192, 8, 64), torch.float32, "cpu", allocator=small)  # 2 KiB a position
+    vt.commit(1, 1024)
+    with pytest.raises(torch.OutOfMemoryError):
+        vt.commit(1, 8192)
+    assert (vt.rows, vt.stop) == (-1, 0), "no span describes what is mapped after a failure"
+    vt.commit(1, 2048)
+    vt.tensor[:1, :2048] = 1.0
+    assert float(vt.tensor[:1, :2048].sum()) == 2048 * 8 * 64
+
+
 def test_virtual_tensor_bad_use_is_a_clear_error(device):
     vt = VirtualTensor((2, 100, 4), torch.float32, device)
     with pytest.raises(ValueError, match="reserves at most 2 rows and 100 positions"):
@@ -148,9 +162,11 @@ def test_assisted_decoding_crops_and_matches(device, kind):
     assistant = tiny_model(kind, device, seed=3, layers=1)
     ids, mask = prompt(1, 12, device, padded=False)
     torch.manual_seed(0)
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False)
+    # The assistant's own generate() calls are patched too: they must keep the cache that
+    # transformers gives them (sized for the whole run), not get one sized for a draft.
     with patched_generate():
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False, assistant_model=assistant)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False, assistant_model=assistant)
     assert torch.equal(ref, out)
 
 
@@ -296,6 +312,37 @@ def test_patch_generate_uses_the_virtual_cache_and_respects_a_given_one(device):
     unpatch_generate()
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
     assert type(plain.past_key_values) is DynamicCache
+
+
+def test_patch_respects_settings_passed_in_a_generation_config(device):
+    from transformers import GenerationConfig, StaticCache
+
+    model = tiny_model("llama", device)
+    ids, mask = prompt(2, 8, device)
+    patch_generate()
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, StaticCache)
+    config = GenerationConfig(max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+    out = model.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
+    assert out.past_key_values is None
+
+
+def test_patch_leaves_models_with_other_layer_types_to_transformers(device, monkeypatch):
+    from vmmalloc.integrations import hf_compat
+
+    model = tiny_model("llama", device)
+    ids, mask = prompt(2, 8, device)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+
+    def unsupported(config):
+        raise ValueError("layer 0 is 'linear_attention'")
+
+    monkeypatch.setattr(hf_compat, "layer_windows", unsupported)
+    patch_generate()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    assert type(out.past_key_values) is DynamicCache
+    assert torch.equal(out.sequences, ref)
 
 
 def test_patched_generate_context_manager_and_bad_cache_name():

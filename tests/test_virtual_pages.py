@@ -64,14 +64,18 @@ def test_kv_pages_and_tensors_share_one_memory_budget(kind):
     alloc.deallocate(alloc.allocate(16 * MiB))  # everything came back
 
 
-def test_commit_past_memory_is_an_oom_and_keeps_what_was_mapped(kind):
+def test_commit_past_memory_is_an_oom_and_gives_up_nothing(kind):
     alloc = kind.allocator(8 * MiB)
-    vr = _C.VirtualRange(alloc, 8 * CHUNK)
+    vr = _C.VirtualRange(alloc, 12 * CHUNK)
     vr.commit(1, 0, 0, 2 * CHUNK)
     alloc.backend.write(vr.address, pattern(7, 4096))
     with pytest.raises(vmmalloc.OutOfMemoryError, match="Tried to allocate"):
         vr.commit(1, 0, 0, 8 * CHUNK)
     assert vr.live_pages() == [0, 1]
+    assert alloc.backend.read(vr.address, 4096) == pattern(7, 4096)
+    with pytest.raises(vmmalloc.OutOfMemoryError):
+        vr.commit(1, 0, 6 * CHUNK, 12 * CHUNK)  # a window moved on: pages 0-1 would go ...
+    assert vr.live_pages() == [0, 1], "... but not when the commit fails"
     assert alloc.backend.read(vr.address, 4096) == pattern(7, 4096)
     vr.commit(1, 0, 0, 4 * CHUNK)  # what fits still succeeds
     assert vr.live_pages() == [0, 1, 2, 3]

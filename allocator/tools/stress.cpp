@@ -1208,8 +1208,11 @@ void run_pages(const PhaseSpec& spec) {
       if (!oom) {
         CHECK(now == needed, "pages: after commit(%zu rows, [%zu, %zu)) %zu pages are live, %zu needed",
               rows, begin, end, now.size(), needed.size());
-      } else {
-        for (std::size_t p : now) CHECK(needed.count(p), "pages: page %zu live after a failed commit but not needed", p);
+      } else {  // a failed commit gives nothing up and maps nothing new
+        for (const auto& kv : live) CHECK(now.count(kv.first), "pages: a failed commit gave up page %zu", kv.first);
+        for (std::size_t p : now) {
+          CHECK(live.count(p) || needed.count(p), "pages: page %zu live after a failed commit, neither old nor needed", p);
+        }
       }
       std::map<std::size_t, std::uint64_t> next;
       for (std::size_t p : now) {
@@ -1225,11 +1228,6 @@ void run_pages(const PhaseSpec& spec) {
           const std::uint64_t stamp = rng() | 1;
           faulty->copy_from_host(addr + 8 * (p % 7), &stamp, sizeof stamp);
           next[p] = stamp;
-        }
-      }
-      if (oom) {
-        for (const auto& [p, stamp] : live) {
-          if (needed.count(p)) CHECK(now.count(p), "pages: a failed commit lost needed page %zu", p);
         }
       }
       live = std::move(next);
