@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace vmm {
 
@@ -66,7 +67,24 @@ class Backend {
   // sub-range whose chunks are all mapped.
   virtual void map(std::uintptr_t addr, ChunkHandle chunk) = 0;
   virtual void unmap(std::uintptr_t addr, std::size_t bytes) = 0;
+  // Grants read-write access to this device and to every peer added so far.
   virtual void set_access(std::uintptr_t addr, std::size_t bytes) = 0;
+
+  // Note [Peer access]
+  // Memory mapped through the VMM API is accessible only to the devices its
+  // cuMemSetAccess names; cudaDeviceEnablePeerAccess does not cover it. So a copy to
+  // another GPU, or a kernel there reading this memory, fails ("invalid argument") unless
+  // the other GPU was named. Each grant costs per handle and per device (FACTS.md), so a
+  // peer is added only once this process uses that device (the registry adds every device
+  // in use to every other: Note [Peers are the devices in use]); set_access then names it,
+  // and set_peer_access grants it on what was mapped before.
+  //
+  // Adds `peer` to the devices set_access grants. Returns false, recording nothing, when
+  // `peer` is this device, already added, or has no peer path to this device.
+  virtual bool add_peer(int peer) = 0;
+  // Grants `peer` (added before) read-write access to a mapped range.
+  virtual void set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) = 0;
+  virtual std::vector<int> peers() const = 0;
 
   // Stream ordering. An event recorded on a stream completes once all work submitted to
   // that stream before the record has finished.

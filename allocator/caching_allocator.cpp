@@ -454,9 +454,28 @@ StatList CachingAllocator::stats_locked() const {
   out.emplace_back("vmm.memory_cap", static_cast<std::int64_t>(pool_.cap()));
   out.emplace_back("vmm.small_segments", static_cast<std::int64_t>(small_.segment_count()));
   out.emplace_back("vmm.pending_frees", static_cast<std::int64_t>(pending_.size()));
+  out.emplace_back("vmm.peer_devices", static_cast<std::int64_t>(backend_->peers().size()));
+  out.emplace_back("vmm.peer_access_errors", peer_access_errors_);
   cache_.append_stats(out);
   pages_.append_stats(out);
   return out;
+}
+
+bool CachingAllocator::add_peer(int peer) {
+  // Under the lock every mapping is made, so no range is mapped between the backend's
+  // learning of the peer and the walk below: each is granted either here or by set_access.
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!backend_->add_peer(peer)) return false;
+  const auto grant = [&](std::uintptr_t base, std::size_t bytes) {
+    try {
+      backend_->set_peer_access(base, bytes, peer);
+    } catch (const BackendError&) {
+      ++peer_access_errors_;
+    }
+  };
+  cache_.for_each_mapped(grant);
+  pages_.for_each_mapped(grant);
+  return true;
 }
 
 void CachingAllocator::reset_peak_stats() {

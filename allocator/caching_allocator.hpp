@@ -82,6 +82,12 @@ class CachingAllocator {
   // Indices of the pages of `range` that are mapped and live (introspection and tests).
   std::vector<std::size_t> live_pages(const VirtualRange* range) const;
 
+  // Lets device `peer` reach this device's memory (Note [Peer access]): every range mapped
+  // so far is granted to it, and every range mapped from now on. Returns false when the
+  // backend has no peer path to `peer` (or already had it). A grant that fails is counted
+  // (vmm.peer_access_errors), not thrown: the allocator's own device is unaffected.
+  bool add_peer(int peer);
+
   Backend& backend() { return *backend_; }
   const std::shared_ptr<Backend>& shared_backend() const { return backend_; }
   const Config& config() const { return config_; }
@@ -126,6 +132,7 @@ class CachingAllocator {
   std::int64_t num_alloc_retries_ = 0;
   std::int64_t num_ooms_ = 0;
   std::int64_t num_sync_all_streams_ = 0;
+  std::int64_t peer_access_errors_ = 0;
 };
 
 }  // namespace vmm

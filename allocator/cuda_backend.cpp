@@ -43,6 +43,13 @@ cu::CUmemLocation device_location(int device) {
   return location;
 }
 
+cu::CUmemAccessDesc read_write(int device) {
+  cu::CUmemAccessDesc access{};
+  access.location = device_location(device);
+  access.flags = cu::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  return access;
+}
+
 cu::CUmemAllocationProp chunk_prop(int device) {
   cu::CUmemAllocationProp prop{};  // unset fields must be zero
   prop.type = cu::CU_MEM_ALLOCATION_TYPE_PINNED;
@@ -88,7 +95,8 @@ class ContextGuard {
 
 }  // namespace
 
-CudaBackend::CudaBackend(int device) : api_(require_driver()), device_(device) {
+CudaBackend::CudaBackend(int device)
+    : api_(require_driver()), device_(device), access_{read_write(device)} {
   int count = 0;
   check(device_, api_.cuDeviceGetCount(&count), [] { return std::string("cuDeviceGetCount()"); });
   if (device_ < 0 || device_ >= count) {
@@ -212,13 +220,49 @@ void CudaBackend::unmap(std::uintptr_t addr, std::size_t bytes) {
 
 void CudaBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);
-  cu::CUmemAccessDesc access{};
-  access.location = device_location(device_);
-  access.flags = cu::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  std::lock_guard<std::mutex> lock(access_mutex_);
+  check(device_, api_.cuMemSetAccess(addr, bytes, access_.data(), access_.size()), [&] {
+    return "cuMemSetAccess(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) +
+           ", read-write for this device and " + std::to_string(access_.size() - 1) + " peers)";
+  });
+}
+
+bool CudaBackend::add_peer(int peer) {
+  if (peer == device_) return false;
+  {
+    std::lock_guard<std::mutex> lock(access_mutex_);
+    for (const auto& a : access_) {
+      if (a.location.id == peer) return false;
+    }
+  }
+  cu::CUdevice peer_device = 0;
+  check(device_, api_.cuDeviceGet(&peer_device, peer),
+        [&] { return "cuDeviceGet(ordinal=" + std::to_string(peer) + ")"; });
+  int can_access = 0;
+  check(device_, api_.cuDeviceCanAccessPeer(&can_access, peer_device, cu_device_), [&] {
+    return "cuDeviceCanAccessPeer(device=" + std::to_string(peer) +
+           ", peer=" + std::to_string(device_) + ")";
+  });
+  if (can_access == 0) return false;  // no P2P path: copies go through the host, no grant
+  std::lock_guard<std::mutex> lock(access_mutex_);
+  access_.push_back(read_write(peer));
+  return true;
+}
+
+void CudaBackend::set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) {
+  ContextGuard guard(api_, context_, device_);
+  const cu::CUmemAccessDesc access = read_write(peer);
   check(device_, api_.cuMemSetAccess(addr, bytes, &access, 1), [&] {
     return "cuMemSetAccess(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) +
-           ", read-write for this device)";
+           ", read-write for peer device " + std::to_string(peer) + ")";
   });
+}
+
+std::vector<int> CudaBackend::peers() const {
+  std::lock_guard<std::mutex> lock(access_mutex_);
+  std::vector<int> out;
+  for (std::size_t i = 1; i < access_.size(); ++i) out.push_back(access_[i].location.id);
+  return out;
 }
 
 EventId CudaBackend::record_event(StreamId stream) {

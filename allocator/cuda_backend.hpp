@@ -38,6 +38,9 @@ class CudaBackend final : public Backend {
   void map(std::uintptr_t addr, ChunkHandle chunk) override;
   void unmap(std::uintptr_t addr, std::size_t bytes) override;
   void set_access(std::uintptr_t addr, std::size_t bytes) override;
+  bool add_peer(int peer) override;
+  void set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) override;
+  std::vector<int> peers() const override;
 
   // Events are CUevents created with CU_EVENT_DISABLE_TIMING and pooled: release_event
   // returns one to the pool and record_event reuses it. Events not released before the
@@ -58,6 +61,11 @@ class CudaBackend final : public Backend {
   cu::CUdevice cu_device_ = 0;
   cu::CUcontext context_ = nullptr;  // the device's primary context, retained by us
   std::size_t total_memory_ = 0;
+
+  // This device first, then the peers added (Note [Peer access]). Read by set_access under
+  // the allocator's lock, but peers() may be asked from anywhere.
+  mutable std::mutex access_mutex_;
+  std::vector<cu::CUmemAccessDesc> access_;
 
   std::mutex events_mutex_;
   std::vector<cu::CUevent> free_events_;  // created, not in use; at most kMaxPooledEvents

@@ -111,6 +111,7 @@ void load_into(Driver& d) {
   need(a.cuInit, "cuInit", "cuInit");
   need(a.cuDeviceGet, "cuDeviceGet", "cuDeviceGet");
   need(a.cuDeviceGetCount, "cuDeviceGetCount", "cuDeviceGetCount");
+  need(a.cuDeviceCanAccessPeer, "cuDeviceCanAccessPeer", "cuDeviceCanAccessPeer");
   need(a.cuDeviceTotalMem_v2, "cuDeviceTotalMem", "cuDeviceTotalMem_v2");
   need(a.cuMemGetInfo_v2, "cuMemGetInfo", "cuMemGetInfo_v2");
   need(a.cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRetain");

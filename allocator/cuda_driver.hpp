@@ -139,6 +139,7 @@ struct DriverApi {
 
   CUresult (*cuDeviceGet)(CUdevice* device, int ordinal);
   CUresult (*cuDeviceGetCount)(int* count);
+  CUresult (*cuDeviceCanAccessPeer)(int* can_access, CUdevice device, CUdevice peer_device);
   CUresult (*cuDeviceTotalMem_v2)(std::size_t* bytes, CUdevice device);
   CUresult (*cuMemGetInfo_v2)(std::size_t* free, std::size_t* total);
 

@@ -48,6 +48,18 @@ CachingAllocator& DeviceRegistry::create(int device) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (!owned_[device]) {
     owned_[device] = std::make_unique<CachingAllocator>(factory_(device), config_);
+    // Note [Peers are the devices in use]
+    // A device whose memory torch touches in this process gets an allocator here (its
+    // first tensor, or the destination of a copy, is allocated before any kernel there
+    // runs), so the devices with an allocator are the devices that can read each other's
+    // memory. Each is made a peer of every other (Note [Peer access]); a process that uses
+    // one GPU, as a torchrun rank does, grants nothing beyond its own device and pays
+    // nothing. Added before publication: the new allocator's first mapping names them.
+    for (int other = 0; other < kMaxDevices; ++other) {
+      if (other == device || !owned_[other]) continue;
+      owned_[device]->add_peer(other);
+      owned_[other]->add_peer(device);
+    }
     devices_[device].store(owned_[device].get(), std::memory_order_release);
   }
   return *owned_[device];

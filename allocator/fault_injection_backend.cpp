@@ -116,4 +116,9 @@ void FaultInjectionBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
   inner_->set_access(addr, bytes);
 }
 
+void FaultInjectionBackend::set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) {
+  maybe_fail(BackendOp::kSetAccess, "set_peer_access");
+  inner_->set_peer_access(addr, bytes, peer);
+}
+
 }  // namespace vmm

@@ -45,6 +45,10 @@ class FaultInjectionBackend final : public Backend {
   void map(std::uintptr_t addr, ChunkHandle chunk) override;
   void unmap(std::uintptr_t addr, std::size_t bytes) override { inner_->unmap(addr, bytes); }
   void set_access(std::uintptr_t addr, std::size_t bytes) override;
+  bool add_peer(int peer) override { return inner_->add_peer(peer); }
+  // Fails like set_access (the same counter): a grant is a grant.
+  void set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) override;
+  std::vector<int> peers() const override { return inner_->peers(); }
   EventId record_event(StreamId s) override;
   bool event_done(EventId e) override;
   void stream_wait_event(StreamId s, EventId e) override;

@@ -122,6 +122,46 @@ void HostBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
   if (mprotect(reinterpret_cast<void*>(addr), bytes, PROT_READ | PROT_WRITE) != 0) {
     throw BackendError(errno_text("mprotect"));
   }
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& peer : peers_) peer.second += bytes;
+}
+
+bool HostBackend::add_peer(int peer) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (peer == device_) return false;
+  for (const auto& p : peers_) {
+    if (p.first == peer) return false;
+  }
+  peers_.emplace_back(peer, 0);
+  return true;
+}
+
+void HostBackend::set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) {
+  check_aligned(addr, bytes, "set_peer_access");
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto& p : peers_) {
+    if (p.first == peer) {
+      p.second += bytes;
+      return;
+    }
+  }
+  throw BackendError("host backend: set_peer_access for device " + std::to_string(peer) +
+                     ", which was never added as a peer");
+}
+
+std::vector<int> HostBackend::peers() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<int> out;
+  for (const auto& p : peers_) out.push_back(p.first);
+  return out;
+}
+
+std::size_t HostBackend::peer_granted_bytes(int peer) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (const auto& p : peers_) {
+    if (p.first == peer) return p.second;
+  }
+  return 0;
 }
 
 void HostBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) {

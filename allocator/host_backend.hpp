@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 #include "backend.hpp"
@@ -37,6 +38,13 @@ class HostBackend final : public Backend {
   void map(std::uintptr_t addr, ChunkHandle chunk) override;
   void unmap(std::uintptr_t addr, std::size_t bytes) override;
   void set_access(std::uintptr_t addr, std::size_t bytes) override;
+  // Host memory is equally reachable from every "device", so peers are bookkeeping only;
+  // the bytes granted to each are counted so tests can check what was granted.
+  bool add_peer(int peer) override;
+  void set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) override;
+  std::vector<int> peers() const override;
+  // Bytes granted to `peer`: through set_access once it was added, and set_peer_access.
+  std::size_t peer_granted_bytes(int peer) const;
 
   // Host work is synchronous: every event is complete when recorded.
   EventId record_event(StreamId) override { return 1; }
@@ -57,6 +65,7 @@ class HostBackend final : public Backend {
   std::size_t file_chunks_ = 0;           // chunks the memfd has room for
   std::vector<std::size_t> free_slots_;   // released chunk slots, reused before growing
   std::size_t live_chunks_ = 0;
+  std::vector<std::pair<int, std::size_t>> peers_;  // (peer, bytes granted to it)
 };
 
 }  // namespace vmm

@@ -116,6 +116,15 @@ class MappingCache {
   void release_free_chunks();   // give free chunks no mapping refers to back
   void finish_retiring(bool wait);
 
+  // Calls f(base, bytes) for the mapped part of every mapping, in use or idle (retiring
+  // ones are never used again and are left out).
+  template <typename F>
+  void for_each_mapped(F&& f) const {
+    for (const auto& m : mappings_) {
+      if (!m->chunks.empty()) f(m->base, m->chunks.size() * kChunkSize);
+    }
+  }
+
   std::size_t mapping_count() const { return mappings_.size(); }
   std::size_t ready_count() const;
   std::size_t retiring_count() const { return retiring_.size(); }

@@ -139,6 +139,8 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("total_memory", &Backend::total_memory)
       .def_property_readonly("free_memory", &Backend::free_memory)
       .def("synchronize", &Backend::synchronize)
+      .def("peers", &Backend::peers,
+           "Other devices granted access to this device's memory (Note [Peer access]).")
       .def("write", [](Backend& b, std::uintptr_t addr, py::bytes data) {
              const std::string s = data;
              b.copy_from_host(addr, s.data(), s.size());
@@ -153,7 +155,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<HostBackend, Backend, std::shared_ptr<HostBackend>>(
       m, "HostBackend", "CUDA VMM semantics on CPU memory (memfd chunks, mmap mappings).")
-      .def(py::init<std::size_t, int>(), py::arg("capacity"), py::arg("device") = 0);
+      .def(py::init<std::size_t, int>(), py::arg("capacity"), py::arg("device") = 0)
+      .def("peer_granted_bytes", &HostBackend::peer_granted_bytes, py::arg("peer"),
+           "Bytes granted to device `peer` so far (peers are bookkeeping on the host).");
 
   py::class_<CudaBackend, Backend, std::shared_ptr<CudaBackend>>(
       m, "CudaBackend", "The CUDA driver's virtual memory API on one device.")
@@ -197,7 +201,11 @@ PYBIND11_MODULE(_C, m) {
       .def("owns", &CachingAllocator::owns, py::arg("ptr"),
            "Whether `ptr` is the start of a live allocation of this allocator.")
       .def("chunk_ids", &CachingAllocator::chunk_ids, py::arg("ptr"))
-      .def("chunk_addresses", &CachingAllocator::chunk_addresses, py::arg("chunk_id"));
+      .def("chunk_addresses", &CachingAllocator::chunk_addresses, py::arg("chunk_id"))
+      .def("add_peer", &CachingAllocator::add_peer, py::arg("peer"),
+           py::call_guard<py::gil_scoped_release>(),
+           "Grants device `peer` access to this device's memory, mapped so far and from now "
+           "on; False when there is no peer path (or it was granted already).");
 
   py::class_<VirtualTensor>(m, "VirtualRange",
                             "Reserved virtual memory of an allocator whose 2 MiB pages are "

@@ -77,6 +77,24 @@ class VirtualPages {
   // synchronized the device) and returns their chunks, which are idle (kNoStream).
   std::vector<Chunk*> finish_retiring(bool wait);
   bool has_retiring() const { return !retiring_.empty(); }
+  // Calls f(base, bytes) for every run of consecutive mapped pages, retiring ones included
+  // (they can be taken back with no driver call).
+  template <typename F>
+  void for_each_mapped(F&& f) const {
+    for (const auto& range : ranges_) {
+      const auto& pages = range->pages;
+      for (std::size_t i = 0; i < pages.size();) {
+        if (pages[i].chunk == nullptr) {
+          ++i;
+          continue;
+        }
+        std::size_t j = i + 1;
+        while (j < pages.size() && pages[j].chunk != nullptr) ++j;
+        f(range->base + i * kChunkSize, (j - i) * kChunkSize);
+        i = j;
+      }
+    }
+  }
 
   void append_stats(StatList& out) const;
   void reset_peak() { live_bytes.reset_peak(); }

@@ -16,8 +16,17 @@ BENCHMARKS = {
     "torch_hot_path": "bench.torch_hot_path",
     "fragmentation": "bench.fragmentation",
     "kv_cache": "bench.kv_cache",
+    "multi_gpu": "bench.multi_gpu",
+    "peer_access": "bench.peer_access",
 }
-GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache"}
+GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache", "multi_gpu", "peer_access"}
+MULTI_GPU = {"multi_gpu", "peer_access"}  # in the default set only where at least 2 GPUs are visible
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -31,7 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     rows = []
-    names = args.names or [n for n in BENCHMARKS if args.backend == "cuda" or n not in GPU_ONLY]
+    names = args.names or [n for n in BENCHMARKS if (args.backend == "cuda" or n not in GPU_ONLY)
+                           and (n not in MULTI_GPU or _gpu_count() >= 2)]
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         print(f"[bench] {name} on {args.backend} ...", flush=True)

@@ -285,6 +285,37 @@ def test_each_gpu_is_served_by_its_own_allocator():
     assert r["total"] == 2.0 * 20 * 2**20 / 4
 
 
+@pytest.mark.skipif(_gpu_count() < 2, reason="needs 2 GPUs (run on a 2-GPU machine)")
+def test_copies_and_kernels_across_gpus_reach_vmmalloc_memory():
+    """Memory mapped before the second GPU was used, and after, is reachable from it: by
+    cudaMemcpyPeer (contiguous copies) and by a copy kernel reading peer memory (strided)."""
+    r = run("""
+        vmmalloc.enable_vmm_allocator()
+        g = torch.Generator(device="cpu").manual_seed(0)
+        early = torch.randn(3000, 700, generator=g).cuda(0)  # mapped while only GPU 0 is in use
+        small = torch.arange(1000, dtype=torch.float32, device="cuda:0")  # a small-pool block
+        on1 = torch.empty(700, 3000, device="cuda:1")
+        on1.copy_(early.t())  # strided: a copy kernel reads GPU 0's memory when P2P is on
+        late = torch.randn(5000, 300, generator=g).cuda(0)  # mapped once GPU 1 is a peer
+        back = torch.empty(300, 5000, device="cuda:0")
+        back.copy_(late.t().to("cuda:1"))  # contiguous peer copy, then a strided one on 0
+        other = torch.empty(300, 5000, device="cuda:1")
+        other.copy_(late.t())
+        p2p = torch.cuda.can_device_access_peer(1, 0)
+        report(p2p=p2p, peers=[vmmalloc._C.device_allocator(0).backend.peers(),
+                               vmmalloc._C.device_allocator(1).backend.peers()],
+               early=bool(torch.equal(on1.cpu(), early.cpu().t())),
+               late=bool(torch.equal(back.cpu(), late.cpu().t())),
+               other=bool(torch.equal(other.cpu(), late.cpu().t())),
+               small=float(small.to("cuda:1").sum()),
+               errors=[vmmalloc._C.device_allocator(d).stats()["vmm.peer_access_errors"] for d in (0, 1)])
+    """)
+    assert r["early"] and r["late"] and r["other"], r
+    assert r["small"] == sum(range(1000))
+    assert r["errors"] == [0, 0]
+    assert r["peers"] == ([[1], [0]] if r["p2p"] else [[], []])
+
+
 LAUNCHED = """
 import json, os, torch, vmmalloc
 rank = int(os.environ.get("LOCAL_RANK", "0"))  # a single-process accelerate launch sets none

@@ -160,6 +160,7 @@ SAME_SIGNATURE(cuGetErrorString, cuGetErrorString);
 SAME_SIGNATURE(cuInit, cuInit);
 SAME_SIGNATURE(cuDeviceGet, cuDeviceGet);
 SAME_SIGNATURE(cuDeviceGetCount, cuDeviceGetCount);
+SAME_SIGNATURE(cuDeviceCanAccessPeer, cuDeviceCanAccessPeer);
 SAME_SIGNATURE(cuDeviceTotalMem_v2, cuDeviceTotalMem_v2);
 SAME_SIGNATURE(cuMemGetInfo_v2, cuMemGetInfo_v2);
 SAME_SIGNATURE(cuDevicePrimaryCtxRetain, cuDevicePrimaryCtxRetain);

@@ -1,0 +1,104 @@
+"""FSDP2 training of a ~1B Llama on every GPU of the machine (torchrun, one rank per GPU),
+with batch and sequence length varying from step to step: per-rank peak reserved / peak
+allocated for native, expandable_segments and vmmalloc, each in its own torchrun, on the
+same schedule, and step time against native's.
+
+Targets: per rank, reserved / allocated at most 1.05; step speed at least 0.97x native's.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.workers import SYSTEM_ENV
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMS = ("native", "expandable_segments", "vmmalloc")
+
+
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def launch(system: str, world: int, train_args: list[str], timeout: int = 900) -> dict[str, Any]:
+    """One torchrun of bench.multi_gpu_train under `system`; rank 0's RESULT."""
+    env = {k: v for k, v in os.environ.items() if k not in ("VMMALLOC", "VMMALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
+    env.update(SYSTEM_ENV[system])
+    env["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
+               "-m", "bench.multi_gpu_train", *train_args]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"torchrun for {system} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def per_rank(result: dict[str, Any]) -> list[dict[str, Any]]:
+    keep = ("rank", "vmmalloc_enabled", "collectives_ok", "peak_allocated", "peak_reserved", "ratio",
+            "step_time_median", "stitches", "peer_devices", "step_times", "losses")
+    return [{k: r.get(k) for k in keep} for r in result["ranks"]]
+
+
+def step_time(result: dict[str, Any]) -> float:
+    """A data-parallel step ends when the slowest rank is done: the median over steps of
+    the slowest rank's time."""
+    steps = zip(*(r["step_times"] for r in result["ranks"]))
+    warm = [max(s) for s in steps][3:]
+    return statistics.median(warm)
+
+
+def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
+    world = gpu_count()
+    if world < 2:
+        raise RuntimeError(f"bench.multi_gpu needs at least 2 GPUs; this machine has {world}")
+    steps = 12 if quick else 24
+    train_args = ["--mode", "fsdp2", "--steps", str(steps), "--layers", "16", "--hidden", "2048",
+                  "--dtype", "bfloat16", "--gradient-checkpointing", "--max-batch", "8", "--max-seq", "2048"]
+    systems: dict[str, Any] = {}
+    for name in SYSTEMS:
+        r = launch(name, world, train_args)
+        systems[name] = {"ranks": per_rank(r), "step_time_median": step_time(r)}
+        ratios = ", ".join(f"{x['ratio']:.3f}" for x in systems[name]["ranks"])
+        print(f"[multi_gpu] {name}: reserved/allocated per rank {ratios}, "
+              f"median step {systems[name]['step_time_median']:.3f} s", flush=True)
+    assert all(r["vmmalloc_enabled"] for r in systems["vmmalloc"]["ranks"])
+    assert all(r["collectives_ok"] for s in systems.values() for r in s["ranks"])
+    time_ratio = systems["vmmalloc"]["step_time_median"] / systems["native"]["step_time_median"]
+    worst = {name: max(r["ratio"] for r in s["ranks"]) for name, s in systems.items()}
+    return {
+        "benchmark": "multi_gpu",
+        "world_size": world,
+        "workload": {"model": "Llama 16 layers, hidden 2048, ~1.1B params, bf16, AdamW, gradient checkpointing, "
+                              "FSDP2 (fully_shard per layer)", "steps": steps, "launcher": "torchrun",
+                     "train_args": train_args},
+        "systems": systems,
+        "ratios": {
+            "reserved_over_allocated_worst_rank": worst,
+            "reserved_over_allocated_per_rank": {n: [r["ratio"] for r in s["ranks"]] for n, s in systems.items()},
+            "vmmalloc_step_time_vs_native": time_ratio,
+            "vmmalloc_speed_vs_native": 1 / time_ratio,
+            "expandable_speed_vs_native": systems["native"]["step_time_median"]
+            / systems["expandable_segments"]["step_time_median"],
+        },
+        "targets": {"vmmalloc_reserved_over_allocated_max_per_rank": 1.05, "vmmalloc_speed_vs_native_min": 0.97},
+        "met": {"fragmentation": worst["vmmalloc"] <= 1.05, "step_time": 1 / time_ratio >= 0.97},
+    }
+
+
+def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    r = result["ratios"]
+    rows = [(f"reserved/allocated per rank, {name}", " / ".join(f"{v:.3f}" for v in values),
+             "<= 1.05" if name == "vmmalloc" else "")
+            for name, values in r["reserved_over_allocated_per_rank"].items()]
+    rows.append((f"FSDP2 step speed vmmalloc / native ({result['world_size']} GPUs)",
+                 f"{r['vmmalloc_speed_vs_native']:.3f}x", ">= 0.97x"))
+    rows.append(("FSDP2 step speed expandable / native", f"{r['expandable_speed_vs_native']:.3f}x", ""))
+    return rows
