@@ -34,6 +34,7 @@ struct Chunk {
   StreamId stream = kNoStream;
   std::vector<Mapping*> mappings;  // cached mappings that map this chunk
   std::size_t index = 0;  // position in ChunkPool::chunks_
+  std::uint64_t pick_mark = 0;  // MappingCache::pick_chunks' current pick, to skip duplicates
 };
 
 class ChunkPool {

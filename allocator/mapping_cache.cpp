@@ -151,6 +151,27 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
   mapping->busy_chunks += chunks;
 }
 
+// Note [Breaking ready mappings]
+// When free chunks that feed no ready mapping run out, a stitch must take chunks of ready
+// mappings, and each mapping it takes one chunk from stops being ready: the next request of
+// its size stitches in turn. Chunks taken in pool order came from dozens of mappings at
+// once, and under FSDP2's per-layer buffers on three streams that cascaded into ~50
+// stitches a step (bench/NOTES.md, multi-GPU). So whole ready mappings are consumed, least
+// recently released first: as few mappings as possible break, and the coldest ones.
+void MappingCache::take_from_ready(std::size_t chunks, std::vector<Chunk*>& picked) {
+  const std::uint64_t mark = ++pick_serial_;
+  for (Chunk* c : picked) c->pick_mark = mark;
+  for (Mapping* m = lru_head_; m != nullptr && picked.size() < chunks; m = m->lru_next) {
+    if (!is_ready(m)) continue;
+    for (Chunk* c : m->chunks) {
+      if (picked.size() == chunks) break;
+      if (c->pick_mark == mark) continue;  // shared with a mapping taken before
+      c->pick_mark = mark;
+      picked.push_back(c);
+    }
+  }
+}
+
 bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
                                std::size_t growth_budget, std::vector<Chunk*>& picked,
                                std::vector<Chunk*>& created) {
@@ -158,7 +179,7 @@ bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_c
   if (reuse_free) {
     // Note [Growth slack]: free chunks no ready mapping needs first; chunks of ready
     // mappings only when growing within the slack cannot cover the rest.
-    std::vector<Chunk*> feeding;
+    std::size_t feeding = 0;
     for (const auto& owned : pool_.all()) {
       Chunk* c = owned.get();
       if (c->busy) continue;
@@ -166,17 +187,13 @@ bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_c
                                            [](const Mapping* m) { return is_ready(m); });
       if (!feeds_ready) {
         if (picked.size() < chunks) picked.push_back(c);
-      } else if (feeding.size() + picked.size() < chunks) {
-        feeding.push_back(c);
+      } else {
+        ++feeding;
       }
     }
     const std::size_t missing = chunks - picked.size();
     const bool grow = missing > 0 && allow_create && missing <= growth_budget;
-    if (!grow) {
-      for (std::size_t i = 0; i < feeding.size() && picked.size() < chunks; ++i) {
-        picked.push_back(feeding[i]);
-      }
-    }
+    if (missing > 0 && !grow && feeding > 0) take_from_ready(chunks, picked);
   }
   if (picked.size() < chunks && !allow_create) {
     picked.clear();

@@ -164,6 +164,9 @@ class MappingCache {
   bool pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
                    std::size_t growth_budget, std::vector<Chunk*>& picked,
                    std::vector<Chunk*>& created);
+  // Adds free chunks of ready mappings to `picked` until it holds `chunks`, whole mappings
+  // at a time, least recently released first (Note [Breaking ready mappings]).
+  void take_from_ready(std::size_t chunks, std::vector<Chunk*>& picked);
   // Makes `stream` wait for the last streams of these chunks (Note [Stream-ordered reuse]).
   void wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream);
   void use(Mapping* mapping, std::size_t chunks, StreamId stream);
@@ -188,6 +191,7 @@ class MappingCache {
   Mapping* lru_tail_ = nullptr;
   std::vector<Retiring> retiring_;
   std::uint64_t next_id_ = 1;
+  std::uint64_t pick_serial_ = 0;
   int skipped_busy_ = 0;  // candidates skipped by the current find_ready
 };
 

@@ -22,6 +22,10 @@ from typing import Any
 BATCHES = [1, 2, 3, 4, 6, 8]
 SEQS = [256, 384, 512, 768, 1024, 1536, 2048]
 MiB = 1 << 20
+# Counters whose per-step deltas --vmm-counters records: where the stitches come from.
+VMM_COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.fresh_mappings", "vmm.mapping_hits",
+                "vmm.misses_no_candidate", "vmm.misses_candidates_busy", "vmm.cross_stream_waits",
+                "num_device_alloc")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -40,6 +44,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="deterministic kernels and eager attention, for comparing runs bit for bit")
     p.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
                    help="cpu runs the same script with gloo on CPU processes (a smoke test without GPUs)")
+    p.add_argument("--vmm-counters", action="store_true",
+                   help="record per-step deltas of vmmalloc's stitch and miss counters (diagnosis)")
     p.add_argument("--enable-in-script", action="store_true",
                    help="call vmmalloc.enable_vmm_allocator() here instead of relying on VMMALLOC=1")
     args = p.parse_args(argv)
@@ -152,12 +158,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     vocab = 32000
     losses, times = [], []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
+    counters: list[dict[str, int]] = []
+    count = args.vmm_counters and cuda and vmmalloc.is_enabled()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     for step, (batch, seq) in enumerate(schedule(args.steps, args.max_batch, args.max_seq)):
         g = torch.Generator(device=device).manual_seed(1000 * step + rank)  # each rank its own data
         ids = torch.randint(0, vocab, (batch, seq), device=device, generator=g)
         sync()
+        before = torch.cuda.memory_stats() if count else {}
         start = time.perf_counter()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
@@ -166,6 +175,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         sync()
         times.append(time.perf_counter() - start)
         losses.append(loss.item())
+        if count:
+            after = torch.cuda.memory_stats()
+            counters.append({k: after.get(k, 0) - before.get(k, 0) for k in VMM_COUNTERS} | {"batch": batch, "seq": seq})
 
     warm = times[3:] if len(times) > 6 else times
     figures = {"rank": rank, "local_rank": local_rank, "collectives_ok": collectives_ok, "losses": losses,
@@ -173,6 +185,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                "vmmalloc_enabled": vmmalloc.is_enabled()}
     if cuda:
         figures.update(memory_figures(torch, model, local_rank))
+    if count:
+        figures["vmm_counters_per_step"] = counters
     ranks: list[Any] = [None] * world
     dist.all_gather_object(ranks, figures)
     dist.destroy_process_group()

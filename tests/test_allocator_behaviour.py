@@ -460,3 +460,28 @@ def test_growth_within_slack_keeps_cached_mappings_whole(kind, slack):
     assert after["reserved_bytes.all.peak"] <= (1 + slack) * after["allocated_bytes.all.peak"]
     alloc.deallocate(big)
     alloc.deallocate(keep)
+
+
+def test_a_stitch_breaks_whole_ready_mappings_least_recently_released_first(kind):
+    """Note [Breaking ready mappings]: with no spare chunk and no room to grow, a stitch
+    consumes the coldest ready mapping whole before touching the next one, so as few ready
+    mappings as possible stop being ready."""
+    alloc = kind.allocator(64 * MiB, conf="growth_slack:0,memory_cap:24MiB")
+    blocks = [alloc.allocate(8 * MiB) for _ in range(3)]  # three 4-chunk mappings, 24 MiB
+    chunks = [set(alloc.chunk_ids(b)) for b in blocks]
+    for b in (blocks[2], blocks[0], blocks[1]):  # released in this order: 2 is the coldest
+        alloc.deallocate(b)
+    assert alloc.stats()["vmm.ready_mappings"] == 3
+
+    stitched = alloc.allocate(12 * MiB)  # 6 chunks: no mapping fits, no chunk may be created
+    taken = set(alloc.chunk_ids(stitched))
+    assert chunks[2] <= taken  # the coldest, whole
+    assert len(taken & chunks[0]) == 2 and not taken & chunks[1]  # then the next; 1 untouched
+    stats = alloc.stats()
+    assert stats["vmm.stitches"] == 1 and stats["num_device_alloc"] == 12
+    hits = stats["vmm.mapping_hits"]
+    again = alloc.allocate(8 * MiB)  # the mapping released last is still ready
+    assert set(alloc.chunk_ids(again)) == chunks[1]
+    assert alloc.stats()["vmm.mapping_hits"] == hits + 1
+    alloc.deallocate(again)
+    alloc.deallocate(stitched)
