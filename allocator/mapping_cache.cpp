@@ -5,6 +5,7 @@
 #include <limits>
 
 #include "errors.hpp"
+#include "retirement.hpp"
 
 namespace vmm {
 
@@ -26,11 +27,7 @@ MappingCache::~MappingCache() {
 
 template <typename F>
 void MappingCache::count_failure(F&& cleanup) noexcept {
-  try {
-    cleanup();
-  } catch (const std::exception&) {
-    ++backend_errors;
-  }
+  vmm::count_failure(backend_errors, std::forward<F>(cleanup));
 }
 
 Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_create,
@@ -348,25 +345,10 @@ void MappingCache::evict(Mapping* mapping) {
 void MappingCache::finish_retiring(bool wait) {
   if (retiring_.empty()) return;
   if (wait) count_failure([&] { backend_.synchronize(); });
-  std::size_t kept = 0;
-  for (Retiring& r : retiring_) {
-    bool done = wait;
-    if (!done) {
-      try {
-        done = backend_.event_done(r.event);
-      } catch (const std::exception&) {
-        ++backend_errors;
-      }
-    }
-    if (!done) {
-      retiring_[kept++] = r;  // trivially copyable: self-assignment is harmless
-      continue;
-    }
-    count_failure([&] { backend_.release_event(r.event); });
+  finish_completed(retiring_, wait, backend_, backend_errors, [&](const Retiring& r) {
     if (r.mapped_bytes) count_failure([&] { backend_.unmap(r.base, r.mapped_bytes); });
     count_failure([&] { backend_.unreserve(r.base, r.reserved_bytes); });
-  }
-  retiring_.resize(kept);
+  });
 }
 
 void MappingCache::forget_streams() {

@@ -3,6 +3,8 @@
 #include <algorithm>
 #include <stdexcept>
 
+#include "retirement.hpp"
+
 namespace vmm {
 
 VirtualPages::~VirtualPages() {
@@ -21,11 +23,7 @@ VirtualPages::~VirtualPages() {
 
 template <typename F>
 void VirtualPages::count_failure(F&& cleanup) noexcept {
-  try {
-    cleanup();
-  } catch (const std::exception&) {
-    ++backend_errors;
-  }
+  vmm::count_failure(backend_errors, std::forward<F>(cleanup));
 }
 
 VirtualRange* VirtualPages::reserve(std::size_t bytes) {
@@ -156,27 +154,10 @@ std::vector<Chunk*> VirtualPages::finish_retiring(bool wait) {
   std::vector<Chunk*> freed;
   if (retiring_.empty()) return freed;
   std::vector<VirtualRange*> touched;
-  std::size_t kept = 0;
-  for (std::size_t i = 0; i < retiring_.size(); ++i) {
-    Retiring& r = retiring_[i];
-    bool done = wait || r.event == 0;
-    if (!done) {
-      try {
-        done = backend_.event_done(r.event);
-      } catch (const std::exception&) {
-        ++backend_errors;
-      }
-    }
-    if (!done) {
-      if (kept != i) retiring_[kept] = std::move(r);  // never self-move (see process_pending)
-      ++kept;
-      continue;
-    }
-    if (r.event != 0) count_failure([&] { backend_.release_event(r.event); });
+  finish_completed(retiring_, wait, backend_, backend_errors, [&](const Retiring& r) {
     unmap_pages(*r.range, r.pages, r.serial, freed);
     touched.push_back(r.range);
-  }
-  retiring_.resize(kept);
+  });
   std::sort(touched.begin(), touched.end());
   touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
   for (VirtualRange* range : touched) maybe_destroy(range);

@@ -134,21 +134,14 @@ class VirtualTensor:
                 f"cannot commit rows [0, {rows}) positions [{start}, {stop}) of a virtual tensor "
                 f"of shape {self.shape}: it reserves at most {self.shape[0]} rows and "
                 f"{self.shape[1]} positions; reserve a larger one")
+        # A failed commit gives no page up (CachingAllocator::commit_range), so the span
+        # recorded before still holds: it stays, and the failure leaves nothing to undo here.
         try:
             self._range.commit(rows, self.row_stride, start * self.item_bytes, stop * self.item_bytes,
                                current_stream(self.device))
         except _C.OutOfMemoryError as error:
-            self._forget_span()
             raise torch.OutOfMemoryError(str(error)) from error
-        except BaseException:
-            self._forget_span()
-            raise
         self.rows, self.start, self.stop = rows, start, stop
-
-    def _forget_span(self) -> None:
-        # After a failed commit the mapped pages are the old span's plus some of the new
-        # one's: no span describes them, so none is claimed and the next commit maps afresh.
-        self.rows, self.start, self.stop = -1, 0, 0
 
     @property
     def committed_bytes(self) -> int:

@@ -76,13 +76,16 @@ def test_virtual_tensor_grows_in_place_and_gives_pages_back(device):
     assert kv_stats(device)["vmm.kv_mapped_bytes.current"] == base - 4 * CHUNK
 
 
-def test_failed_commit_claims_no_span_and_the_next_one_maps():
+def test_failed_commit_keeps_the_old_span_and_its_data():
     small = vmmalloc.Allocator(vmmalloc.HostBackend(8 << 20))
     vt = VirtualTensor((1, 8192, 8, 64), torch.float32, "cpu", allocator=small)  # 2 KiB a position
     vt.commit(1, 1024)
+    vt.tensor[:1, :1024] = 3.0
     with pytest.raises(torch.OutOfMemoryError):
         vt.commit(1, 8192)
-    assert (vt.rows, vt.stop) == (-1, 0), "no span describes what is mapped after a failure"
+    assert (vt.rows, vt.start, vt.stop) == (1, 0, 1024), "the old span is still mapped"
+    assert vt.committed_bytes == CHUNK
+    assert float(vt.tensor[:1, :1024].sum()) == 3.0 * 1024 * 8 * 64
     vt.commit(1, 2048)
     vt.tensor[:1, :2048] = 1.0
     assert float(vt.tensor[:1, :2048].sum()) == 2048 * 8 * 64
