@@ -52,3 +52,20 @@ def pattern(tag: int, size: int) -> bytes:
     words = (size + 3) // 4
     values = (np.arange(words, dtype=np.uint64) * 2654435761 + tag * 40503 + 17) & 0xFFFFFFFF
     return values.astype(np.uint32).tobytes()[:size]
+
+
+@pytest.fixture
+def host_devices():
+    """The process-wide per-device allocators (what torch reaches through the C ABI), each
+    on a host backend of 64 MiB, created afresh; yields the registry's accessor."""
+    import gc
+
+    from vmmalloc import _C
+
+    gc.collect()  # virtual tensors of earlier tests hold the per-device allocators
+    _C.reset_devices_for_tests()
+    _C.use_host_backend_for_devices(64 * MiB)
+    yield _C.device_allocator
+    gc.collect()
+    _C.reset_devices_for_tests()
+    _C.configure("")

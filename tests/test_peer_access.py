@@ -3,24 +3,17 @@ devices in use]), on host backends standing in for GPUs: which devices are grant
 that the grant covers exactly what is mapped, before and after a peer arrives."""
 from __future__ import annotations
 
-import gc
-
 import pytest
 
 from vmmalloc import _C
 
-MiB = 1 << 20
+from conftest import MiB
 
 
 @pytest.fixture
-def devices():
-    gc.collect()  # virtual tensors of earlier tests hold the per-device allocators
-    _C.reset_devices_for_tests()
-    _C.use_host_backend_for_devices(128 * MiB)
+def devices(host_devices):
     _C.configure("")
-    yield _C.device_allocator
-    gc.collect()
-    _C.reset_devices_for_tests()
+    return host_devices
 
 
 def mapped_bytes(allocator: _C.Allocator) -> int:
@@ -52,9 +45,9 @@ def test_a_new_device_is_granted_everything_already_mapped(devices):
     assert d0.stats()["vmm.peer_devices"] == 1
 
     # From now on every new mapping names the peer, KV pages included.
-    d0.allocate(40 * MiB)
+    d0.allocate(10 * MiB)
     kv.commit(rows=1, stride=0, begin=0, end=13 * MiB)
-    assert d0.backend.peer_granted_bytes(1) == mapped_bytes(d0) == before + 40 * MiB + 8 * MiB
+    assert d0.backend.peer_granted_bytes(1) == mapped_bytes(d0) == before + 10 * MiB + 8 * MiB
     d1.allocate(6 * MiB)
     assert d1.backend.peer_granted_bytes(0) == mapped_bytes(d1) == 6 * MiB
     del small, kv

@@ -3,7 +3,6 @@ ctypes on the host backend), option handling, VMMALLOC=1 start-up, the OOM glue 
 from __future__ import annotations
 
 import ctypes
-import gc
 import os
 import site
 import subprocess
@@ -19,11 +18,8 @@ MiB = 1 << 20
 
 
 @pytest.fixture
-def abi():
+def abi(host_devices):
     """vmm_* functions of the extension, with per-device allocators on the host backend."""
-    gc.collect()  # virtual tensors of earlier tests hold the per-device allocators
-    _C.reset_devices_for_tests()
-    _C.use_host_backend_for_devices(64 * MiB)
     _C.configure("memory_cap:32MiB")
     lib = ctypes.CDLL(_C.__file__)
     lib.vmm_malloc.restype = ctypes.c_void_p
@@ -34,8 +30,6 @@ def abi():
     lib.vmm_base_alloc.restype = ctypes.c_void_p
     lib.vmm_base_alloc.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t)]
     yield lib
-    _C.reset_devices_for_tests()
-    _C.configure("")
 
 
 def test_abi_serves_each_device_from_its_own_allocator(abi):
