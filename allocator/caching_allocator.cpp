@@ -465,7 +465,12 @@ bool CachingAllocator::add_peer(int peer) {
   // Under the lock every mapping is made, so no range is mapped between the backend's
   // learning of the peer and the walk below: each is granted either here or by set_access.
   std::lock_guard<std::mutex> lock(mutex_);
-  if (!backend_->add_peer(peer)) return false;
+  try {
+    if (!backend_->add_peer(peer)) return false;
+  } catch (const BackendError&) {
+    ++peer_access_errors_;  // the peer's copies fail with CUDA's error; nothing else changes
+    return false;
+  }
   const auto grant = [&](std::uintptr_t base, std::size_t bytes) {
     try {
       backend_->set_peer_access(base, bytes, peer);

@@ -84,8 +84,8 @@ class CachingAllocator {
 
   // Lets device `peer` reach this device's memory (Note [Peer access]): every range mapped
   // so far is granted to it, and every range mapped from now on. Returns false when the
-  // backend has no peer path to `peer` (or already had it). A grant that fails is counted
-  // (vmm.peer_access_errors), not thrown: the allocator's own device is unaffected.
+  // backend has no peer path to `peer` (or already had it). Never throws: a grant that
+  // fails is counted (vmm.peer_access_errors), and the allocator's own device is unaffected.
   bool add_peer(int peer);
 
   Backend& backend() { return *backend_; }

@@ -151,10 +151,11 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
 // Note [Breaking ready mappings]
 // When free chunks that feed no ready mapping run out, a stitch must take chunks of ready
 // mappings, and each mapping it takes one chunk from stops being ready: the next request of
-// its size stitches in turn. Chunks taken in pool order came from dozens of mappings at
-// once, and under FSDP2's per-layer buffers on three streams that cascaded into ~50
-// stitches a step (bench/NOTES.md, multi-GPU). So whole ready mappings are consumed, least
-// recently released first: as few mappings as possible break, and the coldest ones.
+// its size stitches in turn. Chunks taken in pool order came a few from each of many
+// mappings. So whole ready mappings are consumed, least recently released first: as few
+// mappings as possible break, and the coldest ones. (Measured under FSDP2: 15% fewer
+// stitches. Most stitches never get here; they take the free chunks of mappings that one
+// busy chunk already blocks: bench/NOTES.md, "Several GPUs".)
 void MappingCache::take_from_ready(std::size_t chunks, std::vector<Chunk*>& picked) {
   const std::uint64_t mark = ++pick_serial_;
   for (Chunk* c : picked) c->pick_mark = mark;
