@@ -86,3 +86,31 @@ def test_training_under_torchrun_matches_the_native_allocator(mode):
 def test_enable_vmm_allocator_inside_a_torchrun_script():
     ours = launch("fsdp2", "native", ["--enable-in-script"])
     assert_each_rank_on_its_own_vmmalloc_device(ours)
+
+
+def test_the_benchmark_rotates_systems_and_compares_speed_within_rounds(monkeypatch):
+    """bench.multi_gpu on made-up runs: the order rotates each round, and the speed is the
+    median of per-round ratios (robust to a machine that drifts between rounds)."""
+    from bench import multi_gpu
+
+    times = {"native": [1.0, 2.0, 1.0], "expandable_segments": [1.0, 2.0, 1.0], "vmmalloc": [0.5, 2.0, 2.0]}
+    calls: list[str] = []
+
+    def fake_launch(system, world, train_args):
+        calls.append(system)
+        t = times[system][sum(c == system for c in calls) - 1]
+        rank = {"vmmalloc_enabled": system == "vmmalloc", "collectives_ok": True, "peak_allocated": 10,
+                "peak_reserved": 10 if system == "vmmalloc" else 14, "step_times": [t] * 8}
+        return {"ranks": [{**rank, "ratio": rank["peak_reserved"] / 10, "rank": i} for i in range(world)]}
+
+    monkeypatch.setattr(multi_gpu, "gpu_count", lambda: 2)
+    monkeypatch.setattr(multi_gpu, "launch", fake_launch)
+    result = multi_gpu.run()
+    assert calls == ["native", "expandable_segments", "vmmalloc", "expandable_segments", "vmmalloc", "native",
+                     "vmmalloc", "native", "expandable_segments"]
+    assert result["rounds"] == 3 and result["world_size"] == 2
+    assert result["ratios"]["vmmalloc_speed_vs_native_per_round"] == [2.0, 1.0, 0.5]
+    assert result["ratios"]["vmmalloc_speed_vs_native"] == 1.0  # the medians alone would say 0.5
+    assert result["ratios"]["reserved_over_allocated_per_rank"]["native"] == [1.4, 1.4]
+    assert result["met"] == {"fragmentation": True, "step_time": True}
+    assert multi_gpu.summary(result)[-2][1] == "1.000x"
