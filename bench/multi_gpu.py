@@ -92,7 +92,7 @@ def summarize(runs: dict[str, list[dict[str, Any]]], world: int, steps: int,
         return statistics.median(n / o for n, o in zip(systems["native"]["round_step_times"],
                                                          systems[name]["round_step_times"]))
 
-    time_ratio = 1 / speed("vmmalloc")
+    vmm_speed = speed("vmmalloc")
     worst = {name: max(r["ratio"] for r in s["ranks"]) for name, s in systems.items()}
     return {
         "benchmark": "multi_gpu",
@@ -105,14 +105,14 @@ def summarize(runs: dict[str, list[dict[str, Any]]], world: int, steps: int,
         "ratios": {
             "reserved_over_allocated_worst_rank": worst,
             "reserved_over_allocated_per_rank": {n: [r["ratio"] for r in s["ranks"]] for n, s in systems.items()},
-            "vmmalloc_step_time_vs_native": time_ratio,
-            "vmmalloc_speed_vs_native": speed("vmmalloc"),
+            "vmmalloc_step_time_vs_native": 1 / vmm_speed,
+            "vmmalloc_speed_vs_native": vmm_speed,
             "vmmalloc_speed_vs_native_per_round": [n / o for n, o in zip(systems["native"]["round_step_times"],
                                                                           systems["vmmalloc"]["round_step_times"])],
             "expandable_speed_vs_native": speed("expandable_segments"),
         },
         "targets": {"vmmalloc_reserved_over_allocated_max_per_rank": 1.05, "vmmalloc_speed_vs_native_min": 0.97},
-        "met": {"fragmentation": worst["vmmalloc"] <= 1.05, "step_time": 1 / time_ratio >= 0.97},
+        "met": {"fragmentation": worst["vmmalloc"] <= 1.05, "step_time": vmm_speed >= 0.97},
     }
 
 

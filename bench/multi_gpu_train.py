@@ -111,7 +111,7 @@ def build(torch, args: argparse.Namespace, local_rank: int, device: str):
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
-def owned_by_vmmalloc(torch, model, local_rank: int) -> bool | None:
+def owned_by_vmmalloc(model, local_rank: int) -> bool | None:
     """Whether the rank's parameters live in vmmalloc memory of its own device."""
     import vmmalloc
 
@@ -202,7 +202,7 @@ def memory_figures(torch, model, local_rank: int) -> dict[str, Any]:
     stats = torch.cuda.memory_stats()
     return {
         "device": torch.cuda.current_device(),
-        "owned_by_own_device": owned_by_vmmalloc(torch, model, local_rank),
+        "owned_by_own_device": owned_by_vmmalloc(model, local_rank),
         "peak_allocated": torch.cuda.max_memory_allocated(),
         "peak_reserved": torch.cuda.max_memory_reserved(),
         "ratio": torch.cuda.max_memory_reserved() / max(1, torch.cuda.max_memory_allocated()),
