@@ -93,6 +93,10 @@ enum CUevent_flags : int {
   CU_EVENT_DISABLE_TIMING = 0x2,
 };
 
+enum CUmemHostRegister_flags : int {
+  CU_MEMHOSTREGISTER_PORTABLE = 0x01,
+};
+
 enum CUdriverProcAddress_flags : int {
   CU_GET_PROC_ADDRESS_DEFAULT = 0,
   CU_GET_PROC_ADDRESS_LEGACY_STREAM = 1 << 0,
@@ -173,6 +177,9 @@ struct DriverApi {
 
   CUresult (*cuMemcpyHtoD_v2)(CUdeviceptr dst, const void* src, std::size_t bytes);
   CUresult (*cuMemcpyDtoH_v2)(void* dst, CUdeviceptr src, std::size_t bytes);
+
+  CUresult (*cuMemHostRegister_v2)(void* p, std::size_t bytesize, unsigned int flags);
+  CUresult (*cuMemHostUnregister)(void* p);
 };
 
 // The driver, loaded and initialised (cuInit) on first call; thread-safe, never throws.

@@ -15,6 +15,7 @@
 #include "errors.hpp"
 #include "fault_injection_backend.hpp"
 #include "host_backend.hpp"
+#include "host_pinning.hpp"
 #include "hot_path_timing.hpp"
 #include "virtual_tensor.hpp"
 
@@ -128,6 +129,19 @@ PYBIND11_MODULE(_C, m) {
         py::arg("text"),
         "Validates a VMMALLOC_CONF string ('key:value,...') and returns the options as a "
         "dict. Raises ValueError naming a bad key or value.");
+  m.def("pin_host_memory",
+        [](std::uintptr_t address, std::size_t bytes, int device) {
+          return pin_host_memory(reinterpret_cast<void*>(address), bytes, device);
+        },
+        py::arg("address"), py::arg("bytes"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+        "Page-locks host memory for fast asynchronous copies with every GPU. Returns '' on "
+        "success, else why it was not pinned (nothing is pinned then).");
+  m.def("unpin_host_memory",
+        [](std::uintptr_t address, int device) {
+          return unpin_host_memory(reinterpret_cast<void*>(address), device);
+        },
+        py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
+        "Undoes pin_host_memory; returns '' or the error.");
   m.def("config_keys", [] { return std::string(config_keys()); });
   m.def("cuda_unavailable_reason", [] { return cu::driver_unavailable_reason(); },
         "Empty when the CUDA driver loaded; otherwise why the cuda backend cannot run.");

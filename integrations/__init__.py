@@ -1,5 +1,5 @@
 """Hugging Face integrations on vmmalloc's memory: a KV cache that grows in place in
-virtual memory, an attention function that reads it with no copy, and a patched
+virtual memory, one that offloads layers to host memory within a GPU budget, an attention function that reads it with no copy, and a patched
 ``generate()`` that uses them.
 
 Importing this package needs no transformers; its members import it on first use.
@@ -11,6 +11,8 @@ from typing import Any
 _EXPORTS = {
     "VirtualKVCache": "vmmalloc.integrations.kv_cache",
     "VirtualKVLayer": "vmmalloc.integrations.kv_cache",
+    "OffloadedKVCache": "vmmalloc.integrations.offload_cache",
+    "OffloadedKVLayer": "vmmalloc.integrations.offload_cache",
     "virtual_sdpa_attention": "vmmalloc.integrations.attention",
     "register_attention": "vmmalloc.integrations.attention",
     "patch_generate": "vmmalloc.integrations.generate_patch",

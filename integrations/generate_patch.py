@@ -12,30 +12,41 @@ import functools
 from collections.abc import Iterator
 from typing import Any
 
-CACHES = ("vmm",)
+CACHES = ("vmm", "offload")
 _state: dict[str, Any] = {"original": None, "cache": None, "options": {}, "attention": True}
 # Positions reserved beyond generate()'s max_length (virtual space only, no memory).
 _RESERVE_MARGIN = 64
 
 
-def _check_cache(cache: str) -> None:
+def _check_cache(cache: str, options: dict[str, Any]) -> None:
     if cache not in CACHES:
         raise ValueError(f"unknown vmmalloc cache {cache!r}; allowed: {', '.join(CACHES)}")
+    if cache == "offload":
+        if options.get("kv_budget") is None:
+            raise ValueError("the offload cache needs a GPU budget for KV: patch_generate('offload', "
+                             "kv_budget='8GiB') (or VMMALLOC_KV_BUDGET=8GiB with VMMALLOC_HF_CACHE=offload)")
+        from vmmalloc.sizes import parse_bytes
+
+        parse_bytes(options["kv_budget"])
+    elif "kv_budget" in options:
+        raise ValueError(f"kv_budget is an option of the offload cache, not of {cache!r}")
 
 
 def patch_generate(cache: str = "vmm", *, attention: bool = True, **options: Any) -> None:
     """Makes ``generate()`` use vmmalloc's cache whenever it is given none.
 
     Args:
-        cache: ``"vmm"``: :class:`~vmmalloc.integrations.VirtualKVCache`.
+        cache: ``"vmm"``: :class:`~vmmalloc.integrations.VirtualKVCache`; ``"offload"``:
+            :class:`~vmmalloc.integrations.OffloadedKVCache`, which needs ``kv_budget``.
         attention: while generating, models on ``"sdpa"`` attention use
             :func:`~vmmalloc.integrations.attention.virtual_sdpa_attention`, which reads the
             virtual buffers with no copy.
-        **options: passed to the cache (``max_batch_size``, ``lookahead``).
+        **options: passed to the cache (``max_batch_size``, ``lookahead``; ``kv_budget``
+            for ``"offload"``: GPU bytes for KV, an int or a string such as ``"8GiB"``).
 
     Calling it again replaces the settings; the patch is applied once.
     """
-    _check_cache(cache)
+    _check_cache(cache, options)
     from transformers.generation.utils import GenerationMixin
 
     _state.update(cache=cache, options=dict(options), attention=attention)
@@ -120,13 +131,15 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     from vmmalloc.integrations.attention import register_attention
     from vmmalloc.integrations.hf_compat import layer_windows
     from vmmalloc.integrations.kv_cache import VirtualKVCache
+    from vmmalloc.integrations.offload_cache import OffloadedKVCache
 
     try:
         layer_windows(model.config)
     except ValueError:  # layer types the virtual cache does not implement: transformers' own
         return original(model, *args, **kwargs)
-    kwargs["past_key_values"] = VirtualKVCache(model.config, max_length=_reserved_length(model, args, kwargs),
-                                               **_state["options"])
+    cache_class = OffloadedKVCache if _state["cache"] == "offload" else VirtualKVCache
+    kwargs["past_key_values"] = cache_class(model.config, max_length=_reserved_length(model, args, kwargs),
+                                            **_state["options"])
     # Only a plain decoder's attention is swapped: on composite configs transformers' setter
     # would rewrite every sub-model's choice (a vision tower's too).
     swap = (_state["attention"] and getattr(model.config, "_attn_implementation", None) == "sdpa"

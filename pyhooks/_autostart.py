@@ -29,7 +29,7 @@ def requested() -> bool:
                      f"allowed: {', '.join(TRUE_VALUES)} to enable, {', '.join(v or repr(v) for v in FALSE_VALUES)} to disable")
 
 
-HF_CACHES = ("vmm",)
+HF_CACHES = ("vmm", "offload")
 
 
 def requested_hf_cache() -> str | None:
@@ -43,13 +43,33 @@ def requested_hf_cache() -> str | None:
                      f"allowed: {', '.join(HF_CACHES)}, or unset")
 
 
+def requested_cache_options(cache: str | None) -> dict:
+    """Options for `cache` from the environment: VMMALLOC_KV_BUDGET, the offload cache's GPU
+    budget for KV, which it needs and no other cache takes. Raises ValueError otherwise."""
+    text = os.environ.get("VMMALLOC_KV_BUDGET", "").strip()
+    if cache != "offload":
+        if text:
+            raise ValueError(f"VMMALLOC_KV_BUDGET={text!r} is the budget of VMMALLOC_HF_CACHE=offload; "
+                             f"VMMALLOC_HF_CACHE is {cache or 'unset'}")
+        return {}
+    if not text:
+        raise ValueError("VMMALLOC_HF_CACHE=offload needs VMMALLOC_KV_BUDGET, the GPU memory for KV "
+                         "(e.g. VMMALLOC_KV_BUDGET=8GiB)")
+    from vmmalloc.sizes import parse_bytes
+
+    try:
+        return {"kv_budget": parse_bytes(text)}
+    except ValueError as error:
+        raise ValueError(f"VMMALLOC_KV_BUDGET: {error}") from None
+
+
 def _enable() -> None:
     from vmmalloc.torch_allocator import enable_vmm_allocator
 
     enable_vmm_allocator()
 
 
-def _patch_generate(cache: str) -> None:
+def _patch_generate(cache: str, options: dict) -> None:
     from vmmalloc.integrations.generate_patch import patch_generate
 
     if not requested():
@@ -58,7 +78,7 @@ def _patch_generate(cache: str) -> None:
         warnings.warn(f"VMMALLOC_HF_CACHE={cache} without VMMALLOC=1: KV pages come from a pool of their own, "
                       "beside PyTorch's allocator, and neither releases the other's cache when memory runs out; "
                       "set VMMALLOC=1 for one memory budget", RuntimeWarning, stacklevel=2)
-    patch_generate(cache)
+    patch_generate(cache, **options)
 
 
 class _AfterImport(importlib.abc.MetaPathFinder):
@@ -95,11 +115,12 @@ def _after_import(module: str, action) -> None:
 
 
 def arm() -> None:
-    cache = requested_hf_cache()  # both variables are checked before anything is armed
+    cache = requested_hf_cache()  # every variable is checked before anything is armed
+    options = requested_cache_options(cache)
     if requested():
         _after_import("torch", _enable)
     if cache is not None:
-        _after_import("transformers", lambda: _patch_generate(cache))
+        _after_import("transformers", lambda: _patch_generate(cache, options))
 
 
 try:

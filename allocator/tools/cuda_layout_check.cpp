@@ -104,6 +104,7 @@ SAME_SIZE(CUevent_flags);
 SAME_VALUE(CU_EVENT_DEFAULT);
 SAME_VALUE(CU_EVENT_BLOCKING_SYNC);
 SAME_VALUE(CU_EVENT_DISABLE_TIMING);
+SAME_VALUE(CU_MEMHOSTREGISTER_PORTABLE);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_NONE);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_ACTIVE);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_INVALIDATED);
@@ -184,6 +185,8 @@ SAME_SIGNATURE(cuStreamWaitEvent, cuStreamWaitEvent);
 SAME_SIGNATURE(cuStreamIsCapturing, cuStreamIsCapturing);
 SAME_SIGNATURE(cuMemcpyHtoD_v2, cuMemcpyHtoD_v2);
 SAME_SIGNATURE(cuMemcpyDtoH_v2, cuMemcpyDtoH_v2);
+SAME_SIGNATURE(cuMemHostRegister_v2, cuMemHostRegister_v2);
+SAME_SIGNATURE(cuMemHostUnregister, cuMemHostUnregister);
 
 // cuda_driver.cpp's private typedef for cuGetProcAddress_v2, restated. (cuda.h declares the
 // 4-argument cuGetProcAddress, our fallback for pre-12.0 drivers, only in an internal section.)
