@@ -18,8 +18,9 @@ BENCHMARKS = {
     "kv_cache": "bench.kv_cache",
     "multi_gpu": "bench.multi_gpu",
     "peer_access": "bench.peer_access",
+    "offload": "bench.offload",
 }
-GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache", "multi_gpu", "peer_access"}
+GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache", "multi_gpu", "peer_access", "offload"}
 MULTI_GPU = {"multi_gpu", "peer_access"}  # in the default set only where at least 2 GPUs are visible
 
 
@@ -49,6 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         result["environment"] = environment()
         path = write_result(result["benchmark"], result, args.out)
         print(f"[bench] wrote {path}", flush=True)
+        if hasattr(module, "plot_result"):  # a picture beside the JSON
+            module.plot_result(result, path.with_suffix(".png"))
+            print(f"[bench] wrote {path.with_suffix('.png')}", flush=True)
         rows += [(name, *row) for row in module.summary(result)]
     if not rows:
         return 0
