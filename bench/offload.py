@@ -121,6 +121,9 @@ def decode_point(torch, model, system: str, batch: int, context: int, new_tokens
     kv_base = pages.stats()["vmm.kv_mapped_bytes.current"] if pages else 0
     if pages:
         pages.reset_peak_stats()
+    from vmmalloc.integrations.pinned_host import pinning_totals
+
+    pinned = pinning_totals()
     clock = StepClock()
     start = time.perf_counter()
     try:
@@ -149,16 +152,20 @@ def decode_point(torch, model, system: str, batch: int, context: int, new_tokens
                       # the fetches of new_tokens steps: one after the prompt, one per step
                       bytes_to_device_per_step=cache.bytes_to_device / new_tokens,
                       bytes_to_host=cache.bytes_to_host,
-                      host_pinned=all(cache.layers[i].host.pinned for i in cache.offloaded_layers))
+                      host_pinned=all(cache.layers[i].host.pinned for i in cache.offloaded_layers),
+                      pin_seconds=pinning_totals()["seconds"] - pinned["seconds"])
         cache.free()
     del out, cache
     return result
 
 
 def ttft_point(torch, model, system: str, context: int) -> dict[str, Any]:
+    from vmmalloc.integrations.pinned_host import pinning_totals
+
     g = torch.Generator(device="cuda").manual_seed(context)
     ids = torch.randint(3, model.config.vocab_size, (1, context), device="cuda", generator=g)
     torch.cuda.synchronize()
+    pinned = pinning_totals()
     start = time.perf_counter()
     try:
         out, cache = _generate(torch, model, system, ids, 1, TTFT_BUDGET)
@@ -172,7 +179,10 @@ def ttft_point(torch, model, system: str, context: int) -> dict[str, Any]:
         cache.free()
     del out, cache
     torch.cuda.empty_cache()
-    return {"ok": True, "context": context, "ttft_s": elapsed, "peak_reserved": torch.cuda.max_memory_reserved()}
+    pinned_after = pinning_totals()
+    return {"ok": True, "context": context, "ttft_s": elapsed, "peak_reserved": torch.cuda.max_memory_reserved(),
+            "pinned_bytes": pinned_after["bytes"] - pinned["bytes"],
+            "pin_seconds": pinned_after["seconds"] - pinned["seconds"]}
 
 
 def measure(args: dict[str, Any]) -> dict[str, Any]:
