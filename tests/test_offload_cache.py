@@ -116,14 +116,16 @@ def test_sampling_matches_dynamic_cache(device):
     assert torch.equal(ref, out)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
-def test_assisted_decoding_crops_and_matches(device, kind):
-    model = tiny_model(kind, device, layers=4)
+@pytest.mark.parametrize("kind,layers", [("llama", 4), ("qwen2", 2)])
+def test_assisted_decoding_crops_and_matches(device, kind, layers):
+    # (qwen2 with 4 layers and 60 tokens makes transformers 5.17's own assistant, on its own
+    # DynamicCache, fail a sliding-window mask; test_kv_cache's sizes do not.)
+    model = tiny_model(kind, device, layers=layers)
     assistant = tiny_model(kind, device, seed=3, layers=1)
     ids, mask = prompt(1, 12, device, padded=False)
-    ref = model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False)
+    ref = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False)
     with patched_generate("offload", kv_budget=0):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False, assistant_model=assistant)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False, assistant_model=assistant)
     assert torch.equal(ref, out)
 
 
