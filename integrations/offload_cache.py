@@ -44,6 +44,7 @@ always stay: their KV is bounded by the window.
 from __future__ import annotations
 
 import contextlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -56,6 +57,23 @@ from vmmalloc.sizes import parse_bytes
 from vmmalloc.virtual_tensor import CHUNK_SIZE, VirtualTensor
 
 RING_SLOTS = 2
+# Note [Pinning in the background]
+# Pinning host memory faults in and locks every page, at about 2.9 GB/s on the H100 machine
+# (bench/results/offload.json): 6.7 GB of a 64K prompt's offloaded layers took 2.35 s, more
+# than half of its time to first token. The plan knows every offloaded layer's first size,
+# so the buffers are allocated and pinned by a few threads while the prompt's layers are
+# queued and computed (the pinning call releases the GIL); a layer waits for its own buffer
+# only when it sends its K/V to the host, and a failure surfaces there.
+PINNING_THREADS = 4
+_pool: ThreadPoolExecutor | None = None
+
+
+def _pinning_pool() -> ThreadPoolExecutor:
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(PINNING_THREADS, thread_name_prefix="vmmalloc-pin")
+    return _pool
+
 
 
 class _Copier:
@@ -127,6 +145,7 @@ class OffloadedKVLayer(VirtualKVLayer):
         self.heads = self.k_dim = self.v_dim = 0
         self.sent: Any = None  # event: this layer's last copy to the host is done
         self._host_layout: tuple = ()  # (width, dtype) the host buffer was laid out for
+        self._pending: Future | None = None  # (HostBuffer, capacity, layout) being pinned
 
     # ----- mode ------------------------------------------------------------------------
 
@@ -174,6 +193,13 @@ class OffloadedKVLayer(VirtualKVLayer):
     def _ensure_capacity(self, stop: int) -> None:
         """Host room for `stop` positions: grows by half (one copy of what is held) up to
         max_length, so a cache given the exact length allocates once."""
+        if self._pending is not None:  # pinned in the background since the plan
+            pending, self._pending = self._pending, None
+            host, capacity, layout = pending.result()  # its MemoryError, if any, surfaces here
+            if self.host is None and layout == (self.width, self.dtype) and capacity >= stop:
+                self.host, self.capacity, self._host_layout = host, capacity, layout
+                return
+            host.close()
         if stop <= self.capacity and self.host is not None:
             return
         capacity = min(self.max_length, max(stop, self.capacity + self.capacity // 2, stop + 256))
@@ -186,6 +212,21 @@ class OffloadedKVLayer(VirtualKVLayer):
             self.host.close()
         self.host, self.capacity = host, capacity
         self._host_layout = (self.width, self.dtype)
+
+    def prepare_host(self, capacity: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
+        """Starts allocating and pinning the host buffer for `capacity` positions of `width`
+        elements in the background (Note [Pinning in the background])."""
+        self._cancel_pending()
+        nbytes = capacity * width * torch.empty((), dtype=dtype).element_size()
+        self._pending = _pinning_pool().submit(lambda: (HostBuffer(nbytes, device), capacity, (width, dtype)))
+
+    def _cancel_pending(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            try:
+                pending.result()[0].close()
+            except MemoryError:
+                pass
 
     # ----- CacheLayerMixin -------------------------------------------------------------
 
@@ -244,6 +285,7 @@ class OffloadedKVLayer(VirtualKVLayer):
         self._record_from = 0
 
     def free(self) -> None:
+        self._cancel_pending()
         if self.host is not None:
             self.host.close()
             self.host = None
@@ -361,6 +403,8 @@ class OffloadedKVCache(Cache):
         self._ring: list[_Slot] = []
         self.bytes_to_device = 0
         self.bytes_to_host = 0
+        # Set to a list to collect (start, end) timing events of every fetch (benchmarks).
+        self.copy_times: list | None = None
 
     # ----- the plan --------------------------------------------------------------------
 
@@ -400,8 +444,11 @@ class OffloadedKVCache(Cache):
             check_host_memory(len(offloaded) * position * min(self.max_length, tokens + 256),
                               f"offloading {len(offloaded)} KV layers")
         self._drop_ring()
+        width = batch * heads * (head_dim + value_states.shape[-1])
         for rank, i in enumerate(offloaded):
             self.layers[i].set_offloaded(True, rank % RING_SLOTS)
+            self.layers[i].prepare_host(min(self.max_length, tokens + 256), width, key_states.dtype,
+                                        key_states.device)
         for i in full[len(full) - keep:]:
             self.layers[i].set_offloaded(False)
         self._copier = _Copier(key_states.device) if offloaded else None
@@ -452,8 +499,16 @@ class OffloadedKVCache(Cache):
         stop = layer.length
         copier.wait(slot.released, slot.sent, layer.sent, stream=copier.to_device)
         slot.ensure(stop)
+        timing = self.copy_times is not None and copier.cuda
         with copier.on(copier.to_device):
+            if timing:
+                start = torch.cuda.Event(enable_timing=True)
+                start.record()
             slot.rows()[:stop].copy_(layer._host_rows()[:stop], non_blocking=True)
+            if timing:
+                end = torch.cuda.Event(enable_timing=True)
+                end.record()
+                self.copy_times.append((start, end))
         slot.fetched = copier.mark(copier.to_device)
         if slot.fetched is not None:
             layer.host.fence("to_device", slot.fetched)

@@ -16,6 +16,7 @@ which faults every page in, never starts on memory that is not there.
 """
 from __future__ import annotations
 
+import threading
 import time
 import warnings
 import weakref
@@ -26,7 +27,8 @@ import torch
 from vmmalloc import _C
 
 _warned_unpinned = False
-_pinning = {"bytes": 0, "seconds": 0.0}  # what pinning has cost this process
+_pinning = {"bytes": 0, "seconds": 0.0}  # what pinning has cost this process (summed over threads)
+_pinning_lock = threading.Lock()
 
 
 def pinning_totals() -> dict[str, float]:
@@ -97,8 +99,9 @@ class HostBuffer:
         if device.type == "cuda" and nbytes > 0:
             start = time.perf_counter()
             error = _C.pin_host_memory(self.tensor.data_ptr(), nbytes, self._state["device"])
-            _pinning["seconds"] += time.perf_counter() - start
-            _pinning["bytes"] += 0 if error else nbytes
+            with _pinning_lock:
+                _pinning["seconds"] += time.perf_counter() - start
+                _pinning["bytes"] += 0 if error else nbytes
             if error:
                 _warn_unpinned(error)
             else:
