@@ -61,10 +61,13 @@ RING_SLOTS = 2
 # Pinning host memory faults in and locks every page, at about 2.9 GB/s on the H100 machine
 # (bench/results/offload.json): 6.7 GB of a 64K prompt's offloaded layers took 2.35 s, more
 # than half of its time to first token. The plan knows every offloaded layer's first size,
-# so the buffers are allocated and pinned by a few threads while the prompt's layers are
-# queued and computed (the pinning call releases the GIL); a layer waits for its own buffer
-# only when it sends its K/V to the host, and a failure surfaces there.
-PINNING_THREADS = 4
+# so the buffers are allocated and pinned by a background thread while the prompt's layers
+# are queued and computed (the pinning call releases the GIL); a layer waits for its own
+# buffer only when it sends its K/V to the host, and a failure surfaces there. One thread:
+# four made the first token slower (6.0 s against 4.2 s at 64K), as page faults of one
+# process serialize on its memory map and the pinning threads then also hold up the
+# launching thread.
+PINNING_THREADS = 1
 _pool: ThreadPoolExecutor | None = None
 
 
