@@ -44,7 +44,6 @@ always stay: their KV is bounded by the window.
 from __future__ import annotations
 
 import contextlib
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -57,26 +56,6 @@ from vmmalloc.sizes import parse_bytes
 from vmmalloc.virtual_tensor import CHUNK_SIZE, VirtualTensor
 
 RING_SLOTS = 2
-# Note [Pinning in the background]
-# Pinning host memory faults in and locks every page, at about 2.9 GB/s on the H100 machine
-# (bench/results/offload.json): 6.7 GB of a 64K prompt's offloaded layers took 2.35 s, more
-# than half of its time to first token. The plan knows every offloaded layer's first size,
-# so the buffers are allocated and pinned by a background thread while the prompt's layers
-# are queued and computed (the pinning call releases the GIL); a layer waits for its own
-# buffer only when it sends its K/V to the host, and a failure surfaces there. One thread:
-# four made the first token slower (6.0 s against 4.2 s at 64K), as page faults of one
-# process serialize on its memory map and the pinning threads then also hold up the
-# launching thread.
-PINNING_THREADS = 1
-_pool: ThreadPoolExecutor | None = None
-
-
-def _pinning_pool() -> ThreadPoolExecutor:
-    global _pool
-    if _pool is None:
-        _pool = ThreadPoolExecutor(PINNING_THREADS, thread_name_prefix="vmmalloc-pin")
-    return _pool
-
 
 
 class _Copier:
@@ -148,7 +127,6 @@ class OffloadedKVLayer(VirtualKVLayer):
         self.heads = self.k_dim = self.v_dim = 0
         self.sent: Any = None  # event: this layer's last copy to the host is done
         self._host_layout: tuple = ()  # (width, dtype) the host buffer was laid out for
-        self._pending: Future | None = None  # (HostBuffer, capacity, layout) being pinned
 
     # ----- mode ------------------------------------------------------------------------
 
@@ -196,13 +174,6 @@ class OffloadedKVLayer(VirtualKVLayer):
     def _ensure_capacity(self, stop: int) -> None:
         """Host room for `stop` positions: grows by half (one copy of what is held) up to
         max_length, so a cache given the exact length allocates once."""
-        if self._pending is not None:  # pinned in the background since the plan
-            pending, self._pending = self._pending, None
-            host, capacity, layout = pending.result()  # its MemoryError, if any, surfaces here
-            if self.host is None and layout == (self.width, self.dtype) and capacity >= stop:
-                self.host, self.capacity, self._host_layout = host, capacity, layout
-                return
-            host.close()
         if stop <= self.capacity and self.host is not None:
             return
         capacity = min(self.max_length, max(stop, self.capacity + self.capacity // 2, stop + 256))
@@ -215,21 +186,6 @@ class OffloadedKVLayer(VirtualKVLayer):
             self.host.close()
         self.host, self.capacity = host, capacity
         self._host_layout = (self.width, self.dtype)
-
-    def prepare_host(self, capacity: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
-        """Starts allocating and pinning the host buffer for `capacity` positions of `width`
-        elements in the background (Note [Pinning in the background])."""
-        self._cancel_pending()
-        nbytes = capacity * width * torch.empty((), dtype=dtype).element_size()
-        self._pending = _pinning_pool().submit(lambda: (HostBuffer(nbytes, device), capacity, (width, dtype)))
-
-    def _cancel_pending(self) -> None:
-        if self._pending is not None:
-            pending, self._pending = self._pending, None
-            try:
-                pending.result()[0].close()
-            except MemoryError:
-                pass
 
     # ----- CacheLayerMixin -------------------------------------------------------------
 
@@ -288,7 +244,6 @@ class OffloadedKVLayer(VirtualKVLayer):
         self._record_from = 0
 
     def free(self) -> None:
-        self._cancel_pending()
         if self.host is not None:
             self.host.close()
             self.host = None
@@ -447,11 +402,8 @@ class OffloadedKVCache(Cache):
             check_host_memory(len(offloaded) * position * min(self.max_length, tokens + 256),
                               f"offloading {len(offloaded)} KV layers")
         self._drop_ring()
-        width = batch * heads * (head_dim + value_states.shape[-1])
         for rank, i in enumerate(offloaded):
             self.layers[i].set_offloaded(True, rank % RING_SLOTS)
-            self.layers[i].prepare_host(min(self.max_length, tokens + 256), width, key_states.dtype,
-                                        key_states.device)
         for i in full[len(full) - keep:]:
             self.layers[i].set_offloaded(False)
         self._copier = _Copier(key_states.device) if offloaded else None
