@@ -103,11 +103,15 @@ def build(torch, args: argparse.Namespace, local_rank: int, device: str):
 
         model = DistributedDataParallel(model, device_ids=[local_rank] if device == "cuda" else None)
     else:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        # An explicit mesh: fully_shard's default one is on the accelerator whenever one is
+        # visible, and a CPU run with more ranks than GPUs would then ask for a missing GPU.
+        mesh = init_device_mesh(device, (torch.distributed.get_world_size(),))
         for layer in model.model.layers:
-            fully_shard(layer)
-        fully_shard(model)
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
     return model, torch.optim.AdamW(model.parameters(), lr=1e-4)
 
 
