@@ -93,9 +93,8 @@ enum CUevent_flags : int {
   CU_EVENT_DISABLE_TIMING = 0x2,
 };
 
-enum CUmemHostRegister_flags : int {
-  CU_MEMHOSTREGISTER_PORTABLE = 0x01,
-};
+// cuMemHostRegister's flag for memory pinned for every context (a macro in cuda.h).
+constexpr unsigned int kMemHostRegisterPortable = 0x01;
 
 enum CUdriverProcAddress_flags : int {
   CU_GET_PROC_ADDRESS_DEFAULT = 0,

@@ -40,7 +40,7 @@ std::string with_primary_context(int device, const char* what, Call&& call) {
 
 std::string pin_host_memory(void* address, std::size_t bytes, int device) {
   return with_primary_context(device, "cuMemHostRegister", [&](const cu::DriverApi& api) {
-    return api.cuMemHostRegister_v2(address, bytes, cu::CU_MEMHOSTREGISTER_PORTABLE);
+    return api.cuMemHostRegister_v2(address, bytes, cu::kMemHostRegisterPortable);
   });
 }
 
