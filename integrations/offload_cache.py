@@ -58,6 +58,13 @@ from vmmalloc.virtual_tensor import CHUNK_SIZE, VirtualTensor
 RING_SLOTS = 2
 
 
+def _host_capacity(max_length: int, held: int, stop: int) -> int:
+    """Positions a host buffer gets when `stop` must fit and `held` fit before: grows by half
+    (one copy of what is held) up to max_length, so a cache given the exact length
+    allocates once."""
+    return min(max_length, max(stop, held + held // 2, stop + 256))
+
+
 class _Copier:
     """The copy streams and events of Note [The ring and its events]; on the host backend
     every copy is synchronous and there is nothing to order."""
@@ -172,11 +179,10 @@ class OffloadedKVLayer(VirtualKVLayer):
         return self.width * torch.empty((), dtype=self.dtype).element_size()
 
     def _ensure_capacity(self, stop: int) -> None:
-        """Host room for `stop` positions: grows by half (one copy of what is held) up to
-        max_length, so a cache given the exact length allocates once."""
+        """Host room for `stop` positions (_host_capacity)."""
         if stop <= self.capacity and self.host is not None:
             return
-        capacity = min(self.max_length, max(stop, self.capacity + self.capacity // 2, stop + 256))
+        capacity = _host_capacity(self.max_length, self.capacity, stop)
         host = HostBuffer(capacity * self._position_bytes(), self.device)
         if self.host is not None:
             self.host.wait()
@@ -211,9 +217,9 @@ class OffloadedKVLayer(VirtualKVLayer):
         self.cache._load(self, slot, before)
         slot.ensure(after)
         rows = slot.rows()
-        new_k, new_v = self._views(rows, after)
-        new_k[:, :, before:after].copy_(key_states)
-        new_v[:, :, before:after].copy_(value_states)
+        self.keys, self.values = self._views(rows, after)
+        self.keys[:, :, before:after].copy_(key_states)
+        self.values[:, :, before:after].copy_(value_states)
         written = copier.mark()
         copier.wait(written, stream=copier.to_host)
         with copier.on(copier.to_host):
@@ -224,7 +230,6 @@ class OffloadedKVLayer(VirtualKVLayer):
         self.cache.bytes_to_host += (after - before) * self._position_bytes()
         slot.valid = after
         self.length = after
-        self.keys, self.values = self._views(rows, after)
         return self.keys, self.values
 
     def _same_shape(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
@@ -399,7 +404,7 @@ class OffloadedKVCache(Cache):
         offloaded = full[:len(full) - keep]
         if offloaded:
             position = batch * heads * (head_dim + value_states.shape[-1]) * key_states.element_size()
-            check_host_memory(len(offloaded) * position * min(self.max_length, tokens + 256),
+            check_host_memory(len(offloaded) * position * _host_capacity(self.max_length, 0, tokens),
                               f"offloading {len(offloaded)} KV layers")
         self._drop_ring()
         for rank, i in enumerate(offloaded):

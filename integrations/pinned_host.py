@@ -63,11 +63,15 @@ def check_host_memory(needed: int, what: str) -> None:
             "lower the batch or the length, or give the KV cache a larger GPU budget")
 
 
-def _release(state: dict[str, Any]) -> None:
-    """Waits for the copies still using the buffer, then unlocks it (a finalizer: never raises)."""
+def _wait_fences(state: dict[str, Any]) -> None:
     for event in state["fences"].values():
         event.synchronize()
     state["fences"].clear()
+
+
+def _release(state: dict[str, Any]) -> None:
+    """Waits for the copies still using the buffer, then unlocks it (a finalizer: never raises)."""
+    _wait_fences(state)
     if state["pinned"]:
         _C.unpin_host_memory(state["address"], state["device"])
         state["pinned"] = False
@@ -119,9 +123,7 @@ class HostBuffer:
 
     def wait(self) -> None:
         """Blocks until every copy registered with :meth:`fence` is done."""
-        for event in self._state["fences"].values():
-            event.synchronize()
-        self._state["fences"].clear()
+        _wait_fences(self._state)
 
     def close(self) -> None:
         """Waits for the copies, unlocks and frees the memory now."""

@@ -69,3 +69,28 @@ def host_devices():
     gc.collect()
     _C.reset_devices_for_tests()
     _C.configure("")
+
+
+# ----- the KV-cache tests (test_kv_cache.py, test_offload_cache.py) -----------------------
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def device(request) -> str:
+    """Each cache test on the host backend and, where there is a GPU, on CUDA."""
+    import torch
+
+    if request.param == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    return request.param
+
+
+@pytest.fixture
+def no_patch_left_behind():
+    """Restores transformers' generate() after a test and collects the caches it left."""
+    import gc
+
+    yield
+    from vmmalloc.integrations import unpatch_generate
+
+    unpatch_generate()
+    gc.collect()

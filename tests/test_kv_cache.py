@@ -25,18 +25,8 @@ CHUNK = vmmalloc.CHUNK_SIZE
 KINDS = ["llama", "qwen2", "mistral"]
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request) -> str:
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def no_patch_left_behind():
-    yield
-    unpatch_generate()
-    gc.collect()
+# `device` and `no_patch_left_behind` are in conftest.py, shared with the other cache tests.
+pytestmark = pytest.mark.usefixtures("no_patch_left_behind")
 
 
 def kv_stats(device: str) -> dict:

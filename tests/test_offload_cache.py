@@ -18,7 +18,7 @@ from transformers import DynamicCache  # noqa: E402
 
 import vmmalloc  # noqa: E402
 from hf_models import prompt, tiny_model  # noqa: E402
-from vmmalloc.integrations import OffloadedKVCache, patched_generate, unpatch_generate  # noqa: E402
+from vmmalloc.integrations import OffloadedKVCache, patched_generate  # noqa: E402
 from vmmalloc.integrations import pinned_host  # noqa: E402
 from vmmalloc.sizes import parse_bytes  # noqa: E402
 from vmmalloc.virtual_tensor import allocator_for  # noqa: E402
@@ -27,18 +27,8 @@ CHUNK = vmmalloc.CHUNK_SIZE
 KINDS = ["llama", "qwen2", "mistral"]
 
 
-@pytest.fixture(params=["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
-def device(request) -> str:
-    if request.param == "cuda" and not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-    return request.param
-
-
-@pytest.fixture(autouse=True)
-def no_patch_left_behind():
-    yield
-    unpatch_generate()
-    gc.collect()
+# `device` and `no_patch_left_behind` are in conftest.py, shared with the other cache tests.
+pytestmark = pytest.mark.usefixtures("no_patch_left_behind")
 
 
 def full_layers(model) -> int:
