@@ -40,6 +40,7 @@ CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Config conf
       pages_(*backend_) {
   if (config_.memory_fraction != 0) set_memory_fraction(config_.memory_fraction);
   else set_memory_cap(config_.memory_cap);
+  events_.enable(config_.history);
 }
 
 CachingAllocator::~CachingAllocator() {
@@ -66,6 +67,7 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
     allocated_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(block->size));
     active_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(block->size));
     requested_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(size));
+    log(EventKind::kAlloc, block->addr, block->size, stream);
     return block->addr;
   }
   // No number of chunks under the cap serves it; and size + kChunkSize - 1 could wrap.
@@ -81,6 +83,7 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
   allocated_bytes_.increase(Pool::kLarge, static_cast<std::int64_t>(bytes));
   active_bytes_.increase(Pool::kLarge, static_cast<std::int64_t>(bytes));
   requested_bytes_.increase(Pool::kLarge, static_cast<std::int64_t>(size));
+  log(EventKind::kAlloc, mapping->base, bytes, stream);
   return mapping->base;
 }
 
@@ -92,7 +95,9 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
 // and only the out-of-memory retry reclaims them, as PyTorch's small pool does.
 Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::size_t requested,
                                    bool small_segment) {
-  return with_oom_retry(requested, [&](bool retry) -> Mapping* {
+  const std::int64_t stitches = cache_.stitches;
+  const std::int64_t created = pool_.created;
+  Mapping* mapping = with_oom_retry(requested, [&](bool retry) -> Mapping* {
     if (retry) return cache_.acquire(chunks, stream, /*allow_create=*/true);
     if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
     // Before any new physical memory: finish frees and take back free small segments.
@@ -104,6 +109,12 @@ Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::siz
     }
     return cache_.acquire(chunks, stream, /*allow_create=*/true, growth_budget(chunks));
   });
+  if (events_.on() && cache_.stitches != stitches) {
+    sync_reserved_stats();  // the growth it needed is logged first
+    log(EventKind::kStitch, mapping->base, chunks * kChunkSize, stream,
+        static_cast<std::uint64_t>(pool_.created - created));
+  }
+  return mapping;
 }
 
 // Note [Out-of-memory retry], for mappings and pages alike: attempt(false) may grow within
@@ -157,6 +168,7 @@ void CachingAllocator::throw_oom(std::size_t requested, const std::string& cause
   const std::size_t reserved = pool_.count() * kChunkSize;
   const auto allocated = static_cast<std::size_t>(allocated_bytes_.all.current);
   const std::size_t cap = pool_.cap();
+  log(EventKind::kOom, 0, requested, 0, free);
   std::string message = std::string(cuda ? "CUDA" : "Host backend") +
       " out of memory. Tried to allocate " + format_size(requested) + ". " +
       (cuda ? "GPU " : "Device ") + std::to_string(backend_->device()) +
@@ -220,6 +232,7 @@ void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::
   // given up only once the new ones are mapped: a failed commit gives up nothing.
   pages_.reclaim(*range, plan.reclaim, stream);
   count_pages(static_cast<std::int64_t>(plan.reclaim.size()));
+  for (std::size_t p : plan.reclaim) log(EventKind::kMap, range->base + p * kChunkSize, kChunkSize, stream);
   if (!plan.map.empty()) {
     std::vector<Chunk*> chunks = acquire_page_chunks(plan.map.size(), stream);
     try {
@@ -230,9 +243,12 @@ void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::
       throw;
     }
     count_pages(static_cast<std::int64_t>(plan.map.size()));
+    sync_reserved_stats();  // growth is logged before the pages that needed it
+    for (std::size_t p : plan.map) log(EventKind::kMap, range->base + p * kChunkSize, kChunkSize, stream);
   }
   pages_.retire(*range, plan.drop, stream);
   count_pages(-static_cast<std::int64_t>(plan.drop.size()));
+  for (std::size_t p : plan.drop) log(EventKind::kUnmap, range->base + p * kChunkSize, kChunkSize, stream);
   sync_reserved_stats();
 }
 
@@ -240,6 +256,13 @@ void CachingAllocator::free_range(VirtualRange* range, StreamId stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (range == nullptr || range->freed) return;
   count_pages(-static_cast<std::int64_t>(range->live_pages));
+  if (events_.on()) {
+    for (std::size_t p = 0; p < range->pages.size(); ++p) {
+      if (range->pages[p].chunk != nullptr && range->pages[p].retire_serial == 0) {
+        log(EventKind::kUnmap, range->base + p * kChunkSize, kChunkSize, stream);
+      }
+    }
+  }
   pages_.free(*range, stream);  // may destroy *range
   if (pages_.has_retiring()) finish_page_retiring(/*wait=*/false);
   sync_reserved_stats();
@@ -315,14 +338,17 @@ void CachingAllocator::deallocate(std::uintptr_t ptr) {
       pending_.push_back(std::move(pending));
       if (block != nullptr) drop_allocated(Pool::kSmall, block->size, block->requested);
       else drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
+      log_free_requested(block, mapping);
       return;
     }
   }
   if (block != nullptr) {
     drop_allocated(Pool::kSmall, block->size, block->requested);
+    log_free_requested(block, mapping);
     free_small(block);
   } else {
     drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
+    log_free_requested(block, mapping);
     free_large(mapping);
   }
 }
@@ -336,13 +362,20 @@ void CachingAllocator::drop_allocated(Pool pool, std::size_t size, std::size_t r
 
 // free_small / free_large return the memory of a live or pending allocation to the pools;
 // allocated counts were already dropped by deallocate().
+void CachingAllocator::log_free_requested(const SmallBlock* block, const Mapping* mapping) {
+  if (block != nullptr) log(EventKind::kFreeRequested, block->addr, block->size, block->segment->stream);
+  else log(EventKind::kFreeRequested, mapping->base, mapping->used * kChunkSize, mapping->use_stream);
+}
+
 void CachingAllocator::free_small(SmallBlock* block) {
+  log(EventKind::kFreeCompleted, block->addr, block->size, block->segment->stream);
   active_.decrease(Pool::kSmall, 1);
   active_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->size));
   small_.free(block);
 }
 
 void CachingAllocator::free_large(Mapping* m) {
+  log(EventKind::kFreeCompleted, m->base, m->used * kChunkSize, m->use_stream);
   active_.decrease(Pool::kLarge, 1);
   active_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->used * kChunkSize));
   large_.erase(m->base);
@@ -409,6 +442,11 @@ void CachingAllocator::sync_reserved_stats() {
   const auto small = static_cast<std::int64_t>(small_.segment_count());
   if (all == segment_.all.current && small == segment_.small.current) return;
   const auto chunk = static_cast<std::int64_t>(kChunkSize);
+  if (all != segment_.all.current) {
+    const std::int64_t delta = all - segment_.all.current;
+    log(delta > 0 ? EventKind::kGrow : EventKind::kRelease, 0,
+        static_cast<std::size_t>(delta > 0 ? delta : -delta) * kChunkSize, 0);
+  }
   set_current(segment_.all, all);
   set_current(segment_.small, small);
   set_current(segment_.large, all - small);
@@ -553,6 +591,80 @@ std::vector<std::uint64_t> CachingAllocator::chunk_ids(std::uintptr_t ptr) const
 std::vector<std::uintptr_t> CachingAllocator::chunk_addresses(std::uint64_t chunk_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
   return cache_.addresses_of(chunk_id);
+}
+
+void CachingAllocator::record_events(std::size_t capacity) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  events_.enable(capacity);
+}
+
+std::size_t CachingAllocator::event_capacity() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return events_.capacity();
+}
+
+std::vector<MemoryEvent> CachingAllocator::events() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return events_.events();
+}
+
+std::uint64_t CachingAllocator::events_dropped() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return events_.dropped();
+}
+
+std::vector<SnapshotSegment> CachingAllocator::segments() const {
+  using State = SnapshotBlock::State;
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<SnapshotSegment> out;
+  std::unordered_map<std::uintptr_t, bool> pending;
+  for (const PendingFree& p : pending_) pending[p.ptr] = true;
+  std::size_t busy = 0;
+  large_.for_each([&](std::uintptr_t base, const Mapping* m) {
+    const std::size_t bytes = m->used * kChunkSize;
+    const State state = pending.count(base) ? State::kPendingFree : State::kActive;
+    out.push_back({base, bytes, m->use_stream, SnapshotSegment::Kind::kLarge,
+                   {{base, bytes, m->requested, state}}});
+    busy += m->used;
+  });
+  small_.for_each_segment([&](const SmallSegment& segment) {
+    SnapshotSegment s{segment.first->addr, kChunkSize, segment.stream, SnapshotSegment::Kind::kSmall, {}};
+    for (const SmallBlock* b = segment.first; b != nullptr; b = b->next) {
+      const State state = !b->allocated ? State::kInactive
+                          : pending.count(b->addr) ? State::kPendingFree : State::kActive;
+      s.blocks.push_back({b->addr, b->size, b->allocated ? b->requested : 0, state});
+    }
+    out.push_back(std::move(s));
+    ++busy;
+  });
+  pages_.for_each_range([&](const VirtualRange& range) {
+    // One region per run of mapped pages; a block per run of pages in one state.
+    const auto& pages = range.pages;
+    for (std::size_t i = 0; i < pages.size();) {
+      if (pages[i].chunk == nullptr) {
+        ++i;
+        continue;
+      }
+      SnapshotSegment s{range.base + i * kChunkSize, 0, 0, SnapshotSegment::Kind::kPages, {}};
+      for (; i < pages.size() && pages[i].chunk != nullptr; ++i) {
+        const State state = pages[i].retire_serial != 0 ? State::kPendingFree : State::kActive;
+        if (s.blocks.empty() || s.blocks.back().state != state) {
+          s.blocks.push_back({range.base + i * kChunkSize, 0, 0, state});
+        }
+        s.blocks.back().size += kChunkSize;
+        s.blocks.back().requested += kChunkSize;
+        s.bytes += kChunkSize;
+        ++busy;
+      }
+      out.push_back(std::move(s));
+    }
+  });
+  const std::size_t chunks = pool_.count();
+  if (chunks > busy) {
+    const std::size_t bytes = (chunks - busy) * kChunkSize;
+    out.push_back({0, bytes, 0, SnapshotSegment::Kind::kFree, {{0, bytes, 0, State::kInactive}}});
+  }
+  return out;
 }
 
 }  // namespace vmm

@@ -24,6 +24,7 @@
 #include "chunk_pool.hpp"
 #include "config.hpp"
 #include "errors.hpp"
+#include "event_log.hpp"
 #include "mapping_cache.hpp"
 #include "pointer_map.hpp"
 #include "small_pool.hpp"
@@ -31,6 +32,29 @@
 #include "virtual_pages.hpp"
 
 namespace vmm {
+
+// Note [Snapshot segments]
+// A memory snapshot lists regions as PyTorch's does, so its tooling can read them: every
+// busy chunk is in exactly one region (a live or pending-free large allocation, a small
+// segment with its blocks, a run of KV pages), and the chunks left over are free, shown
+// as one region at address 0 since a free chunk has no address of its own (it may be
+// mapped by several idle mappings, or by none). The regions' sizes add up to reserved.
+struct SnapshotBlock {
+  enum class State { kActive, kPendingFree, kInactive };
+  std::uintptr_t addr = 0;
+  std::size_t size = 0;
+  std::size_t requested = 0;
+  State state = State::kActive;
+};
+
+struct SnapshotSegment {
+  enum class Kind { kLarge, kSmall, kPages, kFree };
+  std::uintptr_t base = 0;
+  std::size_t bytes = 0;
+  StreamId stream = 0;
+  Kind kind = Kind::kLarge;
+  std::vector<SnapshotBlock> blocks;  // tile the region in address order
+};
 
 class CachingAllocator {
  public:
@@ -88,6 +112,15 @@ class CachingAllocator {
   // fails is counted (vmm.peer_access_errors), and the allocator's own device is unaffected.
   bool add_peer(int peer);
 
+  // The event log (Note [Event log cost]): keeps the last `capacity` events from now on;
+  // 0 turns it off. Either way the events kept so far are forgotten.
+  void record_events(std::size_t capacity);
+  std::size_t event_capacity() const;
+  std::vector<MemoryEvent> events() const;
+  std::uint64_t events_dropped() const;
+  // The regions memory is in now (Note [Snapshot segments]).
+  std::vector<SnapshotSegment> segments() const;
+
   Backend& backend() { return *backend_; }
   const std::shared_ptr<Backend>& shared_backend() const { return backend_; }
   const Config& config() const { return config_; }
@@ -110,9 +143,17 @@ class CachingAllocator {
   void count_pages(std::int64_t pages);
   void process_pending(bool wait);
   void drop_allocated(Pool pool, std::size_t size, std::size_t requested);
+  void log_free_requested(const SmallBlock* block, const Mapping* mapping);
   void free_small(SmallBlock* block);
   void free_large(Mapping* mapping);
   void sync_reserved_stats();
+  void log(EventKind kind, std::uintptr_t addr, std::size_t size, StreamId stream,
+           std::uint64_t aux = 0) {
+    if (events_.on()) {
+      events_.record(kind, addr, size, stream, allocated_bytes_.all.current,
+                     static_cast<std::int64_t>(pool_.count() * kChunkSize), aux);
+    }
+  }
   bool live(std::uintptr_t ptr, StreamId* stream, std::size_t* size, Pool* pool) const;
   StatList stats_locked() const;
 
@@ -126,6 +167,7 @@ class CachingAllocator {
   PointerMap<Mapping*> large_;  // live large allocations by base address
   std::unordered_map<std::uintptr_t, std::vector<StreamId>> recorded_streams_;
   std::vector<PendingFree> pending_;
+  EventLog events_;
 
   PoolStat allocation_, active_, segment_;
   PoolStat allocated_bytes_, active_bytes_, requested_bytes_, reserved_bytes_;

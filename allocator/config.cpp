@@ -49,7 +49,7 @@ bool parse_bool(const std::string& key, const std::string& value) {
 
 const char* config_keys() {
   return "memory_cap, memory_fraction, stitching, max_cached_mappings, max_mapped_bytes, "
-         "reuse_ratio, growth_slack, max_ready_scan";
+         "reuse_ratio, growth_slack, max_ready_scan, history";
 }
 
 std::size_t parse_bytes(const std::string& raw, const std::string& what) {
@@ -120,6 +120,10 @@ Config parse_config(const std::string& text) {
       const double n = parse_double(key, value, "a whole number >= 1");
       if (n < 1 || n != std::floor(n) || n > 1e9) bad_value(key, value, "a whole number >= 1");
       config.max_ready_scan = static_cast<std::size_t>(n);
+    } else if (key == "history") {
+      const double n = parse_double(key, value, "a whole number >= 0 (events kept)");
+      if (n < 0 || n != std::floor(n) || n > 1e9) bad_value(key, value, "a whole number >= 0 (events kept)");
+      config.history = static_cast<std::size_t>(n);
     } else if (key == "growth_slack") {
       config.growth_slack = parse_double(key, value, "a number in [0, 1]");
       if (config.growth_slack < 0 || config.growth_slack > 1) bad_value(key, value, "a number in [0, 1]");

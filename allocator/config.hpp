@@ -30,6 +30,8 @@ struct Config {
   // Measured (bench/NOTES.md): 16 left fitting mappings unfound and cost 1700 stitches in
   // one training step; a miss stitches at >= 23 us per chunk, so a deep scan is cheap.
   std::size_t max_ready_scan = 4096;
+  // Events the allocator keeps in its log from creation on (Note [Event log cost]); 0: off.
+  std::size_t history = 0;
 };
 
 // Parses a configuration string; later issues add keys here, each with its own check.

@@ -40,6 +40,7 @@ py::dict config_to_dict(const Config& c) {
   out["reuse_ratio"] = c.reuse_ratio;
   out["growth_slack"] = c.growth_slack;
   out["max_ready_scan"] = c.max_ready_scan;
+  out["history"] = c.history;
   return out;
 }
 
@@ -219,7 +220,50 @@ PYBIND11_MODULE(_C, m) {
       .def("add_peer", &CachingAllocator::add_peer, py::arg("peer"),
            py::call_guard<py::gil_scoped_release>(),
            "Grants device `peer` access to this device's memory, mapped so far and from now "
-           "on; False when there is no peer path (or it was granted already).");
+           "on; False when there is no peer path (or it was granted already).")
+      .def("record_events", &CachingAllocator::record_events, py::arg("capacity"),
+           "Keeps the last `capacity` allocator events from now on (0 turns recording off); "
+           "the events kept so far are forgotten.")
+      .def_property_readonly("event_capacity", &CachingAllocator::event_capacity)
+      .def_property_readonly("events_dropped", &CachingAllocator::events_dropped,
+                             "Events overwritten since recording was turned on.")
+      .def("events", [](const CachingAllocator& a) {
+             const std::vector<MemoryEvent> events = a.events();
+             py::list out(events.size());
+             for (std::size_t i = 0; i < events.size(); ++i) {
+               const MemoryEvent& e = events[i];
+               out[i] = py::make_tuple(event_kind_name(e.kind), e.time_ns, e.addr, e.size, e.aux,
+                                       e.allocated, e.reserved, e.stream);
+             }
+             return out;
+           },
+           "The kept events, oldest first, as tuples (kind, time_ns, addr, size, aux, "
+           "allocated_after, reserved_after, stream).")
+      .def("segments", [](const CachingAllocator& a) {
+             static const char* const kinds[] = {"large", "small", "pages", "free"};
+             static const char* const states[] = {"active_allocated", "active_pending_free", "inactive"};
+             py::list out;
+             for (const SnapshotSegment& s : a.segments()) {
+               py::list blocks;
+               for (const SnapshotBlock& b : s.blocks) {
+                 py::dict block;
+                 block["address"] = b.addr;
+                 block["size"] = b.size;
+                 block["requested_size"] = b.requested;
+                 block["state"] = states[static_cast<int>(b.state)];
+                 blocks.append(block);
+               }
+               py::dict segment;
+               segment["address"] = s.base;
+               segment["total_size"] = s.bytes;
+               segment["stream"] = s.stream;
+               segment["kind"] = kinds[static_cast<int>(s.kind)];
+               segment["blocks"] = blocks;
+               out.append(segment);
+             }
+             return out;
+           },
+           "The regions memory is in now, with their blocks (Note [Snapshot segments]).");
 
   py::class_<VirtualTensor>(m, "VirtualRange",
                             "Reserved virtual memory of an allocator whose 2 MiB pages are "

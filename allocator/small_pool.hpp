@@ -76,6 +76,10 @@ class SmallPool {
   std::size_t reclaim(MappingCache& cache);
 
   std::size_t segment_count() const { return segments_.size(); }
+  template <typename F>
+  void for_each_segment(F&& f) const {
+    for (const SmallSegment* segment : segments_) f(*segment);
+  }
   std::size_t free_bytes_in_used_segments() const;
 
  private:

@@ -77,6 +77,10 @@ class VirtualPages {
   // synchronized the device) and returns their chunks, which are idle (kNoStream).
   std::vector<Chunk*> finish_retiring(bool wait);
   bool has_retiring() const { return !retiring_.empty(); }
+  template <typename F>
+  void for_each_range(F&& f) const {
+    for (const auto& range : ranges_) f(*range);
+  }
   // Calls f(base, bytes) for every run of consecutive mapped pages, retiring ones included
   // (they can be taken back with no driver call).
   template <typename F>

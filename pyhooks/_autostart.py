@@ -64,9 +64,11 @@ def requested_cache_options(cache: str | None) -> dict:
 
 
 def _enable() -> None:
+    from vmmalloc.process_report import arm_from_env
     from vmmalloc.torch_allocator import enable_vmm_allocator
 
     enable_vmm_allocator()
+    arm_from_env()
 
 
 def _patch_generate(cache: str, options: dict) -> None:

@@ -1,65 +1,141 @@
-"""A short demonstration of stitching: `python -m vmmalloc.demo [--backend host|cuda]`.
+"""`vmmalloc demo` (also `python -m vmmalloc.demo`): PyTorch's allocator and vmmalloc on the
+same serving workload, side by side, with a timeline plot.
 
-A workload that defeats a non-stitching caching allocator (many 20 MiB blocks, every other
-one freed, then one block as large as all the holes) runs under a memory cap twice: with
-stitching and without. On a machine without a GPU it runs on the host backend, where CPU
-memory (a memfd) plays the device with the same virtual-memory semantics.
+On a GPU, a Llama with random weights answers requests of varying batch and prompt length
+through generate(), once under each allocator, each in its own process
+(vmmalloc.demo_worker). Without a GPU, the same requests are replayed on the host backend
+(vmmalloc.demo_host) and the output says so.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import pickle
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from typing import Any
 
 import vmmalloc
+from vmmalloc import demo_worker, timeline
 
-MiB = 1 << 20
+GiB = float(1 << 30)
+SIDES = ("native", "vmmalloc")
 
 
-def run_workload(backend_name: str, stitching: bool, blocks: int = 8, block_mib: int = 20) -> dict[str, int]:
-    cap = blocks * block_mib * MiB
-    backend = vmmalloc.make_backend(backend_name, capacity=cap + 64 * MiB)
-    alloc = vmmalloc.Allocator(backend, f"memory_cap:{cap},stitching:{str(stitching).lower()}")
-    held = [alloc.allocate(block_mib * MiB) for _ in range(blocks)]
-    for ptr in held[::2]:
-        alloc.deallocate(ptr)
-    before = alloc.stats()
-    big = alloc.allocate(blocks // 2 * block_mib * MiB)
-    backend.write(big, b"stitched")
-    assert backend.read(big, 8) == b"stitched"
-    after = alloc.stats()
-    for ptr in [big, *held[1::2]]:
-        alloc.deallocate(ptr)
-    alloc.empty_cache()
-    return {
-        "reserved_mib": after["reserved_bytes.all.peak"] // MiB,
-        "new_chunks": after["num_device_alloc"] - before["num_device_alloc"],
-        "released_chunks": after["num_device_free"] - before["num_device_free"],
-        "stitches": after["vmm.stitches"],
-        "retries": after["num_alloc_retries"],
-    }
+def _progress_bar(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="req", leave=False, file=sys.stderr, dynamic_ncols=True)
+
+
+def _gpu_side(system: str, out_dir: Path, quick: bool) -> dict[str, Any]:
+    """Runs one side in its own interpreter, following its progress lines."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VMMALLOC", "VMMALLOC_CONF", "VMMALLOC_HF_CACHE", "PYTORCH_CUDA_ALLOC_CONF")}
+    env["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, "-m", "vmmalloc.demo_worker", system, str(out_dir)] + (["--quick"] if quick else [])
+    log_path = out_dir / f"{system}.log"
+    result = None
+    with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
+                                                     env=env) as proc:
+        bar = None
+        for line in proc.stdout:
+            if line.startswith("PROGRESS "):
+                done, total = map(int, line.split()[1:3])
+                if bar is None:
+                    bar = _progress_bar(total, f"{system:>8}")
+                bar.update(done - bar.n)
+            elif line.startswith("RESULT "):
+                result = json.loads(line[len("RESULT "):])
+        if bar is not None:
+            bar.close()
+    if proc.returncode != 0 or result is None:
+        tail = log_path.read_text()[-2500:]
+        raise SystemExit(f"vmmalloc demo: the {system} run failed (exit {proc.returncode}); its log, "
+                         f"{log_path}, ends with:\n{tail}")
+    with open(result["snapshot"], "rb") as f:
+        result["snapshot_data"] = pickle.load(f)
+    return result
+
+
+def _host_side(system: str, quick: bool) -> dict[str, Any]:
+    from vmmalloc import demo_host
+
+    plan = demo_worker.schedule(quick)
+    bar = _progress_bar(len(plan), f"{system:>8}")
+    try:
+        return demo_host.run_side(system, plan, progress=lambda: bar.update(1))
+    finally:
+        bar.close()
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> list[str]:
+    """The side-by-side figures."""
+    rows = [
+        ("peak reserved", lambda r: f"{r['peak_reserved'] / GiB:.2f} GiB"),
+        ("peak allocated", lambda r: f"{r['peak_allocated'] / GiB:.2f} GiB"),
+        ("reserved / allocated", lambda r: f"{r['peak_reserved'] / max(r['peak_allocated'], 1):.2f}"),
+        ("stitches", lambda r: str(r["stitches"]) if r["system"] == "vmmalloc" else "-"),
+        ("physical allocations", lambda r: str(r["device_allocs"])),
+        ("KV memory held (peak)", lambda r: f"{r['peak_kv'] / GiB:.2f} GiB"),
+    ]
+    lines = [f"{'':24}{'native':>16}{'vmmalloc':>16}"]
+    for name, cell in rows:
+        lines.append(f"{name:24}" + "".join(f"{cell(results[s]):>16}" for s in SIDES))
+    return lines
+
+
+def run_demo(backend: str = "auto", out_dir: Path | str = "vmmalloc-demo", quick: bool = False) -> int:
+    """Runs the demo; prints the figures and where the timeline was written."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if backend == "auto":
+        backend = "cuda" if vmmalloc.cuda_available() else "host"
+    if backend == "cuda" and not vmmalloc.cuda_available():
+        raise SystemExit(f"vmmalloc demo: --backend cuda needs a GPU: {vmmalloc.cuda_unavailable_reason()}; "
+                         "use --backend host")
+    plan = demo_worker.schedule(quick)
+    if backend == "cuda":
+        print(f"GPU: a Llama (16 layers, hidden 2048, random weights) answers {len(plan)} generate() requests "
+              "of varying batch (1-16) and prompt (512-3072 tokens),\nonce under PyTorch's allocator with "
+              "DynamicCache and once under vmmalloc with its KV cache, each in its own process.\n")
+        results = {side: _gpu_side(side, out_dir, quick) for side in SIDES}
+        title = f"{len(plan)} generate() requests on {results['vmmalloc'].get('gpu', 'GPU')}"
+    else:
+        print("No GPU here: running on the host backend (CPU memory with CUDA's virtual memory semantics).")
+        if not vmmalloc.cuda_available():
+            print(f"  ({vmmalloc.cuda_unavailable_reason()})")
+        print(f"The GPU demo's {len(plan)} requests are replayed as the allocations generate() makes: 'native' "
+              "is a caching allocator without stitching\nand a KV cache grown by concatenation; vmmalloc "
+              "stitches and grows KV in place.\n")
+        results = {side: _host_side(side, quick) for side in SIDES}
+        title = f"{len(plan)} generate() requests replayed on the host backend"
+    print("\n".join(format_table(results)))
+    plot = timeline.plot({side: timeline.from_snapshot(results[side]["snapshot_data"]) for side in SIDES},
+                         out_dir / "timeline.png", title)
+    snapshot = out_dir / "vmmalloc.pickle"
+    if backend == "host":
+        with open(snapshot, "wb") as f:
+            pickle.dump(results["vmmalloc"]["snapshot_data"], f)
+    saved = results["native"]["peak_reserved"] - results["vmmalloc"]["peak_reserved"]
+    print(f"\nvmmalloc's peak reserved memory is {saved / GiB:.2f} GiB lower; its reserved memory stays within "
+          f"{results['vmmalloc']['peak_reserved'] / max(results['vmmalloc']['peak_allocated'], 1):.2f}x "
+          "of what is allocated.")
+    print(f"timeline: {plot}")
+    print(f"snapshot for PyTorch's memory viewer (pytorch.org/memory_viz): {snapshot}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vmmalloc.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--backend", choices=["auto", "host", "cuda"], default="auto")
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "vmmalloc-demo")
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    backend = args.backend
-    if backend == "auto":
-        backend = "cuda" if vmmalloc.cuda_available() else "host"
-    if backend == "host":
-        print("No GPU here: running on the host backend (CPU memory with CUDA VMM semantics).")
-        if not vmmalloc.cuda_available():
-            print(f"  ({vmmalloc.cuda_unavailable_reason()})")
-    print("Workload: 8 x 20 MiB blocks under a 160 MiB cap, every other one freed, then one 80 MiB block.\n")
-    rows = {"stitching (vmmalloc)": run_workload(backend, True),
-            "no stitching": run_workload(backend, False)}
-    print(f"{'':22} {'peak reserved':>14} {'new chunks':>11} {'released':>9} {'stitches':>9} {'retries':>8}")
-    for name, r in rows.items():
-        print(f"{name:22} {r['reserved_mib']:>10} MiB {r['new_chunks']:>11} {r['released_chunks']:>9} "
-              f"{r['stitches']:>9} {r['retries']:>8}")
-    print("\nWith stitching the 80 MiB block is built from the four 20 MiB holes: no new physical "
-          "memory, no release.\nWithout it the holes must be given back and 80 MiB created anew.")
-    return 0
+    return run_demo(args.backend, args.out, args.quick)
 
 
 if __name__ == "__main__":

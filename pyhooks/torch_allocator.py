@@ -15,7 +15,7 @@ _pluggable = None  # keeps torch's wrapper object alive
 
 # Python keyword -> VMMALLOC_CONF key.
 OPTION_KEYS = ("memory_cap", "memory_fraction", "stitching", "max_cached_mappings",
-               "max_mapped_bytes", "reuse_ratio", "growth_slack", "max_ready_scan")
+               "max_mapped_bytes", "reuse_ratio", "growth_slack", "max_ready_scan", "history")
 
 
 def _format_value(value: Any) -> str:
@@ -101,8 +101,9 @@ def enable_vmm_allocator(**options: Any) -> None:
                 "initialized. Call enable_vmm_allocator() before any CUDA work, or run with "
                 f"VMMALLOC=1. ({error})") from error
         _pluggable = pluggable
-        from vmmalloc import torch_glue, torch_memory_api
+        from vmmalloc import memory_history, torch_glue, torch_memory_api
 
         torch_glue.install_oom_handler(torch)
         torch_memory_api.install(torch)
+        memory_history.install(torch)
         _enabled_conf = conf

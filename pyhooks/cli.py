@@ -1,0 +1,144 @@
+"""The ``vmmalloc`` command (also ``python -m vmmalloc``).
+
+    vmmalloc demo                 native vs vmmalloc on a Hugging Face model (host backend without a GPU)
+    vmmalloc run -- CMD ...       run CMD under vmmalloc, then print its peak figures
+    vmmalloc bench [NAMES]        run the benchmarks, each peer in its own process
+    vmmalloc report               bench/results/*.json -> bench/RESULTS.md and plots
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def source_checkout() -> Path:
+    """The repository root holding bench/ (the benchmarks are not installed with the package)."""
+    candidates = [Path(__file__).resolve().parent.parent, Path.cwd()]
+    for root in candidates:
+        if (root / "bench" / "run.py").is_file():
+            return root
+    raise SystemExit("vmmalloc: the benchmarks live in the source checkout (bench/), which was not found "
+                     "beside the installed package nor in the current directory; run this from the "
+                     "repository root, or install it with `pip install -e .`")
+
+
+def _with_checkout_on_path() -> Path:
+    root = source_checkout()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return root
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from vmmalloc import demo
+
+    return demo.run_demo(backend=args.backend, out_dir=args.out, quick=args.quick)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from vmmalloc import run_command
+
+    command = args.command
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise SystemExit("vmmalloc run: give the command to run after --, e.g. `vmmalloc run -- python train.py`")
+    return run_command.run(command, conf=args.conf, hf_cache=args.hf_cache, kv_budget=args.kv_budget,
+                           history=args.history, out_dir=args.out)
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    root = _with_checkout_on_path()
+    from bench import suite
+
+    return suite.run_suite(args.names, backend=args.backend, quick=args.quick,
+                           out_dir=args.out or root / "bench" / "results")
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    root = _with_checkout_on_path()
+    from bench import report
+
+    results = args.results or root / "bench" / "results"
+    output = args.output or root / "bench" / "RESULTS.md"
+    readme = None if args.no_readme else (args.readme or root / "README.md")
+    written = report.write_report(results, output, readme=readme, plots=not args.no_plots)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vmmalloc", description="GPU memory management for PyTorch on "
+                                     "CUDA virtual memory.", epilog="Run `vmmalloc COMMAND --help` for a "
+                                     "command's options.")
+    commands = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
+
+    demo = commands.add_parser("demo", help="native vs vmmalloc on a Hugging Face model, side by side",
+                               description="A Hugging Face model with random weights serves requests of "
+                               "varying batch and length under PyTorch's allocator and under vmmalloc, each "
+                               "in its own process; prints peak reserved vs allocated, stitches and KV "
+                               "memory, and writes a timeline plot. Without a GPU the same story runs on "
+                               "the host backend.")
+    demo.add_argument("--backend", choices=["auto", "cuda", "host"], default="auto",
+                      help="cuda needs a GPU; host runs on CPU memory (default: cuda when there is a GPU)")
+    demo.add_argument("--out", type=Path, default=Path("vmmalloc-demo"),
+                      help="where the timeline plot and snapshots go (default: ./vmmalloc-demo)")
+    demo.add_argument("--quick", action="store_true", help="fewer, shorter requests")
+    demo.set_defaults(handler=_cmd_demo)
+
+    run = commands.add_parser("run", help="run a command under vmmalloc and print its peak figures",
+                              description="Runs CMD with VMMALLOC=1 (every Python process it starts uses "
+                              "vmmalloc), then prints each process's peak reserved and allocated memory.",
+                              usage="vmmalloc run [options] -- CMD [ARGS ...]")
+    run.add_argument("--conf", default=None, help="VMMALLOC_CONF options, e.g. memory_cap:40GiB")
+    run.add_argument("--hf-cache", choices=["vmm", "offload"], default=None,
+                     help="generate()'s KV cache: vmm (grows in place) or offload (needs --kv-budget)")
+    run.add_argument("--kv-budget", default=None, help="GPU memory for KV under --hf-cache offload, e.g. 8GiB")
+    run.add_argument("--history", type=int, default=0, metavar="N",
+                     help="record the last N allocator events and write a snapshot PyTorch's memory viewer "
+                     "opens, and a timeline plot")
+    run.add_argument("--out", type=Path, default=None,
+                     help="where per-process reports go (default: a temporary folder; kept with --history)")
+    run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
+    run.set_defaults(handler=_cmd_run)
+
+    bench = commands.add_parser("bench", help="run the benchmarks against their peers",
+                                description="Runs the benchmarks with progress bars, each compared system "
+                                "in its own process, and writes JSON results with the GPU, driver, torch and "
+                                "transformers versions.")
+    bench.add_argument("names", nargs="*", help="benchmarks to run (default: those this machine can run)")
+    bench.add_argument("--quick", action="store_true", help="fewer rounds and shorter runs (the whole suite "
+                       "in about 8 minutes on one H100/H200)")
+    bench.add_argument("--backend", choices=["auto", "cuda", "host"], default="auto")
+    bench.add_argument("--out", type=Path, default=None, help="where the JSON results go (default: bench/results)")
+    bench.set_defaults(handler=_cmd_bench)
+
+    report = commands.add_parser("report", help="turn benchmark results into bench/RESULTS.md and plots",
+                                 description="Reads the JSON results and writes a Markdown report (ratios "
+                                 "against peers, targets beside them), PNG plots, and the headline table "
+                                 "in the README.")
+    report.add_argument("--results", type=Path, default=None, help="folder of JSON results (default: bench/results)")
+    report.add_argument("--output", type=Path, default=None, help="the report (default: bench/RESULTS.md)")
+    report.add_argument("--readme", type=Path, default=None, help="README whose headline table is updated")
+    report.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    report.add_argument("--no-plots", action="store_true", help="write no PNG")
+    report.set_defaults(handler=_cmd_report)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command_name == "run" and args.kv_budget and args.hf_cache != "offload":
+        parser.error("run: --kv-budget is the offload cache's budget; give it with --hf-cache offload")
+    if args.command_name == "run" and args.hf_cache == "offload" and not args.kv_budget:
+        parser.error("run: --hf-cache offload needs --kv-budget (GPU memory for KV, e.g. 8GiB)")
+    if args.command_name == "run" and args.history < 0:
+        parser.error(f"run: --history must be >= 0 events, got {args.history}")
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
