@@ -30,6 +30,12 @@ def _gpu_count() -> int:
     return torch.cuda.device_count()
 
 
+def default_names(backend: str) -> list[str]:
+    """The benchmarks this machine can run on `backend`."""
+    return [n for n in BENCHMARKS if (backend == "cuda" or n not in GPU_ONLY)
+            and (n not in MULTI_GPU or _gpu_count() >= 2)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
@@ -41,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     rows = []
-    names = args.names or [n for n in BENCHMARKS if (args.backend == "cuda" or n not in GPU_ONLY)
-                           and (n not in MULTI_GPU or _gpu_count() >= 2)]
+    names = args.names or default_names(args.backend)
     for name in names:
         module = importlib.import_module(BENCHMARKS[name])
         print(f"[bench] {name} on {args.backend} ...", flush=True)
