@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import vmmalloc
-from vmmalloc import memory_history
+from vmmalloc import memory_history, timeline
 
 MiB = 1 << 20
 LAYERS = 8
@@ -74,6 +74,7 @@ def run_side(system: str, plan: list[tuple[int, int, int]], progress: Callable[[
     stats = alloc.stats()
     snapshot = memory_history.snapshot_of({0: alloc})
     return {
+        "timeline_data": timeline.from_snapshot(snapshot),
         "system": system,
         "peak_reserved": stats["reserved_bytes.all.peak"],
         "peak_allocated": stats["allocated_bytes.all.peak"],

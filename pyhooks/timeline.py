@@ -80,6 +80,24 @@ def from_snapshot(snapshot: Mapping[str, Any], device: int = 0) -> Timeline:
     return timeline
 
 
+def downsample(tl: Timeline, max_points: int = 4000) -> Timeline:
+    """At most about `max_points` points, each the maximum of the events it stands for, so
+    peaks survive (a plot cannot show more points than that anyway)."""
+    n = len(tl.seconds)
+    if n <= max_points:
+        return tl
+    step = -(-n // max_points)
+    out = Timeline(stitches=tl.stitches[:max_points], ooms=list(tl.ooms))
+    for i in range(0, n, step):
+        out.seconds.append(tl.seconds[i])
+        out.allocated.append(max(tl.allocated[i:i + step]))
+        out.reserved.append(max(tl.reserved[i:i + step]))
+    out.seconds.append(tl.seconds[-1])
+    out.allocated.append(tl.allocated[-1])
+    out.reserved.append(tl.reserved[-1])
+    return out
+
+
 def plot(timelines: Mapping[str, Timeline], path: str | Path, title: str) -> Path:
     """Draws reserved (solid) and allocated (dashed) bytes of each run on one PNG."""
     import matplotlib

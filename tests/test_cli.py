@@ -162,10 +162,12 @@ def test_demo_on_the_gpu(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "GPU: a Llama" in proc.stdout and "KV memory held" in proc.stdout
     assert (tmp_path / "timeline.png").read_bytes()[:4] == b"\x89PNG"
+    with open(tmp_path / "vmmalloc.pickle", "rb") as f:
+        snapshot = pickle.load(f)
+    assert any(e["action"] == "alloc" for e in snapshot["device_traces"][0])
     for side in ("native", "vmmalloc"):
-        with open(tmp_path / f"{side}.pickle", "rb") as f:
-            snapshot = pickle.load(f)
-        assert any(e["action"] == "alloc" for e in snapshot["device_traces"][0]), side
+        series = json.loads((tmp_path / f"{side}_timeline.json").read_text())
+        assert series["seconds"][0] == 0 and max(series["allocated"]) > 1 << 30, side  # the weights alone
 
 
 @pytest.mark.gpu

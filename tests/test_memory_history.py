@@ -173,3 +173,12 @@ def test_history_arguments_are_checked():
     with pytest.raises(ValueError, match="max_entries"):
         memory_history._capacity("all", 0)
     assert memory_history._capacity(None, 10) == 0
+
+
+def test_downsampling_keeps_the_peaks():
+    n = 10_000
+    tl = timeline.Timeline([i / n for i in range(n)], [i % 97 for i in range(n)], [1000 + (i == 4321) for i in range(n)])
+    small = timeline.downsample(tl, 100)
+    assert len(small.seconds) <= 102
+    assert small.peak_allocated == tl.peak_allocated and small.peak_reserved == 1001
+    assert small.allocated[-1] == tl.allocated[-1] and small.seconds[-1] == tl.seconds[-1]
