@@ -4,6 +4,7 @@
 #include <cstdio>
 #include <limits>
 #include <stdexcept>
+#include <unordered_set>
 
 namespace vmm {
 namespace {
@@ -617,8 +618,8 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
   using State = SnapshotBlock::State;
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<SnapshotSegment> out;
-  std::unordered_map<std::uintptr_t, bool> pending;
-  for (const PendingFree& p : pending_) pending[p.ptr] = true;
+  std::unordered_set<std::uintptr_t> pending;
+  for (const PendingFree& p : pending_) pending.insert(p.ptr);
   std::size_t busy = 0;
   large_.for_each([&](std::uintptr_t base, const Mapping* m) {
     const std::size_t bytes = m->used * kChunkSize;

@@ -112,7 +112,8 @@ def snapshot_of(allocators: Mapping[int, _C.Allocator]) -> dict[str, Any]:
     }
 
 
-def _live_device_allocators(torch) -> dict[int, _C.Allocator]:
+def live_device_allocators(torch) -> dict[int, _C.Allocator]:
+    """The allocators of the devices this process has used, by index."""
     return {d: _C.device_allocator(d) for d in range(torch.cuda.device_count())
             if _C.device_allocator_exists(d)}
 
@@ -134,7 +135,7 @@ def install(torch) -> None:
     def _snapshot(device: Any = None, augment_with_fx_traces: bool = False) -> dict[str, Any]:
         if not torch.cuda.is_initialized():
             return {"segments": [], "device_traces": [], "allocator_settings": {}}
-        return snapshot_of(_live_device_allocators(torch))
+        return snapshot_of(live_device_allocators(torch))
 
     def memory_snapshot(mempool_id: Any = None, include_traces: bool = True) -> list[dict[str, Any]]:
         return _snapshot()["segments"]

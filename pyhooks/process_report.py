@@ -13,25 +13,19 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from vmmalloc import _C
-
 REPORT_DIR_ENV = "VMMALLOC_REPORT_DIR"
 KEYS = ("reserved_bytes.all.peak", "allocated_bytes.all.peak", "requested_bytes.all.peak",
         "vmm.stitches", "vmm.stitched_bytes", "vmm.kv_mapped_bytes.peak", "num_alloc_retries", "num_ooms",
         "num_device_alloc", "num_device_free")
 
 
-def _device_allocators() -> dict[int, Any]:
-    import torch
-
-    return {d: _C.device_allocator(d) for d in range(torch.cuda.device_count()) if _C.device_allocator_exists(d)}
-
-
 def write(directory: Path) -> None:
     """Writes this process's report (and snapshot, when a history was kept) into `directory`."""
+    import torch
+
     from vmmalloc import memory_history
 
-    allocators = _device_allocators()
+    allocators = memory_history.live_device_allocators(torch)
     devices = {}
     for index, allocator in allocators.items():
         stats = allocator.stats()

@@ -101,7 +101,7 @@ def test_regions_add_up_to_reserved_and_their_active_blocks_to_allocated(kind):
 
 
 def test_the_snapshot_opens_with_pytorchs_tooling(kind, tmp_path):
-    memory_viz = pytest.importorskip("torch.cuda._memory_viz")
+    from torch.cuda import _memory_viz as memory_viz
     alloc = kind.allocator(64 * MiB)
     memory_history.record_allocator_history(alloc, max_entries=10_000)
     ptrs = [alloc.allocate(size) for size in (3 * MiB, 512, 7 * MiB, 100_000)]
