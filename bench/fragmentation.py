@@ -67,8 +67,8 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     if limit:  # the same call for every system; under vmmalloc it sets vmmalloc's cap
         torch.cuda.set_per_process_memory_fraction(limit / torch.cuda.get_device_properties(0).total_memory)
     model, optimizer = build(torch, args["layers"])
-    if "bound_batches" in args:
-        return live_bytes_by_batch(torch, model, optimizer, args["bound_batches"])
+    if "bound_limit_bytes" in args:
+        return live_bytes_bound(torch, model, optimizer, args["bound_limit_bytes"])
     plan = schedule(args["steps"], args.get("seed", 0))
     if "batch" in args:  # headroom probe: one batch size, long and short sequences in turn
         plan = [(args["batch"], seq) for seq in HEADROOM_SEQS]
@@ -103,32 +103,59 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def live_bytes_by_batch(torch, model, optimizer, batches: list[int]) -> dict[str, Any]:
-    """Peak bytes of live tensors (requested, not rounded) of the headroom loop per batch,
-    with no limit: what any allocator must fit, whatever its fragmentation."""
-    peaks = {}
-    for batch in batches:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        for step, seq in enumerate(HEADROOM_SEQS):
-            train_step(torch, model, optimizer, batch, seq, step)
-        torch.cuda.synchronize()
-        peaks[str(batch)] = torch.cuda.memory_stats()["requested_bytes.all.peak"]
-    return {"ok": True, "peak_requested_bytes": peaks}
+def peak_requested(torch, model, optimizer, batch: int) -> int:
+    """Peak bytes of live tensors (requested, not rounded) of the headroom loop at `batch`."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    for step, seq in enumerate(HEADROOM_SEQS):
+        train_step(torch, model, optimizer, batch, seq, step)
+    torch.cuda.synchronize()
+    return torch.cuda.memory_stats()["requested_bytes.all.peak"]
 
 
-def workload_bound(layers: int = 16, limit: int = 24 * GiB, batches: tuple[int, ...] = tuple(range(18, 25))
-                   ) -> dict[str, Any]:
+def live_bytes_bound(torch, model, optimizer, limit: int, fit_batches: tuple[int, int] = (8, 16),
+                     ceiling: int = 256) -> dict[str, Any]:
+    """The largest batch whose live tensors alone fit under `limit`, with no limit set.
+
+    The peak is linear in the batch (the same step, batch elements of equal size: measured
+    +954,228,736 bytes per element from 18 to 24), so two batches predict it; the answer is
+    then confirmed directly: its peak fits and the next batch's does not. A prediction that
+    misses only costs a walk of one batch per measurement."""
+    train_step(torch, model, optimizer, 1, HEADROOM_SEQS[0], 0)  # optimizer state exists before any peak
+    peaks = {b: peak_requested(torch, model, optimizer, b) for b in fit_batches}
+    (b0, p0), (b1, p1) = sorted(peaks.items())
+    slope = (p1 - p0) / (b1 - b0)
+    batch = max(1, min(ceiling, b0 + int((limit - p0) // slope))) if slope > 0 else ceiling
+
+    def peak(b: int) -> int:
+        if b not in peaks:
+            peaks[b] = peak_requested(torch, model, optimizer, b)
+        return peaks[b]
+
+    while batch >= 1 and peak(batch) > limit:
+        batch -= 1
+    while 1 <= batch < ceiling and peak(batch + 1) <= limit:
+        batch += 1
+    return {"ok": True, "largest_batch": batch if batch >= 1 else None,
+            "peak_requested_bytes": {str(b): v for b, v in sorted(peaks.items())}}
+
+
+def workload_bound(layers: int, limit: int) -> dict[str, Any]:
     """The largest batch whose live tensors alone fit under `limit` (measured without a limit,
     under vmmalloc, whose requested bytes are exact): no allocator can run a larger one."""
     r = run_worker("bench.fragmentation", "vmmalloc", {"layers": layers, "steps": len(HEADROOM_SEQS),
-                                                      "bound_batches": list(batches)})
-    fitting = [int(b) for b, peak in r["peak_requested_bytes"].items() if peak <= limit]
-    return {"largest_batch": max(fitting) if fitting else None, "peak_requested_bytes": r["peak_requested_bytes"]}
+                                                      "bound_limit_bytes": limit})
+    return {"largest_batch": r["largest_batch"], "peak_requested_bytes": r["peak_requested_bytes"],
+            "limit_bytes": limit,
+            "what": "largest batch whose live tensors alone (requested bytes, no limit) fit under the limit: "
+                    "no allocator can run more"}
 
 
-def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int = 64) -> dict[str, Any]:
-    """Doubling then bisection over the batch size; each probe in a fresh process."""
+def largest_batch(system: str, layers: int, steps: int, limit: int, bound: int | None) -> dict[str, Any]:
+    """The largest batch `system` runs under `limit`; each probe in a fresh process.
+
+    The search starts at the live-tensor bound (no allocator fits more): bound first, then a
+    bisection in [bound / 2, bound] whose lower end is checked (halved again while it fails)."""
     probes: dict[int, bool] = {}
     failures: dict[str, dict] = {}  # batch -> OOM message and statistics: where the limit bit
 
@@ -142,24 +169,35 @@ def largest_batch(system: str, layers: int, steps: int, limit: int, ceiling: int
                                         "stats": r["stats_at_oom"]}
         return probes[batch]
 
-    lo, hi = 0, 4
-    while hi <= ceiling and fits(hi):
-        lo, hi = hi, hi * 2
+    def result(largest: int) -> dict[str, Any]:
+        return {"largest_batch": largest, "probes": {str(k): v for k, v in sorted(probes.items())},
+                "failures": failures}
+
+    if not bound:
+        return result(0)
+    if fits(bound):
+        return result(bound)
+    lo, hi = bound // 2, bound
+    while lo >= 1 and not fits(lo):
+        lo, hi = lo // 2, lo
+    if lo < 1:
+        return result(0)
     while hi - lo > 1:
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if fits(mid) else (lo, mid)
-    return {"largest_batch": lo, "probes": {str(k): v for k, v in sorted(probes.items())},
-            "failures": failures}
+    return result(lo)
 
 
 def headroom_only(layers: int = 16, limit: int = 24 * GiB) -> dict[str, Any]:
     """The headroom half alone (python -c "from bench.fragmentation import headroom_only")."""
-    return {name: largest_batch(name, layers, len(HEADROOM_SEQS), limit) for name in ("native", "vmmalloc")}
+    bound = workload_bound(layers, limit)
+    return {"bound": bound, **{name: largest_batch(name, layers, len(HEADROOM_SEQS), limit, bound["largest_batch"])
+                               for name in ("native", "vmmalloc")}}
 
 
 def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     layers = 16
-    steps = 16 if quick else 24
+    steps = 12 if quick else 24
     systems = {}
     for name in ("native", "expandable_segments", "vmmalloc"):
         systems[name] = run_worker("bench.fragmentation", name, {"layers": layers, "steps": steps})
@@ -167,12 +205,13 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
               f"median step {systems[name]['step_time_median']:.3f} s", flush=True)
     assert systems["vmmalloc"]["vmmalloc_enabled"]
     limit = 24 * GiB
-    headroom = {}
-    for name in ("native", "vmmalloc"):
-        headroom[name] = largest_batch(name, layers, len(HEADROOM_SEQS), limit)
-        print(f"[fragmentation] headroom {name}: {headroom[name]}", flush=True)
     bound = workload_bound(layers, limit)
     print(f"[fragmentation] headroom bound (live tensors alone): {bound['largest_batch']}", flush=True)
+    headroom = {}
+    for name in ("native", "vmmalloc"):
+        headroom[name] = largest_batch(name, layers, len(HEADROOM_SEQS), limit, bound["largest_batch"])
+        print(f"[fragmentation] headroom {name}: {headroom[name]['largest_batch']} "
+              f"(probes {headroom[name]['probes']})", flush=True)
     native, ours = systems["native"], systems["vmmalloc"]
     time_ratio = ours["step_time_median"] / native["step_time_median"]
     headroom_ratio = headroom["vmmalloc"]["largest_batch"] / max(1, headroom["native"]["largest_batch"])

@@ -43,10 +43,11 @@ def run_suite(names: list[str], backend: str = "auto", quick: bool = False,
         if status != 0:
             failed.append(name)
             bar.write(f"{name} failed (exit {status}); see {logs / (name + '.log')}")
+        # after every benchmark, so a suite that is cut off still says where its time went
+        (logs / "suite.json").write_text(json.dumps(
+            {"backend": backend, "quick": quick, "seconds": timings, "failed": failed}, indent=1) + "\n")
     bar.close()
     _print_table(names, backend, out_dir, timings)
-    (out_dir / "logs" / "suite.json").write_text(json.dumps(
-        {"backend": backend, "quick": quick, "seconds": timings, "failed": failed}, indent=1) + "\n")
     return 1 if failed else 0
 
 

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from typing import Any
 
 # How each system is switched on in its process.
@@ -21,8 +22,11 @@ def run_worker(module: str, system: str, args: dict[str, Any], timeout: int = 90
     env = {k: v for k, v in os.environ.items() if k not in ("VMMALLOC", "VMMALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")}
     env.update(SYSTEM_ENV[system])
     env["PYTHONUNBUFFERED"] = "1"
+    start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", module, "--worker", json.dumps({**args, "system": system})],
                           capture_output=True, text=True, env=env, timeout=timeout)
+    # where a benchmark's time goes, in its log (process start-up and model build included)
+    print(f"[worker] {module} under {system}: {time.perf_counter() - start:.1f} s", flush=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{module} worker for {system} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
