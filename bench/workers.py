@@ -33,7 +33,17 @@ def run_worker(module: str, system: str, args: dict[str, Any], timeout: int = 90
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def benchmark_cpu() -> int:
+    """The one CPU that latency benchmarks pin their workers to: the last this process may use,
+    so that every compared system runs on the same core (bench/NOTES.md: a process's speed
+    depends on where it lands by up to 1.8x on the lent machines)."""
+    return max(os.sched_getaffinity(0))
+
+
 def worker_main(measure) -> None:
-    """Entry point of a worker process: parses the JSON args, prints the RESULT line."""
+    """Entry point of a worker process: parses the JSON args, pins the process to
+    args["pin_cpu"] when given (before torch starts its threads), prints the RESULT line."""
     args = json.loads(sys.argv[sys.argv.index("--worker") + 1])
+    if args.get("pin_cpu") is not None:
+        os.sched_setaffinity(0, {int(args["pin_cpu"])})
     print("RESULT " + json.dumps(measure(args)), flush=True)
