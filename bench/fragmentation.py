@@ -14,11 +14,12 @@ import random
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
-from bench.workers import run_worker, worker_main
+from bench.workers import HF_PRELOAD, WarmWorkers, run_worker, worker_main
 
 GiB = 1 << 30
+Runner = Callable[[str, dict[str, Any]], dict[str, Any]]  # (system, args) -> a worker's RESULT
 BATCHES = [1, 2, 3, 4, 6, 8]
 SEQS = [256, 384, 512, 768, 1024, 1536, 2048]
 HEADROOM_SEQS = [2048, 768, 1536, 512, 2048]
@@ -140,18 +141,22 @@ def live_bytes_bound(torch, model, optimizer, limit: int, fit_batches: tuple[int
             "peak_requested_bytes": {str(b): v for b, v in sorted(peaks.items())}}
 
 
-def workload_bound(layers: int, limit: int) -> dict[str, Any]:
+def _cold(system: str, args: dict[str, Any]) -> dict[str, Any]:
+    return run_worker("bench.fragmentation", system, args)
+
+
+def workload_bound(layers: int, limit: int, runner: Runner = _cold) -> dict[str, Any]:
     """The largest batch whose live tensors alone fit under `limit` (measured without a limit,
     under vmmalloc, whose requested bytes are exact): no allocator can run a larger one."""
-    r = run_worker("bench.fragmentation", "vmmalloc", {"layers": layers, "steps": len(HEADROOM_SEQS),
-                                                      "bound_limit_bytes": limit})
+    r = runner("vmmalloc", {"layers": layers, "steps": len(HEADROOM_SEQS), "bound_limit_bytes": limit})
     return {"largest_batch": r["largest_batch"], "peak_requested_bytes": r["peak_requested_bytes"],
             "limit_bytes": limit,
             "what": "largest batch whose live tensors alone (requested bytes, no limit) fit under the limit: "
                     "no allocator can run more"}
 
 
-def largest_batch(system: str, layers: int, steps: int, limit: int, bound: int | None) -> dict[str, Any]:
+def largest_batch(system: str, layers: int, steps: int, limit: int, bound: int | None,
+                  runner: Runner = _cold) -> dict[str, Any]:
     """The largest batch `system` runs under `limit`; each probe in a fresh process.
 
     The search starts at the live-tensor bound (no allocator fits more): bound first, then a
@@ -161,8 +166,7 @@ def largest_batch(system: str, layers: int, steps: int, limit: int, bound: int |
 
     def fits(batch: int) -> bool:
         if batch not in probes:
-            r = run_worker("bench.fragmentation", system,
-                           {"layers": layers, "steps": steps, "batch": batch, "limit_bytes": limit})
+            r = runner(system, {"layers": layers, "steps": steps, "batch": batch, "limit_bytes": limit})
             probes[batch] = r["ok"]
             if not r["ok"]:
                 failures[str(batch)] = {"step": r["oom_at_step"], "error": r["error"],
@@ -190,28 +194,33 @@ def largest_batch(system: str, layers: int, steps: int, limit: int, bound: int |
 
 def headroom_only(layers: int = 16, limit: int = 24 * GiB) -> dict[str, Any]:
     """The headroom half alone (python -c "from bench.fragmentation import headroom_only")."""
-    bound = workload_bound(layers, limit)
-    return {"bound": bound, **{name: largest_batch(name, layers, len(HEADROOM_SEQS), limit, bound["largest_batch"])
-                               for name in ("native", "vmmalloc")}}
+    with WarmWorkers("bench.fragmentation", ("vmmalloc", "native")) as workers:
+        bound = workload_bound(layers, limit, workers.run)
+        return {"bound": bound, **{name: largest_batch(name, layers, len(HEADROOM_SEQS), limit,
+                                                       bound["largest_batch"], workers.run)
+                                   for name in ("native", "vmmalloc")}}
 
 
 def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     layers = 16
     steps = 12 if quick else 24
-    systems = {}
-    for name in ("native", "expandable_segments", "vmmalloc"):
-        systems[name] = run_worker("bench.fragmentation", name, {"layers": layers, "steps": steps})
-        print(f"[fragmentation] {name}: reserved/allocated {systems[name]['ratio']:.3f}, "
-              f"median step {systems[name]['step_time_median']:.3f} s", flush=True)
-    assert systems["vmmalloc"]["vmmalloc_enabled"]
     limit = 24 * GiB
-    bound = workload_bound(layers, limit)
-    print(f"[fragmentation] headroom bound (live tensors alone): {bound['largest_batch']}", flush=True)
-    headroom = {}
-    for name in ("native", "vmmalloc"):
-        headroom[name] = largest_batch(name, layers, len(HEADROOM_SEQS), limit, bound["largest_batch"])
-        print(f"[fragmentation] headroom {name}: {headroom[name]['largest_batch']} "
-              f"(probes {headroom[name]['probes']})", flush=True)
+    names = ("native", "expandable_segments", "vmmalloc")
+    with WarmWorkers("bench.fragmentation", names) as workers:
+        systems = {}
+        for name in names:
+            systems[name] = workers.run(name, {"layers": layers, "steps": steps})
+            print(f"[fragmentation] {name}: reserved/allocated {systems[name]['ratio']:.3f}, "
+                  f"median step {systems[name]['step_time_median']:.3f} s", flush=True)
+        assert systems["vmmalloc"]["vmmalloc_enabled"]
+        bound = workload_bound(layers, limit, workers.run)
+        print(f"[fragmentation] headroom bound (live tensors alone): {bound['largest_batch']}", flush=True)
+        headroom = {}
+        for name in ("native", "vmmalloc"):
+            headroom[name] = largest_batch(name, layers, len(HEADROOM_SEQS), limit, bound["largest_batch"],
+                                           workers.run)
+            print(f"[fragmentation] headroom {name}: {headroom[name]['largest_batch']} "
+                  f"(probes {headroom[name]['probes']})", flush=True)
     native, ours = systems["native"], systems["vmmalloc"]
     time_ratio = ours["step_time_median"] / native["step_time_median"]
     headroom_ratio = headroom["vmmalloc"]["largest_batch"] / max(1, headroom["native"]["largest_batch"])
@@ -257,4 +266,4 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:
-    worker_main(measure)
+    worker_main(measure, preload=HF_PRELOAD)

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.workers import run_worker, worker_main
+from bench.workers import HF_PRELOAD, WarmWorkers, run_worker, worker_main
 
 GB = 1e9
 COPY_BANDWIDTH = 4.3e12  # bytes/s read + written, H200 device-to-device (FACTS.md)
@@ -200,12 +200,14 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     repeats = 2 if quick else 5
     systems = {}
     # the no-lookahead ablation is a diagnosis, not a target: full runs only (a process less)
-    for cache, allocator in ({**CACHES} if quick else {**CACHES, **ABLATION}).items():
-        systems[cache] = run_worker("bench.kv_cache", allocator, {"cache": cache, "points": [[batch, context, new]],
-                                                                  "repeats": repeats}, timeout=1200)["results"][0]
-        r = systems[cache]
-        print(f"[kv_cache] {cache}: " + (f"{r['decode_tok_s']:.1f} tok/s, peak reserved {r['peak_reserved'] / GB:.1f} GB"
-                                         if r["ok"] else r["error"]), flush=True)
+    caches = {**CACHES} if quick else {**CACHES, **ABLATION}
+    with WarmWorkers("bench.kv_cache", set(caches.values())) as workers:
+        for cache, allocator in caches.items():
+            systems[cache] = workers.run(allocator, {"cache": cache, "points": [[batch, context, new]],
+                                                     "repeats": repeats}, timeout=1200)["results"][0]
+            r = systems[cache]
+            print(f"[kv_cache] {cache}: " + (f"{r['decode_tok_s']:.1f} tok/s, peak reserved "
+                                             f"{r['peak_reserved'] / GB:.1f} GB" if r["ok"] else r["error"]), flush=True)
     ours, dyn = systems["vmm"], systems["dynamic"]
     ratios: dict[str, Any] = {}
     if ours["ok"]:
@@ -297,7 +299,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        worker_main(measure)
+        worker_main(measure, preload=HF_PRELOAD)
     elif sys.argv[1:2] == ["sweep"]:
         from bench.common import RESULTS_DIR
 

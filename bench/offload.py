@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.kv_cache import build_model, kv_bytes
-from bench.workers import run_worker, worker_main
+from bench.workers import HF_PRELOAD, WarmWorkers, worker_main
 
 GB = 1e9
 GIB = 1 << 30
@@ -227,33 +227,34 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     contexts = [8192] if quick else [32768, 65536]
     ttft_contexts = [8192, 16384] if quick else [16384, 32768, 49152, 65536]
     systems: dict[str, Any] = {}
-    for cache in TTFT_SYSTEMS:
-        points = [[4, c, new[cache]] for c in contexts] if cache in SYSTEMS else []
-        if cache == "transformers_offload":
-            # Its host copies are new unpinned tensors each step; at 64K, batch 4 (34 GB of KV)
-            # the kernel killed it for host memory on a 128 GB machine. So each of its points
-            # runs alone, and a killed one is recorded as such (quick's 8K fits: one process).
-            systems[cache] = {"cache": cache, "decode": [], "ttft": []}
-            parts = ([{"points": points, "ttft_contexts": ttft_contexts}] if quick else
-                     [{"points": [p]} for p in points] + [{"points": [], "ttft_contexts": ttft_contexts}])
-            for args in parts:
-                try:
-                    part = run_worker("bench.offload", "native", {"cache": cache, **args}, timeout=900)
-                except RuntimeError as error:
-                    reason = str(error).splitlines()[0]
-                    part = {"decode": [{"ok": False, "context": p[1], "error": reason} for p in args["points"]],
-                            "ttft": [{"ok": False, "context": c, "error": reason}
-                                     for c in args.get("ttft_contexts", [])]}
-                systems[cache]["decode"] += part["decode"]
-                systems[cache]["ttft"] += part.get("ttft", [])
-                systems[cache].setdefault("ttft_cap_bytes", part.get("ttft_cap_bytes"))
-        else:
-            systems[cache] = run_worker("bench.offload", TTFT_SYSTEMS[cache],
-                                        {"cache": cache, "points": points, "ttft_contexts": ttft_contexts,
-                                         "bandwidth": cache == "offload"}, timeout=1500)
-        for r in systems[cache]["decode"]:
-            print(f"[offload] {cache} {r['context']}: " + (f"{r['decode_tok_s']:.2f} tok/s" if r["ok"] else "OOM"),
-                  flush=True)
+    with WarmWorkers("bench.offload", set(TTFT_SYSTEMS.values())) as workers:
+        for cache in TTFT_SYSTEMS:
+            points = [[4, c, new[cache]] for c in contexts] if cache in SYSTEMS else []
+            if cache == "transformers_offload":
+                # Its host copies are new unpinned tensors each step; at 64K, batch 4 (34 GB of KV)
+                # the kernel killed it for host memory on a 128 GB machine. So each of its points
+                # runs alone, and a killed one is recorded as such (quick's 8K fits: one process).
+                systems[cache] = {"cache": cache, "decode": [], "ttft": []}
+                parts = ([{"points": points, "ttft_contexts": ttft_contexts}] if quick else
+                         [{"points": [p]} for p in points] + [{"points": [], "ttft_contexts": ttft_contexts}])
+                for args in parts:
+                    try:
+                        part = workers.run("native", {"cache": cache, **args}, timeout=900)
+                    except RuntimeError as error:
+                        reason = str(error).splitlines()[0]
+                        part = {"decode": [{"ok": False, "context": p[1], "error": reason} for p in args["points"]],
+                                "ttft": [{"ok": False, "context": c, "error": reason}
+                                         for c in args.get("ttft_contexts", [])]}
+                    systems[cache]["decode"] += part["decode"]
+                    systems[cache]["ttft"] += part.get("ttft", [])
+                    systems[cache].setdefault("ttft_cap_bytes", part.get("ttft_cap_bytes"))
+            else:
+                systems[cache] = workers.run(TTFT_SYSTEMS[cache],
+                                             {"cache": cache, "points": points, "ttft_contexts": ttft_contexts,
+                                              "bandwidth": cache == "offload"}, timeout=1500)
+            for r in systems[cache]["decode"]:
+                print(f"[offload] {cache} {r['context']}: " + (f"{r['decode_tok_s']:.2f} tok/s" if r["ok"] else "OOM"),
+                      flush=True)
     bandwidth = systems["offload"]["bandwidth"]
     ratios: dict[str, Any] = {}
     for i, context in enumerate(contexts):
@@ -325,4 +326,4 @@ def plot_result(result: dict[str, Any], path: Path) -> None:
 
 if __name__ == "__main__":
     if "--worker" in sys.argv:
-        worker_main(measure)
+        worker_main(measure, preload=HF_PRELOAD)

@@ -8,42 +8,42 @@ import pytest
 from bench import fragmentation
 
 
-def scripted(monkeypatch, largest_fitting: int) -> list[int]:
+def scripted(largest_fitting: int):
+    """A probe runner whose batches fit up to `largest_fitting`, and the batches it ran."""
     probed: list[int] = []
 
-    def fake_worker(module, system, args, timeout=900):
+    def runner(system, args):
         probed.append(args["batch"])
         if args["batch"] <= largest_fitting:
             return {"ok": True}
         return {"ok": False, "oom_at_step": 0, "error": "CUDA out of memory", "stats_at_oom": {}}
 
-    monkeypatch.setattr(fragmentation, "run_worker", fake_worker)
-    return probed
+    return probed, runner
 
 
 @pytest.mark.parametrize("bound,largest", [(21, 21), (21, 18), (21, 10), (21, 11), (21, 3), (21, 0), (1, 1),
                                            (1, 0), (2, 1), (64, 63)])
-def test_the_search_finds_the_largest_fitting_batch(monkeypatch, bound, largest):
-    probed = scripted(monkeypatch, largest)
-    found = fragmentation.largest_batch("native", 16, 5, 1 << 30, bound)
+def test_the_search_finds_the_largest_fitting_batch(bound, largest):
+    probed, runner = scripted(largest)
+    found = fragmentation.largest_batch("native", 16, 5, 1 << 30, bound, runner)
     assert found["largest_batch"] == largest, (found, probed)
     assert len(probed) == len(set(probed)), probed  # no batch is run twice
     assert all(b <= bound for b in probed), probed  # nothing above what live tensors allow
     assert found["probes"] == {str(b): b <= largest for b in sorted(probed)}
 
 
-def test_a_bound_that_fits_costs_one_probe_and_native_like_gaps_about_five(monkeypatch):
-    probed = scripted(monkeypatch, 21)
-    fragmentation.largest_batch("vmmalloc", 16, 5, 1 << 30, 21)
+def test_a_bound_that_fits_costs_one_probe_and_native_like_gaps_about_five():
+    probed, runner = scripted(21)
+    fragmentation.largest_batch("vmmalloc", 16, 5, 1 << 30, 21, runner)
     assert probed == [21]
-    probed = scripted(monkeypatch, 18)
-    fragmentation.largest_batch("native", 16, 5, 1 << 30, 21)
+    probed, runner = scripted(18)
+    fragmentation.largest_batch("native", 16, 5, 1 << 30, 21, runner)
     assert probed[:2] == [21, 10] and len(probed) <= 6, probed
 
 
-def test_no_bound_means_nothing_fits_and_nothing_is_probed(monkeypatch):
-    probed = scripted(monkeypatch, 5)
-    assert fragmentation.largest_batch("native", 16, 5, 1 << 30, None)["largest_batch"] == 0
+def test_no_bound_means_nothing_fits_and_nothing_is_probed():
+    probed, runner = scripted(5)
+    assert fragmentation.largest_batch("native", 16, 5, 1 << 30, None, runner)["largest_batch"] == 0
     assert probed == []
 
 
