@@ -111,7 +111,10 @@ def decode_point(torch, model, system: str, batch: int, context: int, new_tokens
             self.times: list[float] = []
 
         def __call__(self, input_ids, scores, **kwargs):
-            torch.cuda.synchronize()
+            # The compute stream only, as generate()'s own end-of-step check waits: a device-wide
+            # synchronize would also wait for the next step's prefetches and idle the copy engine
+            # at every step boundary (bench/NOTES.md, offloading, 9).
+            torch.cuda.current_stream().synchronize()
             self.times.append(time.perf_counter())
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
