@@ -55,7 +55,7 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     systems = {name: {"ns_per_pair": statistics.median(r[name]["ns_per_pair"] for r in per_round),
                       "rounds_ns": [r[name]["ns_per_pair"] for r in per_round],
                       "repeats_ns": [r[name]["repeats_ns"] for r in per_round],
-                      "vmmalloc_enabled": name == "vmmalloc"}
+                      "vmmalloc_enabled": all(r[name]["vmmalloc_enabled"] for r in per_round)}
                for name in ("native", "vmmalloc")}
     return {
         "benchmark": "torch_hot_path",
