@@ -85,12 +85,11 @@ def _overlap(event: dict[str, Any], start: float, end: float) -> float:
 def profile(context: int, batch: int, steps: int, out_dir: Path) -> dict[str, Any]:
     import torch
     from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
-    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers import StoppingCriteria
 
     import vmmalloc
     from bench.kv_cache import build_model, kv_bytes
-    from bench.offload import BUDGET_FRACTION
-    from vmmalloc.integrations import OffloadedKVCache, patched_generate
+    from bench.offload import BUDGET_FRACTION, _generate
 
     if not vmmalloc.is_enabled():
         raise SystemExit("run under VMMALLOC=1: the offloading cache's ring lives in vmmalloc memory")
@@ -106,12 +105,9 @@ def profile(context: int, batch: int, steps: int, out_dir: Path) -> dict[str, An
     g = torch.Generator(device="cuda").manual_seed(context)
     ids = torch.randint(3, model.config.vocab_size, (batch, context), device="cuda", generator=g)
     new_tokens = steps + 2  # a mark after the prompt's token and after each step; one warm step
-    cache = OffloadedKVCache(model.config, kv_budget=budget, max_length=context + new_tokens + 64)
-    with torch.no_grad(), patched_generate("offload", kv_budget=budget), \
-            torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        model.generate(ids, past_key_values=cache, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                       min_new_tokens=new_tokens, do_sample=False, disable_compile=True,
-                       stopping_criteria=StoppingCriteriaList([StepMark()]))
+    # the benchmark's own generate() call, so the trace shows what the benchmark measured
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        _, cache = _generate(torch, model, "offload", ids, new_tokens, budget, StepMark())
     out_dir.mkdir(parents=True, exist_ok=True)
     trace_path = out_dir / "offload_trace.json"
     prof.export_chrome_trace(str(trace_path))
