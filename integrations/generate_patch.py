@@ -2,8 +2,17 @@
 
 A cache the caller passes (``past_key_values``, or ``cache_implementation``) is always
 respected, as are ``use_cache=False`` and models whose caches are not plain decoder caches
-(encoder-decoder models). The patch wraps ``transformers.GenerationMixin.generate`` once
-per process; ``unpatch_generate()`` restores it.
+(encoder-decoder models). A caller's own VirtualKVCache or OffloadedKVCache still gets
+vmmalloc's attention function (Note [A given vmmalloc cache]). The patch wraps
+``transformers.GenerationMixin.generate`` once per process; ``unpatch_generate()``
+restores it.
+
+Note [A given vmmalloc cache]
+The attention swap belongs to the cache, not to who built it: transformers' "sdpa" picks
+cuDNN attention on Hopper, which builds an execution plan for every new key length
+(Note [No cuDNN attention while decoding]); under offloading that CPU time starved the copy
+engine for ~90 ms of each 330 ms decode step (bench/NOTES.md, offloading, 10). Any other
+cache the caller passes runs generate() untouched.
 """
 from __future__ import annotations
 
@@ -126,13 +135,14 @@ def _reserved_length(model: Any, args: tuple, kwargs: dict[str, Any]) -> int:
 
 
 def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-    if _uses_own_cache(model, kwargs):
-        return original(model, *args, **kwargs)
-    from vmmalloc.integrations.attention import register_attention
     from vmmalloc.integrations.hf_compat import layer_windows
     from vmmalloc.integrations.kv_cache import VirtualKVCache
     from vmmalloc.integrations.offload_cache import OffloadedKVCache
 
+    if isinstance(kwargs.get("past_key_values"), (VirtualKVCache, OffloadedKVCache)):
+        return _with_attention(original, model, args, kwargs)  # Note [A given vmmalloc cache]
+    if _uses_own_cache(model, kwargs):
+        return original(model, *args, **kwargs)
     try:
         layer_windows(model.config)
     except ValueError:  # layer types the virtual cache does not implement: transformers' own
@@ -140,6 +150,13 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     cache_class = OffloadedKVCache if _state["cache"] == "offload" else VirtualKVCache
     kwargs["past_key_values"] = cache_class(model.config, max_length=_reserved_length(model, args, kwargs),
                                             **_state["options"])
+    return _with_attention(original, model, args, kwargs)
+
+
+def _with_attention(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    """generate() with vmmalloc's attention function where the patch's settings allow it."""
+    from vmmalloc.integrations.attention import register_attention
+
     # Only a plain decoder's attention is swapped: on composite configs transformers' setter
     # would rewrite every sub-model's choice (a vision tower's too).
     swap = (_state["attention"] and getattr(model.config, "_attn_implementation", None) == "sdpa"

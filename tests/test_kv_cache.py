@@ -305,6 +305,40 @@ def test_patch_generate_uses_the_virtual_cache_and_respects_a_given_one(device):
     assert type(plain.past_key_values) is DynamicCache
 
 
+
+def attention_used(model, **generate_kwargs) -> set:
+    """The attention implementations the first layer ran under during one generate()."""
+    seen: set = set()
+    attention = model.model.layers[0].self_attn
+    handle = attention.register_forward_pre_hook(lambda module, args: seen.add(module.config._attn_implementation))
+    try:
+        model.generate(**generate_kwargs)
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_a_given_vmmalloc_cache_gets_the_attention_function_and_other_caches_do_not(device):
+    from vmmalloc.integrations import OffloadedKVCache
+    from vmmalloc.integrations.attention import NAME
+
+    model = tiny_model("llama", device, layers=3)
+    ids, mask = prompt(2, 8, device)
+    common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    ref = model.generate(**common)
+    with patched_generate():
+        for cache in (VirtualKVCache(model.config, max_length=32),
+                      OffloadedKVCache(model.config, kv_budget=1, max_length=32)):  # every layer offloaded
+            assert attention_used(model, past_key_values=cache, **common) == {NAME}, type(cache).__name__
+            cache.reset()
+            assert torch.equal(model.generate(past_key_values=cache, **common), ref), type(cache).__name__
+        assert attention_used(model, past_key_values=DynamicCache(config=model.config), **common) == {"sdpa"}
+    with patched_generate(attention=False):
+        assert attention_used(model, past_key_values=VirtualKVCache(model.config, max_length=32), **common) == {"sdpa"}
+    assert attention_used(model, past_key_values=VirtualKVCache(model.config, max_length=32), **common) == {"sdpa"}, \
+        "no patch, no swap"
+    assert model.config._attn_implementation == "sdpa"
+
 def test_patch_respects_settings_passed_in_a_generation_config(device):
     from transformers import GenerationConfig, StaticCache
 
