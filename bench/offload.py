@@ -159,16 +159,21 @@ def decode_point(torch, model, system: str, batch: int, context: int, new_tokens
     if pages:
         result["peak_kv_mapped"] = pages.stats()["vmm.kv_mapped_bytes.peak"] - kv_base
     if system == "offload":
-        result.update(offloaded_layers=len(cache.offloaded_layers), resident_layers=len(cache.resident_layers),
-                      # the fetches of new_tokens steps: one after the prompt, one per step
-                      bytes_to_device_per_step=cache.bytes_to_device / new_tokens,
+        # Every decode step fetches each offloaded layer once; the prompt fetches none and the
+        # last step prefetches the first layers of a step that never comes, so per-step
+        # figures are per fetch times the offloaded layers (not totals over new_tokens).
+        fetches, offloaded = len(cache.copy_times), len(cache.offloaded_layers)
+        if not fetches:
+            raise RuntimeError(f"no layer was fetched at context {context}: the budget {budget} holds every layer")
+        busy_s = sum(a.elapsed_time(b) for a, b in cache.copy_times) / 1e3
+        result.update(offloaded_layers=offloaded, resident_layers=len(cache.resident_layers), fetches=fetches,
+                      bytes_to_device_per_step=cache.bytes_to_device / fetches * offloaded,
                       bytes_to_host=cache.bytes_to_host,
                       host_pinned=all(cache.layers[i].host.pinned for i in cache.offloaded_layers),
                       pin_seconds=pinning_totals()["seconds"] - pinned["seconds"],
                       # the copy engine's busy time per step (timing events around each fetch)
-                      copy_busy_per_step_s=sum(a.elapsed_time(b) for a, b in cache.copy_times) / 1e3 / new_tokens,
-                      in_loop_h2d_bytes_per_s=cache.bytes_to_device / (
-                          sum(a.elapsed_time(b) for a, b in cache.copy_times) / 1e3))
+                      copy_busy_per_step_s=busy_s / fetches * offloaded,
+                      in_loop_h2d_bytes_per_s=cache.bytes_to_device / busy_s)
         cache.free()
     del out, cache
     return result
