@@ -43,7 +43,7 @@ def launch(system: str, world: int, train_args: list[str], timeout: int = 900) -
 
 def per_rank(result: dict[str, Any]) -> list[dict[str, Any]]:
     keep = ("rank", "vmmalloc_enabled", "collectives_ok", "peak_allocated", "peak_reserved", "ratio",
-            "step_time_median", "stitches", "peer_devices", "step_times", "losses")
+            "step_time_median", "stitches", "peer_devices", "step_times", "losses", "cpus")
     return [{k: r.get(k) for k in keep} for r in result["ranks"]]
 
 
@@ -62,7 +62,8 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     steps = 12 if quick else 24
     rounds = 1 if quick else 3
     train_args = ["--mode", "fsdp2", "--steps", str(steps), "--layers", "16", "--hidden", "2048",
-                  "--dtype", "bfloat16", "--gradient-checkpointing", "--max-batch", "8", "--max-seq", "2048"]
+                  "--dtype", "bfloat16", "--gradient-checkpointing", "--max-batch", "8", "--max-seq", "2048",
+                  "--pin-cpus"]
     # This machine's speed drifts by tens of percent over minutes (bench/NOTES.md, "Several
     # GPUs"), so the systems run in rounds, in a rotating order, and speed is compared
     # within each round: the headline is the median of the per-round ratios.

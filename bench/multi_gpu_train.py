@@ -47,6 +47,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="cpu runs the same script with gloo on CPU processes (a smoke test without GPUs)")
     p.add_argument("--vmm-counters", action="store_true",
                    help="record per-step deltas of vmmalloc's stitch and miss counters (diagnosis)")
+    p.add_argument("--pin-cpus", action="store_true",
+                   help="pin each rank to its own equal share of the allowed CPUs (steadier step times)")
     p.add_argument("--enable-in-script", action="store_true",
                    help="call vmmalloc.enable_vmm_allocator() here instead of relying on VMMALLOC=1")
     args = p.parse_args(argv)
@@ -145,6 +147,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     import vmmalloc
 
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    cpus = None
+    if args.pin_cpus:  # before the process group, so NCCL's and gloo's threads inherit it
+        from bench.workers import pin_process, rank_cpus
+
+        cpus = rank_cpus(os.sched_getaffinity(0), local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        pin_process(cpus)
     device = args.device
     cuda = device == "cuda"
     if cuda:
@@ -187,7 +195,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     warm = times[3:] if len(times) > 6 else times
     figures = {"rank": rank, "local_rank": local_rank, "collectives_ok": collectives_ok, "losses": losses,
                "step_time_median": statistics.median(warm), "step_times": times,
-               "vmmalloc_enabled": vmmalloc.is_enabled()}
+               "vmmalloc_enabled": vmmalloc.is_enabled(), "cpus": sorted(cpus) if cpus else None}
     if cuda:
         figures.update(memory_figures(torch, model, local_rank))
     if count:

@@ -118,13 +118,27 @@ def benchmark_cpu() -> int:
     return max(os.sched_getaffinity(0))
 
 
-def _pin_process(cpu: int) -> None:
-    """Every thread of this process onto `cpu` (threads started by imports included)."""
+def pin_process(cpus: set[int]) -> None:
+    """Every thread of this process onto `cpus` (threads started by imports included;
+    threads started later inherit it)."""
     for tid in os.listdir("/proc/self/task"):
         try:
-            os.sched_setaffinity(int(tid), {cpu})
+            os.sched_setaffinity(int(tid), cpus)
         except ProcessLookupError:  # a thread that ended meanwhile
             pass
+
+
+def rank_cpus(available: set[int], local_rank: int, local_world: int) -> set[int]:
+    """This rank's share of the CPUs the launcher allows: equal, disjoint, contiguous runs of
+    the sorted CPU list (the leftover CPUs, if any, go to no rank), so that ranks do not
+    migrate onto each other's cores between runs."""
+    if not 0 <= local_rank < local_world:
+        raise ValueError(f"local rank {local_rank} is outside a local world of {local_world}")
+    cpus = sorted(available)
+    share = len(cpus) // local_world
+    if share == 0:
+        raise ValueError(f"{len(cpus)} CPUs cannot be shared among {local_world} ranks; drop --pin-cpus")
+    return set(cpus[local_rank * share:(local_rank + 1) * share])
 
 
 def worker_main(measure, preload: tuple[str, ...] = ("torch",)) -> None:
@@ -140,5 +154,5 @@ def worker_main(measure, preload: tuple[str, ...] = ("torch",)) -> None:
             return
     args = json.loads(text)
     if args.get("pin_cpu") is not None:
-        _pin_process(int(args["pin_cpu"]))
+        pin_process({int(args["pin_cpu"])})
     print("RESULT " + json.dumps(measure(args)), flush=True)

@@ -115,3 +115,14 @@ def test_an_unused_spare_leaves_no_process(worker_module):
     procs = list(pool._spares.values())
     pool.close()
     assert all(p.returncode is not None for p in procs)
+
+
+def test_rank_cpus_are_equal_disjoint_shares_of_the_allowed_cpus():
+    allowed = {0, 1, 2, 3, 8, 9, 10}  # not contiguous, not a multiple of the ranks
+    shares = [workers.rank_cpus(allowed, r, 3) for r in range(3)]
+    assert shares == [{0, 1}, {2, 3}, {8, 9}]
+    assert workers.rank_cpus({5}, 0, 1) == {5}
+    with pytest.raises(ValueError, match="cannot be shared among 4 ranks"):
+        workers.rank_cpus({0, 1}, 0, 4)
+    with pytest.raises(ValueError, match="outside a local world of 2"):
+        workers.rank_cpus({0, 1}, 2, 2)

@@ -67,6 +67,16 @@ def test_the_training_script_runs_on_cpu_with_gloo(mode):
     assert [r["rank"] for r in ranks] == [0, 1]
     assert all(r["collectives_ok"] and len(r["losses"]) == 3 for r in ranks), ranks
     assert ranks[0]["losses"] != ranks[1]["losses"]  # each rank trains on its own data
+    assert all(r["cpus"] is None for r in ranks)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 CPUs to give each rank its own")
+def test_pinned_ranks_run_on_disjoint_cpus():
+    result = launch("fsdp2", "native", ["--device", "cpu", "--hidden", "64", "--max-seq", "64", "--steps", "2",
+                                        "--pin-cpus"], timeout=240)
+    first, second = (set(r["cpus"]) for r in result["ranks"])
+    assert first and second and not first & second, result["ranks"]
+    assert first | second <= os.sched_getaffinity(0)
 
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
