@@ -4,6 +4,7 @@
     vmmalloc run -- CMD ...       run CMD under vmmalloc, then print its peak figures
     vmmalloc bench [NAMES]        run the benchmarks, each peer in its own process
     vmmalloc report               bench/results/*.json -> bench/RESULTS.md and plots
+    vmmalloc replay TRACE         a memory snapshot's allocations through vmmalloc on the CPU
 """
 from __future__ import annotations
 
@@ -69,6 +70,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_replay(args: argparse.Namespace) -> int:
+    from vmmalloc import replay
+    from vmmalloc.sizes import parse_bytes
+
+    trace = replay.load_trace(args.trace, device=args.device)
+    if args.save:
+        print(f"wrote {replay.save_trace(trace, args.save)}")
+    print(f"{len(trace)} requests and frees"
+          + (f"; {trace.unmatched_frees} frees of blocks allocated before the trace began" if trace.unmatched_frees else ""))
+    print(f"{'VMMALLOC_CONF':<32} {'stitches':>9} {'stitched GiB':>13} {'chunks made':>12} "
+          f"{'peak res/alloc':>15} {'driver ms (est.)':>17}")
+    for conf in args.conf or [""]:
+        r = replay.replay(trace, conf=conf, device_memory=parse_bytes(args.device_memory))
+        print(f"{conf or '(defaults)':<32} {r['vmm.stitches']:>9} {r['vmm.stitched_bytes'] / 2**30:>13.1f} "
+              f"{r['num_device_alloc']:>12} {r['ratio']:>15.3f} {r['driver_ms_estimate']:>17.0f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vmmalloc", description="GPU memory management for PyTorch on "
                                      "CUDA virtual memory.", epilog="Run `vmmalloc COMMAND --help` for a "
@@ -125,6 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--no-readme", action="store_true", help="leave the README alone")
     report.add_argument("--no-plots", action="store_true", help="write no PNG")
     report.set_defaults(handler=_cmd_report)
+
+    replay = commands.add_parser("replay", help="replay a memory snapshot's allocations through vmmalloc on the CPU",
+                                 description="Reads the allocations of a memory snapshot in PyTorch's format "
+                                 "(torch.cuda.memory._dump_snapshot under any allocator, or `vmmalloc run "
+                                 "--history N`) and replays them through vmmalloc on the host backend, once "
+                                 "per --conf: stitches, chunks created, peak reserved / allocated, and the "
+                                 "driver time those mappings would cost on a GPU.")
+    replay.add_argument("trace", type=Path, help="a snapshot .pickle (or .pickle.gz), or a .trace.gz from --save")
+    replay.add_argument("--conf", action="append", default=None,
+                        help="VMMALLOC_CONF to replay under (repeatable; default: vmmalloc's defaults)")
+    replay.add_argument("--device", type=int, default=None, help="which device's trace (when it holds several)")
+    replay.add_argument("--device-memory", default="80GiB", help="the GPU memory to play (default 80GiB)")
+    replay.add_argument("--save", type=Path, default=None, help="also write the requests compactly (.trace.gz)")
+    replay.set_defaults(handler=_cmd_replay)
     return parser
 
 

@@ -1,0 +1,169 @@
+"""Replays a workload's allocations against vmmalloc on the host backend, on a CPU.
+
+What vmmalloc's policy does with a workload (stitches, chunks it maps, physical growth,
+peak reserved against peak allocated) depends only on the sequence of requests: sizes,
+streams, and when each block became reusable. A trace of those, taken once on a GPU,
+replays here in seconds under any VMMALLOC_CONF, so a policy change or a setting can be
+judged without a GPU, and a run on the GPU then confirms it.
+
+Traces come from memory snapshots in PyTorch's format: ``torch.cuda.memory._dump_snapshot``
+under PyTorch's own allocator, or the ``<pid>.pickle`` of ``vmmalloc run --history N``. Only
+``alloc`` and ``free_completed`` entries are used (a block is reusable from its
+``free_completed`` on); KV pages (``vmm_action`` map/unmap) are left out. A trace is saved
+compactly with :func:`save_trace` (``.trace.gz``).
+
+Where a replay and a GPU run of vmmalloc differ: on the host backend every event is
+complete when recorded, so mappings evicted under the cache's bounds are unmapped at once
+rather than when their stream's work is done; nothing else in the policy looks at time.
+"""
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from vmmalloc import _C
+
+MAGIC = b"VMMTRACE1\n"
+_RECORD = struct.Struct("<BQQQ")  # op, allocation id, size, stream
+ALLOC, FREE = 0, 1
+
+# Driver costs per 2 MiB chunk from FACTS.md / bench/NOTES.md (H200): mapping an existing
+# chunk into a new range (cuMemMap + cuMemSetAccess) and creating one (cuMemCreate too).
+STITCHED_CHUNK_US = 30.0
+CREATED_CHUNK_US = 50.0
+CHUNK = 2 << 20
+
+
+@dataclass
+class Trace:
+    """Requests in order: op (ALLOC/FREE), the allocation's id, its size, its stream."""
+
+    ops: array = field(default_factory=lambda: array("B"))
+    ids: array = field(default_factory=lambda: array("Q"))
+    sizes: array = field(default_factory=lambda: array("Q"))
+    streams: array = field(default_factory=lambda: array("Q"))
+    # frees of blocks allocated before the trace began (a wrapped or late-started history)
+    unmatched_frees: int = 0
+
+    def __len__(self) -> int:
+        return len(self.ops)
+
+    def append(self, op: int, ident: int, size: int, stream: int) -> None:
+        self.ops.append(op)
+        self.ids.append(ident)
+        self.sizes.append(size)
+        self.streams.append(stream)
+
+
+def trace_from_entries(entries: Iterable[Mapping[str, Any]]) -> Trace:
+    """A Trace from PyTorch trace entries (one device's ``device_traces`` list)."""
+    trace = Trace()
+    live: dict[int, int] = {}
+    next_id = 0
+    for entry in entries:
+        action = entry.get("action")
+        if entry.get("vmm_action") is not None:
+            continue  # KV pages are mapped into virtual tensors, not allocated
+        if action == "alloc":
+            live[entry["addr"]] = next_id
+            trace.append(ALLOC, next_id, int(entry["size"]), int(entry.get("stream", 0)))
+            next_id += 1
+        elif action == "free_completed":
+            ident = live.pop(entry["addr"], None)
+            if ident is None:
+                trace.unmatched_frees += 1
+            else:
+                trace.append(FREE, ident, int(entry["size"]), int(entry.get("stream", 0)))
+    return trace
+
+
+def load_trace(path: str | Path, device: int | None = None) -> Trace:
+    """Reads a ``.trace.gz`` written by :func:`save_trace`, or a snapshot pickle (optionally
+    gzipped). A snapshot holding several devices needs `device`."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        head = f.read(len(MAGIC))
+        if head == MAGIC:
+            return _read_compact(f)
+        snapshot = pickle.loads(head + f.read())
+    if not isinstance(snapshot, dict) or "device_traces" not in snapshot:
+        raise ValueError(f"{path} is neither a vmmalloc trace nor a memory snapshot (no 'device_traces'); "
+                         "write one with torch.cuda.memory._dump_snapshot or `vmmalloc run --history N`")
+    traces = snapshot["device_traces"]
+    used = [i for i, t in enumerate(traces) if t]
+    if device is None:
+        if len(used) > 1:
+            raise ValueError(f"{path} holds traces of devices {used}; choose one with device=")
+        device = used[0] if used else 0
+    if device >= len(traces) or not traces[device]:
+        raise ValueError(f"{path} has no trace for device {device}; devices with one: {used}")
+    return trace_from_entries(traces[device])
+
+
+def save_trace(trace: Trace, path: str | Path) -> Path:
+    """Writes `trace` compactly (25 bytes per request before gzip)."""
+    path = Path(path)
+    with gzip.open(path, "wb", compresslevel=6) as f:
+        f.write(MAGIC)
+        f.write(struct.pack("<Q", trace.unmatched_frees))
+        buf = bytearray()
+        for i in range(len(trace)):
+            buf += _RECORD.pack(trace.ops[i], trace.ids[i], trace.sizes[i], trace.streams[i])
+            if len(buf) > (1 << 20):
+                f.write(buf)
+                buf.clear()
+        f.write(buf)
+    return path
+
+
+def _read_compact(f) -> Trace:
+    trace = Trace(unmatched_frees=struct.unpack("<Q", f.read(8))[0])
+    data = f.read()
+    if len(data) % _RECORD.size:
+        raise ValueError("truncated vmmalloc trace: its last record is incomplete")
+    for op, ident, size, stream in _RECORD.iter_unpack(data):
+        trace.append(op, ident, size, stream)
+    return trace
+
+
+COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.fresh_mappings", "vmm.mapping_hits",
+            "vmm.misses_no_candidate", "vmm.misses_candidates_busy", "vmm.mapping_evictions",
+            "num_device_alloc", "num_device_free")
+
+
+def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30) -> dict[str, Any]:
+    """Runs `trace` through a fresh allocator on the host backend (`device_memory` plays the
+    GPU's memory) with VMMALLOC_CONF `conf`; returns its figures and an estimate of the
+    driver time its mappings cost (FACTS.md's per-chunk costs)."""
+    backend = _C.HostBackend(device_memory)
+    allocator = _C.Allocator(backend, conf)
+    live: dict[int, int] = {}
+    for op, ident, size, stream in zip(trace.ops, trace.ids, trace.sizes, trace.streams):
+        if op == ALLOC:
+            live[ident] = allocator.allocate(size, stream)
+        else:
+            allocator.deallocate(live.pop(ident))
+    stats = allocator.stats()
+    out: dict[str, Any] = {key: stats.get(key, 0) for key in COUNTERS}
+    peak_allocated = stats.get("allocated_bytes.all.peak", 0)
+    peak_reserved = stats.get("reserved_bytes.all.peak", 0)
+    stitched_chunks = out["vmm.stitched_bytes"] // CHUNK
+    out.update({
+        "conf": conf,
+        "requests": sum(1 for op in trace.ops if op == ALLOC),
+        "peak_allocated": peak_allocated,
+        "peak_reserved": peak_reserved,
+        "ratio": peak_reserved / peak_allocated if peak_allocated else float("nan"),
+        "stitched_chunks": stitched_chunks,
+        "driver_ms_estimate": (stitched_chunks * STITCHED_CHUNK_US
+                               + out["num_device_alloc"] * CREATED_CHUNK_US) / 1000.0,
+    })
+    for ident in list(live):
+        allocator.deallocate(live.pop(ident))
+    return out
