@@ -49,7 +49,7 @@ bool parse_bool(const std::string& key, const std::string& value) {
 
 const char* config_keys() {
   return "memory_cap, memory_fraction, stitching, max_cached_mappings, max_mapped_bytes, "
-         "reuse_ratio, growth_slack, max_ready_scan, history";
+         "reuse_ratio, growth_slack, max_ready_scan, cross_stream_reuse, history";
 }
 
 std::size_t parse_bytes(const std::string& raw, const std::string& what) {
@@ -124,6 +124,12 @@ Config parse_config(const std::string& text) {
       const double n = parse_double(key, value, "a whole number >= 0 (events kept)");
       if (n < 0 || n != std::floor(n) || n > 1e9) bad_value(key, value, "a whole number >= 0 (events kept)");
       config.history = static_cast<std::size_t>(n);
+    } else if (key == "cross_stream_reuse") {
+      const std::string v = lower(value);
+      if (v == "when_idle") config.cross_stream_reuse = CrossStreamReuse::kWhenIdle;
+      else if (v == "last_resort") config.cross_stream_reuse = CrossStreamReuse::kLastResort;
+      else if (v == "always") config.cross_stream_reuse = CrossStreamReuse::kAlways;
+      else bad_value(key, value, "when_idle, last_resort or always");
     } else if (key == "growth_slack") {
       config.growth_slack = parse_double(key, value, "a number in [0, 1]");
       if (config.growth_slack < 0 || config.growth_slack > 1) bad_value(key, value, "a number in [0, 1]");

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <exception>
 #include <limits>
 
 #include "errors.hpp"
@@ -30,14 +31,42 @@ void MappingCache::count_failure(F&& cleanup) noexcept {
   vmm::count_failure(backend_errors, std::forward<F>(cleanup));
 }
 
+// Note [Streams before stitches]: first only memory that needs no wait, growing within the
+// slack; memory of busy streams (behind a wait) only when that fails and the caller allows
+// growth, i.e. after it finished pending frees and took back small segments.
 Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_create,
                                std::size_t growth_budget) {
-  if (Mapping* m = find_ready(chunks, stream)) {
-    use(m, chunks, stream);
+  if (config_.cross_stream_reuse == CrossStreamReuse::kAlways) {
+    return serve(chunks, stream, allow_create, growth_budget, nullptr, /*count_miss=*/true);
+  }
+  StreamAffinity affinity(backend_, stream, config_.cross_stream_reuse, backend_errors);
+  std::exception_ptr refused;  // growth within the slack, refused by the cap or the device
+  try {
+    if (Mapping* m = serve(chunks, stream, allow_create, growth_budget, &affinity, true)) return m;
+  } catch (const CapExceeded&) {
+    refused = std::current_exception();
+  } catch (const DeviceOutOfMemory&) {
+    refused = std::current_exception();
+  }
+  if (!allow_create) return nullptr;
+  // After a refusal only memory already there may serve; otherwise the refusal goes on to
+  // the caller's out-of-memory retry (Note [Out-of-memory retry]), as it would have.
+  const std::int64_t waits = cross_stream_waits;
+  Mapping* m = serve(chunks, stream, /*allow_create=*/refused == nullptr, growth_budget, nullptr,
+                     /*count_miss=*/false);
+  if (m == nullptr && refused) std::rethrow_exception(refused);
+  if (cross_stream_waits != waits) ++cross_stream_fallbacks;
+  return m;
+}
+
+Mapping* MappingCache::serve(std::size_t chunks, StreamId stream, bool allow_create,
+                             std::size_t growth_budget, StreamAffinity* affinity, bool count_miss) {
+  if (Mapping* m = find_ready(chunks, stream, affinity, count_miss)) {
+    use(m, chunks, stream, affinity);
     ++hits;
     return m;
   }
-  return stitch(chunks, stream, allow_create, growth_budget);
+  return stitch(chunks, stream, allow_create, growth_budget, affinity);
 }
 
 void MappingCache::release(Mapping* mapping, StreamId stream) {
@@ -64,11 +93,14 @@ void MappingCache::release(Mapping* mapping, StreamId stream) {
 // a fitting ready mapping deeper in the index saves a stitch (>= 23 us per chunk on an
 // H200), while a crowd of blocked mappings still ends in a stitch, not an unbounded walk.
 Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunks,
-                                       StreamId stream) {
+                                       StreamId stream, StreamAffinity* affinity) {
   std::size_t skipped = 0;
   for (auto it = idle_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
        it != idle_.end() && it->stream == stream && it->chunks <= max_chunks; ++it) {
-    if (it->mapping->busy_chunks == 0) return it->mapping;
+    if (it->mapping->busy_chunks == 0 &&
+        (affinity == nullptr || reusable_without_wait(it->mapping, chunks, *affinity))) {
+      return it->mapping;
+    }
     ++skipped_busy_;
     if (++skipped == config_.max_ready_scan) break;
   }
@@ -80,42 +112,56 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
 // a GPU-side wait in use()). A much larger mapping is not used for a small request: its
 // range would stay busy while most of its chunks sit idle, and the next request that
 // needs it would have to stitch.
-Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream) {
+Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream, StreamAffinity* affinity,
+                                  bool count_miss) {
   skipped_busy_ = 0;
-  Mapping* found = find_ready_in_groups(chunks, stream);
-  if (found == nullptr) ++(skipped_busy_ > 0 ? misses_busy : misses_empty);
+  Mapping* found = find_ready_in_groups(chunks, stream, affinity);
+  if (found == nullptr && count_miss) ++(skipped_busy_ > 0 ? misses_busy : misses_empty);
   return found;
 }
 
-Mapping* MappingCache::find_ready_in_groups(std::size_t chunks, StreamId stream) {
+Mapping* MappingCache::find_ready_in_groups(std::size_t chunks, StreamId stream,
+                                            StreamAffinity* affinity) {
   if (idle_.empty()) return nullptr;
   const double limit = std::floor(static_cast<double>(chunks) * config_.reuse_ratio);
   const std::size_t max_chunks =
       limit >= static_cast<double>(std::numeric_limits<std::size_t>::max() / 2)
           ? std::numeric_limits<std::size_t>::max() / 2
           : std::max(chunks, static_cast<std::size_t>(limit));
-  if (Mapping* m = try_ready_group(chunks, max_chunks, stream)) return m;
+  if (Mapping* m = try_ready_group(chunks, max_chunks, stream, affinity)) return m;
   if (stream != kNoStream) {
-    if (Mapping* m = try_ready_group(chunks, max_chunks, kNoStream)) return m;
+    if (Mapping* m = try_ready_group(chunks, max_chunks, kNoStream, affinity)) return m;
   }
   for (auto it = idle_.begin(); it != idle_.end();) {
     const StreamId other = it->stream;
     if (other == kNoStream) break;  // kNoStream sorts last and was tried above
-    if (other != stream) {
-      if (Mapping* m = try_ready_group(chunks, max_chunks, other)) return m;
+    if (other != stream && (affinity == nullptr || affinity->no_wait(other))) {
+      if (Mapping* m = try_ready_group(chunks, max_chunks, other, affinity)) return m;
     }
     it = idle_.lower_bound(ReadyKey{other + 1, 0, 0, nullptr});
   }
   return nullptr;
 }
 
-void MappingCache::wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream) {
+// A mapping's index stream is its own last use; its chunks may have been used since
+// through other mappings, on other streams.
+bool MappingCache::reusable_without_wait(const Mapping* mapping, std::size_t chunks,
+                                         StreamAffinity& affinity) {
+  for (std::size_t i = 0; i < chunks; ++i) {
+    if (!affinity.no_wait(mapping->chunks[i]->stream)) return false;
+  }
+  return true;
+}
+
+void MappingCache::wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream,
+                                   StreamAffinity* affinity) {
   // Waits first, so that a failing event call leaves everything as it was.
   StreamId waited[8];
   std::size_t n_waited = 0;
   for (std::size_t i = 0; i < n; ++i) {
     const StreamId last = chunks[i]->stream;
     if (last == stream || last == kNoStream) continue;
+    if (affinity != nullptr && affinity->no_wait(last)) continue;  // its work is done
     if (std::find(waited, waited + n_waited, last) != waited + n_waited) continue;
     const EventId event = backend_.record_event(last);
     try {
@@ -130,8 +176,9 @@ void MappingCache::wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId
   }
 }
 
-void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
-  wait_for_chunks(mapping->chunks.data(), chunks, stream);
+void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream,
+                       StreamAffinity* affinity) {
+  wait_for_chunks(mapping->chunks.data(), chunks, stream, affinity);
   index_erase(mapping);
   lru_unlink(mapping);
   mapping->in_use = true;
@@ -156,7 +203,8 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
 // mappings as possible break, and the coldest ones. (Measured under FSDP2: 15% fewer
 // stitches. Most stitches never get here; they take the free chunks of mappings that one
 // busy chunk already blocks: bench/NOTES.md, "Several GPUs".)
-void MappingCache::take_from_ready(std::size_t chunks, std::vector<Chunk*>& picked) {
+void MappingCache::take_from_ready(std::size_t chunks, StreamAffinity* affinity,
+                                   std::vector<Chunk*>& picked) {
   const std::uint64_t mark = ++pick_serial_;
   for (Chunk* c : picked) c->pick_mark = mark;
   for (Mapping* m = lru_head_; m != nullptr && picked.size() < chunks; m = m->lru_next) {
@@ -164,6 +212,7 @@ void MappingCache::take_from_ready(std::size_t chunks, std::vector<Chunk*>& pick
     for (Chunk* c : m->chunks) {
       if (picked.size() == chunks) break;
       if (c->pick_mark == mark) continue;  // shared with a mapping taken before
+      if (affinity != nullptr && !affinity->no_wait(c->stream)) continue;
       c->pick_mark = mark;
       picked.push_back(c);
     }
@@ -171,8 +220,8 @@ void MappingCache::take_from_ready(std::size_t chunks, std::vector<Chunk*>& pick
 }
 
 bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
-                               std::size_t growth_budget, std::vector<Chunk*>& picked,
-                               std::vector<Chunk*>& created) {
+                               std::size_t growth_budget, StreamAffinity* affinity,
+                               std::vector<Chunk*>& picked, std::vector<Chunk*>& created) {
   picked.reserve(chunks);
   if (reuse_free) {
     // Note [Growth slack]: free chunks no ready mapping needs first; chunks of ready
@@ -181,6 +230,7 @@ bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_c
     for (const auto& owned : pool_.all()) {
       Chunk* c = owned.get();
       if (c->busy) continue;
+      if (affinity != nullptr && !affinity->no_wait(c->stream)) continue;
       const bool feeds_ready = std::any_of(c->mappings.begin(), c->mappings.end(),
                                            [](const Mapping* m) { return is_ready(m); });
       if (!feeds_ready) {
@@ -191,9 +241,12 @@ bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_c
     }
     const std::size_t missing = chunks - picked.size();
     const bool grow = missing > 0 && allow_create && missing <= growth_budget;
-    if (missing > 0 && !grow && feeding > 0) take_from_ready(chunks, picked);
+    if (missing > 0 && !grow && feeding > 0) take_from_ready(chunks, affinity, picked);
   }
-  if (picked.size() < chunks && !allow_create) {
+  // Note [Streams before stitches]: without waits, growth stays within the slack.
+  const bool may_create =
+      allow_create && (affinity == nullptr || chunks - picked.size() <= growth_budget);
+  if (picked.size() < chunks && !may_create) {
     picked.clear();
     return false;
   }
@@ -213,10 +266,11 @@ bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_c
 }
 
 Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create,
-                              std::size_t growth_budget) {
+                              std::size_t growth_budget, StreamAffinity* affinity) {
   if (!allow_create && (!config_.stitching || pool_.free_count() < chunks)) return nullptr;
   std::vector<Chunk*> picked, created;
-  if (!pick_chunks(chunks, config_.stitching, allow_create, growth_budget, picked, created)) {
+  if (!pick_chunks(chunks, config_.stitching, allow_create, growth_budget, affinity, picked,
+                   created)) {
     return nullptr;
   }
   const std::size_t reused = picked.size() - created.size();
@@ -257,7 +311,7 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
     ++fresh_mappings;
   }
   try {
-    use(m, chunks, stream);
+    use(m, chunks, stream, affinity);
   } catch (...) {
     // Only the cross-stream event calls can throw; give the mapping back as idle.
     lru_push(m);
@@ -278,7 +332,8 @@ std::vector<Chunk*> MappingCache::take_chunks(std::size_t n, StreamId stream, bo
                                               std::size_t growth_budget) {
   std::vector<Chunk*> picked, created;
   if (!allow_create && pool_.free_count() < n) return picked;
-  if (!pick_chunks(n, /*reuse_free=*/true, allow_create, growth_budget, picked, created)) {
+  if (!pick_chunks(n, /*reuse_free=*/true, allow_create, growth_budget, nullptr, picked,
+                   created)) {
     return picked;
   }
   try {
@@ -463,6 +518,7 @@ void MappingCache::append_stats(StatList& out) const {
   out.emplace_back("vmm.fresh_mappings", fresh_mappings);
   out.emplace_back("vmm.mapping_evictions", evictions);
   out.emplace_back("vmm.cross_stream_waits", cross_stream_waits);
+  out.emplace_back("vmm.cross_stream_fallbacks", cross_stream_fallbacks);
   out.emplace_back("vmm.backend_errors", backend_errors);
   out.emplace_back("vmm.max_mapped_bytes", static_cast<std::int64_t>(max_mapped_bytes_));
 }

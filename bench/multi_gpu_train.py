@@ -227,6 +227,7 @@ def memory_figures(torch, model, local_rank: int) -> dict[str, Any]:
         "allocated_now": torch.cuda.memory_allocated(),
         "stats_allocated_now": stats.get("allocated_bytes.all.current"),
         "stitches": stats.get("vmm.stitches"),
+        "cross_stream_waits": stats.get("vmm.cross_stream_waits"),
         "peer_devices": stats.get("vmm.peer_devices"),
     }
 

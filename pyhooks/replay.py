@@ -134,7 +134,7 @@ def _read_compact(f) -> Trace:
 
 COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.fresh_mappings", "vmm.mapping_hits",
             "vmm.misses_no_candidate", "vmm.misses_candidates_busy", "vmm.mapping_evictions",
-            "num_device_alloc", "num_device_free")
+            "vmm.cross_stream_waits", "vmm.cross_stream_fallbacks", "num_device_alloc", "num_device_free")
 
 
 def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30) -> dict[str, Any]:

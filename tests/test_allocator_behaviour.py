@@ -267,7 +267,7 @@ def test_small_block_freed_on_one_stream_is_not_reused_on_another(kind):
 
 
 def test_large_reuse_across_streams_waits_for_the_old_stream(kind):
-    alloc = kind.allocator(64 * MiB)
+    alloc = kind.allocator(64 * MiB, conf="cross_stream_reuse:always")
     a = alloc.allocate(8 * MiB, stream=1)
     alloc.deallocate(a)
     b = alloc.allocate(8 * MiB, stream=2)
