@@ -52,6 +52,7 @@ CachingAllocator::~CachingAllocator() {
 }
 
 std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
+  const HostTimer timer(host_ns_);
   std::lock_guard<std::mutex> lock(mutex_);
   if (!pending_.empty()) process_pending(/*wait=*/false);
   if (size <= kSmallRequestLimit) {
@@ -313,6 +314,7 @@ void CachingAllocator::empty_cache() {
 }
 
 void CachingAllocator::deallocate(std::uintptr_t ptr) {
+  const HostTimer timer(host_ns_);
   std::lock_guard<std::mutex> lock(mutex_);
   SmallBlock* block = small_.find(ptr);
   Mapping* mapping = block != nullptr ? nullptr : large_.find(ptr);
@@ -487,6 +489,7 @@ StatList CachingAllocator::stats_locked() const {
   out.emplace_back("num_sync_all_streams", num_sync_all_streams_);
   out.emplace_back("num_device_alloc", pool_.created);
   out.emplace_back("num_device_free", pool_.released);
+  out.emplace_back("vmm.host_time_ns", host_ns_.load(std::memory_order_relaxed));
   out.emplace_back("max_split_size", -1);
   append_stat(out, "vmm.chunks", pool_.chunks_stat);
   out.emplace_back("vmm.free_chunks", static_cast<std::int64_t>(pool_.free_count()));
@@ -540,6 +543,7 @@ void CachingAllocator::reset_accumulated_stats() {
     s->reset_accumulated();
   }
   num_alloc_retries_ = num_ooms_ = num_sync_all_streams_ = 0;
+  host_ns_.store(0, std::memory_order_relaxed);
 }
 
 void CachingAllocator::set_memory_cap(std::size_t bytes) {

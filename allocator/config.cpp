@@ -126,10 +126,9 @@ Config parse_config(const std::string& text) {
       config.history = static_cast<std::size_t>(n);
     } else if (key == "cross_stream_reuse") {
       const std::string v = lower(value);
-      if (v == "when_idle") config.cross_stream_reuse = CrossStreamReuse::kWhenIdle;
-      else if (v == "last_resort") config.cross_stream_reuse = CrossStreamReuse::kLastResort;
+      if (v == "last_resort") config.cross_stream_reuse = CrossStreamReuse::kLastResort;
       else if (v == "always") config.cross_stream_reuse = CrossStreamReuse::kAlways;
-      else bad_value(key, value, "when_idle, last_resort or always");
+      else bad_value(key, value, "last_resort or always");
     } else if (key == "growth_slack") {
       config.growth_slack = parse_double(key, value, "a number in [0, 1]");
       if (config.growth_slack < 0 || config.growth_slack > 1) bad_value(key, value, "a number in [0, 1]");

@@ -8,9 +8,9 @@
 
 namespace vmm {
 
-// When a request may reuse memory last used on another stream (Note [Streams before
-// stitches] in stream_affinity.hpp).
-enum class CrossStreamReuse { kAlways, kWhenIdle, kLastResort };
+// When a request may reuse memory last used on another stream, behind a GPU-side wait
+// (Note [Streams before stitches] in stream_affinity.hpp).
+enum class CrossStreamReuse { kLastResort, kAlways };
 
 struct Config {
   // Cap on physical bytes held (chunks). 0 with memory_fraction 0: no cap beyond the device.
@@ -34,10 +34,10 @@ struct Config {
   // Measured (bench/NOTES.md): 16 left fitting mappings unfound and cost 1700 stitches in
   // one training step; a miss stitches at >= 23 us per chunk, so a deep scan is cheap.
   std::size_t max_ready_scan = 4096;
-  // Memory last used on another stream: reused first only where that stream's work is done
-  // (when_idle), only after growth within the slack (last_resort), or like any other
-  // memory, behind a wait (always).
-  CrossStreamReuse cross_stream_reuse = CrossStreamReuse::kWhenIdle;
+  // Memory last used on another stream (reused behind a wait): only once this stream's own
+  // memory and growth within the slack did not serve (last_resort), or like any other
+  // memory (always, the plain policy, for comparisons).
+  CrossStreamReuse cross_stream_reuse = CrossStreamReuse::kLastResort;
   // Events the allocator keeps in its log from creation on (Note [Event log cost]); 0: off.
   std::size_t history = 0;
 };

@@ -39,7 +39,7 @@ Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_c
   if (config_.cross_stream_reuse == CrossStreamReuse::kAlways) {
     return serve(chunks, stream, allow_create, growth_budget, nullptr, /*count_miss=*/true);
   }
-  StreamAffinity affinity(backend_, stream, config_.cross_stream_reuse, backend_errors);
+  StreamAffinity affinity(stream);
   std::exception_ptr refused;  // growth within the slack, refused by the cap or the device
   try {
     if (Mapping* m = serve(chunks, stream, allow_create, growth_budget, &affinity, true)) return m;
@@ -60,9 +60,9 @@ Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_c
 }
 
 Mapping* MappingCache::serve(std::size_t chunks, StreamId stream, bool allow_create,
-                             std::size_t growth_budget, StreamAffinity* affinity, bool count_miss) {
+                             std::size_t growth_budget, const StreamAffinity* affinity, bool count_miss) {
   if (Mapping* m = find_ready(chunks, stream, affinity, count_miss)) {
-    use(m, chunks, stream, affinity);
+    use(m, chunks, stream);
     ++hits;
     return m;
   }
@@ -93,7 +93,7 @@ void MappingCache::release(Mapping* mapping, StreamId stream) {
 // a fitting ready mapping deeper in the index saves a stitch (>= 23 us per chunk on an
 // H200), while a crowd of blocked mappings still ends in a stitch, not an unbounded walk.
 Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunks,
-                                       StreamId stream, StreamAffinity* affinity) {
+                                       StreamId stream, const StreamAffinity* affinity) {
   std::size_t skipped = 0;
   for (auto it = idle_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
        it != idle_.end() && it->stream == stream && it->chunks <= max_chunks; ++it) {
@@ -112,7 +112,7 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
 // a GPU-side wait in use()). A much larger mapping is not used for a small request: its
 // range would stay busy while most of its chunks sit idle, and the next request that
 // needs it would have to stitch.
-Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream, StreamAffinity* affinity,
+Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream, const StreamAffinity* affinity,
                                   bool count_miss) {
   skipped_busy_ = 0;
   Mapping* found = find_ready_in_groups(chunks, stream, affinity);
@@ -121,7 +121,7 @@ Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream, StreamAff
 }
 
 Mapping* MappingCache::find_ready_in_groups(std::size_t chunks, StreamId stream,
-                                            StreamAffinity* affinity) {
+                                            const StreamAffinity* affinity) {
   if (idle_.empty()) return nullptr;
   const double limit = std::floor(static_cast<double>(chunks) * config_.reuse_ratio);
   const std::size_t max_chunks =
@@ -132,11 +132,12 @@ Mapping* MappingCache::find_ready_in_groups(std::size_t chunks, StreamId stream,
   if (stream != kNoStream) {
     if (Mapping* m = try_ready_group(chunks, max_chunks, kNoStream, affinity)) return m;
   }
+  if (affinity != nullptr) return nullptr;  // every other stream's memory needs a wait
   for (auto it = idle_.begin(); it != idle_.end();) {
     const StreamId other = it->stream;
     if (other == kNoStream) break;  // kNoStream sorts last and was tried above
-    if (other != stream && (affinity == nullptr || affinity->no_wait(other))) {
-      if (Mapping* m = try_ready_group(chunks, max_chunks, other, affinity)) return m;
+    if (other != stream) {
+      if (Mapping* m = try_ready_group(chunks, max_chunks, other, nullptr)) return m;
     }
     it = idle_.lower_bound(ReadyKey{other + 1, 0, 0, nullptr});
   }
@@ -146,22 +147,20 @@ Mapping* MappingCache::find_ready_in_groups(std::size_t chunks, StreamId stream,
 // A mapping's index stream is its own last use; its chunks may have been used since
 // through other mappings, on other streams.
 bool MappingCache::reusable_without_wait(const Mapping* mapping, std::size_t chunks,
-                                         StreamAffinity& affinity) {
+                                         const StreamAffinity& affinity) {
   for (std::size_t i = 0; i < chunks; ++i) {
     if (!affinity.no_wait(mapping->chunks[i]->stream)) return false;
   }
   return true;
 }
 
-void MappingCache::wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream,
-                                   StreamAffinity* affinity) {
+void MappingCache::wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream) {
   // Waits first, so that a failing event call leaves everything as it was.
   StreamId waited[8];
   std::size_t n_waited = 0;
   for (std::size_t i = 0; i < n; ++i) {
     const StreamId last = chunks[i]->stream;
     if (last == stream || last == kNoStream) continue;
-    if (affinity != nullptr && affinity->no_wait(last)) continue;  // its work is done
     if (std::find(waited, waited + n_waited, last) != waited + n_waited) continue;
     const EventId event = backend_.record_event(last);
     try {
@@ -176,9 +175,8 @@ void MappingCache::wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId
   }
 }
 
-void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream,
-                       StreamAffinity* affinity) {
-  wait_for_chunks(mapping->chunks.data(), chunks, stream, affinity);
+void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
+  wait_for_chunks(mapping->chunks.data(), chunks, stream);
   index_erase(mapping);
   lru_unlink(mapping);
   mapping->in_use = true;
@@ -203,7 +201,7 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream,
 // mappings as possible break, and the coldest ones. (Measured under FSDP2: 15% fewer
 // stitches. Most stitches never get here; they take the free chunks of mappings that one
 // busy chunk already blocks: bench/NOTES.md, "Several GPUs".)
-void MappingCache::take_from_ready(std::size_t chunks, StreamAffinity* affinity,
+void MappingCache::take_from_ready(std::size_t chunks, const StreamAffinity* affinity,
                                    std::vector<Chunk*>& picked) {
   const std::uint64_t mark = ++pick_serial_;
   for (Chunk* c : picked) c->pick_mark = mark;
@@ -220,7 +218,7 @@ void MappingCache::take_from_ready(std::size_t chunks, StreamAffinity* affinity,
 }
 
 bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
-                               std::size_t growth_budget, StreamAffinity* affinity,
+                               std::size_t growth_budget, const StreamAffinity* affinity,
                                std::vector<Chunk*>& picked, std::vector<Chunk*>& created) {
   picked.reserve(chunks);
   if (reuse_free) {
@@ -266,7 +264,7 @@ bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_c
 }
 
 Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create,
-                              std::size_t growth_budget, StreamAffinity* affinity) {
+                              std::size_t growth_budget, const StreamAffinity* affinity) {
   if (!allow_create && (!config_.stitching || pool_.free_count() < chunks)) return nullptr;
   std::vector<Chunk*> picked, created;
   if (!pick_chunks(chunks, config_.stitching, allow_create, growth_budget, affinity, picked,
@@ -311,7 +309,7 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
     ++fresh_mappings;
   }
   try {
-    use(m, chunks, stream, affinity);
+    use(m, chunks, stream);
   } catch (...) {
     // Only the cross-stream event calls can throw; give the mapping back as idle.
     lru_push(m);

@@ -160,35 +160,32 @@ class MappingCache {
 
   // With `affinity`, only memory it reuses without a wait (Note [Streams before stitches]);
   // `count_miss` counts a miss in misses_busy / misses_empty.
-  Mapping* find_ready(std::size_t chunks, StreamId stream, StreamAffinity* affinity,
+  Mapping* find_ready(std::size_t chunks, StreamId stream, const StreamAffinity* affinity,
                       bool count_miss);
-  Mapping* find_ready_in_groups(std::size_t chunks, StreamId stream, StreamAffinity* affinity);
+  Mapping* find_ready_in_groups(std::size_t chunks, StreamId stream, const StreamAffinity* affinity);
   Mapping* try_ready_group(std::size_t chunks, std::size_t max_chunks, StreamId stream,
-                           StreamAffinity* affinity);
+                           const StreamAffinity* affinity);
   static bool reusable_without_wait(const Mapping* mapping, std::size_t chunks,
-                                    StreamAffinity& affinity);
+                                    const StreamAffinity& affinity);
   // With `affinity`, only chunks it reuses without a wait, and new chunks only within
   // `growth_budget`: nullptr when that does not cover the request.
   Mapping* stitch(std::size_t chunks, StreamId stream, bool allow_create,
-                  std::size_t growth_budget, StreamAffinity* affinity);
+                  std::size_t growth_budget, const StreamAffinity* affinity);
   // Free chunks (when reuse_free) then new ones; false, with nothing picked, when that
   // needs new chunks and !allow_create (or, with `affinity`, more than growth_budget of
   // them). On a throw, the chunks it created are released.
   bool pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
-                   std::size_t growth_budget, StreamAffinity* affinity,
+                   std::size_t growth_budget, const StreamAffinity* affinity,
                    std::vector<Chunk*>& picked, std::vector<Chunk*>& created);
   // Adds free chunks of ready mappings to `picked` until it holds `chunks`, whole mappings
   // at a time, least recently released first (Note [Breaking ready mappings]); with
   // `affinity`, only chunks it reuses without a wait.
-  void take_from_ready(std::size_t chunks, StreamAffinity* affinity, std::vector<Chunk*>& picked);
-  // Makes `stream` wait for the last streams of these chunks (Note [Stream-ordered reuse]),
-  // except those `affinity` knows to be idle.
-  void wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream,
-                       StreamAffinity* affinity = nullptr);
-  void use(Mapping* mapping, std::size_t chunks, StreamId stream,
-           StreamAffinity* affinity = nullptr);
+  void take_from_ready(std::size_t chunks, const StreamAffinity* affinity, std::vector<Chunk*>& picked);
+  // Makes `stream` wait for the last streams of these chunks (Note [Stream-ordered reuse]).
+  void wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream);
+  void use(Mapping* mapping, std::size_t chunks, StreamId stream);
   Mapping* serve(std::size_t chunks, StreamId stream, bool allow_create,
-                 std::size_t growth_budget, StreamAffinity* affinity, bool count_miss);
+                 std::size_t growth_budget, const StreamAffinity* affinity, bool count_miss);
   void evict(Mapping* mapping);
   void enforce_bounds();
   void index_insert(Mapping* mapping, StreamId stream);

@@ -40,9 +40,8 @@ py::dict config_to_dict(const Config& c) {
   out["reuse_ratio"] = c.reuse_ratio;
   out["growth_slack"] = c.growth_slack;
   out["max_ready_scan"] = c.max_ready_scan;
-  out["cross_stream_reuse"] = c.cross_stream_reuse == CrossStreamReuse::kWhenIdle     ? "when_idle"
-                              : c.cross_stream_reuse == CrossStreamReuse::kLastResort ? "last_resort"
-                                                                                      : "always";
+  out["cross_stream_reuse"] =
+      c.cross_stream_reuse == CrossStreamReuse::kLastResort ? "last_resort" : "always";
   out["history"] = c.history;
   return out;
 }

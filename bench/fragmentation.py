@@ -101,6 +101,7 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
         "num_alloc_retries": stats.get("num_alloc_retries", 0),
         "stitches": stats.get("vmm.stitches"),
         "mapping_hits": stats.get("vmm.mapping_hits"),
+        "host_time_ns": stats.get("vmm.host_time_ns"),  # the allocator's CPU time, all steps
     }
 
 

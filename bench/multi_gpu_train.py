@@ -24,7 +24,7 @@ BATCHES = [1, 2, 3, 4, 6, 8]
 SEQS = [256, 384, 512, 768, 1024, 1536, 2048]
 MiB = 1 << 20
 # Counters whose per-step deltas --vmm-counters records: where the stitches come from.
-VMM_COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.fresh_mappings", "vmm.mapping_hits",
+VMM_COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.host_time_ns", "vmm.fresh_mappings", "vmm.mapping_hits",
                 "vmm.misses_no_candidate", "vmm.misses_candidates_busy", "vmm.cross_stream_waits",
                 "num_device_alloc")
 
@@ -228,6 +228,7 @@ def memory_figures(torch, model, local_rank: int) -> dict[str, Any]:
         "stats_allocated_now": stats.get("allocated_bytes.all.current"),
         "stitches": stats.get("vmm.stitches"),
         "cross_stream_waits": stats.get("vmm.cross_stream_waits"),
+        "host_time_ns": stats.get("vmm.host_time_ns"),
         "peer_devices": stats.get("vmm.peer_devices"),
     }
 
