@@ -67,3 +67,13 @@ def test_the_live_tensor_bound_is_confirmed_not_just_predicted(monkeypatch, base
     expected = max((b for b in fitting if all(c in fitting for c in range(1, b + 1))), default=None)
     assert found["largest_batch"] == expected, (found, measured)
     assert len(measured) == len(set(measured)) and len(measured) <= 6, measured
+
+
+@pytest.mark.parametrize("batch", [1, 2, 7, 21, 40])
+def test_the_headroom_loop_varies_shapes_and_ends_at_its_largest(batch):
+    plan = fragmentation.headroom_loop(batch)
+    assert plan[-1] == (batch, max(fragmentation.SEQS))
+    assert all(1 <= b <= batch for b, _ in plan)
+    assert plan == fragmentation.headroom_loop(batch)  # the same probe for every system
+    if batch >= 7:
+        assert len({b for b, _ in plan}) >= 3 and len({s for _, s in plan}) >= 3
