@@ -109,7 +109,8 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
 
 // Best fit among ready mappings of `chunks` to `chunks * reuse_ratio` chunks: first those
 // last used on `stream`, then those known idle, then those of other streams (which cost
-// a GPU-side wait in use()). A much larger mapping is not used for a small request: its
+// a GPU-side wait in use()); with `affinity`, only the first two, and only mappings whose
+// chunks were all last used on `stream` or are known idle. A much larger mapping is not used for a small request: its
 // range would stay busy while most of its chunks sit idle, and the next request that
 // needs it would have to stitch.
 Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream, const StreamAffinity* affinity,

@@ -139,7 +139,9 @@ class MappingCache {
   Stat mapped_bytes_stat;
   std::int64_t hits = 0;
   std::int64_t misses_empty = 0;  // no idle mapping of a fitting size
-  std::int64_t misses_busy = 0;   // fitting idle mappings, all with chunks busy elsewhere
+  // fitting idle mappings, all with chunks busy elsewhere (or, in the first pass of Note
+  // [Streams before stitches], last used on another stream)
+  std::int64_t misses_busy = 0;
   std::int64_t stitches = 0;
   std::int64_t stitched_bytes = 0;
   std::int64_t fresh_mappings = 0;
