@@ -52,7 +52,7 @@ CachingAllocator::~CachingAllocator() {
 }
 
 std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
-  const HostTimer timer(host_ns_);
+  const HostTimer timer(config_.host_timing ? &host_ns_ : nullptr);
   std::lock_guard<std::mutex> lock(mutex_);
   if (!pending_.empty()) process_pending(/*wait=*/false);
   if (size <= kSmallRequestLimit) {
@@ -314,7 +314,7 @@ void CachingAllocator::empty_cache() {
 }
 
 void CachingAllocator::deallocate(std::uintptr_t ptr) {
-  const HostTimer timer(host_ns_);
+  const HostTimer timer(config_.host_timing ? &host_ns_ : nullptr);
   std::lock_guard<std::mutex> lock(mutex_);
   SmallBlock* block = small_.find(ptr);
   Mapping* mapping = block != nullptr ? nullptr : large_.find(ptr);

@@ -38,6 +38,9 @@ struct Config {
   // memory and growth within the slack did not serve (last_resort), or like any other
   // memory (always, the plain policy, for comparisons).
   CrossStreamReuse cross_stream_reuse = CrossStreamReuse::kLastResort;
+  // Time allocate and deallocate into vmm.host_time_ns (Note [Host time]); off by default
+  // since the clock reads cost as much as the cached path itself.
+  bool host_timing = false;
   // Events the allocator keeps in its log from creation on (Note [Event log cost]); 0: off.
   std::size_t history = 0;
 };

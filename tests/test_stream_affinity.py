@@ -79,3 +79,11 @@ def test_the_policy_is_validated_and_reported():
     assert vmmalloc.parse_config("cross_stream_reuse:always")["cross_stream_reuse"] == "always"
     with pytest.raises(ValueError, match="cross_stream_reuse.*last_resort or always"):
         vmmalloc.parse_config("cross_stream_reuse:sometimes")
+
+
+def test_host_time_is_counted_only_with_host_timing():
+    for conf, counted in (("", False), ("host_timing:true", True)):
+        alloc = vmmalloc.Allocator(vmmalloc.HostBackend(64 * MiB), conf)
+        for _ in range(3):
+            alloc.deallocate(alloc.allocate(4 * MiB))
+        assert (alloc.stats()["vmm.host_time_ns"] > 0) == counted, conf
