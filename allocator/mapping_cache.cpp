@@ -157,11 +157,12 @@ bool MappingCache::reusable_without_wait(const Mapping* mapping, std::size_t chu
 
 void MappingCache::wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream) {
   // Waits first, so that a failing event call leaves everything as it was.
+  const StreamAffinity affinity(stream);  // what needs no wait, defined once
   StreamId waited[8];
   std::size_t n_waited = 0;
   for (std::size_t i = 0; i < n; ++i) {
     const StreamId last = chunks[i]->stream;
-    if (last == stream || last == kNoStream) continue;
+    if (affinity.no_wait(last)) continue;
     if (std::find(waited, waited + n_waited, last) != waited + n_waited) continue;
     const EventId event = backend_.record_event(last);
     try {
