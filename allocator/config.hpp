@@ -38,6 +38,9 @@ struct Config {
   // memory and growth within the slack did not serve (last_resort), or like any other
   // memory (always, the plain policy, for comparisons).
   CrossStreamReuse cross_stream_reuse = CrossStreamReuse::kLastResort;
+  // A miss repairs a fitting idle mapping that a few busy chunks block, remapping only
+  // those slots, instead of stitching a new one (Note [Repairing blocked mappings]).
+  bool repair_blocked = true;
   // Time allocate and deallocate into vmm.host_time_ns (Note [Host time]); off by default
   // since the clock reads cost as much as the cached path itself.
   bool host_timing = false;

@@ -9,8 +9,9 @@ BackendOp parse_backend_op(const std::string& name) {
   if (name == "create_chunk") return BackendOp::kCreateChunk;
   if (name == "map") return BackendOp::kMap;
   if (name == "set_access") return BackendOp::kSetAccess;
+  if (name == "unmap") return BackendOp::kUnmap;
   throw std::invalid_argument("unknown backend operation '" + name +
-                              "'; allowed: reserve, create_chunk, map, set_access");
+                              "'; allowed: reserve, create_chunk, map, set_access, unmap");
 }
 
 FaultInjectionBackend::FaultInjectionBackend(std::shared_ptr<Backend> inner)

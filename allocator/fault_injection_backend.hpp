@@ -13,7 +13,7 @@
 
 namespace vmm {
 
-enum class BackendOp { kReserve, kCreateChunk, kMap, kSetAccess, kCount };
+enum class BackendOp { kReserve, kCreateChunk, kMap, kSetAccess, kUnmap, kCount };
 
 // Parses "reserve", "create_chunk", "map", "set_access"; throws std::invalid_argument
 // naming the allowed values otherwise.
@@ -43,7 +43,10 @@ class FaultInjectionBackend final : public Backend {
   ChunkHandle create_chunk() override;
   void release_chunk(ChunkHandle chunk) override { inner_->release_chunk(chunk); }
   void map(std::uintptr_t addr, ChunkHandle chunk) override;
-  void unmap(std::uintptr_t addr, std::size_t bytes) override { inner_->unmap(addr, bytes); }
+  void unmap(std::uintptr_t addr, std::size_t bytes) override {
+    maybe_fail(BackendOp::kUnmap, "unmap");
+    inner_->unmap(addr, bytes);
+  }
   void set_access(std::uintptr_t addr, std::size_t bytes) override;
   bool add_peer(int peer) override { return inner_->add_peer(peer); }
   // Fails like set_access (the same counter): a grant is a grant.

@@ -11,13 +11,14 @@
 namespace vmm {
 
 MappingCache::MappingCache(Backend& backend, ChunkPool& pool, const Config& config)
-    : backend_(backend), pool_(pool), config_(config) {
+    : backend_(backend), pool_(pool), config_(config), progress_(backend, backend_errors) {
   max_mapped_bytes_ = config.max_mapped_bytes != 0 ? config.max_mapped_bytes
                                                    : 4 * backend.total_memory();
 }
 
 MappingCache::~MappingCache() {
   finish_retiring(/*wait=*/true);
+  progress_.forget();
   for (auto& m : mappings_) {
     count_failure([&] {
       if (!m->chunks.empty()) backend_.unmap(m->base, m->chunks.size() * kChunkSize);
@@ -66,14 +67,35 @@ Mapping* MappingCache::serve(std::size_t chunks, StreamId stream, bool allow_cre
     ++hits;
     return m;
   }
+  if (skipped_busy_ > 0 && config_.repair_blocked && config_.stitching) {
+    if (Mapping* m = repair(chunks, stream, allow_create, growth_budget, affinity)) return m;
+  }
   return stitch(chunks, stream, allow_create, growth_budget, affinity);
 }
 
+// Note [Foreign streams]
+// The first pass of Note [Streams before stitches] may take an idle mapping only if each
+// chunk it hands out was last used on the request's stream or is known idle. A mapping's
+// own release sets its chunks' streams, but a chunk shared with other mappings may since
+// have been used, and freed, through one of them on another stream. Walking the chunks on
+// every hit to find out cost 12% of the cached path, so each mapping carries a flag kept
+// where chunk streams change: a chunk freed on stream X flags every other mapping of it
+// whose last stream is not X (in the loop over sharing mappings the release already does);
+// a mapping's own release clears its flag when it used all its chunks, and keeps it
+// otherwise (its tail may carry older streams); forget_streams clears every idle
+// mapping's flag. A set flag only means "walk the chunks", so the choice is exactly what
+// the walk alone gives.
 void MappingCache::release(Mapping* mapping, StreamId stream) {
   const std::size_t used = mapping->used;
   mapping->in_use = false;
   mapping->used = 0;
+  if (used == mapping->chunks.size()) {
+    mapping->foreign_streams = false;
+  } else if (mapping->last_stream != stream && mapping->last_stream != kNoStream) {
+    mapping->foreign_streams = true;
+  }
   mapping->last_stream = stream;
+  mapping->released = ++releases_;
   // A chunk mapped only here needs no walk of its mapping list: the bulk update below
   // covers `mapping` itself.
   for (std::size_t i = 0; i < used; ++i) {
@@ -81,7 +103,9 @@ void MappingCache::release(Mapping* mapping, StreamId stream) {
     pool_.mark_free(chunk, stream);
     if (chunk->mappings.size() == 1) continue;
     for (Mapping* other : chunk->mappings) {
-      if (other != mapping) --other->busy_chunks;
+      if (other == mapping) continue;
+      --other->busy_chunks;
+      if (other->last_stream != stream) other->foreign_streams = true;
     }
   }
   mapping->busy_chunks -= used;
@@ -149,6 +173,9 @@ Mapping* MappingCache::find_ready_in_groups(std::size_t chunks, StreamId stream,
 // through other mappings, on other streams.
 bool MappingCache::reusable_without_wait(const Mapping* mapping, std::size_t chunks,
                                          const StreamAffinity& affinity) {
+  // Note [Foreign streams]: callers look only at mappings indexed under the request's
+  // stream or kNoStream, so an unflagged one qualifies.
+  if (!mapping->foreign_streams) return true;
   for (std::size_t i = 0; i < chunks; ++i) {
     if (!affinity.no_wait(mapping->chunks[i]->stream)) return false;
   }
@@ -204,9 +231,12 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
 // stitches. Most stitches never get here; they take the free chunks of mappings that one
 // busy chunk already blocks: bench/NOTES.md, "Several GPUs".)
 void MappingCache::take_from_ready(std::size_t chunks, const StreamAffinity* affinity,
-                                   std::vector<Chunk*>& picked) {
+                                   std::vector<Chunk*>& picked, const Mapping* exclude) {
   const std::uint64_t mark = ++pick_serial_;
   for (Chunk* c : picked) c->pick_mark = mark;
+  if (exclude != nullptr) {
+    for (Chunk* c : exclude->chunks) c->pick_mark = mark;
+  }
   for (Mapping* m = lru_head_; m != nullptr && picked.size() < chunks; m = m->lru_next) {
     if (!is_ready(m)) continue;
     for (Chunk* c : m->chunks) {
@@ -221,7 +251,8 @@ void MappingCache::take_from_ready(std::size_t chunks, const StreamAffinity* aff
 
 bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
                                std::size_t growth_budget, const StreamAffinity* affinity,
-                               std::vector<Chunk*>& picked, std::vector<Chunk*>& created) {
+                               std::vector<Chunk*>& picked, std::vector<Chunk*>& created,
+                               const Mapping* exclude) {
   picked.reserve(chunks);
   if (reuse_free) {
     // Note [Growth slack]: free chunks no ready mapping needs first; chunks of ready
@@ -231,6 +262,10 @@ bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_c
       Chunk* c = owned.get();
       if (c->busy) continue;
       if (affinity != nullptr && !affinity->no_wait(c->stream)) continue;
+      if (exclude != nullptr &&
+          std::find(c->mappings.begin(), c->mappings.end(), exclude) != c->mappings.end()) {
+        continue;
+      }
       const bool feeds_ready = std::any_of(c->mappings.begin(), c->mappings.end(),
                                            [](const Mapping* m) { return is_ready(m); });
       if (!feeds_ready) {
@@ -241,7 +276,7 @@ bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_c
     }
     const std::size_t missing = chunks - picked.size();
     const bool grow = missing > 0 && allow_create && missing <= growth_budget;
-    if (missing > 0 && !grow && feeding > 0) take_from_ready(chunks, affinity, picked);
+    if (missing > 0 && !grow && feeding > 0) take_from_ready(chunks, affinity, picked, exclude);
   }
   // Note [Streams before stitches]: without waits, growth stays within the slack.
   const bool may_create =
@@ -314,12 +349,143 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
     use(m, chunks, stream);
   } catch (...) {
     // Only the cross-stream event calls can throw; give the mapping back as idle.
+    m->foreign_streams = true;  // its chunks' streams are whatever they were
     lru_push(m);
     index_insert(m, kNoStream);
     throw;
   }
   enforce_bounds();
   return m;
+}
+
+// Note [Repairing blocked mappings]
+// Under shapes that change every step, most misses find fitting idle mappings that a few
+// busy chunks block: stitches since mapped those chunks elsewhere, and they are in use
+// there. A stitch of n chunks costs n grants (cuMemSetAccess, ~30 us each: FACTS.md) and
+// adds a mapping sharing n more chunks, which blocks others in turn. Instead the candidate
+// with the fewest blocked slots among the first n is mended: none blocked, it serves as it
+// is (busy chunks past the prefix are not touched); otherwise its k blocked slots are
+// unmapped and remapped to free chunks, picked as a stitch picks them (Note [Growth
+// slack]), at ~50 us each (unmap, map, grant), and afterwards the mapping shares fewer
+// chunks, not more. By the driver's costs alone that pays while k x 50 <= n x 32 (a
+// stitch's grants), but each repair takes free chunks that other blocked mappings wanted:
+// on the recorded FSDP2 and single-GPU traces the estimated driver time is flat for k
+// between n/5 and n/2 and grows beyond (bench/NOTES.md), so a repair is done for k <= n/3.
+// It needs the candidate's last use finished, since unmapping does not wait for the GPU:
+// Note [Stream progress] tells that without blocking. Until it can tell, the request
+// stitches as before. The slots' old chunks stay where they are
+// mapped elsewhere; a chunk mapped nowhere any more is an ordinary free chunk.
+bool MappingCache::last_use_finished(const Mapping* mapping) {
+  return mapping->last_stream == kNoStream ||
+         progress_.finished(mapping->last_stream, mapping->released, releases_);
+}
+
+std::size_t MappingCache::blocked_slots(const Mapping* mapping, std::size_t chunks,
+                                        const StreamAffinity* affinity, std::size_t limit) {
+  std::size_t blocked = 0;
+  for (std::size_t i = 0; i < chunks && blocked <= limit; ++i) {
+    const Chunk* c = mapping->chunks[i];
+    if (c->busy || (affinity != nullptr && !affinity->no_wait(c->stream))) ++blocked;
+  }
+  return blocked;
+}
+
+Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_create,
+                              std::size_t growth_budget, const StreamAffinity* affinity) {
+  // Without new chunks a repair needs free chunks for the request's free slots and as many
+  // more outside the mapping for its blocked ones: at least `chunks` (stitch() asks the same).
+  if (!allow_create && pool_.free_count() < chunks) return nullptr;
+  const std::size_t worth = chunks / 3;
+  const double limit = std::floor(static_cast<double>(chunks) * config_.reuse_ratio);
+  const std::size_t max_chunks =
+      limit >= static_cast<double>(std::numeric_limits<std::size_t>::max() / 2)
+          ? std::numeric_limits<std::size_t>::max() / 2
+          : std::max(chunks, static_cast<std::size_t>(limit));
+  Mapping* best = nullptr;
+  std::size_t best_blocked = worth + 1;
+  const StreamId groups[2] = {stream, kNoStream};
+  for (std::size_t g = 0; g < (stream == kNoStream ? 1u : 2u) && best_blocked > 0; ++g) {
+    std::size_t scanned = 0;
+    for (auto it = idle_.lower_bound(ReadyKey{groups[g], chunks, 0, nullptr});
+         it != idle_.end() && it->stream == groups[g] && it->chunks <= max_chunks; ++it) {
+      Mapping* m = it->mapping;
+      const std::size_t blocked = blocked_slots(m, chunks, affinity, best_blocked);
+      if (blocked < best_blocked &&
+          (blocked == 0 || last_use_finished(m))) {
+        best = m;
+        best_blocked = blocked;
+        if (blocked == 0) break;
+      }
+      if (++scanned == config_.max_ready_scan) break;
+    }
+  }
+  if (best == nullptr) return nullptr;
+  if (best_blocked > 0) {
+    // Without new chunks, the free chunks outside `best` must cover the slots (as stitch()
+    // checks first): this miss recurs in loops that a small segment's chunk blocks.
+    const std::size_t free_in_best = best->chunks.size() - best->busy_chunks;
+    if (!allow_create && pool_.free_count() < best_blocked + free_in_best) return nullptr;
+    std::vector<std::size_t> slots;
+    slots.reserve(best_blocked);
+    for (std::size_t i = 0; i < chunks; ++i) {
+      const Chunk* c = best->chunks[i];
+      if (c->busy || (affinity != nullptr && !affinity->no_wait(c->stream))) slots.push_back(i);
+    }
+    std::vector<Chunk*> fresh, created;
+    if (!pick_chunks(slots.size(), /*reuse_free=*/true, allow_create, growth_budget, affinity, fresh,
+                     created, best)) {
+      return nullptr;
+    }
+    try {
+      remap_slots(best, slots, fresh);
+    } catch (...) {
+      rollback_created(created);
+      throw;
+    }
+    ++repairs;
+    repaired_chunks += static_cast<std::int64_t>(slots.size());
+  } else {
+    ++prefix_reuses;
+  }
+  use(best, chunks, stream);  // a throw leaves it idle and indexed, as a hit would
+  return best;
+}
+
+void MappingCache::remap_slots(Mapping* mapping, const std::vector<std::size_t>& slots,
+                               const std::vector<Chunk*>& fresh) {
+  // Capacity first: nothing below the driver calls may throw.
+  for (Chunk* c : fresh) c->mappings.reserve(c->mappings.size() + 1);
+  std::vector<bool> mapped(mapping->chunks.size(), true);
+  const std::uintptr_t base = mapping->base;
+  try {
+    for (std::size_t j = 0; j < slots.size(); ++j) {
+      const std::uintptr_t at = base + slots[j] * kChunkSize;
+      backend_.unmap(at, kChunkSize);
+      mapped[slots[j]] = false;
+      backend_.map(at, fresh[j]->handle);
+      mapped[slots[j]] = true;
+      backend_.set_access(at, kChunkSize);
+    }
+  } catch (...) {
+    // The range may have a hole or a slot without access: it is dropped, as an eviction
+    // would (its last use has finished, so nothing waits), and the chunks are untouched.
+    for (std::size_t i = 0; i < mapped.size(); ++i) {
+      if (mapped[i]) count_failure([&] { backend_.unmap(base + i * kChunkSize, kChunkSize); });
+    }
+    count_failure([&] { backend_.unreserve(base, mapping->reserved_bytes); });
+    ++evictions;
+    detach(mapping);
+    throw;
+  }
+  for (std::size_t j = 0; j < slots.size(); ++j) {
+    Chunk*& slot = mapping->chunks[slots[j]];
+    auto& list = slot->mappings;
+    list.erase(std::find(list.begin(), list.end(), mapping));
+    if (slot->busy) --mapping->busy_chunks;
+    slot = fresh[j];
+    slot->mappings.push_back(mapping);  // free: busy_chunks unchanged
+  }
+  mapping->foreign_streams = true;  // the fresh chunks' streams were not looked at
 }
 
 void MappingCache::rollback_created(std::vector<Chunk*>& created) {
@@ -352,7 +518,10 @@ std::vector<Chunk*> MappingCache::take_chunks(std::size_t n, StreamId stream, bo
 void MappingCache::return_chunks(const std::vector<Chunk*>& chunks, StreamId stream) {
   for (Chunk* c : chunks) {
     pool_.mark_free(c, stream);
-    for (Mapping* m : c->mappings) --m->busy_chunks;
+    for (Mapping* m : c->mappings) {
+      --m->busy_chunks;
+      if (m->last_stream != stream) m->foreign_streams = true;  // Note [Foreign streams]
+    }
   }
 }
 
@@ -366,12 +535,6 @@ void MappingCache::enforce_bounds() {
 }
 
 void MappingCache::evict(Mapping* mapping) {
-  index_erase(mapping);
-  lru_unlink(mapping);
-  for (Chunk* c : mapping->chunks) {
-    auto& list = c->mappings;
-    list.erase(std::find(list.begin(), list.end(), mapping));
-  }
   Retiring retiring{mapping->base, mapping->chunks.size() * kChunkSize, mapping->reserved_bytes, 0};
   bool deferred = false;
   if (mapping->last_stream != kNoStream) {
@@ -389,13 +552,23 @@ void MappingCache::evict(Mapping* mapping) {
     if (retiring.mapped_bytes) count_failure([&] { backend_.unmap(retiring.base, retiring.mapped_bytes); });
     count_failure([&] { backend_.unreserve(retiring.base, retiring.reserved_bytes); });
   }
+  ++evictions;
+  detach(mapping);
+}
+
+void MappingCache::detach(Mapping* mapping) {
+  index_erase(mapping);
+  lru_unlink(mapping);
+  for (Chunk* c : mapping->chunks) {
+    auto& list = c->mappings;
+    list.erase(std::find(list.begin(), list.end(), mapping));
+  }
   mappings_stat.decrease(1);
   mapped_bytes_stat.decrease(static_cast<std::int64_t>(mapping->reserved_bytes));
-  ++evictions;
   const std::size_t index = mapping->index;
   mappings_[index] = std::move(mappings_.back());
   mappings_[index]->index = index;
-  mappings_.pop_back();
+  mappings_.pop_back();  // destroys `mapping`
 }
 
 void MappingCache::finish_retiring(bool wait) {
@@ -408,6 +581,7 @@ void MappingCache::finish_retiring(bool wait) {
 }
 
 void MappingCache::forget_streams() {
+  progress_.forget();
   for (const auto& c : pool_.all()) {
     if (!c->busy) c->stream = kNoStream;
   }
@@ -420,7 +594,9 @@ void MappingCache::forget_streams() {
     index_insert(m, kNoStream);
   }
   for (auto& m : mappings_) {
-    if (!m->in_use) m->last_stream = kNoStream;
+    if (m->in_use) continue;
+    m->last_stream = kNoStream;
+    m->foreign_streams = false;  // its free chunks are all kNoStream now
   }
 }
 
@@ -519,6 +695,10 @@ void MappingCache::append_stats(StatList& out) const {
   out.emplace_back("vmm.mapping_evictions", evictions);
   out.emplace_back("vmm.cross_stream_waits", cross_stream_waits);
   out.emplace_back("vmm.cross_stream_fallbacks", cross_stream_fallbacks);
+  out.emplace_back("vmm.prefix_reuses", prefix_reuses);
+  out.emplace_back("vmm.repairs", repairs);
+  out.emplace_back("vmm.repaired_chunks", repaired_chunks);
+  out.emplace_back("vmm.progress_events", progress_.events_recorded);
   out.emplace_back("vmm.backend_errors", backend_errors);
   out.emplace_back("vmm.max_mapped_bytes", static_cast<std::int64_t>(max_mapped_bytes_));
 }

@@ -46,6 +46,7 @@
 #include "config.hpp"
 #include "stats.hpp"
 #include "stream_affinity.hpp"
+#include "stream_progress.hpp"
 
 namespace vmm {
 
@@ -75,6 +76,10 @@ struct Mapping {
   StreamId use_stream = 0;         // the allocation's stream while in use
   bool in_use = false;
   StreamId last_stream = kNoStream;
+  std::uint64_t released = 0;  // number of its last release (Note [Stream progress])
+  // Note [Foreign streams]: false only if every free chunk's stream is last_stream or
+  // kNoStream, so that an idle mapping serves its index stream with no wait, unwalked.
+  bool foreign_streams = false;
   bool indexed = false;  // in the idle index (== !in_use once created)
   std::set<ReadyKey>::iterator index_it;
   // The index node, kept while the mapping is out of the index, so that moving in and out
@@ -150,6 +155,11 @@ class MappingCache {
   // requests that found no memory of their own stream (or of an idle one), could not grow
   // within the slack, and so reused another stream's memory behind a wait
   std::int64_t cross_stream_fallbacks = 0;
+  // Note [Repairing blocked mappings]: misses served by an idle mapping whose busy chunks
+  // all lie past the request's prefix, and by one repaired in place (slots remapped)
+  std::int64_t prefix_reuses = 0;
+  std::int64_t repairs = 0;
+  std::int64_t repaired_chunks = 0;
   std::int64_t backend_errors = 0;  // failures on cleanup paths, counted not thrown
 
  private:
@@ -167,6 +177,23 @@ class MappingCache {
   Mapping* find_ready_in_groups(std::size_t chunks, StreamId stream, const StreamAffinity* affinity);
   Mapping* try_ready_group(std::size_t chunks, std::size_t max_chunks, StreamId stream,
                            const StreamAffinity* affinity);
+  // Note [Repairing blocked mappings]: a fitting idle mapping of `stream` (or known idle)
+  // whose first `chunks` chunks become usable by remapping at most a few of them; nullptr
+  // when none is worth it, or the replacements need new chunks and !allow_create.
+  Mapping* repair(std::size_t chunks, StreamId stream, bool allow_create, std::size_t growth_budget,
+                  const StreamAffinity* affinity);
+  // Slots among the first `chunks` of `mapping` that a request cannot use as they are:
+  // busy chunks and, with `affinity`, chunks that would need a wait; stops past `limit`.
+  static std::size_t blocked_slots(const Mapping* mapping, std::size_t chunks,
+                                   const StreamAffinity* affinity, std::size_t limit);
+  // Whether the GPU is done with `mapping`'s range (idle), without blocking.
+  bool last_use_finished(const Mapping* mapping);
+  // Remaps `slots` of the idle `mapping` to `fresh` chunks (free, not mapped by it).
+  // On a throw the mapping is gone (its range had holes) and the caller rolls back.
+  void remap_slots(Mapping* mapping, const std::vector<std::size_t>& slots,
+                   const std::vector<Chunk*>& fresh);
+  // Removes `mapping` from every list and index (its range is handled by the caller).
+  void detach(Mapping* mapping);
   static bool reusable_without_wait(const Mapping* mapping, std::size_t chunks,
                                     const StreamAffinity& affinity);
   // With `affinity`, only chunks it reuses without a wait, and new chunks only within
@@ -176,13 +203,16 @@ class MappingCache {
   // Free chunks (when reuse_free) then new ones; false, with nothing picked, when that
   // needs new chunks and !allow_create (or, with `affinity`, more than growth_budget of
   // them). On a throw, the chunks it created are released.
+  // Chunks mapped by `exclude` are never picked.
   bool pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
                    std::size_t growth_budget, const StreamAffinity* affinity,
-                   std::vector<Chunk*>& picked, std::vector<Chunk*>& created);
+                   std::vector<Chunk*>& picked, std::vector<Chunk*>& created,
+                   const Mapping* exclude = nullptr);
   // Adds free chunks of ready mappings to `picked` until it holds `chunks`, whole mappings
   // at a time, least recently released first (Note [Breaking ready mappings]); with
   // `affinity`, only chunks it reuses without a wait.
-  void take_from_ready(std::size_t chunks, const StreamAffinity* affinity, std::vector<Chunk*>& picked);
+  void take_from_ready(std::size_t chunks, const StreamAffinity* affinity, std::vector<Chunk*>& picked,
+                       const Mapping* exclude);
   // Makes `stream` wait for the last streams of these chunks (Note [Stream-ordered reuse]).
   void wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream);
   void use(Mapping* mapping, std::size_t chunks, StreamId stream);
@@ -210,6 +240,8 @@ class MappingCache {
   std::vector<Retiring> retiring_;
   std::uint64_t next_id_ = 1;
   std::uint64_t pick_serial_ = 0;
+  std::uint64_t releases_ = 0;  // releases so far (Note [Stream progress])
+  StreamProgress progress_;
   int skipped_busy_ = 0;  // candidates skipped by the current find_ready
 };
 

@@ -42,6 +42,7 @@ py::dict config_to_dict(const Config& c) {
   out["max_ready_scan"] = c.max_ready_scan;
   out["cross_stream_reuse"] =
       c.cross_stream_reuse == CrossStreamReuse::kLastResort ? "last_resort" : "always";
+  out["repair_blocked"] = c.repair_blocked;
   out["host_timing"] = c.host_timing;
   out["history"] = c.history;
   return out;

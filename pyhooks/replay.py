@@ -36,6 +36,9 @@ ALLOC, FREE = 0, 1
 # chunk into a new range (cuMemMap + cuMemSetAccess) and creating one (cuMemCreate too).
 STITCHED_CHUNK_US = 30.0
 CREATED_CHUNK_US = 50.0
+# Remapping one slot of a mapping in place (Note [Repairing blocked mappings]): cuMemUnmap,
+# cuMemMap and cuMemSetAccess of one handle.
+REPAIRED_CHUNK_US = 50.0
 CHUNK = 2 << 20
 
 
@@ -134,7 +137,8 @@ def _read_compact(f) -> Trace:
 
 COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.fresh_mappings", "vmm.mapping_hits",
             "vmm.misses_no_candidate", "vmm.misses_candidates_busy", "vmm.mapping_evictions",
-            "vmm.cross_stream_waits", "vmm.cross_stream_fallbacks", "num_device_alloc", "num_device_free")
+            "vmm.cross_stream_waits", "vmm.cross_stream_fallbacks", "vmm.prefix_reuses", "vmm.repairs",
+            "vmm.repaired_chunks", "num_device_alloc", "num_device_free")
 
 
 def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30) -> dict[str, Any]:
@@ -162,6 +166,7 @@ def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30) -> dict[
         "ratio": peak_reserved / peak_allocated if peak_allocated else float("nan"),
         "stitched_chunks": stitched_chunks,
         "driver_ms_estimate": (stitched_chunks * STITCHED_CHUNK_US
+                               + out["vmm.repaired_chunks"] * REPAIRED_CHUNK_US
                                + out["num_device_alloc"] * CREATED_CHUNK_US) / 1000.0,
     })
     for ident in list(live):

@@ -87,3 +87,23 @@ def test_host_time_is_counted_only_with_host_timing():
         for _ in range(3):
             alloc.deallocate(alloc.allocate(4 * MiB))
         assert (alloc.stats()["vmm.host_time_ns"] > 0) == counted, conf
+
+
+def test_a_partly_used_mapping_keeps_its_tails_stream(kind):
+    # Note [Foreign streams]: stream 2 reuses the first half of stream 1's mapping (behind a
+    # wait: the cap refuses growth); the other half was last used on stream 1, so when the
+    # whole mapping is wanted on stream 2 later, growing within the slack comes first.
+    alloc = kind.allocator(64 * MiB, conf="growth_slack:1,memory_cap:8MiB")
+    a = alloc.allocate(8 * MiB, stream=1)
+    alloc.deallocate(a)
+    half = alloc.allocate(4 * MiB, stream=2)
+    assert half == a
+    assert alloc.stats()["vmm.cross_stream_waits"] == 1
+    alloc.deallocate(half)
+    alloc.set_memory_cap(64 * MiB)
+
+    whole = alloc.allocate(8 * MiB, stream=2)
+
+    assert whole != a, "stream 1's half was handed out as if stream 2 had used it last"
+    assert alloc.stats()["vmm.cross_stream_waits"] == 1
+    alloc.deallocate(whole)
