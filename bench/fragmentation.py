@@ -115,6 +115,8 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
         "losses": losses,
         "num_alloc_retries": stats.get("num_alloc_retries", 0),
         "stitches": stats.get("vmm.stitches"),
+        "repaired_chunks": stats.get("vmm.repaired_chunks"),
+        "prefix_reuses": stats.get("vmm.prefix_reuses"),
         "mapping_hits": stats.get("vmm.mapping_hits"),
         "host_time_ns": stats.get("vmm.host_time_ns"),  # the allocator's CPU time, all steps
     }

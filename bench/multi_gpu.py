@@ -43,7 +43,7 @@ def launch(system: str, world: int, train_args: list[str], timeout: int = 900) -
 
 def per_rank(result: dict[str, Any]) -> list[dict[str, Any]]:
     keep = ("rank", "vmmalloc_enabled", "collectives_ok", "peak_allocated", "peak_reserved", "ratio",
-            "step_time_median", "stitches", "cross_stream_waits", "host_time_ns", "peer_devices", "step_times",
+            "step_time_median", "stitches", "repaired_chunks", "prefix_reuses", "cross_stream_waits", "host_time_ns", "peer_devices", "step_times",
             "losses", "cpus")
     return [{k: r.get(k) for k in keep} for r in result["ranks"]]
 

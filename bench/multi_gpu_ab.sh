@@ -27,7 +27,7 @@ ranks = json.loads(lines[-1][len("RESULT "):])["ranks"]
 step = max(r["step_time_median"] for r in ranks)
 ratio = max(r.get("ratio", float("nan")) for r in ranks)
 print(f"{name:<40} step {step:.4f} s  stitches {[r.get('stitches') for r in ranks]}  "
-      f"waits {[r.get('cross_stream_waits') for r in ranks]}  ratio {ratio:.3f}  allocator ms per step "
+      f"repaired {[r.get('repaired_chunks') for r in ranks]}  waits {[r.get('cross_stream_waits') for r in ranks]}  ratio {ratio:.3f}  allocator ms per step "
       f"{[round(r['host_time_ns'] / 1e6 / len(r['step_times']), 1) if r.get('host_time_ns') else None for r in ranks]}")
 PY
 }

@@ -26,7 +26,7 @@ MiB = 1 << 20
 # Counters whose per-step deltas --vmm-counters records: where the stitches come from.
 VMM_COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.host_time_ns", "vmm.fresh_mappings", "vmm.mapping_hits",
                 "vmm.misses_no_candidate", "vmm.misses_candidates_busy", "vmm.cross_stream_waits",
-                "num_device_alloc")
+                "vmm.repairs", "vmm.repaired_chunks", "vmm.prefix_reuses", "num_device_alloc")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -228,6 +228,8 @@ def memory_figures(torch, model, local_rank: int) -> dict[str, Any]:
         "stats_allocated_now": stats.get("allocated_bytes.all.current"),
         "stitches": stats.get("vmm.stitches"),
         "cross_stream_waits": stats.get("vmm.cross_stream_waits"),
+        "repaired_chunks": stats.get("vmm.repaired_chunks"),
+        "prefix_reuses": stats.get("vmm.prefix_reuses"),
         "host_time_ns": stats.get("vmm.host_time_ns"),
         "peer_devices": stats.get("vmm.peer_devices"),
     }
