@@ -145,14 +145,18 @@ Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream, const Str
   return found;
 }
 
+std::size_t MappingCache::max_reuse_chunks(std::size_t chunks) const {
+  const double limit = std::floor(static_cast<double>(chunks) * config_.reuse_ratio);
+  if (limit >= static_cast<double>(std::numeric_limits<std::size_t>::max() / 2)) {
+    return std::numeric_limits<std::size_t>::max() / 2;
+  }
+  return std::max(chunks, static_cast<std::size_t>(limit));
+}
+
 Mapping* MappingCache::find_ready_in_groups(std::size_t chunks, StreamId stream,
                                             const StreamAffinity* affinity) {
   if (idle_.empty()) return nullptr;
-  const double limit = std::floor(static_cast<double>(chunks) * config_.reuse_ratio);
-  const std::size_t max_chunks =
-      limit >= static_cast<double>(std::numeric_limits<std::size_t>::max() / 2)
-          ? std::numeric_limits<std::size_t>::max() / 2
-          : std::max(chunks, static_cast<std::size_t>(limit));
+  const std::size_t max_chunks = max_reuse_chunks(chunks);
   if (Mapping* m = try_ready_group(chunks, max_chunks, stream, affinity)) return m;
   if (stream != kNoStream) {
     if (Mapping* m = try_ready_group(chunks, max_chunks, kNoStream, affinity)) return m;
@@ -396,11 +400,7 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
   // more outside the mapping for its blocked ones: at least `chunks` (stitch() asks the same).
   if (!allow_create && pool_.free_count() < chunks) return nullptr;
   const std::size_t worth = chunks / 3;
-  const double limit = std::floor(static_cast<double>(chunks) * config_.reuse_ratio);
-  const std::size_t max_chunks =
-      limit >= static_cast<double>(std::numeric_limits<std::size_t>::max() / 2)
-          ? std::numeric_limits<std::size_t>::max() / 2
-          : std::max(chunks, static_cast<std::size_t>(limit));
+  const std::size_t max_chunks = max_reuse_chunks(chunks);
   Mapping* best = nullptr;
   std::size_t best_blocked = worth + 1;
   const StreamId groups[2] = {stream, kNoStream};

@@ -174,6 +174,8 @@ class MappingCache {
   // `count_miss` counts a miss in misses_busy / misses_empty.
   Mapping* find_ready(std::size_t chunks, StreamId stream, const StreamAffinity* affinity,
                       bool count_miss);
+  // The largest idle mapping a request of `chunks` may use a prefix of (reuse_ratio).
+  std::size_t max_reuse_chunks(std::size_t chunks) const;
   Mapping* find_ready_in_groups(std::size_t chunks, StreamId stream, const StreamAffinity* affinity);
   Mapping* try_ready_group(std::size_t chunks, std::size_t max_chunks, StreamId stream,
                            const StreamAffinity* affinity);
