@@ -169,7 +169,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     model, optimizer = build(torch, args, local_rank, device)
     vocab = 32000
-    losses, times = [], []
+    losses, times, issue_times = [], [], []
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     counters: list[dict[str, int]] = []
     count = args.vmm_counters and cuda and vmmalloc.is_enabled()
@@ -185,8 +185,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        issued = time.perf_counter()  # the host has queued the step; the GPU may still run it
         sync()
         times.append(time.perf_counter() - start)
+        issue_times.append(issued - start)
         losses.append(loss.item())
         if count:
             after = torch.cuda.memory_stats()
@@ -194,7 +196,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     warm = times[3:] if len(times) > 6 else times
     figures = {"rank": rank, "local_rank": local_rank, "collectives_ok": collectives_ok, "losses": losses,
-               "step_time_median": statistics.median(warm), "step_times": times,
+               "step_time_median": statistics.median(warm), "step_times": times, "issue_times": issue_times,
                "vmmalloc_enabled": vmmalloc.is_enabled(), "cpus": sorted(cpus) if cpus else None}
     if cuda:
         figures.update(memory_figures(torch, model, local_rank))

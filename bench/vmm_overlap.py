@@ -1,0 +1,237 @@
+"""Do CUDA virtual-memory calls stall GPU work already queued? (bench/NOTES.md, "Several GPUs")
+
+FACTS.md gives what cuMemMap, cuMemSetAccess and cuMemUnmap cost the calling thread on an
+idle process. A training loop calls them (stitches, repairs) while the GPU is still running
+work queued ahead, as FSDP2 always does. If the driver serializes them with that work, a
+stitch costs the GPU time too, not only host time that a queue hides. This measures it:
+
+- gpu: K matrix products queued, then a synchronize (wall time);
+- vmm: M cycles of "map N handles into a reserved range, grant access, unmap", GPU idle;
+- both: the same K products with one cycle after every K/M launches.
+
+If the calls never touch the GPU's queue, both ~= max(gpu, vmm + launch time); a stall shows as
+both - max(...) > 0. Per-cycle latency is also reported for an idle and a busy GPU.
+
+With --threads, the question is whether such calls, made on another thread, slow the thread
+that launches kernels (a driver lock held across them would): the main thread launches small
+kernels, host bound, while a second thread (a) sleeps in short naps, releasing the GIL as a
+driver call does, or (b) runs map/grant/unmap cycles. (b) / (a) above 1 is that contention.
+
+    python3 -m bench.vmm_overlap [--handles 32] [--cycles 20] [--products 2000] [--repeats 5]
+    python3 -m bench.vmm_overlap --threads [--launches 20000]
+
+Needs a GPU and cuda-python's driver bindings (cuda.bindings); prints one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def _check(result):
+    err = result[0]
+    if int(err) != 0:
+        raise RuntimeError(f"CUDA driver call failed: {err}")
+    return result[1] if len(result) == 2 else result[1:]
+
+
+class VmmCycle:
+    """N physical 2 MiB handles and one reserved range to map them into, again and again."""
+
+    def __init__(self, device: int, handles: int):
+        from cuda.bindings import driver as cu
+
+        self.cu = cu
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = device
+        self.chunk = int(_check(cu.cuMemGetAllocationGranularity(
+            prop, cu.CUmemAllocationGranularity_flags.CU_MEM_ALLOC_GRANULARITY_RECOMMENDED)))
+        self.handles = [_check(cu.cuMemCreate(self.chunk, prop, 0)) for _ in range(handles)]
+        self.bytes = self.chunk * handles
+        self.base = _check(cu.cuMemAddressReserve(self.bytes, 0, 0, 0))
+        self.access = cu.CUmemAccessDesc()
+        self.access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        self.access.location.id = device
+        self.access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+
+    def cycle(self) -> None:
+        """A stitch of every handle (map, grant) and its eviction (unmap)."""
+        cu = self.cu
+        base = int(self.base)
+        for i, h in enumerate(self.handles):
+            _check(cu.cuMemMap(base + i * self.chunk, self.chunk, 0, h, 0))
+        _check(cu.cuMemSetAccess(base, self.bytes, [self.access], 1))
+        _check(cu.cuMemUnmap(base, self.bytes))
+
+    def close(self) -> None:
+        cu = self.cu
+        _check(cu.cuMemAddressFree(self.base, self.bytes))
+        for h in self.handles:
+            _check(cu.cuMemRelease(h))
+
+
+def measure(handles: int, cycles: int, products: int, repeats: int, size: int) -> dict:
+    import torch
+
+    torch.cuda.init()
+    device = torch.cuda.current_device()
+    a = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(size, size, device="cuda", dtype=torch.bfloat16)
+    out = torch.empty(size, size, device="cuda", dtype=torch.bfloat16)
+    vmm = VmmCycle(device, handles)
+    every = max(1, products // cycles)
+
+    def gpu_only() -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(products):
+            torch.mm(a, b, out=out)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    def launches_only() -> float:  # host time to queue the products
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        for _ in range(products):
+            torch.mm(a, b, out=out)
+        elapsed = time.perf_counter() - start
+        torch.cuda.synchronize()
+        return elapsed
+
+    def vmm_only() -> tuple[float, list[float]]:
+        torch.cuda.synchronize()
+        lat = []
+        start = time.perf_counter()
+        for _ in range(cycles):
+            t = time.perf_counter()
+            vmm.cycle()
+            lat.append(time.perf_counter() - t)
+        return time.perf_counter() - start, lat
+
+    def both() -> tuple[float, list[float]]:
+        torch.cuda.synchronize()
+        lat = []
+        start = time.perf_counter()
+        for i in range(products):
+            torch.mm(a, b, out=out)
+            if (i + 1) % every == 0 and len(lat) < cycles:
+                t = time.perf_counter()
+                vmm.cycle()
+                lat.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start, lat
+
+    gpu_only(), vmm_only(), both()  # warm-up: cuBLAS, driver paths
+    rows = {"gpu": [], "launch": [], "vmm": [], "both": []}
+    idle_lat, busy_lat = [], []
+    for _ in range(repeats):  # interleaved, so drifts hit every figure alike
+        rows["gpu"].append(gpu_only())
+        rows["launch"].append(launches_only())
+        t, lat = vmm_only()
+        rows["vmm"].append(t)
+        idle_lat += lat
+        t, lat = both()
+        rows["both"].append(t)
+        busy_lat += lat
+    vmm.close()
+    med = {k: statistics.median(v) * 1e3 for k, v in rows.items()}
+    bound = max(med["gpu"], med["vmm"] + med["launch"])
+    return {
+        "benchmark": "vmm_overlap", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "handles_per_cycle": handles, "cycles": cycles, "products": products, "matrix": size,
+        "repeats": repeats, "median_ms": {k: round(v, 3) for k, v in med.items()},
+        "no_stall_bound_ms": round(bound, 3), "stall_ms": round(med["both"] - bound, 3),
+        "stall_ms_per_handle": round((med["both"] - bound) / (cycles * handles), 4),
+        "cycle_us_per_handle_idle": round(statistics.median(idle_lat) * 1e6 / handles, 2),
+        "cycle_us_per_handle_busy": round(statistics.median(busy_lat) * 1e6 / handles, 2),
+    }
+
+
+def measure_threads(handles: int, launches: int, repeats: int) -> dict:
+    import threading
+
+    import torch
+
+    torch.cuda.init()
+    device = torch.cuda.current_device()
+    x = torch.ones(1024, device="cuda")
+    vmm = VmmCycle(device, handles)
+
+    def launch() -> None:
+        x.add_(1.0)
+
+    def python_only() -> None:  # tells GIL contention from driver contention
+        sum(range(20))
+
+    def run(worker, body=launch) -> tuple[float, int]:
+        stop = threading.Event()
+        cycles = [0]
+
+        def loop() -> None:
+            while not stop.is_set():
+                worker()
+                cycles[0] += 1
+
+        thread = threading.Thread(target=loop) if worker else None
+        torch.cuda.synchronize()
+        if thread:
+            thread.start()
+        start = time.perf_counter()
+        for _ in range(launches):
+            body()
+        elapsed = time.perf_counter() - start
+        stop.set()
+        if thread:
+            thread.join()
+        torch.cuda.synchronize()
+        return elapsed, cycles[0]
+
+    def nap() -> None:
+        time.sleep(0.0005)
+
+    run(None), run(nap), run(vmm.cycle)  # warm-up
+    rows: dict[str, list[float]] = {"alone": [], "nap": [], "vmm": [], "py_nap": [], "py_vmm": []}
+    vmm_cycles = []
+    for _ in range(repeats):
+        rows["alone"].append(run(None)[0])
+        rows["nap"].append(run(nap)[0])
+        t, n = run(vmm.cycle)
+        rows["vmm"].append(t)
+        vmm_cycles.append(n)
+        rows["py_nap"].append(run(nap, python_only)[0])
+        rows["py_vmm"].append(run(vmm.cycle, python_only)[0])
+    vmm.close()
+    med = {k: statistics.median(v) * 1e6 / launches for k, v in rows.items()}
+    return {
+        "benchmark": "vmm_overlap_threads", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "handles_per_cycle": handles, "launches": launches, "repeats": repeats,
+        "launch_us": {k: round(v, 3) for k, v in med.items()},
+        "vmm_over_nap": round(med["vmm"] / med["nap"], 3),
+        "python_only_vmm_over_nap": round(med["py_vmm"] / med["py_nap"], 3),
+        "worker_cycles_per_run": statistics.median(vmm_cycles),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python3 -m bench.vmm_overlap", description=__doc__.splitlines()[0])
+    p.add_argument("--handles", type=int, default=32, help="2 MiB handles mapped per cycle (default 32)")
+    p.add_argument("--cycles", type=int, default=20, help="map/grant/unmap cycles per run (default 20)")
+    p.add_argument("--products", type=int, default=2000, help="matrix products queued per run (default 2000)")
+    p.add_argument("--size", type=int, default=4096, help="matrix side (default 4096)")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--threads", action="store_true", help="measure contention between threads instead")
+    p.add_argument("--launches", type=int, default=20000, help="kernels launched per run with --threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        print(json.dumps(measure_threads(args.handles, args.launches, args.repeats)))
+    else:
+        print(json.dumps(measure(args.handles, args.cycles, args.products, args.repeats, args.size)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
