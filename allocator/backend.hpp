@@ -32,12 +32,6 @@ using StreamId = std::uintptr_t;
 using EventId = std::uintptr_t;
 using ChunkHandle = std::uint64_t;
 
-// Grants a backend ran on its worker thread (Note [Deferred grants]).
-struct GrantCounts {
-  std::int64_t deferred = 0;
-  std::int64_t failed = 0;  // failed for good; the backend then stopped deferring
-};
-
 class BackendError : public std::runtime_error {
  public:
   using std::runtime_error::runtime_error;
@@ -75,15 +69,6 @@ class Backend {
   virtual void unmap(std::uintptr_t addr, std::size_t bytes) = 0;
   // Grants read-write access to this device and to every peer added so far.
   virtual void set_access(std::uintptr_t addr, std::size_t bytes) = 0;
-  // As set_access, for a range that `stream` is the first to use. It may return before the
-  // grant is done, provided work submitted to `stream` from now on starts only once it is
-  // (Note [Deferred grants]); on a throw nothing was granted or queued. This default
-  // grants at once.
-  virtual void grant_for_stream(std::uintptr_t addr, std::size_t bytes, StreamId stream) {
-    (void)stream;
-    set_access(addr, bytes);
-  }
-  virtual GrantCounts grant_counts() const { return {}; }
 
   // Note [Peer access]
   // Memory mapped through the VMM API is accessible only to the devices its

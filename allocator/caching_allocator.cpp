@@ -498,9 +498,6 @@ StatList CachingAllocator::stats_locked() const {
   out.emplace_back("vmm.pending_frees", static_cast<std::int64_t>(pending_.size()));
   out.emplace_back("vmm.peer_devices", static_cast<std::int64_t>(backend_->peers().size()));
   out.emplace_back("vmm.peer_access_errors", peer_access_errors_);
-  const GrantCounts grants = backend_->grant_counts();
-  out.emplace_back("vmm.deferred_grants", grants.deferred);
-  out.emplace_back("vmm.deferred_grant_failures", grants.failed);
   cache_.append_stats(out);
   pages_.append_stats(out);
   return out;

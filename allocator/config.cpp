@@ -49,8 +49,8 @@ bool parse_bool(const std::string& key, const std::string& value) {
 
 const char* config_keys() {
   return "memory_cap, memory_fraction, stitching, max_cached_mappings, max_mapped_bytes, "
-         "reuse_ratio, growth_slack, max_ready_scan, cross_stream_reuse, repair_blocked, deferred_grants, "
-         "host_timing, history";
+         "reuse_ratio, growth_slack, max_ready_scan, cross_stream_reuse, repair_blocked, host_timing, "
+         "history";
 }
 
 std::size_t parse_bytes(const std::string& raw, const std::string& what) {
@@ -110,8 +110,6 @@ Config parse_config(const std::string& text) {
       config.host_timing = parse_bool(key, value);
     } else if (key == "repair_blocked") {
       config.repair_blocked = parse_bool(key, value);
-    } else if (key == "deferred_grants") {
-      config.deferred_grants = parse_bool(key, value);
     } else if (key == "stitching") {
       config.stitching = parse_bool(key, value);
     } else if (key == "max_cached_mappings") {

@@ -41,9 +41,6 @@ struct Config {
   // A miss repairs a fitting idle mapping that a few busy chunks block, remapping only
   // those slots, instead of stitching a new one (Note [Repairing blocked mappings]).
   bool repair_blocked = true;
-  // Run access grants of new and repaired mappings on a worker thread, the allocating
-  // stream waiting for them on the GPU (Note [Deferred grants]); off: grant before returning.
-  bool deferred_grants = true;
   // Time allocate and deallocate into vmm.host_time_ns (Note [Host time]); off by default
   // since the clock reads cost as much as the cached path itself.
   bool host_timing = false;

@@ -141,15 +141,6 @@ CudaBackend::~CudaBackend() {
   // Never throws, and ignores driver errors: at process exit the driver may already be
   // shut down (CUDA_ERROR_DEINITIALIZED), and there is nothing left to release then.
   try {
-    active_grants_.store(nullptr);
-    grants_.reset();  // runs every queued grant
-    if (published_ != nullptr) {
-      ContextGuard guard(api_, context_, device_);
-      api_.cuMemFreeHost(published_);
-    }
-  } catch (...) {
-  }
-  try {
     std::lock_guard<std::mutex> lock(events_mutex_);
     if (!free_events_.empty()) {
       ContextGuard guard(api_, context_, device_);
@@ -185,7 +176,6 @@ std::uintptr_t CudaBackend::reserve(std::size_t bytes) {
 }
 
 void CudaBackend::unreserve(std::uintptr_t addr, std::size_t bytes) {
-  wait_for_grants(addr, bytes);
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemAddressFree(addr, bytes), [&] {
     return "cuMemAddressFree(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) + ")";
@@ -222,7 +212,6 @@ void CudaBackend::map(std::uintptr_t addr, ChunkHandle chunk) {
 }
 
 void CudaBackend::unmap(std::uintptr_t addr, std::size_t bytes) {
-  wait_for_grants(addr, bytes);
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemUnmap(addr, bytes), [&] {
     return "cuMemUnmap(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) + ")";
@@ -236,79 +225,6 @@ void CudaBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
     return "cuMemSetAccess(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) +
            ", read-write for this device and " + std::to_string(access_.size() - 1) + " peers)";
   });
-}
-
-bool CudaBackend::start_deferring() {
-  std::lock_guard<std::mutex> lock(grants_mutex_);
-  if (grants_tried_) return grants_ != nullptr;
-  grants_tried_ = true;
-  if (api_.cuDeviceGetAttribute == nullptr || api_.cuMemHostAlloc == nullptr ||
-      api_.cuMemFreeHost == nullptr || api_.cuMemHostGetDevicePointer_v2 == nullptr ||
-      api_.cuStreamWaitValue64_v2 == nullptr) {
-    return false;
-  }
-  ContextGuard guard(api_, context_, device_);
-  int supported = 0;
-  if (api_.cuDeviceGetAttribute(&supported, cu::CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS,
-                                cu_device_) != cu::CUDA_SUCCESS ||
-      supported == 0) {
-    return false;
-  }
-  void* host = nullptr;
-  // 64 bytes: the number gets a cache line of its own.
-  if (api_.cuMemHostAlloc(&host, 64, cu::kMemHostAllocPortable | cu::kMemHostAllocDeviceMap) !=
-      cu::CUDA_SUCCESS) {
-    return false;
-  }
-  cu::CUdeviceptr device_view = 0;
-  if (api_.cuMemHostGetDevicePointer_v2(&device_view, host, 0) != cu::CUDA_SUCCESS) {
-    api_.cuMemFreeHost(host);
-    return false;
-  }
-  try {
-    published_ = static_cast<std::uint64_t*>(host);
-    published_device_ = device_view;
-    grants_ = std::make_unique<DeferredGrants>(
-        [this](std::uintptr_t addr, std::size_t bytes) { set_access(addr, bytes); }, published_);
-    active_grants_.store(grants_.get());
-  } catch (...) {  // no thread could be started: grant synchronously
-    api_.cuMemFreeHost(host);
-    published_ = nullptr;
-    published_device_ = 0;
-    return false;
-  }
-  return true;
-}
-
-void CudaBackend::grant_for_stream(std::uintptr_t addr, std::size_t bytes, StreamId stream) {
-  if (!start_deferring() || grants_->failed()) {
-    set_access(addr, bytes);
-    return;
-  }
-  DeferredGrants& grants = *grants_;
-  const std::uint64_t number = grants.enqueue(addr, bytes);
-  cu::CUresult result = cu::CUDA_SUCCESS;
-  {
-    ContextGuard guard(api_, context_, device_);
-    result = api_.cuStreamWaitValue64_v2(as_stream(stream), published_device_, number,
-                                         cu::CU_STREAM_WAIT_VALUE_GEQ);
-  }
-  // The stream could not be made to wait: the host waits instead, so the range is
-  // accessible before the pointer is returned, as without deferral.
-  if (result != cu::CUDA_SUCCESS) grants.wait_overlapping(addr, bytes);
-}
-
-GrantCounts CudaBackend::grant_counts() const {
-  const DeferredGrants* grants = active_grants_.load();
-  if (grants == nullptr) return {};
-  return GrantCounts{grants->deferred(), grants->failures()};
-}
-
-void CudaBackend::wait_for_grants(std::uintptr_t addr, std::size_t bytes) {
-  DeferredGrants* grants = active_grants_.load();
-  if (grants == nullptr) return;
-  if (bytes == 0) grants->wait_all();
-  else grants->wait_overlapping(addr, bytes);
 }
 
 bool CudaBackend::add_peer(int peer) {
@@ -334,7 +250,6 @@ bool CudaBackend::add_peer(int peer) {
 }
 
 void CudaBackend::set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) {
-  wait_for_grants(addr, bytes);
   ContextGuard guard(api_, context_, device_);
   const cu::CUmemAccessDesc access = read_write(peer);
   check(device_, api_.cuMemSetAccess(addr, bytes, &access, 1), [&] {
@@ -419,13 +334,11 @@ void CudaBackend::release_event(EventId event) {
 }
 
 void CudaBackend::synchronize() {
-  wait_for_grants(0, 0);
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuCtxSynchronize(), [] { return std::string("cuCtxSynchronize()"); });
 }
 
 void CudaBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) {
-  wait_for_grants(dst / kChunkSize * kChunkSize, bytes + dst % kChunkSize);
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemcpyHtoD_v2(dst, src, bytes), [&] {
     return "cuMemcpyHtoD_v2(dst=" + hex(dst) + ", src=" + hex(src) +
@@ -434,7 +347,6 @@ void CudaBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_
 }
 
 void CudaBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
-  wait_for_grants(src / kChunkSize * kChunkSize, bytes + src % kChunkSize);
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemcpyDtoH_v2(dst, src, bytes), [&] {
     return "cuMemcpyDtoH_v2(dst=" + hex(dst) + ", src=" + hex(src) +

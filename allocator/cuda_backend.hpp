@@ -5,17 +5,14 @@
 // CudaBackend where CUDA is unavailable throws BackendError saying why.
 #pragma once
 
-#include <atomic>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
 
 #include "backend.hpp"
 #include "cuda_driver.hpp"
-#include "deferred_grants.hpp"
 
 namespace vmm {
 
@@ -41,10 +38,6 @@ class CudaBackend final : public Backend {
   void map(std::uintptr_t addr, ChunkHandle chunk) override;
   void unmap(std::uintptr_t addr, std::size_t bytes) override;
   void set_access(std::uintptr_t addr, std::size_t bytes) override;
-  // Note [Deferred grants]: queued on the worker, with `stream` waiting for it on the GPU,
-  // where the driver and device support 64-bit stream waits; otherwise set_access.
-  void grant_for_stream(std::uintptr_t addr, std::size_t bytes, StreamId stream) override;
-  GrantCounts grant_counts() const override;
   bool add_peer(int peer) override;
   void set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) override;
   std::vector<int> peers() const override;
@@ -76,20 +69,6 @@ class CudaBackend final : public Backend {
 
   std::mutex events_mutex_;
   std::vector<cu::CUevent> free_events_;  // created, not in use; at most kMaxPooledEvents
-
-  // Note [Deferred grants]. Set up at the first grant_for_stream (a backend used only for
-  // copies or tests starts no thread); never when the driver or device lacks stream waits.
-  bool start_deferring();
-  // Waits for pending grants overlapping [addr, addr + bytes), or all when bytes == 0.
-  void wait_for_grants(std::uintptr_t addr, std::size_t bytes);
-  std::mutex grants_mutex_;  // guards the setup below, not the grants
-  bool grants_tried_ = false;
-  std::uint64_t* published_ = nullptr;  // pinned, device-mapped host memory
-  cu::CUdeviceptr published_device_ = 0;
-  std::unique_ptr<DeferredGrants> grants_;
-  // grants_ once set up, for the calls that read it outside grants_mutex_ (copies may come
-  // from any thread); it never changes again until the destructor.
-  std::atomic<DeferredGrants*> active_grants_{nullptr};
 };
 
 }  // namespace vmm

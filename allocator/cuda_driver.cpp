@@ -139,11 +139,6 @@ void load_into(Driver& d) {
   need(a.cuMemcpyDtoH_v2, "cuMemcpyDtoH", "cuMemcpyDtoH_v2");
   need(a.cuMemHostRegister_v2, "cuMemHostRegister", "cuMemHostRegister_v2");
   need(a.cuMemHostUnregister, "cuMemHostUnregister", "cuMemHostUnregister");
-  resolve(a.cuDeviceGetAttribute, "cuDeviceGetAttribute", "cuDeviceGetAttribute");
-  resolve(a.cuMemHostAlloc, "cuMemHostAlloc", "cuMemHostAlloc");
-  resolve(a.cuMemFreeHost, "cuMemFreeHost", "cuMemFreeHost");
-  resolve(a.cuMemHostGetDevicePointer_v2, "cuMemHostGetDevicePointer", "cuMemHostGetDevicePointer_v2");
-  resolve(a.cuStreamWaitValue64_v2, "cuStreamWaitValue64", "cuStreamWaitValue64_v2");
   if (missing != nullptr) {
     d.reason = std::string("CUDA is unavailable: the NVIDIA driver's ") + kLibrary +
                " has no " + missing +

@@ -95,17 +95,6 @@ enum CUevent_flags : int {
 
 // cuMemHostRegister's flag for memory pinned for every context (a macro in cuda.h).
 constexpr unsigned int kMemHostRegisterPortable = 0x01;
-// cuMemHostAlloc flags (Note [Deferred grants]: the grant number the GPU waits on).
-constexpr unsigned int kMemHostAllocPortable = 0x01;
-constexpr unsigned int kMemHostAllocDeviceMap = 0x02;
-
-enum CUdevice_attribute : int {
-  CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS = 122,
-};
-
-enum CUstreamWaitValue_flags : int {
-  CU_STREAM_WAIT_VALUE_GEQ = 0x0,
-};
 
 enum CUdriverProcAddress_flags : int {
   CU_GET_PROC_ADDRESS_DEFAULT = 0,
@@ -190,14 +179,6 @@ struct DriverApi {
 
   CUresult (*cuMemHostRegister_v2)(void* p, std::size_t bytesize, unsigned int flags);
   CUresult (*cuMemHostUnregister)(void* p);
-
-  // Optional (null on drivers without them): Note [Deferred grants] needs all five.
-  CUresult (*cuDeviceGetAttribute)(int* value, CUdevice_attribute attribute, CUdevice device);
-  CUresult (*cuMemHostAlloc)(void** p, std::size_t bytesize, unsigned int flags);
-  CUresult (*cuMemFreeHost)(void* p);
-  CUresult (*cuMemHostGetDevicePointer_v2)(CUdeviceptr* dptr, void* p, unsigned int flags);
-  CUresult (*cuStreamWaitValue64_v2)(CUstream stream, CUdeviceptr addr, cuuint64_t value,
-                                     unsigned int flags);
 };
 
 // The driver, loaded and initialised (cuInit) on first call; thread-safe, never throws.

@@ -37,8 +37,6 @@ HostBackend::HostBackend(std::size_t capacity_bytes, int device)
 }
 
 HostBackend::~HostBackend() {
-  release_grants();
-  grants_.reset();  // runs what is queued while the memfd is still open
   if (memfd_ >= 0) close(memfd_);
 }
 
@@ -66,7 +64,6 @@ std::uintptr_t HostBackend::reserve(std::size_t bytes) {
 
 void HostBackend::unreserve(std::uintptr_t addr, std::size_t bytes) {
   check_aligned(addr, bytes, "unreserve");
-  wait_for_grants(addr, bytes);
   if (munmap(reinterpret_cast<void*>(addr), bytes) != 0) throw BackendError(errno_text("munmap"));
 }
 
@@ -114,7 +111,6 @@ void HostBackend::map(std::uintptr_t addr, ChunkHandle chunk) {
 
 void HostBackend::unmap(std::uintptr_t addr, std::size_t bytes) {
   check_aligned(addr, bytes, "unmap");
-  wait_for_grants(addr, bytes);
   // Replace the mapping by a fresh PROT_NONE reservation, so the range stays reserved.
   void* got = mmap(reinterpret_cast<void*>(addr), bytes, PROT_NONE,
                    MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
@@ -130,56 +126,6 @@ void HostBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
   for (auto& peer : peers_) peer.second += bytes;
 }
 
-void HostBackend::grant_for_stream(std::uintptr_t addr, std::size_t bytes, StreamId) {
-  if (!grants_ || grants_->failed()) {
-    set_access(addr, bytes);
-    return;
-  }
-  check_aligned(addr, bytes, "grant_for_stream");
-  grants_->enqueue(addr, bytes);
-}
-
-GrantCounts HostBackend::grant_counts() const {
-  if (!grants_) return {};
-  return GrantCounts{grants_->deferred(), grants_->failures()};
-}
-
-void HostBackend::defer_grants(bool hold, int fail) {
-  {
-    std::lock_guard<std::mutex> lock(hold_mutex_);
-    hold_grants_ = hold;
-    grant_failures_to_inject_ = fail;
-  }
-  if (grants_) return;
-  grants_ = std::make_unique<DeferredGrants>(
-      [this](std::uintptr_t addr, std::size_t bytes) {
-        {
-          std::unique_lock<std::mutex> lock(hold_mutex_);
-          released_.wait(lock, [&] { return !hold_grants_; });
-          if (grant_failures_to_inject_ > 0) {
-            --grant_failures_to_inject_;
-            throw BackendError("host backend: injected failure of a deferred grant");
-          }
-        }
-        set_access(addr, bytes);
-      },
-      &published_);
-}
-
-void HostBackend::release_grants() {
-  {
-    std::lock_guard<std::mutex> lock(hold_mutex_);
-    hold_grants_ = false;
-  }
-  released_.notify_all();
-}
-
-void HostBackend::wait_for_grants(std::uintptr_t addr, std::size_t bytes) {
-  if (!grants_) return;
-  if (bytes == 0) grants_->wait_all();
-  else grants_->wait_overlapping(addr, bytes);
-}
-
 bool HostBackend::add_peer(int peer) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (peer == device_) return false;
@@ -192,7 +138,6 @@ bool HostBackend::add_peer(int peer) {
 
 void HostBackend::set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) {
   check_aligned(addr, bytes, "set_peer_access");
-  wait_for_grants(addr, bytes);
   std::lock_guard<std::mutex> lock(mutex_);
   for (auto& p : peers_) {
     if (p.first == peer) {
@@ -220,12 +165,10 @@ std::size_t HostBackend::peer_granted_bytes(int peer) const {
 }
 
 void HostBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) {
-  wait_for_grants(dst / kChunkSize * kChunkSize, bytes + dst % kChunkSize);
   std::memcpy(reinterpret_cast<void*>(dst), src, bytes);
 }
 
 void HostBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
-  wait_for_grants(src / kChunkSize * kChunkSize, bytes + src % kChunkSize);
   std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
 }
 

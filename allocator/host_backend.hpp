@@ -7,17 +7,13 @@
 // faults, as on a GPU.
 #pragma once
 
-#include <atomic>
-#include <condition_variable>
 #include <cstddef>
 #include <cstdint>
-#include <memory>
 #include <mutex>
 #include <utility>
 #include <vector>
 
 #include "backend.hpp"
-#include "deferred_grants.hpp"
 
 namespace vmm {
 
@@ -42,17 +38,6 @@ class HostBackend final : public Backend {
   void map(std::uintptr_t addr, ChunkHandle chunk) override;
   void unmap(std::uintptr_t addr, std::size_t bytes) override;
   void set_access(std::uintptr_t addr, std::size_t bytes) override;
-  // Synchronous unless defer_grants() was called. Host "streams" run nothing, so a deferred
-  // grant is waited for only by the calls that touch its range (copies, unmap, ...): tests
-  // of Note [Deferred grants] read memory through copy_to_host, never directly.
-  void grant_for_stream(std::uintptr_t addr, std::size_t bytes, StreamId stream) override;
-  GrantCounts grant_counts() const override;
-  // Runs later grants on a worker thread; with `hold`, none runs before release_grants()
-  // (so that tests see them pending); the next `fail` attempts throw (so that tests see a
-  // grant fail).
-  void defer_grants(bool hold, int fail);
-  void release_grants();
-  std::size_t pending_grants() const { return grants_ ? grants_->pending() : 0; }
   // Host memory is equally reachable from every "device", so peers are bookkeeping only;
   // the bytes granted to each are counted so tests can check what was granted.
   bool add_peer(int peer) override;
@@ -66,7 +51,7 @@ class HostBackend final : public Backend {
   bool event_done(EventId) override { return true; }
   void stream_wait_event(StreamId, EventId) override {}
   void release_event(EventId) override {}
-  void synchronize() override { wait_for_grants(0, 0); }
+  void synchronize() override {}
   bool is_capturing(StreamId) override { return false; }
 
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) override;
@@ -81,15 +66,6 @@ class HostBackend final : public Backend {
   std::vector<std::size_t> free_slots_;   // released chunk slots, reused before growing
   std::size_t live_chunks_ = 0;
   std::vector<std::pair<int, std::size_t>> peers_;  // (peer, bytes granted to it)
-
-  // Waits for the deferred grants overlapping [addr, addr + bytes), or all when bytes == 0.
-  void wait_for_grants(std::uintptr_t addr, std::size_t bytes);
-  std::mutex hold_mutex_;
-  std::condition_variable released_;
-  bool hold_grants_ = false;
-  int grant_failures_to_inject_ = 0;
-  std::uint64_t published_ = 0;  // the host plays the device's copy of the grant number
-  std::unique_ptr<DeferredGrants> grants_;  // last: its worker uses the members above
 };
 
 }  // namespace vmm

@@ -324,7 +324,7 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
     for (Chunk* c : picked) c->mappings.reserve(c->mappings.size() + 1);
     base = backend_.reserve(bytes);
     for (; mapped < chunks; ++mapped) backend_.map(base + mapped * kChunkSize, picked[mapped]->handle);
-    grant(base, bytes, stream);
+    backend_.set_access(base, bytes);
   } catch (...) {
     if (mapped > 0) count_failure([&] { backend_.unmap(base, mapped * kChunkSize); });
     if (base != 0) count_failure([&] { backend_.unreserve(base, bytes); });
@@ -437,7 +437,7 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
       return nullptr;
     }
     try {
-      remap_slots(best, slots, fresh, stream);
+      remap_slots(best, slots, fresh);
     } catch (...) {
       rollback_created(created);
       throw;
@@ -451,13 +451,8 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
   return best;
 }
 
-void MappingCache::grant(std::uintptr_t base, std::size_t bytes, StreamId stream) {
-  if (config_.deferred_grants) backend_.grant_for_stream(base, bytes, stream);
-  else backend_.set_access(base, bytes);
-}
-
 void MappingCache::remap_slots(Mapping* mapping, const std::vector<std::size_t>& slots,
-                               const std::vector<Chunk*>& fresh, StreamId stream) {
+                               const std::vector<Chunk*>& fresh) {
   // Capacity first: nothing below the driver calls may throw.
   for (Chunk* c : fresh) c->mappings.reserve(c->mappings.size() + 1);
   std::vector<bool> mapped(mapping->chunks.size(), true);
@@ -469,7 +464,7 @@ void MappingCache::remap_slots(Mapping* mapping, const std::vector<std::size_t>&
       mapped[slots[j]] = false;
       backend_.map(at, fresh[j]->handle);
       mapped[slots[j]] = true;
-      grant(at, kChunkSize, stream);
+      backend_.set_access(at, kChunkSize);
     }
   } catch (...) {
     // The range may have a hole or a slot without access: it is dropped, as an eviction

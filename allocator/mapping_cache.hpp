@@ -193,9 +193,7 @@ class MappingCache {
   // Remaps `slots` of the idle `mapping` to `fresh` chunks (free, not mapped by it).
   // On a throw the mapping is gone (its range had holes) and the caller rolls back.
   void remap_slots(Mapping* mapping, const std::vector<std::size_t>& slots,
-                   const std::vector<Chunk*>& fresh, StreamId stream);
-  // Access for a range `stream` uses first: deferred (Note [Deferred grants]) or at once.
-  void grant(std::uintptr_t base, std::size_t bytes, StreamId stream);
+                   const std::vector<Chunk*>& fresh);
   // Removes `mapping` from every list and index (its range is handled by the caller).
   void detach(Mapping* mapping);
   static bool reusable_without_wait(const Mapping* mapping, std::size_t chunks,

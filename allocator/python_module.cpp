@@ -43,7 +43,6 @@ py::dict config_to_dict(const Config& c) {
   out["cross_stream_reuse"] =
       c.cross_stream_reuse == CrossStreamReuse::kLastResort ? "last_resort" : "always";
   out["repair_blocked"] = c.repair_blocked;
-  out["deferred_grants"] = c.deferred_grants;
   out["host_timing"] = c.host_timing;
   out["history"] = c.history;
   return out;
@@ -158,21 +157,17 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("device", &Backend::device)
       .def_property_readonly("total_memory", &Backend::total_memory)
       .def_property_readonly("free_memory", &Backend::free_memory)
-      .def("synchronize", &Backend::synchronize, py::call_guard<py::gil_scoped_release>())
+      .def("synchronize", &Backend::synchronize)
       .def("peers", &Backend::peers,
            "Other devices granted access to this device's memory (Note [Peer access]).")
       .def("write", [](Backend& b, std::uintptr_t addr, py::bytes data) {
              const std::string s = data;
-             py::gil_scoped_release release;  // may wait for a deferred grant's worker
              b.copy_from_host(addr, s.data(), s.size());
            }, py::arg("address"), py::arg("data"),
            "Copies bytes from the host to mapped memory at `address`.")
       .def("read", [](Backend& b, std::uintptr_t addr, std::size_t n) {
              std::string s(n, '\0');
-             {
-               py::gil_scoped_release release;
-               b.copy_to_host(s.data(), addr, n);
-             }
+             b.copy_to_host(s.data(), addr, n);
              return py::bytes(s);
            }, py::arg("address"), py::arg("size"),
            "Copies `size` bytes of mapped memory at `address` to the host.");
@@ -181,14 +176,7 @@ PYBIND11_MODULE(_C, m) {
       m, "HostBackend", "CUDA VMM semantics on CPU memory (memfd chunks, mmap mappings).")
       .def(py::init<std::size_t, int>(), py::arg("capacity"), py::arg("device") = 0)
       .def("peer_granted_bytes", &HostBackend::peer_granted_bytes, py::arg("peer"),
-           "Bytes granted to device `peer` so far (peers are bookkeeping on the host).")
-      .def("defer_grants", &HostBackend::defer_grants, py::arg("hold") = false, py::arg("fail") = 0,
-           "Runs later access grants on a worker thread (Note [Deferred grants]); with `hold`, "
-           "none before release_grants(); the next `fail` attempts fail. Read such memory "
-           "only through read(): it waits for the grants of the range it reads.")
-      .def("release_grants", &HostBackend::release_grants, py::call_guard<py::gil_scoped_release>())
-      .def("pending_grants", &HostBackend::pending_grants,
-           "Deferred grants queued or running.");
+           "Bytes granted to device `peer` so far (peers are bookkeeping on the host).");
 
   py::class_<CudaBackend, Backend, std::shared_ptr<CudaBackend>>(
       m, "CudaBackend", "The CUDA driver's virtual memory API on one device.")

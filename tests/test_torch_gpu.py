@@ -169,40 +169,6 @@ def test_two_streams_compute_correctly():
     assert r["ok"]
 
 
-def test_fresh_memory_is_right_at_once_with_grants_deferred():
-    # Note [Deferred grants]: new sizes every step make fresh mappings and stitches whose
-    # grants are still queued when the copy engines (H2D, D2D) and kernels are given them.
-    code = """
-        vmmalloc.enable_vmm_allocator(OPTIONS)
-        side = torch.cuda.Stream()
-        host = torch.arange(64 * MiB // 4, dtype=torch.float32).pin_memory()
-        sums, sizes = [], []
-        for step in range(12):
-            for stream in (torch.cuda.current_stream(), side):
-                with torch.cuda.stream(stream):
-                    n = (8 + 5 * step) * MiB // 4
-                    a = torch.empty(n, device="cuda")
-                    a.copy_(host[:n], non_blocking=True)
-                    b = torch.empty_like(a)
-                    b.copy_(a)
-                    c = b * 2 + 1
-                    sums.append(float(c.double().sum().item()))
-                    sizes.append(n)
-                    del a, b, c
-        torch.cuda.synchronize()
-        st = torch.cuda.memory_stats()
-        report(sums=sums, sizes=sizes, deferred=st["vmm.deferred_grants"],
-               failed=st["vmm.deferred_grant_failures"], stitches=st["vmm.stitches"])
-    """
-    on = run(code.replace("OPTIONS", ""))
-    off = run(code.replace("OPTIONS", "deferred_grants=False"))
-    assert on["deferred"] > 0 and on["failed"] == 0, on
-    assert off["deferred"] == 0
-    assert on["sums"] == off["sums"]
-    for n, got in zip(on["sizes"], on["sums"]):  # sum of 2x + 1 over x < n is n^2
-        assert abs(got - n * n) <= 1e-6 * n * n
-
-
 def test_vmmalloc_1_turns_it_on_with_no_code_change():
     r = run("""
         x = torch.ones(10 * MiB, device="cuda")

@@ -45,7 +45,6 @@ MAP(CUmemAllocationGranularity_flags);
 MAP(CUevent_flags);
 MAP(CUstreamCaptureStatus);
 MAP(CUdriverProcAddressQueryResult);
-MAP(CUdevice_attribute);
 MAP(CUmemLocation);
 MAP(CUmemAllocationProp);
 MAP(CUmemAccessDesc);
@@ -106,11 +105,6 @@ SAME_VALUE(CU_EVENT_DEFAULT);
 SAME_VALUE(CU_EVENT_BLOCKING_SYNC);
 SAME_VALUE(CU_EVENT_DISABLE_TIMING);
 static_assert(ours::kMemHostRegisterPortable == CU_MEMHOSTREGISTER_PORTABLE, "CU_MEMHOSTREGISTER_PORTABLE differs");
-static_assert(ours::kMemHostAllocPortable == CU_MEMHOSTALLOC_PORTABLE, "CU_MEMHOSTALLOC_PORTABLE differs");
-static_assert(ours::kMemHostAllocDeviceMap == CU_MEMHOSTALLOC_DEVICEMAP, "CU_MEMHOSTALLOC_DEVICEMAP differs");
-SAME_SIZE(CUdevice_attribute);
-SAME_VALUE(CU_DEVICE_ATTRIBUTE_CAN_USE_64_BIT_STREAM_MEM_OPS);
-SAME_VALUE(CU_STREAM_WAIT_VALUE_GEQ);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_NONE);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_ACTIVE);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_INVALIDATED);
@@ -193,11 +187,6 @@ SAME_SIGNATURE(cuMemcpyHtoD_v2, cuMemcpyHtoD_v2);
 SAME_SIGNATURE(cuMemcpyDtoH_v2, cuMemcpyDtoH_v2);
 SAME_SIGNATURE(cuMemHostRegister_v2, cuMemHostRegister_v2);
 SAME_SIGNATURE(cuMemHostUnregister, cuMemHostUnregister);
-SAME_SIGNATURE(cuDeviceGetAttribute, cuDeviceGetAttribute);
-SAME_SIGNATURE(cuMemHostAlloc, cuMemHostAlloc);
-SAME_SIGNATURE(cuMemFreeHost, cuMemFreeHost);
-SAME_SIGNATURE(cuMemHostGetDevicePointer_v2, cuMemHostGetDevicePointer_v2);
-SAME_SIGNATURE(cuStreamWaitValue64_v2, cuStreamWaitValue64_v2);
 
 // cuda_driver.cpp's private typedef for cuGetProcAddress_v2, restated. (cuda.h declares the
 // 4-argument cuGetProcAddress, our fallback for pre-12.0 drivers, only in an internal section.)
