@@ -384,12 +384,15 @@ bool MappingCache::last_use_finished(const Mapping* mapping) {
          progress_.finished(mapping->last_stream, mapping->released, releases_);
 }
 
+bool MappingCache::blocks_request(const Chunk* chunk, const StreamAffinity* affinity) {
+  return chunk->busy || (affinity != nullptr && !affinity->no_wait(chunk->stream));
+}
+
 std::size_t MappingCache::blocked_slots(const Mapping* mapping, std::size_t chunks,
                                         const StreamAffinity* affinity, std::size_t limit) {
   std::size_t blocked = 0;
   for (std::size_t i = 0; i < chunks && blocked <= limit; ++i) {
-    const Chunk* c = mapping->chunks[i];
-    if (c->busy || (affinity != nullptr && !affinity->no_wait(c->stream))) ++blocked;
+    if (blocks_request(mapping->chunks[i], affinity)) ++blocked;
   }
   return blocked;
 }
@@ -428,8 +431,7 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
     std::vector<std::size_t> slots;
     slots.reserve(best_blocked);
     for (std::size_t i = 0; i < chunks; ++i) {
-      const Chunk* c = best->chunks[i];
-      if (c->busy || (affinity != nullptr && !affinity->no_wait(c->stream))) slots.push_back(i);
+      if (blocks_request(best->chunks[i], affinity)) slots.push_back(i);
     }
     std::vector<Chunk*> fresh, created;
     if (!pick_chunks(slots.size(), /*reuse_free=*/true, allow_create, growth_budget, affinity, fresh,

@@ -188,6 +188,8 @@ class MappingCache {
   // busy chunks and, with `affinity`, chunks that would need a wait; stops past `limit`.
   static std::size_t blocked_slots(const Mapping* mapping, std::size_t chunks,
                                    const StreamAffinity* affinity, std::size_t limit);
+  // Whether a request cannot use `chunk` as it is: busy, or (with `affinity`) a wait.
+  static bool blocks_request(const Chunk* chunk, const StreamAffinity* affinity);
   // Whether the GPU is done with `mapping`'s range (idle), without blocking.
   bool last_use_finished(const Mapping* mapping);
   // Remaps `slots` of the idle `mapping` to `fresh` chunks (free, not mapped by it).

@@ -60,10 +60,4 @@ void StreamProgress::forget() {
   tracks_.clear();
 }
 
-std::size_t StreamProgress::pending_events() const {
-  std::size_t n = 0;
-  for (const Track& t : tracks_) n += t.pending.size();
-  return n;
-}
-
 }  // namespace vmm

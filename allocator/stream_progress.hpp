@@ -33,7 +33,6 @@ class StreamProgress {
   bool finished(StreamId stream, std::uint64_t release, std::uint64_t now);
   // The device was synchronized: every event is done and no longer needed.
   void forget();
-  std::size_t pending_events() const;
 
   std::int64_t events_recorded = 0;
 

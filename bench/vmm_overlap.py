@@ -17,8 +17,15 @@ that launches kernels (a driver lock held across them would): the main thread la
 kernels, host bound, while a second thread (a) sleeps in short naps, releasing the GIL as a
 driver call does, or (b) runs map/grant/unmap cycles. (b) / (a) above 1 is that contention.
 
+With --enqueue-checks, the question is whether a range may be handed out mapped but not yet
+granted (the grant finished later by another thread, the stream held back on the GPU until
+then): each call below is made on a stream blocked on a host flag, against such a range, and
+its return code printed. (Measured: copies and memsets of every kind are rejected at enqueue,
+"invalid argument", so a grant must be done before the pointer is returned.)
+
     python3 -m bench.vmm_overlap [--handles 32] [--cycles 20] [--products 2000] [--repeats 5]
     python3 -m bench.vmm_overlap --threads [--launches 20000]
+    python3 -m bench.vmm_overlap --enqueue-checks
 
 Needs a GPU and cuda-python's driver bindings (cuda.bindings); prints one JSON line.
 """
@@ -216,6 +223,56 @@ def measure_threads(handles: int, launches: int, repeats: int) -> dict:
     }
 
 
+def enqueue_checks() -> dict:
+    import ctypes
+
+    import torch
+    from cuda.bindings import driver as cu
+    from cuda.bindings import runtime as rt
+
+    torch.cuda.init()
+    device = torch.cuda.current_device()
+    handle_cycle = VmmCycle(device, 1)  # for its property and access descriptors
+    chunk = handle_cycle.chunk
+    flag = _check(cu.cuMemHostAlloc(64, 0x3))  # portable, device-mapped
+    flag_device = _check(cu.cuMemHostGetDevicePointer(flag, 0))
+    word = ctypes.c_uint64.from_address(int(flag))
+    word.value = 0
+    other = torch.zeros(chunk // 4, device="cuda")
+    host = torch.zeros(chunk // 4).pin_memory()
+    stream = torch.cuda.Stream().cuda_stream
+    kinds = rt.cudaMemcpyKind
+    calls = {
+        "cudaMemcpyAsync H2D": lambda p: rt.cudaMemcpyAsync(p, host.data_ptr(), chunk, kinds.cudaMemcpyHostToDevice, stream),
+        "cudaMemcpyAsync D2H": lambda p: rt.cudaMemcpyAsync(host.data_ptr(), p, chunk, kinds.cudaMemcpyDeviceToHost, stream),
+        "cudaMemcpyAsync D2D to it": lambda p: rt.cudaMemcpyAsync(p, other.data_ptr(), chunk, kinds.cudaMemcpyDeviceToDevice, stream),
+        "cudaMemcpyAsync D2D from it": lambda p: rt.cudaMemcpyAsync(other.data_ptr(), p, chunk, kinds.cudaMemcpyDeviceToDevice, stream),
+        "cudaMemsetAsync": lambda p: rt.cudaMemsetAsync(p, 0, chunk, stream),
+        "cudaPointerGetAttributes": lambda p: rt.cudaPointerGetAttributes(p),
+    }
+    out = {}
+    for number, (name, call) in enumerate(calls.items(), start=1):
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = device
+        handle = _check(cu.cuMemCreate(chunk, prop, 0))
+        base = int(_check(cu.cuMemAddressReserve(chunk, 0, 0, 0)))
+        _check(cu.cuMemMap(base, chunk, 0, handle, 0))
+        _check(cu.cuStreamWaitValue64(stream, flag_device, number, 0))  # holds the stream
+        err = call(base)[0]
+        out[name] = "accepted" if int(err) == 0 else f"rejected: {err}"
+        _check(cu.cuMemSetAccess(base, chunk, [handle_cycle.access], 1))
+        word.value = number  # the grant is done: the stream may run
+        torch.cuda.synchronize()
+        _check(cu.cuMemUnmap(base, chunk))
+        _check(cu.cuMemAddressFree(base, chunk))
+        _check(cu.cuMemRelease(handle))
+    handle_cycle.close()
+    return {"benchmark": "vmm_overlap_enqueue_checks", "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "calls": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m bench.vmm_overlap", description=__doc__.splitlines()[0])
     p.add_argument("--handles", type=int, default=32, help="2 MiB handles mapped per cycle (default 32)")
@@ -225,8 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", action="store_true", help="measure contention between threads instead")
     p.add_argument("--launches", type=int, default=20000, help="kernels launched per run with --threads")
+    p.add_argument("--enqueue-checks", action="store_true",
+                   help="which calls reject a range mapped but not yet granted")
     args = p.parse_args(argv)
-    if args.threads:
+    if args.enqueue_checks:
+        print(json.dumps(enqueue_checks()))
+    elif args.threads:
         print(json.dumps(measure_threads(args.handles, args.launches, args.repeats)))
     else:
         print(json.dumps(measure(args.handles, args.cycles, args.products, args.repeats, args.size)))
