@@ -232,6 +232,7 @@ def enqueue_checks() -> dict:
 
     torch.cuda.init()
     device = torch.cuda.current_device()
+    torch.zeros(1, device="cuda")  # the primary context, current on this thread
     handle_cycle = VmmCycle(device, 1)  # for its property and access descriptors
     chunk = handle_cycle.chunk
     flag = _check(cu.cuMemHostAlloc(64, 0x3))  # portable, device-mapped
