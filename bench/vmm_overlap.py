@@ -26,6 +26,7 @@ its return code printed. (Measured: copies and memsets of every kind are rejecte
     python3 -m bench.vmm_overlap [--handles 32] [--cycles 20] [--products 2000] [--repeats 5]
     python3 -m bench.vmm_overlap --threads [--launches 20000]
     python3 -m bench.vmm_overlap --enqueue-checks
+    python3 -m bench.vmm_overlap --handle-sizes   # what each call costs per handle size
 
 Needs a GPU and cuda-python's driver bindings (cuda.bindings); prints one JSON line.
 """
@@ -274,6 +275,46 @@ def enqueue_checks() -> dict:
             "torch": torch.__version__, "calls": out}
 
 
+def handle_sizes(repeats: int) -> dict:
+    """cuMemCreate, cuMemMap, cuMemSetAccess and cuMemUnmap of one handle, by its size
+    (GPU idle): is a grant charged per handle or per byte?"""
+    import torch
+    from cuda.bindings import driver as cu
+
+    torch.cuda.init()
+    device = torch.cuda.current_device()
+    torch.zeros(1, device="cuda")  # the primary context, current on this thread
+    access = VmmCycle(device, 1)
+    out = {}
+    for mib in (2, 8, 32, 128, 512):
+        size = mib << 20
+        prop = cu.CUmemAllocationProp()
+        prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+        prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+        prop.location.id = device
+        times: dict[str, list[float]] = {"create": [], "map": [], "set_access": [], "unmap": [], "release": []}
+        base = int(_check(cu.cuMemAddressReserve(size, 0, 0, 0)))
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            handle = _check(cu.cuMemCreate(size, prop, 0))
+            t1 = time.perf_counter()
+            _check(cu.cuMemMap(base, size, 0, handle, 0))
+            t2 = time.perf_counter()
+            _check(cu.cuMemSetAccess(base, size, [access.access], 1))
+            t3 = time.perf_counter()
+            _check(cu.cuMemUnmap(base, size))
+            t4 = time.perf_counter()
+            _check(cu.cuMemRelease(handle))
+            t5 = time.perf_counter()
+            for key, dt in zip(times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4)):
+                times[key].append(dt)
+        _check(cu.cuMemAddressFree(base, size))
+        out[f"{mib}MiB"] = {k: round(statistics.median(v) * 1e6, 1) for k, v in times.items()}
+    access.close()
+    return {"benchmark": "vmm_overlap_handle_sizes", "gpu": torch.cuda.get_device_name(),
+            "torch": torch.__version__, "repeats": repeats, "median_us_per_call": out}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python3 -m bench.vmm_overlap", description=__doc__.splitlines()[0])
     p.add_argument("--handles", type=int, default=32, help="2 MiB handles mapped per cycle (default 32)")
@@ -283,10 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", action="store_true", help="measure contention between threads instead")
     p.add_argument("--launches", type=int, default=20000, help="kernels launched per run with --threads")
+    p.add_argument("--handle-sizes", action="store_true",
+                   help="what create/map/grant/unmap cost per handle size (GPU idle)")
     p.add_argument("--enqueue-checks", action="store_true",
                    help="which calls reject a range mapped but not yet granted")
     args = p.parse_args(argv)
-    if args.enqueue_checks:
+    if args.handle_sizes:
+        print(json.dumps(handle_sizes(args.repeats * 4)))
+    elif args.enqueue_checks:
         print(json.dumps(enqueue_checks()))
     elif args.threads:
         print(json.dumps(measure_threads(args.handles, args.launches, args.repeats)))
