@@ -10,7 +10,9 @@ stitch costs the GPU time too, not only host time that a queue hides. This measu
 - both: the same K products with one cycle after every K/M launches.
 
 If the calls never touch the GPU's queue, both ~= max(gpu, vmm + launch time); a stall shows as
-both - max(...) > 0. Per-cycle latency is also reported for an idle and a busy GPU.
+both - max(...) > 0. (Launch time includes the host's waits on a full launch queue, so with
+many products the GPU time is the bound.) Per-cycle latency is also reported for an idle and
+a busy GPU.
 
 With --threads, the question is whether such calls, made on another thread, slow the thread
 that launches kernels (a driver lock held across them would): the main thread launches small
@@ -46,7 +48,8 @@ def _check(result):
 
 
 class VmmCycle:
-    """N physical 2 MiB handles and one reserved range to map them into, again and again."""
+    """N physical handles of the recommended granularity (2 MiB on our GPUs) and one reserved
+    range to map them into, again and again."""
 
     def __init__(self, device: int, handles: int):
         from cuda.bindings import driver as cu
@@ -101,7 +104,7 @@ def measure(handles: int, cycles: int, products: int, repeats: int, size: int) -
         torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    def launches_only() -> float:  # host time to queue the products
+    def launches_only() -> float:  # host time to queue the products (blocks on a full queue)
         torch.cuda.synchronize()
         start = time.perf_counter()
         for _ in range(products):
