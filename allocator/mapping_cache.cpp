@@ -134,9 +134,9 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
 // Best fit among ready mappings of `chunks` to `chunks * reuse_ratio` chunks: first those
 // last used on `stream`, then those known idle, then those of other streams (which cost
 // a GPU-side wait in use()); with `affinity`, only the first two, and only mappings whose
-// chunks were all last used on `stream` or are known idle. A much larger mapping is not used for a small request: its
-// range would stay busy while most of its chunks sit idle, and the next request that
-// needs it would have to stitch.
+// chunks were all last used on `stream` or are known idle. A much larger mapping is not
+// used for a small request: its range would stay busy while most of its chunks sit idle,
+// and the next request that needs it would have to stitch.
 Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream, const StreamAffinity* affinity,
                                   bool count_miss) {
   skipped_busy_ = 0;
@@ -264,8 +264,7 @@ bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_c
     std::size_t feeding = 0;
     for (const auto& owned : pool_.all()) {
       Chunk* c = owned.get();
-      if (c->busy) continue;
-      if (affinity != nullptr && !affinity->no_wait(c->stream)) continue;
+      if (blocks_request(c, affinity)) continue;
       if (exclude != nullptr &&
           std::find(c->mappings.begin(), c->mappings.end(), exclude) != c->mappings.end()) {
         continue;
@@ -377,8 +376,8 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
 // between n/5 and n/2 and grows beyond (bench/NOTES.md), so a repair is done for k <= n/3.
 // It needs the candidate's last use finished, since unmapping does not wait for the GPU:
 // Note [Stream progress] tells that without blocking. Until it can tell, the request
-// stitches as before. The slots' old chunks stay where they are
-// mapped elsewhere; a chunk mapped nowhere any more is an ordinary free chunk.
+// stitches as before. The slots' old chunks stay where they are mapped elsewhere; a chunk
+// mapped nowhere any more is an ordinary free chunk.
 bool MappingCache::last_use_finished(const Mapping* mapping) {
   return mapping->last_stream == kNoStream ||
          progress_.finished(mapping->last_stream, mapping->released, releases_);

@@ -189,6 +189,7 @@ class MappingCache {
   static std::size_t blocked_slots(const Mapping* mapping, std::size_t chunks,
                                    const StreamAffinity* affinity, std::size_t limit);
   // Whether a request cannot use `chunk` as it is: busy, or (with `affinity`) a wait.
+  // The one test for blocked slots (repair) and for chunks a stitch may pick.
   static bool blocks_request(const Chunk* chunk, const StreamAffinity* affinity);
   // Whether the GPU is done with `mapping`'s range (idle), without blocking.
   bool last_use_finished(const Mapping* mapping);
