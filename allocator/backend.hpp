@@ -1,7 +1,8 @@
 // The one interface between the allocator and the memory it manages.
 //
-// A backend reserves virtual ranges, creates 2 MiB physical chunks, maps chunks into
-// ranges and unmaps them, and tells the allocator when work on a stream has finished.
+// A backend reserves virtual ranges, creates physical handles (one 2 MiB chunk, or a large
+// handle of several: Note [Large handles] in chunk_pool.hpp), maps handles into ranges and
+// unmaps them, and tells the allocator when work on a stream has finished.
 // It holds no allocator policy: the caching allocator decides what to map where.
 //
 // Note [Backend error contract]
@@ -58,16 +59,18 @@ class Backend {
   virtual std::uintptr_t reserve(std::size_t bytes) = 0;
   virtual void unreserve(std::uintptr_t addr, std::size_t bytes) = 0;
 
-  // Physical chunks of exactly kChunkSize bytes.
-  virtual ChunkHandle create_chunk() = 0;
+  // A physical handle of `bytes`, a non-zero multiple of kChunkSize.
+  virtual ChunkHandle create_chunk(std::size_t bytes) = 0;
   virtual void release_chunk(ChunkHandle chunk) = 0;
 
-  // Map one chunk at `addr` (kChunkSize-aligned, inside a reserved range). A mapped range
-  // is not accessible until set_access is called on it. unmap takes any chunk-aligned
-  // sub-range whose chunks are all mapped.
-  virtual void map(std::uintptr_t addr, ChunkHandle chunk) = 0;
+  // Maps the whole handle `chunk`, created with `bytes`, at `addr` (kChunkSize-aligned,
+  // inside a reserved range, nothing mapped there yet). A mapped range is not accessible
+  // until set_access is called on it. unmap takes any range made of whole mapped handles,
+  // back to back (cuMemUnmap refuses part of a handle's mapping).
+  virtual void map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) = 0;
   virtual void unmap(std::uintptr_t addr, std::size_t bytes) = 0;
-  // Grants read-write access to this device and to every peer added so far.
+  // Grants read-write access to this device and to every peer added so far, on a range
+  // of whole mapped handles. Its cost is per handle, whatever the handle's size (FACTS.md).
   virtual void set_access(std::uintptr_t addr, std::size_t bytes) = 0;
 
   // Note [Peer access]

@@ -493,6 +493,7 @@ StatList CachingAllocator::stats_locked() const {
   out.emplace_back("max_split_size", -1);
   append_stat(out, "vmm.chunks", pool_.chunks_stat);
   out.emplace_back("vmm.free_chunks", static_cast<std::int64_t>(pool_.free_count()));
+  out.emplace_back("vmm.large_handles", static_cast<std::int64_t>(pool_.large_handles()));
   out.emplace_back("vmm.memory_cap", static_cast<std::int64_t>(pool_.cap()));
   out.emplace_back("vmm.small_segments", static_cast<std::int64_t>(small_.segment_count()));
   out.emplace_back("vmm.pending_frees", static_cast<std::int64_t>(pending_.size()));

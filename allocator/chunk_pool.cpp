@@ -1,5 +1,6 @@
 #include "chunk_pool.hpp"
 
+#include <memory>
 #include <string>
 
 #include "errors.hpp"
@@ -7,41 +8,57 @@
 namespace vmm {
 
 ChunkPool::~ChunkPool() {
-  for (auto& chunk : chunks_) {
+  std::vector<Chunk*> heads;  // collected first: deleting a head frees its other chunks
+  for (Chunk* chunk : chunks_) {
+    if (chunk->is_head()) heads.push_back(chunk);
+  }
+  for (Chunk* head : heads) {
     try {
-      backend_.release_chunk(chunk->handle);
+      backend_.release_chunk(head->handle);
     } catch (const std::exception&) {
       // Destruction must not throw; the driver reclaims the handle at process exit.
     }
+    delete[] head;
   }
 }
 
-Chunk* ChunkPool::create() {
-  if ((chunks_.size() + 1) * kChunkSize > cap_bytes_) {
+Chunk* ChunkPool::create(std::size_t chunks) {
+  if ((chunks_.size() + chunks) * kChunkSize > cap_bytes_) {
     throw CapExceeded("memory cap of " + std::to_string(cap_bytes_ >> 20) + " MiB reached");
   }
-  auto chunk = std::make_unique<Chunk>();
-  chunks_.reserve(chunks_.size() + 1);  // so that push_back below cannot throw
-  chunk->handle = backend_.create_chunk();
-  chunk->id = next_id_++;
-  chunk->index = chunks_.size();
-  Chunk* raw = chunk.get();
-  chunks_.push_back(std::move(chunk));
-  ++free_count_;
-  chunks_stat.increase(1);
+  std::unique_ptr<Chunk[]> handle(new Chunk[chunks]);
+  chunks_.reserve(chunks_.size() + chunks);  // so that the pushes below cannot throw
+  const ChunkHandle physical = backend_.create_chunk(chunks * kChunkSize);
+  for (std::size_t k = 0; k < chunks; ++k) {
+    Chunk& c = handle[k];
+    c.handle = physical;
+    c.id = next_id_++;
+    c.index = chunks_.size();
+    c.handle_chunks = static_cast<std::uint32_t>(chunks);
+    c.handle_pos = static_cast<std::uint32_t>(k);
+    chunks_.push_back(&c);
+  }
+  free_count_ += chunks;
+  chunks_stat.increase(static_cast<std::int64_t>(chunks));
+  if (chunks > 1) ++large_handles_;
   ++created;
-  return raw;
+  return handle.release();
 }
 
-void ChunkPool::release(Chunk* chunk) {
-  backend_.release_chunk(chunk->handle);
-  --free_count_;
-  const std::size_t index = chunk->index;
-  chunks_[index] = std::move(chunks_.back());
-  chunks_[index]->index = index;
-  chunks_.pop_back();
-  chunks_stat.decrease(1);
+void ChunkPool::release(Chunk* head) {
+  backend_.release_chunk(head->handle);
+  const std::size_t chunks = head->handle_chunks;
+  for (std::size_t k = 0; k < chunks; ++k) {
+    const std::size_t index = head[k].index;
+    chunks_[index] = chunks_.back();
+    chunks_[index]->index = index;
+    chunks_.pop_back();
+  }
+  free_count_ -= chunks;
+  chunks_stat.decrease(static_cast<std::int64_t>(chunks));
+  if (chunks > 1) --large_handles_;
   ++released;
+  delete[] head;
 }
 
 }  // namespace vmm

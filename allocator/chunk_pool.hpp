@@ -1,6 +1,18 @@
 // The physical chunks of one device: creation under the memory cap, release, and the list
 // of free chunks that stitching draws from.
 //
+// Note [Large handles]
+// A chunk is the allocator's unit, 2 MiB, and what busy/free, streams and mapping lists
+// are kept for. Physically a chunk is either a handle of its own or one of the
+// `handle_chunks` consecutive chunks of a large handle (16 MiB by default, config
+// large_handle_size). A grant costs per handle whatever its size (FACTS.md, bench/NOTES.md
+// "Several GPUs" item 15), so a request of n chunks mapped as n/L large handles and n%L
+// single chunks pays about L times fewer grants. The driver maps and unmaps a handle only
+// whole, so the invariant every mapping keeps: a large handle's chunks are mapped together,
+// back to back in order, or not at all. Hence they share one mapping list, and a large
+// handle is picked for a stitch only when all its chunks are free. Its chunks are one
+// array, so chunk k of a handle is head + k.
+//
 // Note [Chunk states]
 // Only slow paths (stitching, release) enumerate free chunks, by scanning all(); the hot
 // path flips `busy` and a counter, nothing more.
@@ -35,6 +47,12 @@ struct Chunk {
   std::vector<Mapping*> mappings;  // cached mappings that map this chunk
   std::size_t index = 0;  // position in ChunkPool::chunks_
   std::uint64_t pick_mark = 0;  // MappingCache::pick_chunks' current pick, to skip duplicates
+  std::uint32_t handle_chunks = 1;  // chunks of its handle (Note [Large handles])
+  std::uint32_t handle_pos = 0;     // its place in the handle: head() is this - handle_pos
+
+  Chunk* head() { return this - handle_pos; }
+  const Chunk* head() const { return this - handle_pos; }
+  bool is_head() const { return handle_pos == 0; }
 };
 
 class ChunkPool {
@@ -44,11 +62,13 @@ class ChunkPool {
   ChunkPool(const ChunkPool&) = delete;
   ChunkPool& operator=(const ChunkPool&) = delete;
 
-  // A new free chunk. Throws CapExceeded past `cap_bytes`, DeviceOutOfMemory or
-  // BackendError from the backend; nothing changes on failure.
-  Chunk* create();
-  // Returns a free, unmapped chunk to the backend.
-  void release(Chunk* chunk);
+  // A new free handle of `chunks` chunks; returns its head. Throws CapExceeded past
+  // `cap_bytes`, DeviceOutOfMemory or BackendError from the backend; nothing changes on
+  // failure.
+  Chunk* create(std::size_t chunks = 1);
+  // Returns a handle whose chunks are all free and unmapped to the backend (`head`: its
+  // first chunk).
+  void release(Chunk* head);
 
   void mark_busy(Chunk* chunk) {
     chunk->busy = true;
@@ -61,21 +81,25 @@ class ChunkPool {
   }
 
   std::size_t free_count() const { return free_count_; }
-  std::size_t count() const { return chunks_.size(); }
-  const std::vector<std::unique_ptr<Chunk>>& all() const { return chunks_; }
+  std::size_t count() const { return chunks_.size(); }  // chunks, not handles
+  std::size_t large_handles() const { return large_handles_; }
+  // Every chunk, in no particular order; a large handle's chunks are all there.
+  const std::vector<Chunk*>& all() const { return chunks_; }
 
   void set_cap(std::size_t bytes) { cap_bytes_ = bytes; }
   std::size_t cap() const { return cap_bytes_; }
 
   Stat chunks_stat;  // live chunks
-  std::int64_t created = 0;
-  std::int64_t released = 0;
+  std::int64_t created = 0;   // handles
+  std::int64_t released = 0;  // handles
 
  private:
   Backend& backend_;
   std::size_t cap_bytes_ = 0;
-  std::vector<std::unique_ptr<Chunk>> chunks_;
+  // Owns the chunks: each handle's chunks are one new[]-ed array, deleted by release().
+  std::vector<Chunk*> chunks_;
   std::size_t free_count_ = 0;
+  std::size_t large_handles_ = 0;
   std::uint64_t next_id_ = 1;
 };
 

@@ -49,8 +49,8 @@ bool parse_bool(const std::string& key, const std::string& value) {
 
 const char* config_keys() {
   return "memory_cap, memory_fraction, stitching, max_cached_mappings, max_mapped_bytes, "
-         "reuse_ratio, growth_slack, max_ready_scan, cross_stream_reuse, repair_blocked, host_timing, "
-         "history";
+         "reuse_ratio, growth_slack, max_ready_scan, cross_stream_reuse, repair_blocked, "
+         "large_handle_size, host_timing, history";
 }
 
 std::size_t parse_bytes(const std::string& raw, const std::string& what) {
@@ -134,6 +134,13 @@ Config parse_config(const std::string& text) {
       if (v == "last_resort") config.cross_stream_reuse = CrossStreamReuse::kLastResort;
       else if (v == "always") config.cross_stream_reuse = CrossStreamReuse::kAlways;
       else bad_value(key, value, "last_resort or always");
+    } else if (key == "large_handle_size") {
+      const char* allowed = "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB";
+      config.large_handle_size = parse_bytes(value, key);
+      if (config.large_handle_size % (std::size_t{2} << 20) != 0 ||
+          config.large_handle_size > (std::size_t{1} << 30)) {
+        bad_value(key, value, allowed);
+      }
     } else if (key == "growth_slack") {
       config.growth_slack = parse_double(key, value, "a number in [0, 1]");
       if (config.growth_slack < 0 || config.growth_slack > 1) bad_value(key, value, "a number in [0, 1]");

@@ -41,6 +41,9 @@ struct Config {
   // A miss repairs a fitting idle mapping that a few busy chunks block, remapping only
   // those slots, instead of stitching a new one (Note [Repairing blocked mappings]).
   bool repair_blocked = true;
+  // Requests of at least this many bytes are mapped from physical handles of this size,
+  // their tails from 2 MiB chunks (Note [Large handles]); 0 or 2 MiB: 2 MiB chunks only.
+  std::size_t large_handle_size = std::size_t{16} << 20;
   // Time allocate and deallocate into vmm.host_time_ns (Note [Host time]); off by default
   // since the clock reads cost as much as the cached path itself.
   bool host_timing = false;

@@ -182,16 +182,20 @@ void CudaBackend::unreserve(std::uintptr_t addr, std::size_t bytes) {
   });
 }
 
-ChunkHandle CudaBackend::create_chunk() {
+ChunkHandle CudaBackend::create_chunk(std::size_t bytes) {
+  if (bytes == 0 || bytes % kChunkSize != 0) {
+    throw BackendError("cuda backend: create_chunk needs a non-zero multiple of 2 MiB, got " +
+                       std::to_string(bytes) + " bytes");
+  }
   ContextGuard guard(api_, context_, device_);
   const cu::CUmemAllocationProp prop = chunk_prop(device_);
   cu::CUmemGenericAllocationHandle handle = 0;
-  const cu::CUresult result = api_.cuMemCreate(&handle, kChunkSize, &prop, 0);
+  const cu::CUresult result = api_.cuMemCreate(&handle, bytes, &prop, 0);
   if (result == cu::CUDA_ERROR_OUT_OF_MEMORY) {
     throw DeviceOutOfMemory(
-        failure(device_, result, "cuMemCreate(bytes=" + std::to_string(kChunkSize) + ")"));
+        failure(device_, result, "cuMemCreate(bytes=" + std::to_string(bytes) + ")"));
   }
-  check(device_, result, [&] { return "cuMemCreate(bytes=" + std::to_string(kChunkSize) + ")"; });
+  check(device_, result, [&] { return "cuMemCreate(bytes=" + std::to_string(bytes) + ")"; });
   // Nothing can fail after cuMemCreate succeeded, so no handle can leak. Keep it that way:
   // any check added below must release `handle` before throwing.
   return static_cast<ChunkHandle>(handle);
@@ -203,10 +207,10 @@ void CudaBackend::release_chunk(ChunkHandle chunk) {
         [&] { return "cuMemRelease(handle=" + hex(chunk) + ")"; });
 }
 
-void CudaBackend::map(std::uintptr_t addr, ChunkHandle chunk) {
+void CudaBackend::map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);
-  check(device_, api_.cuMemMap(addr, kChunkSize, 0, chunk, 0), [&] {
-    return "cuMemMap(addr=" + hex(addr) + ", bytes=" + std::to_string(kChunkSize) +
+  check(device_, api_.cuMemMap(addr, bytes, 0, chunk, 0), [&] {
+    return "cuMemMap(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) +
            ", handle=" + hex(chunk) + ")";
   });
 }

@@ -33,9 +33,9 @@ class CudaBackend final : public Backend {
 
   std::uintptr_t reserve(std::size_t bytes) override;
   void unreserve(std::uintptr_t addr, std::size_t bytes) override;
-  ChunkHandle create_chunk() override;
+  ChunkHandle create_chunk(std::size_t bytes) override;
   void release_chunk(ChunkHandle chunk) override;
-  void map(std::uintptr_t addr, ChunkHandle chunk) override;
+  void map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) override;
   void unmap(std::uintptr_t addr, std::size_t bytes) override;
   void set_access(std::uintptr_t addr, std::size_t bytes) override;
   bool add_peer(int peer) override;

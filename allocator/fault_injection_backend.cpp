@@ -102,14 +102,14 @@ std::uintptr_t FaultInjectionBackend::reserve(std::size_t bytes) {
   return inner_->reserve(bytes);
 }
 
-ChunkHandle FaultInjectionBackend::create_chunk() {
+ChunkHandle FaultInjectionBackend::create_chunk(std::size_t bytes) {
   maybe_fail(BackendOp::kCreateChunk, "create_chunk");
-  return inner_->create_chunk();
+  return inner_->create_chunk(bytes);
 }
 
-void FaultInjectionBackend::map(std::uintptr_t addr, ChunkHandle chunk) {
+void FaultInjectionBackend::map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) {
   maybe_fail(BackendOp::kMap, "map");
-  inner_->map(addr, chunk);
+  inner_->map(addr, chunk, bytes);
 }
 
 void FaultInjectionBackend::set_access(std::uintptr_t addr, std::size_t bytes) {

@@ -40,9 +40,9 @@ class FaultInjectionBackend final : public Backend {
   std::size_t free_memory() const override { return inner_->free_memory(); }
   std::uintptr_t reserve(std::size_t bytes) override;
   void unreserve(std::uintptr_t addr, std::size_t bytes) override { inner_->unreserve(addr, bytes); }
-  ChunkHandle create_chunk() override;
+  ChunkHandle create_chunk(std::size_t bytes) override;
   void release_chunk(ChunkHandle chunk) override { inner_->release_chunk(chunk); }
-  void map(std::uintptr_t addr, ChunkHandle chunk) override;
+  void map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) override;
   void unmap(std::uintptr_t addr, std::size_t bytes) override {
     maybe_fail(BackendOp::kUnmap, "unmap");
     inner_->unmap(addr, bytes);

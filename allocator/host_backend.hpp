@@ -1,14 +1,16 @@
 // The host backend: CUDA VMM semantics on CPU memory, so the allocator runs for real in CI.
 //
-// Physical chunks are kChunkSize-sized offsets of one memfd. Reserving is a PROT_NONE
-// anonymous mapping; mapping a chunk is mmap(MAP_FIXED | MAP_SHARED) of its memfd offset,
-// so two virtual ranges that map one chunk really alias. set_access makes a mapped
-// range readable and writable, as cuMemSetAccess does; before it, touching the range
-// faults, as on a GPU.
+// Physical handles are runs of kChunkSize-sized slots of one memfd. Reserving is a
+// PROT_NONE anonymous mapping; mapping a handle is mmap(MAP_FIXED | MAP_SHARED) of its
+// memfd offset, so two virtual ranges that map one handle really alias. set_access makes a
+// mapped range readable and writable, as cuMemSetAccess does; before it, touching the
+// range faults, as on a GPU. Like the driver, it refuses to map over a mapping and to
+// unmap or grant part of a handle's mapping, so CPU tests catch what a GPU would refuse.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+#include <map>
 #include <mutex>
 #include <utility>
 #include <vector>
@@ -33,9 +35,9 @@ class HostBackend final : public Backend {
 
   std::uintptr_t reserve(std::size_t bytes) override;
   void unreserve(std::uintptr_t addr, std::size_t bytes) override;
-  ChunkHandle create_chunk() override;
+  ChunkHandle create_chunk(std::size_t bytes) override;
   void release_chunk(ChunkHandle chunk) override;
-  void map(std::uintptr_t addr, ChunkHandle chunk) override;
+  void map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) override;
   void unmap(std::uintptr_t addr, std::size_t bytes) override;
   void set_access(std::uintptr_t addr, std::size_t bytes) override;
   // Host memory is equally reachable from every "device", so peers are bookkeeping only;
@@ -62,9 +64,14 @@ class HostBackend final : public Backend {
   const int device_;
   int memfd_ = -1;
   mutable std::mutex mutex_;
-  std::size_t file_chunks_ = 0;           // chunks the memfd has room for
-  std::vector<std::size_t> free_slots_;   // released chunk slots, reused before growing
+  // Throws unless [addr, addr + bytes) is exactly a run of mapped handles, back to back.
+  void check_whole_handles(std::uintptr_t addr, std::size_t bytes, const char* call) const;
+
+  std::size_t file_chunks_ = 0;           // chunk slots the memfd has room for
+  // Released handles' first slots by the handle's size in chunks, reused before growing.
+  std::map<std::size_t, std::vector<std::size_t>> free_slots_;
   std::size_t live_chunks_ = 0;
+  std::map<std::uintptr_t, std::size_t> mapped_;  // address of each mapped handle -> bytes
   std::vector<std::pair<int, std::size_t>> peers_;  // (peer, bytes granted to it)
 };
 

@@ -14,6 +14,8 @@ MappingCache::MappingCache(Backend& backend, ChunkPool& pool, const Config& conf
     : backend_(backend), pool_(pool), config_(config), progress_(backend, backend_errors) {
   max_mapped_bytes_ = config.max_mapped_bytes != 0 ? config.max_mapped_bytes
                                                    : 4 * backend.total_memory();
+  const std::size_t large = config.large_handle_size / kChunkSize;
+  large_chunks_ = large >= 2 ? large : 0;
 }
 
 MappingCache::~MappingCache() {
@@ -121,7 +123,7 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
   std::size_t skipped = 0;
   for (auto it = idle_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
        it != idle_.end() && it->stream == stream && it->chunks <= max_chunks; ++it) {
-    if (it->mapping->busy_chunks == 0 &&
+    if (!wastes_tail(it->mapping, chunks) && it->mapping->busy_chunks == 0 &&
         (affinity == nullptr || reusable_without_wait(it->mapping, chunks, *affinity))) {
       return it->mapping;
     }
@@ -234,100 +236,119 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
 // mappings as possible break, and the coldest ones. (Measured under FSDP2: 15% fewer
 // stitches. Most stitches never get here; they take the free chunks of mappings that one
 // busy chunk already blocks: bench/NOTES.md, "Several GPUs".)
-void MappingCache::take_from_ready(std::size_t chunks, const StreamAffinity* affinity,
-                                   std::vector<Chunk*>& picked, const Mapping* exclude) {
-  const std::uint64_t mark = ++pick_serial_;
-  for (Chunk* c : picked) c->pick_mark = mark;
+void MappingCache::take_from_ready(PickPlan& plan, const StreamAffinity* affinity,
+                                   const Mapping* exclude) {
+  // Handles offered are marked with their own serial, so that one shared by two ready
+  // mappings is offered once; those the plan already took carry its mark and are skipped.
+  const std::uint64_t taken = plan.mark();
+  const std::uint64_t offered = ++pick_serial_;
+  const bool want_large = plan.large_spans() > 0;
   if (exclude != nullptr) {
-    for (Chunk* c : exclude->chunks) c->pick_mark = mark;
+    for (Chunk* c : exclude->chunks) c->pick_mark = offered;
   }
-  for (Mapping* m = lru_head_; m != nullptr && picked.size() < chunks; m = m->lru_next) {
+  const std::size_t need = plan.missing();
+  std::vector<Chunk*> heads, singles;
+  std::size_t gathered = 0;
+  for (Mapping* m = lru_head_; m != nullptr && gathered < need; m = m->lru_next) {
     if (!is_ready(m)) continue;
     for (Chunk* c : m->chunks) {
-      if (picked.size() == chunks) break;
-      if (c->pick_mark == mark) continue;  // shared with a mapping taken before
-      if (affinity != nullptr && !affinity->no_wait(c->stream)) continue;
-      c->pick_mark = mark;
-      picked.push_back(c);
+      if (gathered >= need) break;
+      // A large handle's chunks follow its head in every mapping (Note [Large handles]).
+      if (!c->is_head() || c->pick_mark == taken || c->pick_mark == offered) continue;
+      if (c->handle_chunks > 1 && !want_large) continue;
+      if (affinity != nullptr && handle_blocks(c, affinity)) continue;
+      c->pick_mark = offered;
+      (c->handle_chunks > 1 ? heads : singles).push_back(c);
+      gathered += c->handle_chunks;
     }
   }
+  plan.offer(heads, singles);
 }
 
-bool MappingCache::pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
+bool MappingCache::pick_chunks(PickPlan& plan, bool reuse_free, bool allow_create,
                                std::size_t growth_budget, const StreamAffinity* affinity,
-                               std::vector<Chunk*>& picked, std::vector<Chunk*>& created,
                                const Mapping* exclude) {
-  picked.reserve(chunks);
   if (reuse_free) {
     // Note [Growth slack]: free chunks no ready mapping needs first; chunks of ready
     // mappings only when growing within the slack cannot cover the rest.
+    const std::size_t want = plan.missing();
+    std::vector<Chunk*> heads, singles;
     std::size_t feeding = 0;
-    for (const auto& owned : pool_.all()) {
-      Chunk* c = owned.get();
-      if (blocks_request(c, affinity)) continue;
+    for (Chunk* c : pool_.all()) {
+      if (!c->is_head()) continue;
+      const bool large = c->handle_chunks > 1;
+      if (large && plan.large_spans() == 0) continue;
+      if (handle_blocks(c, affinity)) continue;
+      // A large handle's chunks share one mapping list (Note [Large handles]).
       if (exclude != nullptr &&
           std::find(c->mappings.begin(), c->mappings.end(), exclude) != c->mappings.end()) {
         continue;
       }
       const bool feeds_ready = std::any_of(c->mappings.begin(), c->mappings.end(),
                                            [](const Mapping* m) { return is_ready(m); });
-      if (!feeds_ready) {
-        if (picked.size() < chunks) picked.push_back(c);
-      } else {
-        ++feeding;
+      if (feeds_ready) {
+        feeding += c->handle_chunks;
+      } else if (large) {
+        if (heads.size() < plan.large_spans()) heads.push_back(c);
+      } else if (singles.size() < want) {
+        singles.push_back(c);
       }
     }
-    const std::size_t missing = chunks - picked.size();
+    plan.offer(heads, singles);
+    const std::size_t missing = plan.missing();
     const bool grow = missing > 0 && allow_create && missing <= growth_budget;
-    if (missing > 0 && !grow && feeding > 0) take_from_ready(chunks, affinity, picked, exclude);
+    if (missing > 0 && !grow && feeding > 0) take_from_ready(plan, affinity, exclude);
   }
   // Note [Streams before stitches]: without waits, growth stays within the slack.
-  const bool may_create =
-      allow_create && (affinity == nullptr || chunks - picked.size() <= growth_budget);
-  if (picked.size() < chunks && !may_create) {
-    picked.clear();
+  const std::size_t missing = plan.missing();
+  const bool may_create = allow_create && (affinity == nullptr || missing <= growth_budget);
+  if (missing > 0 && !may_create) {
+    plan.clear();
     return false;
   }
-  created.reserve(chunks - picked.size());
   try {
-    while (picked.size() < chunks) {
-      Chunk* c = pool_.create();
-      created.push_back(c);
-      picked.push_back(c);
-    }
+    plan.create_rest(pool_, backend_errors);
   } catch (...) {
-    rollback_created(created);
-    picked.clear();
+    plan.clear();
     throw;
   }
   return true;
 }
 
+PickPlan MappingCache::stitch_plan(std::size_t chunks) {
+  const std::size_t large = large_chunks_ > 0 ? chunks / large_chunks_ : 0;
+  return PickPlan(large, chunks - large * large_chunks_, large_chunks_, ++pick_serial_);
+}
+
 Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_create,
                               std::size_t growth_budget, const StreamAffinity* affinity) {
   if (!allow_create && (!config_.stitching || pool_.free_count() < chunks)) return nullptr;
-  std::vector<Chunk*> picked, created;
-  if (!pick_chunks(chunks, config_.stitching, allow_create, growth_budget, affinity, picked,
-                   created)) {
-    return nullptr;
-  }
-  const std::size_t reused = picked.size() - created.size();
+  PickPlan plan = stitch_plan(chunks);
+  if (!pick_chunks(plan, config_.stitching, allow_create, growth_budget, affinity)) return nullptr;
+  std::vector<Chunk*> picked = plan.layout();
+  const std::size_t reused = picked.size() - plan.created_chunks();
 
-  const std::size_t bytes = chunks * kChunkSize;
+  const std::size_t bytes = picked.size() * kChunkSize;
   std::uintptr_t base = 0;
-  std::size_t mapped = 0;
+  std::size_t mapped = 0;  // chunks mapped, always whole handles
+  std::size_t handles = 0;
   auto mapping = std::make_unique<Mapping>();
   try {
-    mapping->chunks.reserve(chunks);
+    mapping->chunks.reserve(picked.size());
     mappings_.reserve(mappings_.size() + 1);
     for (Chunk* c : picked) c->mappings.reserve(c->mappings.size() + 1);
     base = backend_.reserve(bytes);
-    for (; mapped < chunks; ++mapped) backend_.map(base + mapped * kChunkSize, picked[mapped]->handle);
+    while (mapped < picked.size()) {
+      const Chunk* head = picked[mapped];
+      backend_.map(base + mapped * kChunkSize, head->handle, head->handle_chunks * kChunkSize);
+      mapped += head->handle_chunks;
+      ++handles;
+    }
     backend_.set_access(base, bytes);
   } catch (...) {
     if (mapped > 0) count_failure([&] { backend_.unmap(base, mapped * kChunkSize); });
     if (base != 0) count_failure([&] { backend_.unreserve(base, bytes); });
-    rollback_created(created);
+    plan.release_created(pool_, backend_errors);
     throw;
   }
 
@@ -345,6 +366,7 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
   if (reused > 0) {
     ++stitches;
     stitched_bytes += static_cast<std::int64_t>(bytes);
+    stitched_handles += static_cast<std::int64_t>(handles);
   } else {
     ++fresh_mappings;
   }
@@ -383,15 +405,40 @@ bool MappingCache::last_use_finished(const Mapping* mapping) {
          progress_.finished(mapping->last_stream, mapping->released, releases_);
 }
 
+// Note [Large handles]: a request that ends inside a large handle keeps the handle's
+// remaining chunks from every other use while it lives (a handle is picked only whole).
+// Reusing a larger mapping is allowed only while that waste stays within a quarter of the
+// request. Measured on the recorded traces (bench/NOTES.md "Several GPUs" item 16): with no
+// bound, peak reserved/allocated 1.063 on the single-GPU loop; a quarter, 1.000 there and
+// 1.001 under FSDP2; no waste at all costs 1.5x more stitched handles.
+bool MappingCache::wastes_tail(const Mapping* mapping, std::size_t chunks) {
+  const Chunk* last = mapping->chunks[chunks - 1];
+  const std::size_t waste = last->handle_chunks - 1 - last->handle_pos;
+  return waste * 4 > chunks;
+}
+
 bool MappingCache::blocks_request(const Chunk* chunk, const StreamAffinity* affinity) {
   return chunk->busy || (affinity != nullptr && !affinity->no_wait(chunk->stream));
+}
+
+bool MappingCache::handle_blocks(const Chunk* head, const StreamAffinity* affinity) {
+  for (std::size_t k = 0; k < head->handle_chunks; ++k) {
+    if (blocks_request(head + k, affinity)) return true;
+  }
+  return false;
 }
 
 std::size_t MappingCache::blocked_slots(const Mapping* mapping, std::size_t chunks,
                                         const StreamAffinity* affinity, std::size_t limit) {
   std::size_t blocked = 0;
-  for (std::size_t i = 0; i < chunks && blocked <= limit; ++i) {
-    if (blocks_request(mapping->chunks[i], affinity)) ++blocked;
+  for (std::size_t i = 0; i < chunks && blocked <= limit;) {
+    const Chunk* c = mapping->chunks[i];
+    if (blocks_request(c, affinity)) {
+      blocked += c->handle_chunks;
+      i += c->handle_chunks - c->handle_pos;  // past its handle
+    } else {
+      ++i;
+    }
   }
   return blocked;
 }
@@ -411,6 +458,7 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
     for (auto it = idle_.lower_bound(ReadyKey{groups[g], chunks, 0, nullptr});
          it != idle_.end() && it->stream == groups[g] && it->chunks <= max_chunks; ++it) {
       Mapping* m = it->mapping;
+      if (wastes_tail(m, chunks)) continue;
       const std::size_t blocked = blocked_slots(m, chunks, affinity, best_blocked);
       if (blocked < best_blocked &&
           (blocked == 0 || last_use_finished(m))) {
@@ -427,24 +475,31 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
     // checks first): this miss recurs in loops that a small segment's chunk blocks.
     const std::size_t free_in_best = best->chunks.size() - best->busy_chunks;
     if (!allow_create && pool_.free_count() < best_blocked + free_in_best) return nullptr;
-    std::vector<std::size_t> slots;
-    slots.reserve(best_blocked);
-    for (std::size_t i = 0; i < chunks; ++i) {
-      if (blocks_request(best->chunks[i], affinity)) slots.push_back(i);
+    // The first slot of each handle to remap, and how many are large.
+    std::vector<std::size_t> spans;
+    std::size_t large = 0;
+    for (std::size_t i = 0; i < chunks;) {
+      const Chunk* c = best->chunks[i];
+      if (!blocks_request(c, affinity)) {
+        ++i;
+        continue;
+      }
+      spans.push_back(i - c->handle_pos);
+      if (c->handle_chunks > 1) ++large;
+      i += c->handle_chunks - c->handle_pos;
     }
-    std::vector<Chunk*> fresh, created;
-    if (!pick_chunks(slots.size(), /*reuse_free=*/true, allow_create, growth_budget, affinity, fresh,
-                     created, best)) {
+    PickPlan plan(large, spans.size() - large, large_chunks_, ++pick_serial_);
+    if (!pick_chunks(plan, /*reuse_free=*/true, allow_create, growth_budget, affinity, best)) {
       return nullptr;
     }
     try {
-      remap_slots(best, slots, fresh);
+      remap_spans(best, spans, plan);
     } catch (...) {
-      rollback_created(created);
+      plan.release_created(pool_, backend_errors);
       throw;
     }
     ++repairs;
-    repaired_chunks += static_cast<std::int64_t>(slots.size());
+    repaired_chunks += static_cast<std::int64_t>(best_blocked);
   } else {
     ++prefix_reuses;
   }
@@ -452,61 +507,93 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
   return best;
 }
 
-void MappingCache::remap_slots(Mapping* mapping, const std::vector<std::size_t>& slots,
-                               const std::vector<Chunk*>& fresh) {
-  // Capacity first: nothing below the driver calls may throw.
+void MappingCache::remap_spans(Mapping* mapping, const std::vector<std::size_t>& spans,
+                               const PickPlan& plan) {
+  // What each span gets, in span order; capacity first: nothing below the driver calls may
+  // throw.
+  const std::vector<Chunk*>& singles = plan.singles();
+  std::vector<const std::vector<Chunk*>*> large_fill;
+  std::vector<std::size_t> lengths;
+  lengths.reserve(spans.size());
+  std::size_t next_large = 0, next_single = 0;
+  std::vector<Chunk*> fresh;  // the new chunks of all spans, back to back
+  for (std::size_t start : spans) {
+    const std::size_t n = mapping->chunks[start]->handle_chunks;
+    lengths.push_back(n);
+    if (n > 1) {
+      const std::vector<Chunk*>& fill = plan.large_span(next_large++);
+      fresh.insert(fresh.end(), fill.begin(), fill.end());
+    } else {
+      fresh.push_back(singles[next_single++]);
+    }
+  }
   for (Chunk* c : fresh) c->mappings.reserve(c->mappings.size() + 1);
-  std::vector<bool> mapped(mapping->chunks.size(), true);
+  // The head of the handle mapped at each slot, nullptr where nothing is mapped now.
+  std::vector<Chunk*> mapped(mapping->chunks.size(), nullptr);
+  for (std::size_t i = 0; i < mapped.size(); i += mapping->chunks[i]->handle_chunks) {
+    mapped[i] = mapping->chunks[i];
+  }
   const std::uintptr_t base = mapping->base;
+  std::size_t handles = 0;
   try {
-    for (std::size_t j = 0; j < slots.size(); ++j) {
-      const std::uintptr_t at = base + slots[j] * kChunkSize;
-      backend_.unmap(at, kChunkSize);
-      mapped[slots[j]] = false;
-      backend_.map(at, fresh[j]->handle);
-      mapped[slots[j]] = true;
-      backend_.set_access(at, kChunkSize);
+    std::size_t f = 0;
+    for (std::size_t j = 0; j < spans.size(); ++j) {
+      const std::size_t start = spans[j];
+      const std::uintptr_t at = base + start * kChunkSize;
+      backend_.unmap(at, lengths[j] * kChunkSize);
+      mapped[start] = nullptr;
+      for (std::size_t k = 0; k < lengths[j];) {
+        Chunk* head = fresh[f + k];
+        backend_.map(at + k * kChunkSize, head->handle, head->handle_chunks * kChunkSize);
+        mapped[start + k] = head;
+        k += head->handle_chunks;
+        ++handles;
+      }
+      backend_.set_access(at, lengths[j] * kChunkSize);
+      f += lengths[j];
     }
   } catch (...) {
     // The range may have a hole or a slot without access: it is dropped, as an eviction
     // would (its last use has finished, so nothing waits), and the chunks are untouched.
     for (std::size_t i = 0; i < mapped.size(); ++i) {
-      if (mapped[i]) count_failure([&] { backend_.unmap(base + i * kChunkSize, kChunkSize); });
+      if (mapped[i] != nullptr) {
+        count_failure([&] { backend_.unmap(base + i * kChunkSize, mapped[i]->handle_chunks * kChunkSize); });
+      }
     }
     count_failure([&] { backend_.unreserve(base, mapping->reserved_bytes); });
     ++evictions;
     detach(mapping);
     throw;
   }
-  for (std::size_t j = 0; j < slots.size(); ++j) {
-    Chunk*& slot = mapping->chunks[slots[j]];
-    auto& list = slot->mappings;
-    list.erase(std::find(list.begin(), list.end(), mapping));
-    if (slot->busy) --mapping->busy_chunks;
-    slot = fresh[j];
-    slot->mappings.push_back(mapping);  // free: busy_chunks unchanged
+  std::size_t f = 0;
+  for (std::size_t j = 0; j < spans.size(); ++j) {
+    for (std::size_t k = 0; k < lengths[j]; ++k, ++f) {
+      Chunk*& slot = mapping->chunks[spans[j] + k];
+      auto& list = slot->mappings;
+      list.erase(std::find(list.begin(), list.end(), mapping));
+      if (slot->busy) --mapping->busy_chunks;
+      slot = fresh[f];
+      slot->mappings.push_back(mapping);  // free: busy_chunks unchanged
+    }
   }
+  repaired_handles += static_cast<std::int64_t>(handles);
   mapping->foreign_streams = true;  // the fresh chunks' streams were not looked at
 }
 
-void MappingCache::rollback_created(std::vector<Chunk*>& created) {
-  for (Chunk* c : created) count_failure([&] { pool_.release(c); });
-  created.clear();
-}
-
-// Note [KV pages]: a page is one chunk, so any free chunk serves; no stitch is involved.
+// Note [KV pages]: a page is one chunk, so any free single chunk serves; no stitch is
+// involved, and no large handle (a page maps and unmaps alone).
 std::vector<Chunk*> MappingCache::take_chunks(std::size_t n, StreamId stream, bool allow_create,
                                               std::size_t growth_budget) {
-  std::vector<Chunk*> picked, created;
-  if (!allow_create && pool_.free_count() < n) return picked;
-  if (!pick_chunks(n, /*reuse_free=*/true, allow_create, growth_budget, nullptr, picked,
-                   created)) {
-    return picked;
+  if (!allow_create && pool_.free_count() < n) return {};
+  PickPlan plan(0, n, large_chunks_, ++pick_serial_);
+  if (!pick_chunks(plan, /*reuse_free=*/true, allow_create, growth_budget, nullptr)) {
+    return {};
   }
+  std::vector<Chunk*> picked = plan.layout();
   try {
     wait_for_chunks(picked.data(), picked.size(), stream);
   } catch (...) {
-    rollback_created(created);
+    plan.release_created(pool_, backend_errors);
     throw;
   }
   for (Chunk* c : picked) {
@@ -583,7 +670,7 @@ void MappingCache::finish_retiring(bool wait) {
 
 void MappingCache::forget_streams() {
   progress_.forget();
-  for (const auto& c : pool_.all()) {
+  for (Chunk* c : pool_.all()) {
     if (!c->busy) c->stream = kNoStream;
   }
   std::vector<Mapping*> idle;
@@ -608,24 +695,28 @@ void MappingCache::evict_idle() {
 
 void MappingCache::truncate_in_use() {
   for (auto& m : mappings_) {
-    if (!m->in_use || m->used == m->chunks.size()) continue;
-    const std::size_t tail = m->chunks.size() - m->used;
-    count_failure([&] { backend_.unmap(m->base + m->used * kChunkSize, tail * kChunkSize); });
-    for (std::size_t i = m->used; i < m->chunks.size(); ++i) {
+    if (!m->in_use) continue;
+    // A handle unmaps only whole: the one the allocation ends in stays.
+    std::size_t cut = m->used;
+    while (cut < m->chunks.size() && !m->chunks[cut]->is_head()) ++cut;
+    if (cut == m->chunks.size()) continue;
+    const std::size_t tail = m->chunks.size() - cut;
+    count_failure([&] { backend_.unmap(m->base + cut * kChunkSize, tail * kChunkSize); });
+    for (std::size_t i = cut; i < m->chunks.size(); ++i) {
       Chunk* c = m->chunks[i];
       // Busy through another mapping: m counted it, and its release will no longer see m.
       if (c->busy) --m->busy_chunks;
       auto& list = c->mappings;
       list.erase(std::find(list.begin(), list.end(), m.get()));
     }
-    m->chunks.resize(m->used);
+    m->chunks.resize(cut);
   }
 }
 
 void MappingCache::release_free_chunks() {
-  std::vector<Chunk*> unmapped;
-  for (const auto& c : pool_.all()) {
-    if (!c->busy && c->mappings.empty()) unmapped.push_back(c.get());
+  std::vector<Chunk*> unmapped;  // heads of handles mapped nowhere, all of whose chunks are free
+  for (Chunk* c : pool_.all()) {
+    if (c->is_head() && c->mappings.empty() && !handle_blocks(c, nullptr)) unmapped.push_back(c);
   }
   for (Chunk* c : unmapped) count_failure([&] { pool_.release(c); });
 }
@@ -692,6 +783,7 @@ void MappingCache::append_stats(StatList& out) const {
   out.emplace_back("vmm.misses_candidates_busy", misses_busy);
   out.emplace_back("vmm.stitches", stitches);
   out.emplace_back("vmm.stitched_bytes", stitched_bytes);
+  out.emplace_back("vmm.stitched_handles", stitched_handles);
   out.emplace_back("vmm.fresh_mappings", fresh_mappings);
   out.emplace_back("vmm.mapping_evictions", evictions);
   out.emplace_back("vmm.cross_stream_waits", cross_stream_waits);
@@ -699,6 +791,7 @@ void MappingCache::append_stats(StatList& out) const {
   out.emplace_back("vmm.prefix_reuses", prefix_reuses);
   out.emplace_back("vmm.repairs", repairs);
   out.emplace_back("vmm.repaired_chunks", repaired_chunks);
+  out.emplace_back("vmm.repaired_handles", repaired_handles);
   out.emplace_back("vmm.progress_events", progress_.events_recorded);
   out.emplace_back("vmm.backend_errors", backend_errors);
   out.emplace_back("vmm.max_mapped_bytes", static_cast<std::int64_t>(max_mapped_bytes_));

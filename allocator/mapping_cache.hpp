@@ -44,6 +44,7 @@
 #include "backend.hpp"
 #include "chunk_pool.hpp"
 #include "config.hpp"
+#include "pick_plan.hpp"
 #include "stats.hpp"
 #include "stream_affinity.hpp"
 #include "stream_progress.hpp"
@@ -149,6 +150,7 @@ class MappingCache {
   std::int64_t misses_busy = 0;
   std::int64_t stitches = 0;
   std::int64_t stitched_bytes = 0;
+  std::int64_t stitched_handles = 0;  // handles those stitches mapped (each one grant)
   std::int64_t fresh_mappings = 0;
   std::int64_t evictions = 0;
   std::int64_t cross_stream_waits = 0;
@@ -160,6 +162,7 @@ class MappingCache {
   std::int64_t prefix_reuses = 0;
   std::int64_t repairs = 0;
   std::int64_t repaired_chunks = 0;
+  std::int64_t repaired_handles = 0;  // handles mapped into repaired slots
   std::int64_t backend_errors = 0;  // failures on cleanup paths, counted not thrown
 
  private:
@@ -184,19 +187,29 @@ class MappingCache {
   // when none is worth it, or the replacements need new chunks and !allow_create.
   Mapping* repair(std::size_t chunks, StreamId stream, bool allow_create, std::size_t growth_budget,
                   const StreamAffinity* affinity);
-  // Slots among the first `chunks` of `mapping` that a request cannot use as they are:
-  // busy chunks and, with `affinity`, chunks that would need a wait; stops past `limit`.
+  // Slots to remap so that a request can use the first `chunks` of `mapping`: the whole
+  // handle of every busy chunk and, with `affinity`, of every chunk that would need a wait
+  // (a handle remaps only whole). Stops counting past `limit`.
   static std::size_t blocked_slots(const Mapping* mapping, std::size_t chunks,
                                    const StreamAffinity* affinity, std::size_t limit);
   // Whether a request cannot use `chunk` as it is: busy, or (with `affinity`) a wait.
   // The one test for blocked slots (repair) and for chunks a stitch may pick.
   static bool blocks_request(const Chunk* chunk, const StreamAffinity* affinity);
+  // Whether the first `chunks` of `mapping` end inside a large handle, leaving more of it
+  // unusable than a request of that size may (Note [Large handles]).
+  static bool wastes_tail(const Mapping* mapping, std::size_t chunks);
+  // blocks_request for any chunk of the handle `head` starts.
+  static bool handle_blocks(const Chunk* head, const StreamAffinity* affinity);
+  // A pick's plan for a request of `chunks` (Note [Picking handles]): as many large spans
+  // as fit, the rest single spans.
+  PickPlan stitch_plan(std::size_t chunks);
   // Whether the GPU is done with `mapping`'s range (idle), without blocking.
   bool last_use_finished(const Mapping* mapping);
-  // Remaps `slots` of the idle `mapping` to `fresh` chunks (free, not mapped by it).
-  // On a throw the mapping is gone (its range had holes) and the caller rolls back.
-  void remap_slots(Mapping* mapping, const std::vector<std::size_t>& slots,
-                   const std::vector<Chunk*>& fresh);
+  // Remaps the handles starting at `spans` (slots of the idle `mapping`) to the chunks
+  // `plan` picked for them (free, not mapped by it): large spans in order from its large
+  // spans, single ones from its singles. On a throw the mapping is gone (its range had
+  // holes) and the caller rolls back.
+  void remap_spans(Mapping* mapping, const std::vector<std::size_t>& spans, const PickPlan& plan);
   // Removes `mapping` from every list and index (its range is handled by the caller).
   void detach(Mapping* mapping);
   static bool reusable_without_wait(const Mapping* mapping, std::size_t chunks,
@@ -205,19 +218,16 @@ class MappingCache {
   // `growth_budget`: nullptr when that does not cover the request.
   Mapping* stitch(std::size_t chunks, StreamId stream, bool allow_create,
                   std::size_t growth_budget, const StreamAffinity* affinity);
-  // Free chunks (when reuse_free) then new ones; false, with nothing picked, when that
-  // needs new chunks and !allow_create (or, with `affinity`, more than growth_budget of
-  // them). On a throw, the chunks it created are released.
-  // Chunks mapped by `exclude` are never picked.
-  bool pick_chunks(std::size_t chunks, bool reuse_free, bool allow_create,
-                   std::size_t growth_budget, const StreamAffinity* affinity,
-                   std::vector<Chunk*>& picked, std::vector<Chunk*>& created,
-                   const Mapping* exclude = nullptr);
-  // Adds free chunks of ready mappings to `picked` until it holds `chunks`, whole mappings
-  // at a time, least recently released first (Note [Breaking ready mappings]); with
-  // `affinity`, only chunks it reuses without a wait.
-  void take_from_ready(std::size_t chunks, const StreamAffinity* affinity, std::vector<Chunk*>& picked,
-                       const Mapping* exclude);
+  // Fills `plan` with free chunks (when reuse_free) then new ones (Note [Picking
+  // handles]); false, with nothing picked, when that needs new chunks and !allow_create
+  // (or, with `affinity`, more than growth_budget of them). On a throw, the chunks it
+  // created are released. Chunks mapped by `exclude` are never picked.
+  bool pick_chunks(PickPlan& plan, bool reuse_free, bool allow_create, std::size_t growth_budget,
+                   const StreamAffinity* affinity, const Mapping* exclude = nullptr);
+  // Offers `plan` free handles of ready mappings until they cover what it misses, whole
+  // mappings at a time, least recently released first (Note [Breaking ready mappings]);
+  // with `affinity`, only handles it reuses without a wait.
+  void take_from_ready(PickPlan& plan, const StreamAffinity* affinity, const Mapping* exclude);
   // Makes `stream` wait for the last streams of these chunks (Note [Stream-ordered reuse]).
   void wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream);
   void use(Mapping* mapping, std::size_t chunks, StreamId stream);
@@ -230,7 +240,6 @@ class MappingCache {
   static bool is_ready(const Mapping* m) { return m->indexed && m->busy_chunks == 0; }
   void lru_push(Mapping* mapping);
   void lru_unlink(Mapping* mapping);
-  void rollback_created(std::vector<Chunk*>& created);
   template <typename F>
   void count_failure(F&& cleanup) noexcept;
 
@@ -238,6 +247,7 @@ class MappingCache {
   ChunkPool& pool_;
   const Config& config_;
   std::size_t max_mapped_bytes_;
+  std::size_t large_chunks_;  // chunks of a large handle; 0: none (Note [Large handles])
   std::vector<std::unique_ptr<Mapping>> mappings_;
   std::set<ReadyKey> idle_;
   Mapping* lru_head_ = nullptr;  // least recently released

@@ -107,7 +107,7 @@ void VirtualPages::map(VirtualRange& range, const std::vector<std::size_t>& page
   std::size_t mapped = 0;
   try {
     for (; mapped < pages.size(); ++mapped) {
-      backend_.map(range.base + pages[mapped] * kChunkSize, chunks[mapped]->handle);
+      backend_.map(range.base + pages[mapped] * kChunkSize, chunks[mapped]->handle, kChunkSize);
     }
     // Runs of consecutive pages get one set_access call each (its cost is per handle).
     for (std::size_t i = 0; i < pages.size();) {

@@ -32,13 +32,14 @@ MAGIC = b"VMMTRACE1\n"
 _RECORD = struct.Struct("<BQQQ")  # op, allocation id, size, stream
 ALLOC, FREE = 0, 1
 
-# Driver costs per 2 MiB chunk from FACTS.md / bench/NOTES.md (H200): mapping an existing
-# chunk into a new range (cuMemMap + cuMemSetAccess) and creating one (cuMemCreate too).
-STITCHED_CHUNK_US = 30.0
-CREATED_CHUNK_US = 50.0
-# Remapping one slot of a mapping in place (Note [Repairing blocked mappings]): cuMemUnmap,
-# cuMemMap and cuMemSetAccess of one handle.
-REPAIRED_CHUNK_US = 50.0
+# Driver costs per physical handle from FACTS.md / bench/NOTES.md ("Several GPUs" item 15:
+# a grant costs the same for a 2 MiB and a 16 MiB handle): mapping an existing handle into
+# a new range (cuMemMap + cuMemSetAccess), and creating one (cuMemCreate, map and grant).
+STITCHED_HANDLE_US = 30.0
+CREATED_HANDLE_US = 50.0
+# Remapping one handle of a mapping in place (Note [Repairing blocked mappings]): cuMemUnmap,
+# cuMemMap and cuMemSetAccess.
+REPAIRED_HANDLE_US = 50.0
 CHUNK = 2 << 20
 
 
@@ -135,16 +136,16 @@ def _read_compact(f) -> Trace:
     return trace
 
 
-COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.fresh_mappings", "vmm.mapping_hits",
+COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.stitched_handles", "vmm.fresh_mappings", "vmm.mapping_hits",
             "vmm.misses_no_candidate", "vmm.misses_candidates_busy", "vmm.mapping_evictions",
             "vmm.cross_stream_waits", "vmm.cross_stream_fallbacks", "vmm.prefix_reuses", "vmm.repairs",
-            "vmm.repaired_chunks", "num_device_alloc", "num_device_free")
+            "vmm.repaired_chunks", "vmm.repaired_handles", "num_device_alloc", "num_device_free")
 
 
 def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30) -> dict[str, Any]:
     """Runs `trace` through a fresh allocator on the host backend (`device_memory` plays the
     GPU's memory) with VMMALLOC_CONF `conf`; returns its figures and an estimate of the
-    driver time its mappings cost (FACTS.md's per-chunk costs)."""
+    driver time its mappings cost (FACTS.md's per-handle costs)."""
     backend = _C.HostBackend(device_memory)
     allocator = _C.Allocator(backend, conf)
     live: dict[int, int] = {}
@@ -165,9 +166,9 @@ def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30) -> dict[
         "peak_reserved": peak_reserved,
         "ratio": peak_reserved / peak_allocated if peak_allocated else float("nan"),
         "stitched_chunks": stitched_chunks,
-        "driver_ms_estimate": (stitched_chunks * STITCHED_CHUNK_US
-                               + out["vmm.repaired_chunks"] * REPAIRED_CHUNK_US
-                               + out["num_device_alloc"] * CREATED_CHUNK_US) / 1000.0,
+        "driver_ms_estimate": (out["vmm.stitched_handles"] * STITCHED_HANDLE_US
+                               + out["vmm.repaired_handles"] * REPAIRED_HANDLE_US
+                               + out["num_device_alloc"] * CREATED_HANDLE_US) / 1000.0,
     })
     for ident in list(live):
         allocator.deallocate(live.pop(ident))
