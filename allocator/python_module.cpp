@@ -43,6 +43,7 @@ py::dict config_to_dict(const Config& c) {
   out["cross_stream_reuse"] =
       c.cross_stream_reuse == CrossStreamReuse::kLastResort ? "last_resort" : "always";
   out["repair_blocked"] = c.repair_blocked;
+  out["large_handle_size"] = c.large_handle_size;
   out["host_timing"] = c.host_timing;
   out["history"] = c.history;
   return out;

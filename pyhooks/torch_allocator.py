@@ -16,7 +16,7 @@ _pluggable = None  # keeps torch's wrapper object alive
 # Python keyword -> VMMALLOC_CONF key.
 OPTION_KEYS = ("memory_cap", "memory_fraction", "stitching", "max_cached_mappings",
                "max_mapped_bytes", "reuse_ratio", "growth_slack", "max_ready_scan", "cross_stream_reuse",
-               "repair_blocked", "host_timing", "history")
+               "repair_blocked", "large_handle_size", "host_timing", "history")
 
 
 def _format_value(value: Any) -> str:
