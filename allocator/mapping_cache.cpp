@@ -123,9 +123,13 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
   std::size_t skipped = 0;
   for (auto it = idle_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
        it != idle_.end() && it->stream == stream && it->chunks <= max_chunks; ++it) {
-    if (!wastes_tail(it->mapping, chunks) && it->mapping->busy_chunks == 0 &&
-        (affinity == nullptr || reusable_without_wait(it->mapping, chunks, *affinity))) {
-      return it->mapping;
+    Mapping* m = it->mapping;
+    if (wastes_tail(m, chunks)) {  // not a candidate at all (Note [Large handles])
+      if (++skipped == config_.max_ready_scan) break;
+      continue;
+    }
+    if (m->busy_chunks == 0 && (affinity == nullptr || reusable_without_wait(m, chunks, *affinity))) {
+      return m;
     }
     ++skipped_busy_;
     if (++skipped == config_.max_ready_scan) break;
@@ -405,16 +409,17 @@ bool MappingCache::last_use_finished(const Mapping* mapping) {
          progress_.finished(mapping->last_stream, mapping->released, releases_);
 }
 
-// Note [Large handles]: a request that ends inside a large handle keeps the handle's
-// remaining chunks from every other use while it lives (a handle is picked only whole).
-// Reusing a larger mapping is allowed only while that waste stays within a quarter of the
-// request. Measured on the recorded traces (bench/NOTES.md "Several GPUs" item 16): with no
-// bound, peak reserved/allocated 1.063 on the single-GPU loop; a quarter, 1.000 there and
-// 1.001 under FSDP2; no waste at all costs 1.5x more stitched handles.
+// Note [Large handles]: a request that ended inside a large handle would keep the
+// handle's remaining chunks from every other use while it lives (a handle is picked only
+// whole), so a live allocation would hold more memory than its chunks, and a request that
+// fits under the cap beside the live allocations could fail (the stress test's phase
+// "handles" caught exactly that). So a larger idle mapping serves a request only if the
+// request ends at a handle's end. Stitches and repairs map whole handles, so every live
+// allocation holds whole handles. Measured on the recorded traces (bench/NOTES.md "Several
+// GPUs" item 16): this costs 10-20% more driver time than allowing a quarter of waste.
 bool MappingCache::wastes_tail(const Mapping* mapping, std::size_t chunks) {
   const Chunk* last = mapping->chunks[chunks - 1];
-  const std::size_t waste = last->handle_chunks - 1 - last->handle_pos;
-  return waste * 4 > chunks;
+  return last->handle_pos + 1 != last->handle_chunks;
 }
 
 bool MappingCache::blocks_request(const Chunk* chunk, const StreamAffinity* affinity) {
@@ -458,8 +463,8 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
     for (auto it = idle_.lower_bound(ReadyKey{groups[g], chunks, 0, nullptr});
          it != idle_.end() && it->stream == groups[g] && it->chunks <= max_chunks; ++it) {
       Mapping* m = it->mapping;
-      if (wastes_tail(m, chunks)) continue;
-      const std::size_t blocked = blocked_slots(m, chunks, affinity, best_blocked);
+      const std::size_t blocked =
+          wastes_tail(m, chunks) ? best_blocked : blocked_slots(m, chunks, affinity, best_blocked);
       if (blocked < best_blocked &&
           (blocked == 0 || last_use_finished(m))) {
         best = m;
@@ -696,7 +701,8 @@ void MappingCache::evict_idle() {
 void MappingCache::truncate_in_use() {
   for (auto& m : mappings_) {
     if (!m->in_use) continue;
-    // A handle unmaps only whole: the one the allocation ends in stays.
+    // A handle unmaps only whole. No allocation ends inside one (Note [Large handles]);
+    // should one, the handle it ends in stays mapped.
     std::size_t cut = m->used;
     while (cut < m->chunks.size() && !m->chunks[cut]->is_head()) ++cut;
     if (cut == m->chunks.size()) continue;

@@ -195,8 +195,7 @@ class MappingCache {
   // Whether a request cannot use `chunk` as it is: busy, or (with `affinity`) a wait.
   // The one test for blocked slots (repair) and for chunks a stitch may pick.
   static bool blocks_request(const Chunk* chunk, const StreamAffinity* affinity);
-  // Whether the first `chunks` of `mapping` end inside a large handle, leaving more of it
-  // unusable than a request of that size may (Note [Large handles]).
+  // Whether the first `chunks` of `mapping` end inside a large handle (Note [Large handles]).
   static bool wastes_tail(const Mapping* mapping, std::size_t chunks);
   // blocks_request for any chunk of the handle `head` starts.
   static bool handle_blocks(const Chunk* head, const StreamAffinity* affinity);

@@ -54,6 +54,19 @@ def pattern(tag: int, size: int) -> bytes:
     return values.astype(np.uint32).tobytes()[:size]
 
 
+def assert_stitched_aliases_its_chunks(alloc, stitched: int, data: bytes) -> None:
+    """`data` was written through the stitched block `stitched`: each of its chunks must
+    still be mapped where it was before the stitch, and read back the same bytes there."""
+    chunk = vmmalloc.CHUNK_SIZE
+    for index, chunk_id in enumerate(alloc.chunk_ids(stitched)):
+        addresses = alloc.chunk_addresses(chunk_id)
+        assert stitched + index * chunk in addresses
+        others = [a for a in addresses if a != stitched + index * chunk]
+        assert others, "the chunk's original mapping should still be cached"
+        for other in others:
+            assert alloc.backend.read(other, chunk) == data[index * chunk:(index + 1) * chunk]
+
+
 @pytest.fixture
 def host_devices():
     """The process-wide per-device allocators (what torch reaches through the C ABI), each

@@ -8,7 +8,7 @@ import threading
 import pytest
 
 import vmmalloc
-from conftest import MiB, pattern
+from conftest import MiB, assert_stitched_aliases_its_chunks, pattern
 
 CHUNK = vmmalloc.CHUNK_SIZE
 
@@ -28,13 +28,7 @@ def test_stitched_block_aliases_the_chunks_it_was_built_from(kind):
     assert stats["num_device_alloc"] == created_before, "stitching must not create chunks"
     data = pattern(7, 8 * MiB)
     be.write(stitched, data)
-    for index, chunk in enumerate(alloc.chunk_ids(stitched)):
-        addresses = alloc.chunk_addresses(chunk)
-        assert stitched + index * CHUNK in addresses
-        others = [a for a in addresses if a != stitched + index * CHUNK]
-        assert others, "the chunk's original mapping should still be cached"
-        for other in others:
-            assert be.read(other, CHUNK) == data[index * CHUNK:(index + 1) * CHUNK]
+    assert_stitched_aliases_its_chunks(alloc, stitched, data)
 
 
 FRAGMENTED_CAP = 160 * MiB

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 
 import vmmalloc
-from conftest import MiB, pattern
+from conftest import MiB, assert_stitched_aliases_its_chunks, pattern
 from vmmalloc import _C
 
 CHUNK = vmmalloc.CHUNK_SIZE
@@ -95,13 +95,7 @@ def test_stitch_reuses_freed_large_handles_whole_and_aliases_them(kind):
     assert set(alloc.chunk_ids(stitched)) == freed_chunks
     data = pattern(7, 64 * MiB)
     be.write(stitched, data)
-    for index, chunk in enumerate(alloc.chunk_ids(stitched)):
-        addresses = alloc.chunk_addresses(chunk)
-        assert stitched + index * CHUNK in addresses
-        others = [a for a in addresses if a != stitched + index * CHUNK]
-        assert others, "the chunk's original mapping should still be cached"
-        for other in others:
-            assert be.read(other, CHUNK) == data[index * CHUNK:(index + 1) * CHUNK]
+    assert_stitched_aliases_its_chunks(alloc, stitched, data)
     alloc.deallocate(stitched)
     for b in (blocks[1], blocks[3]):
         alloc.deallocate(b)
@@ -137,13 +131,12 @@ def reuse_ready_mapping_of_64mib(kind, request_chunks):
     return alloc, old, old_chunks, alloc.allocate(request_chunks * CHUNK)
 
 
-# Chunks of the request -> whether the 64 MiB mapping's prefix serves it. The prefix ends at
-# chunk n - 1, wasting the rest of that handle: 8 - n % 8 chunks unless n % 8 == 0, allowed
-# while waste * 4 <= n (wastes_tail). 16: none; 17: 7 (28 > 17); 19: 5 (20 > 19);
-# 20: 4 (16 <= 20); 31: 1. Below 16 chunks the mapping exceeds reuse_ratio 2 anyway.
+# Chunks of the request -> whether the 64 MiB mapping's prefix serves it: only when the
+# prefix ends at a handle's end (wastes_tail), since the rest of a handle it ended in would
+# be unusable while the block lives. Below 16 chunks the mapping exceeds reuse_ratio 2.
 @pytest.mark.parametrize(("chunks", "reused"),
-                         [(16, True), (17, False), (19, False), (20, True), (31, True)])
-def test_a_larger_mapping_is_reused_only_while_its_tail_waste_is_small(kind, chunks, reused):
+                         [(16, True), (17, False), (20, False), (24, True), (31, False)])
+def test_a_larger_mapping_is_reused_only_up_to_a_handle_end(kind, chunks, reused):
     alloc, old, old_chunks, ptr = reuse_ready_mapping_of_64mib(kind, chunks)
     stats = alloc.stats()
     if reused:
@@ -151,28 +144,29 @@ def test_a_larger_mapping_is_reused_only_while_its_tail_waste_is_small(kind, chu
         assert stats["vmm.mapping_hits"] == 1 and stats["vmm.stitches"] == 0
         assert stats["num_device_alloc"] == 4, "a hit creates nothing"
     else:
-        assert ptr != old, "the prefix would hold most of a large handle unusable"
+        assert ptr != old, "the prefix would hold the rest of a large handle unusable"
         assert stats["vmm.mapping_hits"] == 0 and stats["vmm.stitches"] == 1
-        # The stitch takes two of the idle mapping's handles whole for its large spans and
-        # creates its n % 8 tail chunks: a large handle never covers a single span.
+        # The stitch takes the idle mapping's handles whole for its large spans and creates
+        # its n % 8 tail chunks: a large handle never covers a single span.
+        large, singles = divmod(chunks, 8)
         taken = alloc.chunk_ids(ptr)
-        assert set(taken[:16]) <= set(old_chunks)
-        assert not set(taken[16:]) & set(old_chunks)
-        assert stats["num_device_alloc"] == 4 + chunks - 16
+        assert set(taken[:large * 8]) <= set(old_chunks)
+        assert not set(taken[large * 8:]) & set(old_chunks)
+        assert stats["num_device_alloc"] == 4 + singles
         assert stats["vmm.large_handles"] == 4
-        assert stats["vmm.stitched_handles"] == 2 + chunks - 16
+        assert stats["vmm.stitched_handles"] == large + singles
     alloc.backend.write(ptr, pattern(chunks, chunks * CHUNK))
     assert_holds(alloc, ptr, chunks, chunks * CHUNK)
     alloc.deallocate(ptr)
 
 
-def test_empty_cache_keeps_the_handle_a_live_block_ends_in(kind):
-    # 44 MiB (22 chunks) reuses the 64 MiB mapping and ends inside its third handle: a
-    # handle unmaps only whole, so empty_cache trims the mapping to 48 MiB (releasing the
-    # fourth handle) and the block's data survives; then everything goes back.
-    alloc, old, _, ptr = reuse_ready_mapping_of_64mib(kind, 22)
+def test_empty_cache_trims_an_in_use_mapping_by_whole_handles(kind):
+    # 48 MiB (24 chunks) reuses the 64 MiB mapping, ending with its third handle: empty_cache
+    # unmaps the fourth, idle behind the block, and releases it; the block's data survives;
+    # then everything goes back.
+    alloc, old, _, ptr = reuse_ready_mapping_of_64mib(kind, 24)
     assert ptr == old
-    alloc.backend.write(ptr, pattern(5, 44 * MiB))
+    alloc.backend.write(ptr, pattern(5, 48 * MiB))
 
     alloc.empty_cache()
 
@@ -180,10 +174,10 @@ def test_empty_cache_keeps_the_handle_a_live_block_ends_in(kind):
     assert stats["reserved_bytes.all.current"] == 48 * MiB
     assert stats["vmm.large_handles"] == 3
     assert stats["num_device_free"] == 1
-    assert stats["vmm.free_chunks"] == 2, "the rest of the handle the block ends in"
-    assert_holds(alloc, ptr, 5, 44 * MiB)
+    assert stats["vmm.free_chunks"] == 0
+    assert_holds(alloc, ptr, 5, 48 * MiB)
     alloc.deallocate(ptr)
-    again = alloc.allocate(44 * MiB)  # the trimmed mapping is ready again
+    again = alloc.allocate(48 * MiB)  # the trimmed mapping is ready again
     assert again == old and alloc.stats()["num_device_alloc"] == 4
     alloc.deallocate(again)
     alloc.empty_cache()

@@ -341,6 +341,11 @@ const PhaseSpec kPhases[] = {
      "stitching off, reuse_ratio 1.5, 128 MiB cap"},
     {"faults", "memory_cap:128MiB,max_cached_mappings:64", 256 * MiB, true, 10, 10,
      "injected reserve/create_chunk/map/set_access failures"},
+    // Note [Large handles] with 4 MiB handles, so that most large requests mix handles of
+    // two sizes: stitches, repairs and truncation must keep every handle whole, under a cap
+    // and with failures injected.
+    {"handles", "large_handle_size:4MiB,memory_cap:96MiB", 256 * MiB, true, 30, 10,
+     "4 MiB large handles beside 2 MiB chunks, 96 MiB cap, injected failures"},
     // Deterministic, single-threaded: exact-fit and oversized requests, record_stream
     // deferral, readiness after empty_cache truncates an in-use mapping, API misuse.
     {"edges", "memory_cap:32MiB", 64 * MiB, false, 0, 0,
