@@ -418,6 +418,9 @@ bool MappingCache::last_use_finished(const Mapping* mapping) {
 // allocation holds whole handles. Measured on the recorded traces (bench/NOTES.md "Several
 // GPUs" item 16): this costs 10-20% more driver time than allowing a quarter of waste.
 bool MappingCache::wastes_tail(const Mapping* mapping, std::size_t chunks) {
+  // The usual hit, an exact fit, ends where its mapping ends, which a handle never overruns;
+  // answered without touching the chunk.
+  if (mapping->chunks.size() == chunks) return false;
   const Chunk* last = mapping->chunks[chunks - 1];
   return last->handle_pos + 1 != last->handle_chunks;
 }
