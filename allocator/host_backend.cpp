@@ -69,8 +69,8 @@ std::uintptr_t HostBackend::reserve(std::size_t bytes) {
 
 void HostBackend::unreserve(std::uintptr_t addr, std::size_t bytes) {
   check_aligned(addr, bytes, "unreserve");
+  std::lock_guard<std::mutex> lock(mutex_);  // the range is free for others once unmapped
   if (munmap(reinterpret_cast<void*>(addr), bytes) != 0) throw BackendError(errno_text("munmap"));
-  std::lock_guard<std::mutex> lock(mutex_);
   mapped_.erase(mapped_.lower_bound(addr), mapped_.lower_bound(addr + bytes));
 }
 
@@ -184,6 +184,7 @@ bool HostBackend::add_peer(int peer) {
 void HostBackend::set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) {
   check_aligned(addr, bytes, "set_peer_access");
   std::lock_guard<std::mutex> lock(mutex_);
+  check_whole_handles(addr, bytes, "set_peer_access");
   for (auto& p : peers_) {
     if (p.first == peer) {
       p.second += bytes;

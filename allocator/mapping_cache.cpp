@@ -124,13 +124,14 @@ Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunk
   for (auto it = idle_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
        it != idle_.end() && it->stream == stream && it->chunks <= max_chunks; ++it) {
     Mapping* m = it->mapping;
-    if (wastes_tail(m, chunks)) {  // not a candidate at all (Note [Large handles])
+    // A prefix ending inside a handle is no candidate at all (Note [Large handles]); asked
+    // after the cheap busy test, since it reads a chunk.
+    const bool busy = m->busy_chunks != 0;
+    if (!busy && wastes_tail(m, chunks)) {
       if (++skipped == config_.max_ready_scan) break;
       continue;
     }
-    if (m->busy_chunks == 0 && (affinity == nullptr || reusable_without_wait(m, chunks, *affinity))) {
-      return m;
-    }
+    if (!busy && (affinity == nullptr || reusable_without_wait(m, chunks, *affinity))) return m;
     ++skipped_busy_;
     if (++skipped == config_.max_ready_scan) break;
   }
@@ -246,7 +247,7 @@ void MappingCache::take_from_ready(PickPlan& plan, const StreamAffinity* affinit
   // mappings is offered once; those the plan already took carry its mark and are skipped.
   const std::uint64_t taken = plan.mark();
   const std::uint64_t offered = ++pick_serial_;
-  const bool want_large = plan.large_spans() > 0;
+  std::size_t open_large = plan.open_large_spans();  // spans a large handle offered may fill
   if (exclude != nullptr) {
     for (Chunk* c : exclude->chunks) c->pick_mark = offered;
   }
@@ -259,10 +260,16 @@ void MappingCache::take_from_ready(PickPlan& plan, const StreamAffinity* affinit
       if (gathered >= need) break;
       // A large handle's chunks follow its head in every mapping (Note [Large handles]).
       if (!c->is_head() || c->pick_mark == taken || c->pick_mark == offered) continue;
-      if (c->handle_chunks > 1 && !want_large) continue;
+      const bool large = c->handle_chunks > 1;
+      if (large && open_large == 0) continue;  // nothing it could fill: it would not count
       if (affinity != nullptr && handle_blocks(c, affinity)) continue;
       c->pick_mark = offered;
-      (c->handle_chunks > 1 ? heads : singles).push_back(c);
+      if (large) {
+        heads.push_back(c);
+        --open_large;
+      } else {
+        singles.push_back(c);
+      }
       gathered += c->handle_chunks;
     }
   }
@@ -520,7 +527,6 @@ void MappingCache::remap_spans(Mapping* mapping, const std::vector<std::size_t>&
   // What each span gets, in span order; capacity first: nothing below the driver calls may
   // throw.
   const std::vector<Chunk*>& singles = plan.singles();
-  std::vector<const std::vector<Chunk*>*> large_fill;
   std::vector<std::size_t> lengths;
   lengths.reserve(spans.size());
   std::size_t next_large = 0, next_single = 0;

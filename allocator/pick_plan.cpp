@@ -18,20 +18,29 @@ void PickPlan::offer(const std::vector<Chunk*>& heads, const std::vector<Chunk*>
     while (h < heads.size() && heads[h]->pick_mark == mark_) ++h;
     return h < heads.size() ? heads[h++] : nullptr;
   };
-  std::size_t s = 0;
-  auto next_single = [&]() -> Chunk* {
-    while (s < singles.size() && singles[s]->pick_mark == mark_) ++s;
-    return s < singles.size() ? singles[s++] : nullptr;
-  };
-  for (auto& span : large_) {
-    if (!span.empty()) continue;
-    Chunk* head = next_head();
-    if (head == nullptr) break;
-    for (std::size_t k = 0; k < head->handle_chunks; ++k) {
-      span.push_back(head + k);
-      take(head + k);
+  std::vector<Chunk*> displaced;  // singles a large handle replaced, offered again below
+  for (int pass = 0; pass < 2; ++pass) {
+    for (auto& span : large_) {
+      // Pass 0: empty spans; pass 1: spans singles fill in part.
+      const bool partial = !span.empty() && span.size() < large_chunks_ && span.front()->handle_chunks == 1;
+      if (pass == 0 ? !span.empty() : !partial) continue;
+      Chunk* head = next_head();
+      if (head == nullptr) break;
+      for (Chunk* c : span) c->pick_mark = 0;  // no pick's mark: free to take again
+      displaced.insert(displaced.end(), span.begin(), span.end());
+      span.clear();
+      for (std::size_t k = 0; k < head->handle_chunks; ++k) {
+        span.push_back(head + k);
+        take(head + k);
+      }
     }
   }
+  std::size_t s = 0, d = 0;
+  auto next_single = [&]() -> Chunk* {
+    while (s < singles.size() && singles[s]->pick_mark == mark_) ++s;
+    if (s < singles.size()) return singles[s++];
+    return d < displaced.size() ? displaced[d++] : nullptr;
+  };
   while (open_singles() > 0) {
     Chunk* c = next_single();
     if (c == nullptr) break;
@@ -47,6 +56,14 @@ void PickPlan::offer(const std::vector<Chunk*>& heads, const std::vector<Chunk*>
       take(c);
     }
   }
+}
+
+std::size_t PickPlan::open_large_spans() const {
+  std::size_t n = 0;
+  for (const auto& span : large_) {
+    if (span.empty() || (span.size() < large_chunks_ && span.front()->handle_chunks == 1)) ++n;
+  }
+  return n;
 }
 
 std::size_t PickPlan::missing() const {

@@ -6,7 +6,9 @@
 // chunks) and `single` spans of one chunk (a single chunk only). Candidates are offered in
 // the caller's order of preference (Note [Growth slack]: free chunks no ready mapping
 // needs, then growth, then chunks of ready mappings), each offer filling:
-//   1. empty large spans with large handles,
+//   1. empty large spans with large handles, then large spans that single chunks fill only
+//      in part (those singles go back to the offer: the span would otherwise wait for
+//      growth while a handle that fits it is free),
 //   2. single spans with single chunks,
 //   3. large spans with the single chunks left (a span of singles costs L grants, but no
 //      memory is created while free singles exist).
@@ -48,6 +50,8 @@ class PickPlan {
   void clear();
 
   std::size_t large_spans() const { return large_.size(); }
+  // Large spans a large handle offered now would fill: empty, or filled in part by singles.
+  std::size_t open_large_spans() const;
   std::size_t single_spans() const { return single_.size(); }
   // The chunks filling large span i, in mapping order, and those of the single spans.
   const std::vector<Chunk*>& large_span(std::size_t i) const { return large_[i]; }

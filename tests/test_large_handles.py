@@ -1,8 +1,8 @@
 """Note [Large handles] and Note [Picking handles]: a request of n chunks is mapped from
 n // 8 physical handles of 16 MiB (config large_handle_size) and n % 8 single 2 MiB chunks;
 a large handle is mapped, stitched, repaired and released only whole, never serves a
-single span or a KV page, and a larger idle mapping is reused only while the part of the
-handle its prefix ends in that would be wasted stays within a quarter of the request.
+single span or a KV page, and a larger idle mapping is reused only when the request ends
+at the end of one of its handles.
 num_device_alloc / num_device_free count handles, not chunks. Every allocator test runs on
 each backend (see conftest)."""
 from __future__ import annotations
@@ -119,6 +119,48 @@ def test_free_single_chunks_fill_a_large_span_before_memory_grows(kind):
     alloc.backend.write(ptr, pattern(3, 16 * MiB))
     assert_holds(alloc, ptr, 3, 16 * MiB)
     alloc.deallocate(ptr)
+
+
+def test_a_ready_mappings_large_handle_is_taken_before_memory_grows(kind):
+    # Found in review: the ready mappings' handles were gathered as if each large one counted
+    # for the request, so the gathering stopped early and the request went to the
+    # out-of-memory retry (a cap of exactly what is cached) with all it needed free. 18 MiB
+    # is one large span and one single; the freed 32 MiB block's two handles and the 2 MiB
+    # block's chunk are all free and ready.
+    alloc = kind.allocator(64 * MiB, conf="memory_cap:34MiB")
+    big, small = alloc.allocate(32 * MiB), alloc.allocate(2 * MiB)
+    alloc.deallocate(big)
+    alloc.deallocate(small)
+
+    ptr = alloc.allocate(18 * MiB)
+
+    stats = alloc.stats()
+    assert stats["num_alloc_retries"] == 0 and stats["vmm.mapping_evictions"] == 0
+    assert stats["num_device_alloc"] == 3, "nothing created: the cached memory serves"
+    alloc.backend.write(ptr, pattern(9, 18 * MiB))
+    assert_holds(alloc, ptr, 9, 18 * MiB)
+
+
+def test_a_large_handle_replaces_singles_that_fill_a_span_in_part(kind):
+    # Found in review: free single chunks that feed no ready mapping filled the large span in
+    # part, the only other free memory was a ready mapping's 16 MiB handle, and a handle could
+    # not take a span holding singles: memory grew (no cap) or the request retried (cap).
+    # Here 16 MiB (one handle) and 8 MiB (four singles) are freed, a 2 MiB block takes one
+    # single (breaking that mapping's readiness), and 18 MiB must come from what is free.
+    alloc = kind.allocator(64 * MiB, conf="memory_cap:24MiB,growth_slack:0")
+    handle_block, singles_block = alloc.allocate(16 * MiB), alloc.allocate(8 * MiB)
+    alloc.deallocate(singles_block)
+    alloc.deallocate(handle_block)
+    keep = alloc.allocate(2 * MiB)
+
+    ptr = alloc.allocate(18 * MiB)
+
+    stats = alloc.stats()
+    assert stats["num_alloc_retries"] == 0 and stats["vmm.mapping_evictions"] == 0
+    assert stats["reserved_bytes.all.current"] == 24 * MiB
+    assert not set(alloc.chunk_ids(ptr)) & set(alloc.chunk_ids(keep))
+    alloc.backend.write(ptr, pattern(10, 18 * MiB))
+    assert_holds(alloc, ptr, 10, 18 * MiB)
 
 
 def reuse_ready_mapping_of_64mib(kind, request_chunks):
