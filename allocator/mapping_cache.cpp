@@ -410,7 +410,9 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
 // It needs the candidate's last use finished, since unmapping does not wait for the GPU:
 // Note [Stream progress] tells that without blocking. Until it can tell, the request
 // stitches as before. The slots' old chunks stay where they are mapped elsewhere; a chunk
-// mapped nowhere any more is an ordinary free chunk.
+// mapped nowhere any more is an ordinary free chunk. A blocked chunk of a large handle
+// (Note [Large handles]) blocks its whole handle: k counts the chunks of the handles to
+// remap, and each is remapped whole, to a free large handle or to single chunks.
 bool MappingCache::last_use_finished(const Mapping* mapping) {
   return mapping->last_stream == kNoStream ||
          progress_.finished(mapping->last_stream, mapping->released, releases_);
