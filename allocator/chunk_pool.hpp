@@ -48,10 +48,8 @@ struct Chunk {
   std::size_t index = 0;  // position in ChunkPool::chunks_
   std::uint64_t pick_mark = 0;  // MappingCache::pick_chunks' current pick, to skip duplicates
   std::uint32_t handle_chunks = 1;  // chunks of its handle (Note [Large handles])
-  std::uint32_t handle_pos = 0;     // its place in the handle: head() is this - handle_pos
+  std::uint32_t handle_pos = 0;     // its place in the handle: the head is this - handle_pos
 
-  Chunk* head() { return this - handle_pos; }
-  const Chunk* head() const { return this - handle_pos; }
   bool is_head() const { return handle_pos == 0; }
 };
 

@@ -160,14 +160,11 @@ void HostBackend::unmap(std::uintptr_t addr, std::size_t bytes) {
 
 void HostBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
   check_aligned(addr, bytes, "set_access");
-  {
-    std::lock_guard<std::mutex> lock(mutex_);
-    check_whole_handles(addr, bytes, "set_access");
-  }
+  std::lock_guard<std::mutex> lock(mutex_);
+  check_whole_handles(addr, bytes, "set_access");
   if (mprotect(reinterpret_cast<void*>(addr), bytes, PROT_READ | PROT_WRITE) != 0) {
     throw BackendError(errno_text("mprotect"));
   }
-  std::lock_guard<std::mutex> lock(mutex_);
   for (auto& peer : peers_) peer.second += bytes;
 }
 

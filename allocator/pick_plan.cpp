@@ -12,6 +12,14 @@ PickPlan::PickPlan(std::size_t large_spans, std::size_t single_spans, std::size_
 
 void PickPlan::take(Chunk* chunk) { chunk->pick_mark = mark_; }
 
+bool PickPlan::holds_handle(const std::vector<Chunk*>& span) {
+  return !span.empty() && span.front()->handle_chunks > 1;
+}
+
+bool PickPlan::filled_in_part(const std::vector<Chunk*>& span) const {
+  return !span.empty() && !holds_handle(span) && span.size() < large_chunks_;
+}
+
 void PickPlan::offer(const std::vector<Chunk*>& heads, const std::vector<Chunk*>& singles) {
   std::size_t h = 0;
   auto next_head = [&]() -> Chunk* {
@@ -22,8 +30,7 @@ void PickPlan::offer(const std::vector<Chunk*>& heads, const std::vector<Chunk*>
   for (int pass = 0; pass < 2; ++pass) {
     for (auto& span : large_) {
       // Pass 0: empty spans; pass 1: spans singles fill in part.
-      const bool partial = !span.empty() && span.size() < large_chunks_ && span.front()->handle_chunks == 1;
-      if (pass == 0 ? !span.empty() : !partial) continue;
+      if (pass == 0 ? !span.empty() : !filled_in_part(span)) continue;
       Chunk* head = next_head();
       if (head == nullptr) break;
       for (Chunk* c : span) c->pick_mark = 0;  // no pick's mark: free to take again
@@ -48,7 +55,7 @@ void PickPlan::offer(const std::vector<Chunk*>& heads, const std::vector<Chunk*>
     take(c);
   }
   for (auto& span : large_) {
-    if (!span.empty() && span.front()->handle_chunks > 1) continue;  // a large handle
+    if (holds_handle(span)) continue;
     while (span.size() < large_chunks_) {
       Chunk* c = next_single();
       if (c == nullptr) break;
@@ -61,7 +68,7 @@ void PickPlan::offer(const std::vector<Chunk*>& heads, const std::vector<Chunk*>
 std::size_t PickPlan::open_large_spans() const {
   std::size_t n = 0;
   for (const auto& span : large_) {
-    if (span.empty() || (span.size() < large_chunks_ && span.front()->handle_chunks == 1)) ++n;
+    if (span.empty() || filled_in_part(span)) ++n;
   }
   return n;
 }

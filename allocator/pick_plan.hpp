@@ -64,6 +64,8 @@ class PickPlan {
 
  private:
   void take(Chunk* chunk);
+  static bool holds_handle(const std::vector<Chunk*>& span);  // a large span's large handle
+  bool filled_in_part(const std::vector<Chunk*>& span) const;  // by singles, not yet L
   std::size_t open_singles() const { return single_.size() - filled_singles_; }
 
   std::size_t large_chunks_;
