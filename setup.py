@@ -2,6 +2,8 @@
 
 The extension links neither libcuda nor torch: the CUDA driver is opened at run time
 (allocator/cuda_driver.cpp), so the build needs only a C++17 compiler and Python headers.
+The torch adapter (allocator/torch_adapter/) is not built here: it is compiled against the
+running torch on first use (pyhooks/torch_adapter.py).
 """
 from glob import glob
 from pathlib import Path
@@ -19,17 +21,30 @@ AUTOSTART_LINE = (
 )
 
 
+# The torch adapter is compiled on first use against the running torch
+# (vmmalloc.torch_adapter), so a wheel carries its sources as vmmalloc/torch_adapter/.
+ADAPTER_SOURCES = sorted(glob("allocator/torch_adapter/*.cpp") + glob("allocator/torch_adapter/*.h"))
+
+
 class build_py_with_pth(build_py):
-    """Puts the start-up .pth file at the root of the wheel (site-packages)."""
+    """Puts the start-up .pth file at the root of the wheel (site-packages), and the torch
+    adapter's sources into the package."""
 
     def run(self):
         super().run()
         target = Path(self.build_lib) / AUTOSTART_PTH
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(AUTOSTART_LINE)
+        for source in self._adapter_targets():
+            source[1].parent.mkdir(parents=True, exist_ok=True)
+            source[1].write_bytes(Path(source[0]).read_bytes())
+
+    def _adapter_targets(self):
+        return [(s, Path(self.build_lib) / "vmmalloc" / "torch_adapter" / Path(s).name) for s in ADAPTER_SOURCES]
 
     def get_outputs(self, include_bytecode=True):
-        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / AUTOSTART_PTH)]
+        return [*super().get_outputs(include_bytecode), str(Path(self.build_lib) / AUTOSTART_PTH),
+                *(str(target) for _, target in self._adapter_targets())]
 
 extension = Pybind11Extension(
     "vmmalloc._C",

@@ -36,8 +36,7 @@ void set_current(Stat& stat, std::int64_t value) {
 CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Config config)
     : backend_(std::move(backend)),
       config_(config),
-      pool_(*backend_),
-      cache_(*backend_, pool_, config_),
+      main_(*backend_, budget_, config_),
       pages_(*backend_) {
   if (config_.memory_fraction != 0) set_memory_fraction(config_.memory_fraction);
   else set_memory_cap(config_.memory_cap);
@@ -54,37 +53,51 @@ CachingAllocator::~CachingAllocator() {
 std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
   const HostTimer timer(config_.host_timing ? &host_ns_ : nullptr);
   std::lock_guard<std::mutex> lock(mutex_);
-  if (!pending_.empty()) process_pending(/*wait=*/false);
+  PrivatePool* pool = nullptr;
+  if (!routes_.empty()) {
+    pool = route(stream);
+  } else {
+    // Work Note [Capture-safe mode] deferred; nothing to do on the usual path.
+    if (!pending_.empty()) process_pending(/*wait=*/false);
+    if (retire_pools_owed_) retire_pools();
+  }
+  return place(pool, size, stream);
+}
+
+void CachingAllocator::count_allocated(Pool pool, std::size_t size, std::size_t requested) {
+  allocation_.increase(pool, 1);
+  active_.increase(pool, 1);
+  allocated_bytes_.increase(pool, static_cast<std::int64_t>(size));
+  active_bytes_.increase(pool, static_cast<std::int64_t>(size));
+  requested_bytes_.increase(pool, static_cast<std::int64_t>(requested));
+}
+
+std::uintptr_t CachingAllocator::place(PrivatePool* pool, std::size_t size, StreamId stream) {
+  Arena& arena = arena_of(pool);
   if (size <= kSmallRequestLimit) {
     const std::size_t rounded = SmallPool::round(size);
-    SmallBlock* block = small_.allocate(rounded, stream);
+    SmallBlock* block = arena.small.allocate(rounded, stream);
     if (block == nullptr) {
-      Mapping* segment = acquire(1, stream, size, /*small_segment=*/true);
-      block = small_.allocate_in_new_segment(segment, rounded, stream);
+      Mapping* segment = acquire(arena, 1, stream, size, /*small_segment=*/true);
+      block = arena.small.allocate_in_new_segment(segment, rounded, stream);
       sync_reserved_stats();
     }
     block->requested = size;
-    allocation_.increase(Pool::kSmall, 1);
-    active_.increase(Pool::kSmall, 1);
-    allocated_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(block->size));
-    active_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(block->size));
-    requested_bytes_.increase(Pool::kSmall, static_cast<std::int64_t>(size));
+    count_allocated(Pool::kSmall, block->size, size);
+    if (pool != nullptr) ++pool->live;
     log(EventKind::kAlloc, block->addr, block->size, stream);
     return block->addr;
   }
   // No number of chunks under the cap serves it; and size + kChunkSize - 1 could wrap.
-  if (size > pool_.cap()) throw_oom(size, "the request is larger than the memory cap");
+  if (size > budget_.cap_bytes) throw_oom(size, "the request is larger than the memory cap");
   const std::size_t chunks = (size + kChunkSize - 1) / kChunkSize;
-  Mapping* mapping = acquire(chunks, stream, size, /*small_segment=*/false);
+  Mapping* mapping = acquire(arena, chunks, stream, size, /*small_segment=*/false);
   const std::size_t bytes = chunks * kChunkSize;
   mapping->requested = size;
-  large_.insert(mapping->base, mapping);
+  arena.large.insert(mapping->base, mapping);
   sync_reserved_stats();
-  allocation_.increase(Pool::kLarge, 1);
-  active_.increase(Pool::kLarge, 1);
-  allocated_bytes_.increase(Pool::kLarge, static_cast<std::int64_t>(bytes));
-  active_bytes_.increase(Pool::kLarge, static_cast<std::int64_t>(bytes));
-  requested_bytes_.increase(Pool::kLarge, static_cast<std::int64_t>(size));
+  count_allocated(Pool::kLarge, bytes, size);
+  if (pool != nullptr) ++pool->live;
   log(EventKind::kAlloc, mapping->base, bytes, stream);
   return mapping->base;
 }
@@ -95,26 +108,30 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
 // own stream's would have served the request), and moving segments between streams on
 // every alternation would chain those streams together with waits. It creates a chunk,
 // and only the out-of-memory retry reclaims them, as PyTorch's small pool does.
-Mapping* CachingAllocator::acquire(std::size_t chunks, StreamId stream, std::size_t requested,
-                                   bool small_segment) {
-  const std::int64_t stitches = cache_.stitches;
-  const std::int64_t created = pool_.created;
+Mapping* CachingAllocator::acquire(Arena& arena, std::size_t chunks, StreamId stream,
+                                   std::size_t requested, bool small_segment) {
+  MappingCache& cache = arena.cache;
+  const std::int64_t stitches = cache.stitches;
+  const std::int64_t created = budget_.created;
   Mapping* mapping = with_oom_retry(requested, [&](bool retry) -> Mapping* {
-    if (retry) return cache_.acquire(chunks, stream, /*allow_create=*/true);
-    if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
-    // Before any new physical memory: finish frees and take back free small segments.
-    if (!pending_.empty()) process_pending(/*wait=*/false);
-    if (pages_.has_retiring()) finish_page_retiring(/*wait=*/false);
-    if (!small_segment && small_.reclaim(cache_) > 0) {
-      sync_reserved_stats();
-      if (Mapping* m = cache_.acquire(chunks, stream, /*allow_create=*/false)) return m;
+    if (retry) return cache.acquire(chunks, stream, /*allow_create=*/true);
+    if (Mapping* m = cache.acquire(chunks, stream, /*allow_create=*/false)) return m;
+    // Before any new physical memory: finish frees and take back free small segments
+    // (event queries: not in capture-safe mode; segments: never a private pool's).
+    if (routes_.empty()) {
+      if (!pending_.empty()) process_pending(/*wait=*/false);
+      if (pages_.has_retiring()) finish_page_retiring(/*wait=*/false);
     }
-    return cache_.acquire(chunks, stream, /*allow_create=*/true, growth_budget(chunks));
+    if (!small_segment && &arena == &main_ && main_.small.reclaim(main_.cache) > 0) {
+      sync_reserved_stats();
+      if (Mapping* m = cache.acquire(chunks, stream, /*allow_create=*/false)) return m;
+    }
+    return cache.acquire(chunks, stream, /*allow_create=*/true, growth_budget(chunks));
   });
-  if (events_.on() && cache_.stitches != stitches) {
+  if (events_.on() && cache.stitches != stitches) {
     sync_reserved_stats();  // the growth it needed is logged first
     log(EventKind::kStitch, mapping->base, chunks * kChunkSize, stream,
-        static_cast<std::uint64_t>(pool_.created - created));
+        static_cast<std::uint64_t>(budget_.created - created));
   }
   return mapping;
 }
@@ -132,6 +149,9 @@ auto CachingAllocator::with_oom_retry(std::size_t requested, Attempt&& attempt) 
   } catch (const DeviceOutOfMemory& e) {
     cause = e.what();
   }
+  // Releasing caches synchronizes the device, illegal during a capture (PyTorch does not
+  // retry then either): Note [Capture-safe mode].
+  if (!routes_.empty()) throw_oom(requested, cause + "; no retry during CUDA graph capture");
   ++num_alloc_retries_;
   release_cached();
   try {
@@ -153,7 +173,7 @@ std::size_t CachingAllocator::growth_budget(std::size_t chunks) const {
   const double allocated =
       static_cast<double>(allocated_bytes_.all.current) + static_cast<double>(chunks * kChunkSize);
   const double limit = allocated * (1.0 + config_.growth_slack);
-  const double reserved = static_cast<double>(pool_.count() * kChunkSize);
+  const double reserved = static_cast<double>(budget_.chunks * kChunkSize);
   if (limit <= reserved) return 0;
   return static_cast<std::size_t>((limit - reserved) / static_cast<double>(kChunkSize));
 }
@@ -167,18 +187,18 @@ void CachingAllocator::throw_oom(std::size_t requested, const std::string& cause
     free = backend_->free_memory();
   } catch (const std::exception&) {
   }
-  const std::size_t reserved = pool_.count() * kChunkSize;
+  const std::size_t reserved = budget_.chunks * kChunkSize;
   const auto allocated = static_cast<std::size_t>(allocated_bytes_.all.current);
-  const std::size_t cap = pool_.cap();
+  const std::size_t cap = budget_.cap_bytes;
   log(EventKind::kOom, 0, requested, 0, free);
   std::string message = std::string(cuda ? "CUDA" : "Host backend") +
       " out of memory. Tried to allocate " + format_size(requested) + ". " +
       (cuda ? "GPU " : "Device ") + std::to_string(backend_->device()) +
       " has a total capacity of " + format_size(total) + " of which " + format_size(free) +
       " is free. vmmalloc's cap is " + format_size(cap) + " (" + cause + "); it holds " +
-      format_size(reserved) + " in " + std::to_string(pool_.count()) + " chunks, of which " +
+      format_size(reserved) + " in " + std::to_string(budget_.chunks) + " chunks, of which " +
       format_size(allocated) + " is allocated and " + format_size(reserved - std::min(reserved, allocated)) +
-      " is reserved but unallocated, in " + std::to_string(cache_.mapping_count()) +
+      " is reserved but unallocated, in " + std::to_string(main_.cache.mapping_count()) +
       " mappings. Free tensors you no longer need, lower the batch size";
   message += cap < total ? ", or raise the cap (VMMALLOC_CONF=memory_cap:<bytes> or "
                            "torch.cuda.set_per_process_memory_fraction)."
@@ -190,13 +210,14 @@ void CachingAllocator::release_cached() {
   backend_->synchronize();
   ++num_sync_all_streams_;
   process_pending(/*wait=*/true);
+  retire_pools();
   finish_page_retiring(/*wait=*/true);
-  small_.reclaim(cache_);
-  cache_.finish_retiring(/*wait=*/true);
-  cache_.forget_streams();
-  cache_.evict_idle();
-  cache_.truncate_in_use();
-  cache_.release_free_chunks();
+  main_.small.reclaim(main_.cache);
+  main_.cache.finish_retiring(/*wait=*/true);
+  main_.cache.forget_streams();
+  main_.cache.evict_idle();
+  main_.cache.truncate_in_use();
+  main_.cache.release_free_chunks();
   sync_reserved_stats();
 }
 
@@ -227,7 +248,7 @@ void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::
         " bytes apart: the virtual tensor reserves only " + std::to_string(limit) +
         " bytes. Reserve a larger one (a longer maximum length or batch).");
   }
-  if (pages_.has_retiring()) finish_page_retiring(/*wait=*/false);
+  if (pages_.has_retiring() && routes_.empty()) finish_page_retiring(/*wait=*/false);
   const PagePlan plan = pages_.plan(*range, rows, stride, begin, end);
   // Needed pages still retiring are taken back first (no memory needed; and the retry of
   // an out-of-memory below would otherwise finish their retirement under us). Pages are
@@ -240,7 +261,7 @@ void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::
     try {
       pages_.map(*range, plan.map, chunks);
     } catch (...) {
-      cache_.return_chunks(chunks, stream);
+      main_.cache.return_chunks(chunks, stream);
       sync_reserved_stats();
       throw;
     }
@@ -266,7 +287,7 @@ void CachingAllocator::free_range(VirtualRange* range, StreamId stream) {
     }
   }
   pages_.free(*range, stream);  // may destroy *range
-  if (pages_.has_retiring()) finish_page_retiring(/*wait=*/false);
+  if (pages_.has_retiring() && routes_.empty()) finish_page_retiring(/*wait=*/false);
   sync_reserved_stats();
 }
 
@@ -283,18 +304,19 @@ std::vector<std::size_t> CachingAllocator::live_pages(const VirtualRange* range)
 // Note [KV pages]: pages are drawn like a stitch's chunks, with the same out-of-memory
 // retry as any request (Note [Out-of-memory retry]).
 std::vector<Chunk*> CachingAllocator::acquire_page_chunks(std::size_t n, StreamId stream) {
+  MappingCache& cache = main_.cache;
   return with_oom_retry(n * kChunkSize, [&](bool retry) -> std::vector<Chunk*> {
-    if (retry) return cache_.take_chunks(n, stream, /*allow_create=*/true);
-    std::vector<Chunk*> chunks = cache_.take_chunks(n, stream, /*allow_create=*/false);
+    if (retry) return cache.take_chunks(n, stream, /*allow_create=*/true);
+    std::vector<Chunk*> chunks = cache.take_chunks(n, stream, /*allow_create=*/false);
     if (!chunks.empty()) return chunks;
-    if (!pending_.empty()) process_pending(/*wait=*/false);
-    if (small_.reclaim(cache_) > 0) sync_reserved_stats();
-    return cache_.take_chunks(n, stream, /*allow_create=*/true, growth_budget(n));
+    if (!pending_.empty() && routes_.empty()) process_pending(/*wait=*/false);
+    if (main_.small.reclaim(cache) > 0) sync_reserved_stats();
+    return cache.take_chunks(n, stream, /*allow_create=*/true, growth_budget(n));
   });
 }
 
 void CachingAllocator::finish_page_retiring(bool wait) {
-  cache_.return_chunks(pages_.finish_retiring(wait), kNoStream);
+  main_.cache.return_chunks(pages_.finish_retiring(wait), kNoStream);
 }
 
 // KV pages count as allocated (and active, and requested) memory of the large pool, as
@@ -310,50 +332,82 @@ void CachingAllocator::count_pages(std::int64_t pages) {
 
 void CachingAllocator::empty_cache() {
   std::lock_guard<std::mutex> lock(mutex_);
+  if (!routes_.empty()) return;  // Note [Capture-safe mode]: it would synchronize
   release_cached();
 }
 
 void CachingAllocator::deallocate(std::uintptr_t ptr) {
-  const HostTimer timer(config_.host_timing ? &host_ns_ : nullptr);
-  std::lock_guard<std::mutex> lock(mutex_);
-  SmallBlock* block = small_.find(ptr);
-  Mapping* mapping = block != nullptr ? nullptr : large_.find(ptr);
-  if (block == nullptr && mapping == nullptr) {
+  if (!deallocate_if_owned(ptr)) {
     throw std::invalid_argument("vmmalloc: free of " + hex(ptr) +
                                 ", which this allocator does not hold (never allocated here, "
                                 "or already freed)");
   }
+}
+
+CachingAllocator::Located CachingAllocator::locate(std::uintptr_t ptr) const {
+  Located where;
+  where.block = main_.small.find(ptr);
+  if (where.block == nullptr) where.mapping = main_.large.find(ptr);
+  if (where.found() || pools_.empty()) return where;
+  for (const auto& pool : pools_) {
+    where.block = pool->arena.small.find(ptr);
+    if (where.block == nullptr) where.mapping = pool->arena.large.find(ptr);
+    if (where.found()) {
+      where.pool = pool.get();
+      return where;
+    }
+  }
+  return where;
+}
+
+bool CachingAllocator::deallocate_if_owned(std::uintptr_t ptr) {
+  const HostTimer timer(config_.host_timing ? &host_ns_ : nullptr);
+  std::lock_guard<std::mutex> lock(mutex_);
+  const Located where = locate(ptr);
+  // A block whose free waits for its streams is no longer the caller's: freeing it again
+  // is a double free (Note [record_stream]).
+  if (!where.found() || (!pending_.empty() && is_pending(ptr))) return false;
+  SmallBlock* block = where.block;
+  Mapping* mapping = where.mapping;
   if (!recorded_streams_.empty()) {
     auto it = recorded_streams_.find(ptr);
     if (it != recorded_streams_.end()) {
       // Note [record_stream]: the memory stays active until the work queued on every
       // recorded stream up to now has finished; allocated counts drop at once, as in
       // PyTorch.
-      PendingFree pending{ptr, {}};
-      pending.events.reserve(it->second.size());
-      try {
-        for (StreamId s : it->second) pending.events.push_back(backend_->record_event(s));
-      } catch (...) {
-        for (EventId e : pending.events) backend_->release_event(e);
-        throw;
+      PendingFree pending{ptr, where.pool, {}, {}};
+      if (!routes_.empty()) {
+        pending.unrecorded = it->second;  // Note [Capture-safe mode]: no event now
+      } else {
+        pending.events.reserve(it->second.size());
+        try {
+          for (StreamId s : it->second) pending.events.push_back(backend_->record_event(s));
+        } catch (...) {
+          for (EventId e : pending.events) backend_->release_event(e);
+          throw;
+        }
       }
       recorded_streams_.erase(it);
       pending_.push_back(std::move(pending));
       if (block != nullptr) drop_allocated(Pool::kSmall, block->size, block->requested);
       else drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
       log_free_requested(block, mapping);
-      return;
+      return true;
     }
   }
   if (block != nullptr) {
     drop_allocated(Pool::kSmall, block->size, block->requested);
-    log_free_requested(block, mapping);
-    free_small(block);
   } else {
     drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
-    log_free_requested(block, mapping);
-    free_large(mapping);
   }
+  log_free_requested(block, mapping);
+  free_located(where);
+  return true;
+}
+
+void CachingAllocator::free_located(const Located& where) {
+  if (where.block != nullptr) free_small(where.pool, where.block);
+  else free_large(where.pool, where.mapping);
 }
 
 // Allocated counts drop when the caller frees; active ones when the memory is reusable.
@@ -370,27 +424,47 @@ void CachingAllocator::log_free_requested(const SmallBlock* block, const Mapping
   else log(EventKind::kFreeRequested, mapping->base, mapping->used * kChunkSize, mapping->use_stream);
 }
 
-void CachingAllocator::free_small(SmallBlock* block) {
+void CachingAllocator::free_small(PrivatePool* pool, SmallBlock* block) {
   log(EventKind::kFreeCompleted, block->addr, block->size, block->segment->stream);
   active_.decrease(Pool::kSmall, 1);
   active_bytes_.decrease(Pool::kSmall, static_cast<std::int64_t>(block->size));
-  small_.free(block);
+  arena_of(pool).small.free(block);
+  if (pool != nullptr) free_completed(pool);
 }
 
-void CachingAllocator::free_large(Mapping* m) {
+void CachingAllocator::free_large(PrivatePool* pool, Mapping* m) {
   log(EventKind::kFreeCompleted, m->base, m->used * kChunkSize, m->use_stream);
   active_.decrease(Pool::kLarge, 1);
   active_bytes_.decrease(Pool::kLarge, static_cast<std::int64_t>(m->used * kChunkSize));
-  large_.erase(m->base);
-  cache_.release(m, m->use_stream);
+  Arena& arena = arena_of(pool);
+  arena.large.erase(m->base);
+  arena.cache.release(m, m->use_stream);
+  if (pool != nullptr) free_completed(pool);
+}
+
+void CachingAllocator::free_completed(PrivatePool* pool) {
+  --pool->live;
+  if (pool->live == 0 && pool->use_count == 0) maybe_retire_pool(pool);
 }
 
 void CachingAllocator::process_pending(bool wait) {
   std::size_t kept = 0;
   for (std::size_t i = 0; i < pending_.size(); ++i) {
     PendingFree& p = pending_[i];
+    if (!wait && !p.unrecorded.empty()) {
+      // Recorded now, after capture-safe mode: a later point of those streams, so safe.
+      try {
+        while (!p.unrecorded.empty()) {
+          p.events.push_back(backend_->record_event(p.unrecorded.back()));
+          p.unrecorded.pop_back();
+        }
+      } catch (const BackendError&) {
+        // Kept pending; the next pass tries again, and release_cached waits for all.
+      }
+    }
     bool done = true;
     if (!wait) {
+      if (!p.unrecorded.empty()) done = false;
       for (EventId e : p.events) {
         if (!backend_->event_done(e)) {
           done = false;
@@ -406,8 +480,9 @@ void CachingAllocator::process_pending(bool wait) {
       continue;
     }
     for (EventId e : p.events) backend_->release_event(e);
-    if (SmallBlock* block = small_.find(p.ptr)) free_small(block);
-    else free_large(large_.find(p.ptr));
+    Arena& arena = arena_of(p.pool);
+    if (SmallBlock* block = arena.small.find(p.ptr)) free_small(p.pool, block);
+    else free_large(p.pool, arena.large.find(p.ptr));
   }
   pending_.resize(kept);
 }
@@ -424,25 +499,39 @@ void CachingAllocator::record_stream(std::uintptr_t ptr, StreamId stream) {
   if (std::find(streams.begin(), streams.end(), stream) == streams.end()) streams.push_back(stream);
 }
 
+bool CachingAllocator::is_pending(std::uintptr_t ptr) const {
+  for (const PendingFree& p : pending_) {
+    if (p.ptr == ptr) return true;
+  }
+  return false;
+}
+
 bool CachingAllocator::live(std::uintptr_t ptr, StreamId* stream, std::size_t* size,
                             Pool* pool) const {
-  if (const SmallBlock* block = small_.find(ptr)) {
+  const Located where = locate(ptr);
+  if (!where.found() || (!pending_.empty() && is_pending(ptr))) return false;
+  if (const SmallBlock* block = where.block) {
     if (stream) *stream = block->segment->stream;
     if (size) *size = block->size;
     if (pool) *pool = Pool::kSmall;
     return true;
   }
-  const Mapping* m = large_.find(ptr);
-  if (m == nullptr) return false;
+  const Mapping* m = where.mapping;
   if (stream) *stream = m->use_stream;
   if (size) *size = m->used * kChunkSize;
   if (pool) *pool = Pool::kLarge;
   return true;
 }
 
+std::size_t CachingAllocator::small_segments() const {
+  std::size_t n = main_.small.segment_count();
+  for (const auto& pool : pools_) n += pool->arena.small.segment_count();
+  return n;
+}
+
 void CachingAllocator::sync_reserved_stats() {
-  const auto all = static_cast<std::int64_t>(pool_.count());
-  const auto small = static_cast<std::int64_t>(small_.segment_count());
+  const auto all = static_cast<std::int64_t>(budget_.chunks);
+  const auto small = static_cast<std::int64_t>(small_segments());
   if (all == segment_.all.current && small == segment_.small.current) return;
   const auto chunk = static_cast<std::int64_t>(kChunkSize);
   if (all != segment_.all.current) {
@@ -475,7 +564,9 @@ StatList CachingAllocator::stats_locked() const {
   append_pool_stat(out, "reserved_bytes", reserved_bytes_);
   // Inactive split: free bytes inside partly used small segments (current only).
   PoolStat inactive;
-  const auto split_bytes = static_cast<std::int64_t>(small_.free_bytes_in_used_segments());
+  std::size_t split = main_.small.free_bytes_in_used_segments();
+  for (const auto& pool : pools_) split += pool->arena.small.free_bytes_in_used_segments();
+  const auto split_bytes = static_cast<std::int64_t>(split);
   inactive.increase(Pool::kSmall, split_bytes);
   inactive.reset_accumulated();
   append_pool_stat(out, "inactive_split_bytes", inactive);
@@ -487,19 +578,23 @@ StatList CachingAllocator::stats_locked() const {
   out.emplace_back("num_alloc_retries", num_alloc_retries_);
   out.emplace_back("num_ooms", num_ooms_);
   out.emplace_back("num_sync_all_streams", num_sync_all_streams_);
-  out.emplace_back("num_device_alloc", pool_.created);
-  out.emplace_back("num_device_free", pool_.released);
+  out.emplace_back("num_device_alloc", budget_.created);
+  out.emplace_back("num_device_free", budget_.released);
   out.emplace_back("vmm.host_time_ns", host_ns_.load(std::memory_order_relaxed));
   out.emplace_back("max_split_size", -1);
-  append_stat(out, "vmm.chunks", pool_.chunks_stat);
-  out.emplace_back("vmm.free_chunks", static_cast<std::int64_t>(pool_.free_count()));
-  out.emplace_back("vmm.large_handles", static_cast<std::int64_t>(pool_.large_handles()));
-  out.emplace_back("vmm.memory_cap", static_cast<std::int64_t>(pool_.cap()));
-  out.emplace_back("vmm.small_segments", static_cast<std::int64_t>(small_.segment_count()));
+  append_stat(out, "vmm.chunks", budget_.chunks_stat);
+  out.emplace_back("vmm.free_chunks", static_cast<std::int64_t>(main_.chunks.free_count()));
+  out.emplace_back("vmm.large_handles", static_cast<std::int64_t>(budget_.large_handles));
+  out.emplace_back("vmm.memory_cap", static_cast<std::int64_t>(budget_.cap_bytes));
+  out.emplace_back("vmm.small_segments", static_cast<std::int64_t>(small_segments()));
+  std::size_t pool_chunks = 0;
+  for (const auto& pool : pools_) pool_chunks += pool->arena.chunks.count();
+  out.emplace_back("vmm.private_pools", static_cast<std::int64_t>(pools_.size()));
+  out.emplace_back("vmm.private_pool_bytes", static_cast<std::int64_t>(pool_chunks * kChunkSize));
   out.emplace_back("vmm.pending_frees", static_cast<std::int64_t>(pending_.size()));
   out.emplace_back("vmm.peer_devices", static_cast<std::int64_t>(backend_->peers().size()));
   out.emplace_back("vmm.peer_access_errors", peer_access_errors_);
-  cache_.append_stats(out);
+  main_.cache.append_stats(out);
   pages_.append_stats(out);
   return out;
 }
@@ -521,7 +616,8 @@ bool CachingAllocator::add_peer(int peer) {
       ++peer_access_errors_;
     }
   };
-  cache_.for_each_mapped(grant);
+  main_.cache.for_each_mapped(grant);
+  for (const auto& pool : pools_) pool->arena.cache.for_each_mapped(grant);
   pages_.for_each_mapped(grant);
   return true;
 }
@@ -532,8 +628,8 @@ void CachingAllocator::reset_peak_stats() {
                       &requested_bytes_, &reserved_bytes_}) {
     s->reset_peak();
   }
-  pool_.chunks_stat.reset_peak();
-  cache_.reset_peak();
+  budget_.chunks_stat.reset_peak();
+  main_.cache.reset_peak();
   pages_.reset_peak();
 }
 
@@ -550,7 +646,7 @@ void CachingAllocator::reset_accumulated_stats() {
 void CachingAllocator::set_memory_cap(std::size_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   const std::size_t total = backend_->total_memory();
-  pool_.set_cap(bytes == 0 ? total : std::min(bytes, total));
+  budget_.cap_bytes = bytes == 0 ? total : std::min(bytes, total);
 }
 
 void CachingAllocator::set_memory_fraction(double fraction) {
@@ -559,12 +655,12 @@ void CachingAllocator::set_memory_fraction(double fraction) {
                                 std::to_string(fraction));
   }
   std::lock_guard<std::mutex> lock(mutex_);
-  pool_.set_cap(static_cast<std::size_t>(fraction * static_cast<double>(backend_->total_memory())));
+  budget_.cap_bytes = static_cast<std::size_t>(fraction * static_cast<double>(backend_->total_memory()));
 }
 
 std::size_t CachingAllocator::memory_cap() const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return pool_.cap();
+  return budget_.cap_bytes;
 }
 
 std::size_t CachingAllocator::allocation_size(std::uintptr_t ptr) const {
@@ -584,9 +680,10 @@ bool CachingAllocator::owns(std::uintptr_t ptr) const {
 std::vector<std::uint64_t> CachingAllocator::chunk_ids(std::uintptr_t ptr) const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::uint64_t> out;
-  if (const SmallBlock* block = small_.find(ptr)) {
+  const Located where = locate(ptr);
+  if (const SmallBlock* block = where.block) {
     out.push_back(block->segment->mapping->chunks[0]->id);
-  } else if (const Mapping* m = large_.find(ptr)) {
+  } else if (const Mapping* m = where.mapping) {
     for (std::size_t i = 0; i < m->used; ++i) out.push_back(m->chunks[i]->id);
   } else {
     throw std::invalid_argument("vmmalloc: " + hex(ptr) + " is not a live allocation");
@@ -596,7 +693,12 @@ std::vector<std::uint64_t> CachingAllocator::chunk_ids(std::uintptr_t ptr) const
 
 std::vector<std::uintptr_t> CachingAllocator::chunk_addresses(std::uint64_t chunk_id) const {
   std::lock_guard<std::mutex> lock(mutex_);
-  return cache_.addresses_of(chunk_id);
+  std::vector<std::uintptr_t> out = main_.cache.addresses_of(chunk_id);
+  for (const auto& pool : pools_) {
+    const std::vector<std::uintptr_t> more = pool->arena.cache.addresses_of(chunk_id);
+    out.insert(out.end(), more.begin(), more.end());
+  }
+  return out;
 }
 
 void CachingAllocator::record_events(std::size_t capacity) {
@@ -626,23 +728,40 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
   std::unordered_set<std::uintptr_t> pending;
   for (const PendingFree& p : pending_) pending.insert(p.ptr);
   std::size_t busy = 0;
-  large_.for_each([&](std::uintptr_t base, const Mapping* m) {
-    const std::size_t bytes = m->used * kChunkSize;
-    const State state = pending.count(base) ? State::kPendingFree : State::kActive;
-    out.push_back({base, bytes, m->use_stream, SnapshotSegment::Kind::kLarge,
-                   {{base, bytes, m->requested, state}}});
-    busy += m->used;
-  });
-  small_.for_each_segment([&](const SmallSegment& segment) {
-    SnapshotSegment s{segment.first->addr, kChunkSize, segment.stream, SnapshotSegment::Kind::kSmall, {}};
-    for (const SmallBlock* b = segment.first; b != nullptr; b = b->next) {
-      const State state = !b->allocated ? State::kInactive
-                          : pending.count(b->addr) ? State::kPendingFree : State::kActive;
-      s.blocks.push_back({b->addr, b->size, b->allocated ? b->requested : 0, state});
+  const auto arena_segments = [&](const Arena& arena, PoolId pool) {
+    arena.large.for_each([&](std::uintptr_t base, const Mapping* m) {
+      const std::size_t bytes = m->used * kChunkSize;
+      const State state = pending.count(base) ? State::kPendingFree : State::kActive;
+      out.push_back({base, bytes, m->use_stream, SnapshotSegment::Kind::kLarge,
+                     {{base, bytes, m->requested, state}}, pool});
+      busy += m->used;
+    });
+    arena.small.for_each_segment([&](const SmallSegment& segment) {
+      SnapshotSegment s{segment.first->addr, kChunkSize, segment.stream,
+                        SnapshotSegment::Kind::kSmall, {}, pool};
+      for (const SmallBlock* b = segment.first; b != nullptr; b = b->next) {
+        const State state = !b->allocated ? State::kInactive
+                            : pending.count(b->addr) ? State::kPendingFree : State::kActive;
+        s.blocks.push_back({b->addr, b->size, b->allocated ? b->requested : 0, state});
+      }
+      out.push_back(std::move(s));
+      ++busy;
+    });
+  };
+  arena_segments(main_, PoolId{});
+  std::size_t pool_free = 0;
+  for (const auto& pool : pools_) {
+    const std::size_t before = busy;
+    arena_segments(pool->arena, pool->id);
+    // A pool's idle chunks are its own: one free region per pool.
+    const std::size_t held = pool->arena.chunks.count();
+    const std::size_t used = busy - before;
+    if (held > used) {
+      const std::size_t bytes = (held - used) * kChunkSize;
+      out.push_back({0, bytes, 0, SnapshotSegment::Kind::kFree, {{0, bytes, 0, State::kInactive}}, pool->id});
+      pool_free += held - used;
     }
-    out.push_back(std::move(s));
-    ++busy;
-  });
+  }
   pages_.for_each_range([&](const VirtualRange& range) {
     // One region per run of mapped pages; a block per run of pages in one state.
     const auto& pages = range.pages;
@@ -651,7 +770,7 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
         ++i;
         continue;
       }
-      SnapshotSegment s{range.base + i * kChunkSize, 0, 0, SnapshotSegment::Kind::kPages, {}};
+      SnapshotSegment s{range.base + i * kChunkSize, 0, 0, SnapshotSegment::Kind::kPages, {}, PoolId{}};
       for (; i < pages.size() && pages[i].chunk != nullptr; ++i) {
         const State state = pages[i].retire_serial != 0 ? State::kPendingFree : State::kActive;
         if (s.blocks.empty() || s.blocks.back().state != state) {
@@ -665,12 +784,219 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
       out.push_back(std::move(s));
     }
   });
-  const std::size_t chunks = pool_.count();
+  const std::size_t chunks = budget_.chunks - pool_free;
   if (chunks > busy) {
     const std::size_t bytes = (chunks - busy) * kChunkSize;
-    out.push_back({0, bytes, 0, SnapshotSegment::Kind::kFree, {{0, bytes, 0, State::kInactive}}});
+    out.push_back({0, bytes, 0, SnapshotSegment::Kind::kFree, {{0, bytes, 0, State::kInactive}}, PoolId{}});
   }
   return out;
+}
+
+// ---- Private pools (Note [Private pools]) ----
+
+PrivatePool* CachingAllocator::find_pool(PoolId id) const {
+  for (const auto& pool : pools_) {
+    if (pool->id == id) return pool.get();
+  }
+  return nullptr;
+}
+
+PrivatePool* CachingAllocator::route(StreamId stream) const {
+  for (const Route& r : routes_) {
+    if (r.filter(stream)) return r.pool;
+  }
+  return nullptr;
+}
+
+void CachingAllocator::set_capture_safe(bool on) {
+  main_.cache.set_capture_safe(on);
+  for (const auto& pool : pools_) pool->arena.cache.set_capture_safe(on);
+}
+
+void CachingAllocator::create_or_incref_pool(PoolId id) {
+  if (id == PoolId{}) throw std::invalid_argument("vmmalloc: pool id (0, 0) names no pool");
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (PrivatePool* pool = find_pool(id)) {
+    ++pool->use_count;
+    return;
+  }
+  pools_.reserve(pools_.size() + 1);
+  pools_.push_back(std::make_unique<PrivatePool>(id, *backend_, budget_, config_));
+  pools_.back()->arena.cache.set_capture_safe(!routes_.empty());
+}
+
+void CachingAllocator::begin_allocate_to_pool(PoolId id, StreamFilter filter) {
+  if (!filter) throw std::invalid_argument("vmmalloc: a pool route needs a stream filter");
+  create_or_incref_pool(id);
+  std::lock_guard<std::mutex> lock(mutex_);
+  PrivatePool* pool = find_pool(id);
+  try {
+    routes_.push_back({pool, std::move(filter)});
+  } catch (...) {
+    --pool->use_count;
+    throw;
+  }
+  if (routes_.size() == 1) set_capture_safe(true);
+}
+
+void CachingAllocator::end_allocate_to_pool(PoolId id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  for (auto it = routes_.begin(); it != routes_.end(); ++it) {
+    if (it->pool->id == id) {
+      routes_.erase(it);
+      break;
+    }
+  }
+  // Deferred work waits for the next request: torch ends the route just before it ends the
+  // capture itself, so the capture may still be under way now.
+  if (routes_.empty()) set_capture_safe(false);
+}
+
+void CachingAllocator::release_pool(PoolId id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  PrivatePool* pool = find_pool(id);
+  if (pool == nullptr || pool->use_count == 0) return;
+  if (--pool->use_count == 0 && pool->live == 0) maybe_retire_pool(pool);
+}
+
+int CachingAllocator::pool_use_count(PoolId id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const PrivatePool* pool = find_pool(id);
+  return pool != nullptr ? pool->use_count : 0;
+}
+
+bool CachingAllocator::routes_active() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return !routes_.empty();
+}
+
+void CachingAllocator::maybe_retire_pool(PrivatePool* pool) {
+  (void)pool;
+  if (!routes_.empty()) {
+    retire_pools_owed_ = true;  // it records events: Note [Capture-safe mode]
+    return;
+  }
+  retire_pools();
+}
+
+// Every released pool with nothing live gives its memory to the main arena: its mappings
+// retire there (unmapped once the GPU is done with them), its chunks, with their streams,
+// become main-arena chunks (Note [Private pools]).
+void CachingAllocator::retire_pools() {
+  retire_pools_owed_ = false;
+  for (std::size_t i = 0; i < pools_.size();) {
+    PrivatePool* pool = pools_[i].get();
+    if (pool->use_count != 0 || pool->live != 0) {
+      ++i;
+      continue;
+    }
+    Arena& arena = pool->arena;
+    arena.small.reclaim(arena.cache);
+    arena.cache.evict_idle();
+    main_.cache.adopt_retiring(arena.cache);
+    main_.chunks.adopt(arena.chunks);
+    pools_[i] = std::move(pools_.back());
+    pools_.pop_back();
+  }
+  sync_reserved_stats();
+}
+
+std::vector<LiveBlock> CachingAllocator::pool_allocations(PoolId id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<LiveBlock> out;
+  const PrivatePool* pool = find_pool(id);
+  if (pool == nullptr) return out;
+  pool->arena.large.for_each([&](std::uintptr_t base, const Mapping* m) {
+    if (pending_.empty() || !is_pending(base)) {
+      out.push_back({base, m->used * kChunkSize, m->requested, m->use_stream});
+    }
+  });
+  pool->arena.small.for_each_segment([&](const SmallSegment& segment) {
+    for (const SmallBlock* b = segment.first; b != nullptr; b = b->next) {
+      if (b->allocated && (pending_.empty() || !is_pending(b->addr))) {
+        out.push_back({b->addr, b->size, b->requested, segment.stream});
+      }
+    }
+  });
+  std::sort(out.begin(), out.end(),
+            [](const LiveBlock& a, const LiveBlock& b) { return a.ptr < b.ptr; });
+  return out;
+}
+
+std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
+                                                           const std::vector<LiveBlock>& blocks) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  PrivatePool* pool = find_pool(id);
+  if (pool == nullptr) {
+    throw std::invalid_argument("vmmalloc: cannot restore pool (" + std::to_string(id.first) +
+                                ", " + std::to_string(id.second) + "): it does not exist");
+  }
+  Arena& arena = pool->arena;
+  // Blocks whose free waits for other streams would still hold their memory.
+  bool pending_here = false;
+  for (const PendingFree& p : pending_) pending_here = pending_here || p.pool == pool;
+  if (pending_here) {
+    if (!routes_.empty()) {
+      throw std::logic_error("vmmalloc: a pool with frees waiting for other streams cannot be "
+                             "restored during CUDA graph capture");
+    }
+    backend_->synchronize();
+    ++num_sync_all_streams_;
+    process_pending(/*wait=*/true);
+  }
+  // Every live allocation of the pool is freed; a pool that is not retired keeps it all.
+  std::vector<std::uintptr_t> freed;
+  std::vector<Located> live;
+  arena.large.for_each([&](std::uintptr_t, Mapping* m) { live.push_back({pool, nullptr, m}); });
+  arena.small.for_each_segment([&](const SmallSegment& segment) {
+    for (SmallBlock* b = segment.first; b != nullptr; b = b->next) {
+      if (b->allocated) live.push_back({pool, b, nullptr});
+    }
+  });
+  ++pool->use_count;  // not retired while empty for a moment
+  for (const Located& where : live) {
+    const std::uintptr_t ptr = where.block != nullptr ? where.block->addr : where.mapping->base;
+    recorded_streams_.erase(ptr);
+    if (where.block != nullptr) {
+      drop_allocated(Pool::kSmall, where.block->size, where.block->requested);
+    } else {
+      drop_allocated(Pool::kLarge, where.mapping->used * kChunkSize, where.mapping->requested);
+    }
+    log_free_requested(where.block, where.mapping);
+    free_located(where);
+    freed.push_back(ptr);
+  }
+  --pool->use_count;
+  for (const LiveBlock& b : blocks) {
+    const bool small = b.size <= kSmallRequestLimit && SmallPool::round(b.size) == b.size &&
+                       b.size < kChunkSize;
+    if (small) {
+      SmallBlock* block = arena.small.allocate_at(b.ptr, b.size);
+      if (block != nullptr) {
+        block->requested = b.requested;
+        count_allocated(Pool::kSmall, block->size, b.requested);
+        ++pool->live;
+        log(EventKind::kAlloc, block->addr, block->size, b.stream);
+        continue;
+      }
+    } else if (b.size % kChunkSize == 0) {
+      if (Mapping* m = arena.cache.acquire_at(b.ptr, b.size / kChunkSize, b.stream)) {
+        m->requested = b.requested;
+        arena.large.insert(m->base, m);
+        count_allocated(Pool::kLarge, b.size, b.requested);
+        ++pool->live;
+        log(EventKind::kAlloc, m->base, b.size, b.stream);
+        continue;
+      }
+    }
+    sync_reserved_stats();
+    throw std::logic_error("vmmalloc: cannot restore the block of " + std::to_string(b.size) +
+                           " bytes at " + hex(b.ptr) + " in pool (" + std::to_string(id.first) +
+                           ", " + std::to_string(id.second) +
+                           "): the pool has no free memory mapped there");
+  }
+  sync_reserved_stats();
+  return freed;
 }
 
 }  // namespace vmm

@@ -22,14 +22,13 @@
 #include <unordered_map>
 #include <vector>
 
+#include "arena.hpp"
 #include "backend.hpp"
 #include "chunk_pool.hpp"
 #include "config.hpp"
 #include "errors.hpp"
 #include "event_log.hpp"
-#include "mapping_cache.hpp"
-#include "pointer_map.hpp"
-#include "small_pool.hpp"
+#include "private_pool.hpp"
 #include "stats.hpp"
 #include "virtual_pages.hpp"
 
@@ -56,6 +55,7 @@ struct SnapshotSegment {
   StreamId stream = 0;
   Kind kind = Kind::kLarge;
   std::vector<SnapshotBlock> blocks;  // tile the region in address order
+  PoolId pool;  // the private pool it belongs to; (0, 0) for the main arena
 };
 
 // Note [Host time]
@@ -89,14 +89,42 @@ class CachingAllocator {
   CachingAllocator(const CachingAllocator&) = delete;
   CachingAllocator& operator=(const CachingAllocator&) = delete;
 
-  // Never returns 0: a size of 0 gets a minimal block. Throws OutOfMemoryError.
+  // Never returns 0: a size of 0 gets a minimal block. Throws OutOfMemoryError. While a
+  // route to a private pool is active, a request its filter accepts is served from that
+  // pool (Note [Private pools]).
   std::uintptr_t allocate(std::size_t size, StreamId stream);
   // Throws std::invalid_argument for a pointer this allocator does not hold.
   void deallocate(std::uintptr_t ptr);
+  // deallocate, or false (nothing done) for a pointer this allocator does not hold.
+  bool deallocate_if_owned(std::uintptr_t ptr);
   // `ptr` is also used on `stream`: its memory is not reused before that work is done.
   void record_stream(std::uintptr_t ptr, StreamId stream);
-  // Returns every unused chunk and virtual range to the backend.
+  // Returns every unused chunk and virtual range of the main arena to the backend (private
+  // pools keep theirs: Note [Private pools]). Does nothing while a route is active, since
+  // it synchronizes the device (Note [Capture-safe mode]).
   void empty_cache();
+
+  // Private pools (Note [Private pools]). A pool is created with use count 1 by the first
+  // create_or_incref_pool or begin_allocate_to_pool naming it; each of those adds 1 after
+  // that, and each release_pool takes 1 away.
+  void create_or_incref_pool(PoolId id);
+  // Routes the requests `filter` accepts to pool `id` until end_allocate_to_pool (adds 1 to
+  // its use count, creating it if needed). Routes are tried in the order they began.
+  void begin_allocate_to_pool(PoolId id, StreamFilter filter);
+  // Ends the oldest route to `id`; its use count is unchanged (release_pool takes it back).
+  void end_allocate_to_pool(PoolId id);
+  // At use count 0, the pool's memory goes back to the main arena once its last allocation
+  // is freed. Unknown ids are ignored, as PyTorch does.
+  void release_pool(PoolId id);
+  int pool_use_count(PoolId id) const;  // 0 for a pool that does not exist
+  bool routes_active() const;
+  // The pool's live allocations (pending frees excluded), in address order.
+  std::vector<LiveBlock> pool_allocations(PoolId id) const;
+  // Frees every live allocation of pool `id` (returned), then allocates exactly `blocks`
+  // at their addresses. Throws std::invalid_argument for an unknown pool, std::logic_error
+  // when a block cannot be placed (then the pool holds the blocks placed so far, and the
+  // error names the first one that was not).
+  std::vector<std::uintptr_t> restore_pool(PoolId id, const std::vector<LiveBlock>& blocks);
 
   StatList stats() const;
   void reset_peak_stats();
@@ -152,12 +180,35 @@ class CachingAllocator {
   const Config& config() const { return config_; }
 
  private:
+  // Note [record_stream]: the memory stays active until the work queued on every recorded
+  // stream up to the free has finished. During capture-safe mode (Note [Capture-safe mode])
+  // no event is recorded: `unrecorded` keeps the streams until the mode ends.
   struct PendingFree {
     std::uintptr_t ptr;
+    PrivatePool* pool;  // nullptr: the main arena
     std::vector<EventId> events;
+    std::vector<StreamId> unrecorded;
+  };
+  // Where a live allocation is: its pool (nullptr: main), and its block or mapping.
+  struct Located {
+    PrivatePool* pool = nullptr;
+    SmallBlock* block = nullptr;
+    Mapping* mapping = nullptr;
+    bool found() const { return block != nullptr || mapping != nullptr; }
   };
 
-  Mapping* acquire(std::size_t chunks, StreamId stream, std::size_t requested,
+  Arena& arena_of(PrivatePool* pool) { return pool != nullptr ? pool->arena : main_; }
+  Located locate(std::uintptr_t ptr) const;
+  PrivatePool* find_pool(PoolId id) const;
+  PrivatePool* route(StreamId stream) const;
+  void set_capture_safe(bool on);
+  // A released pool with nothing live goes back to the main arena (deferred while routes
+  // are active).
+  void maybe_retire_pool(PrivatePool* pool);
+  void retire_pools();
+  std::uintptr_t place(PrivatePool* pool, std::size_t size, StreamId stream);
+  void free_located(const Located& where);
+  Mapping* acquire(Arena& arena, std::size_t chunks, StreamId stream, std::size_t requested,
                    bool small_segment);
   std::size_t growth_budget(std::size_t chunks) const;
   [[noreturn]] void throw_oom(std::size_t requested, const std::string& cause);
@@ -169,28 +220,38 @@ class CachingAllocator {
   void count_pages(std::int64_t pages);
   void process_pending(bool wait);
   void drop_allocated(Pool pool, std::size_t size, std::size_t requested);
+  void count_allocated(Pool pool, std::size_t size, std::size_t requested);
   void log_free_requested(const SmallBlock* block, const Mapping* mapping);
-  void free_small(SmallBlock* block);
-  void free_large(Mapping* mapping);
+  void free_small(PrivatePool* pool, SmallBlock* block);
+  void free_large(PrivatePool* pool, Mapping* mapping);
+  void free_completed(PrivatePool* pool);
   void sync_reserved_stats();
   void log(EventKind kind, std::uintptr_t addr, std::size_t size, StreamId stream,
            std::uint64_t aux = 0) {
     if (events_.on()) {
       events_.record(kind, addr, size, stream, allocated_bytes_.all.current,
-                     static_cast<std::int64_t>(pool_.count() * kChunkSize), aux);
+                     static_cast<std::int64_t>(budget_.chunks * kChunkSize), aux);
     }
   }
   bool live(std::uintptr_t ptr, StreamId* stream, std::size_t* size, Pool* pool) const;
+  bool is_pending(std::uintptr_t ptr) const;
   StatList stats_locked() const;
+  std::size_t small_segments() const;
 
   mutable std::mutex mutex_;
   std::shared_ptr<Backend> backend_;
   Config config_;
-  ChunkPool pool_;
-  MappingCache cache_;
-  SmallPool small_;
-  VirtualPages pages_;  // declared after cache_ and pool_: unmapped before they go
-  PointerMap<Mapping*> large_;  // live large allocations by base address
+  ChunkBudget budget_;  // before every arena: their chunk pools count into it
+  Arena main_;
+  VirtualPages pages_;  // declared after main_: unmapped before its chunks go
+  // Private pools, few; declared after main_ so that they go first.
+  std::vector<std::unique_ptr<PrivatePool>> pools_;
+  struct Route {
+    PrivatePool* pool;
+    StreamFilter filter;
+  };
+  std::vector<Route> routes_;  // non-empty: capture-safe mode (Note [Capture-safe mode])
+  bool retire_pools_owed_ = false;  // a released pool went idle during capture-safe mode
   std::unordered_map<std::uintptr_t, std::vector<StreamId>> recorded_streams_;
   std::vector<PendingFree> pending_;
   EventLog events_;

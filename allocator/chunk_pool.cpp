@@ -1,5 +1,6 @@
 #include "chunk_pool.hpp"
 
+#include <atomic>
 #include <memory>
 #include <string>
 
@@ -18,13 +19,24 @@ ChunkPool::~ChunkPool() {
     } catch (const std::exception&) {
       // Destruction must not throw; the driver reclaims the handle at process exit.
     }
+    const std::size_t n = head->handle_chunks;
+    budget_.chunks -= n;
+    budget_.chunks_stat.decrease(static_cast<std::int64_t>(n));
     delete[] head;
   }
 }
 
+namespace {
+// Chunk serial numbers are unique across the pools of every device.
+std::uint64_t next_chunk_id() {
+  static std::atomic<std::uint64_t> next{1};
+  return next.fetch_add(1, std::memory_order_relaxed);
+}
+}  // namespace
+
 Chunk* ChunkPool::create(std::size_t chunks) {
-  if ((chunks_.size() + chunks) * kChunkSize > cap_bytes_) {
-    throw CapExceeded("memory cap of " + std::to_string(cap_bytes_ >> 20) + " MiB reached");
+  if ((budget_.chunks + chunks) * kChunkSize > budget_.cap_bytes) {
+    throw CapExceeded("memory cap of " + std::to_string(budget_.cap_bytes >> 20) + " MiB reached");
   }
   std::unique_ptr<Chunk[]> handle(new Chunk[chunks]);
   chunks_.reserve(chunks_.size() + chunks);  // so that the pushes below cannot throw
@@ -32,16 +44,17 @@ Chunk* ChunkPool::create(std::size_t chunks) {
   for (std::size_t k = 0; k < chunks; ++k) {
     Chunk& c = handle[k];
     c.handle = physical;
-    c.id = next_id_++;
+    c.id = next_chunk_id();
     c.index = chunks_.size();
     c.handle_chunks = static_cast<std::uint32_t>(chunks);
     c.handle_pos = static_cast<std::uint32_t>(k);
     chunks_.push_back(&c);
   }
   free_count_ += chunks;
-  chunks_stat.increase(static_cast<std::int64_t>(chunks));
-  if (chunks > 1) ++large_handles_;
-  ++created;
+  budget_.chunks += chunks;
+  budget_.chunks_stat.increase(static_cast<std::int64_t>(chunks));
+  if (chunks > 1) ++budget_.large_handles;
+  ++budget_.created;
   return handle.release();
 }
 
@@ -55,10 +68,22 @@ void ChunkPool::release(Chunk* head) {
     chunks_.pop_back();
   }
   free_count_ -= chunks;
-  chunks_stat.decrease(static_cast<std::int64_t>(chunks));
-  if (chunks > 1) --large_handles_;
-  ++released;
+  budget_.chunks -= chunks;
+  budget_.chunks_stat.decrease(static_cast<std::int64_t>(chunks));
+  if (chunks > 1) --budget_.large_handles;
+  ++budget_.released;
   delete[] head;
+}
+
+void ChunkPool::adopt(ChunkPool& other) {
+  chunks_.reserve(chunks_.size() + other.chunks_.size());
+  for (Chunk* c : other.chunks_) {
+    c->index = chunks_.size();
+    chunks_.push_back(c);
+  }
+  free_count_ += other.free_count_;
+  other.chunks_.clear();
+  other.free_count_ = 0;
 }
 
 }  // namespace vmm

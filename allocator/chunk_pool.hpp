@@ -53,20 +53,35 @@ struct Chunk {
   bool is_head() const { return handle_pos == 0; }
 };
 
+// What every chunk pool of one device shares (Note [Private pools] in private_pool.hpp):
+// the memory cap and the device-wide counts it is checked against. A chunk belongs to
+// exactly one pool; it is counted here from its creation to its release.
+struct ChunkBudget {
+  std::size_t cap_bytes = 0;
+  std::size_t chunks = 0;  // live chunks, all pools
+  Stat chunks_stat;        // the same, with peak and totals
+  std::int64_t created = 0;   // handles
+  std::int64_t released = 0;  // handles
+  std::size_t large_handles = 0;
+};
+
 class ChunkPool {
  public:
-  explicit ChunkPool(Backend& backend) : backend_(backend) {}
+  ChunkPool(Backend& backend, ChunkBudget& budget) : backend_(backend), budget_(budget) {}
   ~ChunkPool();  // releases every chunk; the caller unmapped them first
   ChunkPool(const ChunkPool&) = delete;
   ChunkPool& operator=(const ChunkPool&) = delete;
 
-  // A new free handle of `chunks` chunks; returns its head. Throws CapExceeded past
-  // `cap_bytes`, DeviceOutOfMemory or BackendError from the backend; nothing changes on
+  // A new free handle of `chunks` chunks; returns its head. Throws CapExceeded past the
+  // budget's cap, DeviceOutOfMemory or BackendError from the backend; nothing changes on
   // failure.
   Chunk* create(std::size_t chunks = 1);
   // Returns a handle whose chunks are all free and unmapped to the backend (`head`: its
   // first chunk).
   void release(Chunk* head);
+  // Takes over every chunk of `other`, which must all be free and mapped nowhere; they keep
+  // their streams (Note [Stream-ordered reuse]). The budget is unchanged.
+  void adopt(ChunkPool& other);
 
   void mark_busy(Chunk* chunk) {
     chunk->busy = true;
@@ -79,26 +94,17 @@ class ChunkPool {
   }
 
   std::size_t free_count() const { return free_count_; }
-  std::size_t count() const { return chunks_.size(); }  // chunks, not handles
-  std::size_t large_handles() const { return large_handles_; }
+  std::size_t count() const { return chunks_.size(); }  // this pool's chunks, not handles
   // Every chunk, in no particular order; a large handle's chunks are all there.
   const std::vector<Chunk*>& all() const { return chunks_; }
-
-  void set_cap(std::size_t bytes) { cap_bytes_ = bytes; }
-  std::size_t cap() const { return cap_bytes_; }
-
-  Stat chunks_stat;  // live chunks
-  std::int64_t created = 0;   // handles
-  std::int64_t released = 0;  // handles
+  const ChunkBudget& budget() const { return budget_; }
 
  private:
   Backend& backend_;
-  std::size_t cap_bytes_ = 0;
+  ChunkBudget& budget_;
   // Owns the chunks: each handle's chunks are one new[]-ed array, deleted by release().
   std::vector<Chunk*> chunks_;
   std::size_t free_count_ = 0;
-  std::size_t large_handles_ = 0;
-  std::uint64_t next_id_ = 1;
 };
 
 }  // namespace vmm

@@ -76,6 +76,15 @@ void DeviceRegistry::for_each(const std::function<void(int, CachingAllocator&)>&
   }
 }
 
+bool DeviceRegistry::deallocate_any(std::uintptr_t ptr) const {
+  for (int d = 0; d < kMaxDevices; ++d) {
+    if (CachingAllocator* a = existing(d)) {
+      if (a->deallocate_if_owned(ptr)) return true;
+    }
+  }
+  return false;
+}
+
 void DeviceRegistry::reset_for_tests() {
   std::lock_guard<std::mutex> lock(mutex_);
   for (int d = 0; d < kMaxDevices; ++d) {

@@ -21,10 +21,6 @@ class DeviceRegistry {
   static constexpr int kMaxDevices = 64;
   // Makes the backend of a device; the default makes CudaBackend(device).
   using BackendFactory = std::function<std::shared_ptr<Backend>(int device)>;
-  // Called with PyTorch-style message when a request cannot be served; expected to throw
-  // the caller's out-of-memory exception (torch's, when torch is around). If it returns,
-  // or none is set, the C ABI throws OutOfMemoryError itself.
-  using OomHandler = void (*)(const char* message, std::size_t requested, int device);
 
   static DeviceRegistry& instance();
 
@@ -45,9 +41,9 @@ class DeviceRegistry {
   CachingAllocator* existing(int device) const;
   // Calls f(device, allocator) for every allocator created so far.
   void for_each(const std::function<void(int, CachingAllocator&)>& f) const;
+  // Frees `ptr` in whichever device's allocator holds it; false when none does.
+  bool deallocate_any(std::uintptr_t ptr) const;
 
-  void set_oom_handler(OomHandler handler) { oom_handler_.store(handler); }
-  OomHandler oom_handler() const { return oom_handler_.load(); }
 
   // Drops every allocator and restores the cuda backend factory (tests of the registry
   // itself; nothing may be allocated, no virtual range may be alive).
@@ -63,7 +59,6 @@ class DeviceRegistry {
   BackendFactory factory_;
   std::atomic<CachingAllocator*> devices_[kMaxDevices];
   std::unique_ptr<CachingAllocator> owned_[kMaxDevices];
-  std::atomic<OomHandler> oom_handler_{nullptr};
 };
 
 }  // namespace vmm

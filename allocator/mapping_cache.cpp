@@ -39,6 +39,12 @@ void MappingCache::count_failure(F&& cleanup) noexcept {
 // growth, i.e. after it finished pending frees and took back small segments.
 Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_create,
                                std::size_t growth_budget) {
+  if (capture_safe_) {
+    // Note [Capture-safe mode]: only memory that needs no wait; growth is not limited.
+    StreamAffinity affinity(stream);
+    const std::size_t budget = allow_create ? std::numeric_limits<std::size_t>::max() : 0;
+    return serve(chunks, stream, allow_create, budget, &affinity, /*count_miss=*/true);
+  }
   if (config_.cross_stream_reuse == CrossStreamReuse::kAlways) {
     return serve(chunks, stream, allow_create, growth_budget, nullptr, /*count_miss=*/true);
   }
@@ -69,7 +75,7 @@ Mapping* MappingCache::serve(std::size_t chunks, StreamId stream, bool allow_cre
     ++hits;
     return m;
   }
-  if (skipped_busy_ > 0 && config_.repair_blocked && config_.stitching) {
+  if (skipped_busy_ > 0 && config_.repair_blocked && config_.stitching && !capture_safe_) {
     if (Mapping* m = repair(chunks, stream, allow_create, growth_budget, affinity)) return m;
   }
   return stitch(chunks, stream, allow_create, growth_budget, affinity);
@@ -602,7 +608,10 @@ std::vector<Chunk*> MappingCache::take_chunks(std::size_t n, StreamId stream, bo
                                               std::size_t growth_budget) {
   if (!allow_create && pool_.free_count() < n) return {};
   PickPlan plan(0, n, large_chunks_, ++pick_serial_);
-  if (!pick_chunks(plan, /*reuse_free=*/true, allow_create, growth_budget, nullptr)) {
+  const StreamAffinity affinity(stream);  // Note [Capture-safe mode]: no waits in it
+  if (capture_safe_ && allow_create) growth_budget = std::numeric_limits<std::size_t>::max();
+  if (!pick_chunks(plan, /*reuse_free=*/true, allow_create, growth_budget,
+                   capture_safe_ ? &affinity : nullptr)) {
     return {};
   }
   std::vector<Chunk*> picked = plan.layout();
@@ -630,6 +639,7 @@ void MappingCache::return_chunks(const std::vector<Chunk*>& chunks, StreamId str
 }
 
 void MappingCache::enforce_bounds() {
+  if (capture_safe_) return;  // Note [Capture-safe mode]: owed until the next stitch after it
   while (lru_head_ != nullptr && (mappings_.size() > config_.max_cached_mappings ||
                                   static_cast<std::size_t>(mapped_bytes_stat.current) >
                                       max_mapped_bytes_)) {
@@ -682,6 +692,25 @@ void MappingCache::finish_retiring(bool wait) {
     if (r.mapped_bytes) count_failure([&] { backend_.unmap(r.base, r.mapped_bytes); });
     count_failure([&] { backend_.unreserve(r.base, r.reserved_bytes); });
   });
+}
+
+Mapping* MappingCache::acquire_at(std::uintptr_t base, std::size_t chunks, StreamId stream) {
+  for (auto& owned : mappings_) {
+    Mapping* m = owned.get();
+    if (m->base != base) continue;
+    if (m->in_use || m->chunks.size() < chunks) return nullptr;
+    for (std::size_t i = 0; i < chunks; ++i) {
+      if (m->chunks[i]->busy) return nullptr;
+    }
+    use(m, chunks, stream);
+    return m;
+  }
+  return nullptr;
+}
+
+void MappingCache::adopt_retiring(MappingCache& other) {
+  retiring_.insert(retiring_.end(), other.retiring_.begin(), other.retiring_.end());
+  other.retiring_.clear();
 }
 
 void MappingCache::forget_streams() {

@@ -107,6 +107,23 @@ class MappingCache {
                    std::size_t growth_budget = 0);
   // The allocation on `mapping` is gone; its chunks were last used on `stream`.
   void release(Mapping* mapping, StreamId stream);
+  // The idle mapping at `base`, its first `chunks` chunks now busy and used on `stream`
+  // (checkpoint restores: Note [Private pools]); nullptr when there is none or those
+  // chunks are busy. Throws only if a cross-stream wait fails.
+  Mapping* acquire_at(std::uintptr_t base, std::size_t chunks, StreamId stream);
+
+  // Note [Capture-safe mode]
+  // While a private-pool route is active a CUDA graph may be capturing, and event queries,
+  // event records on a capturing stream, waits on events from outside the capture and
+  // synchronizations are illegal then (PyTorch defers them the same way). In this mode no
+  // request waits for another stream's memory (it grows instead), no mapping is repaired
+  // (that needs the GPU's progress) and none is evicted (that records an event); the
+  // evictions owed are made at the first stitch after the mode ends.
+  void set_capture_safe(bool on) { capture_safe_ = on; }
+  bool capture_safe() const { return capture_safe_; }
+  // Takes over the retiring ranges of `other` (a private pool's cache about to go), so
+  // that they are unmapped here once the GPU is done with them.
+  void adopt_retiring(MappingCache& other);
 
   // `n` chunks for pages of virtual tensors (Note [KV pages]), now busy and safe to use on
   // `stream`, picked as a stitch picks them (Note [Growth slack]). Empty when that needs
@@ -257,6 +274,7 @@ class MappingCache {
   std::uint64_t releases_ = 0;  // releases so far (Note [Stream progress])
   StreamProgress progress_;
   int skipped_busy_ = 0;  // candidates skipped by the current find_ready
+  bool capture_safe_ = false;  // Note [Capture-safe mode]
 };
 
 }  // namespace vmm

@@ -1,21 +1,24 @@
-// The C ABI that torch.cuda.memory.CUDAPluggableAllocator loads from this shared object:
-// alloc/free plus the hooks torch lets a pluggable allocator set (init, empty_cache,
-// memory fraction, record_stream, base allocation). torch-free: torch only ever sees
-// these symbols.
+// The C ABI that torch.cuda.memory.CUDAPluggableAllocator loads from this shared object,
+// when the torch adapter (torch_adapter/, Note [Adapter over the pluggable allocator])
+// cannot be built: alloc/free plus the hooks torch lets a pluggable allocator set (init,
+// empty_cache, memory fraction, record_stream, base allocation). torch-free: torch only
+// ever sees these symbols.
 //
 // Note [Errors across the ABI]
-// vmm_malloc never returns null (a null pointer handed to kernels corrupts the CUDA
-// context: FACTS.md). It throws instead: out of memory goes through the registry's OOM
-// handler, which raises torch.OutOfMemoryError when the torch glue is loaded, else a
-// vmm::OutOfMemoryError (RuntimeError in Python). torch's pluggable wrapper records
-// nothing before alloc returns, so a throw leaves it consistent. vmm_free runs inside
-// torch's deleters, where an exception would terminate the process: it never throws.
+// Nothing returns null for memory (a null pointer handed to kernels corrupts the CUDA
+// context: a driver fact the project measured on an H200). Here vmm_malloc throws instead;
+// torch's pluggable wrapper records nothing before alloc returns, so a throw leaves it
+// consistent, and out of memory reaches Python as a RuntimeError with PyTorch's message.
+// vmm_free runs inside torch's deleters, where an exception would terminate the process:
+// it never throws. The adapter's table (adapter_abi.cpp) returns statuses instead of
+// throwing, and the adapter raises torch's own exceptions.
 //
-// Note [Graph capture]
-// Until graph pools are supported, an allocation on a stream that is being captured is an
-// error that says so. Serving it from the cache would hand the graph memory that eager
-// code reuses after the graph is recorded. The legacy default stream (0) cannot be
-// captured, so the common case pays nothing for the check.
+// Note [Graph capture without the adapter]
+// torch's pluggable wrapper ignores graph pools unless C++ hooks are set, so here an
+// allocation on a stream that is being captured is an error that says so: serving it from
+// the main arena would hand the graph memory that eager code reuses after the graph is
+// recorded. The legacy default stream (0) cannot be captured, so the common case pays
+// nothing for the check.
 #include <sys/types.h>
 
 #include <cstdio>
@@ -34,18 +37,13 @@ VMM_EXPORT void* vmm_malloc(ssize_t size, int device, void* stream) {
   const auto stream_id = reinterpret_cast<vmm::StreamId>(stream);
   if (stream_id != 0 && alloc.backend().is_capturing(stream_id)) {
     throw std::runtime_error(
-        "vmmalloc does not support allocation during CUDA graph capture yet (torch.cuda.graph, "
-        "torch.compile mode='reduce-overhead'). Run graph-captured code without vmmalloc "
-        "(unset VMMALLOC / do not call enable_vmm_allocator), or capture without allocating.");
+        "vmmalloc runs without its torch adapter here (see the warning it gave at start-up), "
+        "and a plain pluggable allocator cannot serve allocations during CUDA graph capture "
+        "(torch.cuda.graph, torch.compile mode='reduce-overhead'). Install a C++ compiler so "
+        "that vmmalloc can build the adapter (python -m vmmalloc.torch_adapter), or capture "
+        "without allocating.");
   }
-  try {
-    return reinterpret_cast<void*>(alloc.allocate(static_cast<std::size_t>(size), stream_id));
-  } catch (const vmm::OutOfMemoryError& e) {
-    if (auto handler = DeviceRegistry::instance().oom_handler()) {
-      handler(e.what(), e.requested(), device);  // throws torch.OutOfMemoryError
-    }
-    throw;
-  }
+  return reinterpret_cast<void*>(alloc.allocate(static_cast<std::size_t>(size), stream_id));
 }
 
 VMM_EXPORT void vmm_free(void* ptr, ssize_t /*size*/, int device, void* /*stream*/) noexcept {

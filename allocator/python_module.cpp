@@ -2,8 +2,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <memory>
+#include <optional>
 #include <string>
+#include <thread>
+#include <tuple>
+#include <vector>
 
 #include "backend.hpp"
 #include "caching_allocator.hpp"
@@ -244,6 +249,67 @@ PYBIND11_MODULE(_C, m) {
            },
            "The kept events, oldest first, as tuples (kind, time_ns, addr, size, aux, "
            "allocated_after, reserved_after, stream).")
+      .def("create_or_incref_pool",
+           [](CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id) {
+             a.create_or_incref_pool({id.first, id.second});
+           }, py::arg("pool"),
+           "Creates private pool `pool` (use count 1) or adds 1 to its use count "
+           "(Note [Private pools]).")
+      .def("begin_allocate_to_pool",
+           [](CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id,
+              std::optional<std::vector<StreamId>> streams, bool this_thread) {
+             if (streams.has_value() == this_thread) {
+               throw std::invalid_argument("begin_allocate_to_pool: give streams or this_thread=True, one of them");
+             }
+             StreamFilter filter;
+             if (this_thread) {
+               filter = [thread = std::this_thread::get_id()](StreamId) {
+                 return std::this_thread::get_id() == thread;
+               };
+             } else {
+               filter = [set = *streams](StreamId s) {
+                 return std::find(set.begin(), set.end(), s) != set.end();
+               };
+             }
+             a.begin_allocate_to_pool({id.first, id.second}, std::move(filter));
+           }, py::arg("pool"), py::arg("streams") = py::none(), py::arg("this_thread") = false,
+           "Routes requests on `streams` (as a capture does), or from the calling thread (as "
+           "use_mem_pool does), to private pool `pool`; adds 1 to its use count.")
+      .def("end_allocate_to_pool",
+           [](CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id) {
+             a.end_allocate_to_pool({id.first, id.second});
+           }, py::arg("pool"))
+      .def("release_pool",
+           [](CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id) {
+             a.release_pool({id.first, id.second});
+           }, py::arg("pool"), py::call_guard<py::gil_scoped_release>(),
+           "Takes 1 from the pool's use count; at 0 its memory joins the main arena once "
+           "nothing in it is live.")
+      .def("pool_use_count",
+           [](const CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id) {
+             return a.pool_use_count({id.first, id.second});
+           }, py::arg("pool"))
+      .def_property_readonly("routes_active", &CachingAllocator::routes_active)
+      .def("pool_allocations",
+           [](const CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id) {
+             py::list out;
+             for (const LiveBlock& b : a.pool_allocations({id.first, id.second})) {
+               out.append(py::make_tuple(b.ptr, b.size, b.requested, b.stream));
+             }
+             return out;
+           }, py::arg("pool"),
+           "The pool's live allocations as (ptr, size, requested, stream), by address.")
+      .def("restore_pool",
+           [](CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id,
+              const std::vector<std::tuple<std::uintptr_t, std::size_t, std::size_t, StreamId>>& blocks) {
+             std::vector<LiveBlock> wanted;
+             for (const auto& [ptr, size, requested, stream] : blocks) {
+               wanted.push_back({ptr, size, requested, stream});
+             }
+             return a.restore_pool({id.first, id.second}, wanted);
+           }, py::arg("pool"), py::arg("blocks"),
+           "Frees every live allocation of the pool (returned) and allocates exactly `blocks` "
+           "(as pool_allocations gives them).")
       .def("segments", [](const CachingAllocator& a) {
              static const char* const kinds[] = {"large", "small", "pages", "free"};
              static const char* const states[] = {"active_allocated", "active_pending_free", "inactive"};
@@ -263,6 +329,7 @@ PYBIND11_MODULE(_C, m) {
                segment["total_size"] = s.bytes;
                segment["stream"] = s.stream;
                segment["kind"] = kinds[static_cast<int>(s.kind)];
+               segment["pool"] = py::make_tuple(s.pool.first, s.pool.second);
                segment["blocks"] = blocks;
                out.append(segment);
              }
@@ -317,13 +384,6 @@ PYBIND11_MODULE(_C, m) {
         "host backend.");
   m.def("reset_devices_for_tests", [] { DeviceRegistry::instance().reset_for_tests(); },
         "Drops every per-device allocator (only with nothing allocated).");
-  m.def("set_oom_handler", [](std::uintptr_t address) {
-          DeviceRegistry::instance().set_oom_handler(
-              reinterpret_cast<DeviceRegistry::OomHandler>(address));
-        }, py::arg("address"),
-        "Installs a C function `void(const char*, size_t, int)` that throws the caller's "
-        "out-of-memory exception (0 removes it).");
-
   m.def("time_alloc_free_pairs", &time_alloc_free_pairs, py::arg("allocator"), py::arg("sizes"),
         py::arg("rounds"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
         "Nanoseconds per cached allocate+deallocate pair, timed in C++.");

@@ -79,6 +79,33 @@ SmallBlock* SmallPool::take(Index& index, SmallBlock* block, std::size_t size) {
   return block;
 }
 
+SmallBlock* SmallPool::allocate_at(std::uintptr_t addr, std::size_t size) {
+  for (SmallSegment* seg : segments_) {
+    if (addr < seg->first->addr || addr >= seg->first->addr + kChunkSize) continue;
+    SmallBlock* b = seg->first;
+    while (b != nullptr && b->addr + b->size <= addr) b = b->next;
+    if (b == nullptr || b->allocated || addr + size > b->addr + b->size) return nullptr;
+    Index& index = index_for(seg->stream);
+    index.remove(b);
+    if (b->addr < addr) {
+      // The front stays free; its neighbours are then allocated (Note [Small block invariants]).
+      SmallBlock* rest = new_block();
+      rest->addr = addr;
+      rest->size = b->addr + b->size - addr;
+      rest->segment = seg;
+      rest->prev = b;
+      rest->next = b->next;
+      if (b->next) b->next->prev = rest;
+      b->next = rest;
+      b->size = addr - b->addr;
+      index.insert(b);
+      b = rest;
+    }
+    return take(index, b, size);
+  }
+  return nullptr;
+}
+
 void SmallPool::free(SmallBlock* block) {
   live_.erase(block->addr);
   block->allocated = false;

@@ -69,6 +69,10 @@ class SmallPool {
   SmallBlock* allocate(std::size_t size, StreamId stream);
   // Adds a fresh segment on `mapping` (one chunk, in use) and allocates from it.
   SmallBlock* allocate_in_new_segment(Mapping* mapping, std::size_t size, StreamId stream);
+  // The block of exactly `size` (rounded) at `addr`, carved out of the free block of a
+  // cached segment that covers it (checkpoint restores: Note [Private pools]); nullptr when
+  // no free block covers it.
+  SmallBlock* allocate_at(std::uintptr_t addr, std::size_t size);
   void free(SmallBlock* block);
   SmallBlock* find(std::uintptr_t ptr) const { return live_.find(ptr); }
 

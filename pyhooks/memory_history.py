@@ -86,7 +86,7 @@ def _segment(device: int, region: dict[str, Any]) -> dict[str, Any]:
         "requested_size": sum(b["requested_size"] for b in blocks),
         "stream": region["stream"],
         "segment_type": "small" if region["kind"] == "small" else "large",
-        "segment_pool_id": (0, 0),
+        "segment_pool_id": tuple(region.get("pool", (0, 0))),
         "is_expandable": region["kind"] in ("pages", "free"),
         "frames": [],
         "blocks": blocks,
@@ -138,7 +138,10 @@ def install(torch) -> None:
         return snapshot_of(live_device_allocators(torch))
 
     def memory_snapshot(mempool_id: Any = None, include_traces: bool = True) -> list[dict[str, Any]]:
-        return _snapshot()["segments"]
+        segments = _snapshot()["segments"]
+        if mempool_id is None:
+            return segments
+        return [s for s in segments if s["segment_pool_id"] == tuple(mempool_id)]
 
     replacements = {"_record_memory_history": _record_memory_history, "_snapshot": _snapshot,
                     "memory_snapshot": memory_snapshot}

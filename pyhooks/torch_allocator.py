@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import warnings
 from typing import Any
 
 from vmmalloc import _C
@@ -61,7 +62,7 @@ def enable_vmm_allocator(**options: Any) -> None:
         RuntimeError: CUDA was already initialized by PyTorch's native allocator, or
             vmmalloc is already enabled with other options.
     """
-    global _enabled_conf, _pluggable
+    global _enabled_conf
     import torch
 
     conf = build_conf(options, os.environ.get("VMMALLOC_CONF", ""))
@@ -82,29 +83,54 @@ def enable_vmm_allocator(**options: Any) -> None:
         if reason:
             raise RuntimeError(f"vmmalloc cannot replace the CUDA allocator: {reason}")
         _C.configure(conf)
-        pluggable = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "vmm_malloc", "vmm_free")
-        library = ctypes.CDLL(_C.__file__)
-        raw = pluggable.allocator()
+        from vmmalloc import memory_history, torch_adapter, torch_memory_api
 
-        def address(name: str) -> int:
-            return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
-
-        raw.set_init_fn(address("vmm_init"))
-        raw.set_reset_fn(address("vmm_empty_cache"))
-        raw.set_memory_fraction_fn(address("vmm_set_memory_fraction"))
-        raw.set_record_stream_fn(address("vmm_record_stream"))
-        raw.set_base_alloc_fn(address("vmm_base_alloc"))
-        try:
-            torch.cuda.memory.change_current_allocator(pluggable)
-        except RuntimeError as error:
-            raise RuntimeError(
-                "vmmalloc could not replace PyTorch's CUDA allocator because it was already "
-                "initialized. Call enable_vmm_allocator() before any CUDA work, or run with "
-                f"VMMALLOC=1. ({error})") from error
-        _pluggable = pluggable
-        from vmmalloc import memory_history, torch_glue, torch_memory_api
-
-        torch_glue.install_oom_handler(torch)
-        torch_memory_api.install(torch)
+        fallback = None
+        if torch_adapter.wanted():
+            try:
+                torch_adapter.install(torch)
+            except torch_adapter.AdapterUnavailable as error:
+                fallback = str(error)
+            except RuntimeError as error:
+                raise RuntimeError(
+                    "vmmalloc could not replace PyTorch's CUDA allocator because it was already "
+                    "initialized. Call enable_vmm_allocator() before any CUDA work, or run with "
+                    f"VMMALLOC=1. ({error})") from error
+        else:
+            fallback = f"{torch_adapter.DISABLE_VARIABLE}=0"
+        if fallback is not None:
+            warnings.warn(
+                "vmmalloc runs as a plain CUDAPluggableAllocator, without its torch adapter "
+                f"({fallback}): CUDA graph capture, torch.compile(mode='reduce-overhead'), "
+                "torch.cuda.MemPool and OOM observers are refused, and out of memory raises "
+                "RuntimeError instead of torch.OutOfMemoryError. Install a C++ compiler "
+                "(and set CXX if it is not 'c++') to get them.", RuntimeWarning, stacklevel=2)
+            _install_pluggable(torch)
+        torch_memory_api.install(torch, adapter=fallback is None)
         memory_history.install(torch)
         _enabled_conf = conf
+
+
+def _install_pluggable(torch) -> None:
+    """vmmalloc through torch's CUDAPluggableAllocator and its five C hooks alone."""
+    global _pluggable
+    pluggable = torch.cuda.memory.CUDAPluggableAllocator(_C.__file__, "vmm_malloc", "vmm_free")
+    library = ctypes.CDLL(_C.__file__)
+    raw = pluggable.allocator()
+
+    def address(name: str) -> int:
+        return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+
+    raw.set_init_fn(address("vmm_init"))
+    raw.set_reset_fn(address("vmm_empty_cache"))
+    raw.set_memory_fraction_fn(address("vmm_set_memory_fraction"))
+    raw.set_record_stream_fn(address("vmm_record_stream"))
+    raw.set_base_alloc_fn(address("vmm_base_alloc"))
+    try:
+        torch.cuda.memory.change_current_allocator(pluggable)
+    except RuntimeError as error:
+        raise RuntimeError(
+            "vmmalloc could not replace PyTorch's CUDA allocator because it was already "
+            "initialized. Call enable_vmm_allocator() before any CUDA work, or run with "
+            f"VMMALLOC=1. ({error})") from error
+    _pluggable = pluggable

@@ -1,10 +1,13 @@
 """torch.cuda memory statistics under vmmalloc.
 
-With a pluggable allocator, torch.cuda.memory_stats and everything built on it
-(memory_allocated, max_memory_reserved, memory_summary, ...) fail, and the peak/
-accumulated resets and get_per_process_memory_fraction fail too (FACTS.md). These
-replacements read vmmalloc's per-device allocators, which use PyTorch's stat names, so the
-functions built on them in torch.cuda.memory work unchanged.
+With the torch adapter, torch's own functions reach vmmalloc (getDeviceStats, resetPeakStats,
+...), from Python and C++ alike; only vmmalloc's own figures, under ``vmm.``, are added to
+``torch.cuda.memory_stats()`` here. With the plain pluggable allocator (no adapter),
+torch.cuda.memory_stats and everything built on it (memory_allocated, max_memory_reserved,
+memory_summary, ...) fail, and so do the peak/accumulated resets and
+get_per_process_memory_fraction: these replacements read vmmalloc's per-device allocators,
+which use PyTorch's stat names, so the functions built on them in torch.cuda.memory work
+unchanged.
 """
 from __future__ import annotations
 
@@ -31,9 +34,24 @@ def nested(flat: dict[str, int]) -> dict[str, Any]:
     return out
 
 
-def install(torch) -> None:
-    """Replaces the failing functions in torch.cuda.memory and torch.cuda."""
+def install(torch, adapter: bool) -> None:
+    """Routes torch.cuda.memory's statistics to vmmalloc: with the adapter only the ``vmm.``
+    figures are added; without it the functions a pluggable allocator breaks are replaced."""
     memory = torch.cuda.memory
+    if adapter:
+        native = memory.memory_stats_as_nested_dict
+
+        def with_vmm_figures(device=None) -> dict[str, Any]:
+            stats = native(device)
+            if torch.cuda.is_initialized():
+                flat = _C.device_allocator(_device_index(torch, device)).stats()
+                stats.update(nested({k: v for k, v in flat.items() if k.startswith("vmm.")}))
+            return stats
+
+        with_vmm_figures.__doc__ = native.__doc__
+        with_vmm_figures.__name__ = "memory_stats_as_nested_dict"
+        memory.memory_stats_as_nested_dict = with_vmm_figures
+        return
 
     def memory_stats_as_nested_dict(device=None) -> dict[str, Any]:
         if not torch.cuda.is_initialized():

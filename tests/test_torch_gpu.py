@@ -191,7 +191,7 @@ def test_enable_too_late_says_how_to_fix_it():
     assert "VMMALLOC=1" in r["message"] and "earlier" in r["message"]
 
 
-def test_graph_capture_is_a_clear_error_not_silent_reuse():
+def test_without_the_adapter_graph_capture_is_a_clear_error_not_silent_reuse():
     r = run("""
         vmmalloc.enable_vmm_allocator()
         static = torch.ones(1024, device="cuda")
@@ -204,8 +204,9 @@ def test_graph_capture_is_a_clear_error_not_silent_reuse():
             message = str(error)
         after = float((torch.ones(4, device="cuda") * 3).sum())
         report(message=message, after=after)
-    """)
-    assert "graph capture" in r["message"]
+    """, env={"VMMALLOC_TORCH_ADAPTER": "0"})
+    assert "graph capture" in r["message"] and "adapter" in r["message"]
+    assert "without its torch adapter" in r["_stderr"], "the fallback says so once, at start-up"
     assert r["after"] == 12.0
 
 

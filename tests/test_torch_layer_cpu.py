@@ -1,5 +1,5 @@
 """The torch-facing layer on a machine without a GPU: the C ABI torch loads (driven through
-ctypes on the host backend), option handling, VMMALLOC=1 start-up, the OOM glue build."""
+ctypes on the host backend), option handling, VMMALLOC=1 start-up, the torch adapter's build."""
 from __future__ import annotations
 
 import ctypes
@@ -125,13 +125,151 @@ def test_autostart_arms_on_vmmalloc_1_and_rejects_unknown_values():
     assert "VMMALLOC='maybe' is not understood" in bad.stderr
 
 
-def test_torch_glue_builds_against_the_installed_torch(tmp_path, monkeypatch):
+def test_torch_adapter_compiles_against_the_installed_torchs_headers(tmp_path):
+    """The adapter (Note [Adapter over the pluggable allocator]) against this torch's C++
+    interface, syntax only: a CPU build of torch ships the headers but not libtorch_cuda,
+    nor the one header CUDA builds generate (c10/cuda/impl/cuda_cmake_macros.h), which is
+    stubbed here. A GPU machine builds and loads it for real (tests/test_graphs_gpu.py)."""
+    import shutil
+
     import torch
 
-    from vmmalloc import torch_glue
+    from vmmalloc import torch_adapter
 
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler")
+    include = Path(torch.__file__).parent / "include"
+    if not (include / "torch/csrc/cuda/CUDAPluggableAllocator.h").exists():
+        pytest.skip("this torch ships no CUDA allocator headers")
+    if not torch_adapter.cuda_include_dirs(torch):
+        pytest.skip("no CUDA runtime headers (cuda_runtime_api.h) on this machine")
+    stub = tmp_path / "c10/cuda/impl/cuda_cmake_macros.h"
+    stub.parent.mkdir(parents=True)
+    stub.write_text("#pragma once\n#define C10_CUDA_BUILD_SHARED_LIBS\n")
+    source = torch_adapter.source_dir() / "torch_adapter.cpp"
+    command = torch_adapter.compile_command(torch, source, tmp_path / "unused.so", syntax_only=True,
+                                            extra_includes=(tmp_path,))
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_torch_adapter_says_why_it_cannot_be_built_without_torch_cuda(tmp_path, monkeypatch):
+    import torch
+
+    from vmmalloc import torch_adapter
+
+    if (Path(torch.__file__).parent / "lib" / "libtorch_cuda.so").exists():
+        pytest.skip("this torch has CUDA libraries")
     monkeypatch.setenv("VMMALLOC_CACHE", str(tmp_path))
-    library = torch_glue.build(torch)
-    assert library.exists()
-    assert ctypes.CDLL(str(library)).vmm_torch_throw_oom
-    assert torch_glue.build(torch) == library  # cached
+    with pytest.raises(torch_adapter.AdapterUnavailable, match="no CUDA libraries"):
+        torch_adapter.build(torch)
+    assert not list(tmp_path.iterdir()), "nothing half-built is left behind"
+
+
+def test_the_adapter_table_is_exported_with_its_version():
+    from vmmalloc import _C
+
+    lib = ctypes.CDLL(_C.__file__)
+    lib.vmm_adapter_api_table.restype = ctypes.POINTER(ctypes.c_uint32)
+    header = lib.vmm_adapter_api_table()
+    source = (Path(__file__).parent.parent / "allocator/torch_adapter/adapter_abi.h").read_text()
+    version = int(source.split("#define VMM_ADAPTER_ABI_VERSION")[1].split()[0])
+    assert header[0] == version
+    assert header[1] >= 8 * 20, "struct_size covers the table's function pointers"
+
+
+class _PoolId(ctypes.Structure):
+    _fields_ = [("first", ctypes.c_uint64), ("second", ctypes.c_uint64)]
+
+
+class _Block(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_size_t), ("size", ctypes.c_size_t), ("requested", ctypes.c_size_t),
+                ("stream", ctypes.c_size_t)]
+
+
+_FILTER = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)
+_RELEASE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+_BLOCK_VISITOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Block))
+_POINTER_VISITOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t)
+
+
+class _Table(ctypes.Structure):
+    """adapter_abi.h's vmm_adapter_api, field for field."""
+
+    _fields_ = [
+        ("abi_version", ctypes.c_uint32), ("struct_size", ctypes.c_uint32),
+        ("last_error", ctypes.CFUNCTYPE(ctypes.c_char_p)),
+        ("allocate", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p,
+                                      ctypes.POINTER(ctypes.c_void_p))),
+        ("deallocate", ctypes.CFUNCTYPE(None, ctypes.c_void_p)),
+        ("record_stream", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)),
+        ("allocation_size", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t))),
+        ("empty_cache", ctypes.CFUNCTYPE(ctypes.c_int)),
+        ("set_memory_fraction", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_double)),
+        ("memory_fraction", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_double))),
+        ("largest_free_block", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_size_t))),
+        ("device_memory", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_size_t),
+                                           ctypes.POINTER(ctypes.c_size_t))),
+        ("stats", ctypes.c_void_p), ("reset_peak_stats", ctypes.c_void_p),
+        ("reset_accumulated_stats", ctypes.c_void_p), ("history_enabled", ctypes.c_void_p),
+        ("create_or_incref_pool", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId)),
+        ("begin_allocate_to_pool", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId, _FILTER,
+                                                    ctypes.c_void_p, _RELEASE)),
+        ("end_allocate_to_pool", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId)),
+        ("release_pool", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId)),
+        ("pool_use_count", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId, ctypes.POINTER(ctypes.c_int))),
+        ("pool_allocations", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId, _BLOCK_VISITOR, ctypes.c_void_p)),
+        ("restore_pool", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId, ctypes.POINTER(_Block),
+                                          ctypes.c_size_t, _POINTER_VISITOR, ctypes.c_void_p)),
+    ]
+
+
+def test_the_adapter_table_serves_pools_and_reports_failures_as_statuses(host_devices):
+    """What the torch adapter calls, driven through ctypes on host-backend devices: statuses
+    instead of exceptions, out of memory told apart, a route's filter called with the stream
+    and its context released when the route ends."""
+    from vmmalloc import _C
+
+    _C.configure("memory_cap:32MiB")
+    lib = ctypes.CDLL(_C.__file__)
+    lib.vmm_adapter_api_table.restype = ctypes.POINTER(_Table)
+    table = lib.vmm_adapter_api_table().contents
+    assert table.struct_size == ctypes.sizeof(_Table)
+    out = ctypes.c_void_p()
+    assert table.allocate(4 * MiB, 0, None, ctypes.byref(out)) == 0 and out.value
+    eager = out.value
+    assert table.allocate(64 * MiB, 0, None, ctypes.byref(out)) == 1  # VMM_OUT_OF_MEMORY
+    assert b"out of memory. Tried to allocate 64.00 MiB" in table.last_error()
+    size = ctypes.c_size_t()
+    assert table.allocation_size(eager, ctypes.byref(size)) == 0 and size.value == 4 * MiB
+    assert table.allocation_size(12345, ctypes.byref(size)) == 2  # VMM_FAILED
+    assert b"not a live allocation" in table.last_error()
+
+    pool = _PoolId(3, 4)
+    seen, released = [], []
+    filter_fn = _FILTER(lambda context, stream: seen.append(stream) or int(stream == 77))
+    release_fn = _RELEASE(lambda context: released.append(context))
+    assert table.begin_allocate_to_pool(0, pool, filter_fn, 1234, release_fn) == 0
+    assert table.allocate(2 * MiB, 0, 77, ctypes.byref(out)) == 0
+    in_pool = out.value
+    assert table.allocate(2 * MiB, 0, 78, ctypes.byref(out)) == 0
+    not_in_pool = out.value
+    assert seen == [77, 78]
+    assert table.end_allocate_to_pool(0, pool) == 0
+    assert released == [1234], "the core released the filter's context with the route"
+    blocks = []
+    visit = _BLOCK_VISITOR(lambda context, block: blocks.append(block.contents.ptr))
+    assert table.pool_allocations(0, pool, visit, None) == 0
+    assert blocks == [in_pool]
+    count = ctypes.c_int()
+    assert table.pool_use_count(0, pool, ctypes.byref(count)) == 0 and count.value == 1
+    freed = []
+    wanted = (_Block * 1)(_Block(in_pool, 2 * MiB, 2 * MiB, 77))
+    record = _POINTER_VISITOR(lambda context, ptr: freed.append(ptr))
+    assert table.restore_pool(0, pool, wanted, 1, record, None) == 0
+    assert freed == [in_pool]
+    for ptr in (in_pool, not_in_pool, eager):
+        table.deallocate(ptr)
+    assert table.release_pool(0, pool) == 0
+    assert _C.device_allocator(0).stats()["vmm.private_pools"] == 0
+    assert _C.device_allocator(0).stats()["allocated_bytes.all.current"] == 0

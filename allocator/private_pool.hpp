@@ -1,0 +1,78 @@
+// Private pools: memory that belongs to one CUDA graph (or graph tree) or torch.cuda.MemPool.
+//
+// Note [Private pools]
+// PyTorch's semantics (c10/cuda/CUDACachingAllocator.cpp, Note [Interaction with CUDA
+// graph capture]), kept here because a graph's kernels keep reading and writing the
+// addresses they were captured with, at every replay:
+// - A pool id owns what is allocated into it. While a route is active (a capture, or
+//   use_mem_pool on one thread), a request whose stream passes the route's filter is served
+//   from that pool's arena, every other request from the main arena.
+// - Memory freed inside a pool is reused only by that pool, and nothing of it is given back
+//   or handed to other code until the pool is released (its use count, the graphs and
+//   MemPools holding it, reaches 0) and its last allocation is freed. Then its mappings are
+//   retired (unmapped once the GPU is done with them) and its chunks join the main arena,
+//   where eager code and KV pages can use them at once (PyTorch waits for empty_cache).
+// - A pool's arena has its own chunks, so a stitch inside it draws only on the pool's free
+//   chunks (or new ones), and eager stitches never see them. Its mappings are never evicted
+//   and never repaired, since a replay would reach through a captured address whatever is
+//   mapped there now: every address a pool handed out keeps its chunks for the pool's life.
+//   Stitching inside a pool reuses chunks freed inside it under a new address, which is the
+//   aliasing PyTorch's allocator has when it reuses a freed block at its old address. Its
+//   small segments are never reclaimed for large requests, for the same reason.
+// - Reserved and allocated statistics count pool memory, as PyTorch's do.
+// - The live set of a pool can be read and restored (graph trees' checkpoints): restoring
+//   frees every live allocation of the pool and allocates exactly the recorded blocks at
+//   their recorded addresses, which is possible because the addresses keep their mappings.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+
+#include "arena.hpp"
+#include "config.hpp"
+
+namespace vmm {
+
+// torch's MempoolId_t: (0, 0) is no pool; graph_pool_handle() and MemPool() make the rest.
+struct PoolId {
+  std::uint64_t first = 0;
+  std::uint64_t second = 0;
+  bool operator==(const PoolId& o) const { return first == o.first && second == o.second; }
+  bool operator!=(const PoolId& o) const { return !(*this == o); }
+};
+
+// Whether a request on this stream goes to the route's pool (torch's filter: the stream is
+// capturing into this graph, or the request comes from the thread under use_mem_pool).
+using StreamFilter = std::function<bool(StreamId)>;
+
+// A live allocation as checkpoints record it: `size` is what it holds (a small block's
+// rounded size, or whole chunks), `requested` what the caller asked for.
+struct LiveBlock {
+  std::uintptr_t ptr = 0;
+  std::size_t size = 0;
+  std::size_t requested = 0;
+  StreamId stream = 0;
+};
+
+// The device's options with what a private pool must never do turned off.
+inline Config private_pool_config(Config config) {
+  config.repair_blocked = false;
+  config.max_cached_mappings = std::size_t{1} << 40;
+  config.max_mapped_bytes = std::size_t{1} << 62;
+  return config;
+}
+
+struct PrivatePool {
+  PrivatePool(PoolId pool_id, Backend& backend, ChunkBudget& budget, const Config& device_config)
+      : id(pool_id), config(private_pool_config(device_config)), arena(backend, budget, config) {}
+
+  PoolId id;
+  Config config;  // before arena: its mapping cache refers to it
+  Arena arena;
+  int use_count = 1;      // graphs, MemPools and active routes holding it
+  std::size_t live = 0;   // allocations not yet given back (pending frees included)
+};
+
+}  // namespace vmm
