@@ -101,6 +101,12 @@ class Backend {
   virtual void synchronize() = 0;
   // Whether `stream` is being captured into a CUDA graph (never on the host backend).
   virtual bool is_capturing(StreamId stream) = 0;
+  // Note [Capture-safe mode] (mapping_cache.hpp): while a graph may be capturing, the
+  // calling thread's driver calls run in the relaxed capture mode, as PyTorch's allocator
+  // runs cudaMalloc then, so that no capture in another thread is invalidated by them.
+  // Returns the mode to give back to restore_capture_mode; the host backend has none.
+  virtual int relax_capture_mode() { return 0; }
+  virtual void restore_capture_mode(int mode) { (void)mode; }
 
   // Data movement between host memory and mapped device memory (tests and tools).
   virtual void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) = 0;

@@ -323,6 +323,18 @@ bool CudaBackend::is_capturing(StreamId stream) {
   return status != cu::CU_STREAM_CAPTURE_STATUS_NONE;
 }
 
+int CudaBackend::relax_capture_mode() {
+  cu::CUstreamCaptureMode mode = cu::CU_STREAM_CAPTURE_MODE_RELAXED;
+  check(device_, api_.cuThreadExchangeStreamCaptureMode(&mode),
+        [] { return std::string("cuThreadExchangeStreamCaptureMode(relaxed)"); });
+  return static_cast<int>(mode);
+}
+
+void CudaBackend::restore_capture_mode(int mode) {
+  auto previous = static_cast<cu::CUstreamCaptureMode>(mode);
+  api_.cuThreadExchangeStreamCaptureMode(&previous);  // restoring what it was cannot fail
+}
+
 void CudaBackend::release_event(EventId event) {
   {
     std::lock_guard<std::mutex> lock(events_mutex_);

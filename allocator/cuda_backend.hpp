@@ -51,6 +51,8 @@ class CudaBackend final : public Backend {
   void release_event(EventId event) override;
   void synchronize() override;
   bool is_capturing(StreamId stream) override;
+  int relax_capture_mode() override;
+  void restore_capture_mode(int mode) override;
 
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) override;
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) override;

@@ -135,6 +135,8 @@ void load_into(Driver& d) {
   need(a.cuEventDestroy_v2, "cuEventDestroy", "cuEventDestroy_v2");
   need(a.cuStreamWaitEvent, "cuStreamWaitEvent", "cuStreamWaitEvent");
   need(a.cuStreamIsCapturing, "cuStreamIsCapturing", "cuStreamIsCapturing");
+  need(a.cuThreadExchangeStreamCaptureMode, "cuThreadExchangeStreamCaptureMode",
+       "cuThreadExchangeStreamCaptureMode");
   need(a.cuMemcpyHtoD_v2, "cuMemcpyHtoD", "cuMemcpyHtoD_v2");
   need(a.cuMemcpyDtoH_v2, "cuMemcpyDtoH", "cuMemcpyDtoH_v2");
   need(a.cuMemHostRegister_v2, "cuMemHostRegister", "cuMemHostRegister_v2");

@@ -87,6 +87,12 @@ enum CUstreamCaptureStatus : int {
   CU_STREAM_CAPTURE_STATUS_INVALIDATED = 2,
 };
 
+enum CUstreamCaptureMode : int {
+  CU_STREAM_CAPTURE_MODE_GLOBAL = 0,
+  CU_STREAM_CAPTURE_MODE_THREAD_LOCAL = 1,
+  CU_STREAM_CAPTURE_MODE_RELAXED = 2,
+};
+
 enum CUevent_flags : int {
   CU_EVENT_DEFAULT = 0x0,
   CU_EVENT_BLOCKING_SYNC = 0x1,
@@ -173,6 +179,7 @@ struct DriverApi {
   CUresult (*cuEventDestroy_v2)(CUevent event);
   CUresult (*cuStreamWaitEvent)(CUstream stream, CUevent event, unsigned int flags);
   CUresult (*cuStreamIsCapturing)(CUstream stream, CUstreamCaptureStatus* status);
+  CUresult (*cuThreadExchangeStreamCaptureMode)(CUstreamCaptureMode* mode);
 
   CUresult (*cuMemcpyHtoD_v2)(CUdeviceptr dst, const void* src, std::size_t bytes);
   CUresult (*cuMemcpyDtoH_v2)(void* dst, CUdeviceptr src, std::size_t bytes);

@@ -58,6 +58,8 @@ class FaultInjectionBackend final : public Backend {
   void release_event(EventId e) override;
   void synchronize() override;
   bool is_capturing(StreamId s) override { return inner_->is_capturing(s); }
+  int relax_capture_mode() override { return inner_->relax_capture_mode(); }
+  void restore_capture_mode(int mode) override { inner_->restore_capture_mode(mode); }
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t n) override {
     inner_->copy_from_host(dst, src, n);
   }

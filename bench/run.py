@@ -19,8 +19,9 @@ BENCHMARKS = {
     "multi_gpu": "bench.multi_gpu",
     "peer_access": "bench.peer_access",
     "offload": "bench.offload",
+    "compile_graphs": "bench.compile_graphs",
 }
-GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache", "multi_gpu", "peer_access", "offload"}
+GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache", "multi_gpu", "peer_access", "offload", "compile_graphs"}
 MULTI_GPU = {"multi_gpu", "peer_access"}  # in the default set only where at least 2 GPUs are visible
 
 

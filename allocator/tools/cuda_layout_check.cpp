@@ -44,6 +44,7 @@ MAP(CUmemAccess_flags);
 MAP(CUmemAllocationGranularity_flags);
 MAP(CUevent_flags);
 MAP(CUstreamCaptureStatus);
+MAP(CUstreamCaptureMode);
 MAP(CUdriverProcAddressQueryResult);
 MAP(CUmemLocation);
 MAP(CUmemAllocationProp);
@@ -108,6 +109,9 @@ static_assert(ours::kMemHostRegisterPortable == CU_MEMHOSTREGISTER_PORTABLE, "CU
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_NONE);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_ACTIVE);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_INVALIDATED);
+SAME_VALUE(CU_STREAM_CAPTURE_MODE_GLOBAL);
+SAME_VALUE(CU_STREAM_CAPTURE_MODE_THREAD_LOCAL);
+SAME_VALUE(CU_STREAM_CAPTURE_MODE_RELAXED);
 
 SAME_SIZE(CUdriverProcAddress_flags);
 SAME_VALUE(CU_GET_PROC_ADDRESS_DEFAULT);
@@ -183,6 +187,7 @@ SAME_SIGNATURE(cuEventQuery, cuEventQuery);
 SAME_SIGNATURE(cuEventDestroy_v2, cuEventDestroy_v2);
 SAME_SIGNATURE(cuStreamWaitEvent, cuStreamWaitEvent);
 SAME_SIGNATURE(cuStreamIsCapturing, cuStreamIsCapturing);
+SAME_SIGNATURE(cuThreadExchangeStreamCaptureMode, cuThreadExchangeStreamCaptureMode);
 SAME_SIGNATURE(cuMemcpyHtoD_v2, cuMemcpyHtoD_v2);
 SAME_SIGNATURE(cuMemcpyDtoH_v2, cuMemcpyDtoH_v2);
 SAME_SIGNATURE(cuMemHostRegister_v2, cuMemHostRegister_v2);

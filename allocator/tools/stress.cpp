@@ -21,9 +21,11 @@
 //   after empty_cache(), every current statistic is zero and the backend has all of its
 //   memory back.
 // Phases (--list): default, cap (96 MiB cap: OOMs), evict (tiny mapping-cache bounds),
-// nostitch, faults (FaultInjectionBackend), and edges, a deterministic single-threaded
-// sequence of edge cases (exact-fit and oversized requests, record_stream deferral,
-// readiness after empty_cache() truncates a mapping in use, API misuse).
+// nostitch, faults (FaultInjectionBackend), handles, pages (virtual tensors), pools
+// (private pools: routes, checkpoint restores, releases beside eager threads), and edges,
+// a deterministic single-threaded sequence of edge cases (exact-fit and oversized
+// requests, record_stream deferral, readiness after empty_cache() truncates a mapping in
+// use, API misuse).
 // The seed fixes each thread's operation sequence (thread interleavings still vary). On a
 // violation the program prints what failed and the thread's last operations, and exits 1.
 #include <algorithm>
@@ -354,6 +356,11 @@ const PhaseSpec kPhases[] = {
     // allocations, under a tight cap, with stream events held in flight at random.
     {"pages", "memory_cap:128MiB", 256 * MiB, true, 0, 0,
      "virtual tensors grown, shrunk and slid at random beside allocations"},
+    // Note [Private pools]: every thread captures into pools of its own (a route for its
+    // capture stream, or for itself as use_mem_pool), restores checkpoints and releases
+    // pools, while the others allocate eagerly, under a cap, with failures injected.
+    {"pools", "memory_cap:160MiB", 256 * MiB, true, 0, 0,
+     "private pools captured, checkpointed, restored and released beside eager threads"},
 };
 
 // With nothing live and nothing pending, every cached mapping is idle and none of its
@@ -1264,6 +1271,161 @@ void run_pages(const PhaseSpec& spec) {
   std::fflush(stdout);
 }
 
+// Each thread owns a stream of its own that stands for a capture. Now and then it opens a
+// route to a fresh pool (by stream, or by thread as use_mem_pool does), allocates into it,
+// frees some of that inside the route (a graph's intermediates), keeps the rest (its
+// outputs) stamped, checkpoints the pool, later restores the checkpoint after other work in
+// the pool, and finally releases it. Eager blocks of all threads are stamped too. Checked:
+// pool blocks land in their pool and eager ones never do; stamps survive everything; a
+// restore gives back exactly the recorded set; at the end nothing is left and the backend
+// has all its memory back.
+void run_pools(const PhaseSpec& spec) {
+  const auto start = std::chrono::steady_clock::now();
+  auto host = std::make_shared<vmm::HostBackend>(spec.capacity);
+  auto faulty = std::make_shared<vmm::FaultInjectionBackend>(host);
+  auto alloc = std::make_unique<vmm::CachingAllocator>(faulty, vmm::parse_config(spec.config));
+  std::atomic<long> captures{0}, restores{0}, ooms{0}, checked{0}, injected{0};
+  auto stamp = [&](std::uintptr_t p, std::uint64_t v) { faulty->copy_from_host(p, &v, sizeof v); };
+  auto read = [&](std::uintptr_t p) {
+    std::uint64_t v = 0;
+    faulty->copy_to_host(&v, p, sizeof v);
+    return v;
+  };
+  auto worker = [&](int thread) {
+    t_thread = thread;
+    std::mt19937_64 rng(mix64(g_opt.seed ^ (0xA000 + static_cast<std::uint64_t>(thread))));
+    const vmm::StreamId capture_stream = 100 + static_cast<vmm::StreamId>(thread);
+    std::map<std::uintptr_t, std::uint64_t> eager;  // block -> stamp
+    std::uint64_t next_pool = 1;
+    const long ops = std::max(100L, g_opt.ops / 4);
+    auto size_of = [&]() -> std::size_t {
+      return rng() % 3 == 0 ? 1 + rng() % (64 * 1024) : 1 + rng() % (10 * kChunk);
+    };
+    for (long op = 0; op < ops; ++op) {
+      if (rng() % 4 != 0) {  // eager work
+        if (!eager.empty() && rng() % 2) {
+          auto it = eager.begin();
+          std::advance(it, static_cast<long>(rng() % eager.size()));
+          CHECK(read(it->first) == it->second, "pools: an eager block lost its contents");
+          ++checked;
+          alloc->deallocate(it->first);
+          eager.erase(it);
+        } else {
+          try {
+            const std::uintptr_t p = alloc->allocate(size_of(), rng() % 3);
+            const std::uint64_t v = rng() | 1;
+            stamp(p, v);
+            eager[p] = v;
+          } catch (const vmm::OutOfMemoryError&) {
+            ++ooms;
+          } catch (const vmm::BackendError&) {
+            ++injected;  // another thread's injected failure
+          }
+        }
+        continue;
+      }
+      // A capture into a pool of this thread's own.
+      const vmm::PoolId id{static_cast<std::uint64_t>(thread) + 1, next_pool++};
+      const bool by_thread = rng() % 2;
+      const auto this_thread = std::this_thread::get_id();
+      if (by_thread) {
+        alloc->begin_allocate_to_pool(id, [this_thread](vmm::StreamId) {
+          return std::this_thread::get_id() == this_thread;
+        });
+      } else {
+        alloc->begin_allocate_to_pool(id, [capture_stream](vmm::StreamId s) { return s == capture_stream; });
+      }
+      const vmm::StreamId stream = by_thread ? rng() % 3 : capture_stream;
+      if (rng() % 5 == 0) {
+        faulty->fail(rng() % 2 ? vmm::BackendOp::kMap : vmm::BackendOp::kCreateChunk, static_cast<int>(rng() % 3), 1);
+      }
+      std::map<std::uintptr_t, std::uint64_t> outputs;
+      std::vector<std::uintptr_t> intermediates;
+      const int n = 1 + static_cast<int>(rng() % 6);
+      for (int k = 0; k < n; ++k) {
+        try {
+          const std::uintptr_t p = alloc->allocate(size_of(), stream);
+          const std::uint64_t v = rng() | 1;
+          stamp(p, v);
+          if (rng() % 2) intermediates.push_back(p);
+          else outputs[p] = v;
+        } catch (const vmm::OutOfMemoryError&) {
+          ++ooms;
+        } catch (const vmm::BackendError&) {
+          ++injected;
+        }
+        if (!intermediates.empty() && rng() % 2) {
+          alloc->deallocate(intermediates.back());
+          intermediates.pop_back();
+        }
+      }
+      for (std::uintptr_t p : intermediates) alloc->deallocate(p);
+      alloc->end_allocate_to_pool(id);
+      ++captures;
+      // The pool's live set is exactly the outputs, and no eager block is in it.
+      const std::vector<vmm::LiveBlock> state = alloc->pool_allocations(id);
+      CHECK(state.size() == outputs.size(), "pools: %zu live in the pool, %zu outputs", state.size(), outputs.size());
+      for (const vmm::LiveBlock& b : state) {
+        CHECK(outputs.count(b.ptr) && !eager.count(b.ptr), "pools: a pool block that is not an output");
+      }
+      if (!outputs.empty() && rng() % 2) {
+        // Another path: the outputs die, other blocks go live, then the checkpoint returns.
+        for (const auto& kv : outputs) alloc->deallocate(kv.first);
+        alloc->begin_allocate_to_pool(id, [capture_stream](vmm::StreamId s) { return s == capture_stream; });
+        std::vector<std::uintptr_t> other;
+        for (int k = 0; k < 3; ++k) {
+          try {
+            other.push_back(alloc->allocate(size_of(), capture_stream));
+          } catch (const vmm::OutOfMemoryError&) {
+            ++ooms;
+          } catch (const vmm::BackendError&) {
+            ++injected;
+          }
+        }
+        alloc->end_allocate_to_pool(id);
+        const std::vector<std::uintptr_t> freed = alloc->restore_pool(id, state);
+        CHECK(std::set<std::uintptr_t>(freed.begin(), freed.end()) ==
+                  std::set<std::uintptr_t>(other.begin(), other.end()),
+              "pools: a restore freed other blocks than the live ones");
+        const std::vector<vmm::LiveBlock> again = alloc->pool_allocations(id);
+        CHECK(again.size() == state.size(), "pools: a restore did not bring the checkpoint back");
+        for (std::size_t k = 0; k < again.size(); ++k) {
+          CHECK(again[k].ptr == state[k].ptr && again[k].size == state[k].size, "pools: a restored block moved");
+        }
+        for (auto& kv : outputs) stamp(kv.first, kv.second);  // the graph's replay writes them anew
+        alloc->release_pool(id);  // the route of the second path
+        ++restores;
+      }
+      for (const auto& kv : outputs) {
+        CHECK(read(kv.first) == kv.second, "pools: an output lost its contents");
+        ++checked;
+      }
+      alloc->release_pool(id);  // the graph is gone
+      for (const auto& kv : outputs) alloc->deallocate(kv.first);
+      CHECK(alloc->pool_use_count(id) == 0, "pools: a released pool is still counted");
+    }
+    for (const auto& kv : eager) {
+      CHECK(read(kv.first) == kv.second, "pools: an eager block lost its contents");
+      alloc->deallocate(kv.first);
+    }
+  };
+  std::vector<std::thread> threads;
+  for (int t = 0; t < g_opt.threads; ++t) threads.emplace_back(worker, t);
+  for (auto& t : threads) t.join();
+  alloc->empty_cache();
+  Stats s(alloc->stats());
+  for (const char* name : {"allocated_bytes.all.current", "reserved_bytes.all.current", "vmm.chunks.current",
+                           "vmm.private_pools", "vmm.pending_frees", "vmm.backend_errors"}) {
+    CHECK(s[name] == 0, "pools: at the end, %s is %lld", name, static_cast<long long>(s[name]));
+  }
+  alloc.reset();
+  CHECK(host->free_memory() == host->total_memory(), "pools: the backend did not get its memory back");
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("phase pools: %ld captures, %ld restores, %ld OOMs, %ld injected failures, %ld blocks checked, %.1f s\n",
+              captures.load(), restores.load(), ooms.load(), injected.load(), checked.load(), secs);
+  std::fflush(stdout);
+}
+
 [[noreturn]] void usage(const char* argv0, const char* why) {
   std::fprintf(stderr,
                "%s: %s\nusage: %s [--threads=N] [--seed=S] [--ops=N] [--rounds=R] "
@@ -1338,6 +1500,8 @@ int main(int argc, char** argv) {
         run_edges(spec);
       } else if (std::strcmp(spec.name, "pages") == 0) {
         run_pages(spec);
+      } else if (std::strcmp(spec.name, "pools") == 0) {
+        run_pools(spec);
       } else {
         Phase phase(spec, index);
         phase.run();

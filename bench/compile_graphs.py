@@ -1,0 +1,151 @@
+"""torch.compile(mode="reduce-overhead") workloads, whose CUDA graphs live in private pools
+(Note [Private pools]): native, expandable_segments and vmmalloc, each in its own process,
+in rotating order over rounds.
+
+- train: a fixed-shape training step of the ~1B Llama of bench/fragmentation.py (16
+  layers, batch 4 x 1024 tokens, AdamW), the model compiled with mode="reduce-overhead";
+  median step time over the steps after the graphs were recorded.
+- decode: static-cache generate() on the Llama-3-8B shape (random bf16 weights), batch 8,
+  a 1024-token prompt, 128 new tokens; transformers compiles the decode step with
+  mode="reduce-overhead" by itself. Decode tok/s of the second call (the first compiles).
+
+Per system: step time or tok/s, peak reserved / peak allocated, and the memory the graphs'
+pools hold (native: the snapshot's segments of a private pool; vmmalloc: vmm.private_pool_bytes).
+Targets (issue: drop-in beyond eager PyTorch): step time and tok/s >= 0.98x native,
+reserved/allocated <= 1.05.
+"""
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from typing import Any
+
+from bench.workers import run_worker, worker_main
+
+GiB = 1 << 30
+
+
+def pool_bytes(torch) -> int:
+    """Bytes held by private (graph) pools now."""
+    import vmmalloc
+
+    if vmmalloc.is_enabled():
+        return int(torch.cuda.memory_stats().get("vmm", {}).get("private_pool_bytes", 0))
+    return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0))
+
+
+def measure_train(torch, args: dict[str, Any]) -> dict[str, Any]:
+    from bench.fragmentation import build
+
+    model, optimizer = build(torch, args["layers"])
+    compiled = torch.compile(model, mode="reduce-overhead")
+    batch, seq = args["batch"], args["seq"]
+    times, losses = [], []
+    for step in range(args["warmup"] + args["steps"]):
+        g = torch.Generator(device="cuda").manual_seed(step)
+        ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda", generator=g)
+        torch.compiler.cudagraph_mark_step_begin()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = compiled(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        end.record()
+        end.synchronize()
+        losses.append(float(loss))
+        if step >= args["warmup"]:
+            times.append(start.elapsed_time(end) / 1000)
+    return {"step_s": statistics.median(times), "steps_s": times, "losses": losses}
+
+
+def measure_decode(torch, args: dict[str, Any]) -> dict[str, Any]:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                         num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                         attn_implementation="sdpa")
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, config.vocab_size, (args["batch"], args["prompt"]), generator=g).cuda()
+    kwargs = dict(max_new_tokens=args["new_tokens"], min_new_tokens=args["new_tokens"], do_sample=False,
+                  cache_implementation="static")
+    with torch.no_grad():
+        first = model.generate(ids, **kwargs)  # compiles and records the graphs
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        second = model.generate(ids, **kwargs)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    return {"tok_s": args["batch"] * args["new_tokens"] / seconds, "seconds": seconds,
+            "same_tokens": bool((first == second).all())}
+
+
+def measure(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    import vmmalloc
+
+    out = measure_train(torch, args) if args["workload"] == "train" else measure_decode(torch, args)
+    out.update(peak_reserved=torch.cuda.max_memory_reserved(), peak_allocated=torch.cuda.max_memory_allocated(),
+               pool_bytes=pool_bytes(torch), vmmalloc_enabled=vmmalloc.is_enabled())
+    out["reserved_over_allocated"] = out["peak_reserved"] / max(1, out["peak_allocated"])
+    return out
+
+
+SYSTEMS = ("native", "expandable_segments", "vmmalloc")
+
+
+def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
+    if backend != "cuda":
+        raise ValueError("compile_graphs needs a GPU (--backend cuda)")
+    workloads = {
+        "train": {"workload": "train", "layers": 8 if quick else 16, "batch": 4, "seq": 1024,
+                  "warmup": 4, "steps": 6 if quick else 20},
+        "decode": {"workload": "decode", "batch": 8, "prompt": 1024, "new_tokens": 32 if quick else 128},
+    }
+    rounds = 1 if quick else 3
+    results: dict[str, Any] = {}
+    for name, args in workloads.items():
+        per_round = []
+        for r in range(rounds):
+            order = SYSTEMS[r % 3:] + SYSTEMS[:r % 3]
+            per_round.append({system: run_worker("bench.compile_graphs", system, args, timeout=1800)
+                              for system in order})
+        speed = "step_s" if name == "train" else "tok_s"
+        ratios = {}
+        for system in ("expandable_segments", "vmmalloc"):
+            # speed relative to native: >1 is faster
+            per = [(r["native"][speed] / r[system][speed]) if speed == "step_s" else (r[system][speed] / r["native"][speed])
+                   for r in per_round]
+            ratios[f"{system}_speed_vs_native"] = statistics.median(per)
+            ratios[f"{system}_speed_vs_native_per_round"] = per
+        systems = {s: {key: statistics.median(r[s][key] for r in per_round)
+                       for key in (speed, "peak_reserved", "peak_allocated", "pool_bytes", "reserved_over_allocated")}
+                   for s in SYSTEMS}
+        results[name] = {"args": args, "systems": systems, "ratios": ratios, "rounds": per_round}
+    met = {"train_speed": results["train"]["ratios"]["vmmalloc_speed_vs_native"] >= 0.98,
+           "decode_speed": results["decode"]["ratios"]["vmmalloc_speed_vs_native"] >= 0.98,
+           "train_reserved_over_allocated": results["train"]["systems"]["vmmalloc"]["reserved_over_allocated"] <= 1.05,
+           "decode_reserved_over_allocated": results["decode"]["systems"]["vmmalloc"]["reserved_over_allocated"] <= 1.05}
+    return {"benchmark": "compile_graphs", "workloads": results,
+            "targets": {"speed_vs_native_min": 0.98, "reserved_over_allocated_max": 1.05}, "met": met}
+
+
+def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
+    rows = []
+    for name, w in result["workloads"].items():
+        v = w["systems"]["vmmalloc"]
+        rows.append((f"{name}: vmmalloc speed vs native", f"{w['ratios']['vmmalloc_speed_vs_native']:.3f}x", ">= 0.98x"))
+        rows.append((f"{name}: reserved/allocated (native {w['systems']['native']['reserved_over_allocated']:.3f})",
+                     f"{v['reserved_over_allocated']:.3f}", "<= 1.05"))
+        rows.append((f"{name}: graph pools, vmmalloc / native",
+                     f"{v['pool_bytes'] / GiB:.2f} / {w['systems']['native']['pool_bytes'] / GiB:.2f} GiB", ""))
+    return rows
+
+
+if __name__ == "__main__" and "--worker" in sys.argv:
+    worker_main(measure)
