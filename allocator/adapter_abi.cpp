@@ -59,6 +59,18 @@ void deallocate(void* ptr) {
   if (status != VMM_OK) std::fprintf(stderr, "vmmalloc: free of %p failed: %s\n", ptr, last_error());
 }
 
+int deallocate_checked(void* ptr) {
+  return guarded([&] {
+    if (!DeviceRegistry::instance().deallocate_any(reinterpret_cast<std::uintptr_t>(ptr))) {
+      throw std::invalid_argument("vmmalloc: free of a pointer vmmalloc does not hold (double free, or "
+                                  "memory of another allocator)");
+    }
+  });
+}
+
+// The allocator of a device already in use, or null: queries must not create one.
+CachingAllocator* in_use(int device) { return DeviceRegistry::instance().existing(device); }
+
 CachingAllocator* owner(std::uintptr_t ptr) {
   CachingAllocator* found = nullptr;
   DeviceRegistry::instance().for_each([&](int, CachingAllocator& a) {
@@ -92,8 +104,8 @@ int set_memory_fraction(int device, double fraction) {
 
 int memory_fraction(int device, double* out) {
   return guarded([&] {
-    CachingAllocator& a = on(device);
-    *out = static_cast<double>(a.memory_cap()) / static_cast<double>(a.backend().total_memory());
+    CachingAllocator* a = in_use(device);
+    *out = a != nullptr ? a->memory_fraction() : 1.0;
   });
 }
 
@@ -101,7 +113,10 @@ int largest_free_block(int device, size_t* out) {
   // Every free chunk can be stitched into one block: that is the largest block a request
   // is served without new memory.
   return guarded([&] {
-    for (const auto& [key, value] : on(device).stats()) {
+    *out = 0;
+    CachingAllocator* a = in_use(device);
+    if (a == nullptr) return;
+    for (const auto& [key, value] : a->stats()) {
       if (key == "vmm.free_chunks") *out = static_cast<size_t>(value) * vmm::kChunkSize;
     }
   });
@@ -117,12 +132,23 @@ int device_memory(int device, size_t* total, size_t* free_bytes) {
 
 int stats(int device, vmm_stat_visitor visit, void* context) {
   return guarded([&] {
-    for (const auto& [key, value] : on(device).stats()) visit(context, key.c_str(), value);
+    if (CachingAllocator* a = in_use(device)) {
+      for (const auto& [key, value] : a->stats()) visit(context, key.c_str(), value);
+    }
   });
 }
 
-int reset_peak_stats(int device) { return guarded([&] { on(device).reset_peak_stats(); }); }
-int reset_accumulated_stats(int device) { return guarded([&] { on(device).reset_accumulated_stats(); }); }
+int reset_peak_stats(int device) {
+  return guarded([&] {
+    if (CachingAllocator* a = in_use(device)) a->reset_peak_stats();
+  });
+}
+
+int reset_accumulated_stats(int device) {
+  return guarded([&] {
+    if (CachingAllocator* a = in_use(device)) a->reset_accumulated_stats();
+  });
+}
 
 int history_enabled(int device) {
   CachingAllocator* a = DeviceRegistry::instance().existing(device);
@@ -182,6 +208,7 @@ const vmm_adapter_api kTable = {
     last_error,
     allocate,
     deallocate,
+    deallocate_checked,
     record_stream,
     allocation_size,
     empty_cache,

@@ -98,8 +98,17 @@ __attribute__((always_inline)) inline std::uintptr_t CachingAllocator::place(
     log(EventKind::kAlloc, block->addr, block->size, stream);
     return block->addr;
   }
-  // No number of chunks under the cap serves it; and size + kChunkSize - 1 could wrap.
-  if (size > budget_.cap_bytes) throw_oom(size, "the request is larger than the memory cap");
+  // PyTorch's own check and message, which tools match on; not counted as an OOM there.
+  if (size >= kOneExaByte) {
+    throw OutOfMemoryError(std::string(backend_->name().find("cuda") != std::string::npos ? "CUDA" : "Host backend") +
+                               " out of memory. Tried to allocate more than 1EB memory.",
+                           size, stats_locked());
+  }
+  // Neither new chunks under the cap nor what is reserved (a cap lowered after allocation)
+  // can serve it; and size + kChunkSize - 1 could wrap.
+  if (size > std::max(budget_.cap_bytes, budget_.chunks * kChunkSize)) {
+    throw_oom(size, "the request is larger than the memory cap");
+  }
   const std::size_t chunks = (size + kChunkSize - 1) / kChunkSize;
   Mapping* mapping = acquire(arena, chunks, stream, size, /*small_segment=*/false);
   const std::size_t bytes = chunks * kChunkSize;
@@ -247,6 +256,10 @@ void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::
   std::lock_guard<std::mutex> lock(mutex_);
   if (range == nullptr || range->freed) {
     throw std::logic_error("vmmalloc: this virtual tensor was freed; create a new one");
+  }
+  if (rows > 1 && stride == 0) {
+    throw std::invalid_argument("vmmalloc: commit of " + std::to_string(rows) +
+                                " rows needs a stride > 0 (the bytes between two rows' starts)");
   }
   const std::size_t limit = range->bytes;
   const bool fits = begin <= end && end <= limit &&
@@ -668,15 +681,25 @@ void CachingAllocator::set_memory_cap(std::size_t bytes) {
   std::lock_guard<std::mutex> lock(mutex_);
   const std::size_t total = backend_->total_memory();
   budget_.cap_bytes = bytes == 0 ? total : std::min(bytes, total);
+  memory_fraction_ = -1;
 }
 
+// As PyTorch: a fraction in [0, 1]; 0 lets no new memory be taken (cached memory still
+// serves), and memory_fraction() gives back exactly what was set.
 void CachingAllocator::set_memory_fraction(double fraction) {
-  if (!(fraction > 0 && fraction <= 1)) {
-    throw std::invalid_argument("vmmalloc: memory fraction must be in (0, 1], got " +
+  if (!(fraction >= 0 && fraction <= 1)) {
+    throw std::invalid_argument("vmmalloc: memory fraction must be in [0, 1], got " +
                                 std::to_string(fraction));
   }
   std::lock_guard<std::mutex> lock(mutex_);
   budget_.cap_bytes = static_cast<std::size_t>(fraction * static_cast<double>(backend_->total_memory()));
+  memory_fraction_ = fraction;
+}
+
+double CachingAllocator::memory_fraction() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (memory_fraction_ >= 0) return memory_fraction_;
+  return static_cast<double>(budget_.cap_bytes) / static_cast<double>(backend_->total_memory());
 }
 
 std::size_t CachingAllocator::memory_cap() const {
@@ -846,30 +869,44 @@ void CachingAllocator::create_or_incref_pool(PoolId id) {
   pools_.back()->arena.cache.set_capture_safe(!routes_.empty());
 }
 
+static std::string pool_name(PoolId id) {
+  return "(" + std::to_string(id.first) + ", " + std::to_string(id.second) + ")";
+}
+
 void CachingAllocator::begin_allocate_to_pool(PoolId id, StreamFilter filter) {
   if (!filter) throw std::invalid_argument("vmmalloc: a pool route needs a stream filter");
-  create_or_incref_pool(id);
+  if (id == PoolId{}) throw std::invalid_argument("vmmalloc: pool id (0, 0) names no pool");
   std::lock_guard<std::mutex> lock(mutex_);
-  PrivatePool* pool = find_pool(id);
-  try {
-    routes_.push_back({pool, std::move(filter)});
-  } catch (...) {
-    --pool->use_count;
-    throw;
+  // As PyTorch: one route per pool at a time (two threads under use_mem_pool of one pool,
+  // or a capture into a pool another thread routes to, would end each other's routes).
+  for (const Route& r : routes_) {
+    if (r.pool->id == id) {
+      throw std::logic_error("vmmalloc: already allocating to pool " + pool_name(id) +
+                             "; end that route first (one capture or use_mem_pool per pool at a time)");
+    }
   }
-  if (routes_.size() == 1) set_capture_safe(true);
+  routes_.reserve(routes_.size() + 1);
+  PrivatePool* pool = find_pool(id);
+  if (pool != nullptr) {
+    ++pool->use_count;
+  } else {
+    pools_.reserve(pools_.size() + 1);
+    pools_.push_back(std::make_unique<PrivatePool>(id, *backend_, budget_, config_));
+    pool = pools_.back().get();
+  }
+  routes_.push_back({pool, std::move(filter)});  // capacity reserved: cannot throw
+  set_capture_safe(true);
 }
 
 void CachingAllocator::end_allocate_to_pool(PoolId id) {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (auto it = routes_.begin(); it != routes_.end(); ++it) {
-    if (it->pool->id == id) {
-      routes_.erase(it);
-      break;
-    }
+  auto it = std::find_if(routes_.begin(), routes_.end(), [&](const Route& r) { return r.pool->id == id; });
+  if (it == routes_.end()) {
+    throw std::logic_error("vmmalloc: not allocating to pool " + pool_name(id) + " (no route to end)");
   }
-  // Deferred work waits for the next request: torch ends the route just before it ends the
-  // capture itself, so the capture may still be under way now.
+  routes_.erase(it);
+  // Deferred work waits for the next request, not done here: a capture with conditional
+  // nodes ends a route and begins one again in the middle of the capture.
   if (routes_.empty()) set_capture_safe(false);
 }
 
@@ -926,7 +963,9 @@ std::vector<LiveBlock> CachingAllocator::pool_allocations(PoolId id) const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<LiveBlock> out;
   const PrivatePool* pool = find_pool(id);
-  if (pool == nullptr) return out;
+  if (pool == nullptr) {
+    throw std::invalid_argument("vmmalloc: pool " + pool_name(id) + " does not exist");
+  }
   pool->arena.large.for_each([&](std::uintptr_t base, const Mapping* m) {
     if (pending_.empty() || !is_pending(base)) {
       out.push_back({base, m->used * kChunkSize, m->requested, m->use_stream});
@@ -949,8 +988,7 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
   std::lock_guard<std::mutex> lock(mutex_);
   PrivatePool* pool = find_pool(id);
   if (pool == nullptr) {
-    throw std::invalid_argument("vmmalloc: cannot restore pool (" + std::to_string(id.first) +
-                                ", " + std::to_string(id.second) + "): it does not exist");
+    throw std::invalid_argument("vmmalloc: cannot restore pool " + pool_name(id) + ": it does not exist");
   }
   Arena& arena = pool->arena;
   // Blocks whose free waits for other streams would still hold their memory.

@@ -82,6 +82,9 @@ class HostTimer {
   std::chrono::steady_clock::time_point start_;
 };
 
+// PyTorch refuses requests of 1 EB and more up front, with a message tools match on.
+constexpr std::size_t kOneExaByte = std::size_t{1} << 60;
+
 class CachingAllocator {
  public:
   CachingAllocator(std::shared_ptr<Backend> backend, Config config = {});
@@ -109,16 +112,19 @@ class CachingAllocator {
   // that, and each release_pool takes 1 away.
   void create_or_incref_pool(PoolId id);
   // Routes the requests `filter` accepts to pool `id` until end_allocate_to_pool (adds 1 to
-  // its use count, creating it if needed). Routes are tried in the order they began.
+  // its use count, creating it if needed). Routes are tried in the order they began. As in
+  // PyTorch, a pool has one route at a time: a second throws std::logic_error.
   void begin_allocate_to_pool(PoolId id, StreamFilter filter);
-  // Ends the oldest route to `id`; its use count is unchanged (release_pool takes it back).
+  // Ends the route to `id` (std::logic_error when there is none); its use count is
+  // unchanged (release_pool takes it back).
   void end_allocate_to_pool(PoolId id);
   // At use count 0, the pool's memory goes back to the main arena once its last allocation
   // is freed. Unknown ids are ignored, as PyTorch does.
   void release_pool(PoolId id);
   int pool_use_count(PoolId id) const;  // 0 for a pool that does not exist
   bool routes_active() const;
-  // The pool's live allocations (pending frees excluded), in address order.
+  // The pool's live allocations (pending frees excluded), in address order; throws
+  // std::invalid_argument for a pool that does not exist.
   std::vector<LiveBlock> pool_allocations(PoolId id) const;
   // Frees every live allocation of pool `id` (returned), then allocates exactly `blocks`
   // at their addresses. Throws std::invalid_argument for an unknown pool, std::logic_error
@@ -132,9 +138,11 @@ class CachingAllocator {
 
   // Caps physical memory; 0 means the device's total memory.
   void set_memory_cap(std::size_t bytes);
-  // Caps physical memory at a fraction in (0, 1] of the device's total memory.
+  // Caps physical memory at a fraction in [0, 1] of the device's total memory.
   void set_memory_fraction(double fraction);
   std::size_t memory_cap() const;
+  // The fraction set last, exactly; else the cap over the device's memory.
+  double memory_fraction() const;
 
   std::size_t allocation_size(std::uintptr_t ptr) const;
   // Whether `ptr` is the start of a live allocation of this allocator.
@@ -281,6 +289,7 @@ class CachingAllocator {
   std::int64_t num_ooms_ = 0;
   std::int64_t num_sync_all_streams_ = 0;
   std::int64_t peer_access_errors_ = 0;
+  double memory_fraction_ = -1;  // the fraction set last; < 0 when the cap was set in bytes
   std::atomic<std::int64_t> host_ns_{0};  // Note [Host time]
 };
 

@@ -18,8 +18,9 @@ using GetProcAddressV1 = CUresult (*)(const char* symbol, void** fn, int cuda_ve
 
 struct Driver {
   DriverApi api{};      // every entry point found, even when loading failed later
-  bool usable = false;  // all entry points found and cuInit succeeded
-  std::string reason;   // why not usable
+  bool loaded = false;  // the library and all its entry points found (no cuInit yet)
+  bool usable = false;  // loaded, and cuInit succeeded
+  std::string reason;   // why not loaded, or not usable
 };
 
 // Note [Resolving driver symbols]
@@ -88,6 +89,7 @@ std::string describe(const DriverApi& api, CUresult result) {
   return out;
 }
 
+// Opens the library and resolves every entry point; calls nothing in the driver.
 void load_into(Driver& d) {
   dlerror();  // clear a stale error, so the one we report is dlopen's
   // Never dlclosed: function pointers into it outlive any owner, up to process exit.
@@ -149,9 +151,13 @@ void load_into(Driver& d) {
     return;
   }
 
-  const CUresult result = a.cuInit(0);
+  d.loaded = true;
+}
+
+void init_into(Driver& d) {
+  const CUresult result = d.api.cuInit(0);
   if (result != CUDA_SUCCESS) {
-    d.reason = "CUDA is unavailable: cuInit failed with " + describe(a, result) +
+    d.reason = "CUDA is unavailable: cuInit failed with " + describe(d.api, result) +
                "; vmmalloc's cuda backend needs a working NVIDIA driver and GPU." + kHostHint;
     return;
   }
@@ -163,14 +169,40 @@ Driver load() noexcept {
   try {
     load_into(d);
   } catch (...) {  // std::bad_alloc while building a message; driver_api() must not throw
-    d.usable = false;
+    d.loaded = false;
   }
   return d;
 }
 
-const Driver& driver() noexcept {
-  static const Driver d = load();  // thread-safe one-time initialisation
+// Note [Lazy driver start]: loading resolves symbols only; cuInit runs on the first
+// question that needs the driver working (a cuda backend, cuda_unavailable_reason), so
+// that importing vmmalloc or enabling it, under VMMALLOC=1 at `import torch` too, leaves
+// CUDA uninitialized, as PyTorch guarantees for `import torch` (a process forked then can
+// still use CUDA, and CUDA_VISIBLE_DEVICES set afterwards still applies).
+Driver& loaded_driver() noexcept {
+  static Driver d = load();  // thread-safe one-time initialisation
   return d;
+}
+
+const Driver& driver() noexcept {
+  static const bool initialized = [] {
+    Driver& d = loaded_driver();
+    if (d.loaded) {
+      try {
+        init_into(d);
+      } catch (...) {
+        d.usable = false;
+      }
+    }
+    return true;
+  }();
+  (void)initialized;
+  return loaded_driver();
+}
+
+std::string reason_of(const Driver& d) {
+  if (d.reason.empty()) return "CUDA is unavailable: loading the NVIDIA driver failed.";
+  return d.reason;
 }
 
 }  // namespace
@@ -182,12 +214,15 @@ const DriverApi* driver_api() noexcept {
 
 std::string driver_unavailable_reason() {
   const Driver& d = driver();
-  if (d.usable) return {};
-  if (d.reason.empty()) return "CUDA is unavailable: loading the NVIDIA driver failed.";
-  return d.reason;
+  return d.usable ? std::string() : reason_of(d);
 }
 
-std::string result_text(CUresult result) { return describe(driver().api, result); }
+std::string driver_library_reason() {
+  const Driver& d = loaded_driver();
+  return d.loaded ? std::string() : reason_of(d);
+}
+
+std::string result_text(CUresult result) { return describe(loaded_driver().api, result); }
 
 }  // namespace cu
 }  // namespace vmm

@@ -195,6 +195,9 @@ const DriverApi* driver_api() noexcept;
 // Empty when driver_api() is non-null; otherwise one sentence for the user, starting
 // "CUDA is unavailable: ". Loads the driver if that has not happened yet.
 std::string driver_unavailable_reason();
+// Empty when libcuda and every entry point vmmalloc needs were found; otherwise why not.
+// Unlike the two above it never calls cuInit (Note [Lazy driver start] in cuda_driver.cpp).
+std::string driver_library_reason();
 
 // "CUDA_ERROR_OUT_OF_MEMORY (out of memory)", from the driver when it is loaded, else
 // "CUresult 2".

@@ -29,6 +29,28 @@ using namespace vmm;
 
 namespace {
 
+// A whole number in [0, 2**64) from Python, or a ValueError that names the argument: core
+// API misuse reads as what it is, not as pybind11's "incompatible function arguments".
+std::uint64_t whole(py::handle value, const char* what) {
+  const auto bad = [&] {
+    return py::value_error(std::string(what) + " must be a whole number in [0, 2**64), got " +
+                           py::repr(value).cast<std::string>());
+  };
+  if (PyBool_Check(value.ptr()) || PyFloat_Check(value.ptr())) throw bad();
+  PyObject* index = PyNumber_Index(value.ptr());
+  if (index == nullptr) {
+    PyErr_Clear();
+    throw bad();
+  }
+  const unsigned long long out = PyLong_AsUnsignedLongLong(index);
+  Py_DECREF(index);
+  if (PyErr_Occurred()) {
+    PyErr_Clear();
+    throw bad();
+  }
+  return out;
+}
+
 py::dict to_dict(const StatList& stats) {
   py::dict out;
   for (const auto& [key, value] : stats) out[py::str(key)] = value;
@@ -155,7 +177,11 @@ PYBIND11_MODULE(_C, m) {
         "Undoes pin_host_memory; returns '' or the error.");
   m.def("config_keys", [] { return std::string(config_keys()); });
   m.def("cuda_unavailable_reason", [] { return cu::driver_unavailable_reason(); },
-        "Empty when the CUDA driver loaded; otherwise why the cuda backend cannot run.");
+        "Empty when the CUDA driver loaded and initialized (cuInit); otherwise why the cuda "
+        "backend cannot run.");
+  m.def("cuda_library_reason", [] { return cu::driver_library_reason(); },
+        "Empty when the CUDA driver library and its entry points were found; otherwise why "
+        "not. Never initializes CUDA.");
 
   py::class_<Backend, std::shared_ptr<Backend>>(m, "Backend",
                                                 "Where chunks live: host (memfd) or cuda.")
@@ -209,22 +235,45 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init([](std::shared_ptr<Backend> backend, const std::string& conf) {
              return std::make_unique<CachingAllocator>(std::move(backend), parse_config(conf));
            }), py::arg("backend"), py::arg("conf") = "", py::keep_alive<1, 2>())
-      .def("allocate", &CachingAllocator::allocate, py::arg("size"), py::arg("stream") = 0,
-           py::call_guard<py::gil_scoped_release>())
-      .def("deallocate", &CachingAllocator::deallocate, py::arg("ptr"),
-           py::call_guard<py::gil_scoped_release>())
-      .def("record_stream", &CachingAllocator::record_stream, py::arg("ptr"), py::arg("stream"))
+      .def("allocate",
+           [](CachingAllocator& a, py::handle size, py::handle stream) -> std::uintptr_t {
+             const std::uint64_t bytes = whole(size, "allocate: size");
+             const std::uint64_t s = whole(stream, "allocate: stream");
+             if (bytes == 0) return 0;  // as PyTorch's allocator: no memory for 0 bytes
+             py::gil_scoped_release release;
+             return a.allocate(bytes, s);
+           }, py::arg("size"), py::arg("stream") = 0,
+           "A block of `size` bytes for work on `stream`; 0 for 0 bytes, as PyTorch's "
+           "allocator gives. Raises OutOfMemoryError after the retry.")
+      .def("deallocate",
+           [](CachingAllocator& a, py::handle ptr) {
+             const std::uint64_t address = whole(ptr, "deallocate: ptr");
+             if (address == 0) return;  // freeing 0 (a 0-byte block) does nothing
+             py::gil_scoped_release release;
+             a.deallocate(address);
+           }, py::arg("ptr"))
+      .def("record_stream",
+           [](CachingAllocator& a, py::handle ptr, py::handle stream) {
+             a.record_stream(whole(ptr, "record_stream: ptr"), whole(stream, "record_stream: stream"));
+           }, py::arg("ptr"), py::arg("stream"))
       .def("empty_cache", &CachingAllocator::empty_cache, py::call_guard<py::gil_scoped_release>())
       .def("stats", [](const CachingAllocator& a) { return to_dict(a.stats()); })
       .def("reset_peak_stats", &CachingAllocator::reset_peak_stats)
       .def("reset_accumulated_stats", &CachingAllocator::reset_accumulated_stats)
-      .def("set_memory_cap", &CachingAllocator::set_memory_cap, py::arg("bytes"))
-      .def("set_memory_fraction", &CachingAllocator::set_memory_fraction, py::arg("fraction"))
+      .def("set_memory_cap",
+           [](CachingAllocator& a, py::handle bytes) { a.set_memory_cap(whole(bytes, "set_memory_cap: bytes")); },
+           py::arg("bytes"))
+      .def("set_memory_fraction", &CachingAllocator::set_memory_fraction, py::arg("fraction"),
+           "Caps physical memory at `fraction` in [0, 1] of the device's memory (0: nothing new).")
       .def_property_readonly("memory_cap", &CachingAllocator::memory_cap)
+      .def_property_readonly("memory_fraction", &CachingAllocator::memory_fraction,
+                             "The fraction set last, or the cap over the device's memory.")
       .def_property_readonly("backend", &CachingAllocator::shared_backend)
-      .def("allocation_size", &CachingAllocator::allocation_size, py::arg("ptr"))
-      .def("owns", &CachingAllocator::owns, py::arg("ptr"),
-           "Whether `ptr` is the start of a live allocation of this allocator.")
+      .def("allocation_size",
+           [](const CachingAllocator& a, py::handle ptr) { return a.allocation_size(whole(ptr, "allocation_size: ptr")); },
+           py::arg("ptr"))
+      .def("owns", [](const CachingAllocator& a, py::handle ptr) { return a.owns(whole(ptr, "owns: ptr")); },
+           py::arg("ptr"), "Whether `ptr` is the start of a live allocation of this allocator.")
       .def("chunk_ids", &CachingAllocator::chunk_ids, py::arg("ptr"))
       .def("chunk_addresses", &CachingAllocator::chunk_addresses, py::arg("chunk_id"))
       .def("add_peer", &CachingAllocator::add_peer, py::arg("peer"),
@@ -340,8 +389,8 @@ PYBIND11_MODULE(_C, m) {
   py::class_<VirtualTensor>(m, "VirtualRange",
                             "Reserved virtual memory of an allocator whose 2 MiB pages are "
                             "mapped only where committed (the memory under virtual tensors).")
-      .def(py::init([](CachingAllocator& allocator, std::size_t bytes) {
-             return std::make_unique<VirtualTensor>(allocator, bytes);
+      .def(py::init([](CachingAllocator& allocator, py::handle bytes) {
+             return std::make_unique<VirtualTensor>(allocator, whole(bytes, "VirtualRange: bytes"));
            }), py::arg("allocator"), py::arg("bytes"), py::keep_alive<1, 2>())
       .def_property_readonly("address", &VirtualTensor::address)
       .def_property_readonly("bytes", &VirtualTensor::bytes)
@@ -349,8 +398,12 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("live_bytes", &VirtualTensor::live_bytes)
       .def("live_pages", &VirtualTensor::live_pages,
            "Indices of the 2 MiB pages now mapped and in use.")
-      .def("commit", &VirtualTensor::commit, py::arg("rows"), py::arg("stride"),
-           py::arg("begin"), py::arg("end"), py::arg("stream") = 0,
+      .def("commit",
+           [](VirtualTensor& vt, py::handle rows, py::handle stride, py::handle begin, py::handle end,
+              py::handle stream) {
+             vt.commit(whole(rows, "commit: rows"), whole(stride, "commit: stride"), whole(begin, "commit: begin"),
+                       whole(end, "commit: end"), whole(stream, "commit: stream"));
+           }, py::arg("rows"), py::arg("stride"), py::arg("begin"), py::arg("end"), py::arg("stream") = 0,
            "Maps exactly the pages overlapping [r*stride + begin, r*stride + end) for r < "
            "rows; the others are unmapped once the work queued on `stream` is done.")
       .def("free", &VirtualTensor::free, py::arg("stream") = 0,

@@ -148,9 +148,20 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     except ValueError:  # layer types the virtual cache does not implement: transformers' own
         return original(model, *args, **kwargs)
     cache_class = OffloadedKVCache if _state["cache"] == "offload" else VirtualKVCache
-    kwargs["past_key_values"] = cache_class(model.config, max_length=_reserved_length(model, args, kwargs),
-                                            **_state["options"])
-    return _with_attention(original, model, args, kwargs)
+    cache = cache_class(model.config, max_length=_reserved_length(model, args, kwargs), **_state["options"])
+    kwargs["past_key_values"] = cache
+    try:
+        out = _with_attention(original, model, args, kwargs)
+    except BaseException:
+        cache.free()
+        raise
+    # Note [A cache the patch made]: its memory goes back when generate() returns, unless
+    # the output hands the cache to the caller (return_dict_in_generate): the cache's
+    # layers and container refer to each other, so without this only the garbage
+    # collector would give it back, and back-to-back calls stacked up their KV.
+    if getattr(out, "past_key_values", None) is not cache:
+        cache.free()
+    return out
 
 
 def _with_attention(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) -> Any:

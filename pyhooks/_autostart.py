@@ -64,9 +64,18 @@ def requested_cache_options(cache: str | None) -> dict:
 
 
 def _enable() -> None:
+    from vmmalloc import _C
     from vmmalloc.process_report import arm_from_env
     from vmmalloc.torch_allocator import enable_vmm_allocator
 
+    reason = _C.cuda_library_reason()
+    if reason:
+        # A script that runs without vmmalloc must run with VMMALLOC=1 too, GPU or not.
+        import warnings
+
+        warnings.warn(f"VMMALLOC=1: vmmalloc is inactive in this process ({reason})",
+                      RuntimeWarning, stacklevel=2)
+        return
     enable_vmm_allocator()
     arm_from_env()
 

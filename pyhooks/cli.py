@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import pickle
 import sys
 from pathlib import Path
 
@@ -71,10 +72,25 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
-    from vmmalloc import replay
+    from vmmalloc import _C, replay
     from vmmalloc.sizes import parse_bytes
 
-    trace = replay.load_trace(args.trace, device=args.device)
+    # Bad input is one line that says what to do, never a traceback.
+    try:
+        device_memory = parse_bytes(args.device_memory)
+        for conf in args.conf or []:
+            _C.parse_config(conf)
+    except ValueError as error:
+        raise SystemExit(f"vmmalloc replay: {error}") from None
+    try:
+        trace = replay.load_trace(args.trace, device=args.device)
+    except FileNotFoundError:
+        raise SystemExit(f"vmmalloc replay: {args.trace}: no such file") from None
+    except (ValueError, OSError, EOFError, pickle.UnpicklingError, AttributeError, ImportError, KeyError,
+            IndexError, TypeError) as error:
+        raise SystemExit(f"vmmalloc replay: {args.trace} is not a memory snapshot or a vmmalloc trace "
+                         f"({type(error).__name__}: {error}); write one with "
+                         "torch.cuda.memory._dump_snapshot or `vmmalloc run --history N`") from None
     if args.save:
         print(f"wrote {replay.save_trace(trace, args.save)}")
     print(f"{len(trace)} requests and frees"
@@ -84,7 +100,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
           f"{'handles made':>13} {'repaired chunks':>16} {'peak res/alloc':>15} {'stream waits':>13} "
           f"{'driver ms (est.)':>17}")
     for conf in args.conf or [""]:
-        r = replay.replay(trace, conf=conf, device_memory=parse_bytes(args.device_memory))
+        r = replay.replay(trace, conf=conf, device_memory=device_memory)
         mapped = r["vmm.stitched_handles"] + r["vmm.repaired_handles"]
         print(f"{conf or '(defaults)':<32} {r['vmm.stitches']:>9} {r['vmm.stitched_bytes'] / 2**30:>13.1f} "
               f"{mapped:>15} {r['num_device_alloc']:>13} {r['vmm.repaired_chunks']:>16} {r['ratio']:>15.3f} "

@@ -75,7 +75,8 @@ def compile_command(torch_module, source: Path, output: Path, syntax_only: bool 
     if syntax_only:
         return [*command, "-fsyntax-only"]
     lib = torch_dir / "lib"
-    libraries = [name for name in ("torch_cuda", "c10_cuda", "torch_python", "torch", "c10")
+    # CUDAPluggableAllocator and changeCurrentAllocator live in libtorch_cuda (2.11, 2.13).
+    libraries = [name for name in ("torch_cuda", "c10_cuda", "torch", "c10")
                  if (lib / f"lib{name}.so").exists()]
     return [*command, "-shared", f"-L{lib}", *(f"-l{name}" for name in libraries),
             f"-Wl,-rpath,{lib}", "-o", str(output)]

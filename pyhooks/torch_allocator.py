@@ -31,6 +31,8 @@ def build_conf(options: dict[str, Any], env_conf: str = "") -> str:
     items: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in env_conf.split(","))):
         key, _, value = item.partition(":")
+        if key.strip() in items:  # as parse_config says for a string it is given
+            raise ValueError(f"VMMALLOC_CONF: key '{key.strip()}' is given twice")
         items[key.strip()] = value.strip()
     for key, value in options.items():
         if key not in OPTION_KEYS:
@@ -79,7 +81,8 @@ def enable_vmm_allocator(**options: Any) -> None:
                 "PyTorch's native allocator, which cannot be swapped out any more. Either call "
                 "enable_vmm_allocator() earlier, before the first CUDA tensor or torch.cuda call, "
                 "or run the program with VMMALLOC=1 (no code change needed).")
-        reason = _C.cuda_unavailable_reason()
+        # The library only: CUDA stays uninitialized until torch starts it (Note [Lazy driver start]).
+        reason = _C.cuda_library_reason()
         if reason:
             raise RuntimeError(f"vmmalloc cannot replace the CUDA allocator: {reason}")
         _C.configure(conf)

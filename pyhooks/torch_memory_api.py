@@ -67,8 +67,7 @@ def install(torch, adapter: bool) -> None:
     def get_per_process_memory_fraction(device=None) -> float:
         torch.cuda.init()
         index = _device_index(torch, device)
-        allocator = _C.device_allocator(index)
-        return allocator.memory_cap / allocator.backend.total_memory
+        return _C.device_allocator(index).memory_fraction
 
     replacements = {
         "memory_stats_as_nested_dict": memory_stats_as_nested_dict,

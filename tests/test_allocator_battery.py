@@ -50,6 +50,9 @@ def make_machine(kind, capacity: int, conf: str):
                     f"OOM with {len(live_chunks)} live chunks of {capacity // CHUNK}: {error}")
                 assert error.stats["num_ooms"] >= 1
                 return
+            if size == 0:  # no memory for 0 bytes, as PyTorch's allocator gives
+                assert ptr == 0
+                return
             assert ptr != 0
             assert self.alloc.allocation_size(ptr) == expected_size(size)
             end = ptr + max(size, 1)

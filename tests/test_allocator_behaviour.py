@@ -125,7 +125,7 @@ def test_set_memory_cap_and_fraction(kind):
         alloc.allocate(12 * MiB)
     alloc.set_memory_fraction(1.0)
     assert alloc.memory_cap == alloc.backend.total_memory
-    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):  # PyTorch's range
         alloc.set_memory_fraction(1.5)
 
 
@@ -300,12 +300,12 @@ def test_bad_frees_are_clear_errors(kind):
         alloc.deallocate(12345)
 
 
-def test_zero_byte_request_gets_a_real_block(kind):
+def test_zero_byte_request_is_no_memory_as_in_pytorch(kind):
+    """The C++ core still gives 0 bytes a real block (torch's pluggable wrapper keys its
+    bookkeeping by pointer); the Python API and the torch adapter give none, as PyTorch."""
     alloc = kind.allocator(64 * MiB)
-    ptr = alloc.allocate(0)
-    assert ptr != 0
-    assert alloc.allocation_size(ptr) == 512
-    alloc.deallocate(ptr)
+    assert alloc.allocate(0) == 0
+    assert alloc.stats()["allocation.all.current"] == 0
 
 
 def test_threads_allocate_and_free_concurrently(kind):
@@ -380,7 +380,10 @@ def test_trimmed_mapping_becomes_ready_again(kind):
 
 def test_absurd_sizes_are_out_of_memory_errors(kind):
     alloc = kind.allocator(64 * MiB)
-    for size in (2**64 - 1, 2**62, 2**50):
+    for size in (2**64 - 1, 2**62, 2**60):
+        with pytest.raises(vmmalloc.OutOfMemoryError, match="Tried to allocate more than 1EB memory"):
+            alloc.allocate(size)
+    for size in (2**60 - 1, 2**50):
         with pytest.raises(vmmalloc.OutOfMemoryError, match="larger than the memory cap"):
             alloc.allocate(size)
     alloc.deallocate(alloc.allocate(4 * MiB))
@@ -482,3 +485,66 @@ def test_a_stitch_breaks_whole_ready_mappings_least_recently_released_first(kind
     assert alloc.stats()["vmm.mapping_hits"] == hits + 1
     alloc.deallocate(again)
     alloc.deallocate(stitched)
+
+
+@pytest.mark.parametrize("size", [20 * MiB, 100])
+def test_a_second_free_of_a_block_whose_free_waits_for_a_stream_is_a_double_free(kind, size):
+    alloc = kind.allocator(64 * MiB)
+    p = alloc.allocate(size)
+    alloc.record_stream(p, 7)
+    alloc.deallocate(p)  # pending until stream 7's work is done
+    assert not alloc.owns(p)
+    with pytest.raises(ValueError, match="does not hold"):
+        alloc.deallocate(p)
+    with pytest.raises(ValueError, match="not a live allocation"):
+        alloc.record_stream(p, 7)
+    again = [alloc.allocate(size) for _ in range(3)]  # the pending list is intact
+    for q in again:
+        alloc.deallocate(q)
+    stats = alloc.stats()
+    assert stats["allocation.all.current"] == 0 and stats["allocated_bytes.all.current"] == 0
+
+
+def test_core_api_misuse_is_a_value_error_naming_the_argument(kind):
+    alloc = kind.allocator(64 * MiB)
+    for bad in (-1, 1.5, 2**64, "8", True):
+        with pytest.raises(ValueError, match=r"allocate: size must be a whole number in \[0, 2\*\*64\)"):
+            alloc.allocate(bad)
+    with pytest.raises(ValueError, match="allocate: stream"):
+        alloc.allocate(512, stream=-3)
+    with pytest.raises(ValueError, match="deallocate: ptr"):
+        alloc.deallocate(-8)
+    with pytest.raises(ValueError, match="record_stream: stream"):
+        alloc.record_stream(alloc.allocate(512), -1)
+    assert alloc.allocate(0) == 0, "0 bytes is no memory, as PyTorch's allocator gives"
+    alloc.deallocate(0)  # freeing it does nothing
+    assert alloc.stats()["allocation.all.current"] == 1
+    vt = vmmalloc._C.VirtualRange(alloc, 8 * MiB)
+    with pytest.raises(ValueError, match="needs a stride > 0"):
+        vt.commit(2, 0, 0, 4096)
+    with pytest.raises(ValueError, match="commit: end"):
+        vt.commit(1, 4096, 0, -5)
+    vt.free()
+
+
+def test_requests_of_an_exabyte_get_pytorchs_message(kind):
+    alloc = kind.allocator(64 * MiB)
+    with pytest.raises(vmmalloc.OutOfMemoryError, match="out of memory. Tried to allocate more than 1EB memory."):
+        alloc.allocate(1 << 60)
+    assert alloc.stats()["num_ooms"] == 0, "PyTorch does not count it either"
+
+
+def test_a_memory_fraction_of_zero_allows_no_new_memory_and_reads_back_exactly(kind):
+    alloc = kind.allocator(64 * MiB)
+    cached = alloc.allocate(4 * MiB)
+    alloc.deallocate(cached)
+    alloc.set_memory_fraction(0.0)
+    assert alloc.memory_fraction == 0.0
+    again = alloc.allocate(4 * MiB)  # cached memory still serves
+    with pytest.raises(vmmalloc.OutOfMemoryError):
+        alloc.allocate(16 * MiB)
+    alloc.deallocate(again)
+    alloc.set_memory_fraction(0.3)
+    assert alloc.memory_fraction == 0.3
+    with pytest.raises(ValueError, match=r"must be in \[0, 1\]"):
+        alloc.set_memory_fraction(1.5)

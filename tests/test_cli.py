@@ -183,3 +183,26 @@ def test_run_reports_a_torch_program_and_its_history(tmp_path):
         snapshot = pickle.load(f)
     sizes = [e["size"] for e in snapshot["device_traces"][0] if e["action"] == "alloc"]
     assert {4 << 20, 6 << 20, 10 << 20} <= set(sizes)  # 3, 5, 9 MiB rounded up to chunks
+
+
+@pytest.mark.parametrize("setup, args, message", [
+    (None, ["missing.pickle"], "missing.pickle: no such file"),
+    ("junk", ["{path}"], "is not a memory snapshot or a vmmalloc trace"),
+    ("dict", ["{path}"], "is not a memory snapshot or a vmmalloc trace"),
+    ("dict", ["{path}", "--conf", "bogus:1"], "unknown key 'bogus'"),
+    ("dict", ["{path}", "--device-memory", "lots"], "vmmalloc replay:"),
+])
+def test_replay_says_what_is_wrong_in_one_line(tmp_path, setup, args, message):
+    import pickle
+
+    path = tmp_path / "snap.pickle"
+    if setup == "junk":
+        path.write_bytes(b"not a pickle at all")
+    elif setup == "dict":
+        path.write_bytes(pickle.dumps({"segments": []}))
+    command = [sys.executable, "-m", "vmmalloc", "replay", *(a.format(path=path) for a in args)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert message in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

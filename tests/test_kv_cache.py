@@ -436,3 +436,29 @@ def test_attention_on_strided_bf16_views_uses_real_kernels(q_len, masked):
     ref, _ = sdpa_attention_forward(Module(), query.float(), key.float().contiguous(), value.float().contiguous(),
                                     mask, scaling=128 ** -0.5)
     torch.testing.assert_close(ours.float(), ref, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("cache", ["vmm", "offload"])
+def test_a_cache_the_patch_made_gives_its_memory_back_when_generate_returns(device, cache):
+    """Note [A cache the patch made]: no garbage collection needed, and back-to-back calls of
+    different lengths do not stack up their KV."""
+    import gc
+
+    model = tiny_model("llama", device, layers=3)
+    options = {"kv_budget": "0"} if cache == "offload" else {}
+    gc.collect()
+    gc.disable()  # a reference cycle would keep the memory until a collection: none here
+    try:
+        before = kv_stats(device)["allocated_bytes.all.current"]
+        with patched_generate(cache, **options):
+            for length in (8, 40, 16):
+                ids, mask = prompt(2, length, device)
+                model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+                assert kv_stats(device)["allocated_bytes.all.current"] == before
+                assert kv_stats(device)["vmm.virtual_ranges"] == 0
+            kept = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                                  return_dict_in_generate=True)
+        assert kv_stats(device)["vmm.kv_mapped_bytes.current"] > 0, "a cache handed to the caller keeps its KV"
+        kept.past_key_values.free()
+    finally:
+        gc.enable()

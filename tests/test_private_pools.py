@@ -343,3 +343,18 @@ def test_snapshot_segments_name_their_pool(kind):
     alloc.deallocate(p)
     alloc.deallocate(q)
     alloc.release_pool(POOL)
+
+
+def test_one_route_per_pool_at_a_time_and_no_end_without_a_route(kind):
+    """As PyTorch: two threads under use_mem_pool of one pool would end each other's routes."""
+    alloc = kind.allocator(64 * MiB)
+    alloc.begin_allocate_to_pool(POOL, this_thread=True)
+    with pytest.raises(RuntimeError, match=r"already allocating to pool \(1, 7\)"):
+        alloc.begin_allocate_to_pool(POOL, streams=[S])
+    assert alloc.pool_use_count(POOL) == 1, "a refused route takes no reference"
+    alloc.end_allocate_to_pool(POOL)
+    with pytest.raises(RuntimeError, match="not allocating to pool"):
+        alloc.end_allocate_to_pool(POOL)
+    with pytest.raises(ValueError, match="does not exist"):
+        alloc.pool_allocations(OTHER)
+    alloc.release_pool(POOL)

@@ -351,3 +351,26 @@ def test_vmmalloc_1_reaches_every_launched_worker(tmp_path, launcher):
     for r in results:
         assert r["enabled"] and r["own"], r
         assert r["allocated"] == 32 << 20, r
+
+
+def test_vmmalloc_1_leaves_cuda_uninitialized_until_torch_starts_it():
+    """Note [Lazy driver start]: as PyTorch guarantees for `import torch`, so that a process
+    forked after it can use CUDA and CUDA_VISIBLE_DEVICES set afterwards applies."""
+    r = run("""
+        import ctypes
+        cuda = ctypes.CDLL("libcuda.so.1")
+        count = ctypes.c_int()
+        status = cuda.cuDeviceGetCount(ctypes.byref(count))   # 3: CUDA_ERROR_NOT_INITIALIZED
+        import multiprocessing as mp
+        def child(q):
+            q.put(float(torch.ones(4, device="cuda").sum()))
+        ctx = mp.get_context("fork")
+        q = ctx.Queue()
+        p = ctx.Process(target=child, args=(q,))
+        p.start(); p.join(60)
+        forked = q.get(timeout=5) if p.exitcode == 0 else None
+        report(status=status, enabled=vmmalloc.is_enabled(), forked=forked, exitcode=p.exitcode)
+    """, env={"VMMALLOC": "1"})
+    assert r["enabled"]
+    assert r["status"] == 3, "CUDA was initialized before any CUDA work"
+    assert r["exitcode"] == 0 and r["forked"] == 4.0

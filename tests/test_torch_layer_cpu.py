@@ -202,6 +202,7 @@ class _Table(ctypes.Structure):
         ("allocate", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p,
                                       ctypes.POINTER(ctypes.c_void_p))),
         ("deallocate", ctypes.CFUNCTYPE(None, ctypes.c_void_p)),
+        ("deallocate_checked", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)),
         ("record_stream", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p)),
         ("allocation_size", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t))),
         ("empty_cache", ctypes.CFUNCTYPE(ctypes.c_int)),
@@ -244,6 +245,10 @@ def test_the_adapter_table_serves_pools_and_reports_failures_as_statuses(host_de
     assert table.allocation_size(eager, ctypes.byref(size)) == 0 and size.value == 4 * MiB
     assert table.allocation_size(12345, ctypes.byref(size)) == 2  # VMM_FAILED
     assert b"not a live allocation" in table.last_error()
+    assert table.deallocate_checked(12345) == 2 and b"does not hold" in table.last_error()
+    fraction = ctypes.c_double()
+    assert table.memory_fraction(5, ctypes.byref(fraction)) == 0 and fraction.value == 1.0
+    assert not _C.device_allocator_exists(5), "a query of an unused device creates no allocator"
 
     pool = _PoolId(3, 4)
     seen, released = [], []
@@ -273,3 +278,22 @@ def test_the_adapter_table_serves_pools_and_reports_failures_as_statuses(host_de
     assert table.release_pool(0, pool) == 0
     assert _C.device_allocator(0).stats()["vmm.private_pools"] == 0
     assert _C.device_allocator(0).stats()["allocated_bytes.all.current"] == 0
+
+
+@pytest.mark.skipif(vmmalloc.cuda_available(), reason="CUDA is available: the GPU suite covers enabling")
+def test_vmmalloc_1_without_a_gpu_warns_once_and_the_script_runs():
+    code = "import torch\nprint(float(torch.ones(3).sum()))\n"
+    proc = subprocess.run([sys.executable, "-W", "always::RuntimeWarning", "-c", code], capture_output=True,
+                          text=True, env={**os.environ, "VMMALLOC": "1"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "3.0"
+    assert proc.stderr.count("vmmalloc is inactive") == 1, proc.stderr
+
+
+def test_a_key_repeated_in_vmmalloc_conf_is_refused_everywhere():
+    with pytest.raises(ValueError, match="key 'memory_cap' is given twice"):
+        torch_allocator.build_conf({}, "memory_cap:1GiB,memory_cap:2GiB")
+    with pytest.raises(ValueError, match="key 'memory_cap' is given twice"):
+        _C.parse_config("memory_cap:1GiB,memory_cap:2GiB")
+    assert torch_allocator.build_conf({"memory_cap": "2GiB"}, "memory_cap:1GiB") == "memory_cap:2GiB", \
+        "a keyword still overrides the environment"

@@ -1119,8 +1119,11 @@ void run_edges(const PhaseSpec& spec) {
   refuses("deallocate(0)", [&] { alloc.deallocate(0); });
   refuses("record_stream(0)", [&] { alloc.record_stream(0, 1); });
   refuses("allocation_size(0)", [&] { alloc.allocation_size(0); });
-  refuses("set_memory_fraction(0)", [&] { alloc.set_memory_fraction(0); });
+  refuses("set_memory_fraction(-0.1)", [&] { alloc.set_memory_fraction(-0.1); });
   refuses("set_memory_fraction(1.5)", [&] { alloc.set_memory_fraction(1.5); });
+  alloc.set_memory_fraction(0);  // as PyTorch: accepted, and nothing new may be taken
+  CHECK(alloc.memory_cap() == 0 && alloc.memory_fraction() == 0, "edges: set_memory_fraction(0) gave %zu",
+        alloc.memory_cap());
   alloc.set_memory_fraction(0.25);
   CHECK(alloc.memory_cap() == host->total_memory() / 4, "edges: set_memory_fraction(0.25) gave %zu",
         alloc.memory_cap());

@@ -50,9 +50,13 @@ typedef struct vmm_adapter_api {
   /* Frees a pointer of any device; a pointer vmmalloc does not hold is reported on stderr
    * and ignored (it runs inside deleters, which must not throw). */
   void (*deallocate)(void* ptr);
+  /* The same, for direct callers: a pointer vmmalloc does not hold is VMM_FAILED. */
+  int (*deallocate_checked)(void* ptr);
   int (*record_stream)(void* ptr, void* stream);
   int (*allocation_size)(void* ptr, size_t* out);
 
+  /* Queries of a device vmmalloc has not used yet answer as for an empty allocator and
+   * create none (an allocator makes its device a peer of the others in use). */
   int (*empty_cache)(void); /* every device's main arena */
   int (*set_memory_fraction)(int device, double fraction);
   int (*memory_fraction)(int device, double* out);

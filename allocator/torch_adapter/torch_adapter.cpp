@@ -12,11 +12,14 @@
 // The adapter subclasses torch::cuda::CUDAPluggableAllocator rather than implementing
 // CUDAAllocator from scratch: the base implements every method torch adds in a release
 // (with an error or a no-op), so one source builds against torch 2.11 to 2.13, whose
-// interfaces differ. Methods whose signature changed between those releases are declared
-// without `override` in every form: the form that matches the running torch overrides,
-// the others are inert. What it overrides replaces the base's bookkeeping as well: the
-// base keeps a locked map of every allocation, the adapter keeps none (a DataPtr's context
-// is its pointer, and the core finds the pointer's device itself).
+// interfaces differ (2.13 adds markCaptureBegin/End, attachOomRejectionObserver,
+// allocateWithAddress, ...). Every method overridden here has the same signature in 2.11
+// and 2.13 (checked by compiling against both). What it overrides replaces the base's
+// bookkeeping as well: the base keeps a locked map of every allocation, the adapter keeps
+// none (a DataPtr's context is its pointer, and the core finds the pointer's device).
+// Left to the base, which raises "does not yet support": snapshot and recordHistory from
+// C++ (Python's torch.cuda.memory functions are routed to vmmalloc's snapshots), IPC,
+// allocator trace trackers, OOM-rejection observers.
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -52,6 +55,7 @@ void check(int status) {
   TORCH_CHECK(false, message);
 }
 
+// A DataPtr's deleter: never throws (a bad free is reported on stderr and ignored).
 void delete_block(void* ptr) {
   if (ptr != nullptr) core->deallocate(ptr);
 }
@@ -176,22 +180,27 @@ class VmmAllocator final : public PluggableBase {
     if (nbytes == 0) return nullptr;
     return malloc_on(nbytes, c10::cuda::current_device(), stream);
   }
-  void raw_delete(void* ptr) override { delete_block(ptr); }
+  // Called directly (graph trees, torch._C._cuda_cudaCachingAllocator_raw_delete): a bad
+  // pointer is an error here, as in PyTorch.
+  void raw_delete(void* ptr) override {
+    if (ptr != nullptr) check(core->deallocate_checked(ptr));
+  }
 
   void setMemoryFraction(double fraction, c10::DeviceIndex device) override {
     check(core->set_memory_fraction(device, fraction));
   }
-  // Declared in torch 2.13 (Note [Adapter over the pluggable allocator]).
-  double getMemoryFraction(c10::DeviceIndex device) {
+  double getMemoryFraction(c10::DeviceIndex device) override {
     double fraction = 1.0;
     check(core->memory_fraction(device, &fraction));
     return fraction;
   }
-  // emptyCache() up to some release, emptyCache(MempoolId_t) after it. A private pool
-  // gives its memory back by itself once released and empty (Note [Private pools]).
-  void emptyCache() { check(core->empty_cache()); }
-  void emptyCache(c10::MempoolId_t pool) {
+  // A private pool gives its memory back by itself once released and empty (Note
+  // [Private pools]), so emptying one is nothing to do.
+  void emptyCache(c10::MempoolId_t pool) override {
     if (pool.first == 0 && pool.second == 0) check(core->empty_cache());
+  }
+  std::vector<cca::StreamSegmentSize> getExpandableSegmentSizes(c10::DeviceIndex) override {
+    return {};  // vmmalloc has no expandable segments
   }
   void cacheInfo(c10::DeviceIndex device, size_t* largestBlock) override {
     check(core->largest_free_block(device, largestBlock));
@@ -217,7 +226,7 @@ class VmmAllocator final : public PluggableBase {
     check(core->reset_accumulated_stats(device));
   }
   void resetPeakStats(c10::DeviceIndex device) override { check(core->reset_peak_stats(device)); }
-  bool isHistoryEnabled() {
+  bool isHistoryEnabled() override {
     return core->history_enabled(c10::cuda::current_device()) != 0;
   }
 
@@ -230,33 +239,39 @@ class VmmAllocator final : public PluggableBase {
   void endAllocateToPool(c10::DeviceIndex device, c10::MempoolId_t pool) override {
     check(core->end_allocate_to_pool(device, pool_of(pool)));
   }
+  // Runs in ~MemPool and ~CUDAGraph: it must not throw.
   void releasePool(c10::DeviceIndex device, c10::MempoolId_t pool) override {
-    check(core->release_pool(device, pool_of(pool)));
+    if (core->release_pool(device, pool_of(pool)) != VMM_OK) {
+      TORCH_WARN("vmmalloc: releasing pool (", pool.first, ", ", pool.second, ") failed: ", core->last_error());
+    }
   }
-  int getPoolUseCount(c10::DeviceIndex device, c10::MempoolId_t pool) {
+  int getPoolUseCount(c10::DeviceIndex device, c10::MempoolId_t pool) override {
     int count = 0;
     check(core->pool_use_count(device, pool_of(pool), &count));
     return count;
   }
-  // The allocator argument is a shared_ptr in torch 2.13, a raw pointer before.
   void createOrIncrefPool(c10::DeviceIndex device, c10::MempoolId_t pool,
-                          std::shared_ptr<cca::CUDAAllocator> allocator) {
-    create_pool(device, pool, allocator.get());
+                          std::shared_ptr<cca::CUDAAllocator> allocator) override {
+    TORCH_CHECK(allocator == nullptr || allocator.get() == this,
+                "vmmalloc: torch.cuda.MemPool(allocator=...) with another allocator is not "
+                "supported under vmmalloc, which serves every pool from its own chunks (this "
+                "covers torch.cuda._use_uvm and NCCL-allocated pools too). Use MemPool() "
+                "without an allocator, or run without VMMALLOC=1.");
+    check(core->create_or_incref_pool(device, pool_of(pool)));
   }
-  void createOrIncrefPool(c10::DeviceIndex device, c10::MempoolId_t pool,
-                          cca::CUDAAllocator* allocator) {
-    create_pool(device, pool, allocator);
+  // Not refused: MemPool's constructor calls it after taking a pool reference that a
+  // throw would leak. vmmalloc's out-of-memory retry releases the main cache only.
+  void setUseOnOOM(c10::DeviceIndex, c10::MempoolId_t, bool use_on_oom) override {
+    if (use_on_oom) {
+      TORCH_WARN_ONCE("vmmalloc: MemPool(use_on_oom=True) has no effect under vmmalloc: a request "
+                      "outside the pool is never served from the pool's memory.");
+    }
   }
-  void setUseOnOOM(c10::DeviceIndex, c10::MempoolId_t, bool use_on_oom) {
-    TORCH_CHECK(!use_on_oom,
-                "vmmalloc: MemPool(use_on_oom=True) is not supported; vmmalloc retries an "
-                "out-of-memory request after releasing its main cache, never from a pool.");
-  }
-  void setNoSplit(c10::DeviceIndex, c10::MempoolId_t) {
+  void setNoSplit(c10::DeviceIndex, c10::MempoolId_t) override {
     // vmmalloc never splits a large block; small blocks are split as in every pool.
   }
   bool checkPoolLiveAllocations(c10::DeviceIndex device, c10::MempoolId_t pool,
-                                const std::unordered_set<void*>& expected) {
+                                const std::unordered_set<void*>& expected) override {
     const std::vector<vmm_block> blocks = pool_blocks(device, pool);
     if (blocks.size() != expected.size()) return false;
     return std::all_of(blocks.begin(), blocks.end(), [&](const vmm_block& b) {
@@ -317,13 +332,6 @@ class VmmAllocator final : public PluggableBase {
     if (core->device_memory(device, &total, &free_bytes) != VMM_OK) total = free_bytes = 0;
     for (const auto& observer : copy) observer(device, size, total, free_bytes);
   }
-  void create_pool(c10::DeviceIndex device, c10::MempoolId_t pool, cca::CUDAAllocator* allocator) {
-    TORCH_CHECK(allocator == nullptr || allocator == this,
-                "vmmalloc: torch.cuda.MemPool(allocator=...) with another allocator is not "
-                "supported under vmmalloc, which serves every pool from its own chunks. Use "
-                "MemPool() without an allocator, or run without VMMALLOC=1.");
-    check(core->create_or_incref_pool(device, pool_of(pool)));
-  }
 };
 
 }  // namespace
@@ -345,7 +353,11 @@ extern "C" __attribute__((visibility("default"))) int vmm_torch_adapter_install(
   }
   try {
     core = api;
-    torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(std::make_shared<VmmAllocator>());
+    auto allocator = std::make_shared<VmmAllocator>();
+    torch::cuda::CUDAPluggableAllocator::changeCurrentAllocator(allocator);
+    // changeCurrentAllocator leaves c10's allocator registry on the native allocator, which
+    // torch.accelerator.* (getDeviceAllocator) reaches: register vmmalloc there too.
+    c10::SetAllocator(c10::DeviceType::CUDA, allocator.get(), /*priority=*/1);
     return 0;
   } catch (const std::exception& e) {
     return fail(e.what());
