@@ -35,7 +35,7 @@ torch.cuda.synchronize()
 expected = (x * w).relu() + 3.0
 report(ok=bool(torch.allclose(y, expected)), small=bool(torch.allclose(small, expected * 0.5)),
        eager_intact=all(bool((e == 7.0).all()) for e in eager),
-       pools=torch.cuda.memory_stats().get("vmm", {}).get("private_pools", -1))
+       pools=torch.cuda.memory_stats().get("vmm.private_pools", -1))
 """
 
 
@@ -138,7 +138,7 @@ for step in range(6):
 stats = torch.cuda.memory_stats()
 report(losses=losses, evals=evals, reserved=torch.cuda.max_memory_reserved(),
        allocated=torch.cuda.max_memory_allocated(),
-       pools=stats.get("vmm", {}).get("private_pools", -1),
+       pools=stats.get("vmm.private_pools", -1),
        counters={k: v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cudagraph" in k})
 """
 
@@ -165,7 +165,7 @@ with torch.no_grad():
     again = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
                            cache_implementation="static")
 report(tokens=out.tolist(), again=again.tolist(),
-       pools=torch.cuda.memory_stats().get("vmm", {}).get("private_pools", -1))
+       pools=torch.cuda.memory_stats().get("vmm.private_pools", -1))
 """
 
 
@@ -198,8 +198,7 @@ del pool
 import gc; gc.collect()
 torch.cuda.empty_cache()
 report(ok=ok, holds=holds, outside_in_pool=outside_in_pool, use_count=use_count,
-       back=torch.cuda.mem_get_info()[0] >= base_free - (4 << 20),
-       reserved=torch.cuda.memory_reserved())
+       kept=base_free - torch.cuda.mem_get_info()[0], reserved=torch.cuda.memory_reserved())
 """
 
 
@@ -208,9 +207,9 @@ def test_mempool_routes_allocations_and_gives_memory_back():
     ours = run(ON + MEMPOOL)
     for r in (native, ours):
         assert r["ok"] and r["holds"] and not r["outside_in_pool"], r
-        assert r["back"], r
     assert ours["use_count"] == native["use_count"]
-    assert ours["reserved"] == 0
+    assert ours["reserved"] == 0, "the pool's memory went back once the MemPool and its tensors were gone"
+    assert ours["kept"] <= max(native["kept"], 0) + (4 << 20), (ours, native)
 
 
 THREADED_CAPTURE = """

@@ -320,8 +320,11 @@ class VmmAllocator final : public PluggableBase {
     return v;
   }
   // As PyTorch's allocator: each observer learns of an out-of-memory request before it is
-  // raised, with the device's total and free memory.
+  // raised, with the memory it would have taken (whole 2 MiB chunks; a small request takes a
+  // 2 MiB segment, as PyTorch's small pool does) and the device's total and free memory.
   static void notify_oom(c10::DeviceIndex device, size_t size) {
+    constexpr size_t kChunk = size_t{2} << 20;
+    size = (size + kChunk - 1) / kChunk * kChunk;
     std::vector<cca::OutOfMemoryObserver> copy;
     {
       std::lock_guard<std::mutex> lock(observers_mutex());
