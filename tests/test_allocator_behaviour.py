@@ -489,6 +489,8 @@ def test_a_stitch_breaks_whole_ready_mappings_least_recently_released_first(kind
 
 @pytest.mark.parametrize("size", [20 * MiB, 100])
 def test_a_second_free_of_a_block_whose_free_waits_for_a_stream_is_a_double_free(kind, size):
+    if kind.name != "host":
+        pytest.skip("stream 7 is a made-up stream, which only the host backend accepts")
     alloc = kind.allocator(64 * MiB)
     p = alloc.allocate(size)
     alloc.record_stream(p, 7)

@@ -1,7 +1,9 @@
 """Note [Private pools] and Note [Capture-safe mode]: the memory of CUDA graphs and
 torch.cuda.MemPool in the core, with PyTorch's semantics. Routes stand for what torch does:
-`streams=[s]` for a capture on stream s, `this_thread=True` for use_mem_pool. Every test runs
-on each backend (see conftest)."""
+`streams=[s]` for a capture on stream s, `this_thread=True` for use_mem_pool. The streams are
+made-up numbers, which only the host backend accepts (a CUDA call on one crashes), so these
+run on the host backend; on a GPU the same semantics are tested through torch, with real
+captures (tests/test_graphs_gpu.py)."""
 from __future__ import annotations
 
 import threading
@@ -9,9 +11,16 @@ import threading
 import pytest
 
 import vmmalloc
-from conftest import MiB, pattern
+from conftest import BackendKind, MiB, pattern
 
 CHUNK = vmmalloc.CHUNK_SIZE
+
+
+@pytest.fixture
+def kind() -> BackendKind:
+    return BackendKind("host")
+
+
 POOL = (1, 7)
 OTHER = (1, 8)
 S = 5  # the capturing stream
