@@ -67,17 +67,15 @@ CachingAllocator::~CachingAllocator() {
 std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
   const HostTimer timer(config_.host_timing ? &host_ns_ : nullptr);
   std::lock_guard<std::mutex> lock(mutex_);
-  PrivatePool* pool = nullptr;
   if (!routes_.empty()) {
-    pool = route(stream);
     const CaptureModeGuard relaxed(*backend_);
-    return place(pool, size, stream);
-  } else {
-    // Work Note [Capture-safe mode] deferred; nothing to do on the usual path.
-    if (!pending_.empty()) process_pending(/*wait=*/false);
-    if (retire_pools_owed_) retire_pools();
+    return place(route(stream), size, stream);
   }
-  return place(pool, size, stream);
+  // Work deferred during capture-safe mode (Note [Capture-safe mode]); on the usual path
+  // nothing is owed.
+  if (!pending_.empty()) process_pending(/*wait=*/false);
+  if (retire_pools_owed_) retire_pools();
+  return place(nullptr, size, stream);
 }
 
 // Inlined into allocate: as a call it cost the cached pair 30 instructions (callgrind).
@@ -100,9 +98,8 @@ __attribute__((always_inline)) inline std::uintptr_t CachingAllocator::place(
   }
   // PyTorch's own check and message, which tools match on; not counted as an OOM there.
   if (size >= kOneExaByte) {
-    throw OutOfMemoryError(std::string(backend_->name().find("cuda") != std::string::npos ? "CUDA" : "Host backend") +
-                               " out of memory. Tried to allocate more than 1EB memory.",
-                           size, stats_locked());
+    throw OutOfMemoryError(oom_prefix() + " out of memory. Tried to allocate more than 1EB memory.", size,
+                           stats_locked());
   }
   // Neither new chunks under the cap nor what is reserved (a cap lowered after allocation)
   // can serve it; and size + kChunkSize - 1 could wrap.
@@ -197,6 +194,10 @@ std::size_t CachingAllocator::growth_budget(std::size_t chunks) const {
   return static_cast<std::size_t>((limit - reserved) / static_cast<double>(kChunkSize));
 }
 
+std::string CachingAllocator::oom_prefix() const {
+  return backend_->name().find("cuda") != std::string::npos ? "CUDA" : "Host backend";
+}
+
 void CachingAllocator::throw_oom(std::size_t requested, const std::string& cause) {
   ++num_ooms_;
   const bool cuda = backend_->name().find("cuda") != std::string::npos;
@@ -210,8 +211,7 @@ void CachingAllocator::throw_oom(std::size_t requested, const std::string& cause
   const auto allocated = static_cast<std::size_t>(allocated_bytes_.all.current);
   const std::size_t cap = budget_.cap_bytes;
   log(EventKind::kOom, 0, requested, 0, free);
-  std::string message = std::string(cuda ? "CUDA" : "Host backend") +
-      " out of memory. Tried to allocate " + format_size(requested) + ". " +
+  std::string message = oom_prefix() + " out of memory. Tried to allocate " + format_size(requested) + ". " +
       (cuda ? "GPU " : "Device ") + std::to_string(backend_->device()) +
       " has a total capacity of " + format_size(total) + " of which " + format_size(free) +
       " is free. vmmalloc's cap is " + format_size(cap) + " (" + cause + "); it holds " +
@@ -478,7 +478,7 @@ void CachingAllocator::free_large(PrivatePool* pool, Mapping* m) {
 
 void CachingAllocator::free_completed(PrivatePool* pool) {
   --pool->live;
-  if (pool->live == 0 && pool->use_count == 0) maybe_retire_pool(pool);
+  if (pool->live == 0 && pool->use_count == 0) retire_pools_when_safe();
 }
 
 void CachingAllocator::process_pending(bool wait) {
@@ -914,7 +914,7 @@ void CachingAllocator::release_pool(PoolId id) {
   std::lock_guard<std::mutex> lock(mutex_);
   PrivatePool* pool = find_pool(id);
   if (pool == nullptr || pool->use_count == 0) return;
-  if (--pool->use_count == 0 && pool->live == 0) maybe_retire_pool(pool);
+  if (--pool->use_count == 0 && pool->live == 0) retire_pools_when_safe();
 }
 
 int CachingAllocator::pool_use_count(PoolId id) const {
@@ -928,8 +928,7 @@ bool CachingAllocator::routes_active() const {
   return !routes_.empty();
 }
 
-void CachingAllocator::maybe_retire_pool(PrivatePool* pool) {
-  (void)pool;
+void CachingAllocator::retire_pools_when_safe() {
   if (!routes_.empty()) {
     retire_pools_owed_ = true;  // it records events: Note [Capture-safe mode]
     return;

@@ -220,9 +220,9 @@ class CachingAllocator {
   PrivatePool* find_pool(PoolId id) const;
   PrivatePool* route(StreamId stream) const;
   void set_capture_safe(bool on);
-  // A released pool with nothing live goes back to the main arena (deferred while routes
-  // are active).
-  void maybe_retire_pool(PrivatePool* pool);
+  // Released pools with nothing live go back to the main arena: now, or once no route is
+  // active (retiring records events).
+  void retire_pools_when_safe();
   void retire_pools();
   std::uintptr_t place(PrivatePool* pool, std::size_t size, StreamId stream);
   void free_located(const Located& where);
@@ -230,6 +230,7 @@ class CachingAllocator {
                    bool small_segment);
   std::size_t growth_budget(std::size_t chunks) const;
   [[noreturn]] void throw_oom(std::size_t requested, const std::string& cause);
+  std::string oom_prefix() const;  // "CUDA" or "Host backend", as messages start
   void release_cached();
   std::vector<Chunk*> acquire_page_chunks(std::size_t n, StreamId stream);
   template <typename Attempt>
