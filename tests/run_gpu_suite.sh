@@ -21,5 +21,9 @@ status=$(( status | ${PIPESTATUS[0]} ))
 python3 -m bench.run core_hot_path --backend cuda --quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 status=$(( status | ${PIPESTATUS[0]} ))
 
+# A short soak through torch (tests/gpu_soak.py; longer: --seconds 240).
+VMMALLOC=1 python3 tests/gpu_soak.py --seconds "${SOAK_SECONDS:-30}" --out "$OUT/soak.json" 2>&1 | tee "$OUT/soak.log"
+status=$(( status | ${PIPESTATUS[0]} ))
+
 echo "GPU suite summary: $(grep -E '^[0-9]+ (passed|failed)' "$OUT/pytest.log" | tail -1) (exit $status)"
 exit $status

@@ -359,7 +359,7 @@ const PhaseSpec kPhases[] = {
     // Note [Private pools]: every thread captures into pools of its own (a route for its
     // capture stream, or for itself as use_mem_pool), restores checkpoints and releases
     // pools, while the others allocate eagerly, under a cap, with failures injected.
-    {"pools", "memory_cap:160MiB", 256 * MiB, true, 0, 0,
+    {"pools", "memory_cap:224MiB", 256 * MiB, true, 0, 0,
      "private pools captured, checkpointed, restored and released beside eager threads"},
 };
 
@@ -1302,7 +1302,7 @@ void run_pools(const PhaseSpec& spec) {
     std::uint64_t next_pool = 1;
     const long ops = std::max(100L, g_opt.ops / 4);
     auto size_of = [&]() -> std::size_t {
-      return rng() % 3 == 0 ? 1 + rng() % (64 * 1024) : 1 + rng() % (10 * kChunk);
+      return rng() % 3 == 0 ? 1 + rng() % (64 * 1024) : 1 + rng() % (5 * kChunk);
     };
     for (long op = 0; op < ops; ++op) {
       if (rng() % 4 != 0) {  // eager work
