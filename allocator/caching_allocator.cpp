@@ -1038,7 +1038,13 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
         continue;
       }
     } else if (b.size % kChunkSize == 0) {
-      if (Mapping* m = arena.cache.acquire_at(b.ptr, b.size / kChunkSize, b.stream)) {
+      // Since the checkpoint, the block's mapping may have become a small segment (now
+      // fully free): no recorded small block lives there, so it is handed back first.
+      Mapping* m = arena.cache.acquire_at(b.ptr, b.size / kChunkSize, b.stream);
+      if (m == nullptr && arena.small.reclaim_at(b.ptr, arena.cache)) {
+        m = arena.cache.acquire_at(b.ptr, b.size / kChunkSize, b.stream);
+      }
+      if (m != nullptr) {
         m->requested = b.requested;
         arena.large.insert(m->base, m);
         count_allocated<Pool::kLarge>(b.size, b.requested);

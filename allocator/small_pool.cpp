@@ -131,23 +131,38 @@ void SmallPool::free(SmallBlock* block) {
   index.insert(block);
 }
 
+void SmallPool::reclaim_segment(std::size_t i, MappingCache& cache) {
+  SmallSegment* seg = segments_[i];
+  index_for(seg->stream).remove(seg->first);
+  recycle(seg->first);
+  cache.release(seg->mapping, seg->stream);
+  segments_[i] = segments_.back();
+  segments_.pop_back();
+  delete seg;
+}
+
 std::size_t SmallPool::reclaim(MappingCache& cache) {
   std::size_t reclaimed = 0;
   for (std::size_t i = 0; i < segments_.size();) {
-    SmallSegment* seg = segments_[i];
-    if (seg->allocated_bytes != 0) {
+    if (segments_[i]->allocated_bytes != 0) {
       ++i;
       continue;
     }
-    index_for(seg->stream).remove(seg->first);
-    recycle(seg->first);
-    cache.release(seg->mapping, seg->stream);
-    segments_[i] = segments_.back();
-    segments_.pop_back();
-    delete seg;
+    reclaim_segment(i, cache);
     ++reclaimed;
   }
   return reclaimed;
+}
+
+bool SmallPool::reclaim_at(std::uintptr_t base, MappingCache& cache) {
+  for (std::size_t i = 0; i < segments_.size(); ++i) {
+    if (segments_[i]->first->addr == base) {
+      if (segments_[i]->allocated_bytes != 0) return false;
+      reclaim_segment(i, cache);
+      return true;
+    }
+  }
+  return false;
 }
 
 std::size_t SmallPool::free_bytes_in_used_segments() const {

@@ -78,6 +78,8 @@ class SmallPool {
 
   // Hands every fully free segment back to `cache`; returns how many.
   std::size_t reclaim(MappingCache& cache);
+  // Hands the segment at `base` back to `cache` if it is fully free; whether it did.
+  bool reclaim_at(std::uintptr_t base, MappingCache& cache);
 
   std::size_t segment_count() const { return segments_.size(); }
   template <typename F>
@@ -91,6 +93,7 @@ class SmallPool {
   Index& index_for(StreamId stream);
   SmallBlock* take(Index& index, SmallBlock* block, std::size_t size);
   SmallBlock* new_block();
+  void reclaim_segment(std::size_t i, MappingCache& cache);
   void recycle(SmallBlock* block) { spare_blocks_.push_back(block); }
 
   std::vector<std::pair<StreamId, std::unique_ptr<Index>>> indexes_;  // few streams

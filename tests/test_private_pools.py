@@ -367,3 +367,24 @@ def test_one_route_per_pool_at_a_time_and_no_end_without_a_route(kind):
     with pytest.raises(ValueError, match="does not exist"):
         alloc.pool_allocations(OTHER)
     alloc.release_pool(POOL)
+
+
+def test_a_restore_takes_back_a_mapping_that_became_a_small_segment(kind):
+    """Found by the stress phase 'pools': after the checkpoint the pool served a small
+    request from the freed block's one-chunk mapping; restoring must hand it back."""
+    alloc = kind.allocator(64 * MiB)
+    alloc.begin_allocate_to_pool(POOL, streams=[S])
+    out = alloc.allocate(2 * MiB, stream=S)
+    alloc.end_allocate_to_pool(POOL)
+    state = alloc.pool_allocations(POOL)
+    alloc.deallocate(out)
+    alloc.begin_allocate_to_pool(POOL, streams=[S])
+    small = alloc.allocate(3000, stream=S)
+    alloc.end_allocate_to_pool(POOL)
+    assert out <= small < out + 2 * MiB, "the small block took the freed mapping as its segment"
+    assert alloc.restore_pool(POOL, state) == [small]
+    assert alloc.pool_allocations(POOL) == state
+    alloc.deallocate(out)
+    alloc.release_pool(POOL)
+    alloc.release_pool(POOL)
+    assert alloc.stats()["vmm.private_pools"] == 0

@@ -1305,8 +1305,8 @@ void run_pools(const PhaseSpec& spec) {
       return rng() % 3 == 0 ? 1 + rng() % (64 * 1024) : 1 + rng() % (5 * kChunk);
     };
     for (long op = 0; op < ops; ++op) {
-      if (rng() % 4 != 0) {  // eager work
-        if (!eager.empty() && rng() % 2) {
+      if (rng() % 16 != 0) {  // eager work, at most 8 blocks a thread (a bounded live set)
+        if (!eager.empty() && (eager.size() >= 8 || rng() % 2)) {
           auto it = eager.begin();
           std::advance(it, static_cast<long>(rng() % eager.size()));
           CHECK(read(it->first) == it->second, "pools: an eager block lost its contents");
@@ -1371,7 +1371,7 @@ void run_pools(const PhaseSpec& spec) {
       for (const vmm::LiveBlock& b : state) {
         CHECK(outputs.count(b.ptr) && !eager.count(b.ptr), "pools: a pool block that is not an output");
       }
-      if (!outputs.empty() && rng() % 2) {
+      if (rng() % 2) {
         // Another path: the outputs die, other blocks go live, then the checkpoint returns.
         for (const auto& kv : outputs) alloc->deallocate(kv.first);
         alloc->begin_allocate_to_pool(id, [capture_stream](vmm::StreamId s) { return s == capture_stream; });
