@@ -1025,6 +1025,15 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
     freed.push_back(ptr);
   }
   --pool->use_count;
+  // Since the checkpoint, small segments may have been made on chunks (or on the very
+  // mapping) of a recorded large block: they are fully free now, and only the segments of
+  // recorded small blocks are needed (a recorded large block and a recorded small block
+  // held disjoint chunks), so the others are handed back to the pool's cache.
+  std::vector<std::uintptr_t> keep;
+  for (const LiveBlock& b : blocks) {
+    if (b.size < kChunkSize) keep.push_back(b.ptr / kChunkSize * kChunkSize);
+  }
+  arena.small.reclaim_except(keep, arena.cache);
   for (const LiveBlock& b : blocks) {
     const bool small = b.size <= kSmallRequestLimit && SmallPool::round(b.size) == b.size &&
                        b.size < kChunkSize;
@@ -1038,13 +1047,7 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
         continue;
       }
     } else if (b.size % kChunkSize == 0) {
-      // Since the checkpoint, the block's mapping may have become a small segment (now
-      // fully free): no recorded small block lives there, so it is handed back first.
-      Mapping* m = arena.cache.acquire_at(b.ptr, b.size / kChunkSize, b.stream);
-      if (m == nullptr && arena.small.reclaim_at(b.ptr, arena.cache)) {
-        m = arena.cache.acquire_at(b.ptr, b.size / kChunkSize, b.stream);
-      }
-      if (m != nullptr) {
+      if (Mapping* m = arena.cache.acquire_at(b.ptr, b.size / kChunkSize, b.stream)) {
         m->requested = b.requested;
         arena.large.insert(m->base, m);
         count_allocated<Pool::kLarge>(b.size, b.requested);

@@ -18,7 +18,9 @@
 //   mapped there now: every address a pool handed out keeps its chunks for the pool's life.
 //   Stitching inside a pool reuses chunks freed inside it under a new address, which is the
 //   aliasing PyTorch's allocator has when it reuses a freed block at its old address. Its
-//   small segments are never reclaimed for large requests, for the same reason.
+//   small segments are not reclaimed for large requests, so that a restore finds the
+//   segments of the small blocks it records; a restore hands back the fully free segments
+//   no recorded block needs.
 // - Reserved and allocated statistics count pool memory, as PyTorch's do.
 // - The live set of a pool can be read and restored (graph trees' checkpoints): restoring
 //   frees every live allocation of the pool and allocates exactly the recorded blocks at

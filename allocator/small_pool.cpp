@@ -1,5 +1,7 @@
 #include "small_pool.hpp"
 
+#include <algorithm>
+
 namespace vmm {
 
 SmallPool::~SmallPool() {
@@ -154,15 +156,15 @@ std::size_t SmallPool::reclaim(MappingCache& cache) {
   return reclaimed;
 }
 
-bool SmallPool::reclaim_at(std::uintptr_t base, MappingCache& cache) {
-  for (std::size_t i = 0; i < segments_.size(); ++i) {
-    if (segments_[i]->first->addr == base) {
-      if (segments_[i]->allocated_bytes != 0) return false;
-      reclaim_segment(i, cache);
-      return true;
+void SmallPool::reclaim_except(const std::vector<std::uintptr_t>& keep, MappingCache& cache) {
+  for (std::size_t i = 0; i < segments_.size();) {
+    const SmallSegment* seg = segments_[i];
+    if (seg->allocated_bytes != 0 || std::find(keep.begin(), keep.end(), seg->first->addr) != keep.end()) {
+      ++i;
+      continue;
     }
+    reclaim_segment(i, cache);
   }
-  return false;
 }
 
 std::size_t SmallPool::free_bytes_in_used_segments() const {

@@ -78,8 +78,8 @@ class SmallPool {
 
   // Hands every fully free segment back to `cache`; returns how many.
   std::size_t reclaim(MappingCache& cache);
-  // Hands the segment at `base` back to `cache` if it is fully free; whether it did.
-  bool reclaim_at(std::uintptr_t base, MappingCache& cache);
+  // Hands every fully free segment whose base `keep` does not hold back to `cache`.
+  void reclaim_except(const std::vector<std::uintptr_t>& keep, MappingCache& cache);
 
   std::size_t segment_count() const { return segments_.size(); }
   template <typename F>
