@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <thread>
 #include <vector>
 
 namespace vmm {
@@ -97,6 +98,10 @@ class Backend {
   // the host does not block.
   virtual void stream_wait_event(StreamId stream, EventId event) = 0;
   virtual void release_event(EventId event) = 0;
+  // Blocks the host until `event` has completed (only that stream's work, not the device's).
+  virtual void wait_event(EventId event) {
+    while (!event_done(event)) std::this_thread::yield();
+  }
   // Blocks the host until all work on the device has finished.
   virtual void synchronize() = 0;
   // Whether `stream` is being captured into a CUDA graph (never on the host backend).

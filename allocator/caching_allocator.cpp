@@ -621,10 +621,13 @@ StatList CachingAllocator::stats_locked() const {
   out.emplace_back("vmm.large_handles", static_cast<std::int64_t>(budget_.large_handles));
   out.emplace_back("vmm.memory_cap", static_cast<std::int64_t>(budget_.cap_bytes));
   out.emplace_back("vmm.small_segments", static_cast<std::int64_t>(small_segments()));
-  std::size_t pool_chunks = 0;
-  for (const auto& pool : pools_) pool_chunks += pool->arena.chunks.count();
+  std::size_t pool_chunks = 0, paused_chunks = 0;
+  for (const auto& pool : pools_) (pool->paused() ? paused_chunks : pool_chunks) += pool->arena.chunks.count();
   out.emplace_back("vmm.private_pools", static_cast<std::int64_t>(pools_.size()));
   out.emplace_back("vmm.private_pool_bytes", static_cast<std::int64_t>(pool_chunks * kChunkSize));
+  // Note [Sleeping pools]: address space kept, no memory; its live blocks still count as
+  // allocated (the tensors exist), so allocated may exceed reserved while a pool sleeps.
+  out.emplace_back("vmm.paused_bytes", static_cast<std::int64_t>(paused_chunks * kChunkSize));
   out.emplace_back("vmm.pending_frees", static_cast<std::int64_t>(pending_.size()));
   out.emplace_back("vmm.peer_devices", static_cast<std::int64_t>(backend_->peers().size()));
   out.emplace_back("vmm.peer_access_errors", peer_access_errors_);
@@ -795,6 +798,7 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
   arena_segments(main_, PoolId{});
   std::size_t pool_free = 0;
   for (const auto& pool : pools_) {
+    if (pool->paused()) continue;  // it holds no memory (Note [Sleeping pools])
     const std::size_t before = busy;
     arena_segments(pool->arena, pool->id);
     // A pool's idle chunks are its own: one free region per pool.
@@ -887,6 +891,9 @@ void CachingAllocator::begin_allocate_to_pool(PoolId id, StreamFilter filter) {
   }
   routes_.reserve(routes_.size() + 1);
   PrivatePool* pool = find_pool(id);
+  if (pool != nullptr && pool->paused()) {
+    throw std::logic_error("vmmalloc: pool " + pool_name(id) + " is paused; resume it before allocating into it");
+  }
   if (pool != nullptr) {
     ++pool->use_count;
   } else {
@@ -949,9 +956,10 @@ void CachingAllocator::retire_pools() {
     }
     Arena& arena = pool->arena;
     arena.small.reclaim(arena.cache);
-    arena.cache.evict_idle();
+    arena.cache.evict_idle();  // a paused pool's ranges are unreserved at once
     main_.cache.adopt_retiring(arena.cache);
-    main_.chunks.adopt(arena.chunks);
+    // A paused pool's chunks have no memory: they go with the pool (Note [Sleeping pools]).
+    if (!pool->paused()) main_.chunks.adopt(arena.chunks);
     pools_[i] = std::move(pools_.back());
     pools_.pop_back();
   }
@@ -988,6 +996,9 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
   PrivatePool* pool = find_pool(id);
   if (pool == nullptr) {
     throw std::invalid_argument("vmmalloc: cannot restore pool " + pool_name(id) + ": it does not exist");
+  }
+  if (pool->paused()) {
+    throw std::logic_error("vmmalloc: pool " + pool_name(id) + " is paused; resume it before restoring it");
   }
   Arena& arena = pool->arena;
   // Blocks whose free waits for other streams would still hold their memory.
@@ -1064,6 +1075,117 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
   }
   sync_reserved_stats();
   return freed;
+}
+
+// ---- Sleeping pools (Note [Sleeping pools]) ----
+
+namespace {
+// Where `head`'s handle is mapped (any of its ranges), and its bytes.
+std::uintptr_t handle_address(const Chunk* head) {
+  const Mapping* m = head->mappings.front();
+  const auto at = std::find(m->chunks.begin(), m->chunks.end(), head) - m->chunks.begin();
+  return m->base + static_cast<std::size_t>(at) * kChunkSize;
+}
+}  // namespace
+
+void CachingAllocator::pause_pool(PoolId id, bool backup) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  PrivatePool* pool = find_pool(id);
+  if (pool == nullptr) throw std::invalid_argument("vmmalloc: cannot pause pool " + pool_name(id) + ": it does not exist");
+  if (pool->paused()) throw std::logic_error("vmmalloc: pool " + pool_name(id) + " is paused already");
+  if (!routes_.empty()) {
+    throw std::logic_error("vmmalloc: pool " + pool_name(id) +
+                           " cannot be paused while a capture or use_mem_pool is under way");
+  }
+  Arena& arena = pool->arena;
+  // The streams whose queued work may still use the pool's memory; waiting for an event on
+  // each waits for that work and nothing else on the device.
+  std::vector<StreamId> streams;
+  const auto note = [&](StreamId s) {
+    if (s != kNoStream && std::find(streams.begin(), streams.end(), s) == streams.end()) streams.push_back(s);
+  };
+  for (const Chunk* c : arena.chunks.all()) note(c->stream);
+  arena.large.for_each([&](std::uintptr_t base, const Mapping* m) {
+    note(m->use_stream);
+    auto it = recorded_streams_.find(base);
+    if (it != recorded_streams_.end()) for (StreamId s : it->second) note(s);
+  });
+  arena.small.for_each_segment([&](const SmallSegment& segment) {
+    note(segment.stream);
+    for (const SmallBlock* b = segment.first; b != nullptr; b = b->next) {
+      auto it = recorded_streams_.find(b->addr);
+      if (b->allocated && it != recorded_streams_.end()) for (StreamId s : it->second) note(s);
+    }
+  });
+  for (const PendingFree& p : pending_) {
+    if (p.pool == pool) for (StreamId s : p.unrecorded) note(s);
+  }
+  for (StreamId s : streams) {
+    const EventId event = backend_->record_event(s);
+    try {
+      backend_->wait_event(event);
+    } catch (...) {
+      backend_->release_event(event);
+      throw;
+    }
+    backend_->release_event(event);
+  }
+  if (!pending_.empty()) process_pending(/*wait=*/false);  // the pool's frees are done now
+  // Copies first: until the unmap nothing has changed, so a failed copy leaves it running.
+  std::vector<std::pair<Chunk*, std::vector<unsigned char>>> backups;
+  if (backup) {
+    for (Chunk* c : arena.chunks.all()) {
+      if (!c->is_head() || c->mappings.empty()) continue;
+      bool holds_data = false;
+      for (std::size_t k = 0; k < c->handle_chunks; ++k) holds_data = holds_data || c[k].busy;
+      if (!holds_data) continue;
+      std::vector<unsigned char> bytes(c->handle_chunks * kChunkSize);
+      backend_->copy_to_host(bytes.data(), handle_address(c), bytes.size());
+      backups.emplace_back(c, std::move(bytes));
+    }
+  }
+  arena.cache.unmap_all();
+  arena.chunks.pause_handles();
+  pool->backups = std::move(backups);
+  sync_reserved_stats();
+}
+
+void CachingAllocator::resume_pool(PoolId id) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  PrivatePool* pool = find_pool(id);
+  if (pool == nullptr) throw std::invalid_argument("vmmalloc: cannot resume pool " + pool_name(id) + ": it does not exist");
+  if (!pool->paused()) throw std::logic_error("vmmalloc: pool " + pool_name(id) + " is not paused");
+  Arena& arena = pool->arena;
+  const std::size_t bytes = arena.chunks.count() * kChunkSize;
+  try {
+    arena.chunks.resume_handles();
+  } catch (const CapExceeded& e) {
+    throw_oom(bytes, e.what());
+  } catch (const DeviceOutOfMemory& e) {
+    throw_oom(bytes, e.what());
+  }
+  try {
+    arena.cache.map_all();
+  } catch (...) {
+    arena.chunks.pause_handles();  // back to paused, as before the call
+    sync_reserved_stats();
+    throw;
+  }
+  for (const auto& [head, data] : pool->backups) {
+    backend_->copy_from_host(handle_address(head), data.data(), data.size());
+  }
+  pool->backups.clear();
+  // The new memory is idle on every stream: no wait is owed to the streams of before.
+  for (Chunk* c : arena.chunks.all()) {
+    if (!c->busy) c->stream = kNoStream;
+  }
+  sync_reserved_stats();
+}
+
+bool CachingAllocator::pool_paused(PoolId id) const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const PrivatePool* pool = find_pool(id);
+  return pool != nullptr && pool->paused();
 }
 
 }  // namespace vmm

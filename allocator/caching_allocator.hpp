@@ -132,6 +132,17 @@ class CachingAllocator {
   // error names the first one that was not).
   std::vector<std::uintptr_t> restore_pool(PoolId id, const std::vector<LiveBlock>& blocks);
 
+  // Note [Sleeping pools]. pause_pool gives the pool's physical memory back, keeping its
+  // addresses, after the work queued on the streams that used it; with `backup` the live
+  // contents are kept on the host. Throws std::invalid_argument for an unknown pool,
+  // std::logic_error when it is paused already or a route is active (a capture may be
+  // under way). resume_pool maps new memory at the same addresses and restores the
+  // backups; throws OutOfMemoryError (still paused, nothing changed) when the memory is
+  // not there, std::logic_error when the pool is not paused.
+  void pause_pool(PoolId id, bool backup);
+  void resume_pool(PoolId id);
+  bool pool_paused(PoolId id) const;
+
   StatList stats() const;
   void reset_peak_stats();
   void reset_accumulated_stats();

@@ -14,16 +14,59 @@ ChunkPool::~ChunkPool() {
     if (chunk->is_head()) heads.push_back(chunk);
   }
   for (Chunk* head : heads) {
-    try {
-      backend_.release_chunk(head->handle);
-    } catch (const std::exception&) {
-      // Destruction must not throw; the driver reclaims the handle at process exit.
+    if (!paused_) {  // a paused pool gave its handles and its budget back already
+      try {
+        backend_.release_chunk(head->handle);
+      } catch (const std::exception&) {
+        // Destruction must not throw; the driver reclaims the handle at process exit.
+      }
+      const std::size_t n = head->handle_chunks;
+      budget_.chunks -= n;
+      budget_.chunks_stat.decrease(static_cast<std::int64_t>(n));
     }
-    const std::size_t n = head->handle_chunks;
-    budget_.chunks -= n;
-    budget_.chunks_stat.decrease(static_cast<std::int64_t>(n));
     delete[] head;
   }
+}
+
+void ChunkPool::pause_handles() {
+  for (Chunk* c : chunks_) {
+    if (!c->is_head()) continue;
+    try {
+      backend_.release_chunk(c->handle);
+    } catch (const std::exception&) {
+      // Nothing maps it any more; the driver reclaims it at process exit at the latest.
+    }
+  }
+  budget_.chunks -= chunks_.size();
+  budget_.chunks_stat.decrease(static_cast<std::int64_t>(chunks_.size()));
+  paused_ = true;
+}
+
+void ChunkPool::resume_handles() {
+  if ((budget_.chunks + chunks_.size()) * kChunkSize > budget_.cap_bytes) {
+    throw CapExceeded("memory cap of " + std::to_string(budget_.cap_bytes >> 20) + " MiB reached");
+  }
+  std::vector<std::pair<Chunk*, ChunkHandle>> made;
+  made.reserve(chunks_.size());
+  try {
+    for (Chunk* c : chunks_) {
+      if (c->is_head()) made.emplace_back(c, backend_.create_chunk(c->handle_chunks * kChunkSize));
+    }
+  } catch (...) {
+    for (const auto& [head, handle] : made) {
+      try {
+        backend_.release_chunk(handle);
+      } catch (const std::exception&) {
+      }
+    }
+    throw;
+  }
+  for (const auto& [head, handle] : made) {
+    for (std::size_t k = 0; k < head->handle_chunks; ++k) head[k].handle = handle;
+  }
+  budget_.chunks += chunks_.size();
+  budget_.chunks_stat.increase(static_cast<std::int64_t>(chunks_.size()));
+  paused_ = false;
 }
 
 namespace {

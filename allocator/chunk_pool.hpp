@@ -83,6 +83,15 @@ class ChunkPool {
   // their streams (Note [Stream-ordered reuse]). The budget is unchanged.
   void adopt(ChunkPool& other);
 
+  // Note [Sleeping pools] (private_pool.hpp): the physical handles go back to the backend
+  // (unmapped first, by the caller) while the chunks stay, with their mapping lists, so
+  // that resume_handles() puts new handles in the same places. Paused chunks leave the
+  // budget. resume_handles() throws CapExceeded, DeviceOutOfMemory or BackendError with
+  // nothing changed (still paused).
+  void pause_handles();
+  void resume_handles();
+  bool paused() const { return paused_; }
+
   void mark_busy(Chunk* chunk) {
     chunk->busy = true;
     --free_count_;
@@ -105,6 +114,7 @@ class ChunkPool {
   // Owns the chunks: each handle's chunks are one new[]-ed array, deleted by release().
   std::vector<Chunk*> chunks_;
   std::size_t free_count_ = 0;
+  bool paused_ = false;
 };
 
 }  // namespace vmm

@@ -323,6 +323,12 @@ bool CudaBackend::is_capturing(StreamId stream) {
   return status != cu::CU_STREAM_CAPTURE_STATUS_NONE;
 }
 
+void CudaBackend::wait_event(EventId event) {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuEventSynchronize(as_event(event)),
+        [&] { return "cuEventSynchronize(event=" + hex(event) + ")"; });
+}
+
 int CudaBackend::relax_capture_mode() {
   cu::CUstreamCaptureMode mode = cu::CU_STREAM_CAPTURE_MODE_RELAXED;
   check(device_, api_.cuThreadExchangeStreamCaptureMode(&mode),

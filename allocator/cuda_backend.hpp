@@ -49,6 +49,7 @@ class CudaBackend final : public Backend {
   bool event_done(EventId event) override;
   void stream_wait_event(StreamId stream, EventId event) override;
   void release_event(EventId event) override;
+  void wait_event(EventId event) override;
   void synchronize() override;
   bool is_capturing(StreamId stream) override;
   int relax_capture_mode() override;

@@ -134,6 +134,7 @@ void load_into(Driver& d) {
   need(a.cuEventCreate, "cuEventCreate", "cuEventCreate");
   need(a.cuEventRecord, "cuEventRecord", "cuEventRecord");
   need(a.cuEventQuery, "cuEventQuery", "cuEventQuery");
+  need(a.cuEventSynchronize, "cuEventSynchronize", "cuEventSynchronize");
   need(a.cuEventDestroy_v2, "cuEventDestroy", "cuEventDestroy_v2");
   need(a.cuStreamWaitEvent, "cuStreamWaitEvent", "cuStreamWaitEvent");
   need(a.cuStreamIsCapturing, "cuStreamIsCapturing", "cuStreamIsCapturing");

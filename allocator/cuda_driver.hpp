@@ -176,6 +176,7 @@ struct DriverApi {
   CUresult (*cuEventCreate)(CUevent* event, unsigned int flags);
   CUresult (*cuEventRecord)(CUevent event, CUstream stream);
   CUresult (*cuEventQuery)(CUevent event);
+  CUresult (*cuEventSynchronize)(CUevent event);
   CUresult (*cuEventDestroy_v2)(CUevent event);
   CUresult (*cuStreamWaitEvent)(CUstream stream, CUevent event, unsigned int flags);
   CUresult (*cuStreamIsCapturing)(CUstream stream, CUstreamCaptureStatus* status);

@@ -82,6 +82,14 @@ void FaultInjectionBackend::stream_wait_event(StreamId stream, EventId event) {
   inner_->stream_wait_event(stream, inner_event(event));
 }
 
+void FaultInjectionBackend::wait_event(EventId event) {
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    held_.erase(event);
+  }
+  inner_->wait_event(inner_event(event));
+}
+
 void FaultInjectionBackend::release_event(EventId event) {
   const EventId inner = inner_event(event);
   {

@@ -56,6 +56,8 @@ class FaultInjectionBackend final : public Backend {
   bool event_done(EventId e) override;
   void stream_wait_event(StreamId s, EventId e) override;
   void release_event(EventId e) override;
+  // Waiting completes a held event (what the stream work it stands for would do).
+  void wait_event(EventId e) override;
   void synchronize() override;
   bool is_capturing(StreamId s) override { return inner_->is_capturing(s); }
   int relax_capture_mode() override { return inner_->relax_capture_mode(); }

@@ -23,7 +23,7 @@ MappingCache::~MappingCache() {
   progress_.forget();
   for (auto& m : mappings_) {
     count_failure([&] {
-      if (!m->chunks.empty()) backend_.unmap(m->base, m->chunks.size() * kChunkSize);
+      if (!m->chunks.empty() && !unmapped_) backend_.unmap(m->base, m->chunks.size() * kChunkSize);
     });
     count_failure([&] { backend_.unreserve(m->base, m->reserved_bytes); });
   }
@@ -649,9 +649,11 @@ void MappingCache::enforce_bounds() {
 }
 
 void MappingCache::evict(Mapping* mapping) {
-  Retiring retiring{mapping->base, mapping->chunks.size() * kChunkSize, mapping->reserved_bytes, 0};
+  // An unmapped (paused) range has nothing left for the GPU to read: no event to wait for.
+  Retiring retiring{mapping->base, unmapped_ ? 0 : mapping->chunks.size() * kChunkSize,
+                    mapping->reserved_bytes, 0};
   bool deferred = false;
-  if (mapping->last_stream != kNoStream) {
+  if (mapping->last_stream != kNoStream && !unmapped_) {
     try {
       retiring.event = backend_.record_event(mapping->last_stream);
       deferred = true;
@@ -711,6 +713,41 @@ Mapping* MappingCache::acquire_at(std::uintptr_t base, std::size_t chunks, Strea
 void MappingCache::adopt_retiring(MappingCache& other) {
   retiring_.insert(retiring_.end(), other.retiring_.begin(), other.retiring_.end());
   other.retiring_.clear();
+}
+
+void MappingCache::unmap_all() {
+  for (auto& m : mappings_) {
+    if (!m->chunks.empty()) count_failure([&] { backend_.unmap(m->base, m->chunks.size() * kChunkSize); });
+  }
+  unmapped_ = true;
+}
+
+void MappingCache::map_all() {
+  std::size_t done = 0;  // mappings mapped again so far
+  try {
+    for (; done < mappings_.size(); ++done) {
+      Mapping* m = mappings_[done].get();
+      std::size_t mapped = 0;
+      try {
+        while (mapped < m->chunks.size()) {
+          const Chunk* head = m->chunks[mapped];
+          backend_.map(m->base + mapped * kChunkSize, head->handle, head->handle_chunks * kChunkSize);
+          mapped += head->handle_chunks;
+        }
+        if (mapped > 0) backend_.set_access(m->base, mapped * kChunkSize);
+      } catch (...) {
+        if (mapped > 0) count_failure([&] { backend_.unmap(m->base, mapped * kChunkSize); });
+        throw;
+      }
+    }
+  } catch (...) {
+    for (std::size_t i = 0; i < done; ++i) {
+      Mapping* m = mappings_[i].get();
+      if (!m->chunks.empty()) count_failure([&] { backend_.unmap(m->base, m->chunks.size() * kChunkSize); });
+    }
+    throw;
+  }
+  unmapped_ = false;
 }
 
 void MappingCache::forget_streams() {

@@ -125,6 +125,14 @@ class MappingCache {
   // that they are unmapped here once the GPU is done with them.
   void adopt_retiring(MappingCache& other);
 
+  // Note [Sleeping pools]: every range is unmapped, its address space kept; the caller made
+  // sure the GPU is done with them. Failures are counted (backend_errors), not thrown.
+  void unmap_all();
+  // Maps every range again, to the chunks' current handles, and grants access. On a throw
+  // nothing is mapped (still unmapped).
+  void map_all();
+  bool unmapped() const { return unmapped_; }
+
   // `n` chunks for pages of virtual tensors (Note [KV pages]), now busy and safe to use on
   // `stream`, picked as a stitch picks them (Note [Growth slack]). Empty when that needs
   // new chunks and !allow_create. Throws like acquire; on a throw nothing has changed.
@@ -144,6 +152,7 @@ class MappingCache {
   // ones are never used again and are left out).
   template <typename F>
   void for_each_mapped(F&& f) const {
+    if (unmapped_) return;
     for (const auto& m : mappings_) {
       if (!m->chunks.empty()) f(m->base, m->chunks.size() * kChunkSize);
     }
@@ -275,6 +284,7 @@ class MappingCache {
   StreamProgress progress_;
   int skipped_busy_ = 0;  // candidates skipped by the current find_ready
   bool capture_safe_ = false;  // Note [Capture-safe mode]
+  bool unmapped_ = false;      // Note [Sleeping pools]
 };
 
 }  // namespace vmm

@@ -25,12 +25,29 @@
 // - The live set of a pool can be read and restored (graph trees' checkpoints): restoring
 //   frees every live allocation of the pool and allocates exactly the recorded blocks at
 //   their recorded addresses, which is possible because the addresses keep their mappings.
+//
+// Note [Sleeping pools]
+// A pool can give its physical memory back for a while and take it again at the same
+// addresses (sleep mode for RL colocation and model swapping, as vLLM's CuMemAllocator and
+// SGLang's torch_memory_saver do, but over vmmalloc's one chunk pool). pause_pool waits for
+// the work queued on the streams that used the pool's memory (events on those streams, not
+// a device synchronize), copies out the handles that hold live data (when asked to back
+// up), unmaps every range of the pool, keeping its address space, and releases the
+// physical handles; chunks, mappings and blocks stay as they are, so the pool's tensors
+// keep their data pointers and a graph captured on them stays valid. resume_pool creates
+// new handles, maps each at the same places (a chunk stitched into several ranges is one
+// handle mapped at each of them again, so aliasing is kept) and copies the backups back;
+// without a backup the memory comes back with undefined contents. While paused, no route
+// may send requests to the pool and nothing in it may be touched; frees of its blocks are
+// bookkeeping, and a released paused pool is dropped without being mapped again.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <utility>
+#include <vector>
 
 #include "arena.hpp"
 #include "config.hpp"
@@ -75,6 +92,9 @@ struct PrivatePool {
   Arena arena;
   int use_count = 1;      // graphs, MemPools and active routes holding it
   std::size_t live = 0;   // allocations not yet given back (pending frees included)
+  // While paused (Note [Sleeping pools]): the contents of the handles that held live data.
+  std::vector<std::pair<Chunk*, std::vector<unsigned char>>> backups;
+  bool paused() const { return arena.chunks.paused(); }
 };
 
 }  // namespace vmm

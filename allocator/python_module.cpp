@@ -359,6 +359,21 @@ PYBIND11_MODULE(_C, m) {
            }, py::arg("pool"), py::arg("blocks"),
            "Frees every live allocation of the pool (returned) and allocates exactly `blocks` "
            "(as pool_allocations gives them).")
+      .def("pause_pool",
+           [](CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id, bool backup) {
+             a.pause_pool({id.first, id.second}, backup);
+           }, py::arg("pool"), py::arg("backup") = true, py::call_guard<py::gil_scoped_release>(),
+           "Gives the pool's physical memory back, keeping its addresses (Note [Sleeping "
+           "pools]); with backup, its live contents are kept on the host.")
+      .def("resume_pool",
+           [](CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id) {
+             a.resume_pool({id.first, id.second});
+           }, py::arg("pool"), py::call_guard<py::gil_scoped_release>(),
+           "Maps new memory at the paused pool's addresses and restores its backups.")
+      .def("pool_paused",
+           [](const CachingAllocator& a, std::pair<std::uint64_t, std::uint64_t> id) {
+             return a.pool_paused({id.first, id.second});
+           }, py::arg("pool"))
       .def("segments", [](const CachingAllocator& a) {
              static const char* const kinds[] = {"large", "small", "pages", "free"};
              static const char* const states[] = {"active_allocated", "active_pending_free", "inactive"};

@@ -184,6 +184,7 @@ SAME_SIGNATURE(cuMemSetAccess, cuMemSetAccess);
 SAME_SIGNATURE(cuEventCreate, cuEventCreate);
 SAME_SIGNATURE(cuEventRecord, cuEventRecord);
 SAME_SIGNATURE(cuEventQuery, cuEventQuery);
+SAME_SIGNATURE(cuEventSynchronize, cuEventSynchronize);
 SAME_SIGNATURE(cuEventDestroy_v2, cuEventDestroy_v2);
 SAME_SIGNATURE(cuStreamWaitEvent, cuStreamWaitEvent);
 SAME_SIGNATURE(cuStreamIsCapturing, cuStreamIsCapturing);

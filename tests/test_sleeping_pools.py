@@ -1,0 +1,185 @@
+"""Note [Sleeping pools]: a pool gives its physical memory back and takes it again at the
+same addresses, contents restored from a host backup or discarded; other memory is
+untouched. Host backend (its streams here are made-up numbers, see test_private_pools.py)."""
+from __future__ import annotations
+
+import pytest
+
+import vmmalloc
+from conftest import BackendKind, MiB, pattern
+
+CHUNK = vmmalloc.CHUNK_SIZE
+WEIGHTS = (7, 1)
+KV = (7, 2)
+
+
+def alloc_in(alloc, pool, sizes, stream=0):
+    """Allocations under the pool's route, as torch.cuda.use_mem_pool makes them (begin,
+    end, release: the caller's create_or_incref_pool keeps the pool, as a MemPool does)."""
+    alloc.begin_allocate_to_pool(pool, this_thread=True)
+    try:
+        return [alloc.allocate(size, stream=stream) for size in sizes]
+    finally:
+        alloc.end_allocate_to_pool(pool)
+        alloc.release_pool(pool)
+
+
+@pytest.fixture
+def alloc():
+    return BackendKind("host").allocator(256 * MiB, conf="large_handle_size:4MiB")
+
+
+def test_pause_gives_memory_back_and_resume_restores_contents_at_the_same_addresses(alloc):
+    alloc.create_or_incref_pool(WEIGHTS)
+    blocks = alloc_in(alloc, WEIGHTS, [40 * MiB, 3 * MiB, 5000])
+    for i, (p, n) in enumerate(zip(blocks, [40 * MiB, 3 * MiB, 5000])):
+        alloc.backend.write(p, pattern(i, n))
+    eager = alloc.allocate(8 * MiB)
+    alloc.backend.write(eager, pattern(9, 8 * MiB))
+    backend_free = alloc.backend.free_memory
+    reserved = alloc.stats()["reserved_bytes.all.current"]
+    alloc.pause_pool(WEIGHTS, backup=True)
+    assert alloc.pool_paused(WEIGHTS)
+    stats = alloc.stats()
+    pool_bytes = 40 * MiB + 4 * MiB + 2 * MiB  # 20 chunks, 2 (3 MiB rounded up), 1 small segment
+    assert stats["reserved_bytes.all.current"] == reserved - pool_bytes
+    assert stats["vmm.paused_bytes"] == pool_bytes
+    assert alloc.backend.free_memory == backend_free + pool_bytes, "the backend got the memory back"
+    # Something else uses the memory meanwhile, and is gone again.
+    other = alloc.allocate(pool_bytes)
+    alloc.backend.write(other, b"\xff" * pool_bytes)
+    alloc.deallocate(other)
+    alloc.empty_cache()
+    alloc.resume_pool(WEIGHTS)
+    assert not alloc.pool_paused(WEIGHTS)
+    assert alloc.pool_allocations(WEIGHTS)[0][0] in blocks, "the blocks kept their addresses"
+    for i, (p, n) in enumerate(zip(blocks, [40 * MiB, 3 * MiB, 5000])):
+        assert alloc.backend.read(p, n) == pattern(i, n)
+    assert alloc.backend.read(eager, 8 * MiB) == pattern(9, 8 * MiB), "untagged memory untouched"
+    assert alloc.stats()["vmm.paused_bytes"] == 0
+    for p in blocks + [eager]:
+        alloc.deallocate(p)
+    alloc.release_pool(WEIGHTS)
+    assert alloc.stats()["vmm.private_pools"] == 0
+
+
+def test_discard_mode_keeps_no_backup_and_other_tags_are_untouched(alloc):
+    alloc.create_or_incref_pool(WEIGHTS)
+    alloc.create_or_incref_pool(KV)
+    (w,) = alloc_in(alloc, WEIGHTS, [6 * MiB])
+    (kv,) = alloc_in(alloc, KV, [6 * MiB])
+    alloc.backend.write(w, pattern(1, 6 * MiB))
+    alloc.pause_pool(KV, backup=False)
+    assert not alloc.pool_paused(WEIGHTS)
+    assert alloc.backend.read(w, 6 * MiB) == pattern(1, 6 * MiB)
+    alloc.resume_pool(KV)
+    alloc.backend.write(kv, pattern(2, 6 * MiB))  # usable again: contents are the caller's
+    assert alloc.backend.read(kv, 6 * MiB) == pattern(2, 6 * MiB)
+    for p in (w, kv):
+        alloc.deallocate(p)
+    alloc.release_pool(WEIGHTS)
+    alloc.release_pool(KV)
+
+
+def test_stitched_aliases_in_a_paused_pool_map_one_new_handle_each(alloc):
+    """A chunk stitched into two ranges of the pool comes back as one handle at both."""
+    alloc.create_or_incref_pool(WEIGHTS)
+    a, b, c = alloc_in(alloc, WEIGHTS, [2 * MiB, 2 * MiB, 2 * MiB])
+    alloc.deallocate(a)
+    alloc.deallocate(c)
+    (joined,) = alloc_in(alloc, WEIGHTS, [4 * MiB])  # a stitch of a's and c's chunks
+    alloc.backend.write(joined, pattern(3, 4 * MiB))
+    alloc.pause_pool(WEIGHTS)
+    alloc.resume_pool(WEIGHTS)
+    assert alloc.backend.read(joined, 4 * MiB) == pattern(3, 4 * MiB)
+    assert alloc.backend.read(a, 2 * MiB) == pattern(3, 4 * MiB)[: 2 * MiB], "a's old range aliases it still"
+    for p in (b, joined):
+        alloc.deallocate(p)
+    alloc.release_pool(WEIGHTS)
+
+
+def test_misuse_of_a_paused_pool_is_refused_and_frees_are_bookkeeping(alloc):
+    alloc.create_or_incref_pool(WEIGHTS)
+    (p,) = alloc_in(alloc, WEIGHTS, [4 * MiB])
+    alloc.pause_pool(WEIGHTS)
+    with pytest.raises(RuntimeError, match="is paused already"):
+        alloc.pause_pool(WEIGHTS)
+    with pytest.raises(RuntimeError, match="resume it before allocating"):
+        alloc.begin_allocate_to_pool(WEIGHTS, this_thread=True)
+    alloc.resume_pool(WEIGHTS)
+    with pytest.raises(RuntimeError, match="not paused"):
+        alloc.resume_pool(WEIGHTS)
+    alloc.pause_pool(WEIGHTS)
+    alloc.deallocate(p)  # a free while paused
+    alloc.release_pool(WEIGHTS)  # released and empty: dropped without being mapped again
+    stats = alloc.stats()
+    assert stats["vmm.private_pools"] == 0 and stats["vmm.paused_bytes"] == 0
+    assert stats["reserved_bytes.all.current"] == 0
+    assert alloc.backend.free_memory == alloc.backend.total_memory
+    with pytest.raises(ValueError, match="does not exist"):
+        alloc.pause_pool(WEIGHTS)
+    alloc.begin_allocate_to_pool(KV, streams=[5])
+    with pytest.raises(RuntimeError, match="while a capture or use_mem_pool is under way"):
+        alloc.pause_pool(KV)
+    alloc.end_allocate_to_pool(KV)
+    alloc.release_pool(KV)
+
+
+def test_a_resume_without_memory_is_out_of_memory_and_the_pool_stays_paused(alloc):
+    alloc.create_or_incref_pool(WEIGHTS)
+    (p,) = alloc_in(alloc, WEIGHTS, [100 * MiB])
+    alloc.backend.write(p, pattern(4, 100 * MiB))
+    alloc.pause_pool(WEIGHTS)
+    squatter = alloc.allocate(200 * MiB)  # takes the memory the pool gave back
+    with pytest.raises(vmmalloc.OutOfMemoryError):
+        alloc.resume_pool(WEIGHTS)
+    assert alloc.pool_paused(WEIGHTS)
+    alloc.deallocate(squatter)
+    alloc.empty_cache()
+    alloc.resume_pool(WEIGHTS)
+    assert alloc.backend.read(p, 100 * MiB) == pattern(4, 100 * MiB)
+    alloc.deallocate(p)
+    alloc.release_pool(WEIGHTS)
+
+
+def test_failures_mid_resume_leave_the_pool_paused_and_nothing_leaked():
+    backend = vmmalloc.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
+    alloc = vmmalloc.Allocator(backend, "large_handle_size:4MiB")
+    alloc.create_or_incref_pool(WEIGHTS)
+    blocks = alloc_in(alloc, WEIGHTS, [12 * MiB, 6 * MiB])
+    for i, p in enumerate(blocks):
+        alloc.backend.write(p, pattern(i, 6 * MiB))
+    alloc.pause_pool(WEIGHTS)
+    free_paused = backend.free_memory
+    for op, skip in (("create_chunk", 1), ("map", 2), ("set_access", 1)):
+        backend.fail(op, skip=skip)
+        with pytest.raises((vmmalloc.BackendError, vmmalloc.OutOfMemoryError)):
+            alloc.resume_pool(WEIGHTS)
+        assert alloc.pool_paused(WEIGHTS)
+        assert backend.free_memory == free_paused, f"a failed resume ({op}) kept memory"
+    alloc.resume_pool(WEIGHTS)
+    for i, p in enumerate(blocks):
+        assert alloc.backend.read(p, 6 * MiB) == pattern(i, 6 * MiB)
+    for p in blocks:
+        alloc.deallocate(p)
+    alloc.release_pool(WEIGHTS)
+    alloc.empty_cache()
+    assert backend.free_memory == backend.total_memory
+
+
+def test_many_cycles_do_not_grow_anything(alloc):
+    alloc.create_or_incref_pool(WEIGHTS)
+    blocks = alloc_in(alloc, WEIGHTS, [20 * MiB, 1000, 3 * MiB])
+    alloc.backend.write(blocks[0], pattern(5, 20 * MiB))
+    first = None
+    for _ in range(100):
+        alloc.pause_pool(WEIGHTS)
+        alloc.resume_pool(WEIGHTS)
+        stats = alloc.stats()
+        now = (stats["reserved_bytes.all.current"], stats["vmm.chunks.current"], alloc.backend.free_memory)
+        first = first or now
+        assert now == first
+    assert alloc.backend.read(blocks[0], 20 * MiB) == pattern(5, 20 * MiB)
+    for p in blocks:
+        alloc.deallocate(p)
+    alloc.release_pool(WEIGHTS)
