@@ -21,6 +21,7 @@ from vmmalloc._C import (
     OutOfMemoryError,
     parse_config,
 )
+from vmmalloc import sleep_mode
 from vmmalloc.backends import cuda_available, cuda_unavailable_reason, make_backend
 from vmmalloc.torch_allocator import enable_vmm_allocator, is_enabled
 
@@ -40,5 +41,6 @@ __all__ = [
     "is_enabled",
     "make_backend",
     "parse_config",
+    "sleep_mode",
 ]
 __version__ = "0.1.0"

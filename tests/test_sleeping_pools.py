@@ -183,3 +183,27 @@ def test_many_cycles_do_not_grow_anything(alloc):
     for p in blocks:
         alloc.deallocate(p)
     alloc.release_pool(WEIGHTS)
+
+
+def test_the_tagging_api_routes_this_threads_allocations_and_pauses_by_tag(host_devices):
+    """vmmalloc.sleep_mode over the per-device allocators torch uses (here on the host backend)."""
+    from vmmalloc import _C, sleep_mode
+
+    device = host_devices(0)
+    with sleep_mode.tagged("weights", device=0):
+        w = device.allocate(6 * MiB)
+    eager = device.allocate(6 * MiB)
+    pool = sleep_mode.pool_of("weights", device=0)
+    assert pool[0] != 0 and pool[1] != 0, "never one of torch's own pool ids"
+    assert [p for p, *_ in device.pool_allocations(pool)] == [w]
+    device.backend.write(w, pattern(8, 6 * MiB))
+    sleep_mode.pause("weights", device=0)
+    assert sleep_mode.is_paused("weights", device=0)
+    assert device.stats()["vmm.paused_bytes"] == 6 * MiB
+    sleep_mode.resume("weights", device=0)
+    assert device.backend.read(w, 6 * MiB) == pattern(8, 6 * MiB)
+    with pytest.raises(ValueError, match="non-empty string"):
+        sleep_mode.pool_of("", device=0)
+    for p in (w, eager):
+        device.deallocate(p)
+    assert _C.device_allocator(0).pool_use_count(pool) == 1, "the tag holds its pool"
