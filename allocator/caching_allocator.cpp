@@ -1118,7 +1118,9 @@ void CachingAllocator::pause_pool(PoolId id, bool backup) {
     }
   });
   for (const PendingFree& p : pending_) {
-    if (p.pool == pool) for (StreamId s : p.unrecorded) note(s);
+    if (p.pool != pool) continue;
+    for (StreamId s : p.unrecorded) note(s);
+    for (EventId e : p.events) backend_->wait_event(e);  // its recorded streams' work
   }
   for (StreamId s : streams) {
     const EventId event = backend_->record_event(s);

@@ -207,3 +207,20 @@ def test_the_tagging_api_routes_this_threads_allocations_and_pauses_by_tag(host_
     for p in (w, eager):
         device.deallocate(p)
     assert _C.device_allocator(0).pool_use_count(pool) == 1, "the tag holds its pool"
+
+
+def test_a_pause_waits_for_the_streams_of_pending_frees_in_the_pool():
+    backend = vmmalloc.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
+    alloc = vmmalloc.Allocator(backend, "")
+    alloc.create_or_incref_pool(WEIGHTS)
+    (p,) = alloc_in(alloc, WEIGHTS, [4 * MiB])
+    alloc.record_stream(p, 3)
+    backend.hold_events()  # stream 3's work is still running
+    alloc.deallocate(p)
+    assert alloc.stats()["vmm.pending_frees"] == 1
+    alloc.pause_pool(WEIGHTS)  # waits for it (the held event completes), then the free is done
+    assert alloc.stats()["vmm.pending_frees"] == 0
+    backend.release_events()
+    alloc.resume_pool(WEIGHTS)
+    alloc.release_pool(WEIGHTS)
+    assert alloc.stats()["vmm.private_pools"] == 0
