@@ -106,7 +106,6 @@ class ChunkPool {
   std::size_t count() const { return chunks_.size(); }  // this pool's chunks, not handles
   // Every chunk, in no particular order; a large handle's chunks are all there.
   const std::vector<Chunk*>& all() const { return chunks_; }
-  const ChunkBudget& budget() const { return budget_; }
 
  private:
   Backend& backend_;

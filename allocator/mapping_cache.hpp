@@ -120,7 +120,6 @@ class MappingCache {
   // (that needs the GPU's progress) and none is evicted (that records an event); the
   // evictions owed are made at the first stitch after the mode ends.
   void set_capture_safe(bool on) { capture_safe_ = on; }
-  bool capture_safe() const { return capture_safe_; }
   // Takes over the retiring ranges of `other` (a private pool's cache about to go), so
   // that they are unmapped here once the GPU is done with them.
   void adopt_retiring(MappingCache& other);

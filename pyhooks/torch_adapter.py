@@ -31,9 +31,6 @@ class AdapterUnavailable(RuntimeError):
     """The adapter cannot be built or loaded here; the message says why and what to do."""
 
 
-_installed = False
-
-
 def cache_dir() -> Path:
     """Where built adapters are kept: ``$VMMALLOC_CACHE``, else ``~/.cache/vmmalloc``."""
     root = os.environ.get("VMMALLOC_CACHE") or os.path.join(
@@ -120,7 +117,6 @@ def install(torch_module) -> None:
     Raises AdapterUnavailable when the adapter cannot be built or loaded, RuntimeError when
     torch refuses the swap.
     """
-    global _installed
     from vmmalloc import _C
 
     library = ctypes.CDLL(str(build(torch_module)))
@@ -130,12 +126,6 @@ def install(torch_module) -> None:
     error = ctypes.create_string_buffer(2048)
     if library.vmm_torch_adapter_install(core.vmm_adapter_api_table(), error, len(error)) != 0:
         raise RuntimeError(error.value.decode(errors="replace"))
-    _installed = True
-
-
-def installed() -> bool:
-    """Whether the adapter is torch's CUDA allocator in this process."""
-    return _installed
 
 
 def wanted() -> bool:

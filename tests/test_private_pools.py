@@ -270,8 +270,6 @@ def test_capture_safe_mode_grows_instead_of_waiting_and_defers_frees_with_stream
     """While a route is active no event is recorded or queried and no stream waits for
     another: memory last used on another stream is not reused, a free with recorded streams
     waits until the mode ends."""
-    if kind.name != "host":
-        pytest.skip("counts events through the host backend's fault injection")
     inner = vmmalloc.HostBackend(256 * MiB)
     backend = vmmalloc.FaultInjectionBackend(inner)
     alloc = kind.allocator(256 * MiB, backend=backend)
@@ -316,8 +314,6 @@ def test_out_of_memory_in_capture_safe_mode_does_not_release_caches(kind):
 
 
 def test_failures_while_a_pool_grows_leak_nothing(kind):
-    if kind.name != "host":
-        pytest.skip("fault injection wraps the host backend here")
     backend = vmmalloc.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
     alloc = kind.allocator(256 * MiB, backend=backend)
     alloc.begin_allocate_to_pool(POOL, streams=[S])
