@@ -5,6 +5,8 @@
 #include <exception>
 #include <memory>
 #include <string>
+#include <tuple>
+#include <vector>
 
 #include "device_registry.hpp"
 #include "errors.hpp"
@@ -150,11 +152,6 @@ int reset_accumulated_stats(int device) {
   });
 }
 
-int history_enabled(int device) {
-  CachingAllocator* a = DeviceRegistry::instance().existing(device);
-  return a != nullptr && a->event_capacity() > 0 ? 1 : 0;
-}
-
 int create_or_incref_pool(int device, vmm_pool_id pool) {
   return guarded([&] { on(device).create_or_incref_pool(to_pool(pool)); });
 }
@@ -202,6 +199,80 @@ int restore_pool(int device, vmm_pool_id pool, const vmm_block* blocks, size_t c
   });
 }
 
+int device_in_use(int device) { return in_use(device) != nullptr ? 1 : 0; }
+
+int record_events(int device, size_t capacity) {
+  return guarded([&] {
+    if (capacity > 0) on(device).record_events(capacity);
+    else if (CachingAllocator* a = in_use(device)) a->record_events(0);
+  });
+}
+
+static_assert(static_cast<int>(vmm::EventKind::kOom) == VMM_EVENT_OOM &&
+                  static_cast<int>(vmm::EventKind::kStitch) == VMM_EVENT_STITCH &&
+                  vmm::kEventKinds == VMM_EVENT_OOM + 1,
+              "vmm_event_kind mirrors vmm::EventKind");
+
+int events(int device, vmm_event_visitor visit, void* context) {
+  return guarded([&] {
+    CachingAllocator* a = in_use(device);
+    if (a == nullptr) return;
+    for (const vmm::MemoryEvent& e : a->events()) {
+      const vmm_event event{static_cast<uint32_t>(e.kind), e.time_ns, e.addr, e.size, e.aux,
+                            static_cast<uintptr_t>(e.stream)};
+      visit(context, &event);
+    }
+  });
+}
+
+int segments(int device, vmm_segment_visitor visit, void* context) {
+  using Kind = vmm::SnapshotSegment::Kind;
+  using State = vmm::SnapshotBlock::State;
+  return guarded([&] {
+    CachingAllocator* a = in_use(device);
+    if (a == nullptr) return;
+    std::vector<vmm_snapshot_block> blocks;
+    for (const vmm::SnapshotSegment& s : a->segments()) {
+      blocks.clear();
+      for (const vmm::SnapshotBlock& b : s.blocks) {
+        blocks.push_back({b.addr, b.size, b.requested,
+                          static_cast<uint32_t>(b.state == State::kActive        ? VMM_BLOCK_ACTIVE
+                                                : b.state == State::kPendingFree ? VMM_BLOCK_PENDING_FREE
+                                                                                 : VMM_BLOCK_INACTIVE)});
+      }
+      const uint32_t kind = s.kind == Kind::kLarge   ? VMM_SEGMENT_LARGE
+                            : s.kind == Kind::kSmall ? VMM_SEGMENT_SMALL
+                            : s.kind == Kind::kPages ? VMM_SEGMENT_PAGES
+                                                     : VMM_SEGMENT_FREE;
+      const vmm_segment segment{s.base, s.bytes, static_cast<uintptr_t>(s.stream), kind,
+                                {s.pool.first, s.pool.second}, blocks.data(), blocks.size()};
+      visit(context, &segment);
+    }
+  });
+}
+
+int memory_totals(int device, int64_t* allocated, int64_t* reserved) {
+  return guarded([&] {
+    *allocated = *reserved = 0;
+    if (CachingAllocator* a = in_use(device)) std::tie(*allocated, *reserved) = a->memory_totals();
+  });
+}
+
+int allocation_info(void* ptr, size_t* size, int* device) {
+  return guarded([&] {
+    const auto address = reinterpret_cast<std::uintptr_t>(ptr);
+    bool found = false;
+    DeviceRegistry::instance().for_each([&](int index, CachingAllocator& a) {
+      if (!found && a.owns(address)) {
+        *size = a.allocation_size(address);
+        *device = index;
+        found = true;
+      }
+    });
+    if (!found) throw std::invalid_argument("vmmalloc: the pointer is not a live allocation of vmmalloc");
+  });
+}
+
 const vmm_adapter_api kTable = {
     VMM_ADAPTER_ABI_VERSION,
     sizeof(vmm_adapter_api),
@@ -219,7 +290,6 @@ const vmm_adapter_api kTable = {
     stats,
     reset_peak_stats,
     reset_accumulated_stats,
-    history_enabled,
     create_or_incref_pool,
     begin_allocate_to_pool,
     end_allocate_to_pool,
@@ -227,6 +297,12 @@ const vmm_adapter_api kTable = {
     pool_use_count,
     pool_allocations,
     restore_pool,
+    device_in_use,
+    record_events,
+    events,
+    segments,
+    memory_totals,
+    allocation_info,
 };
 
 }  // namespace

@@ -768,6 +768,11 @@ std::uint64_t CachingAllocator::events_dropped() const {
   return events_.dropped();
 }
 
+std::pair<std::int64_t, std::int64_t> CachingAllocator::memory_totals() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return {allocated_bytes_.all.current, reserved_bytes_.all.current};
+}
+
 std::vector<SnapshotSegment> CachingAllocator::segments() const {
   using State = SnapshotBlock::State;
   std::lock_guard<std::mutex> lock(mutex_);

@@ -20,6 +20,7 @@
 #include <mutex>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "arena.hpp"
@@ -193,6 +194,8 @@ class CachingAllocator {
   std::uint64_t events_dropped() const;
   // The regions memory is in now (Note [Snapshot segments]).
   std::vector<SnapshotSegment> segments() const;
+  // (allocated bytes, reserved bytes) now: what torch's profiler reports with each event.
+  std::pair<std::int64_t, std::int64_t> memory_totals() const;
 
   Backend& backend() { return *backend_; }
   const std::shared_ptr<Backend>& shared_backend() const { return backend_; }

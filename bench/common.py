@@ -32,6 +32,19 @@ def _gpu_facts() -> dict[str, Any]:
     return {"gpu": name, "gpu_count": len(out), "driver": driver, "gpu_memory": memory}
 
 
+def _commit() -> str | None:
+    """The checkout's commit, with "+dirty" when tracked files differ from it."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=20, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return head + ("+dirty" if dirty else "")
+
+
 def environment() -> dict[str, Any]:
     """The GPU, driver, CPU and software versions a result was taken with."""
     cpu = platform.processor() or platform.machine()
@@ -50,6 +63,7 @@ def environment() -> dict[str, Any]:
         "torch": _version("torch"),
         "transformers": _version("transformers"),
         "vmmalloc": _version("vmmalloc"),
+        "commit": _commit(),
         "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
     }
 

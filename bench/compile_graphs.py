@@ -31,7 +31,7 @@ def pool_bytes(torch) -> int:
     import vmmalloc
 
     if vmmalloc.is_enabled():
-        return int(torch.cuda.memory_stats().get("vmm", {}).get("private_pool_bytes", 0))
+        return int(torch.cuda.memory_stats()["vmm.private_pool_bytes"])
     return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0))
 
 

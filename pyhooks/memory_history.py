@@ -1,11 +1,15 @@
 """Memory history and snapshots in PyTorch's format, from vmmalloc's event log.
 
-``torch.cuda.memory._record_memory_history`` and ``_snapshot`` do not reach a pluggable
-allocator (FACTS.md). Under vmmalloc they are replaced by the functions here, so
-``torch.cuda.memory._dump_snapshot("snap.pickle")`` writes a file that PyTorch's memory
-viewer (pytorch.org/memory_viz, ``python -m torch.cuda._memory_viz``) opens.
+With the torch adapter (the default), torch's own ``torch.cuda.memory._record_memory_history``
+and ``_snapshot`` reach vmmalloc, with stack frames and user metadata (Note [Adapter history]
+in allocator/torch_adapter/trace_recorder.h). This module serves the rest: the core's event
+log on any backend (host included), vmmalloc's timeline, and, when vmmalloc runs as a plain
+CUDAPluggableAllocator (no adapter), replacements of those torch functions, whose calls
+do not reach a pluggable allocator. Either way ``torch.cuda.memory._dump_snapshot(...)``
+writes a file that PyTorch's memory viewer (pytorch.org/memory_viz,
+``python -m torch.cuda._memory_viz``) opens.
 
-What differs from PyTorch's own snapshots, and why:
+What the replacements' snapshots lack or add, and why:
 - Allocations carry no stack frames: the C++ core records events without Python.
 - Physical memory is 2 MiB chunks, not cudaMalloc segments. Growth and release are the
   trace actions ``vmm_grow`` / ``vmm_release`` and a stitch is ``vmm_stitch``; the viewer

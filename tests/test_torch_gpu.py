@@ -376,29 +376,50 @@ def test_vmmalloc_1_leaves_cuda_uninitialized_until_torch_starts_it():
     assert r["exitcode"] == 0 and r["forked"] == 4.0
 
 
-def test_empty_cache_gives_the_device_back_its_baseline_free_memory():
-    r = run("""
-        vmmalloc.enable_vmm_allocator()
-        torch.cuda.init()
-        base = torch.cuda.mem_get_info()[0]
-        from vmmalloc.virtual_tensor import VirtualTensor
-        keep = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in (100, 5000, 3 << 20, 40 << 20, 70 << 20)]
-        del keep[1::2]                                  # holes, so that the next request stitches
-        big = torch.empty(100 << 20, dtype=torch.uint8, device="cuda")
-        pages = VirtualTensor((2, 32 << 20), torch.uint8, torch.device("cuda"))
+ON_FOR_BASELINE = "vmmalloc.enable_vmm_allocator()\n"
+
+BASELINE = """
+torch.cuda.init()
+from vmmalloc.virtual_tensor import VirtualTensor
+import gc
+
+def workload():
+    keep = [torch.empty(n, dtype=torch.uint8, device="cuda") for n in (100, 5000, 3 << 20, 40 << 20, 70 << 20)]
+    del keep[1::2]                                  # holes, so that the next request stitches
+    big = torch.empty(100 << 20, dtype=torch.uint8, device="cuda")
+    pages = VirtualTensor((2, 32 << 20), torch.uint8, torch.device("cuda")) if vmmalloc.is_enabled() else None
+    if pages is not None:
         pages.commit(2, 20 << 20)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = big[:1024].float() * 2
-        during = base - torch.cuda.mem_get_info()[0]
-        del keep, big, out, graph
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = big[:1024].float() * 2
+    during = start - torch.cuda.mem_get_info()[0]
+    del keep, big, out, graph
+    if pages is not None:
         pages.free()
-        import gc; gc.collect()
-        torch.cuda.synchronize()
-        torch.cuda.empty_cache()
-        report(during=during, back=base - torch.cuda.mem_get_info()[0],
-               reserved=torch.cuda.memory_reserved(), pools=torch.cuda.memory_stats()["vmm.private_pools"])
-    """)
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    return during
+
+start = torch.cuda.mem_get_info()[0]
+workload()
+first = start - torch.cuda.mem_get_info()[0]   # the driver's one-time costs (kernel modules) and any leak
+start = torch.cuda.mem_get_info()[0]
+during = workload()
+report(first=first, during=during, back=start - torch.cuda.mem_get_info()[0],
+       reserved=torch.cuda.memory_reserved(), pools=torch.cuda.memory_stats().get("vmm.private_pools", 0))
+"""
+
+
+def test_empty_cache_gives_the_device_back_its_baseline_free_memory():
+    """After empty_cache() the device's free memory is back where it was. The first round
+    pays CUDA's one-time costs (lazily loaded kernel modules, about 160 MiB on an H200 with
+    torch 2.11), under PyTorch's allocator too: they are compared with native's, and the
+    second round must give back everything it took."""
+    native, r = run(BASELINE), run(ON_FOR_BASELINE + BASELINE)
     assert r["during"] > 150 << 20
     assert r["reserved"] == 0 and r["pools"] == 0
     assert abs(r["back"]) <= 2 << 20, f"{r['back'] / 2**20:.1f} MiB of device memory not given back"
+    assert r["first"] <= native["first"] + (2 << 20), \
+        f"the first round kept {r['first'] / 2**20:.1f} MiB, native {native['first'] / 2**20:.1f} MiB"

@@ -193,6 +193,26 @@ _BLOCK_VISITOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Block))
 _POINTER_VISITOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_size_t)
 
 
+class _Event(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_uint32), ("time_ns", ctypes.c_uint64), ("addr", ctypes.c_size_t),
+                ("size", ctypes.c_uint64), ("aux", ctypes.c_uint64), ("stream", ctypes.c_size_t)]
+
+
+class _SnapshotBlock(ctypes.Structure):
+    _fields_ = [("addr", ctypes.c_size_t), ("size", ctypes.c_size_t), ("requested", ctypes.c_size_t),
+                ("state", ctypes.c_uint32)]
+
+
+class _Segment(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_size_t), ("size", ctypes.c_size_t), ("stream", ctypes.c_size_t),
+                ("kind", ctypes.c_uint32), ("pool", _PoolId), ("blocks", ctypes.POINTER(_SnapshotBlock)),
+                ("block_count", ctypes.c_size_t)]
+
+
+_EVENT_VISITOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Event))
+_SEGMENT_VISITOR = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.POINTER(_Segment))
+
+
 class _Table(ctypes.Structure):
     """adapter_abi.h's vmm_adapter_api, field for field."""
 
@@ -212,7 +232,7 @@ class _Table(ctypes.Structure):
         ("device_memory", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_size_t),
                                            ctypes.POINTER(ctypes.c_size_t))),
         ("stats", ctypes.c_void_p), ("reset_peak_stats", ctypes.c_void_p),
-        ("reset_accumulated_stats", ctypes.c_void_p), ("history_enabled", ctypes.c_void_p),
+        ("reset_accumulated_stats", ctypes.c_void_p),
         ("create_or_incref_pool", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId)),
         ("begin_allocate_to_pool", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId, _FILTER,
                                                     ctypes.c_void_p, _RELEASE)),
@@ -222,7 +242,22 @@ class _Table(ctypes.Structure):
         ("pool_allocations", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId, _BLOCK_VISITOR, ctypes.c_void_p)),
         ("restore_pool", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _PoolId, ctypes.POINTER(_Block),
                                           ctypes.c_size_t, _POINTER_VISITOR, ctypes.c_void_p)),
+        ("device_in_use", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int)),
+        ("record_events", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.c_size_t)),
+        ("events", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _EVENT_VISITOR, ctypes.c_void_p)),
+        ("segments", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, _SEGMENT_VISITOR, ctypes.c_void_p)),
+        ("memory_totals", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_int, ctypes.POINTER(ctypes.c_int64),
+                                           ctypes.POINTER(ctypes.c_int64))),
+        ("allocation_info", ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.POINTER(ctypes.c_size_t),
+                                             ctypes.POINTER(ctypes.c_int))),
     ]
+
+
+def adapter_table():
+    """vmmalloc._C's vmm_adapter_api_table(), as a ctypes structure."""
+    lib = ctypes.CDLL(_C.__file__)
+    lib.vmm_adapter_api_table.restype = ctypes.POINTER(_Table)
+    return lib.vmm_adapter_api_table()
 
 
 def test_the_adapter_table_serves_pools_and_reports_failures_as_statuses(host_devices):
@@ -232,9 +267,7 @@ def test_the_adapter_table_serves_pools_and_reports_failures_as_statuses(host_de
     from vmmalloc import _C
 
     _C.configure("memory_cap:32MiB")
-    lib = ctypes.CDLL(_C.__file__)
-    lib.vmm_adapter_api_table.restype = ctypes.POINTER(_Table)
-    table = lib.vmm_adapter_api_table().contents
+    table = adapter_table().contents
     assert table.struct_size == ctypes.sizeof(_Table)
     out = ctypes.c_void_p()
     assert table.allocate(4 * MiB, 0, None, ctypes.byref(out)) == 0 and out.value
@@ -278,6 +311,51 @@ def test_the_adapter_table_serves_pools_and_reports_failures_as_statuses(host_de
     assert table.release_pool(0, pool) == 0
     assert _C.device_allocator(0).stats()["vmm.private_pools"] == 0
     assert _C.device_allocator(0).stats()["allocated_bytes.all.current"] == 0
+
+
+def test_the_adapter_table_serves_events_segments_and_totals(host_devices):
+    """What the adapter's history and profiler reports read (Note [Adapter history])."""
+    _C.configure("memory_cap:32MiB")
+    table = adapter_table().contents
+    assert table.device_in_use(0) == 0
+    assert table.record_events(0, 0) == 0 and table.device_in_use(0) == 0, "turning off creates nothing"
+    seen: list[tuple] = []
+    on_event = _EVENT_VISITOR(lambda context, e: seen.append((e.contents.kind, e.contents.addr, e.contents.size)))
+    assert table.events(3, on_event, None) == 0 and seen == [] and table.device_in_use(3) == 0
+    assert table.record_events(0, 100) == 0 and table.device_in_use(0) == 1
+    out = ctypes.c_void_p()
+    assert table.allocate(1000, 0, None, ctypes.byref(out)) == 0
+    small = out.value
+    assert table.allocate(5 * MiB, 0, None, ctypes.byref(out)) == 0
+    large = out.value
+    assert table.allocate(64 * MiB, 0, None, ctypes.byref(out)) == 1
+    table.deallocate(small)
+    assert table.events(0, on_event, None) == 0
+    kinds = [kind for kind, _, _ in seen]
+    # alloc 0, free_requested 1, free_completed 2, grow 3, oom 8 (adapter_abi.h)
+    assert kinds.count(3) == 2 and (0, small, 1024) in seen and (0, large, 6 * MiB) in seen
+    assert 8 in kinds and (1, small, 1024) in seen and (2, small, 1024) in seen
+    allocated, reserved = ctypes.c_int64(), ctypes.c_int64()
+    assert table.memory_totals(0, ctypes.byref(allocated), ctypes.byref(reserved)) == 0
+    assert (allocated.value, reserved.value) == (6 * MiB, 8 * MiB)
+    size, device = ctypes.c_size_t(), ctypes.c_int()
+    assert table.allocation_info(large, ctypes.byref(size), ctypes.byref(device)) == 0
+    assert (size.value, device.value) == (6 * MiB, 0)
+    assert table.allocation_info(small, ctypes.byref(size), ctypes.byref(device)) == 2
+    segments: list[tuple] = []
+
+    def on_segment(context, s):
+        s = s.contents
+        blocks = [(s.blocks[i].addr, s.blocks[i].size, s.blocks[i].state) for i in range(s.block_count)]
+        segments.append((s.base, s.size, s.kind, blocks))
+
+    visit = _SEGMENT_VISITOR(on_segment)
+    assert table.segments(0, visit, None) == 0
+    assert (large, 6 * MiB, 0, [(large, 6 * MiB, 0)]) in segments  # VMM_SEGMENT_LARGE, VMM_BLOCK_ACTIVE
+    assert sum(size for _, size, _, _ in segments) == reserved.value, "regions add up to reserved"
+    for base, size, _, blocks in segments:
+        assert sum(b[1] for b in blocks) == size, "blocks tile their region"
+    table.deallocate(large)
 
 
 @pytest.mark.skipif(vmmalloc.cuda_available(), reason="CUDA is available: the GPU suite covers enabling")

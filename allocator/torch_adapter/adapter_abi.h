@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define VMM_ADAPTER_ABI_VERSION 1
+#define VMM_ADAPTER_ABI_VERSION 2
 
 enum vmm_status { VMM_OK = 0, VMM_OUT_OF_MEMORY = 1, VMM_FAILED = 2 };
 
@@ -34,11 +34,57 @@ typedef struct vmm_block {
   uintptr_t stream;
 } vmm_block;
 
+/* An event of the core's event log (allocator/event_log.hpp); kind is one of VMM_EVENT_*. */
+enum vmm_event_kind {
+  VMM_EVENT_ALLOC = 0,
+  VMM_EVENT_FREE_REQUESTED = 1,
+  VMM_EVENT_FREE_COMPLETED = 2,
+  VMM_EVENT_GROW = 3,    /* physical chunks created: reserved += size */
+  VMM_EVENT_RELEASE = 4, /* physical chunks given back: reserved -= size */
+  VMM_EVENT_STITCH = 5,  /* a new virtual mapping over free chunks */
+  VMM_EVENT_MAP = 6,     /* a KV page mapped into a virtual tensor */
+  VMM_EVENT_UNMAP = 7,   /* a KV page given up */
+  VMM_EVENT_OOM = 8      /* out of memory for `size` bytes; aux: the device's free bytes */
+};
+
+typedef struct vmm_event {
+  uint32_t kind;
+  uint64_t time_ns; /* std::chrono::steady_clock */
+  uintptr_t addr;
+  uint64_t size;
+  uint64_t aux;
+  uintptr_t stream;
+} vmm_event;
+
+/* A region of a snapshot (Note [Snapshot segments] in allocator/caching_allocator.hpp):
+ * its blocks tile it in address order. */
+enum vmm_segment_kind { VMM_SEGMENT_LARGE = 0, VMM_SEGMENT_SMALL = 1, VMM_SEGMENT_PAGES = 2, VMM_SEGMENT_FREE = 3 };
+enum vmm_block_state { VMM_BLOCK_ACTIVE = 0, VMM_BLOCK_PENDING_FREE = 1, VMM_BLOCK_INACTIVE = 2 };
+
+typedef struct vmm_snapshot_block {
+  uintptr_t addr;
+  size_t size;
+  size_t requested;
+  uint32_t state; /* vmm_block_state */
+} vmm_snapshot_block;
+
+typedef struct vmm_segment {
+  uintptr_t base;
+  size_t size;
+  uintptr_t stream;
+  uint32_t kind; /* vmm_segment_kind */
+  vmm_pool_id pool;
+  const vmm_snapshot_block* blocks; /* valid during the visit only */
+  size_t block_count;
+} vmm_segment;
+
 typedef int (*vmm_stream_filter)(void* context, void* stream); /* non-zero: route it */
 typedef void (*vmm_release_context)(void* context);
 typedef void (*vmm_stat_visitor)(void* context, const char* key, int64_t value);
 typedef void (*vmm_block_visitor)(void* context, const vmm_block* block);
 typedef void (*vmm_pointer_visitor)(void* context, uintptr_t ptr);
+typedef void (*vmm_event_visitor)(void* context, const vmm_event* event);
+typedef void (*vmm_segment_visitor)(void* context, const vmm_segment* segment);
 
 typedef struct vmm_adapter_api {
   uint32_t abi_version; /* VMM_ADAPTER_ABI_VERSION */
@@ -66,7 +112,6 @@ typedef struct vmm_adapter_api {
   int (*stats)(int device, vmm_stat_visitor visit, void* context);
   int (*reset_peak_stats)(int device);
   int (*reset_accumulated_stats)(int device);
-  int (*history_enabled)(int device); /* 1 or 0 */
 
   /* Private pools (Note [Private pools] in allocator/private_pool.hpp). */
   int (*create_or_incref_pool)(int device, vmm_pool_id pool);
@@ -82,6 +127,18 @@ typedef struct vmm_adapter_api {
    * allocates exactly `blocks`. */
   int (*restore_pool)(int device, vmm_pool_id pool, const vmm_block* blocks, size_t count,
                       vmm_pointer_visitor freed, void* context);
+
+  /* Introspection. device_in_use: 1 once the device has an allocator, else 0. */
+  int (*device_in_use)(int device);
+  /* The event log of the device (created with capacity > 0): the last `capacity` events
+   * from now on, 0 for off; the events kept so far are forgotten. */
+  int (*record_events)(int device, size_t capacity);
+  int (*events)(int device, vmm_event_visitor visit, void* context); /* oldest first */
+  int (*segments)(int device, vmm_segment_visitor visit, void* context);
+  /* allocated and reserved bytes now (torch's profiler reports them with every event). */
+  int (*memory_totals)(int device, int64_t* allocated, int64_t* reserved);
+  /* The size and device of a live allocation. */
+  int (*allocation_info)(void* ptr, size_t* size, int* device);
 } vmm_adapter_api;
 
 /* Exported by vmmalloc._C. */

@@ -17,9 +17,9 @@
 // and 2.13 (checked by compiling against both). What it overrides replaces the base's
 // bookkeeping as well: the base keeps a locked map of every allocation, the adapter keeps
 // none (a DataPtr's context is its pointer, and the core finds the pointer's device).
-// Left to the base, which raises "does not yet support": snapshot and recordHistory from
-// C++ (Python's torch.cuda.memory functions are routed to vmmalloc's snapshots), IPC,
-// allocator trace trackers, OOM-rejection observers.
+// Memory history and snapshots: trace_recorder.h (Note [Adapter history]). Left to the
+// base, which raises "does not yet support": IPC, allocator trace trackers, OOM-rejection
+// observers.
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cstring>
 #include <functional>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -37,6 +38,7 @@
 #include <vector>
 
 #include "adapter_abi.h"
+#include "trace_recorder.h"
 
 namespace {
 
@@ -55,9 +57,41 @@ void check(int status) {
   TORCH_CHECK(false, message);
 }
 
+vmm_torch::TraceRecorder history(&core);
+
+// torch's memory profiler (torch.profiler with profile_memory=True) learns of every
+// allocation and free with the totals after it, as from PyTorch's allocator.
+void report_to_profiler(void* ptr, int64_t delta, int device) {
+  int64_t allocated = 0, reserved = 0;
+  if (core->memory_totals(device, &allocated, &reserved) != VMM_OK) return;
+  c10::reportMemoryUsageToProfiler(ptr, delta, static_cast<size_t>(allocated), static_cast<size_t>(reserved),
+                                   c10::Device(c10::DeviceType::CUDA, static_cast<c10::DeviceIndex>(device)));
+}
+
+// Frees `ptr`; `checked`: a pointer vmmalloc does not hold is an error status, else it is
+// reported on stderr and ignored (deleters must not throw).
+int free_block(void* ptr, bool checked) {
+  if (C10_UNLIKELY(history.on() || c10::memoryProfilingEnabled())) {
+    size_t size = 0;
+    int device = 0;
+    const bool known = core->allocation_info(ptr, &size, &device) == VMM_OK;
+    if (known && history.on()) history.record_free(ptr, size, device);
+    int status = VMM_OK;
+    if (checked) status = core->deallocate_checked(ptr);
+    else core->deallocate(ptr);
+    if (known && status == VMM_OK && c10::memoryProfilingEnabled()) {
+      report_to_profiler(ptr, -static_cast<int64_t>(size), device);
+    }
+    return status;
+  }
+  if (checked) return core->deallocate_checked(ptr);
+  core->deallocate(ptr);
+  return VMM_OK;
+}
+
 // A DataPtr's deleter: never throws (a bad free is reported on stderr and ignored).
 void delete_block(void* ptr) {
-  if (ptr != nullptr) core->deallocate(ptr);
+  if (ptr != nullptr) free_block(ptr, false);
 }
 
 // A pool's live set, as a graph tree's checkpoint keeps it (Note [Private pools]).
@@ -142,6 +176,45 @@ void fill_stat(void* context, const char* key, int64_t value) {
   else if (metric == "freed") stat->freed = value;
 }
 
+// A snapshot's segments in torch's form (blocks tile a segment, in address order, as torch's
+// conversion expects); a pool id other than (0, 0) keeps that pool's segments only.
+struct SegmentCollector {
+  cca::SnapshotInfo* info;
+  c10::MempoolId_t pool;
+  int device;
+};
+
+void collect_segment(void* context, const vmm_segment* s) {
+  auto& c = *static_cast<SegmentCollector*>(context);
+  const bool every_pool = c.pool.first == 0 && c.pool.second == 0;
+  if (!every_pool && (s->pool.first != c.pool.first || s->pool.second != c.pool.second)) return;
+  c10::CachingDeviceAllocator::SegmentInfo segment;
+  segment.device = static_cast<c10::DeviceIndex>(c.device);
+  segment.address = s->base;
+  segment.total_size = s->size;
+  segment.stream = reinterpret_cast<void*>(s->stream);
+  segment.is_large = s->kind != VMM_SEGMENT_SMALL;
+  segment.is_expandable = s->kind == VMM_SEGMENT_PAGES || s->kind == VMM_SEGMENT_FREE;
+  segment.owner_private_pool_id = {s->pool.first, s->pool.second};
+  for (size_t i = 0; i < s->block_count; ++i) {
+    const vmm_snapshot_block& b = s->blocks[i];
+    c10::CachingDeviceAllocator::BlockInfo block;
+    block.size = b.size;
+    block.requested_size = b.requested;
+    block.allocated = b.state == VMM_BLOCK_ACTIVE;
+    block.active = b.state != VMM_BLOCK_INACTIVE;
+    if (block.active) block.context_when_allocated = history.context_of(b.addr);
+    segment.requested_size += b.requested;
+    if (block.allocated) segment.allocated_size += b.size;
+    if (block.active) segment.active_size += b.size;
+    segment.blocks.push_back(std::move(block));
+  }
+  if (s->kind == VMM_SEGMENT_LARGE && !segment.blocks.empty()) {
+    segment.context_when_allocated = segment.blocks.front().context_when_allocated;
+  }
+  c.info->segments.push_back(std::move(segment));
+}
+
 void record_freed(void* context, uintptr_t ptr) {
   static_cast<std::vector<void*>*>(context)->push_back(reinterpret_cast<void*>(ptr));
 }
@@ -156,10 +229,21 @@ class VmmAllocator final : public PluggableBase {
             [](void* ptr, size_t, int, cudaStream_t) { delete_block(ptr); }) {}
 
   static void* malloc_on(size_t size, c10::DeviceIndex device, cudaStream_t stream) {
+    const bool traced = history.on();
+    std::shared_ptr<c10::GatheredContext> context;
+    if (C10_UNLIKELY(traced)) context = history.begin_allocation(device);
     void* out = nullptr;
     const int status = core->allocate(size, device, stream, &out);
     if (status == VMM_OUT_OF_MEMORY) notify_oom(device, size);
     check(status);
+    if (C10_UNLIKELY(traced)) {
+      history.record_alloc(device, out, size, reinterpret_cast<uintptr_t>(stream), std::move(context));
+    }
+    if (C10_UNLIKELY(c10::memoryProfilingEnabled())) {
+      size_t bytes = size;
+      core->allocation_size(out, &bytes);
+      report_to_profiler(out, static_cast<int64_t>(bytes), device);
+    }
     return out;
   }
 
@@ -183,7 +267,7 @@ class VmmAllocator final : public PluggableBase {
   // Called directly (graph trees, torch._C._cuda_cudaCachingAllocator_raw_delete): a bad
   // pointer is an error here, as in PyTorch.
   void raw_delete(void* ptr) override {
-    if (ptr != nullptr) check(core->deallocate_checked(ptr));
+    if (ptr != nullptr) check(free_block(ptr, true));
   }
 
   void setMemoryFraction(double fraction, c10::DeviceIndex device) override {
@@ -226,8 +310,37 @@ class VmmAllocator final : public PluggableBase {
     check(core->reset_accumulated_stats(device));
   }
   void resetPeakStats(c10::DeviceIndex device) override { check(core->reset_peak_stats(device)); }
-  bool isHistoryEnabled() override {
-    return core->history_enabled(c10::cuda::current_device()) != 0;
+  // ---- Memory history and snapshots (Note [Adapter history]) ----
+  bool isHistoryEnabled() override { return history.on(); }
+  void recordHistory(bool enabled, cca::CreateContextFn context_recorder, size_t alloc_trace_max_entries,
+                     cca::RecordContext when, bool clearHistory,
+                     const std::vector<std::string>& skip_actions) override {
+    history.configure(enabled, context_recorder, alloc_trace_max_entries, when, clearHistory, skip_actions);
+    history.follow_devices_in_use(c10::cuda::device_count());
+  }
+  void recordAnnotation(const std::vector<std::pair<std::string, std::string>>& md) override {
+    history.record_annotation(c10::cuda::current_device(), md);
+  }
+  void pushCompileContext(std::string& md) override { history.push_compile_context(md); }
+  void popCompileContext() override { history.pop_compile_context(); }
+  void setUserMetadata(const std::string& metadata) override { history.set_user_metadata(metadata); }
+  std::string getUserMetadata() override { return history.user_metadata(); }
+
+  cca::SnapshotInfo snapshot(c10::MempoolId_t mempool_id, bool include_traces) override {
+    cca::SnapshotInfo info{};
+    info.config_metadata.max_split_size = std::numeric_limits<size_t>::max();  // no split limit
+    info.config_metadata.last_allocator_settings = "vmmalloc";
+    const int devices = c10::cuda::device_count();
+    SegmentCollector collector{&info, mempool_id, 0};
+    for (int device = 0; device < devices; ++device) {
+      collector.device = device;
+      check(core->segments(device, collect_segment, &collector));
+    }
+    if (include_traces) {
+      for (int device = 0; device < devices; ++device) info.device_traces.push_back(history.trace(device));
+      info.external_annotations = history.annotations();
+    }
+    return info;
   }
 
   // ---- Private pools: CUDA graphs, graph trees, MemPool (Note [Private pools]) ----
@@ -293,8 +406,15 @@ class VmmAllocator final : public PluggableBase {
     TORCH_CHECK(state->device == device, "vmmalloc: a checkpoint of device ", state->device,
                 " restored on device ", device);
     cca::CheckpointDelta delta;
+    const uint64_t began_ns = vmm_torch::steady_ns();
     check(core->restore_pool(device, pool_of(state->pool), state->blocks.data(),
                              state->blocks.size(), record_freed, &delta.ptrs_freed));
+    if (history.on()) {
+      std::vector<std::pair<uintptr_t, size_t>> made;
+      for (const vmm_block& b : state->blocks) made.emplace_back(b.ptr, b.requested);
+      history.record_restore(device, began_ns, delta.ptrs_freed, made,
+                             state->blocks.empty() ? 0 : state->blocks.front().stream);
+    }
     for (const vmm_block& b : state->blocks) {
       void* ptr = reinterpret_cast<void*>(b.ptr);
       delta.dataptrs_allocd.emplace_back(ptr, ptr, &delete_block,
