@@ -113,9 +113,19 @@ class Backend {
   virtual int relax_capture_mode() { return 0; }
   virtual void restore_capture_mode(int mode) { (void)mode; }
 
-  // Data movement between host memory and mapped device memory (tests and tools).
+  // Data movement between host memory and mapped device memory (tests, tools, sleeping
+  // pools' backups).
   virtual void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) = 0;
   virtual void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) = 0;
+  // Page-locks host memory the caller allocated, so that copies to and from it run at the
+  // bus's rate. False where it cannot (the host backend, or a refused pin): copies to that
+  // memory still work, at pageable speed.
+  virtual bool pin_host(void* address, std::size_t bytes) {
+    (void)address;
+    (void)bytes;
+    return false;
+  }
+  virtual void unpin_host(void* address) { (void)address; }
 };
 
 }  // namespace vmm

@@ -1139,16 +1139,20 @@ void CachingAllocator::pause_pool(PoolId id, bool backup) {
   }
   if (!pending_.empty()) process_pending(/*wait=*/false);  // the pool's frees are done now
   // Copies first: until the unmap nothing has changed, so a failed copy leaves it running.
-  std::vector<std::pair<Chunk*, std::vector<unsigned char>>> backups;
+  std::vector<std::pair<Chunk*, std::size_t>> backups;
   if (backup) {
+    std::size_t total = 0;
     for (Chunk* c : arena.chunks.all()) {
       if (!c->is_head() || c->mappings.empty()) continue;
       bool holds_data = false;
       for (std::size_t k = 0; k < c->handle_chunks; ++k) holds_data = holds_data || c[k].busy;
       if (!holds_data) continue;
-      std::vector<unsigned char> bytes(c->handle_chunks * kChunkSize);
-      backend_->copy_to_host(bytes.data(), handle_address(c), bytes.size());
-      backups.emplace_back(c, std::move(bytes));
+      backups.emplace_back(c, total);
+      total += c->handle_chunks * kChunkSize;
+    }
+    unsigned char* host = pool->backup_memory.reserve(*backend_, total);
+    for (const auto& [c, offset] : backups) {
+      backend_->copy_to_host(host + offset, handle_address(c), c->handle_chunks * kChunkSize);
     }
   }
   arena.cache.unmap_all();
@@ -1178,10 +1182,11 @@ void CachingAllocator::resume_pool(PoolId id) {
     sync_reserved_stats();
     throw;
   }
-  for (const auto& [head, data] : pool->backups) {
-    backend_->copy_from_host(handle_address(head), data.data(), data.size());
+  for (const auto& [head, offset] : pool->backups) {
+    backend_->copy_from_host(handle_address(head), pool->backup_memory.data() + offset,
+                             head->handle_chunks * kChunkSize);
   }
-  pool->backups.clear();
+  pool->backups.clear();  // backup_memory stays, for the next pause
   // The new memory is idle on every stream: no wait is owed to the streams of before.
   for (Chunk* c : arena.chunks.all()) {
     if (!c->busy) c->stream = kNoStream;

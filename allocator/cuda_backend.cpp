@@ -1,5 +1,7 @@
 #include "cuda_backend.hpp"
 
+#include "host_pinning.hpp"
+
 #include <cstdio>
 #include <string>
 #include <utility>
@@ -367,6 +369,12 @@ void CudaBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_
            ", bytes=" + std::to_string(bytes) + ")";
   });
 }
+
+bool CudaBackend::pin_host(void* address, std::size_t bytes) {
+  return pin_host_memory(address, bytes, device_).empty();
+}
+
+void CudaBackend::unpin_host(void* address) { unpin_host_memory(address, device_); }
 
 void CudaBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);

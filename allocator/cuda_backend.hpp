@@ -57,6 +57,8 @@ class CudaBackend final : public Backend {
 
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) override;
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) override;
+  bool pin_host(void* address, std::size_t bytes) override;
+  void unpin_host(void* address) override;
 
  private:
   const cu::DriverApi& api_;

@@ -65,6 +65,8 @@ class FaultInjectionBackend final : public Backend {
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t n) override {
     inner_->copy_from_host(dst, src, n);
   }
+  bool pin_host(void* address, std::size_t n) override { return inner_->pin_host(address, n); }
+  void unpin_host(void* address) override { inner_->unpin_host(address); }
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t n) override {
     inner_->copy_to_host(dst, src, n);
   }

@@ -83,6 +83,42 @@ inline Config private_pool_config(Config config) {
   return config;
 }
 
+// The host memory a sleeping pool's backups go to: one buffer, pinned where the backend can,
+// and kept after a resume, so that the pool's next pause copies at the bus's rate without
+// pinning again (pinning costs about what a pageable copy does; sleep cycles repeat).
+class HostBackup {
+ public:
+  HostBackup() = default;
+  HostBackup(const HostBackup&) = delete;
+  HostBackup& operator=(const HostBackup&) = delete;
+  ~HostBackup() { reset(); }
+
+  // At least `bytes` of host memory; grows (a new buffer, pinned again) only when smaller.
+  unsigned char* reserve(Backend& backend, std::size_t bytes) {
+    if (bytes <= size_) return data_.get();
+    reset();
+    data_.reset(new unsigned char[bytes]);  // uninitialized: the copies write every byte used
+    size_ = bytes;
+    backend_ = &backend;
+    pinned_ = backend.pin_host(data_.get(), bytes);
+    return data_.get();
+  }
+  const unsigned char* data() const { return data_.get(); }
+  bool pinned() const { return pinned_; }
+  void reset() {
+    if (pinned_) backend_->unpin_host(data_.get());
+    pinned_ = false;
+    data_.reset();
+    size_ = 0;
+  }
+
+ private:
+  Backend* backend_ = nullptr;
+  std::unique_ptr<unsigned char[]> data_;
+  std::size_t size_ = 0;
+  bool pinned_ = false;
+};
+
 struct PrivatePool {
   PrivatePool(PoolId pool_id, Backend& backend, ChunkBudget& budget, const Config& device_config)
       : id(pool_id), config(private_pool_config(device_config)), arena(backend, budget, config) {}
@@ -92,8 +128,10 @@ struct PrivatePool {
   Arena arena;
   int use_count = 1;      // graphs, MemPools and active routes holding it
   std::size_t live = 0;   // allocations not yet given back (pending frees included)
-  // While paused (Note [Sleeping pools]): the contents of the handles that held live data.
-  std::vector<std::pair<Chunk*, std::vector<unsigned char>>> backups;
+  // While paused (Note [Sleeping pools]): the handles that held live data, each with the
+  // offset of its contents in backup_memory.
+  std::vector<std::pair<Chunk*, std::size_t>> backups;
+  HostBackup backup_memory;
   bool paused() const { return arena.chunks.paused(); }
 };
 
