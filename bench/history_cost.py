@@ -85,9 +85,8 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
 def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     for mode, r in result["modes"].items():
-        rows.append((f"history {mode}: ns per pair, vmmalloc / native",
-                     f"{r['vmmalloc_ns']:.0f} / {r['native_ns']:.0f} ({r['vmmalloc_vs_native_time']:.2f}x)",
-                     "<= 1.2x" if mode in ("python", "all") else ""))
+        rows.append((f"history {mode}: pair time vmmalloc / native ({r['vmmalloc_ns']:.0f} / {r['native_ns']:.0f} ns)",
+                     f"{r['vmmalloc_vs_native_time']:.2f}x", "<= 1.2x" if mode in ("python", "all") else ""))
     return rows
 
 

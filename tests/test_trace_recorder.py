@@ -207,3 +207,13 @@ def test_devices_are_followed_from_their_first_allocation(history):
     assert [e["action"] for e in history.trace(device=1) if e["addr"] == p] == \
         ["alloc", "free_requested", "free_completed"]
     assert all(e["addr"] != p for e in history.trace(device=0))
+
+
+def test_the_core_log_alone_gives_a_trace_without_stacks(history):
+    """VMMALLOC_CONF=history:N turns on the core's log only; torch's snapshot still has every
+    alloc and free, from the core."""
+    _C.device_allocator(0).record_events(1000)
+    p = history.malloc(4096)
+    history.free(p)
+    assert of(history.trace(), p) == [("alloc", 4096, 0), ("free_requested", 4096, 0), ("free_completed", 4096, 0)]
+    _C.device_allocator(0).record_events(0)

@@ -21,7 +21,9 @@
 // page, oom -> oom. A stitch changes neither reserved nor allocated memory and has no torch
 // action: it stays in vmmalloc's own timeline (vmmalloc.timeline). The core keeps twice the
 // entries asked for, since its log also holds the alloc and free events the adapter records
-// itself; the merged trace keeps the newest `max_entries`.
+// itself; the merged trace keeps the newest `max_entries`. With the adapter's history off and
+// the core's log on by itself (VMMALLOC_CONF=history:N), the trace is the core's alone,
+// alloc and free requests included, without stacks.
 //
 // Cost: with history off, one relaxed atomic load per allocation and per free. With it
 // on, the recorder's cost (as in PyTorch's allocator) plus one lock and one ring store.
@@ -232,9 +234,11 @@ class TraceRecorder {
   std::vector<cda::TraceEntry> trace(int device) const {
     std::vector<Record> merged;
     std::size_t capacity = 0;
+    bool recording = false;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      capacity = capacity_;
+      recording = on_.load(std::memory_order_relaxed);
+      capacity = recording ? capacity_ : std::numeric_limits<std::size_t>::max();
       for (const Record& r : ring_) {
         if (r.device == device) merged.push_back(r);
       }
@@ -243,7 +247,7 @@ class TraceRecorder {
     (*core_)->events(device, [](void* out, const vmm_event* e) {
       static_cast<std::vector<vmm_event>*>(out)->push_back(*e);
     }, &events);
-    for (const vmm_event& e : events) add_core_event(device, e, merged);
+    for (const vmm_event& e : events) add_core_event(device, e, !recording, merged);
     std::stable_sort(merged.begin(), merged.end(),
                      [](const Record& a, const Record& b) { return a.time_ns < b.time_ns; });
     // A free completion carries its request's size and context, as in PyTorch.
@@ -343,7 +347,9 @@ class TraceRecorder {
     }
   }
 
-  static void add_core_event(int device, const vmm_event& e, std::vector<Record>& out) {
+  // `with_requests`: the core's alloc and free events too, when the adapter records none
+  // (the core's log alone is on: VMMALLOC_CONF=history:N).
+  static void add_core_event(int device, const vmm_event& e, bool with_requests, std::vector<Record>& out) {
     Record r;
     r.device = device;
     r.addr = e.addr;
@@ -359,12 +365,20 @@ class TraceRecorder {
         r.addr = e.aux;  // torch: an OOM entry's addr is the device's free memory
         break;
       case VMM_EVENT_MAP: r.action = Action::ALLOC; break;
+      case VMM_EVENT_ALLOC:
+        if (!with_requests) return;
+        r.action = Action::ALLOC;
+        break;
+      case VMM_EVENT_FREE_REQUESTED:
+        if (!with_requests) return;
+        r.action = Action::FREE_REQUESTED;
+        break;
       case VMM_EVENT_UNMAP:
         r.action = Action::FREE_REQUESTED;
         out.push_back(r);
         r.action = Action::FREE_COMPLETED;
         break;
-      default: return;  // alloc and free requests: the adapter's own records; stitch: none
+      default: return;  // a stitch: no torch action
     }
     out.push_back(std::move(r));
   }
