@@ -33,7 +33,10 @@ def _gpu_facts() -> dict[str, Any]:
 
 
 def _commit() -> str | None:
-    """The checkout's commit, with "+dirty" when tracked files differ from it."""
+    """VMMALLOC_COMMIT when set (a copied tree whose .git is not its own), else the
+    checkout's commit, with "+dirty" when tracked files differ from it."""
+    if os.environ.get("VMMALLOC_COMMIT"):
+        return os.environ["VMMALLOC_COMMIT"]
     root = Path(__file__).resolve().parent.parent
     try:
         head = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],

@@ -23,6 +23,7 @@ import threading
 import time
 
 MiB = 1 << 20
+CAPTURE_HEADROOM = 512 * MiB
 
 
 def holds(t, value: float) -> bool:
@@ -68,12 +69,19 @@ def soak(seconds: float, threads: int, seed: int, cap_fraction: float) -> dict:
     warm_up(torch)
     baseline_free = torch.cuda.mem_get_info()[0]
     deadline = time.monotonic() + seconds
-    counts = {"ops": 0, "allocs": 0, "ooms": 0, "checks": 0, "record_streams": 0, "graphs": 0, "commits": 0}
+    counts = {"ops": 0, "allocs": 0, "ooms": 0, "checks": 0, "record_streams": 0, "graphs": 0,
+              "captures_skipped": 0, "commits": 0}
+    cap_bytes = cap_fraction * torch.cuda.get_device_properties(0).total_memory
     lock = threading.Lock()
     # One capture at a time: torch registers each capturing graph with the default CUDA
     # generator's state without a lock (CUDAGeneratorState::register_graph), so concurrent
     # captures in threads corrupt it under any allocator ("The graph should be registered
     # to the state" in ~CUDAGraph). Eager work of the other threads goes on meanwhile.
+    # And a capture only with headroom under the cap: an out-of-memory error inside a capture
+    # leaves torch 2.11's CUDAGraph in a state its destructor aborts the process on (the same
+    # message; seen twice in this soak, each time after captures cut short by an OOM, which
+    # torch reports as "The CUDA Graph is empty"). The other threads keep allocating, so the
+    # headroom covers what they may take meanwhile.
     capture_lock = threading.Lock()
     failures: list[str] = []
 
@@ -129,22 +137,25 @@ def soak(seconds: float, threads: int, seed: int, cap_fraction: float) -> dict:
                         except (torch.OutOfMemoryError, vmmalloc.OutOfMemoryError):
                             local["ooms"] += 1
                     else:
-                        x = torch.full((1 << 16,), 2.0, device="cuda")
-                        graph = torch.cuda.CUDAGraph()
-                        try:
-                            with capture_lock, torch.cuda.graph(graph, capture_error_mode="thread_local"):
-                                tmp = x * 3
-                                y = tmp + 1
-                                del tmp
-                            graph.replay()
-                            if not holds(y, 7.0):
-                                failures.append(f"thread {index}: a graph replay gave a wrong result")
-                            local["graphs"] += 1
-                        except torch.OutOfMemoryError:
-                            local["ooms"] += 1
-                        with capture_lock:  # ~CUDAGraph unregisters from that state too
-                            del graph
-                        del x
+                        with capture_lock:
+                            if cap_bytes - torch.cuda.memory_reserved() < CAPTURE_HEADROOM:
+                                local["captures_skipped"] += 1
+                                continue
+                            graph = x = y = None
+                            try:
+                                x = torch.full((1 << 16,), 2.0, device="cuda")
+                                graph = torch.cuda.CUDAGraph()
+                                with torch.cuda.graph(graph, capture_error_mode="thread_local"):
+                                    tmp = x * 3
+                                    y = tmp + 1
+                                    del tmp
+                                graph.replay()
+                                if not holds(y, 7.0):
+                                    failures.append(f"thread {index}: a graph replay gave a wrong result")
+                                local["graphs"] += 1
+                            except torch.OutOfMemoryError:
+                                local["ooms"] += 1
+                            del graph, x, y  # ~CUDAGraph unregisters from the generator's state
             stream.synchronize()
             for t, value in live:
                 if not holds(t, value):

@@ -48,8 +48,9 @@ later = torch.empty(9 << 20, device="cuda")   # the allocator finishes deferred 
 snap = torch.cuda.memory._snapshot()
 trace = snap["device_traces"][0]
 
-def actions(ptr):
-    return [e["action"] for e in trace if e.get("addr") == ptr][:3]
+def actions(ptr):  # a block's own events (PyTorch's segment_alloc may share its address)
+    return [e["action"] for e in trace if e.get("addr") == ptr
+            and e["action"] in ("alloc", "free_requested", "free_completed")][:3]
 
 def names(frames):
     return [f["name"] for f in frames]
