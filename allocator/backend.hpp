@@ -25,7 +25,7 @@
 namespace vmm {
 
 // Physical chunk size. CUDA's VMM granularity on every GPU we target is 2 MiB
-// (FACTS.md); a backend whose granularity does not divide it is refused at construction.
+// (docs/FACTS.md); a backend whose granularity does not divide it is refused at construction.
 constexpr std::size_t kChunkSize = std::size_t{2} << 20;
 
 // A stream as the caller names it: the cudaStream_t value on CUDA (0 is the legacy
@@ -71,14 +71,14 @@ class Backend {
   virtual void map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) = 0;
   virtual void unmap(std::uintptr_t addr, std::size_t bytes) = 0;
   // Grants read-write access to this device and to every peer added so far, on a range
-  // of whole mapped handles. Its cost is per handle, whatever the handle's size (FACTS.md).
+  // of whole mapped handles. Its cost is per handle, whatever the handle's size (docs/FACTS.md).
   virtual void set_access(std::uintptr_t addr, std::size_t bytes) = 0;
 
   // Note [Peer access]
   // Memory mapped through the VMM API is accessible only to the devices its
   // cuMemSetAccess names; cudaDeviceEnablePeerAccess does not cover it. So a copy to
   // another GPU, or a kernel there reading this memory, fails ("invalid argument") unless
-  // the other GPU was named. Each grant costs per handle and per device (FACTS.md), so a
+  // the other GPU was named. Each grant costs per handle and per device (docs/FACTS.md), so a
   // peer is added only once this process uses that device (the registry adds every device
   // in use to every other: Note [Peers are the devices in use]); set_access then names it,
   // and set_peer_access grants it on what was mapped before.

@@ -202,7 +202,8 @@ class CachingAllocator {
   const Config& config() const { return config_; }
 
  private:
-  // Note [record_stream]: the memory stays active until the work queued on every recorded
+  // Note [record_stream]
+  // The memory stays active until the work queued on every recorded
   // stream up to the free has finished. During capture-safe mode (Note [Capture-safe mode])
   // no event is recorded: `unrecorded` keeps the streams until the mode ends.
   struct PendingFree {

@@ -5,7 +5,7 @@
 // A chunk is the allocator's unit, 2 MiB, and what busy/free, streams and mapping lists
 // are kept for. Physically a chunk is either a handle of its own or one of the
 // `handle_chunks` consecutive chunks of a large handle (16 MiB by default, config
-// large_handle_size). A grant costs per handle whatever its size (FACTS.md, bench/NOTES.md
+// large_handle_size). A grant costs per handle whatever its size (docs/FACTS.md, bench/NOTES.md
 // "Several GPUs" item 15), so a request of n chunks mapped as n/L large handles and n%L
 // single chunks pays about L times fewer grants. The driver maps and unmaps a handle only
 // whole, so the invariant every mapping keeps: a large handle's chunks are mapped together,

@@ -125,7 +125,7 @@ CudaBackend::CudaBackend(int device)
                                              cu::CU_MEM_ALLOC_GRANULARITY_MINIMUM),
           [] { return std::string("cuMemGetAllocationGranularity(pinned, device, minimum)"); });
     // Chunks are created, mapped and aligned in kChunkSize units, which CUDA accepts
-    // exactly when they are multiples of the granularity (2 MiB on our GPUs, FACTS.md).
+    // exactly when they are multiples of the granularity (2 MiB on our GPUs, docs/FACTS.md).
     if (granularity == 0 || kChunkSize % granularity != 0) {
       throw BackendError("cuda backend (device " + std::to_string(device_) +
                          "): the device's minimum allocation granularity is " +

@@ -175,7 +175,8 @@ Driver load() noexcept {
   return d;
 }
 
-// Note [Lazy driver start]: loading resolves symbols only; cuInit runs on the first
+// Note [Lazy driver start]
+// Loading resolves symbols only; cuInit runs on the first
 // question that needs the driver working (a cuda backend, cuda_unavailable_reason), so
 // that importing vmmalloc or enabling it, under VMMALLOC=1 at `import torch` too, leaves
 // CUDA uninitialized, as PyTorch guarantees for `import torch` (a process forked then can

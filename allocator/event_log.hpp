@@ -1,7 +1,7 @@
 // A bounded record of what the allocator did (alloc, free, stitch, physical growth and
 // release, KV page map/unmap, out of memory), for memory timelines and for PyTorch's
 // snapshot format (torch.cuda.memory._record_memory_history does not reach a pluggable
-// allocator: FACTS.md).
+// allocator: docs/FACTS.md).
 //
 // Note [Event log cost]
 // Off (capacity 0), recording is one predictable branch. On, it is one clock read and a

@@ -1,5 +1,5 @@
 // Page-locking ("pinning") host memory that the caller allocated, so that copies between it
-// and a GPU run at the bus's full rate and asynchronously to the host (FACTS.md: 55 GB/s
+// and a GPU run at the bus's full rate and asynchronously to the host (docs/FACTS.md: 55 GB/s
 // each way on an H200). Used by the offloading KV cache for its host copy of the layers.
 //
 // Note [Pinning through the driver, not the runtime]

@@ -403,7 +403,7 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
 // Note [Repairing blocked mappings]
 // Under shapes that change every step, most misses find fitting idle mappings that a few
 // busy chunks block: stitches since mapped those chunks elsewhere, and they are in use
-// there. A stitch of n chunks costs n grants (cuMemSetAccess, ~30 us each: FACTS.md) and
+// there. A stitch of n chunks costs n grants (cuMemSetAccess, ~30 us each: docs/FACTS.md) and
 // adds a mapping sharing n more chunks, which blocks others in turn. Instead the candidate
 // with the fewest blocked slots among the first n is mended: none blocked, it serves as it
 // is (busy chunks past the prefix are not touched); otherwise its k blocked slots are

@@ -32,7 +32,7 @@
 // recorded on S (GPU-side, the host does not block). A chunk whose stream is kNoStream is
 // known idle (the device was synchronized). Likewise a mapping's virtual range may still
 // be read by work on its last stream: evicting it records an event there and the range is
-// unmapped only once that event completes (the driver does not wait: FACTS.md).
+// unmapped only once that event completes (the driver does not wait: docs/FACTS.md).
 #pragma once
 
 #include <cstddef>

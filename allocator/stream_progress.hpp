@@ -2,7 +2,7 @@
 //
 // Note [Stream progress]
 // Unmapping a range that a kernel may still read is a fault (the driver does not wait:
-// FACTS.md), so remapping a slot of an idle mapping in place (Note [Repairing blocked
+// docs/FACTS.md), so remapping a slot of an idle mapping in place (Note [Repairing blocked
 // mappings]) needs the mapping's last use finished. Releases are numbered in order; an
 // event recorded on stream S when the count was r completes once every use released on S
 // up to r has finished. Events are recorded only when a question could not be answered

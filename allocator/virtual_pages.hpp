@@ -9,7 +9,7 @@
 //   chunk is simply not ready (Note [Mappings and readiness]). Once unmapped, the chunk is
 //   free like any other: a freed KV page serves the next torch allocation, and the reverse.
 // - A page that is no longer needed may still be read by work queued on the stream that
-//   gave it up, and the driver does not wait (FACTS.md). It is retired: an event is
+//   gave it up, and the driver does not wait (docs/FACTS.md). It is retired: an event is
 //   recorded on that stream, and the page is unmapped (its chunk returned) only once the
 //   event has completed. Until then it stays mapped, so a retired page that is needed again
 //   is simply taken back, with no driver call; each retirement carries a serial number so

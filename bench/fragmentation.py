@@ -3,7 +3,7 @@ gradient checkpointing) whose batch and sequence length vary from step to step.
 
 - fragmentation: peak reserved / peak allocated for native, expandable_segments and
   vmmalloc, each in its own process on the same schedule; step time against native's.
-  Measured on an H200 (FACTS.md): native 1.37, expandable_segments 1.18.
+  Measured on an H200 (docs/FACTS.md): native 1.37, expandable_segments 1.18.
   Targets: vmmalloc at most 1.05, step time at least 0.97x native's (time ratio <= 1/0.97).
 - headroom: the largest batch of that loop that runs under the same memory limit,
   vmmalloc against native. Target: at least 1.25x. The probe for a batch B is the loop

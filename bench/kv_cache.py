@@ -2,11 +2,11 @@
 VirtualKVCache under vmmalloc against transformers' DynamicCache and StaticCache under
 PyTorch's allocator, each in its own process, same prompts, greedy, no torch.compile.
 
-Measured on an H200 (FACTS.md): DynamicCache 136.5 decode tok/s at 56.3 GB peak reserved,
+Measured on an H200 (docs/FACTS.md): DynamicCache 136.5 decode tok/s at 56.3 GB peak reserved,
 StaticCache 11.1 tok/s at 67.3 GB, with ~16 GB of weights and 17.2 GB of KV (16K context,
 batch 8, 64 new tokens). Targets: at least 2x DynamicCache's tok/s; peak reserved at most
 weights + 1.15 x KV + activations; p99 decode step at most 1.10x the median. The bound is
-one read of weights and KV per step at 4.3 TB/s (FACTS.md).
+one read of weights and KV per step at 4.3 TB/s (docs/FACTS.md).
 
     python -m bench.run kv_cache --backend cuda          # the 16K x 8 comparison
     python -m bench.kv_cache sweep                       # context and batch sweep + plot
@@ -22,7 +22,7 @@ from typing import Any
 from bench.workers import HF_PRELOAD, WarmWorkers, run_worker, worker_main
 
 GB = 1e9
-COPY_BANDWIDTH = 4.3e12  # bytes/s read + written, H200 device-to-device (FACTS.md)
+COPY_BANDWIDTH = 4.3e12  # bytes/s read + written, H200 device-to-device (docs/FACTS.md)
 CACHES = {"dynamic": "native", "static": "native", "vmm": "vmmalloc"}  # cache -> allocator
 # The same cache with pages mapped only when a token needs them: shows what the lookahead
 # of Note [Pages mapped ahead, staggered by layer] removes.

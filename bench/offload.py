@@ -4,7 +4,7 @@ fits, VirtualKVCache with no offloading; each system in its own process, same pr
 
 First the limit: pinned host-to-device and device-to-host bandwidth (1 GiB copies). Then
 decode at 32K and 64K context, batch 4, with a KV budget of 25% of the full KV. Measured on
-an H200 (FACTS.md): transformers' offloading reaches 2.09 tok/s at 32K, batch 4. Targets: at
+an H200 (docs/FACTS.md): transformers' offloading reaches 2.09 tok/s at 32K, batch 4. Targets: at
 least 70% of the PCIe limit for the bytes that must move (>= 4x transformers there); at least
 80% of the time that could overlap does (Note [Overlap] below); peak GPU KV at most the budget
 plus two layers. Last, time to first token of long prompts (batch 1) under a memory cap below

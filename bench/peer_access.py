@@ -5,7 +5,7 @@
 - backfill: add_peer on an allocator with 4 GiB mapped (what the registry does when a
   process starts using a second GPU).
 
-Prediction (FACTS.md: cuMemSetAccess 25-33 us per handle): a peer adds about one more
+Prediction (docs/FACTS.md: cuMemSetAccess 25-33 us per handle): a peer adds about one more
 grant per handle, so a fresh chunk goes from about 35 us to about 60-65 us, and the
 backfill costs about 30 us per mapped chunk (about 60 ms for 4 GiB), once per process.
 """

@@ -1,6 +1,6 @@
 """Do CUDA virtual-memory calls stall GPU work already queued? (bench/NOTES.md, "Several GPUs")
 
-FACTS.md gives what cuMemMap, cuMemSetAccess and cuMemUnmap cost the calling thread on an
+docs/FACTS.md gives what cuMemMap, cuMemSetAccess and cuMemUnmap cost the calling thread on an
 idle process. A training loop calls them (stitches, repairs) while the GPU is still running
 work queued ahead, as FSDP2 always does. If the driver serializes them with that work, a
 stitch costs the GPU time too, not only host time that a queue hides. This measures it:

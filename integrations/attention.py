@@ -2,7 +2,7 @@
 
 K/V from the virtual caches are strided views of ``[batch, max_length, kv_heads,
 head_dim]`` memory. PyTorch SDPA reads such views directly (only the last dimension must be
-contiguous: FACTS.md). Decode steps never copy K/V: for one-token steps the query heads of
+contiguous: docs/FACTS.md). Decode steps never copy K/V: for one-token steps the query heads of
 a group are folded into the query length (one K/V read per group, any mask) instead of
 transformers' ``repeat_kv``, which copies K/V once per query head group. Prompts use
 ``enable_gqa`` when there is no mask; with a mask (padding) K/V are expanded once, as
@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "vmm_sdpa"
-# Note [No cuDNN attention while decoding]: torch's cuDNN SDPA backend builds an execution
+# Note [No cuDNN attention while decoding]
+# torch's cuDNN SDPA backend builds an execution
 # plan per shape, and the key length changes every decode step: profiled on an H200 (torch
 # 2.11), each call cost ~1.2 ms of CPU for ~45 us of GPU work, 60% of an 8B model's decode
 # step. Flash and memory-efficient attention take any length at no setup cost. Prompts

@@ -155,7 +155,8 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     except BaseException:
         cache.free()
         raise
-    # Note [A cache the patch made]: its memory goes back when generate() returns, unless
+    # Note [A cache the patch made]
+    # Its memory goes back when generate() returns, unless
     # the output hands the cache to the caller (return_dict_in_generate): the cache's
     # layers and container refer to each other, so without this only the garbage
     # collector would give it back, and back-to-back calls stacked up their KV.

@@ -1,5 +1,5 @@
 """What differs between the transformers 5.x releases we support (5.17 to 5.23 at least),
-in one place, so the caches are written once (FACTS.md: the cache API drifts inside 5.x).
+in one place, so the caches are written once (docs/FACTS.md: the cache API drifts inside 5.x).
 """
 from __future__ import annotations
 

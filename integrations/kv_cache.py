@@ -13,7 +13,7 @@ to the pool, and a view kept across such a change may then point at unmapped mem
 Models never keep them; callers who do should copy.
 
 Note [Pages mapped ahead, staggered by layer]
-Mapping a page costs about 35 us (FACTS.md). If every layer mapped its next page at the
+Mapping a page costs about 35 us (docs/FACTS.md). If every layer mapped its next page at the
 same token, that decode step would map 2 x layers x batch pages at once (about 18 ms for
 an 8B model at batch 8) and stand out as a spike. So each layer keeps a lead of mapped
 positions beyond its tokens and extends it by a page when the lead falls below a threshold
@@ -54,7 +54,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self.is_sliding = self.sliding_window is not None
         self.max_batch_size = max_batch_size
         self.lookahead = lookahead
-        self._stagger = (layer_index % num_layers + 1) / num_layers  # Note [Pages mapped ahead...]
+        self._stagger = (layer_index % num_layers + 1) / num_layers  # Note [Pages mapped ahead, staggered by layer]
         self.length = 0       # tokens seen, absolute
         self.batch_size = 0   # rows in use
         self.record_past = False
@@ -104,7 +104,7 @@ class VirtualKVLayer(CacheLayerMixin):
         return max(length - self.sliding_window + 1, 0)
 
     def _commit(self, rows: int, stop: int, start: int) -> None:
-        """Backs [start, stop) of `rows` rows, with the lead of Note [Pages mapped ahead...]."""
+        """Backs [start, stop) of `rows` rows, with the lead of Note [Pages mapped ahead, staggered by layer]."""
         k, v = self._k, self._v
         page = k.tokens_per_page
         keep_from = min(start, self._record_from) if self.record_past else start

@@ -10,7 +10,7 @@ An offloaded layer's K and V sit in one host buffer, position-major: position p 
 K then V of every row, ``[batch, kv_heads, head_dim + v_head_dim]``. The first L positions
 of a layer are then one contiguous block, and a step moves a layer to the GPU in one copy;
 the ring buffers have the same layout, so the attention reads strided views of them
-(only the last dimension is contiguous, which SDPA and flash-attn accept: FACTS.md).
+(only the last dimension is contiguous, which SDPA and flash-attn accept: docs/FACTS.md).
 
 Note [The ring and its events]
 Slot s of the ring holds offloaded layer i when i's rank among the offloaded layers is s

@@ -32,7 +32,7 @@ MAGIC = b"VMMTRACE1\n"
 _RECORD = struct.Struct("<BQQQ")  # op, allocation id, size, stream
 ALLOC, FREE = 0, 1
 
-# Driver costs per physical handle from FACTS.md / bench/NOTES.md ("Several GPUs" item 15:
+# Driver costs per physical handle from docs/FACTS.md / bench/NOTES.md ("Several GPUs" item 15:
 # a grant costs the same for a 2 MiB and a 16 MiB handle): mapping an existing handle into
 # a new range (cuMemMap + cuMemSetAccess), and creating one (cuMemCreate, map and grant).
 STITCHED_HANDLE_US = 30.0
@@ -145,7 +145,7 @@ COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.stitched_handles", "vmm.f
 def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30) -> dict[str, Any]:
     """Runs `trace` through a fresh allocator on the host backend (`device_memory` plays the
     GPU's memory) with VMMALLOC_CONF `conf`; returns its figures and an estimate of the
-    driver time its mappings cost (FACTS.md's per-handle costs)."""
+    driver time its mappings cost (docs/FACTS.md's per-handle costs)."""
     backend = _C.HostBackend(device_memory)
     allocator = _C.Allocator(backend, conf)
     live: dict[int, int] = {}

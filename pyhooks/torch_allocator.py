@@ -1,5 +1,5 @@
 """vmmalloc as PyTorch's CUDA allocator: enable_vmm_allocator() and the torch.cuda memory
-APIs that a plain pluggable allocator breaks (FACTS.md), routed to vmmalloc's figures."""
+APIs that a plain pluggable allocator breaks (docs/FACTS.md), routed to vmmalloc's figures."""
 from __future__ import annotations
 
 import ctypes
