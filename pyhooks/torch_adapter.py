@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-SOURCE_NAMES = ("torch_adapter.cpp", "adapter_abi.h")
+SOURCE_NAMES = ("torch_adapter.cpp", "adapter_abi.h", "trace_recorder.h")
 # VMMALLOC_TORCH_ADAPTER=0 keeps the plain pluggable allocator (comparisons, fallbacks).
 DISABLE_VARIABLE = "VMMALLOC_TORCH_ADAPTER"
 
@@ -90,8 +90,9 @@ def build(torch_module) -> Path:
         raise AdapterUnavailable(f"torch {torch_module.__version__} has no CUDA libraries (libtorch_cuda.so)")
     sources = source_dir()
     digest = hashlib.sha256()
-    for name in SOURCE_NAMES:
-        digest.update((sources / name).read_bytes())
+    for path in sorted(sources.iterdir()):  # every source: a header change must rebuild too
+        if path.suffix in (".cpp", ".h"):
+            digest.update(path.name.encode() + path.read_bytes())
     digest.update(f"{torch_module.__version__}{torch_dir}{torch_module._C._GLIBCXX_USE_CXX11_ABI}".encode())
     target = cache_dir() / f"torch_adapter-{digest.hexdigest()[:16]}.so"
     if target.exists():

@@ -155,12 +155,17 @@ def soak(seconds: float, threads: int, seed: int, cap_fraction: float) -> dict:
                                 local["graphs"] += 1
                             except torch.OutOfMemoryError:
                                 local["ooms"] += 1
-                            del graph, x, y  # ~CUDAGraph unregisters from the generator's state
+                            finally:
+                                del graph, x, y  # ~CUDAGraph unregisters from the generator's state
             stream.synchronize()
-            for t, value in live:
-                if not holds(t, value):
-                    failures.append(f"thread {index}: a tensor lost its value by the end")
-                local["checks"] += 1
+            while live:  # freeing as it goes, so that the checks find memory
+                t, value = live.pop()
+                try:
+                    if not holds(t, value):
+                        failures.append(f"thread {index}: a tensor lost its value by the end")
+                    local["checks"] += 1
+                except torch.OutOfMemoryError:
+                    local["ooms"] += 1
         except Exception as error:  # anything but OOM is a failure
             failures.append(f"thread {index}: {type(error).__name__}: {error}")
         finally:

@@ -217,3 +217,14 @@ def test_the_core_log_alone_gives_a_trace_without_stacks(history):
     history.free(p)
     assert of(history.trace(), p) == [("alloc", 4096, 0), ("free_requested", 4096, 0), ("free_completed", 4096, 0)]
     _C.device_allocator(0).record_events(0)
+
+
+def test_a_full_ring_reconfigured_without_clearing_keeps_the_newest(history):
+    history.configure(max_entries=4, skip="segment_map,free_completed")
+    ptrs = [history.malloc(256 << 10) for _ in range(6)]   # six allocs: the ring wraps
+    history.configure(max_entries=4, clear=False, skip="segment_map,free_completed")
+    newest = history.malloc(300 << 10)
+    trace = [e for e in history.trace() if e["action"] == "alloc"]
+    assert [e["addr"] for e in trace] == ptrs[3:] + [newest], "the oldest record is the one overwritten"
+    for p in ptrs + [newest]:
+        history.free(p)

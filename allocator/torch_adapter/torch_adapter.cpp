@@ -57,7 +57,9 @@ void check(int status) {
   TORCH_CHECK(false, message);
 }
 
-vmm_torch::TraceRecorder history(&core);
+// Leaked on purpose, as the core's registry: tensors are freed during interpreter teardown,
+// after static destructors have run, and their frees still reach it.
+vmm_torch::TraceRecorder& history = *new vmm_torch::TraceRecorder(&core);
 
 // torch's memory profiler (torch.profiler with profile_memory=True) learns of every
 // allocation and free with the totals after it, as from PyTorch's allocator.
@@ -70,17 +72,27 @@ void report_to_profiler(void* ptr, int64_t delta, int device) {
 
 // Frees `ptr`; `checked`: a pointer vmmalloc does not hold is an error status, else it is
 // reported on stderr and ignored (deleters must not throw).
+// The history and the profiler are told on a best-effort basis: a failure there (out of
+// host memory, an error from torch's recorder) is reported once and never stops the free.
 int free_block(void* ptr, bool checked) {
   if (C10_UNLIKELY(history.on() || c10::memoryProfilingEnabled())) {
     size_t size = 0;
     int device = 0;
     const bool known = core->allocation_info(ptr, &size, &device) == VMM_OK;
-    if (known && history.on()) history.record_free(ptr, size, device);
+    try {
+      if (known && history.on()) history.record_free(ptr, size, device);
+    } catch (const std::exception& e) {
+      TORCH_WARN_ONCE("vmmalloc: recording a free in the memory history failed: ", e.what());
+    }
     int status = VMM_OK;
     if (checked) status = core->deallocate_checked(ptr);
     else core->deallocate(ptr);
-    if (known && status == VMM_OK && c10::memoryProfilingEnabled()) {
-      report_to_profiler(ptr, -static_cast<int64_t>(size), device);
+    try {
+      if (known && status == VMM_OK && c10::memoryProfilingEnabled()) {
+        report_to_profiler(ptr, -static_cast<int64_t>(size), device);
+      }
+    } catch (const std::exception& e) {
+      TORCH_WARN_ONCE("vmmalloc: reporting a free to torch's profiler failed: ", e.what());
     }
     return status;
   }
@@ -236,13 +248,18 @@ class VmmAllocator final : public PluggableBase {
     const int status = core->allocate(size, device, stream, &out);
     if (status == VMM_OUT_OF_MEMORY) notify_oom(device, size);
     check(status);
-    if (C10_UNLIKELY(traced)) {
-      history.record_alloc(device, out, size, reinterpret_cast<uintptr_t>(stream), std::move(context));
-    }
-    if (C10_UNLIKELY(c10::memoryProfilingEnabled())) {
-      size_t bytes = size;
-      core->allocation_size(out, &bytes);
-      report_to_profiler(out, static_cast<int64_t>(bytes), device);
+    try {
+      if (C10_UNLIKELY(traced)) {
+        history.record_alloc(device, out, size, reinterpret_cast<uintptr_t>(stream), std::move(context));
+      }
+      if (C10_UNLIKELY(c10::memoryProfilingEnabled())) {
+        size_t bytes = size;
+        core->allocation_size(out, &bytes);
+        report_to_profiler(out, static_cast<int64_t>(bytes), device);
+      }
+    } catch (...) {
+      core->deallocate(out);  // the caller gets the error, not a block nobody owns
+      throw;
     }
     return out;
   }
@@ -410,10 +427,9 @@ class VmmAllocator final : public PluggableBase {
     check(core->restore_pool(device, pool_of(state->pool), state->blocks.data(),
                              state->blocks.size(), record_freed, &delta.ptrs_freed));
     if (history.on()) {
-      std::vector<std::pair<uintptr_t, size_t>> made;
-      for (const vmm_block& b : state->blocks) made.emplace_back(b.ptr, b.requested);
-      history.record_restore(device, began_ns, delta.ptrs_freed, made,
-                             state->blocks.empty() ? 0 : state->blocks.front().stream);
+      std::vector<vmm_torch::TraceRecorder::Made> made;
+      for (const vmm_block& b : state->blocks) made.push_back({b.ptr, b.requested, b.stream});
+      history.record_restore(device, began_ns, delta.ptrs_freed, made);
     }
     for (const vmm_block& b : state->blocks) {
       void* ptr = reinterpret_cast<void*>(b.ptr);

@@ -37,6 +37,7 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <deque>
 #include <cstdint>
 #include <limits>
 #include <memory>
@@ -113,17 +114,15 @@ class TraceRecorder {
       ring_.clear();
       annotations_.clear();
     }
-    if (ring_.size() > capacity) {  // keep the newest
-      std::sort(ring_.begin(), ring_.end(),
-                [](const Record& a, const Record& b) { return a.time_ns < b.time_ns; });
-      ring_.erase(ring_.begin(), ring_.begin() + (ring_.size() - capacity));
-    }
-    next_ = 0;  // the ring is oldest first now, or not full
+    // Oldest first again (a full ring's oldest is at next_), then the newest `capacity`.
+    std::rotate(ring_.begin(), ring_.begin() + static_cast<std::ptrdiff_t>(next_), ring_.end());
+    if (ring_.size() > capacity) ring_.erase(ring_.begin(), ring_.begin() + (ring_.size() - capacity));
+    next_ = 0;
     if (!enabled) live_.clear();
     for (int device = 0; device < static_cast<int>(core_recording_.size()); ++device) {
       if (!core_recording_[device]) continue;
       if (!enabled) (*core_)->record_events(device, 0);
-      else if (clear || capacity != capacity_) (*core_)->record_events(device, 2 * capacity);
+      else if (clear || capacity != capacity_) (*core_)->record_events(device, core_capacity(capacity));
     }
     if (!enabled) core_recording_.assign(core_recording_.size(), false);
     capacity_ = capacity;
@@ -144,6 +143,7 @@ class TraceRecorder {
   std::shared_ptr<c10::GatheredContext> begin_allocation(int device) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
+      if (!on_.load(std::memory_order_relaxed)) return nullptr;  // turned off meanwhile
       follow(device);
     }
     return gather(cda::RecordContext::STATE);
@@ -179,23 +179,27 @@ class TraceRecorder {
   // A graph tree's checkpoint restore (setCheckpointPoolState), which began at `began_ns`:
   // the blocks it freed are free requests from then (the core logged their completions),
   // the blocks it made are allocations now, with no context (none is known).
+  struct Made {
+    std::uintptr_t addr;
+    std::size_t size;
+    std::uintptr_t stream;
+  };
   void record_restore(int device, std::uint64_t began_ns, const std::vector<void*>& freed,
-                      const std::vector<std::pair<std::uintptr_t, std::size_t>>& made,
-                      std::uintptr_t stream) {
+                      const std::vector<Made>& made) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!on_.load(std::memory_order_relaxed)) return;
     for (void* ptr : freed) {
       const auto addr = reinterpret_cast<std::uintptr_t>(ptr);
-      std::size_t size = 0;
+      Live live{device, 0, 0, nullptr};  // size 0: unknown, the completion's is kept
       if (auto it = live_.find(addr); it != live_.end()) {
-        size = it->second.size;
+        live = std::move(it->second);
         live_.erase(it);
       }
-      push(Action::FREE_REQUESTED, device, addr, size, stream, nullptr, began_ns);
+      push(Action::FREE_REQUESTED, device, addr, live.size, live.stream, nullptr, began_ns);
     }
-    for (const auto& [addr, size] : made) {
-      live_[addr] = Live{device, size, stream, nullptr};
-      push(Action::ALLOC, device, addr, size, stream, nullptr);
+    for (const Made& m : made) {
+      live_[m.addr] = Live{device, m.size, m.stream, nullptr};
+      push(Action::ALLOC, device, m.addr, m.size, m.stream, nullptr);
     }
   }
 
@@ -203,7 +207,7 @@ class TraceRecorder {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!on_.load(std::memory_order_relaxed)) return;
     annotations_.push_back({device, steady_ns(), md});
-    if (annotations_.size() > capacity_) annotations_.erase(annotations_.begin());
+    if (annotations_.size() > capacity_) annotations_.pop_front();
   }
 
   void push_compile_context(const std::string& md) {
@@ -257,7 +261,7 @@ class TraceRecorder {
         requested[r.addr] = &r;
       } else if (r.action == Action::FREE_COMPLETED && r.context == nullptr) {
         if (auto it = requested.find(r.addr); it != requested.end()) {
-          r.size = it->second->size;
+          if (it->second->size != 0) r.size = it->second->size;
           r.context = it->second->context;
           r.user_metadata = it->second->user_metadata;
           r.compile_context = it->second->compile_context;
@@ -331,12 +335,18 @@ class TraceRecorder {
     if (device < 0) return;
     if (static_cast<std::size_t>(device) >= core_recording_.size()) core_recording_.resize(device + 1, false);
     if (core_recording_[device]) return;
-    (*core_)->record_events(device, 2 * capacity_);
-    core_recording_[device] = true;
+    core_recording_[device] = (*core_)->record_events(device, core_capacity(capacity_)) == VMM_OK;
+  }
+  // The core's ring is allocated when turned on: twice the entries asked for, at most
+  // kCoreEventsMax (56 MB per device; torch's default max_entries is sys.maxsize).
+  static constexpr std::size_t kCoreEventsMax = std::size_t{1} << 20;
+  static std::size_t core_capacity(std::size_t entries) {
+    return entries >= kCoreEventsMax / 2 ? kCoreEventsMax : 2 * entries;
   }
 
   void push(Action action, int device, std::uintptr_t addr, std::size_t size, std::uintptr_t stream,
             std::shared_ptr<c10::GatheredContext> context, std::uint64_t time_ns = 0) {
+    if (std::find(skipped_.begin(), skipped_.end(), action) != skipped_.end()) return;  // as PyTorch
     Record r{action, device, addr, size, stream, {0, 0}, time_ns != 0 ? time_ns : steady_ns(), std::move(context),
              compile_contexts_.empty() ? std::string() : compile_contexts_.back(), user_metadata_};
     if (ring_.size() < capacity_) {
@@ -393,7 +403,7 @@ class TraceRecorder {
   // The adapter's records; once full, next_ is the oldest (a trace sorts them by time).
   std::vector<Record> ring_;
   std::size_t next_ = 0;
-  std::vector<Annotation> annotations_;
+  std::deque<Annotation> annotations_;
   std::vector<std::string> compile_contexts_;
   std::string user_metadata_;
   std::unordered_map<std::uintptr_t, Live> live_;
