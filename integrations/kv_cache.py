@@ -237,6 +237,10 @@ class VirtualKVLayer(CacheLayerMixin):
     def prefetch(self) -> None:
         raise NotImplementedError("VirtualKVCache keeps K/V on the device; use the offloading cache instead")
 
+    def virtual_tensors(self) -> list[VirtualTensor]:
+        """The layer's live buffers (what vmmalloc.sleep_mode puts to sleep)."""
+        return [vt for vt in (self._k, self._v) if vt is not None and not vt.freed]
+
     @property
     def committed_bytes(self) -> int:
         return sum(vt.committed_bytes for vt in (self._k, self._v) if vt is not None and not vt.freed)

@@ -107,6 +107,7 @@ class VirtualTensor:
         self.rows = 0
         self.start = 0
         self.stop = 0
+        self._sleep: tuple[int, int, int, torch.Tensor | None] | None = None  # (rows, start, stop, backup)
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -129,6 +130,9 @@ class VirtualTensor:
             RuntimeError: once freed.
             torch.OutOfMemoryError: when no memory is left after releasing caches.
         """
+        if self._sleep is not None:
+            raise RuntimeError("this virtual tensor is asleep (vmmalloc.sleep_mode.pause); resume its tag "
+                               "before committing or touching it")
         if not (0 <= rows <= self.shape[0] and 0 <= start <= stop <= self.shape[1]):
             raise ValueError(
                 f"cannot commit rows [0, {rows}) positions [{start}, {stop}) of a virtual tensor "
@@ -142,6 +146,47 @@ class VirtualTensor:
         except _C.OutOfMemoryError as error:
             raise torch.OutOfMemoryError(str(error)) from error
         self.rows, self.start, self.stop = rows, start, stop
+
+    @property
+    def allocator(self) -> _C.Allocator:
+        """The allocator whose chunk pool backs the pages."""
+        return self._allocator
+
+    @property
+    def asleep(self) -> bool:
+        """Whether sleep() gave the pages back and wake() has not mapped them again."""
+        return self._sleep is not None
+
+    def sleep(self, backup: bool = False) -> None:
+        """Gives every page back (after the work queued on the current stream), keeping the
+        reservation and the committed span; with `backup` the committed contents go to host
+        memory first (pinned for a GPU), else they are discarded (a KV cache's case).
+        vmmalloc.sleep_mode.pause calls it for the virtual tensors attached to a tag."""
+        if self.freed or self._sleep is not None:
+            return
+        saved = None
+        if backup and self.rows and self.stop > self.start:
+            span = self.tensor[:self.rows, self.start:self.stop]
+            saved = torch.empty(span.shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
+            saved.copy_(span)
+        rows, start, stop = self.rows, self.start, self.stop
+        self.commit(0, 0)
+        self._sleep = (rows, start, stop, saved)
+
+    def wake(self) -> None:
+        """Maps the committed span again at the same addresses (contents restored when sleep
+        backed them up, else undefined). On torch.OutOfMemoryError it stays asleep."""
+        if self._sleep is None:
+            return
+        rows, start, stop, saved = self._sleep
+        self._sleep = None
+        try:
+            self.commit(rows, stop, start)
+        except BaseException:
+            self._sleep = (rows, start, stop, saved)
+            raise
+        if saved is not None:
+            self.tensor[:rows, start:stop].copy_(saved, non_blocking=saved.is_pinned())
 
     @property
     def committed_bytes(self) -> int:
@@ -165,6 +210,7 @@ class VirtualTensor:
         """
         if not self._range.freed:
             self._range.free(current_stream(self.device))
+        self._sleep = None
         self._tensor = None  # our own export: the pages go back now unless views remain
         self.rows = self.start = self.stop = 0
 

@@ -224,3 +224,65 @@ def test_a_pause_waits_for_the_streams_of_pending_frees_in_the_pool():
     alloc.resume_pool(WEIGHTS)
     alloc.release_pool(WEIGHTS)
     assert alloc.stats()["vmm.private_pools"] == 0
+
+
+def test_attached_virtual_tensors_sleep_and_wake_at_the_same_addresses(host_devices):
+    """KV pages mapped into reserved ranges are not pool memory: attach() puts them under a
+    tag, and pause/resume unmap and map their committed span in place."""
+    import torch
+
+    from vmmalloc import sleep_mode
+    from vmmalloc.virtual_tensor import VirtualTensor
+
+    device = host_devices(0)
+    kv = VirtualTensor((2, 4 * MiB), torch.uint8, "cpu", allocator=device)
+    kv.commit(2, 3 * MiB)
+    kv.tensor[:2, :3 * MiB].fill_(5)
+    sleep_mode.attach("kv", kv, device=0)
+    ptr, committed = kv.tensor.data_ptr(), kv.committed_bytes
+    reserved = device.stats()["reserved_bytes.all.current"]
+    sleep_mode.pause("kv", backup=False, device=0)
+    assert kv.asleep and sleep_mode.is_paused("kv", device=0)
+    assert kv.committed_bytes == 0
+    assert device.stats()["reserved_bytes.all.current"] == reserved - committed, "pages went back to the device"
+    with pytest.raises(RuntimeError, match="asleep"):
+        kv.commit(2, MiB)
+    sleep_mode.resume("kv", device=0)
+    assert not kv.asleep and not sleep_mode.is_paused("kv", device=0)
+    assert kv.tensor.data_ptr() == ptr and kv.committed_bytes == committed
+    assert (kv.rows, kv.start, kv.stop) == (2, 0, 3 * MiB)
+
+    kv.tensor[:2, :3 * MiB].fill_(9)
+    sleep_mode.pause("kv", backup=True, device=0)
+    sleep_mode.resume("kv", device=0)
+    assert bool((kv.tensor[:2, :3 * MiB] == 9).all()), "a backup restores the committed span"
+    with pytest.raises(RuntimeError, match="not paused"):
+        sleep_mode.resume("kv", device=0)
+    with pytest.raises(TypeError, match="cannot attach"):
+        sleep_mode.attach("kv", object(), device=0)
+    kv.free()
+
+
+def test_a_virtual_kv_cache_attached_to_a_tag_sleeps_with_its_layers(host_devices):
+    """VirtualKVCache's layers make their buffers lazily: pause asks the cache when it runs."""
+    import torch
+
+    from transformers import LlamaConfig
+
+    from vmmalloc import sleep_mode
+    from vmmalloc.integrations.kv_cache import VirtualKVCache
+
+    config = LlamaConfig(num_hidden_layers=2, hidden_size=128, num_attention_heads=2, num_key_value_heads=2,
+                         max_position_embeddings=4096)
+    cache = VirtualKVCache(config, max_length=4096)
+    sleep_mode.attach("cache", cache, device=0)
+    keys = torch.ones(1, 2, 100, 64)
+    for layer in range(2):
+        cache.update(keys, keys, layer)
+    buffers = [vt for layer in cache.layers for vt in layer.virtual_tensors()]
+    assert len(buffers) == 4 and all(vt.committed_bytes > 0 for vt in buffers)
+    sleep_mode.pause("cache", backup=True, device=0)
+    assert all(vt.asleep and vt.committed_bytes == 0 for vt in buffers)
+    sleep_mode.resume("cache", device=0)
+    assert cache.get_seq_length() == 100
+    assert bool((cache.layers[1].keys == 1).all()), "contents restored from the backup"
