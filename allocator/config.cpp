@@ -55,10 +55,21 @@ const char* config_keys() {
 
 std::size_t parse_bytes(const std::string& raw, const std::string& what) {
   const std::string value = trim(raw);
+  const auto fail = [&]() {
+    throw std::invalid_argument((what.empty() ? std::string() : what + ": ") + "cannot read '" + raw +
+                                "' as a number of bytes; " + kByteCountRule);
+  };
   std::size_t split = 0;
   while (split < value.size() &&
          (std::isdigit(static_cast<unsigned char>(value[split])) || value[split] == '.')) {
     ++split;
+  }
+  if (split > 0 && split < value.size() && (value[split] == 'e' || value[split] == 'E')) {
+    std::size_t digits = split + 1;
+    if (digits < value.size() && value[digits] == '+') ++digits;
+    std::size_t end = digits;
+    while (end < value.size() && std::isdigit(static_cast<unsigned char>(value[end]))) ++end;
+    if (end > digits) split = end;  // an exponent: 1e9, 2.5E+10
   }
   const std::string number = value.substr(0, split);
   const std::string unit = lower(trim(value.substr(split)));
@@ -72,10 +83,16 @@ std::size_t parse_bytes(const std::string& raw, const std::string& what) {
   else if (unit == "mib" || unit == "m") scale = 1024.0 * 1024;
   else if (unit == "gib" || unit == "g") scale = 1024.0 * 1024 * 1024;
   else if (unit == "tib" || unit == "t") scale = 1024.0 * 1024 * 1024 * 1024;
-  const std::string allowed = "a byte count such as 1073741824, 512MiB, 8GiB or 1.5GB";
-  if (number.empty() || scale == 0) bad_value(what, raw, allowed);
-  const double bytes = parse_double(what, number, allowed) * scale;
-  if (bytes < 0 || bytes > 1.8e19) bad_value(what, raw, allowed);
+  if (number.empty() || scale == 0) fail();
+  std::size_t used = 0;
+  double parsed = 0;
+  try {
+    parsed = std::stod(number, &used);
+  } catch (const std::exception&) {
+    fail();
+  }
+  const double bytes = parsed * scale;
+  if (used != number.size() || !std::isfinite(bytes) || bytes < 0 || bytes > 1.8e19) fail();
   return static_cast<std::size_t>(bytes);
 }
 
@@ -100,7 +117,7 @@ Config parse_config(const std::string& text) {
       throw std::invalid_argument("VMMALLOC_CONF: key '" + key + "' is given twice");
     }
     if (key == "memory_cap") {
-      config.memory_cap = parse_bytes(value, key);
+      config.memory_cap = parse_bytes(value, "VMMALLOC_CONF key '" + key + "'");
     } else if (key == "memory_fraction") {
       config.memory_fraction = parse_double(key, value, "a number in (0, 1]");
       if (!(config.memory_fraction > 0 && config.memory_fraction <= 1)) {
@@ -117,7 +134,7 @@ Config parse_config(const std::string& text) {
       if (n < 1 || n != std::floor(n) || n > 1e9) bad_value(key, value, "a whole number >= 1");
       config.max_cached_mappings = static_cast<std::size_t>(n);
     } else if (key == "max_mapped_bytes") {
-      config.max_mapped_bytes = parse_bytes(value, key);
+      config.max_mapped_bytes = parse_bytes(value, "VMMALLOC_CONF key '" + key + "'");
     } else if (key == "reuse_ratio") {
       config.reuse_ratio = parse_double(key, value, "a number >= 1");
       if (config.reuse_ratio < 1) bad_value(key, value, "a number >= 1");
@@ -136,7 +153,7 @@ Config parse_config(const std::string& text) {
       else bad_value(key, value, "last_resort or always");
     } else if (key == "large_handle_size") {
       const char* allowed = "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB";
-      config.large_handle_size = parse_bytes(value, key);
+      config.large_handle_size = parse_bytes(value, "VMMALLOC_CONF key '" + key + "'");
       if (config.large_handle_size % (std::size_t{2} << 20) != 0 ||
           config.large_handle_size > (std::size_t{1} << 30)) {
         bad_value(key, value, allowed);

@@ -54,8 +54,15 @@ struct Config {
 // Parses a configuration string; later issues add keys here, each with its own check.
 Config parse_config(const std::string& text);
 
-// Parses a byte count such as "1073741824", "512MiB", "8GiB", "1.5GB"; throws
-// std::invalid_argument mentioning `what` on a malformed value.
+// The one rule for byte counts, in VMMALLOC_CONF and in every option and environment
+// variable of the Python layers (vmmalloc.sizes.parse_bytes calls this): a number, decimals
+// and an exponent allowed, then an optional unit; k/m/g/t and KiB..TiB are powers of 1024,
+// KB..TB powers of 1000, case ignored.
+inline constexpr const char* kByteCountRule =
+    "write e.g. 1073741824, 512MiB, 8GiB, 1.5GB or 1e9 (k, m, g, t and KiB to TiB are powers "
+    "of 1024; KB to TB powers of 1000)";
+// Parses a byte count by that rule; throws std::invalid_argument naming `what` (when not
+// empty) and the value otherwise.
 std::size_t parse_bytes(const std::string& value, const std::string& what);
 
 // The accepted keys, comma separated (for error messages and docs).

@@ -176,6 +176,8 @@ PYBIND11_MODULE(_C, m) {
         py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
         "Undoes pin_host_memory; returns '' or the error.");
   m.def("config_keys", [] { return std::string(config_keys()); });
+  m.def("parse_bytes", &parse_bytes, py::arg("text"), py::arg("what") = "",
+        "A byte count by vmmalloc's one rule (allocator/config.hpp); ValueError naming `what`.");
   m.def("cuda_unavailable_reason", [] { return cu::driver_unavailable_reason(); },
         "Empty when the CUDA driver loaded and initialized (cuInit); otherwise why the cuda "
         "backend cannot run.");

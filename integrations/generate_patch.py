@@ -36,7 +36,7 @@ def _check_cache(cache: str, options: dict[str, Any]) -> None:
                              "kv_budget='8GiB') (or VMMALLOC_KV_BUDGET=8GiB with VMMALLOC_HF_CACHE=offload)")
         from vmmalloc.sizes import parse_bytes
 
-        parse_bytes(options["kv_budget"])
+        parse_bytes(options["kv_budget"], "kv_budget")
     elif "kv_budget" in options:
         raise ValueError(f"kv_budget is an option of the offload cache, not of {cache!r}")
 

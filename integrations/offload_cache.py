@@ -349,7 +349,7 @@ class OffloadedKVCache(Cache):
             max_length = getattr(text_config(config), "max_position_embeddings", None)
             if max_length is None:
                 raise ValueError("the config has no max_position_embeddings; pass max_length")
-        self.kv_budget = parse_bytes(kv_budget)
+        self.kv_budget = parse_bytes(kv_budget, "kv_budget")
         layers: list[VirtualKVLayer] = []
         for i, window in enumerate(windows):
             common = dict(max_batch_size=max_batch_size, layer_index=i, num_layers=len(windows), lookahead=lookahead)

@@ -57,10 +57,7 @@ def requested_cache_options(cache: str | None) -> dict:
                          "(e.g. VMMALLOC_KV_BUDGET=8GiB)")
     from vmmalloc.sizes import parse_bytes
 
-    try:
-        return {"kv_budget": parse_bytes(text)}
-    except ValueError as error:
-        raise ValueError(f"VMMALLOC_KV_BUDGET: {error}") from None
+    return {"kv_budget": parse_bytes(text, "VMMALLOC_KV_BUDGET")}
 
 
 def _enable() -> None:

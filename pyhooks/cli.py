@@ -77,7 +77,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
     # Bad input is one line that says what to do, never a traceback.
     try:
-        device_memory = parse_bytes(args.device_memory)
+        device_memory = parse_bytes(args.device_memory, "--device-memory")
         for conf in args.conf or []:
             _C.parse_config(conf)
     except ValueError as error:

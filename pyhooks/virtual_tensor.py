@@ -34,10 +34,9 @@ def host_allocator() -> _C.Allocator:
     if _host_allocator is None:
         text = os.environ.get("VMMALLOC_HOST_CAPACITY", "")
         if text:
-            try:
-                capacity = int(text)
-            except ValueError:
-                raise ValueError(f"VMMALLOC_HOST_CAPACITY={text!r} is not a number of bytes") from None
+            from vmmalloc.sizes import parse_bytes
+
+            capacity = parse_bytes(text, "VMMALLOC_HOST_CAPACITY")
         else:
             capacity = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
         capacity = max(CHUNK_SIZE, capacity // CHUNK_SIZE * CHUNK_SIZE)

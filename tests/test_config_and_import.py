@@ -95,3 +95,32 @@ def test_type_stubs_cover_exactly_the_extension():
     stubbed |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
     public = {name for name in dir(ext) if not name.startswith("_")}
     assert stubbed == public, f"stub only: {stubbed - public}; module only: {public - stubbed}"
+
+
+def test_byte_counts_follow_one_rule_everywhere(monkeypatch):
+    """VMMALLOC_CONF, the Python options and the environment variables read byte counts the
+    same way (allocator/config.hpp, kByteCountRule)."""
+    from vmmalloc import _autostart, virtual_tensor
+    from vmmalloc.sizes import parse_bytes
+
+    for text, expected in (("8G", 8 << 30), ("8GiB", 8 << 30), ("1e9", 10**9), ("1.5GB", 1_500_000_000),
+                           ("512 mib", 512 << 20), ("4096", 4096)):
+        assert parse_bytes(text) == expected
+        assert vmmalloc.parse_config(f"memory_cap:{text}")["memory_cap"] == expected
+    for bad in ("8 gigs", "-1", "0x10", "1e", "inf", ""):
+        with pytest.raises(ValueError, match="cannot read"):
+            parse_bytes(bad)
+        with pytest.raises(ValueError, match="VMMALLOC_CONF key 'memory_cap'"):
+            vmmalloc.parse_config(f"memory_cap:{bad}x")
+    monkeypatch.setenv("VMMALLOC_HF_CACHE", "offload")
+    monkeypatch.setenv("VMMALLOC_KV_BUDGET", "1e9")
+    assert _autostart.requested_cache_options("offload") == {"kv_budget": 10**9}
+    monkeypatch.setenv("VMMALLOC_KV_BUDGET", "lots")
+    with pytest.raises(ValueError, match="VMMALLOC_KV_BUDGET: cannot read 'lots'"):
+        _autostart.requested_cache_options("offload")
+    monkeypatch.setattr(virtual_tensor, "_host_allocator", None)
+    monkeypatch.setenv("VMMALLOC_HOST_CAPACITY", "lots")
+    with pytest.raises(ValueError, match="VMMALLOC_HOST_CAPACITY: cannot read 'lots'"):
+        virtual_tensor.host_allocator()
+    monkeypatch.setenv("VMMALLOC_HOST_CAPACITY", "64MiB")
+    assert virtual_tensor.host_allocator().stats()["vmm.memory_cap"] == 64 << 20
