@@ -118,7 +118,9 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             elif cache == "dynamic":
                 from transformers import DynamicCache
 
-                kwargs["past_key_values"] = DynamicCache(config=model.config)
+                from vmmalloc.integrations.hf_compat import generate_cache_kwarg
+
+                kwargs[generate_cache_kwarg()] = DynamicCache(config=model.config)
             clock = StepClock()
             torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
@@ -130,6 +132,7 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
                     out = model.generate(ids, stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
             del out
             kwargs.pop("past_key_values", None)
+            kwargs.pop("cache", None)
             runs.append([b - a for a, b in zip(clock.times, clock.times[1:])])
             mapping_steps.append([i for i, (a, b) in enumerate(zip(clock.kv_mapped, clock.kv_mapped[1:])) if b > a])
             ttfts.append(clock.times[0] - start)

@@ -83,6 +83,8 @@ def _generate(torch, model, system: str, ids, new_tokens: int, budget: int | Non
                   do_sample=False, disable_compile=True, return_dict_in_generate=True)
     if clock is not None:
         kwargs["stopping_criteria"] = StoppingCriteriaList([clock])
+    from vmmalloc.integrations.hf_compat import cache_kwargs, output_cache
+
     with torch.no_grad():
         if system == "offload":
             from vmmalloc.integrations import OffloadedKVCache
@@ -90,14 +92,14 @@ def _generate(torch, model, system: str, ids, new_tokens: int, budget: int | Non
             cache = OffloadedKVCache(model.config, kv_budget=budget, max_length=ids.shape[1] + new_tokens + 64)
             cache.copy_times = [] if clock is not None else None
             with patched_generate("offload", kv_budget=budget):  # for the attention function
-                out = model.generate(ids, past_key_values=cache, **kwargs)
+                out = model.generate(ids, **cache_kwargs(cache), **kwargs)
         elif system == "vmm":
             with patched_generate("vmm"):
                 out = model.generate(ids, **kwargs)
         else:
             cache = DynamicCache(config=model.config, offloading=system == "transformers_offload")
-            out = model.generate(ids, past_key_values=cache, **kwargs)
-    return out.sequences, out.past_key_values
+            out = model.generate(ids, **cache_kwargs(cache), **kwargs)
+    return out.sequences, output_cache(out)
 
 
 def decode_point(torch, model, system: str, batch: int, context: int, new_tokens: int) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """patch_generate(): every ``model.generate()`` given no cache uses vmmalloc's KV cache.
 
-A cache the caller passes (``past_key_values``, or ``cache_implementation``) is always
+A cache the caller passes (``cache``, ``past_key_values`` before transformers 5.24, or
+``cache_implementation``) is always
 respected, as are ``use_cache=False`` and models whose caches are not plain decoder caches
 (encoder-decoder models). A caller's own VirtualKVCache or OffloadedKVCache still gets
 vmmalloc's attention function (Note [A given vmmalloc cache]). The patch wraps
@@ -20,6 +21,8 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from typing import Any
+
+from vmmalloc.integrations.hf_compat import generate_cache_kwarg, given_cache, output_cache
 
 CACHES = ("vmm", "offload")
 _state: dict[str, Any] = {"original": None, "cache": None, "options": {}, "attention": True}
@@ -118,7 +121,7 @@ def _uses_own_cache(model: Any, kwargs: dict[str, Any]) -> bool:
     or this is an assistant model drafting for another generate() (which owns and sizes the
     assistant's cache), or the model's cache is not a plain decoder cache."""
     supports = getattr(model, "_supports_default_dynamic_cache", None)
-    return (kwargs.get("past_key_values") is not None or _setting(model, kwargs, "cache_implementation") is not None
+    return (given_cache(kwargs) is not None or _setting(model, kwargs, "cache_implementation") is not None
             or _setting(model, kwargs, "use_cache", True) is False or _setting(model, kwargs, "is_assistant", False)
             or model.config.is_encoder_decoder or (supports is not None and not supports()))
 
@@ -139,7 +142,7 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     from vmmalloc.integrations.kv_cache import VirtualKVCache
     from vmmalloc.integrations.offload_cache import OffloadedKVCache
 
-    if isinstance(kwargs.get("past_key_values"), (VirtualKVCache, OffloadedKVCache)):
+    if isinstance(given_cache(kwargs), (VirtualKVCache, OffloadedKVCache)):
         return _with_attention(original, model, args, kwargs)  # Note [A given vmmalloc cache]
     if _uses_own_cache(model, kwargs):
         return original(model, *args, **kwargs)
@@ -149,7 +152,7 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
         return original(model, *args, **kwargs)
     cache_class = OffloadedKVCache if _state["cache"] == "offload" else VirtualKVCache
     cache = cache_class(model.config, max_length=_reserved_length(model, args, kwargs), **_state["options"])
-    kwargs["past_key_values"] = cache
+    kwargs[generate_cache_kwarg()] = cache
     try:
         out = _with_attention(original, model, args, kwargs)
     except BaseException:
@@ -160,7 +163,7 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     # the output hands the cache to the caller (return_dict_in_generate): the cache's
     # layers and container refer to each other, so without this only the garbage
     # collector would give it back, and back-to-back calls stacked up their KV.
-    if getattr(out, "past_key_values", None) is not cache:
+    if output_cache(out) is not cache:
         cache.free()
     return out
 

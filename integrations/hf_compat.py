@@ -1,8 +1,10 @@
-"""What differs between the transformers 5.x releases we support (5.17 to 5.23 at least),
-in one place, so the caches are written once (docs/FACTS.md: the cache API drifts inside 5.x).
+"""What differs between the transformers 5.x releases we support (5.17 to 5.24, tested on
+both ends), in one place, so the caches are written once (docs/FACTS.md: the cache API
+drifts inside 5.x).
 """
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 SLIDING_TYPES = ("sliding_attention",)
@@ -55,3 +57,30 @@ def crop_to_removal(tokens_to_remove: Any, length: int) -> int:
     if n > 0:
         return max(length - n, 0)
     return min(-n, length)
+
+
+@functools.lru_cache(maxsize=None)
+def generate_cache_kwarg() -> str:
+    """The name generate() takes a cache under: ``cache`` from transformers 5.24 on (where
+    ``past_key_values`` still works but warns that it is deprecated), else
+    ``past_key_values``. Found from generate()'s output, whose field was renamed with it."""
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    return "cache" if "cache" in getattr(GenerateDecoderOnlyOutput, "__dataclass_fields__", {}) else "past_key_values"
+
+
+def cache_kwargs(cache: Any) -> dict[str, Any]:
+    """``{name: cache}`` for generate(), under the name this transformers takes."""
+    return {generate_cache_kwarg(): cache}
+
+
+def given_cache(kwargs: dict[str, Any]) -> Any:
+    """The cache a generate() call was given, under either name."""
+    given = kwargs.get("cache")
+    return given if given is not None else kwargs.get("past_key_values")
+
+
+def output_cache(output: Any) -> Any:
+    """The cache generate()'s output hands back (``cache``, or ``past_key_values`` before 5.24)."""
+    found = getattr(output, "cache", None)
+    return found if found is not None else getattr(output, "past_key_values", None)

@@ -262,7 +262,8 @@ class VirtualKVCache(Cache):
         lookahead: map pages ahead of the tokens, staggered by layer, so that no decode step
             pays for a page boundary (Note [Pages mapped ahead, staggered by layer]).
 
-    Works with generate(): pass it as ``past_key_values``, or let
+    Works with generate(): pass it as ``cache`` (``past_key_values`` before transformers
+    5.24), or let
     :func:`vmmalloc.integrations.patch_generate` do so.
     """
 

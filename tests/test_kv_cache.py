@@ -18,6 +18,7 @@ import vmmalloc  # noqa: E402
 from hf_models import prompt, tiny_model  # noqa: E402
 from vmmalloc.integrations import (VirtualKVCache, patch_generate, patched_generate, unpatch_generate,  # noqa: E402
                                    virtual_sdpa_attention)
+from vmmalloc.integrations.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from vmmalloc.integrations.kv_cache import VirtualKVLayer  # noqa: E402
 from vmmalloc.virtual_tensor import VirtualTensor, allocator_for  # noqa: E402
 
@@ -36,10 +37,10 @@ def kv_stats(device: str) -> dict:
 def generate_both(model, ids, mask, **kwargs):
     """generate() with transformers' DynamicCache and with VirtualKVCache, same seed."""
     torch.manual_seed(5)
-    ref = model.generate(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **kwargs)
+    ref = model.generate(ids, attention_mask=mask, **cache_kwargs(DynamicCache(config=model.config)), **kwargs)
     torch.manual_seed(5)
     cache = VirtualKVCache(model.config, max_length=ids.shape[1] + kwargs.get("max_new_tokens", 20) + 8)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), **kwargs)
     return ref, out, cache
 
 
@@ -165,21 +166,21 @@ def test_cache_reuse_across_generate_calls(device):
     model = tiny_model("qwen2", device)
     ids, mask = prompt(2, 12, device)
     cache = VirtualKVCache(model.config, max_length=64)
-    first = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(cache))
     reserved = cache.reserved_bytes
     cache.reset()
     assert cache.get_seq_length() == 0 and cache.committed_bytes == 0
     assert cache.reserved_bytes == reserved, "reset keeps the reservations"
-    again = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(cache))
     assert torch.equal(first, again)
     # Continuing a generation from the cache, as with DynamicCache.
     ref_cache = DynamicCache(config=model.config)
     ref_first = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False,
-                               past_key_values=ref_cache)
+                               **cache_kwargs(ref_cache))
     more = torch.cat([mask, torch.ones_like(first[:, ids.shape[1]:])], dim=1)
     ref = model.generate(ref_first, attention_mask=more, max_new_tokens=5, do_sample=False,
-                         past_key_values=ref_cache)
-    out = model.generate(again, attention_mask=more, max_new_tokens=5, do_sample=False, past_key_values=cache)
+                         **cache_kwargs(ref_cache))
+    out = model.generate(again, attention_mask=more, max_new_tokens=5, do_sample=False, **cache_kwargs(cache))
     assert torch.equal(ref, out)
 
 
@@ -188,7 +189,7 @@ def test_generate_past_the_reservation_is_a_clear_error(device):
     ids, mask = prompt(1, 12, device, padded=False)
     cache = VirtualKVCache(model.config, max_length=16)
     with pytest.raises(ValueError, match="reserved 16 positions per sequence"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+        model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(cache))
 
 
 # ----- the layer: memory follows tokens, batch operations --------------------------------
@@ -290,19 +291,19 @@ def test_patch_generate_uses_the_virtual_cache_and_respects_a_given_one(device):
     model = tiny_model("llama", device)
     ids, mask = prompt(2, 8, device)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
-    assert type(ref.past_key_values) is DynamicCache
+    assert type(output_cache(ref)) is DynamicCache
     patch_generate()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, VirtualKVCache)
+    assert isinstance(output_cache(out), VirtualKVCache)
     assert torch.equal(ref.sequences, out.sequences)
     assert model.config._attn_implementation == "sdpa", "the attention swap is undone after generate()"
     mine = DynamicCache(config=model.config)
-    given = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, past_key_values=mine,
+    given = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, **cache_kwargs(mine),
                            return_dict_in_generate=True)
-    assert given.past_key_values is mine
+    assert output_cache(given) is mine
     unpatch_generate()
     plain = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True)
-    assert type(plain.past_key_values) is DynamicCache
+    assert type(output_cache(plain)) is DynamicCache
 
 
 
@@ -329,13 +330,13 @@ def test_a_given_vmmalloc_cache_gets_the_attention_function_and_other_caches_do_
     with patched_generate():
         for cache in (VirtualKVCache(model.config, max_length=32),
                       OffloadedKVCache(model.config, kv_budget=1, max_length=32)):  # every layer offloaded
-            assert attention_used(model, past_key_values=cache, **common) == {NAME}, type(cache).__name__
+            assert attention_used(model, **cache_kwargs(cache), **common) == {NAME}, type(cache).__name__
             cache.reset()
-            assert torch.equal(model.generate(past_key_values=cache, **common), ref), type(cache).__name__
-        assert attention_used(model, past_key_values=DynamicCache(config=model.config), **common) == {"sdpa"}
+            assert torch.equal(model.generate(**cache_kwargs(cache), **common), ref), type(cache).__name__
+        assert attention_used(model, **cache_kwargs(DynamicCache(config=model.config)), **common) == {"sdpa"}
     with patched_generate(attention=False):
-        assert attention_used(model, past_key_values=VirtualKVCache(model.config, max_length=32), **common) == {"sdpa"}
-    assert attention_used(model, past_key_values=VirtualKVCache(model.config, max_length=32), **common) == {"sdpa"}, \
+        assert attention_used(model, **cache_kwargs(VirtualKVCache(model.config, max_length=32)), **common) == {"sdpa"}
+    assert attention_used(model, **cache_kwargs(VirtualKVCache(model.config, max_length=32)), **common) == {"sdpa"}, \
         "no patch, no swap"
     assert model.config._attn_implementation == "sdpa"
 
@@ -347,10 +348,10 @@ def test_patch_respects_settings_passed_in_a_generation_config(device):
     patch_generate()
     config = GenerationConfig(max_new_tokens=6, do_sample=False, cache_implementation="static", pad_token_id=0)
     out = model.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, StaticCache)
+    assert isinstance(output_cache(out), StaticCache)
     config = GenerationConfig(max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
     out = model.generate(ids, attention_mask=mask, generation_config=config, return_dict_in_generate=True)
-    assert out.past_key_values is None
+    assert output_cache(out) is None
 
 
 def test_patch_leaves_models_with_other_layer_types_to_transformers(device, monkeypatch):
@@ -366,7 +367,7 @@ def test_patch_leaves_models_with_other_layer_types_to_transformers(device, monk
     monkeypatch.setattr(hf_compat, "layer_windows", unsupported)
     patch_generate()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
-    assert type(out.past_key_values) is DynamicCache
+    assert type(output_cache(out)) is DynamicCache
     assert torch.equal(out.sequences, ref)
 
 
@@ -459,6 +460,24 @@ def test_a_cache_the_patch_made_gives_its_memory_back_when_generate_returns(devi
             kept = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
                                   return_dict_in_generate=True)
         assert kv_stats(device)["vmm.kv_mapped_bytes.current"] > 0, "a cache handed to the caller keeps its KV"
-        kept.past_key_values.free()
+        output_cache(kept).free()
     finally:
         gc.enable()
+
+
+def test_patched_generate_raises_no_deprecation_warning_of_this_transformers():
+    """The patch hands generate() its cache under the name the installed transformers takes
+    (``cache`` from 5.24, ``past_key_values`` before), so nothing warns."""
+    import warnings
+
+    from vmmalloc.integrations.hf_compat import generate_cache_kwarg
+
+    model = tiny_model("llama", layers=2)
+    ids, mask = prompt(batch=2, length=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        with patched_generate("vmm"):
+            model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                       **cache_kwargs(VirtualKVCache(model.config, max_length=16)))
+    assert generate_cache_kwarg() in ("cache", "past_key_values")

@@ -20,6 +20,7 @@ import vmmalloc  # noqa: E402
 from hf_models import prompt, tiny_model  # noqa: E402
 from vmmalloc.integrations import OffloadedKVCache, patched_generate  # noqa: E402
 from vmmalloc.integrations import pinned_host  # noqa: E402
+from vmmalloc.integrations.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from vmmalloc.sizes import parse_bytes  # noqa: E402
 from vmmalloc.virtual_tensor import allocator_for  # noqa: E402
 
@@ -49,11 +50,11 @@ def generate_both(model, ids, mask, resident: int, **kwargs):
     max_length = ids.shape[1] + kwargs.get("max_new_tokens", 20) + 8
     rows = ids.shape[0] * kwargs.get("num_beams", 1)
     torch.manual_seed(5)
-    ref = model.generate(ids, attention_mask=mask, past_key_values=DynamicCache(config=model.config), **kwargs)
+    ref = model.generate(ids, attention_mask=mask, **cache_kwargs(DynamicCache(config=model.config)), **kwargs)
     torch.manual_seed(5)
     cache = OffloadedKVCache(model.config, kv_budget=budget_for(model, resident, rows, max_length),
                              max_length=max_length)
-    out = model.generate(ids, attention_mask=mask, past_key_values=cache, **kwargs)
+    out = model.generate(ids, attention_mask=mask, **cache_kwargs(cache), **kwargs)
     return ref, out, cache
 
 
@@ -123,18 +124,18 @@ def test_cache_reuse_and_continuation(device):
     model = tiny_model("llama", device, layers=4)
     ids, mask = prompt(2, 12, device)
     cache = OffloadedKVCache(model.config, kv_budget=budget_for(model, 1, 2, 64), max_length=64)
-    first = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(cache))
     hosts = [id(cache.layers[i].host) for i in cache.offloaded_layers]
     cache.reset()
     assert cache.get_seq_length() == 0
-    again = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+    again = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(cache))
     assert torch.equal(first, again)
     assert [id(cache.layers[i].host) for i in cache.offloaded_layers] == hosts, "reset keeps the host buffers"
     ref_cache = DynamicCache(config=model.config)
-    ref_first = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=ref_cache)
+    ref_first = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(ref_cache))
     more = torch.cat([mask, torch.ones_like(first[:, ids.shape[1]:])], dim=1)
-    ref = model.generate(ref_first, attention_mask=more, max_new_tokens=5, do_sample=False, past_key_values=ref_cache)
-    out = model.generate(again, attention_mask=more, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    ref = model.generate(ref_first, attention_mask=more, max_new_tokens=5, do_sample=False, **cache_kwargs(ref_cache))
+    out = model.generate(again, attention_mask=more, max_new_tokens=5, do_sample=False, **cache_kwargs(cache))
     assert torch.equal(ref, out)
 
 
@@ -144,7 +145,7 @@ def test_host_buffers_grow_without_a_known_length(device):
     ids, mask = prompt(2, 12, device)
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=300, do_sample=False)
     cache = OffloadedKVCache(model.config, kv_budget=0)  # max_length: max_position_embeddings
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=300, do_sample=False, past_key_values=cache)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=300, do_sample=False, **cache_kwargs(cache))
     assert torch.equal(ref, out)
     assert all(cache.layers[i].capacity < 4096 for i in cache.offloaded_layers)
 
@@ -164,7 +165,7 @@ def test_kv_memory_stays_within_the_budget_plus_the_ring(device):
         cache = OffloadedKVCache(model.config, kv_budget=budget, max_length=1600)
         base = pages.stats()["vmm.kv_mapped_bytes.current"]
         pages.reset_peak_stats()
-        model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, past_key_values=cache)
+        model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, **cache_kwargs(cache))
         peak = pages.stats()["vmm.kv_mapped_bytes.peak"] - base
         peaks[resident] = peak
         assert peak <= budget + 2 * layer, f"{resident} resident: {peak} bytes of KV mapped at the peak"
@@ -176,12 +177,12 @@ def test_ring_keeps_its_pages_from_step_to_step(device):
     model = tiny_model("llama", device, layers=4)
     ids, mask = prompt(2, 12, device)
     cache = OffloadedKVCache(model.config, kv_budget=0, max_length=200)
-    first = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, past_key_values=cache)
+    first = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **cache_kwargs(cache))
     slots = [slot.buffer for slot in cache._ring]
     pages = allocator_for(torch.device(device))
     mapped = pages.stats()["vmm.kv_mapped_bytes.allocated"]
     more = torch.ones_like(first)
-    model.generate(first, attention_mask=more, max_new_tokens=30, do_sample=False, past_key_values=cache)
+    model.generate(first, attention_mask=more, max_new_tokens=30, do_sample=False, **cache_kwargs(cache))
     assert [slot.buffer for slot in cache._ring] == slots
     # 2 slots x (batch 2 x 2 heads x 32 values x 4 bytes) x 200 positions fit in one page each
     assert pages.stats()["vmm.kv_mapped_bytes.allocated"] == mapped, "no page mapped while decoding"
@@ -196,11 +197,11 @@ def test_running_out_of_host_memory_is_a_clear_error_and_the_cache_recovers(devi
     cache = OffloadedKVCache(model.config, kv_budget=0, max_length=64)
     monkeypatch.setattr(pinned_host, "available_host_bytes", lambda: 1000)
     with pytest.raises(MemoryError, match="offloading 4 KV layers needs .* GB of host memory and 0.00 GB is available"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, past_key_values=cache)
+        model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **cache_kwargs(cache))
     monkeypatch.undo()
     cache.reset()
     ref = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, past_key_values=cache)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False, **cache_kwargs(cache))
     assert torch.equal(ref, out)
 
 
@@ -209,7 +210,7 @@ def test_generate_past_max_length_is_a_clear_error(device):
     ids, mask = prompt(1, 12, device, padded=False)
     cache = OffloadedKVCache(model.config, kv_budget=0, max_length=16)
     with pytest.raises(ValueError, match="reserved 16 positions per sequence"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, past_key_values=cache)
+        model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False, **cache_kwargs(cache))
 
 
 def test_byte_counts_and_budget_options():
@@ -235,8 +236,8 @@ def test_patch_generate_offers_the_offloading_cache(device):
     with patched_generate("offload", kv_budget="0"):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
                              return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, OffloadedKVCache)
-    assert out.past_key_values.offloaded_layers == [0, 1, 2, 3]
+    assert isinstance(output_cache(out), OffloadedKVCache)
+    assert output_cache(out).offloaded_layers == [0, 1, 2, 3]
     assert torch.equal(ref, out.sequences)
 
 

@@ -21,7 +21,8 @@ def tracked_files() -> list[Path]:
         names = out.splitlines()
     except (OSError, subprocess.CalledProcessError):  # not a git checkout: every file
         names = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if p.is_file()]
-    return [ROOT / n for n in names if Path(n).suffix in SUFFIXES and (ROOT / n).is_file()]
+    return [ROOT / n for n in names
+            if (Path(n).suffix in SUFFIXES or n.startswith(".ci/")) and (ROOT / n).is_file()]
 
 
 def test_every_note_reference_has_exactly_one_definition():
