@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.run import BENCHMARKS
 
-HEADLINE_BEGIN = "<!-- vmmalloc report: headline begin (written by `vmmalloc report`) -->"
+HEADLINE_BEGIN = "<!-- vmmalloc report: headline begin (written by `vmmalloc report --write`) -->"
 HEADLINE_END = "<!-- vmmalloc report: headline end -->"
 _TARGET = re.compile(r"^\s*(<=|>=|<|>)\s*([0-9]*\.?[0-9]+)")
 _NUMBER = re.compile(r"[-+]?[0-9]*\.?[0-9]+")
@@ -114,7 +114,7 @@ def write_report(results_dir: Path, output: Path, readme: Path | None = None, pl
     output = Path(output)
     written: list[Path] = []
     lines = ["# Benchmark results", "",
-             "Written by `vmmalloc report` from the JSON results beside it; rerun it rather than edit this "
+             "Written by `vmmalloc report --write` from the JSON results beside it; rerun it rather than edit this "
              "file. How each figure is measured, and why targets are missed: [NOTES.md](NOTES.md).", "",
              "## Headline", "", *headline_table(results), ""]
     for path, result in results:

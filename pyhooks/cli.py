@@ -2,9 +2,13 @@
 
     vmmalloc demo                 native vs vmmalloc on a Hugging Face model (host backend without a GPU)
     vmmalloc run -- CMD ...       run CMD under vmmalloc, then print its peak figures
-    vmmalloc bench [NAMES]        run the benchmarks, each peer in its own process
-    vmmalloc report               bench/results/*.json -> bench/RESULTS.md and plots
     vmmalloc replay TRACE         a memory snapshot's allocations through vmmalloc on the CPU
+
+In a source checkout (an editable install, or run from the repository root) also:
+
+    vmmalloc bench [NAMES]        run the benchmarks, each peer in its own process
+    vmmalloc report [--write]     bench/results/*.json -> the headline table (--write: also
+                                  bench/RESULTS.md, the plots and the README's table)
 """
 from __future__ import annotations
 
@@ -14,15 +18,23 @@ import sys
 from pathlib import Path
 
 
-def source_checkout() -> Path:
-    """The repository root holding bench/ (the benchmarks are not installed with the package)."""
-    candidates = [Path(__file__).resolve().parent.parent, Path.cwd()]
-    for root in candidates:
-        if (root / "bench" / "run.py").is_file():
+def find_checkout() -> Path | None:
+    """The repository root holding bench/ (the benchmarks are not installed with the package):
+    beside the package of an editable install, or the current directory; None for a wheel
+    used elsewhere, where `bench` and `report` are not offered."""
+    for root in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (root / "bench" / "run.py").is_file() and (root / "pyproject.toml").is_file():
             return root
-    raise SystemExit("vmmalloc: the benchmarks live in the source checkout (bench/), which was not found "
-                     "beside the installed package nor in the current directory; run this from the "
-                     "repository root, or install it with `pip install -e .`")
+    return None
+
+
+def source_checkout() -> Path:
+    root = find_checkout()
+    if root is None:
+        raise SystemExit("vmmalloc: the benchmarks live in the source checkout (bench/), which was not found "
+                         "beside the installed package nor in the current directory; run this from the "
+                         "repository root, or install it with `pip install -e .`")
+    return root
 
 
 def _with_checkout_on_path() -> Path:
@@ -63,8 +75,11 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from bench import report
 
     results = args.results or root / "bench" / "results"
+    if not (args.write or args.output or args.readme):  # a user command edits no source tree unasked
+        print("\n".join(report.headline_table(report.load_results(results))))
+        return 0
     output = args.output or root / "bench" / "RESULTS.md"
-    readme = None if args.no_readme else (args.readme or root / "README.md")
+    readme = args.readme or (root / "README.md" if args.write and not args.no_readme else None)
     written = report.write_report(results, output, readme=readme, plots=not args.no_plots)
     for path in written:
         print(f"wrote {path}")
@@ -143,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("command", nargs=argparse.REMAINDER, help="the command, after --")
     run.set_defaults(handler=_cmd_run)
 
+    if find_checkout() is None:
+        _add_replay(commands)
+        return parser
     bench = commands.add_parser("bench", help="run the benchmarks against their peers",
                                 description="Runs the benchmarks with progress bars, each compared system "
                                 "in its own process, and writes JSON results with the GPU, driver, torch and "
@@ -154,17 +172,24 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", type=Path, default=None, help="where the JSON results go (default: bench/results)")
     bench.set_defaults(handler=_cmd_bench)
 
-    report = commands.add_parser("report", help="turn benchmark results into bench/RESULTS.md and plots",
-                                 description="Reads the JSON results and writes a Markdown report (ratios "
-                                 "against peers, targets beside them), PNG plots, and the headline table "
-                                 "in the README.")
+    report = commands.add_parser("report", help="the benchmark results' headline table (--write: the report files)",
+                                 description="Reads the JSON results and prints the headline table. With "
+                                 "--write it also writes the Markdown report (ratios against peers, targets "
+                                 "beside them), the PNG plots and the README's headline table in the checkout.")
+    report.add_argument("--write", action="store_true",
+                        help="write bench/RESULTS.md, the plots and the README's headline table")
     report.add_argument("--results", type=Path, default=None, help="folder of JSON results (default: bench/results)")
-    report.add_argument("--output", type=Path, default=None, help="the report (default: bench/RESULTS.md)")
+    report.add_argument("--output", type=Path, default=None, help="write the report there (--write: bench/RESULTS.md)")
     report.add_argument("--readme", type=Path, default=None, help="README whose headline table is updated")
-    report.add_argument("--no-readme", action="store_true", help="leave the README alone")
+    report.add_argument("--no-readme", action="store_true", help="with --write, leave the README alone")
     report.add_argument("--no-plots", action="store_true", help="write no PNG")
     report.set_defaults(handler=_cmd_report)
 
+    _add_replay(commands)
+    return parser
+
+
+def _add_replay(commands: argparse._SubParsersAction) -> None:
     replay = commands.add_parser("replay", help="replay a memory snapshot's allocations through vmmalloc on the CPU",
                                  description="Reads the allocations of a memory snapshot in PyTorch's format "
                                  "(torch.cuda.memory._dump_snapshot under any allocator, or `vmmalloc run "
@@ -178,7 +203,6 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--device-memory", default="80GiB", help="the GPU memory to play (default 80GiB)")
     replay.add_argument("--save", type=Path, default=None, help="also write the requests compactly (.trace.gz)")
     replay.set_defaults(handler=_cmd_replay)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

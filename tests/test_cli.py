@@ -76,6 +76,25 @@ def test_run_prints_each_reporting_process(tmp_path):
     assert "3.00 GiB" in lines[1] and "2.00 GiB" in lines[1] and "1.50" in lines[1] and " 17 " in lines[1]
 
 
+def test_outside_a_checkout_bench_and_report_are_not_offered(monkeypatch, capsys):
+    """A wheel has no bench/: its command offers what it can do."""
+    monkeypatch.setattr(cli, "find_checkout", lambda: None)
+    parser = cli.build_parser()
+    choices = next(a for a in parser._actions if a.dest == "command_name").choices
+    assert set(choices) == {"demo", "run", "replay"}
+    with pytest.raises(SystemExit):
+        parser.parse_args(["report"])
+    assert "invalid choice: 'report'" in capsys.readouterr().err
+
+
+def test_report_without_write_prints_and_edits_nothing():
+    before = {p: p.stat().st_mtime_ns for p in (ROOT / "README.md", ROOT / "bench" / "RESULTS.md")}
+    proc = vmmalloc_cmd("report")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("| benchmark | measure | value | target |")
+    assert {p: p.stat().st_mtime_ns for p in before} == before, "a user command edits no source tree unasked"
+
+
 def test_report_is_written_from_the_stored_results(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(RESULTS, results)
