@@ -228,3 +228,16 @@ def test_a_full_ring_reconfigured_without_clearing_keeps_the_newest(history):
     assert [e["addr"] for e in trace] == ptrs[3:] + [newest], "the oldest record is the one overwritten"
     for p in ptrs + [newest]:
         history.free(p)
+
+
+def test_torchs_default_max_entries_still_logs_the_cores_events(history):
+    """torch.cuda.memory._record_memory_history() passes max_entries=sys.maxsize: the
+    adapter's records grow as PyTorch's do, the core's ring is capped (it is allocated up
+    front), and completions still come from it."""
+    import sys
+
+    history.configure(max_entries=sys.maxsize)
+    p = history.malloc(4096)
+    assert 0 < _C.device_allocator(0).event_capacity <= 1 << 20
+    history.free(p)
+    assert [a for a, _, _ in of(history.trace(), p)] == ["alloc", "free_requested", "free_completed"]
