@@ -1,5 +1,6 @@
 #include "config.hpp"
 
+#include <algorithm>
 #include <cctype>
 #include <cmath>
 #include <set>
@@ -47,12 +48,6 @@ bool parse_bool(const std::string& key, const std::string& value) {
 
 }  // namespace
 
-const char* config_keys() {
-  return "memory_cap, memory_fraction, stitching, max_cached_mappings, max_mapped_bytes, "
-         "reuse_ratio, growth_slack, max_ready_scan, cross_stream_reuse, repair_blocked, "
-         "large_handle_size, host_timing, history";
-}
-
 std::size_t parse_bytes(const std::string& raw, const std::string& what) {
   const std::string value = trim(raw);
   const auto fail = [&]() {
@@ -96,6 +91,101 @@ std::size_t parse_bytes(const std::string& raw, const std::string& what) {
   return static_cast<std::size_t>(bytes);
 }
 
+namespace {
+
+std::size_t whole_number(const std::string& key, const std::string& value, double low, const char* allowed) {
+  const double n = parse_double(key, value, allowed);
+  if (n < low || n != std::floor(n) || n > 1e9) bad_value(key, value, allowed);
+  return static_cast<std::size_t>(n);
+}
+
+std::size_t bytes_of(const std::string& key, const std::string& value) {
+  return parse_bytes(value, "VMMALLOC_CONF key '" + key + "'");
+}
+
+}  // namespace
+
+const std::vector<ConfigKey>& config_key_table() {
+  static const std::vector<ConfigKey> table = {
+      {"memory_cap", "a byte count such as 40GiB (0: the device's memory)",
+       [](Config& c, const std::string& k, const std::string& v) { c.memory_cap = bytes_of(k, v); },
+       [](const Config& c) -> ConfigValue { return c.memory_cap; }},
+      {"memory_fraction", "a number in (0, 1]",
+       [](Config& c, const std::string& k, const std::string& v) {
+         c.memory_fraction = parse_double(k, v, "a number in (0, 1]");
+         if (!(c.memory_fraction > 0 && c.memory_fraction <= 1)) bad_value(k, v, "a number in (0, 1]");
+       },
+       [](const Config& c) -> ConfigValue { return c.memory_fraction; }},
+      {"stitching", "true or false",
+       [](Config& c, const std::string& k, const std::string& v) { c.stitching = parse_bool(k, v); },
+       [](const Config& c) -> ConfigValue { return c.stitching; }},
+      {"max_cached_mappings", "a whole number >= 1",
+       [](Config& c, const std::string& k, const std::string& v) {
+         c.max_cached_mappings = whole_number(k, v, 1, "a whole number >= 1");
+       },
+       [](const Config& c) -> ConfigValue { return c.max_cached_mappings; }},
+      {"max_mapped_bytes", "a byte count (0: 4x the device's memory)",
+       [](Config& c, const std::string& k, const std::string& v) { c.max_mapped_bytes = bytes_of(k, v); },
+       [](const Config& c) -> ConfigValue { return c.max_mapped_bytes; }},
+      {"reuse_ratio", "a number >= 1",
+       [](Config& c, const std::string& k, const std::string& v) {
+         c.reuse_ratio = parse_double(k, v, "a number >= 1");
+         if (c.reuse_ratio < 1) bad_value(k, v, "a number >= 1");
+       },
+       [](const Config& c) -> ConfigValue { return c.reuse_ratio; }},
+      {"growth_slack", "a number in [0, 1]",
+       [](Config& c, const std::string& k, const std::string& v) {
+         c.growth_slack = parse_double(k, v, "a number in [0, 1]");
+         if (c.growth_slack < 0 || c.growth_slack > 1) bad_value(k, v, "a number in [0, 1]");
+       },
+       [](const Config& c) -> ConfigValue { return c.growth_slack; }},
+      {"max_ready_scan", "a whole number >= 1",
+       [](Config& c, const std::string& k, const std::string& v) {
+         c.max_ready_scan = whole_number(k, v, 1, "a whole number >= 1");
+       },
+       [](const Config& c) -> ConfigValue { return c.max_ready_scan; }},
+      {"cross_stream_reuse", "last_resort or always",
+       [](Config& c, const std::string& k, const std::string& v) {
+         const std::string l = lower(v);
+         if (l == "last_resort") c.cross_stream_reuse = CrossStreamReuse::kLastResort;
+         else if (l == "always") c.cross_stream_reuse = CrossStreamReuse::kAlways;
+         else bad_value(k, v, "last_resort or always");
+       },
+       [](const Config& c) -> ConfigValue {
+         return std::string(c.cross_stream_reuse == CrossStreamReuse::kLastResort ? "last_resort" : "always");
+       }},
+      {"repair_blocked", "true or false",
+       [](Config& c, const std::string& k, const std::string& v) { c.repair_blocked = parse_bool(k, v); },
+       [](const Config& c) -> ConfigValue { return c.repair_blocked; }},
+      {"large_handle_size", "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB",
+       [](Config& c, const std::string& k, const std::string& v) {
+         c.large_handle_size = bytes_of(k, v);
+         if (c.large_handle_size % (std::size_t{2} << 20) != 0 || c.large_handle_size > (std::size_t{1} << 30)) {
+           bad_value(k, v, "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB");
+         }
+       },
+       [](const Config& c) -> ConfigValue { return c.large_handle_size; }},
+      {"host_timing", "true or false",
+       [](Config& c, const std::string& k, const std::string& v) { c.host_timing = parse_bool(k, v); },
+       [](const Config& c) -> ConfigValue { return c.host_timing; }},
+      {"history", "a whole number >= 0 (events kept)",
+       [](Config& c, const std::string& k, const std::string& v) {
+         c.history = whole_number(k, v, 0, "a whole number >= 0 (events kept)");
+       },
+       [](const Config& c) -> ConfigValue { return c.history; }},
+  };
+  return table;
+}
+
+std::string config_keys() {
+  std::string out;
+  for (const ConfigKey& key : config_key_table()) {
+    if (!out.empty()) out += ", ";
+    out += key.name;
+  }
+  return out;
+}
+
 Config parse_config(const std::string& text) {
   Config config;
   std::set<std::string> seen;
@@ -116,55 +206,13 @@ Config parse_config(const std::string& text) {
     if (!seen.insert(key).second) {
       throw std::invalid_argument("VMMALLOC_CONF: key '" + key + "' is given twice");
     }
-    if (key == "memory_cap") {
-      config.memory_cap = parse_bytes(value, "VMMALLOC_CONF key '" + key + "'");
-    } else if (key == "memory_fraction") {
-      config.memory_fraction = parse_double(key, value, "a number in (0, 1]");
-      if (!(config.memory_fraction > 0 && config.memory_fraction <= 1)) {
-        bad_value(key, value, "a number in (0, 1]");
-      }
-    } else if (key == "host_timing") {
-      config.host_timing = parse_bool(key, value);
-    } else if (key == "repair_blocked") {
-      config.repair_blocked = parse_bool(key, value);
-    } else if (key == "stitching") {
-      config.stitching = parse_bool(key, value);
-    } else if (key == "max_cached_mappings") {
-      const double n = parse_double(key, value, "a whole number >= 1");
-      if (n < 1 || n != std::floor(n) || n > 1e9) bad_value(key, value, "a whole number >= 1");
-      config.max_cached_mappings = static_cast<std::size_t>(n);
-    } else if (key == "max_mapped_bytes") {
-      config.max_mapped_bytes = parse_bytes(value, "VMMALLOC_CONF key '" + key + "'");
-    } else if (key == "reuse_ratio") {
-      config.reuse_ratio = parse_double(key, value, "a number >= 1");
-      if (config.reuse_ratio < 1) bad_value(key, value, "a number >= 1");
-    } else if (key == "max_ready_scan") {
-      const double n = parse_double(key, value, "a whole number >= 1");
-      if (n < 1 || n != std::floor(n) || n > 1e9) bad_value(key, value, "a whole number >= 1");
-      config.max_ready_scan = static_cast<std::size_t>(n);
-    } else if (key == "history") {
-      const double n = parse_double(key, value, "a whole number >= 0 (events kept)");
-      if (n < 0 || n != std::floor(n) || n > 1e9) bad_value(key, value, "a whole number >= 0 (events kept)");
-      config.history = static_cast<std::size_t>(n);
-    } else if (key == "cross_stream_reuse") {
-      const std::string v = lower(value);
-      if (v == "last_resort") config.cross_stream_reuse = CrossStreamReuse::kLastResort;
-      else if (v == "always") config.cross_stream_reuse = CrossStreamReuse::kAlways;
-      else bad_value(key, value, "last_resort or always");
-    } else if (key == "large_handle_size") {
-      const char* allowed = "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB";
-      config.large_handle_size = parse_bytes(value, "VMMALLOC_CONF key '" + key + "'");
-      if (config.large_handle_size % (std::size_t{2} << 20) != 0 ||
-          config.large_handle_size > (std::size_t{1} << 30)) {
-        bad_value(key, value, allowed);
-      }
-    } else if (key == "growth_slack") {
-      config.growth_slack = parse_double(key, value, "a number in [0, 1]");
-      if (config.growth_slack < 0 || config.growth_slack > 1) bad_value(key, value, "a number in [0, 1]");
-    } else {
-      throw std::invalid_argument("VMMALLOC_CONF: unknown key '" + key +
-                                  "'; allowed keys: " + config_keys());
+    const auto& table = config_key_table();
+    const auto found = std::find_if(table.begin(), table.end(),
+                                    [&](const ConfigKey& k) { return key == k.name; });
+    if (found == table.end()) {
+      throw std::invalid_argument("VMMALLOC_CONF: unknown key '" + key + "'; allowed keys: " + config_keys());
     }
+    found->set(config, key, value);
   }
   if (config.memory_cap != 0 && config.memory_fraction != 0) {
     throw std::invalid_argument(

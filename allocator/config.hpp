@@ -5,6 +5,8 @@
 
 #include <cstddef>
 #include <string>
+#include <variant>
+#include <vector>
 
 namespace vmm {
 
@@ -65,7 +67,20 @@ inline constexpr const char* kByteCountRule =
 // empty) and the value otherwise.
 std::size_t parse_bytes(const std::string& value, const std::string& what);
 
+// One entry per VMMALLOC_CONF key, in the order the docs list them: the one place a key is
+// spelled. Parsing, the error messages, the dict the bindings return and the Python
+// layer's option list (enable_vmm_allocator's keywords and docstring) all come from it.
+using ConfigValue = std::variant<std::size_t, double, bool, std::string>;
+struct ConfigKey {
+  const char* name;
+  const char* allowed;  // what a value may be, in words
+  // Sets the key from its text; throws std::invalid_argument naming the key and `allowed`.
+  void (*set)(Config& config, const std::string& key, const std::string& value);
+  ConfigValue (*get)(const Config& config);
+};
+const std::vector<ConfigKey>& config_key_table();
+
 // The accepted keys, comma separated (for error messages and docs).
-const char* config_keys();
+std::string config_keys();
 
 }  // namespace vmm

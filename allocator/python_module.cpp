@@ -8,6 +8,7 @@
 #include <string>
 #include <thread>
 #include <tuple>
+#include <variant>
 #include <vector>
 
 #include "backend.hpp"
@@ -57,22 +58,13 @@ py::dict to_dict(const StatList& stats) {
   return out;
 }
 
+py::object config_value(const ConfigValue& value) {
+  return std::visit([](const auto& v) -> py::object { return py::cast(v); }, value);
+}
+
 py::dict config_to_dict(const Config& c) {
   py::dict out;
-  out["memory_cap"] = c.memory_cap;
-  out["memory_fraction"] = c.memory_fraction;
-  out["stitching"] = c.stitching;
-  out["max_cached_mappings"] = c.max_cached_mappings;
-  out["max_mapped_bytes"] = c.max_mapped_bytes;
-  out["reuse_ratio"] = c.reuse_ratio;
-  out["growth_slack"] = c.growth_slack;
-  out["max_ready_scan"] = c.max_ready_scan;
-  out["cross_stream_reuse"] =
-      c.cross_stream_reuse == CrossStreamReuse::kLastResort ? "last_resort" : "always";
-  out["repair_blocked"] = c.repair_blocked;
-  out["large_handle_size"] = c.large_handle_size;
-  out["host_timing"] = c.host_timing;
-  out["history"] = c.history;
+  for (const ConfigKey& key : config_key_table()) out[key.name] = config_value(key.get(c));
   return out;
 }
 
@@ -175,7 +167,16 @@ PYBIND11_MODULE(_C, m) {
         },
         py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
         "Undoes pin_host_memory; returns '' or the error.");
-  m.def("config_keys", [] { return std::string(config_keys()); });
+  m.def("config_keys", [] { return config_keys(); });
+  m.def("config_key_table", [] {
+        py::list out;
+        const Config defaults;
+        for (const ConfigKey& key : config_key_table()) {
+          out.append(py::make_tuple(key.name, key.allowed, config_value(key.get(defaults))));
+        }
+        return out;
+      },
+      "(key, allowed values, default) for every VMMALLOC_CONF key, in the docs' order.");
   m.def("parse_bytes", &parse_bytes, py::arg("text"), py::arg("what") = "",
         "A byte count by vmmalloc's one rule (allocator/config.hpp); ValueError naming `what`.");
   m.def("cuda_unavailable_reason", [] { return cu::driver_unavailable_reason(); },

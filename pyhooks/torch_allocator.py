@@ -14,10 +14,9 @@ _lock = threading.Lock()
 _enabled_conf: str | None = None
 _pluggable = None  # keeps torch's wrapper object alive
 
-# Python keyword -> VMMALLOC_CONF key.
-OPTION_KEYS = ("memory_cap", "memory_fraction", "stitching", "max_cached_mappings",
-               "max_mapped_bytes", "reuse_ratio", "growth_slack", "max_ready_scan", "cross_stream_reuse",
-               "repair_blocked", "large_handle_size", "host_timing", "history")
+# enable_vmm_allocator's keywords are the VMMALLOC_CONF keys, from the core's one table
+# (allocator/config.hpp, config_key_table).
+OPTION_KEYS = tuple(name for name, _, _ in _C.config_key_table())
 
 
 def _format_value(value: Any) -> str:
@@ -54,10 +53,12 @@ def enable_vmm_allocator(**options: Any) -> None:
     """Make vmmalloc PyTorch's CUDA allocator for this process.
 
     Call it once, before any CUDA tensor exists (or set ``VMMALLOC=1`` and change no
-    code). Options override ``VMMALLOC_CONF``: ``memory_cap`` (bytes or a string such as
-    ``"40GiB"``), ``memory_fraction``, ``stitching``, ``max_cached_mappings``,
-    ``max_mapped_bytes``, ``reuse_ratio``. Calling it again with the same options does
+    code). Options, the ``VMMALLOC_CONF`` keys, override ``VMMALLOC_CONF`` (the list
+    below comes from the core's table). Calling it again with the same options does
     nothing.
+
+    Options:
+{options}
 
     Raises:
         ValueError: an unknown option or a bad value (the message names it).
@@ -116,6 +117,10 @@ def enable_vmm_allocator(**options: Any) -> None:
             memory_history.install(torch)
         _enabled_conf = conf
 
+
+
+enable_vmm_allocator.__doc__ = (enable_vmm_allocator.__doc__ or "").format(options="\n".join(
+    f"        ``{name}``: {allowed} (default {default!r})" for name, allowed, default in _C.config_key_table()))
 
 def _install_pluggable(torch) -> None:
     """vmmalloc through torch's CUDAPluggableAllocator and its five C hooks alone."""

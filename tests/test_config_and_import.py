@@ -124,3 +124,18 @@ def test_byte_counts_follow_one_rule_everywhere(monkeypatch):
         virtual_tensor.host_allocator()
     monkeypatch.setenv("VMMALLOC_HOST_CAPACITY", "64MiB")
     assert virtual_tensor.host_allocator().stats()["vmm.memory_cap"] == 64 << 20
+
+
+def test_one_table_drives_parsing_errors_the_dict_and_the_python_options():
+    from vmmalloc import _C, torch_allocator
+
+    table = _C.config_key_table()
+    names = [name for name, _, _ in table]
+    assert list(_C.parse_config("")) == names, "to_dict lists the table's keys"
+    assert torch_allocator.OPTION_KEYS == tuple(names)
+    assert _C.config_keys() == ", ".join(names)
+    for name, allowed, default in table:
+        assert _C.parse_config("")[name] == default
+        assert f"``{name}``: {allowed}" in vmmalloc.enable_vmm_allocator.__doc__
+        with pytest.raises(ValueError, match=f"'{name}'"):
+            _C.parse_config(f"{name}:not-a-value")
