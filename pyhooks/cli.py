@@ -64,10 +64,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     root = _with_checkout_on_path()
-    from bench import suite
+    from bench import run
 
-    return suite.run_suite(args.names, backend=args.backend, quick=args.quick,
-                           out_dir=args.out or root / "bench" / "results")
+    return run.run_benchmarks(args.names, backend=args.backend, quick=args.quick,
+                              out_dir=args.out or root / "bench" / "results")
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
