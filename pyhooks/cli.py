@@ -205,9 +205,23 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
     replay.set_defaults(handler=_cmd_replay)
 
 
+# What each command needs beyond torch: the `cli` extra (progress bars, plots).
+_EXTRAS = {"demo": ("tqdm", "matplotlib"), "bench": ("tqdm", "matplotlib")}
+
+
+def _check_extras(command: str) -> None:
+    import importlib.util
+
+    missing = [m for m in _EXTRAS.get(command, ()) if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(f"vmmalloc {command} needs {' and '.join(missing)}: pip install 'vmmalloc[cli]' "
+                         f"(or pip install {' '.join(missing)})")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_extras(args.command_name)
     if args.command_name == "run" and args.kv_budget and args.hf_cache != "offload":
         parser.error("run: --kv-budget is the offload cache's budget; give it with --hf-cache offload")
     if args.command_name == "run" and args.hf_cache == "offload" and not args.kv_budget:

@@ -225,3 +225,12 @@ def test_replay_says_what_is_wrong_in_one_line(tmp_path, setup, args, message):
     assert message in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_a_command_without_its_extra_says_how_to_install_it(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tqdm" else real(name, *a))
+    with pytest.raises(SystemExit, match=r"vmmalloc demo needs tqdm: pip install 'vmmalloc\[cli\]'"):
+        cli.main(["demo"])
