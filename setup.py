@@ -1,7 +1,7 @@
 """Builds vmmalloc._C from allocator/ with pybind11.
 
 The extension links neither libcuda nor torch: the CUDA driver is opened at run time
-(allocator/cuda_driver.cpp), so the build needs only a C++17 compiler and Python headers.
+(allocator/backend/cuda_driver.cpp), so the build needs only a C++17 compiler and Python headers.
 The torch adapter (allocator/torch_adapter/) is not built here: it is compiled against the
 running torch on first use (pyhooks/torch_adapter.py).
 """
@@ -48,7 +48,7 @@ class build_py_with_pth(build_py):
 
 extension = Pybind11Extension(
     "vmmalloc._C",
-    sorted(glob("allocator/*.cpp")),
+    sorted(glob("allocator/backend/*.cpp") + glob("allocator/core/*.cpp") + glob("allocator/abi/*.cpp")),
     include_dirs=["allocator"],
     cxx_std=17,
     libraries=["dl"],

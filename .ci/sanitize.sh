@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Builds the allocator core (allocator/*.cpp but the pybind11 module) with
+# Builds the allocator (allocator/{backend,core,abi}/*.cpp but the pybind11 module) with
 # AddressSanitizer + UndefinedBehaviorSanitizer, runs the randomized multi-threaded stress
-# test (allocator/tools/stress.cpp) under them, and compile-checks our CUDA driver
+# test (tests/native/stress.cpp) under them, and compile-checks our CUDA driver
 # declarations against cuda.h when a toolkit is installed.
 #
 #   .ci/sanitize.sh [stress arguments]      e.g. .ci/sanitize.sh --seed=7 --ops=20000
@@ -37,11 +37,11 @@ t0=$(now)
 
 # --- Build: every source compiled in parallel, then one link. ---------------------------
 sources=()
-for f in allocator/*.cpp; do
+for f in allocator/backend/*.cpp allocator/core/*.cpp allocator/abi/*.cpp; do
   [[ "$(basename "$f")" == python_module.cpp ]] && continue
   sources+=("$f")
 done
-sources+=(allocator/tools/stress.cpp)
+sources+=(tests/native/stress.cpp)
 
 say "compiling ${#sources[@]} sources with ${CXX} ${CXXFLAGS[*]}"
 objs=()
@@ -78,7 +78,7 @@ if [[ -z "$cuda_include" ]]; then
   fi
 fi
 if [[ -n "$cuda_include" && -f "$cuda_include/cuda.h" ]]; then
-  "$CXX" "${CXXFLAGS[@]}" -I"$cuda_include" allocator/tools/cuda_layout_check.cpp \
+  "$CXX" "${CXXFLAGS[@]}" -I"$cuda_include" tests/native/cuda_layout_check.cpp \
     -o "$BUILD/cuda_layout_check" "${LIBS[@]}" || die "cuda_layout_check.cpp does not compile against $cuda_include/cuda.h"
   "$BUILD/cuda_layout_check" || die "cuda_layout_check failed to run"
   say "cuda_layout_check: our CUDA declarations match $cuda_include/cuda.h"

@@ -5,7 +5,7 @@ Note [Exact sizes, pinned in place]
 PyTorch's pinned-memory allocator rounds every request up to a power of two, so a 537 MB
 layer of an 8B model at 32K context would hold 1 GiB of locked memory. The buffers here are
 ordinary host tensors of the exact size, page-locked in place through the driver
-(Note [Pinning through the driver, not the runtime] in allocator/host_pinning.hpp) and
+(Note [Pinning through the driver, not the runtime] in allocator/backend/host_pinning.hpp) and
 unlocked before they are freed.
 
 Note [Host memory is checked before it is touched]

@@ -17,7 +17,7 @@ What the replacements' snapshots lack or add, and why:
   pages mapped into a virtual tensor are ``alloc`` / ``free_*`` entries with
   ``vmm_action`` ``"map"`` / ``"unmap"``.
 - ``segments`` are the regions memory is in now (Note [Snapshot segments] in
-  allocator/caching_allocator.hpp): their sizes add up to reserved memory, and free
+  allocator/core/caching_allocator.hpp): their sizes add up to reserved memory, and free
   chunks form one region at address 0.
 """
 from __future__ import annotations

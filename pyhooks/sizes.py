@@ -1,5 +1,5 @@
 """Byte counts as people write them ("8GiB", "512MB", "1e9", 8 << 30), for options and
-environment variables, by the one rule VMMALLOC_CONF uses (allocator/config.hpp,
+environment variables, by the one rule VMMALLOC_CONF uses (allocator/core/config.hpp,
 kByteCountRule: the core parses the text). Imports only the extension: the start-up hook
 reads VMMALLOC_KV_BUDGET with it."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Sleep and wake of tagged GPU memory (Note [Sleeping pools] in allocator/private_pool.hpp).
+"""Sleep and wake of tagged GPU memory (Note [Sleeping pools] in allocator/core/private_pool.hpp).
 
 Allocations made under ``with vmmalloc.sleep_mode.tagged("weights"):`` belong to the tag
 (a private pool of vmmalloc's: stitched only with memory of the same tag). ``pause(tag)``

@@ -15,7 +15,7 @@ _enabled_conf: str | None = None
 _pluggable = None  # keeps torch's wrapper object alive
 
 # enable_vmm_allocator's keywords are the VMMALLOC_CONF keys, from the core's one table
-# (allocator/config.hpp, config_key_table).
+# (allocator/core/config.hpp, config_key_table).
 OPTION_KEYS = tuple(name for name, _, _ in _C.config_key_table())
 
 

@@ -99,7 +99,7 @@ def test_type_stubs_cover_exactly_the_extension():
 
 def test_byte_counts_follow_one_rule_everywhere(monkeypatch):
     """VMMALLOC_CONF, the Python options and the environment variables read byte counts the
-    same way (allocator/config.hpp, kByteCountRule)."""
+    same way (allocator/core/config.hpp, kByteCountRule)."""
     from vmmalloc import _autostart, virtual_tensor
     from vmmalloc.sizes import parse_bytes
 

@@ -57,3 +57,24 @@ def test_cited_facts_resolve_in_the_repository():
                 if not match.group(0).lstrip("(`'\"").startswith("docs/FACTS.md"):
                     bare.append(f"{path.relative_to(ROOT)}:{number}: {line.strip()[:80]}")
     assert not bare, "cite docs/FACTS.md, the copy in the repository:\n" + "\n".join(bare)
+
+
+# The floors of allocator/, bottom up, and what each may include of the project's headers.
+FLOORS = {
+    "backend": ("backend/",),                      # the driver and the host's primitives
+    "core": ("core/", "backend/backend.hpp"),      # the allocator, over Backend's interface only
+    "abi": ("backend/", "core/", "abi/", "torch_adapter/adapter_abi.h"),  # bindings, C tables, the registry
+    "torch_adapter": ("adapter_abi.h", "trace_recorder.h"),  # torch-linked; reaches the core through the C table
+}
+
+
+def test_each_floor_includes_only_what_is_below_it():
+    wrong = []
+    for floor, allowed in FLOORS.items():
+        for path in sorted((ROOT / "allocator" / floor).iterdir()):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                match = re.match(r'\s*#include "([^"]+)"', line)
+                if match and not match.group(1).startswith(allowed):
+                    wrong.append(f"allocator/{floor}/{path.name}:{number} includes {match.group(1)}")
+    assert not wrong, "\n".join(wrong)
+    assert sorted(p.name for p in (ROOT / "allocator").iterdir()) == sorted(FLOORS), "every file in a floor"

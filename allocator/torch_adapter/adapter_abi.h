@@ -34,7 +34,7 @@ typedef struct vmm_block {
   uintptr_t stream;
 } vmm_block;
 
-/* An event of the core's event log (allocator/event_log.hpp); kind is one of VMM_EVENT_*. */
+/* An event of the core's event log (allocator/core/event_log.hpp); kind is one of VMM_EVENT_*. */
 enum vmm_event_kind {
   VMM_EVENT_ALLOC = 0,
   VMM_EVENT_FREE_REQUESTED = 1,
@@ -56,7 +56,7 @@ typedef struct vmm_event {
   uintptr_t stream;
 } vmm_event;
 
-/* A region of a snapshot (Note [Snapshot segments] in allocator/caching_allocator.hpp):
+/* A region of a snapshot (Note [Snapshot segments] in allocator/core/caching_allocator.hpp):
  * its blocks tile it in address order. */
 enum vmm_segment_kind { VMM_SEGMENT_LARGE = 0, VMM_SEGMENT_SMALL = 1, VMM_SEGMENT_PAGES = 2, VMM_SEGMENT_FREE = 3 };
 enum vmm_block_state { VMM_BLOCK_ACTIVE = 0, VMM_BLOCK_PENDING_FREE = 1, VMM_BLOCK_INACTIVE = 2 };
@@ -113,7 +113,7 @@ typedef struct vmm_adapter_api {
   int (*reset_peak_stats)(int device);
   int (*reset_accumulated_stats)(int device);
 
-  /* Private pools (Note [Private pools] in allocator/private_pool.hpp). */
+  /* Private pools (Note [Private pools] in allocator/core/private_pool.hpp). */
   int (*create_or_incref_pool)(int device, vmm_pool_id pool);
   /* The core owns `context` from here on and calls release(context) when the route ends
    * (or at once, if this call fails). */

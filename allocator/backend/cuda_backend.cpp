@@ -1,0 +1,387 @@
+#include "backend/cuda_backend.hpp"
+
+#include "backend/host_pinning.hpp"
+
+#include <cstdio>
+#include <string>
+#include <utility>
+
+namespace vmm {
+namespace {
+
+// Released events beyond this many are destroyed rather than pooled, so a burst of
+// outstanding events does not pin driver resources for the rest of the process.
+constexpr std::size_t kMaxPooledEvents = 1024;
+
+const cu::DriverApi& require_driver() {
+  const cu::DriverApi* api = cu::driver_api();
+  if (api == nullptr) throw BackendError(cu::driver_unavailable_reason());
+  return *api;
+}
+
+std::string hex(std::uint64_t value) {
+  char buffer[2 + 16 + 1];
+  std::snprintf(buffer, sizeof buffer, "0x%llx", static_cast<unsigned long long>(value));
+  return buffer;
+}
+std::string hex(const void* pointer) { return hex(reinterpret_cast<std::uintptr_t>(pointer)); }
+
+std::string failure(int device, cu::CUresult result, const std::string& call) {
+  return "cuda backend (device " + std::to_string(device) + "): " + call + " failed: " +
+         cu::result_text(result);
+}
+
+// Throws BackendError for a failed driver call. `call` names the call and its arguments;
+// it is only invoked on failure, so the hot path builds no strings.
+template <class Call>
+void check(int device, cu::CUresult result, Call&& call) {
+  if (result != cu::CUDA_SUCCESS) throw BackendError(failure(device, result, call()));
+}
+
+cu::CUmemLocation device_location(int device) {
+  cu::CUmemLocation location{};
+  location.type = cu::CU_MEM_LOCATION_TYPE_DEVICE;
+  location.id = device;
+  return location;
+}
+
+cu::CUmemAccessDesc read_write(int device) {
+  cu::CUmemAccessDesc access{};
+  access.location = device_location(device);
+  access.flags = cu::CU_MEM_ACCESS_FLAGS_PROT_READWRITE;
+  return access;
+}
+
+cu::CUmemAllocationProp chunk_prop(int device) {
+  cu::CUmemAllocationProp prop{};  // unset fields must be zero
+  prop.type = cu::CU_MEM_ALLOCATION_TYPE_PINNED;
+  prop.requestedHandleTypes = cu::CU_MEM_HANDLE_TYPE_NONE;
+  prop.location = device_location(device);
+  return prop;
+}
+
+cu::CUevent as_event(EventId event) { return reinterpret_cast<cu::CUevent>(event); }
+cu::CUstream as_stream(StreamId stream) { return reinterpret_cast<cu::CUstream>(stream); }
+
+// Note [Primary context]
+// PyTorch (through the CUDA runtime) works in each device's primary context, so our
+// events, our stream handles and "stream 0" must resolve in that context: events can only
+// be recorded on and waited for by streams of their own context, cuMemGetInfo and
+// cuCtxSynchronize act on the current context's device, and a thread that never touched
+// CUDA has no current context at all. So the backend retains the primary context for its
+// lifetime and makes it current around each call that needs a context, then restores the
+// caller's context (possibly none): leaving ours current would silently switch the
+// runtime's current device in a thread working on another GPU. When the caller's context
+// is already ours (the common case) this costs one cuCtxGetCurrent.
+class ContextGuard {
+ public:
+  ContextGuard(const cu::DriverApi& api, cu::CUcontext context, int device) : api_(api) {
+    check(device, api.cuCtxGetCurrent(&previous_), [] { return std::string("cuCtxGetCurrent()"); });
+    if (previous_ == context) return;
+    check(device, api.cuCtxSetCurrent(context),
+          [&] { return "cuCtxSetCurrent(primary context " + hex(context) + ")"; });
+    switched_ = true;
+  }
+  ~ContextGuard() {
+    // Cannot fail for a context that was current a moment ago; nothing to do if it did.
+    if (switched_) api_.cuCtxSetCurrent(previous_);
+  }
+  ContextGuard(const ContextGuard&) = delete;
+  ContextGuard& operator=(const ContextGuard&) = delete;
+
+ private:
+  const cu::DriverApi& api_;
+  cu::CUcontext previous_ = nullptr;
+  bool switched_ = false;
+};
+
+}  // namespace
+
+CudaBackend::CudaBackend(int device)
+    : api_(require_driver()), device_(device), access_{read_write(device)} {
+  int count = 0;
+  check(device_, api_.cuDeviceGetCount(&count), [] { return std::string("cuDeviceGetCount()"); });
+  if (device_ < 0 || device_ >= count) {
+    throw BackendError("cuda backend: device " + std::to_string(device_) +
+                       " does not exist; this process sees " + std::to_string(count) +
+                       " CUDA device(s)" +
+                       (count > 0 ? " (ordinals 0 to " + std::to_string(count - 1) + ")" : "") +
+                       " after CUDA_VISIBLE_DEVICES.");
+  }
+  check(device_, api_.cuDeviceGet(&cu_device_, device_),
+        [&] { return "cuDeviceGet(ordinal=" + std::to_string(device_) + ")"; });
+  check(device_, api_.cuDeviceTotalMem_v2(&total_memory_, cu_device_),
+        [] { return std::string("cuDeviceTotalMem_v2()"); });
+
+  check(device_, api_.cuDevicePrimaryCtxRetain(&context_, cu_device_),
+        [] { return std::string("cuDevicePrimaryCtxRetain()"); });
+  // From here on a throw must give the retain back: a constructor that throws has no effect.
+  try {
+    ContextGuard guard(api_, context_, device_);
+    const cu::CUmemAllocationProp prop = chunk_prop(device_);
+    std::size_t granularity = 0;
+    check(device_,
+          api_.cuMemGetAllocationGranularity(&granularity, &prop,
+                                             cu::CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+          [] { return std::string("cuMemGetAllocationGranularity(pinned, device, minimum)"); });
+    // Chunks are created, mapped and aligned in kChunkSize units, which CUDA accepts
+    // exactly when they are multiples of the granularity (2 MiB on our GPUs, docs/FACTS.md).
+    if (granularity == 0 || kChunkSize % granularity != 0) {
+      throw BackendError("cuda backend (device " + std::to_string(device_) +
+                         "): the device's minimum allocation granularity is " +
+                         std::to_string(granularity) +
+                         " bytes, which does not divide vmmalloc's " + std::to_string(kChunkSize) +
+                         "-byte chunk size; this GPU is not supported.");
+    }
+  } catch (...) {
+    api_.cuDevicePrimaryCtxRelease_v2(cu_device_);
+    throw;
+  }
+}
+
+CudaBackend::~CudaBackend() {
+  // Never throws, and ignores driver errors: at process exit the driver may already be
+  // shut down (CUDA_ERROR_DEINITIALIZED), and there is nothing left to release then.
+  try {
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    if (!free_events_.empty()) {
+      ContextGuard guard(api_, context_, device_);
+      for (cu::CUevent event : free_events_) api_.cuEventDestroy_v2(event);
+      free_events_.clear();
+    }
+  } catch (...) {
+  }
+  api_.cuDevicePrimaryCtxRelease_v2(cu_device_);
+}
+
+std::size_t CudaBackend::free_memory() const {
+  ContextGuard guard(api_, context_, device_);  // cuMemGetInfo reports the current device
+  std::size_t free = 0;
+  std::size_t total = 0;
+  check(device_, api_.cuMemGetInfo_v2(&free, &total),
+        [] { return std::string("cuMemGetInfo_v2()"); });
+  return free;
+}
+
+std::uintptr_t CudaBackend::reserve(std::size_t bytes) {
+  if (bytes == 0 || bytes % kChunkSize != 0) {
+    throw BackendError("cuda backend: reserve needs a non-zero multiple of 2 MiB, got " +
+                       std::to_string(bytes) + " bytes");
+  }
+  ContextGuard guard(api_, context_, device_);
+  cu::CUdeviceptr addr = 0;
+  // Out of memory here means out of virtual address space, not device memory, so it is a
+  // plain BackendError: releasing caches would not help.
+  check(device_, api_.cuMemAddressReserve(&addr, bytes, kChunkSize, 0, 0),
+        [&] { return "cuMemAddressReserve(bytes=" + std::to_string(bytes) + ")"; });
+  return static_cast<std::uintptr_t>(addr);
+}
+
+void CudaBackend::unreserve(std::uintptr_t addr, std::size_t bytes) {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuMemAddressFree(addr, bytes), [&] {
+    return "cuMemAddressFree(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) + ")";
+  });
+}
+
+ChunkHandle CudaBackend::create_chunk(std::size_t bytes) {
+  if (bytes == 0 || bytes % kChunkSize != 0) {
+    throw BackendError("cuda backend: create_chunk needs a non-zero multiple of 2 MiB, got " +
+                       std::to_string(bytes) + " bytes");
+  }
+  ContextGuard guard(api_, context_, device_);
+  const cu::CUmemAllocationProp prop = chunk_prop(device_);
+  cu::CUmemGenericAllocationHandle handle = 0;
+  const cu::CUresult result = api_.cuMemCreate(&handle, bytes, &prop, 0);
+  if (result == cu::CUDA_ERROR_OUT_OF_MEMORY) {
+    throw DeviceOutOfMemory(
+        failure(device_, result, "cuMemCreate(bytes=" + std::to_string(bytes) + ")"));
+  }
+  check(device_, result, [&] { return "cuMemCreate(bytes=" + std::to_string(bytes) + ")"; });
+  // Nothing can fail after cuMemCreate succeeded, so no handle can leak. Keep it that way:
+  // any check added below must release `handle` before throwing.
+  return static_cast<ChunkHandle>(handle);
+}
+
+void CudaBackend::release_chunk(ChunkHandle chunk) {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuMemRelease(chunk),
+        [&] { return "cuMemRelease(handle=" + hex(chunk) + ")"; });
+}
+
+void CudaBackend::map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuMemMap(addr, bytes, 0, chunk, 0), [&] {
+    return "cuMemMap(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) +
+           ", handle=" + hex(chunk) + ")";
+  });
+}
+
+void CudaBackend::unmap(std::uintptr_t addr, std::size_t bytes) {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuMemUnmap(addr, bytes), [&] {
+    return "cuMemUnmap(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) + ")";
+  });
+}
+
+void CudaBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
+  ContextGuard guard(api_, context_, device_);
+  std::lock_guard<std::mutex> lock(access_mutex_);
+  check(device_, api_.cuMemSetAccess(addr, bytes, access_.data(), access_.size()), [&] {
+    return "cuMemSetAccess(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) +
+           ", read-write for this device and " + std::to_string(access_.size() - 1) + " peers)";
+  });
+}
+
+bool CudaBackend::add_peer(int peer) {
+  if (peer == device_) return false;
+  {
+    std::lock_guard<std::mutex> lock(access_mutex_);
+    for (const auto& a : access_) {
+      if (a.location.id == peer) return false;
+    }
+  }
+  cu::CUdevice peer_device = 0;
+  check(device_, api_.cuDeviceGet(&peer_device, peer),
+        [&] { return "cuDeviceGet(ordinal=" + std::to_string(peer) + ")"; });
+  int can_access = 0;
+  check(device_, api_.cuDeviceCanAccessPeer(&can_access, peer_device, cu_device_), [&] {
+    return "cuDeviceCanAccessPeer(device=" + std::to_string(peer) +
+           ", peer=" + std::to_string(device_) + ")";
+  });
+  if (can_access == 0) return false;  // no P2P path: copies go through the host, no grant
+  std::lock_guard<std::mutex> lock(access_mutex_);
+  access_.push_back(read_write(peer));
+  return true;
+}
+
+void CudaBackend::set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) {
+  ContextGuard guard(api_, context_, device_);
+  const cu::CUmemAccessDesc access = read_write(peer);
+  check(device_, api_.cuMemSetAccess(addr, bytes, &access, 1), [&] {
+    return "cuMemSetAccess(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) +
+           ", read-write for peer device " + std::to_string(peer) + ")";
+  });
+}
+
+std::vector<int> CudaBackend::peers() const {
+  std::lock_guard<std::mutex> lock(access_mutex_);
+  std::vector<int> out;
+  for (std::size_t i = 1; i < access_.size(); ++i) out.push_back(access_[i].location.id);
+  return out;
+}
+
+EventId CudaBackend::record_event(StreamId stream) {
+  ContextGuard guard(api_, context_, device_);
+  cu::CUevent event = nullptr;
+  {
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    if (!free_events_.empty()) {
+      event = free_events_.back();
+      free_events_.pop_back();
+    }
+  }
+  if (event == nullptr) {
+    check(device_, api_.cuEventCreate(&event, cu::CU_EVENT_DISABLE_TIMING),
+          [] { return std::string("cuEventCreate(CU_EVENT_DISABLE_TIMING)"); });
+  }
+  const cu::CUresult result = api_.cuEventRecord(event, as_stream(stream));
+  if (result != cu::CUDA_SUCCESS) {
+    // No effect on failure: the event goes back to the pool it came from (or was made for).
+    {
+      std::lock_guard<std::mutex> lock(events_mutex_);
+      if (free_events_.size() < kMaxPooledEvents) {
+        free_events_.push_back(event);
+        event = nullptr;
+      }
+    }
+    if (event != nullptr) api_.cuEventDestroy_v2(event);
+    throw BackendError(
+        failure(device_, result, "cuEventRecord(stream=" + hex(stream) + ")"));
+  }
+  return reinterpret_cast<EventId>(event);
+}
+
+bool CudaBackend::event_done(EventId event) {
+  ContextGuard guard(api_, context_, device_);
+  const cu::CUresult result = api_.cuEventQuery(as_event(event));
+  if (result == cu::CUDA_ERROR_NOT_READY) return false;
+  check(device_, result, [&] { return "cuEventQuery(event=" + hex(event) + ")"; });
+  return true;
+}
+
+void CudaBackend::stream_wait_event(StreamId stream, EventId event) {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuStreamWaitEvent(as_stream(stream), as_event(event), 0), [&] {
+    return "cuStreamWaitEvent(stream=" + hex(stream) + ", event=" + hex(event) + ")";
+  });
+}
+
+bool CudaBackend::is_capturing(StreamId stream) {
+  ContextGuard guard(api_, context_, device_);
+  cu::CUstreamCaptureStatus status = cu::CU_STREAM_CAPTURE_STATUS_NONE;
+  check(device_, api_.cuStreamIsCapturing(as_stream(stream), &status),
+        [&] { return "cuStreamIsCapturing(stream=" + hex(stream) + ")"; });
+  return status != cu::CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
+void CudaBackend::wait_event(EventId event) {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuEventSynchronize(as_event(event)),
+        [&] { return "cuEventSynchronize(event=" + hex(event) + ")"; });
+}
+
+int CudaBackend::relax_capture_mode() {
+  cu::CUstreamCaptureMode mode = cu::CU_STREAM_CAPTURE_MODE_RELAXED;
+  check(device_, api_.cuThreadExchangeStreamCaptureMode(&mode),
+        [] { return std::string("cuThreadExchangeStreamCaptureMode(relaxed)"); });
+  return static_cast<int>(mode);
+}
+
+void CudaBackend::restore_capture_mode(int mode) {
+  auto previous = static_cast<cu::CUstreamCaptureMode>(mode);
+  api_.cuThreadExchangeStreamCaptureMode(&previous);  // restoring what it was cannot fail
+}
+
+void CudaBackend::release_event(EventId event) {
+  {
+    std::lock_guard<std::mutex> lock(events_mutex_);
+    if (free_events_.size() < kMaxPooledEvents) {
+      // A pooled event may still be pending; the next cuEventRecord simply re-records it.
+      free_events_.push_back(as_event(event));
+      return;
+    }
+  }
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuEventDestroy_v2(as_event(event)),
+        [&] { return "cuEventDestroy_v2(event=" + hex(event) + ")"; });
+}
+
+void CudaBackend::synchronize() {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuCtxSynchronize(), [] { return std::string("cuCtxSynchronize()"); });
+}
+
+void CudaBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuMemcpyHtoD_v2(dst, src, bytes), [&] {
+    return "cuMemcpyHtoD_v2(dst=" + hex(dst) + ", src=" + hex(src) +
+           ", bytes=" + std::to_string(bytes) + ")";
+  });
+}
+
+bool CudaBackend::pin_host(void* address, std::size_t bytes) {
+  return pin_host_memory(address, bytes, device_).empty();
+}
+
+void CudaBackend::unpin_host(void* address) { unpin_host_memory(address, device_); }
+
+void CudaBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
+  ContextGuard guard(api_, context_, device_);
+  check(device_, api_.cuMemcpyDtoH_v2(dst, src, bytes), [&] {
+    return "cuMemcpyDtoH_v2(dst=" + hex(dst) + ", src=" + hex(src) +
+           ", bytes=" + std::to_string(bytes) + ")";
+  });
+}
+
+}  // namespace vmm

@@ -1,0 +1,79 @@
+// The CUDA backend: the Backend interface on one GPU, through the driver's virtual memory
+// management API (cuMemAddressReserve, cuMemCreate, cuMemMap, cuMemSetAccess).
+//
+// The driver is loaded at run time (Note [No build-time CUDA dependency]); constructing a
+// CudaBackend where CUDA is unavailable throws BackendError saying why.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "backend/backend.hpp"
+#include "backend/cuda_driver.hpp"
+
+namespace vmm {
+
+class CudaBackend final : public Backend {
+ public:
+  // `device` is a CUDA device ordinal as this process sees it (after CUDA_VISIBLE_DEVICES).
+  // Throws BackendError if CUDA is unavailable, the ordinal does not exist, or the
+  // device's allocation granularity does not divide kChunkSize.
+  explicit CudaBackend(int device);
+  ~CudaBackend() override;
+  CudaBackend(const CudaBackend&) = delete;
+  CudaBackend& operator=(const CudaBackend&) = delete;
+
+  std::string name() const override { return "cuda"; }
+  int device() const override { return device_; }
+  std::size_t total_memory() const override { return total_memory_; }
+  std::size_t free_memory() const override;
+
+  std::uintptr_t reserve(std::size_t bytes) override;
+  void unreserve(std::uintptr_t addr, std::size_t bytes) override;
+  ChunkHandle create_chunk(std::size_t bytes) override;
+  void release_chunk(ChunkHandle chunk) override;
+  void map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) override;
+  void unmap(std::uintptr_t addr, std::size_t bytes) override;
+  void set_access(std::uintptr_t addr, std::size_t bytes) override;
+  bool add_peer(int peer) override;
+  void set_peer_access(std::uintptr_t addr, std::size_t bytes, int peer) override;
+  std::vector<int> peers() const override;
+
+  // Events are CUevents created with CU_EVENT_DISABLE_TIMING and pooled: release_event
+  // returns one to the pool and record_event reuses it. Events not released before the
+  // backend is destroyed are leaked.
+  EventId record_event(StreamId stream) override;
+  bool event_done(EventId event) override;
+  void stream_wait_event(StreamId stream, EventId event) override;
+  void release_event(EventId event) override;
+  void wait_event(EventId event) override;
+  void synchronize() override;
+  bool is_capturing(StreamId stream) override;
+  int relax_capture_mode() override;
+  void restore_capture_mode(int mode) override;
+
+  void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) override;
+  void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) override;
+  bool pin_host(void* address, std::size_t bytes) override;
+  void unpin_host(void* address) override;
+
+ private:
+  const cu::DriverApi& api_;
+  const int device_;
+  cu::CUdevice cu_device_ = 0;
+  cu::CUcontext context_ = nullptr;  // the device's primary context, retained by us
+  std::size_t total_memory_ = 0;
+
+  // This device first, then the peers added (Note [Peer access]). Read by set_access under
+  // the allocator's lock, but peers() may be asked from anywhere.
+  mutable std::mutex access_mutex_;
+  std::vector<cu::CUmemAccessDesc> access_;
+
+  std::mutex events_mutex_;
+  std::vector<cu::CUevent> free_events_;  // created, not in use; at most kMaxPooledEvents
+};
+
+}  // namespace vmm

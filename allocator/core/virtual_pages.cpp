@@ -1,0 +1,198 @@
+#include "core/virtual_pages.hpp"
+
+#include <algorithm>
+#include <stdexcept>
+
+#include "core/retirement.hpp"
+
+namespace vmm {
+
+VirtualPages::~VirtualPages() {
+  for (Retiring& r : retiring_) count_failure([&] { backend_.release_event(r.event); });
+  retiring_.clear();
+  for (auto& owned : ranges_) {
+    VirtualRange& range = *owned;
+    for (std::size_t i = 0; i < range.pages.size(); ++i) {
+      if (range.pages[i].chunk != nullptr) {
+        count_failure([&] { backend_.unmap(range.base + i * kChunkSize, kChunkSize); });
+      }
+    }
+    count_failure([&] { backend_.unreserve(range.base, range.bytes); });
+  }
+}
+
+template <typename F>
+void VirtualPages::count_failure(F&& cleanup) noexcept {
+  vmm::count_failure(backend_errors, std::forward<F>(cleanup));
+}
+
+VirtualRange* VirtualPages::reserve(std::size_t bytes) {
+  auto range = std::make_unique<VirtualRange>();
+  range->pages.resize(bytes / kChunkSize);
+  ranges_.reserve(ranges_.size() + 1);
+  range->base = backend_.reserve(bytes);
+  range->bytes = bytes;
+  range->index = ranges_.size();
+  reserved_virtual_bytes_ += bytes;
+  ranges_.push_back(std::move(range));
+  return ranges_.back().get();
+}
+
+PagePlan VirtualPages::plan(const VirtualRange& range, std::size_t rows, std::size_t stride,
+                            std::size_t begin, std::size_t end) const {
+  std::vector<bool> needed(range.pages.size(), false);
+  if (end > begin) {
+    for (std::size_t r = 0; r < rows; ++r) {
+      const std::size_t first = (r * stride + begin) / kChunkSize;
+      const std::size_t last = (r * stride + end - 1) / kChunkSize;
+      for (std::size_t p = first; p <= last; ++p) needed[p] = true;
+    }
+  }
+  PagePlan out;
+  for (std::size_t p = 0; p < range.pages.size(); ++p) {
+    const PageSlot& slot = range.pages[p];
+    if (needed[p]) {
+      if (slot.chunk == nullptr) out.map.push_back(p);
+      else if (slot.retire_serial != 0) out.reclaim.push_back(p);
+    } else if (slot.chunk != nullptr && slot.retire_serial == 0) {
+      out.drop.push_back(p);
+    }
+  }
+  return out;
+}
+
+void VirtualPages::reclaim(VirtualRange& range, const std::vector<std::size_t>& pages, StreamId stream) {
+  std::vector<std::uint64_t> waited;
+  for (std::size_t p : pages) {
+    const std::uint64_t serial = range.pages[p].retire_serial;
+    range.pages[p].retire_serial = 0;
+    if (std::find(waited.begin(), waited.end(), serial) != waited.end()) continue;
+    waited.push_back(serial);
+    for (const Retiring& r : retiring_) {
+      if (r.serial != serial || r.event == 0) continue;
+      try {
+        backend_.stream_wait_event(stream, r.event);
+      } catch (const std::exception&) {
+        ++backend_errors;
+        count_failure([&] { backend_.synchronize(); });
+      }
+    }
+  }
+  range.live_pages += pages.size();
+  live_bytes.increase(static_cast<std::int64_t>(pages.size() * kChunkSize));
+}
+
+void VirtualPages::retire(VirtualRange& range, const std::vector<std::size_t>& pages,
+                          StreamId stream) {
+  if (pages.empty()) return;
+  const std::uint64_t serial = next_serial_++;
+  for (std::size_t p : pages) range.pages[p].retire_serial = serial;
+  range.live_pages -= pages.size();
+  live_bytes.decrease(static_cast<std::int64_t>(pages.size() * kChunkSize));
+  Retiring entry{&range, pages, 0, serial};
+  try {
+    retiring_.reserve(retiring_.size() + 1);
+    entry.event = backend_.record_event(stream);
+  } catch (const std::exception&) {
+    // No event: wait for the whole device instead, then the pages go at once.
+    ++backend_errors;
+    count_failure([&] { backend_.synchronize(); });
+    entry.event = 0;
+  }
+  retiring_.push_back(std::move(entry));
+}
+
+void VirtualPages::map(VirtualRange& range, const std::vector<std::size_t>& pages,
+                       const std::vector<Chunk*>& chunks) {
+  std::size_t mapped = 0;
+  try {
+    for (; mapped < pages.size(); ++mapped) {
+      backend_.map(range.base + pages[mapped] * kChunkSize, chunks[mapped]->handle, kChunkSize);
+    }
+    // Runs of consecutive pages get one set_access call each (its cost is per handle).
+    for (std::size_t i = 0; i < pages.size();) {
+      std::size_t j = i + 1;
+      while (j < pages.size() && pages[j] == pages[j - 1] + 1) ++j;
+      backend_.set_access(range.base + pages[i] * kChunkSize, (j - i) * kChunkSize);
+      i = j;
+    }
+  } catch (...) {
+    for (std::size_t i = 0; i < mapped; ++i) {
+      count_failure([&] { backend_.unmap(range.base + pages[i] * kChunkSize, kChunkSize); });
+    }
+    throw;
+  }
+  for (std::size_t i = 0; i < pages.size(); ++i) range.pages[pages[i]] = PageSlot{chunks[i], 0};
+  range.live_pages += pages.size();
+  range.mapped_pages += pages.size();
+  live_bytes.increase(static_cast<std::int64_t>(pages.size() * kChunkSize));
+}
+
+void VirtualPages::free(VirtualRange& range, StreamId stream) {
+  std::vector<std::size_t> live;
+  for (std::size_t p = 0; p < range.pages.size(); ++p) {
+    if (range.pages[p].chunk != nullptr && range.pages[p].retire_serial == 0) live.push_back(p);
+  }
+  retire(range, live, stream);
+  range.freed = true;
+  maybe_destroy(&range);
+}
+
+void VirtualPages::unmap_pages(VirtualRange& range, const std::vector<std::size_t>& pages,
+                               std::uint64_t serial, std::vector<Chunk*>& out) {
+  for (std::size_t p : pages) {
+    PageSlot& slot = range.pages[p];
+    if (slot.chunk == nullptr || slot.retire_serial != serial) continue;  // taken back since
+    count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
+    out.push_back(slot.chunk);
+    slot = PageSlot{};
+    --range.mapped_pages;
+  }
+}
+
+std::vector<Chunk*> VirtualPages::finish_retiring(bool wait) {
+  std::vector<Chunk*> freed;
+  if (retiring_.empty()) return freed;
+  std::vector<VirtualRange*> touched;
+  finish_completed(retiring_, wait, backend_, backend_errors, [&](const Retiring& r) {
+    unmap_pages(*r.range, r.pages, r.serial, freed);
+    touched.push_back(r.range);
+  });
+  std::sort(touched.begin(), touched.end());
+  touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
+  for (VirtualRange* range : touched) maybe_destroy(range);
+  return freed;
+}
+
+void VirtualPages::maybe_destroy(VirtualRange* range) {
+  if (!range->freed || range->mapped_pages != 0) return;
+  // Older retirements of pages taken back and unmapped since may still name the range.
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < retiring_.size(); ++i) {
+    if (retiring_[i].range == range) {
+      if (retiring_[i].event != 0) count_failure([&] { backend_.release_event(retiring_[i].event); });
+      continue;
+    }
+    if (kept != i) retiring_[kept] = std::move(retiring_[i]);
+    ++kept;
+  }
+  retiring_.resize(kept);
+  count_failure([&] { backend_.unreserve(range->base, range->bytes); });
+  reserved_virtual_bytes_ -= range->bytes;
+  const std::size_t index = range->index;
+  ranges_[index] = std::move(ranges_.back());
+  ranges_[index]->index = index;
+  ranges_.pop_back();
+}
+
+void VirtualPages::append_stats(StatList& out) const {
+  append_stat(out, "vmm.kv_mapped_bytes", live_bytes);
+  out.emplace_back("vmm.virtual_ranges", static_cast<std::int64_t>(ranges_.size()));
+  out.emplace_back("vmm.virtual_reserved_bytes", static_cast<std::int64_t>(reserved_virtual_bytes_));
+  std::int64_t retiring_pages = 0;
+  for (const Retiring& r : retiring_) retiring_pages += static_cast<std::int64_t>(r.pages.size());
+  out.emplace_back("vmm.retiring_pages", retiring_pages);
+  out.emplace_back("vmm.page_backend_errors", backend_errors);
+}
+
+}  // namespace vmm
