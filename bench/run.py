@@ -126,7 +126,7 @@ def run_benchmarks(names: list[str], backend: str = "auto", quick: bool = False,
         raise SystemExit(f"bench: unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
     backend = resolve_backend(backend)
     names = names or default_names(backend)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # the children run from the checkout's root
     if len(names) == 1:
         run_in_process(names[0], backend, quick, out_dir)
         print_table(names, backend, out_dir)

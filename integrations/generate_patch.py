@@ -152,6 +152,8 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
         return original(model, *args, **kwargs)
     cache_class = OffloadedKVCache if _state["cache"] == "offload" else VirtualKVCache
     cache = cache_class(model.config, max_length=_reserved_length(model, args, kwargs), **_state["options"])
+    kwargs.pop("past_key_values", None)  # given as None: one name only, the one this release takes
+    kwargs.pop("cache", None)
     kwargs[generate_cache_kwarg()] = cache
     try:
         out = _with_attention(original, model, args, kwargs)

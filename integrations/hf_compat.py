@@ -82,5 +82,4 @@ def given_cache(kwargs: dict[str, Any]) -> Any:
 
 def output_cache(output: Any) -> Any:
     """The cache generate()'s output hands back (``cache``, or ``past_key_values`` before 5.24)."""
-    found = getattr(output, "cache", None)
-    return found if found is not None else getattr(output, "past_key_values", None)
+    return getattr(output, "cache" if generate_cache_kwarg() == "cache" else "past_key_values", None)

@@ -1,4 +1,4 @@
-"""Type stubs for vmmalloc._C, the C++ core's pybind11 module (allocator/python_module.cpp)."""
+"""Type stubs for vmmalloc._C, the C++ core's pybind11 module (allocator/abi/python_module.cpp)."""
 from typing import Any
 
 CHUNK_SIZE: int

@@ -75,12 +75,19 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from bench import report
 
     results = args.results or root / "bench" / "results"
-    if not (args.write or args.output or args.readme):  # a user command edits no source tree unasked
+    # A user command edits no source tree unasked: without --write only the files named.
+    if args.write:
+        output = args.output or root / "bench" / "RESULTS.md"
+        readme = args.readme or (None if args.no_readme else root / "README.md")
+        written = report.write_report(results, output, readme=readme, plots=not args.no_plots)
+    elif args.output:
+        written = report.write_report(results, args.output, readme=args.readme, plots=False)
+    elif args.readme:
+        table = report.headline_table(report.load_results(results))
+        written = [args.readme] if report.update_readme(args.readme, table) else []
+    else:
         print("\n".join(report.headline_table(report.load_results(results))))
         return 0
-    output = args.output or root / "bench" / "RESULTS.md"
-    readme = args.readme or (root / "README.md" if args.write and not args.no_readme else None)
-    written = report.write_report(results, output, readme=readme, plots=not args.no_plots)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -205,23 +212,31 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
     replay.set_defaults(handler=_cmd_replay)
 
 
-# What each command needs beyond torch: the `cli` extra (progress bars, plots).
-_EXTRAS = {"demo": ("tqdm", "matplotlib"), "bench": ("tqdm", "matplotlib")}
+def _needed_extras(args: argparse.Namespace) -> tuple[str, ...]:
+    """What a command needs beyond torch: the `cli` extra (progress bars, plots)."""
+    command = args.command_name
+    if command in ("demo", "bench"):
+        return ("tqdm", "matplotlib")
+    if command == "report" and args.write and not args.no_plots:
+        return ("matplotlib",)
+    if command == "run" and args.history > 0:  # a timeline plot per process
+        return ("matplotlib",)
+    return ()
 
 
-def _check_extras(command: str) -> None:
+def _check_extras(args: argparse.Namespace) -> None:
     import importlib.util
 
-    missing = [m for m in _EXTRAS.get(command, ()) if importlib.util.find_spec(m) is None]
+    missing = [m for m in _needed_extras(args) if importlib.util.find_spec(m) is None]
     if missing:
-        raise SystemExit(f"vmmalloc {command} needs {' and '.join(missing)}: pip install 'vmmalloc[cli]' "
-                         f"(or pip install {' '.join(missing)})")
+        raise SystemExit(f"vmmalloc {args.command_name} needs {' and '.join(missing)}: pip install "
+                         f"'vmmalloc[cli]' (or pip install {' '.join(missing)})")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_extras(args.command_name)
+    _check_extras(args)
     if args.command_name == "run" and args.kv_budget and args.hf_cache != "offload":
         parser.error("run: --kv-budget is the offload cache's budget; give it with --hf-cache offload")
     if args.command_name == "run" and args.hf_cache == "offload" and not args.kv_budget:

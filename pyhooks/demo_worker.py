@@ -56,6 +56,8 @@ def measure(system: str, out_dir: Path, quick: bool) -> dict[str, Any]:
         patch_generate("vmm")
     else:
         torch.cuda.memory._record_memory_history(max_entries=HISTORY, context=None)
+    from vmmalloc.integrations.hf_compat import output_cache
+
     plan = schedule(quick)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -68,7 +70,7 @@ def measure(system: str, out_dir: Path, quick: bool) -> dict[str, Any]:
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                                  return_dict_in_generate=True, pad_token_id=0)
-        peak_kv = max(peak_kv, kv_bytes(out.past_key_values))
+        peak_kv = max(peak_kv, kv_bytes(output_cache(out)))
         del out, ids
         print(f"PROGRESS {i} {len(plan)}", flush=True)
     torch.cuda.synchronize()

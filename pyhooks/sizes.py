@@ -5,6 +5,7 @@ reads VMMALLOC_KV_BUDGET with it."""
 from __future__ import annotations
 
 import math
+import numbers
 
 
 def parse_bytes(value: int | float | str, what: str = "") -> int:
@@ -14,12 +15,12 @@ def parse_bytes(value: int | float | str, what: str = "") -> int:
     Raises:
         ValueError: for anything else, or a count that is negative or not finite.
     """
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy's numbers too
         number = float(value)
-        if not math.isfinite(number) or number < 0:
+        if not math.isfinite(number) or number < 0 or number > 1.8e19:
             prefix = f"{what}: " if what else ""
-            raise ValueError(f"{prefix}a byte count must be finite and not negative, got {value!r}")
-        return int(number)
+            raise ValueError(f"{prefix}a byte count must be finite, not negative and below 2**64, got {value!r}")
+        return int(value) if isinstance(value, numbers.Integral) else int(number)
     if not isinstance(value, str):
         raise ValueError(f"{what + ': ' if what else ''}cannot read {value!r} as a number of bytes")
     from vmmalloc import _C

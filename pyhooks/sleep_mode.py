@@ -100,7 +100,7 @@ def _buffers_of(obj: Any) -> list[Any]:
         return [obj]
     if hasattr(obj, "virtual_tensors"):
         return list(obj.virtual_tensors())
-    if hasattr(obj, "layers"):
+    if hasattr(obj, "layers") and any(hasattr(layer, "virtual_tensors") for layer in obj.layers):
         return [vt for layer in obj.layers if hasattr(layer, "virtual_tensors") for vt in layer.virtual_tensors()]
     raise TypeError(f"cannot attach a {type(obj).__name__} to a tag: it is not a VirtualTensor and has no "
                     "virtual_tensors() or layers with virtual_tensors() (VirtualKVCache has them)")
@@ -125,10 +125,16 @@ def pause(tag: str, *, backup: bool = True, device: Any = None) -> None:
             under way in this process.
     """
     allocator = _C.device_allocator(_device_index(device))
-    allocator.pause_pool(pool_of(tag, device), backup)
+    pool = pool_of(tag, device)
     buffers = _attached_buffers(tag, device)
+    if allocator.pool_paused(pool) and all(vt.asleep for vt in buffers):
+        raise RuntimeError(f"vmmalloc: tag {tag!r} is paused already")
+    # The buffers first, then the pool: a call that fails part way (out of host memory for a
+    # backup) is finished by calling pause() again.
     for vt in buffers:
         vt.sleep(backup=backup)
+    if not allocator.pool_paused(pool):
+        allocator.pause_pool(pool, backup)
     # Their pages went back to their allocators' chunk pools, once the current stream's
     # work is done: hand them to the GPU.
     owners = {id(vt.allocator): vt for vt in buffers}

@@ -113,6 +113,9 @@ class VirtualTensor:
         """The whole reservation as a strided tensor (Note [Only committed parts are touched])."""
         if self._tensor is None:
             raise RuntimeError("this virtual tensor was freed; create a new one")
+        if self._sleep is not None:
+            raise RuntimeError("this virtual tensor is asleep (vmmalloc.sleep_mode.pause); resume its tag "
+                               "before touching it")
         return self._tensor
 
     @property
@@ -165,7 +168,7 @@ class VirtualTensor:
             return
         saved = None
         if backup and self.rows and self.stop > self.start:
-            span = self.tensor[:self.rows, self.start:self.stop]
+            span = self._tensor[:self.rows, self.start:self.stop]
             saved = torch.empty(span.shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
             saved.copy_(span)
         rows, start, stop = self.rows, self.start, self.stop

@@ -247,6 +247,10 @@ def test_attached_virtual_tensors_sleep_and_wake_at_the_same_addresses(host_devi
     assert device.stats()["reserved_bytes.all.current"] == reserved - committed, "pages went back to the device"
     with pytest.raises(RuntimeError, match="asleep"):
         kv.commit(2, MiB)
+    with pytest.raises(RuntimeError, match="asleep"):
+        kv.tensor  # touching unmapped pages would fault: refused instead
+    with pytest.raises(RuntimeError, match="paused already"):
+        sleep_mode.pause("kv", device=0)
     sleep_mode.resume("kv", device=0)
     assert not kv.asleep and not sleep_mode.is_paused("kv", device=0)
     assert kv.tensor.data_ptr() == ptr and kv.committed_bytes == committed
@@ -260,6 +264,12 @@ def test_attached_virtual_tensors_sleep_and_wake_at_the_same_addresses(host_devi
         sleep_mode.resume("kv", device=0)
     with pytest.raises(TypeError, match="cannot attach"):
         sleep_mode.attach("kv", object(), device=0)
+
+    class CacheOfOtherLayers:  # transformers' own caches: layers without virtual tensors
+        layers = [object(), object()]
+
+    with pytest.raises(TypeError, match="cannot attach"):
+        sleep_mode.attach("kv", CacheOfOtherLayers(), device=0)
     kv.free()
 
 
