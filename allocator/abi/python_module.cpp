@@ -103,7 +103,7 @@ py::capsule export_dlpack(py::object handle, VirtualTensor& vt) {
   e->shape[0] = static_cast<std::int64_t>(vt.bytes());
   dlpack::Tensor& t = e->managed.dl_tensor;
   t.data = reinterpret_cast<void*>(vt.address());
-  const bool cuda = backend.name().find("cuda") != std::string::npos;
+  const bool cuda = backend.kind() == Backend::Kind::kCuda;
   t.device = {cuda ? dlpack::kCUDA : dlpack::kCPU, cuda ? backend.device() : 0};
   t.ndim = 1;
   t.dtype = {1, 8, 1};

@@ -49,6 +49,9 @@ class Backend {
  public:
   virtual ~Backend() = default;
 
+  // What memory the backend serves: decides messages and exports (a name is for people).
+  enum class Kind { kCuda, kHost };
+  virtual Kind kind() const = 0;
   virtual std::string name() const = 0;
   virtual int device() const = 0;
   // Bytes of physical memory the device has in all (the base for fraction caps).

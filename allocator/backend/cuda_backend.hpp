@@ -26,6 +26,7 @@ class CudaBackend final : public Backend {
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
 
+  Kind kind() const override { return Kind::kCuda; }
   std::string name() const override { return "cuda"; }
   int device() const override { return device_; }
   std::size_t total_memory() const override { return total_memory_; }

@@ -34,6 +34,7 @@ class FaultInjectionBackend final : public Backend {
   void hold_events();
   void release_events();
 
+  Kind kind() const override { return inner_->kind(); }
   std::string name() const override { return "fault-injection(" + inner_->name() + ")"; }
   int device() const override { return inner_->device(); }
   std::size_t total_memory() const override { return inner_->total_memory(); }

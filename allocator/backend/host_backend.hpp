@@ -28,6 +28,7 @@ class HostBackend final : public Backend {
   HostBackend(const HostBackend&) = delete;
   HostBackend& operator=(const HostBackend&) = delete;
 
+  Kind kind() const override { return Kind::kHost; }
   std::string name() const override { return "host"; }
   int device() const override { return device_; }
   std::size_t total_memory() const override { return capacity_; }

@@ -195,12 +195,12 @@ std::size_t CachingAllocator::growth_budget(std::size_t chunks) const {
 }
 
 std::string CachingAllocator::oom_prefix() const {
-  return backend_->name().find("cuda") != std::string::npos ? "CUDA" : "Host backend";
+  return backend_->kind() == Backend::Kind::kCuda ? "CUDA" : "Host backend";
 }
 
 void CachingAllocator::throw_oom(std::size_t requested, const std::string& cause) {
   ++num_ooms_;
-  const bool cuda = backend_->name().find("cuda") != std::string::npos;
+  const bool cuda = backend_->kind() == Backend::Kind::kCuda;
   const std::size_t total = backend_->total_memory();
   std::size_t free = 0;
   try {

@@ -159,7 +159,6 @@ class MappingCache {
 
   std::size_t mapping_count() const { return mappings_.size(); }
   std::size_t ready_count() const;
-  std::size_t retiring_count() const { return retiring_.size(); }
   // Every address at which `chunk_id` is mapped (introspection and tests).
   std::vector<std::uintptr_t> addresses_of(std::uint64_t chunk_id) const;
 
