@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 import sys
-import time
 from typing import Any
 
 from bench.workers import benchmark_cpu, run_worker, worker_main
@@ -28,24 +27,15 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
 
     import vmmalloc
 
+    from bench.torch_hot_path import pair_times, populate
+
     mode, pairs, repeats = args["mode"], args["pairs"][args["mode"]], args["repeats"]
-    empty, uint8 = torch.empty, torch.uint8
-    device = torch.device("cuda")
-    for size in SIZES:  # populate the cache
-        empty(size, dtype=uint8, device=device)
+    populate(torch, SIZES)
     if mode == "trace":
         torch.cuda.memory._record_memory_history(enabled="all", context=None, max_entries=100_000)
     elif mode in ("python", "all"):
         torch.cuda.memory._record_memory_history(enabled="all", stacks=mode, max_entries=100_000)
-    rounds = max(1, pairs // len(SIZES))
-    per_repeat = []
-    for _ in range(repeats):
-        start = time.perf_counter_ns()
-        for _ in range(rounds):
-            for size in SIZES:
-                t = empty(size, dtype=uint8, device=device)
-                del t
-        per_repeat.append((time.perf_counter_ns() - start) / (rounds * len(SIZES)))
+    per_repeat = pair_times(torch, SIZES, max(1, pairs // len(SIZES)), repeats)
     entries = 0
     if mode != "off":
         entries = len(torch.cuda.memory._snapshot()["device_traces"][0])

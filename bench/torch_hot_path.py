@@ -18,22 +18,32 @@ MiB = 1 << 20
 SIZES = [512, 4096, 65536, 1 * MiB, 4 * MiB, 16 * MiB, 64 * MiB]
 
 
-def measure(args: dict[str, Any]) -> dict[str, Any]:
-    import torch
+def populate(torch, sizes: list[int]) -> None:
+    """One block of each size in the cache, so that the timed pairs are cached ones."""
+    for size in sizes:
+        torch.empty(size, dtype=torch.uint8, device="cuda")
 
-    rounds, repeats = args["rounds"], args["repeats"]
+
+def pair_times(torch, sizes: list[int], rounds: int, repeats: int) -> list[float]:
+    """ns per torch.empty + del pair over `sizes`, `rounds` times: one figure per repeat."""
     empty, uint8 = torch.empty, torch.uint8
     device = torch.device("cuda")
-    for size in SIZES:  # populate the cache
-        empty(size, dtype=uint8, device=device)
     per_repeat = []
     for _ in range(repeats):
         start = time.perf_counter_ns()
         for _ in range(rounds):
-            for size in SIZES:
+            for size in sizes:
                 t = empty(size, dtype=uint8, device=device)
                 del t
-        per_repeat.append((time.perf_counter_ns() - start) / (rounds * len(SIZES)))
+        per_repeat.append((time.perf_counter_ns() - start) / (rounds * len(sizes)))
+    return per_repeat
+
+
+def measure(args: dict[str, Any]) -> dict[str, Any]:
+    import torch
+
+    populate(torch, SIZES)
+    per_repeat = pair_times(torch, SIZES, args["rounds"], args["repeats"])
     import vmmalloc
 
     return {"ns_per_pair": statistics.median(per_repeat), "repeats_ns": per_repeat,

@@ -141,12 +141,14 @@ class TraceRecorder {
 
   // Called before an allocation while history is on: the allocation's context.
   std::shared_ptr<c10::GatheredContext> begin_allocation(int device) {
+    cda::CreateContextFn recorder = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       if (!on_.load(std::memory_order_relaxed)) return nullptr;  // turned off meanwhile
       follow(device);
+      recorder = recorder_for(cda::RecordContext::STATE);
     }
-    return gather(cda::RecordContext::STATE);
+    return recorder != nullptr ? recorder() : nullptr;  // outside the lock: it may take the GIL
   }
 
   void record_alloc(int device, void* ptr, std::size_t size, std::uintptr_t stream,
@@ -239,9 +241,11 @@ class TraceRecorder {
     std::vector<Record> merged;
     std::size_t capacity = 0;
     bool recording = false;
+    std::vector<Action> skipped;
     {
       std::lock_guard<std::mutex> lock(mutex_);
       recording = on_.load(std::memory_order_relaxed);
+      skipped = skipped_;
       capacity = recording ? capacity_ : std::numeric_limits<std::size_t>::max();
       for (const Record& r : ring_) {
         if (r.device == device) merged.push_back(r);
@@ -269,12 +273,9 @@ class TraceRecorder {
         }
       }
     }
-    std::vector<Record> kept;
-    {
-      std::lock_guard<std::mutex> lock(mutex_);
-      for (Record& r : merged) {
-        if (std::find(skipped_.begin(), skipped_.end(), r.action) == skipped_.end()) kept.push_back(std::move(r));
-      }
+    std::vector<Record> kept;  // the adapter's own records were filtered when pushed; the core's here
+    for (Record& r : merged) {
+      if (std::find(skipped.begin(), skipped.end(), r.action) == skipped.end()) kept.push_back(std::move(r));
     }
     if (kept.size() > capacity) kept.erase(kept.begin(), kept.begin() + (kept.size() - capacity));
     const std::int64_t offset_ns = unix_minus_steady_ns();
@@ -320,12 +321,15 @@ class TraceRecorder {
     return static_cast<std::int64_t>(unix_ns) - static_cast<std::int64_t>(steady_ns());
   }
 
+  // Under mutex_: the recorder to call for an event of `level`, or null.
+  cda::CreateContextFn recorder_for(cda::RecordContext level) const {
+    return when_ >= level ? recorder_ : nullptr;
+  }
   std::shared_ptr<c10::GatheredContext> gather(cda::RecordContext level) {
     cda::CreateContextFn recorder = nullptr;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (when_ < level) return nullptr;
-      recorder = recorder_;
+      recorder = recorder_for(level);
     }
     return recorder != nullptr ? recorder() : nullptr;  // outside the lock: it may take the GIL
   }
