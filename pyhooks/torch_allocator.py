@@ -111,6 +111,10 @@ def enable_vmm_allocator(**options: Any) -> None:
                 "(and set CXX if it is not 'c++') to get them.", RuntimeWarning, stacklevel=2)
             _install_pluggable(torch)
         torch_memory_api.install(torch, adapter=fallback is None)
+        if fallback is None:
+            from vmmalloc import ipc
+
+            ipc.install()
         if fallback is not None:
             # With the adapter, torch's own history and snapshot functions reach vmmalloc
             # (Note [Adapter history] in allocator/torch_adapter/trace_recorder.h).

@@ -64,7 +64,7 @@ FLOORS = {
     "backend": ("backend/",),                      # the driver and the host's primitives
     "core": ("core/", "backend/backend.hpp"),      # the allocator, over Backend's interface only
     "abi": ("backend/", "core/", "abi/", "torch_adapter/adapter_abi.h"),  # bindings, C tables, the registry
-    "torch_adapter": ("adapter_abi.h", "trace_recorder.h"),  # torch-linked; reaches the core through the C table
+    "torch_adapter": ("adapter_abi.h", "trace_recorder.h", "ipc_handles.h"),  # torch-linked; reaches the core through the C table
 }
 
 

@@ -2,6 +2,7 @@
 // adapter_abi.h), over the per-device allocators of the registry. Thin: no policy here,
 // and no exception crosses it (Note [Errors across the ABI] in pluggable_abi.cpp).
 #include <cstdio>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <string>
@@ -10,6 +11,7 @@
 
 #include "abi/device_registry.hpp"
 #include "core/errors.hpp"
+#include "abi/shared_mapping.hpp"
 #include "torch_adapter/adapter_abi.h"
 
 #define VMM_EXPORT extern "C" __attribute__((visibility("default")))
@@ -273,6 +275,36 @@ int allocation_info(void* ptr, size_t* size, int* device) {
   });
 }
 
+int share(void* ptr, char* buffer, size_t capacity, size_t* length, size_t* offset) {
+  return guarded([&] {
+    const auto address = reinterpret_cast<std::uintptr_t>(ptr);
+    auto [description, at] = owner(address)->share(address);
+    const std::string handle = vmm::encode_shared(description);
+    *length = handle.size();
+    *offset = at;
+    if (handle.size() > capacity) {
+      throw std::length_error("vmmalloc: share: the handle needs " + std::to_string(handle.size()) +
+                              " bytes, the buffer has " + std::to_string(capacity));
+    }
+    std::memcpy(buffer, handle.data(), handle.size());
+  });
+}
+
+int is_shared_handle(const char* handle, size_t length) {
+  return vmm::is_vmmalloc_handle(std::string(handle, length)) ? 1 : 0;
+}
+
+int open_shared(const char* handle, size_t length, int device, void** base, void** token) {
+  return guarded([&] {
+    const vmm::SharedDescription description = vmm::decode_shared(std::string(handle, length));
+    auto mapping = std::make_unique<vmm::SharedMapping>(on(device).shared_backend(), description);
+    *base = reinterpret_cast<void*>(mapping->base());
+    *token = mapping.release();
+  });
+}
+
+void close_shared(void* token) { delete static_cast<vmm::SharedMapping*>(token); }
+
 const vmm_adapter_api kTable = {
     VMM_ADAPTER_ABI_VERSION,
     sizeof(vmm_adapter_api),
@@ -303,6 +335,10 @@ const vmm_adapter_api kTable = {
     segments,
     memory_totals,
     allocation_info,
+    share,
+    is_shared_handle,
+    open_shared,
+    close_shared,
 };
 
 }  // namespace

@@ -23,6 +23,7 @@
 #include "backend/host_backend.hpp"
 #include "backend/host_pinning.hpp"
 #include "core/hot_path_timing.hpp"
+#include "abi/shared_mapping.hpp"
 #include "core/virtual_tensor.hpp"
 
 namespace py = pybind11;
@@ -215,7 +216,9 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<CudaBackend, Backend, std::shared_ptr<CudaBackend>>(
       m, "CudaBackend", "The CUDA driver's virtual memory API on one device.")
-      .def(py::init<int>(), py::arg("device"));
+      .def(py::init<int, bool>(), py::arg("device"), py::arg("shareable") = true)
+      .def_property_readonly("shareable", &CudaBackend::shareable,
+                             "Whether chunks created from now on can be shared with other processes.");
 
   py::class_<FaultInjectionBackend, Backend, std::shared_ptr<FaultInjectionBackend>>(
       m, "FaultInjectionBackend", "Forwards to a backend and fails chosen calls on demand.")
@@ -278,6 +281,15 @@ PYBIND11_MODULE(_C, m) {
       .def("owns", [](const CachingAllocator& a, py::handle ptr) { return a.owns(whole(ptr, "owns: ptr")); },
            py::arg("ptr"), "Whether `ptr` is the start of a live allocation of this allocator.")
       .def("chunk_ids", &CachingAllocator::chunk_ids, py::arg("ptr"))
+      .def("share",
+           [](CachingAllocator& a, py::handle ptr) {
+             auto [description, offset] = a.share(whole(ptr, "share: ptr"));
+             return py::make_tuple(py::bytes(encode_shared(description)), offset);
+           },
+           py::arg("ptr"),
+           "(handle, offset): the live allocation at `ptr` described for another process, "
+           "and ptr's offset in the range the handle maps (Note [Sharing memory between "
+           "processes]); open it there with SharedMemory.")
       .def("chunk_addresses", &CachingAllocator::chunk_addresses, py::arg("chunk_id"))
       .def("add_peer", &CachingAllocator::add_peer, py::arg("peer"),
            py::call_guard<py::gil_scoped_release>(),
@@ -431,6 +443,33 @@ PYBIND11_MODULE(_C, m) {
                              "Exported tensors (DLPack) still alive.")
       .def("dlpack", [](py::object self) { return export_dlpack(self, self.cast<VirtualTensor&>()); },
            "A DLPack capsule of the whole range as a 1-D uint8 tensor (torch.from_dlpack).");
+
+  py::class_<SharedMapping, std::shared_ptr<SharedMapping>>(
+      m, "SharedMemory", "Memory another process shared (Allocator.share), mapped into this one.")
+      .def(py::init([](std::shared_ptr<Backend> backend, const py::bytes& handle) {
+             const SharedDescription description = decode_shared(handle);
+             py::gil_scoped_release release;
+             return std::make_shared<SharedMapping>(std::move(backend), description);
+           }), py::arg("backend"), py::arg("handle"))
+      .def_property_readonly("base", &SharedMapping::base)
+      .def_property_readonly("bytes", &SharedMapping::bytes);
+  m.def("decode_shared_handle", [](const py::bytes& handle) {
+    const SharedDescription d = decode_shared(handle);
+    py::list pieces;
+    for (const SharedPiece& p : d.pieces) {
+      py::dict piece;
+      piece["fd"] = p.fd;
+      piece["offset"] = p.offset;
+      piece["bytes"] = p.bytes;
+      piece["serial"] = p.serial;
+      pieces.append(piece);
+    }
+    py::dict out;
+    out["pid"] = d.pid;
+    out["backend"] = d.kind == Backend::Kind::kCuda ? "cuda" : "host";
+    out["pieces"] = pieces;
+    return out;
+  }, py::arg("handle"), "What a shared memory handle lists (ValueError for one that is not vmmalloc's).");
 
   // The process-wide allocators that torch's pluggable allocator reaches (one per device).
   m.def("configure", [](const std::string& conf) { DeviceRegistry::instance().configure(conf); },

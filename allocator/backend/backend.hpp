@@ -129,6 +129,36 @@ class Backend {
     return false;
   }
   virtual void unpin_host(void* address) { (void)address; }
+
+  // Note [Shared handles]
+  // Another process maps this process's memory by importing its physical handles. Each
+  // handle is exported as a file descriptor (with an offset into it, for backends whose
+  // handles are parts of one file); the receiver copies the descriptor into itself
+  // (ProcessDescriptors, backend/process_descriptors.hpp) and imports it. A handle is
+  // exported once: its descriptor stays open, owned by the backend, until the handle is
+  // released, so a receiver may take it at any time before. On CUDA the physical memory
+  // lives until every process holding a handle to it has released it (the driver counts
+  // them), so a receiver's mapping outlives the sender's release of the handle.
+  struct SharedHandle {
+    int fd = -1;
+    std::uint64_t offset = 0;
+  };
+  // Throws BackendError when the backend cannot share the handle (then it names why).
+  virtual SharedHandle export_handle(ChunkHandle chunk, std::size_t bytes) {
+    (void)chunk;
+    (void)bytes;
+    throw BackendError(name() + " backend: memory cannot be shared with other processes");
+  }
+  // The handle of `bytes` another process exported as `fd` at `offset` (`fd` is this
+  // process's descriptor; the caller keeps it and closes it). It is mapped, unmapped and
+  // granted as create_chunk's handles are, and given back with release_chunk. Throws
+  // BackendError.
+  virtual ChunkHandle import_handle(int fd, std::uint64_t offset, std::size_t bytes) {
+    (void)fd;
+    (void)offset;
+    (void)bytes;
+    throw BackendError(name() + " backend: memory of other processes cannot be imported");
+  }
 };
 
 }  // namespace vmm

@@ -1,6 +1,9 @@
 #include "backend/cuda_backend.hpp"
 
 #include "backend/host_pinning.hpp"
+#include "backend/process_descriptors.hpp"
+
+#include <unistd.h>
 
 #include <cstdio>
 #include <string>
@@ -52,10 +55,11 @@ cu::CUmemAccessDesc read_write(int device) {
   return access;
 }
 
-cu::CUmemAllocationProp chunk_prop(int device) {
+cu::CUmemAllocationProp chunk_prop(int device, bool shareable = false) {
   cu::CUmemAllocationProp prop{};  // unset fields must be zero
   prop.type = cu::CU_MEM_ALLOCATION_TYPE_PINNED;
-  prop.requestedHandleTypes = cu::CU_MEM_HANDLE_TYPE_NONE;
+  prop.requestedHandleTypes =
+      shareable ? cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR : cu::CU_MEM_HANDLE_TYPE_NONE;
   prop.location = device_location(device);
   return prop;
 }
@@ -97,8 +101,9 @@ class ContextGuard {
 
 }  // namespace
 
-CudaBackend::CudaBackend(int device)
-    : api_(require_driver()), device_(device), access_{read_write(device)} {
+CudaBackend::CudaBackend(int device, bool shareable)
+    : api_(require_driver()), device_(device), shareable_(shareable), access_{read_write(device)} {
+  if (!shareable) unshareable_reason_ = "this backend was created with shareable=False";
   int count = 0;
   check(device_, api_.cuDeviceGetCount(&count), [] { return std::string("cuDeviceGetCount()"); });
   if (device_ < 0 || device_ >= count) {
@@ -142,6 +147,7 @@ CudaBackend::CudaBackend(int device)
 CudaBackend::~CudaBackend() {
   // Never throws, and ignores driver errors: at process exit the driver may already be
   // shut down (CUDA_ERROR_DEINITIALIZED), and there is nothing left to release then.
+  for (const auto& entry : exported_) close(entry.second);
   try {
     std::lock_guard<std::mutex> lock(events_mutex_);
     if (!free_events_.empty()) {
@@ -190,9 +196,21 @@ ChunkHandle CudaBackend::create_chunk(std::size_t bytes) {
                        std::to_string(bytes) + " bytes");
   }
   ContextGuard guard(api_, context_, device_);
-  const cu::CUmemAllocationProp prop = chunk_prop(device_);
   cu::CUmemGenericAllocationHandle handle = 0;
-  const cu::CUresult result = api_.cuMemCreate(&handle, bytes, &prop, 0);
+  const bool shareable = shareable_.load(std::memory_order_relaxed);
+  cu::CUmemAllocationProp prop = chunk_prop(device_, shareable);
+  cu::CUresult result = api_.cuMemCreate(&handle, bytes, &prop, 0);
+  if (shareable && (result == cu::CUDA_ERROR_NOT_SUPPORTED || result == cu::CUDA_ERROR_INVALID_VALUE)) {
+    // A driver or system without POSIX descriptor export (some containers and vGPUs): the
+    // chunk is made as before, and sharing it says why it cannot be.
+    std::lock_guard<std::mutex> lock(exported_mutex_);
+    if (shareable_.exchange(false)) {
+      unshareable_reason_ = "the driver refused exportable memory (cuMemCreate with POSIX file "
+                            "descriptor handles: " + cu::result_text(result) + ")";
+    }
+    prop = chunk_prop(device_, false);
+    result = api_.cuMemCreate(&handle, bytes, &prop, 0);
+  }
   if (result == cu::CUDA_ERROR_OUT_OF_MEMORY) {
     throw DeviceOutOfMemory(
         failure(device_, result, "cuMemCreate(bytes=" + std::to_string(bytes) + ")"));
@@ -204,6 +222,14 @@ ChunkHandle CudaBackend::create_chunk(std::size_t bytes) {
 }
 
 void CudaBackend::release_chunk(ChunkHandle chunk) {
+  {
+    std::lock_guard<std::mutex> lock(exported_mutex_);
+    const auto it = exported_.find(chunk);
+    if (it != exported_.end()) {
+      close(it->second);
+      exported_.erase(it);
+    }
+  }
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemRelease(chunk),
         [&] { return "cuMemRelease(handle=" + hex(chunk) + ")"; });
@@ -382,6 +408,39 @@ void CudaBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes)
     return "cuMemcpyDtoH_v2(dst=" + hex(dst) + ", src=" + hex(src) +
            ", bytes=" + std::to_string(bytes) + ")";
   });
+}
+
+Backend::SharedHandle CudaBackend::export_handle(ChunkHandle chunk, std::size_t bytes) {
+  std::lock_guard<std::mutex> lock(exported_mutex_);
+  const auto it = exported_.find(chunk);
+  if (it != exported_.end()) return {it->second, 0};
+  raise_descriptor_limit();
+  ContextGuard guard(api_, context_, device_);
+  int fd = -1;
+  const cu::CUresult result =
+      api_.cuMemExportToShareableHandle(&fd, chunk, cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
+  if (result != cu::CUDA_SUCCESS) {
+    std::string why = failure(device_, result, "cuMemExportToShareableHandle(handle=" + hex(chunk) +
+                                                   ", bytes=" + std::to_string(bytes) + ")");
+    why += unshareable_reason_.empty()
+               ? "; if this process has many open files, raise the limit (ulimit -n)"
+               : "; chunks are not exportable: " + unshareable_reason_;
+    throw BackendError(why);
+  }
+  exported_.emplace(chunk, fd);
+  return {fd, 0};
+}
+
+ChunkHandle CudaBackend::import_handle(int fd, std::uint64_t offset, std::size_t bytes) {
+  if (offset != 0) throw BackendError("cuda backend: import_handle of a CUDA handle needs offset 0");
+  ContextGuard guard(api_, context_, device_);
+  cu::CUmemGenericAllocationHandle handle = 0;
+  check(device_,
+        api_.cuMemImportFromShareableHandle(&handle, reinterpret_cast<void*>(static_cast<std::intptr_t>(fd)),
+                                            cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+        [&] { return "cuMemImportFromShareableHandle(fd=" + std::to_string(fd) + ", bytes=" +
+                     std::to_string(bytes) + ")"; });
+  return static_cast<ChunkHandle>(handle);
 }
 
 }  // namespace vmm

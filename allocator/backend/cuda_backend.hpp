@@ -6,8 +6,10 @@
 #pragma once
 
 #include <cstddef>
+#include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <unordered_map>
 #include <string>
 #include <vector>
 
@@ -21,7 +23,10 @@ class CudaBackend final : public Backend {
   // `device` is a CUDA device ordinal as this process sees it (after CUDA_VISIBLE_DEVICES).
   // Throws BackendError if CUDA is unavailable, the ordinal does not exist, or the
   // device's allocation granularity does not divide kChunkSize.
-  explicit CudaBackend(int device);
+  // `shareable`: chunks are created exportable as POSIX file descriptors (Note [Shared
+  // handles]) where the driver allows it; off, or where the driver refuses, they are not,
+  // and export_handle says so.
+  explicit CudaBackend(int device, bool shareable = true);
   ~CudaBackend() override;
   CudaBackend(const CudaBackend&) = delete;
   CudaBackend& operator=(const CudaBackend&) = delete;
@@ -61,6 +66,11 @@ class CudaBackend final : public Backend {
   bool pin_host(void* address, std::size_t bytes) override;
   void unpin_host(void* address) override;
 
+  SharedHandle export_handle(ChunkHandle chunk, std::size_t bytes) override;
+  ChunkHandle import_handle(int fd, std::uint64_t offset, std::size_t bytes) override;
+  // Whether chunks created from now on can be exported.
+  bool shareable() const { return shareable_.load(std::memory_order_relaxed); }
+
  private:
   const cu::DriverApi& api_;
   const int device_;
@@ -70,6 +80,13 @@ class CudaBackend final : public Backend {
 
   // This device first, then the peers added (Note [Peer access]). Read by set_access under
   // the allocator's lock, but peers() may be asked from anywhere.
+  // Cleared for good the first time the driver refuses an exportable chunk.
+  std::atomic<bool> shareable_{true};
+  std::string unshareable_reason_;  // why chunks are not exportable (set with shareable_)
+  // The descriptor of every handle exported so far, closed when the handle is released.
+  std::mutex exported_mutex_;
+  std::unordered_map<ChunkHandle, int> exported_;
+
   mutable std::mutex access_mutex_;
   std::vector<cu::CUmemAccessDesc> access_;
 

@@ -131,6 +131,9 @@ void load_into(Driver& d) {
   need(a.cuMemMap, "cuMemMap", "cuMemMap");
   need(a.cuMemUnmap, "cuMemUnmap", "cuMemUnmap");
   need(a.cuMemSetAccess, "cuMemSetAccess", "cuMemSetAccess");
+  need(a.cuMemExportToShareableHandle, "cuMemExportToShareableHandle", "cuMemExportToShareableHandle");
+  need(a.cuMemImportFromShareableHandle, "cuMemImportFromShareableHandle",
+       "cuMemImportFromShareableHandle");
   need(a.cuEventCreate, "cuEventCreate", "cuEventCreate");
   need(a.cuEventRecord, "cuEventRecord", "cuEventRecord");
   need(a.cuEventQuery, "cuEventQuery", "cuEventQuery");

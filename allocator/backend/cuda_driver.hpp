@@ -172,6 +172,10 @@ struct DriverApi {
   CUresult (*cuMemUnmap)(CUdeviceptr ptr, std::size_t size);
   CUresult (*cuMemSetAccess)(CUdeviceptr ptr, std::size_t size, const CUmemAccessDesc* desc,
                              std::size_t count);
+  CUresult (*cuMemExportToShareableHandle)(void* shareable_handle, CUmemGenericAllocationHandle handle,
+                                           CUmemAllocationHandleType type, unsigned long long flags);
+  CUresult (*cuMemImportFromShareableHandle)(CUmemGenericAllocationHandle* handle, void* os_handle,
+                                             CUmemAllocationHandleType type);
 
   CUresult (*cuEventCreate)(CUevent* event, unsigned int flags);
   CUresult (*cuEventRecord)(CUevent event, CUstream stream);

@@ -68,6 +68,12 @@ class FaultInjectionBackend final : public Backend {
   }
   bool pin_host(void* address, std::size_t n) override { return inner_->pin_host(address, n); }
   void unpin_host(void* address) override { inner_->unpin_host(address); }
+  SharedHandle export_handle(ChunkHandle chunk, std::size_t n) override {
+    return inner_->export_handle(chunk, n);
+  }
+  ChunkHandle import_handle(int fd, std::uint64_t offset, std::size_t n) override {
+    return inner_->import_handle(fd, offset, n);
+  }
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t n) override {
     inner_->copy_to_host(dst, src, n);
   }

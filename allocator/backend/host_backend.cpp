@@ -29,6 +29,9 @@ std::size_t slot_of(ChunkHandle chunk) {
   return static_cast<std::size_t>((chunk & ((ChunkHandle{1} << kSizeShift) - 1)) - 1);
 }
 std::size_t chunks_of(ChunkHandle chunk) { return static_cast<std::size_t>(chunk >> kSizeShift); }
+// A handle imported from another process (Note [Shared handles]) has the top bit set and
+// indexes imports_; an own handle's chunk count never reaches that bit.
+constexpr ChunkHandle kImportedBit = ChunkHandle{1} << 63;
 
 }  // namespace
 
@@ -42,6 +45,7 @@ HostBackend::HostBackend(std::size_t capacity_bytes, int device)
 }
 
 HostBackend::~HostBackend() {
+  for (const auto& entry : imports_) close(entry.second.fd);
   if (memfd_ >= 0) close(memfd_);
 }
 
@@ -104,6 +108,13 @@ ChunkHandle HostBackend::create_chunk(std::size_t bytes) {
 
 void HostBackend::release_chunk(ChunkHandle chunk) {
   std::lock_guard<std::mutex> lock(mutex_);
+  if ((chunk & kImportedBit) != 0) {
+    const auto it = imports_.find(chunk);
+    if (it == imports_.end()) throw BackendError("host backend: unknown imported handle");
+    close(it->second.fd);
+    imports_.erase(it);
+    return;
+  }
   const std::size_t slot = slot_of(chunk);
   const std::size_t chunks = chunks_of(chunk);
   if (chunks == 0 || slot + chunks > file_chunks_) throw BackendError("host backend: unknown chunk");
@@ -118,11 +129,24 @@ void HostBackend::release_chunk(ChunkHandle chunk) {
 
 void HostBackend::map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) {
   check_aligned(addr, bytes, "map");
-  if (bytes != chunks_of(chunk) * kChunkSize) {
-    throw BackendError("host backend: map of " + std::to_string(bytes) + " bytes, but the handle has " +
-                       std::to_string(chunks_of(chunk) * kChunkSize) + " (a handle maps whole)");
-  }
   std::lock_guard<std::mutex> lock(mutex_);
+  int fd = memfd_;
+  std::uint64_t offset = 0;
+  std::size_t handle_bytes = 0;
+  if ((chunk & kImportedBit) != 0) {
+    const auto it = imports_.find(chunk);
+    if (it == imports_.end()) throw BackendError("host backend: map of an unknown imported handle");
+    fd = it->second.fd;
+    offset = it->second.offset;
+    handle_bytes = it->second.bytes;
+  } else {
+    offset = slot_of(chunk) * kChunkSize;
+    handle_bytes = chunks_of(chunk) * kChunkSize;
+  }
+  if (bytes != handle_bytes) {
+    throw BackendError("host backend: map of " + std::to_string(bytes) + " bytes, but the handle has " +
+                       std::to_string(handle_bytes) + " (a handle maps whole)");
+  }
   auto next = mapped_.lower_bound(addr);
   const bool overlaps_next = next != mapped_.end() && next->first < addr + bytes;
   const bool overlaps_prev = next != mapped_.begin() && std::prev(next)->first + std::prev(next)->second > addr;
@@ -130,8 +154,8 @@ void HostBackend::map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes)
     throw BackendError("host backend: map over a range that is already mapped");
   }
   // PROT_NONE until set_access, as a CUDA mapping is inaccessible until cuMemSetAccess.
-  void* got = mmap(reinterpret_cast<void*>(addr), bytes, PROT_NONE, MAP_SHARED | MAP_FIXED,
-                   memfd_, static_cast<off_t>(slot_of(chunk) * kChunkSize));
+  void* got = mmap(reinterpret_cast<void*>(addr), bytes, PROT_NONE, MAP_SHARED | MAP_FIXED, fd,
+                   static_cast<off_t>(offset));
   if (got == MAP_FAILED) throw BackendError(errno_text("mmap(map)"));
   mapped_.emplace(addr, bytes);
 }
@@ -213,6 +237,29 @@ void HostBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_
 
 void HostBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
   std::memcpy(dst, reinterpret_cast<const void*>(src), bytes);
+}
+
+Backend::SharedHandle HostBackend::export_handle(ChunkHandle chunk, std::size_t bytes) {
+  // Every own handle is a part of the one memfd, open for the backend's life. Unlike a CUDA
+  // handle, a part released here is emptied for every process that maps it: the host
+  // backend plays a device for tests, and its receivers must finish before the sender
+  // releases the handle.
+  if ((chunk & kImportedBit) != 0 || chunks_of(chunk) * kChunkSize != bytes) {
+    throw BackendError("host backend: export_handle of a handle this backend did not create");
+  }
+  return {memfd_, slot_of(chunk) * kChunkSize};
+}
+
+ChunkHandle HostBackend::import_handle(int fd, std::uint64_t offset, std::size_t bytes) {
+  if (bytes == 0 || bytes % kChunkSize != 0 || offset % kChunkSize != 0) {
+    throw BackendError("host backend: import_handle needs a chunk-aligned, non-empty part of a file");
+  }
+  const int own = fcntl(fd, F_DUPFD_CLOEXEC, 0);
+  if (own < 0) throw BackendError(errno_text("fcntl(F_DUPFD_CLOEXEC)"));
+  std::lock_guard<std::mutex> lock(mutex_);
+  const ChunkHandle handle = kImportedBit | ++last_import_;
+  imports_.emplace(handle, Import{own, offset, bytes});
+  return handle;
 }
 
 }  // namespace vmm

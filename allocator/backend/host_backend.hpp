@@ -60,6 +60,9 @@ class HostBackend final : public Backend {
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) override;
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) override;
 
+  SharedHandle export_handle(ChunkHandle chunk, std::size_t bytes) override;
+  ChunkHandle import_handle(int fd, std::uint64_t offset, std::size_t bytes) override;
+
  private:
   const std::size_t capacity_;
   const int device_;
@@ -74,6 +77,13 @@ class HostBackend final : public Backend {
   std::size_t live_chunks_ = 0;
   std::map<std::uintptr_t, std::size_t> mapped_;  // address of each mapped handle -> bytes
   std::vector<std::pair<int, std::size_t>> peers_;  // (peer, bytes granted to it)
+  struct Import {
+    int fd;  // this backend's duplicate of the descriptor it was imported from
+    std::uint64_t offset;
+    std::size_t bytes;
+  };
+  std::map<ChunkHandle, Import> imports_;
+  std::uint64_t last_import_ = 0;
 };
 
 }  // namespace vmm

@@ -1,5 +1,7 @@
 #include "core/caching_allocator.hpp"
 
+#include <unistd.h>
+
 #include <algorithm>
 #include <cstdio>
 #include <limits>
@@ -735,6 +737,35 @@ std::vector<std::uint64_t> CachingAllocator::chunk_ids(std::uintptr_t ptr) const
   } else {
     throw std::invalid_argument("vmmalloc: " + hex(ptr) + " is not a live allocation");
   }
+  return out;
+}
+
+std::pair<SharedDescription, std::size_t> CachingAllocator::share(std::uintptr_t ptr) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (!live(ptr, nullptr, nullptr, nullptr)) {
+    throw std::invalid_argument("vmmalloc: cannot share " + hex(ptr) +
+                                ": it is not the start of a live allocation of vmmalloc");
+  }
+  const Located where = locate(ptr);
+  if (where.pool != nullptr && where.pool->paused()) {
+    throw std::logic_error("vmmalloc: cannot share " + hex(ptr) + ": its pool is paused (sleeping)");
+  }
+  const Mapping* mapping = where.block != nullptr ? where.block->segment->mapping : where.mapping;
+  std::pair<SharedDescription, std::size_t> out;
+  SharedDescription& d = out.first;
+  d.pid = static_cast<int>(getpid());
+  d.kind = backend_->kind();
+  // Whole handles from the mapping's base: a mapping maps each handle whole, in order
+  // (Note [Large handles]), so a prefix that ends inside a large handle shares all of it.
+  for (std::size_t i = 0; i < mapping->used;) {
+    const Chunk* head = mapping->chunks[i];
+    if (!head->is_head()) throw std::logic_error("vmmalloc: share: a mapping starts inside a handle");
+    const std::size_t bytes = std::size_t{head->handle_chunks} * kChunkSize;
+    const Backend::SharedHandle exported = backend_->export_handle(head->handle, bytes);
+    d.pieces.push_back({exported.fd, exported.offset, bytes, head->id});
+    i += head->handle_chunks;
+  }
+  out.second = ptr - mapping->base;
   return out;
 }
 

@@ -30,6 +30,7 @@
 #include "core/errors.hpp"
 #include "core/event_log.hpp"
 #include "core/private_pool.hpp"
+#include "core/shared_memory.hpp"
 #include "core/stats.hpp"
 #include "core/virtual_pages.hpp"
 
@@ -160,6 +161,12 @@ class CachingAllocator {
   // Whether `ptr` is the start of a live allocation of this allocator.
   bool owns(std::uintptr_t ptr) const;
   std::vector<std::uint64_t> chunk_ids(std::uintptr_t ptr) const;
+  // The live allocation at `ptr` described for another process (Note [Sharing memory
+  // between processes]), and ptr's offset in the range the description maps. Throws
+  // std::invalid_argument for a pointer that is not the start of a live allocation,
+  // std::logic_error for memory of a paused pool, BackendError when a handle cannot be
+  // exported.
+  std::pair<SharedDescription, std::size_t> share(std::uintptr_t ptr);
   std::vector<std::uintptr_t> chunk_addresses(std::uint64_t chunk_id) const;
 
   // Virtual tensors (Note [KV pages]). A range is reserved virtual space, kChunkSize-

@@ -17,7 +17,7 @@
 extern "C" {
 #endif
 
-#define VMM_ADAPTER_ABI_VERSION 2
+#define VMM_ADAPTER_ABI_VERSION 3
 
 enum vmm_status { VMM_OK = 0, VMM_OUT_OF_MEMORY = 1, VMM_FAILED = 2 };
 
@@ -139,6 +139,20 @@ typedef struct vmm_adapter_api {
   int (*memory_totals)(int device, int64_t* allocated, int64_t* reserved);
   /* The size and device of a live allocation. */
   int (*allocation_info)(void* ptr, size_t* size, int* device);
+
+  /* CUDA IPC (Note [Sharing memory between processes] in allocator/core/shared_memory.hpp).
+   * share: the handle of the live allocation at ptr, copied into `buffer` when it fits in
+   * `capacity` bytes (*length: its size either way; VMM_FAILED when it did not fit), and
+   * ptr's offset in the range the handle maps. */
+  int (*share)(void* ptr, char* buffer, size_t capacity, size_t* length, size_t* offset);
+  /* 1 when `handle` was written by share (of any process), else 0. */
+  int (*is_shared_handle)(const char* handle, size_t length);
+  /* Maps the memory a handle describes on `device`: *base is its first byte; *token is
+   * given to close_shared when the last user is gone. */
+  int (*open_shared)(const char* handle, size_t length, int device, void** base, void** token);
+  /* Unmaps and releases it (after the device's queued work); never fails: errors are
+   * reported on stderr. */
+  void (*close_shared)(void* token);
 } vmm_adapter_api;
 
 /* Exported by vmmalloc._C. */

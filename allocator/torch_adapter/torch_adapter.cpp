@@ -17,9 +17,9 @@
 // and 2.13 (checked by compiling against both). What it overrides replaces the base's
 // bookkeeping as well: the base keeps a locked map of every allocation, the adapter keeps
 // none (a DataPtr's context is its pointer, and the core finds the pointer's device).
-// Memory history and snapshots: trace_recorder.h (Note [Adapter history]). Left to the
-// base, which raises "does not yet support": IPC, allocator trace trackers, OOM-rejection
-// observers.
+// Memory history and snapshots: trace_recorder.h (Note [Adapter history]); CUDA IPC:
+// ipc_handles.h (Note [Adapter IPC]). Left to the base, which raises "does not yet
+// support": allocator trace trackers, OOM-rejection observers.
 #include <c10/core/CachingDeviceAllocator.h>
 #include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAFunctions.h>
@@ -38,6 +38,7 @@
 #include <vector>
 
 #include "adapter_abi.h"
+#include "ipc_handles.h"
 #include "trace_recorder.h"
 
 namespace {
@@ -60,6 +61,8 @@ void check(int status) {
 // Leaked on purpose, as the core's registry: tensors are freed during interpreter teardown,
 // after static destructors have run, and their frees still reach it.
 vmm_torch::TraceRecorder& history = *new vmm_torch::TraceRecorder(&core);
+// Leaked for the same reason: receivers' tensors die during teardown too.
+vmm_torch::IpcHandles& ipc = *new vmm_torch::IpcHandles(&core);
 
 // torch's memory profiler (torch.profiler with profile_memory=True) learns of every
 // allocation and free with the totals after it, as from PyTorch's allocator.
@@ -437,6 +440,12 @@ class VmmAllocator final : public PluggableBase {
                                          c10::Device(c10::DeviceType::CUDA, device));
     }
     return delta;
+  }
+
+  // ---- CUDA IPC (Note [Adapter IPC]) ----
+  cca::ShareableHandle shareIpcHandle(void* ptr) override { return ipc.share(ptr); }
+  std::shared_ptr<void> getIpcDevPtr(std::string handle) override {
+    return ipc.open(handle, c10::cuda::current_device());
   }
 
   void attachOutOfMemoryObserver(cca::OutOfMemoryObserver observer) override {

@@ -181,6 +181,8 @@ SAME_SIGNATURE(cuMemRelease, cuMemRelease);
 SAME_SIGNATURE(cuMemMap, cuMemMap);
 SAME_SIGNATURE(cuMemUnmap, cuMemUnmap);
 SAME_SIGNATURE(cuMemSetAccess, cuMemSetAccess);
+SAME_SIGNATURE(cuMemExportToShareableHandle, cuMemExportToShareableHandle);
+SAME_SIGNATURE(cuMemImportFromShareableHandle, cuMemImportFromShareableHandle);
 SAME_SIGNATURE(cuEventCreate, cuEventCreate);
 SAME_SIGNATURE(cuEventRecord, cuEventRecord);
 SAME_SIGNATURE(cuEventQuery, cuEventQuery);

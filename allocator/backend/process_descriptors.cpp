@@ -1,0 +1,85 @@
+#include "backend/process_descriptors.hpp"
+
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <cerrno>
+#include <cstring>
+#include <mutex>
+#include <string>
+
+#include "backend/backend.hpp"
+
+// Older C libraries lack the names; the numbers are the same on every architecture that
+// has the unified syscall table (x86_64 and aarch64 included).
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+#ifndef SYS_pidfd_getfd
+#define SYS_pidfd_getfd 438
+#endif
+
+namespace vmm {
+namespace {
+
+std::string too_old(const char* call) {
+  return std::string("vmmalloc: opening memory shared by another process needs the ") + call +
+         " system call (Linux 5.6 or newer), which this kernel does not have";
+}
+
+}  // namespace
+
+ProcessDescriptors::ProcessDescriptors(int pid) : pid_(pid) {
+  pidfd_ = static_cast<int>(syscall(SYS_pidfd_open, pid, 0));
+  if (pidfd_ >= 0) return;
+  const int err = errno;
+  if (err == ENOSYS) throw BackendError(too_old("pidfd_open"));
+  if (err == ESRCH) {
+    throw BackendError("vmmalloc: the process that shared this memory (pid " + std::to_string(pid) +
+                       ") has exited; a sender must stay alive until its receivers have opened "
+                       "what it sent");
+  }
+  throw BackendError("vmmalloc: pidfd_open(" + std::to_string(pid) + ") failed: " + std::strerror(err));
+}
+
+ProcessDescriptors::~ProcessDescriptors() { close(pidfd_); }
+
+int ProcessDescriptors::take(int fd) const {
+  const int got = static_cast<int>(syscall(SYS_pidfd_getfd, pidfd_, fd, 0));
+  if (got >= 0) return got;
+  const int err = errno;
+  const std::string which = "descriptor " + std::to_string(fd) + " of process " + std::to_string(pid_);
+  if (err == ENOSYS) throw BackendError(too_old("pidfd_getfd"));
+  if (err == EPERM) {
+    throw BackendError(
+        "vmmalloc: not permitted to take " + which +
+        " (pidfd_getfd: Operation not permitted). Opening memory another process shared needs "
+        "ptrace access to it: run both processes as the same user, and check the kernel's Yama "
+        "policy (/proc/sys/kernel/yama/ptrace_scope must be 0, or 1 with the receiver a descendant "
+        "of the sender) and, in a container, its seccomp profile and CAP_SYS_PTRACE. PyTorch's "
+        "expandable segments share memory the same way and need the same.");
+  }
+  if (err == EBADF) {
+    throw BackendError("vmmalloc: " + which +
+                       " is not open: the sender has released the memory it shared (a tensor "
+                       "must stay alive in the sender until every receiver has opened it)");
+  }
+  if (err == EMFILE || err == ENFILE) {
+    throw BackendError("vmmalloc: taking " + which + " failed: too many open files; raise the "
+                       "limit (ulimit -n)");
+  }
+  throw BackendError("vmmalloc: pidfd_getfd of " + which + " failed: " + std::strerror(err));
+}
+
+void raise_descriptor_limit() noexcept {
+  static std::once_flag once;
+  std::call_once(once, [] {
+    rlimit limit{};
+    if (getrlimit(RLIMIT_NOFILE, &limit) != 0 || limit.rlim_cur >= limit.rlim_max) return;
+    limit.rlim_cur = limit.rlim_max;
+    setrlimit(RLIMIT_NOFILE, &limit);
+  });
+}
+
+}  // namespace vmm
