@@ -12,6 +12,7 @@
 #include "abi/device_registry.hpp"
 #include "core/errors.hpp"
 #include "abi/shared_mapping.hpp"
+#include "backend/process_descriptors.hpp"
 #include "torch_adapter/adapter_abi.h"
 
 #define VMM_EXPORT extern "C" __attribute__((visibility("default")))
@@ -278,7 +279,9 @@ int allocation_info(void* ptr, size_t* size, int* device) {
 int share(void* ptr, char* buffer, size_t capacity, size_t* length, size_t* offset) {
   return guarded([&] {
     const auto address = reinterpret_cast<std::uintptr_t>(ptr);
-    auto [description, at] = owner(address)->share(address);
+    CachingAllocator* allocator = owner(address);
+    auto [description, at] = allocator->share(address);
+    if (allocator->config().share_with_any_process) vmm::allow_any_process_to_take_descriptors();
     const std::string handle = vmm::encode_shared(description);
     *length = handle.size();
     *offset = at;

@@ -24,6 +24,7 @@
 #include "backend/host_pinning.hpp"
 #include "core/hot_path_timing.hpp"
 #include "abi/shared_mapping.hpp"
+#include "backend/process_descriptors.hpp"
 #include "core/virtual_tensor.hpp"
 
 namespace py = pybind11;
@@ -284,6 +285,7 @@ PYBIND11_MODULE(_C, m) {
       .def("share",
            [](CachingAllocator& a, py::handle ptr) {
              auto [description, offset] = a.share(whole(ptr, "share: ptr"));
+             if (a.config().share_with_any_process) allow_any_process_to_take_descriptors();
              return py::make_tuple(py::bytes(encode_shared(description)), offset);
            },
            py::arg("ptr"),

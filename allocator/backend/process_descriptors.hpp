@@ -32,6 +32,11 @@ class ProcessDescriptors {
   int pidfd_;
 };
 
+// Where Yama's ptrace_scope is 1, lets every process of this user take this process's
+// descriptors (prctl PR_SET_PTRACER_ANY), once. Scope 0 needs nothing, scopes 2 and 3 cannot
+// be relaxed by a process. Never throws.
+void allow_any_process_to_take_descriptors() noexcept;
+
 // Raises this process's soft limit on open descriptors to its hard limit, once: a sender
 // keeps one descriptor open per exported handle (a 16 GiB tensor of 16 MiB handles is
 // 1024, the usual soft limit). Never throws; a refused raise leaves the limit as it was.

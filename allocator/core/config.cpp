@@ -173,6 +173,9 @@ const std::vector<ConfigKey>& config_key_table() {
          c.history = whole_number(k, v, 0, "a whole number >= 0 (events kept)");
        },
        [](const Config& c) -> ConfigValue { return c.history; }},
+      {"share_with_any_process", "true or false",
+       [](Config& c, const std::string& k, const std::string& v) { c.share_with_any_process = parse_bool(k, v); },
+       [](const Config& c) -> ConfigValue { return c.share_with_any_process; }},
   };
   return table;
 }

@@ -51,6 +51,12 @@ struct Config {
   bool host_timing = false;
   // Events the allocator keeps in its log from creation on (Note [Event log cost]); 0: off.
   std::size_t history = 0;
+  // Where the kernel's Yama policy lets a process take only its descendants' descriptors
+  // (ptrace_scope 1, Ubuntu's default), a process that shares memory lets every process of
+  // its user take them, as a receiver must (Note [Shared handles]): with torch.multiprocessing
+  // the receiver is usually the sender's child. Off: only the sender's ancestors can open
+  // what it shares.
+  bool share_with_any_process = true;
 };
 
 // Parses a configuration string; later issues add keys here, each with its own check.
