@@ -71,7 +71,7 @@ def stitch_path(backend_name: str, repeats: int) -> dict[str, Any]:
     k fresh chunks, each measured on a fresh allocator."""
     out: dict[str, Any] = {}
     for k in (2, 4, 16, 64):
-        def stitched() -> float:
+        def stitched(k: int = k) -> float:
             alloc = vmmalloc.Allocator(make_backend(backend_name, (2 * k + 4) * CHUNK),
                                        f"memory_cap:{(2 * k) * CHUNK}")
             blocks = [alloc.allocate(CHUNK) for _ in range(2 * k)]
@@ -83,7 +83,7 @@ def stitch_path(backend_name: str, repeats: int) -> dict[str, Any]:
             assert alloc.stats()["vmm.stitches"] == 1
             return elapsed / 1000
 
-        def fresh() -> float:
+        def fresh(k: int = k) -> float:
             alloc = vmmalloc.Allocator(make_backend(backend_name, (k + 4) * CHUNK))
             start = time.perf_counter_ns()
             alloc.allocate(k * CHUNK)

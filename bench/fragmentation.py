@@ -17,7 +17,8 @@ import random
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from bench.workers import HF_PRELOAD, WarmWorkers, run_worker, worker_main
 

@@ -26,7 +26,6 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     import vmmalloc
-
     from bench.torch_hot_path import pair_times, populate
 
     mode, pairs, repeats = args["mode"], args["pairs"][args["mode"]], args["repeats"]

@@ -78,9 +78,8 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
     times are kept too)."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    from vmmalloc.integrations import patched_generate
-
     import vmmalloc
+    from vmmalloc.integrations import patched_generate
     from vmmalloc.virtual_tensor import allocator_for
 
     pages = allocator_for(torch.device("cuda")) if vmmalloc.is_enabled() else None

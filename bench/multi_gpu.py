@@ -35,7 +35,7 @@ def launch(system: str, world: int, train_args: list[str], timeout: int = 900) -
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={world}",
                "-m", "bench.multi_gpu_train", *train_args]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"torchrun for {system} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT "):])
@@ -43,8 +43,8 @@ def launch(system: str, world: int, train_args: list[str], timeout: int = 900) -
 
 def per_rank(result: dict[str, Any]) -> list[dict[str, Any]]:
     keep = ("rank", "vmmalloc_enabled", "collectives_ok", "peak_allocated", "peak_reserved", "ratio",
-            "step_time_median", "stitches", "repaired_chunks", "prefix_reuses", "cross_stream_waits", "host_time_ns", "peer_devices", "step_times",
-            "losses", "cpus")
+            "step_time_median", "stitches", "repaired_chunks", "prefix_reuses", "cross_stream_waits", "host_time_ns",
+            "peer_devices", "step_times", "losses", "cpus")
     return [{k: r.get(k) for k in keep} for r in result["ranks"]]
 
 

@@ -306,7 +306,7 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
                            "new_tokens": new, "kv_budget": f"{BUDGET_FRACTION:.0%} of the full KV", "greedy": True,
                            "ttft": {"batch": 1, "contexts": ttft_contexts, "memory_beyond_weights": TTFT_HEADROOM,
                                     "offload_kv_budget": TTFT_BUDGET}},
-              "bandwidth": bandwidth, "systems": systems, "ratios": ratios, "targets": TARGETS}
+              "bandwidth": systems["offload"]["bandwidth"], "systems": systems, "ratios": ratios, "targets": TARGETS}
     return result
 
 

@@ -84,7 +84,8 @@ def _overlap(event: dict[str, Any], start: float, end: float) -> float:
 
 def profile(context: int, batch: int, steps: int, out_dir: Path) -> dict[str, Any]:
     import torch
-    from torch.profiler import ProfilerActivity, profile as torch_profile, record_function
+    from torch.profiler import ProfilerActivity, record_function
+    from torch.profiler import profile as torch_profile
     from transformers import StoppingCriteria
 
     import vmmalloc

@@ -34,7 +34,8 @@ BENCHMARKS = {
     "sleep_wake": "bench.sleep_wake",
     "ipc": "bench.ipc",
 }
-GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache", "multi_gpu", "peer_access", "offload", "compile_graphs", "history_cost", "sleep_wake", "ipc"}
+GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache", "multi_gpu", "peer_access", "offload", "compile_graphs",
+            "history_cost", "sleep_wake", "ipc"}
 MULTI_GPU = {"multi_gpu", "peer_access"}  # in the default set only where at least 2 GPUs are visible
 
 

@@ -57,8 +57,8 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
         weights.fill_(7)
     host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
     for _ in range(repeats):
-        out["pinned_d2h"].append(_timed(lambda: host.copy_(weights, non_blocking=True), torch))
-        out["pinned_h2d"].append(_timed(lambda: weights.copy_(host, non_blocking=True), torch))
+        out["pinned_d2h"].append(_timed(lambda h=host: h.copy_(weights, non_blocking=True), torch))
+        out["pinned_h2d"].append(_timed(lambda h=host: weights.copy_(h, non_blocking=True), torch))
     del host
     box: dict[str, Any] = {"t": torch.empty(size, dtype=torch.uint8, device="cuda")}  # the only reference
 

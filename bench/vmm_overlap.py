@@ -250,8 +250,10 @@ def enqueue_checks() -> dict:
     calls = {
         "cudaMemcpyAsync H2D": lambda p: rt.cudaMemcpyAsync(p, host.data_ptr(), chunk, kinds.cudaMemcpyHostToDevice, stream),
         "cudaMemcpyAsync D2H": lambda p: rt.cudaMemcpyAsync(host.data_ptr(), p, chunk, kinds.cudaMemcpyDeviceToHost, stream),
-        "cudaMemcpyAsync D2D to it": lambda p: rt.cudaMemcpyAsync(p, other.data_ptr(), chunk, kinds.cudaMemcpyDeviceToDevice, stream),
-        "cudaMemcpyAsync D2D from it": lambda p: rt.cudaMemcpyAsync(other.data_ptr(), p, chunk, kinds.cudaMemcpyDeviceToDevice, stream),
+        "cudaMemcpyAsync D2D to it":
+            lambda p: rt.cudaMemcpyAsync(p, other.data_ptr(), chunk, kinds.cudaMemcpyDeviceToDevice, stream),
+        "cudaMemcpyAsync D2D from it":
+            lambda p: rt.cudaMemcpyAsync(other.data_ptr(), p, chunk, kinds.cudaMemcpyDeviceToDevice, stream),
         "cudaMemsetAsync": lambda p: rt.cudaMemsetAsync(p, 0, chunk, stream),
         "cudaPointerGetAttributes": lambda p: rt.cudaPointerGetAttributes(p),
     }

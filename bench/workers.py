@@ -15,7 +15,8 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 # How each system is switched on in its process.
 SYSTEM_ENV: dict[str, dict[str, str]] = {
@@ -55,7 +56,7 @@ def _finish(proc: subprocess.Popen, module: str, system: str, stdin_text: str, t
         raise RuntimeError(f"{module} worker for {system} ran past {timeout} s:\n{err[-3000:]}") from None
     # where a benchmark's time goes, in its log (a cold start includes the imports)
     print(f"[worker] {module} under {system} ({how}): {time.perf_counter() - start:.1f} s", flush=True)
-    lines = [l for l in out.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{module} worker for {system} failed ({proc.returncode}):\n{err[-3000:]}")
     return json.loads(lines[-1][len("RESULT "):])
@@ -104,7 +105,7 @@ class WarmWorkers:
             proc.communicate()
         self._spares.clear()
 
-    def __enter__(self) -> "WarmWorkers":
+    def __enter__(self) -> WarmWorkers:
         return self
 
     def __exit__(self, *exc_info) -> None:

@@ -1,6 +1,6 @@
 """Hugging Face integrations on vmmalloc's memory: a KV cache that grows in place in
-virtual memory, one that offloads layers to host memory within a GPU budget, an attention function that reads it with no copy, and a patched
-``generate()`` that uses them.
+virtual memory, one that offloads layers to host memory within a GPU budget, an attention
+function that reads it with no copy, and a patched ``generate()`` that uses them.
 
 Importing this package needs no transformers; its members import it on first use.
 """

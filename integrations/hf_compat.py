@@ -59,7 +59,7 @@ def crop_to_removal(tokens_to_remove: Any, length: int) -> int:
     return min(-n, length)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def generate_cache_kwarg() -> str:
     """The name generate() takes a cache under: ``cache`` from transformers 5.24 on (where
     ``past_key_values`` still works but warns that it is deprecated), else

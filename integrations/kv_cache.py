@@ -84,6 +84,11 @@ class VirtualKVLayer(CacheLayerMixin):
                 and tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) == k.shape[2:]
                 and tuple(value_states.shape[1:2]) + tuple(value_states.shape[3:]) == v.shape[2:])
 
+    def _buffers(self) -> tuple[VirtualTensor, VirtualTensor]:
+        """The key and value buffers of an initialized layer."""
+        assert self._k is not None and self._v is not None, "the layer has no buffers before its first update"
+        return self._k, self._v
+
     def _free_buffers(self) -> None:
         for vt in (self._k, self._v):
             if vt is not None:
@@ -105,7 +110,7 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def _commit(self, rows: int, stop: int, start: int) -> None:
         """Backs [start, stop) of `rows` rows, with the lead of Note [Pages mapped ahead, staggered by layer]."""
-        k, v = self._k, self._v
+        k, v = self._buffers()
         page = k.tokens_per_page
         keep_from = min(start, self._record_from) if self.record_past else start
         lead = max(1, int(page * self._stagger)) if self.lookahead else 0
@@ -119,8 +124,9 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def _set_views(self, start: int) -> None:
         rows, stop = self.batch_size, self.length
-        self.keys = self._k.tensor[:rows, start:stop].transpose(1, 2)
-        self.values = self._v.tensor[:rows, start:stop].transpose(1, 2)
+        k, v = self._buffers()
+        self.keys = k.tensor[:rows, start:stop].transpose(1, 2)
+        self.values = v.tensor[:rows, start:stop].transpose(1, 2)
 
     # ----- CacheLayerMixin -----------------------------------------------------------
 
@@ -143,8 +149,9 @@ class VirtualKVLayer(CacheLayerMixin):
         start = self._window_start(before)
         self.batch_size = batch
         self._commit(batch, after, start)
-        self._k.tensor[:batch, before:after].copy_(key_states.transpose(1, 2))
-        self._v.tensor[:batch, before:after].copy_(value_states.transpose(1, 2))
+        k, v = self._buffers()
+        k.tensor[:batch, before:after].copy_(key_states.transpose(1, 2))
+        v.tensor[:batch, before:after].copy_(value_states.transpose(1, 2))
         self.length = after
         self._set_views(start)
         return self.keys, self.values
@@ -165,7 +172,7 @@ class VirtualKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Forgets the tokens and gives their pages back; the reservations stay (warm)."""
         if self._k is not None and not self._k.freed:
-            for vt in (self._k, self._v):
+            for vt in self._buffers():
                 vt.commit(0, 0)
         self.length = self.batch_size = 0
         if self._k is not None and not self._k.freed:
@@ -182,7 +189,7 @@ class VirtualKVLayer(CacheLayerMixin):
             return
         start = self._window_start(self.length)
         index = beam_idx.to(self.device)
-        for vt in (self._k, self._v):
+        for vt in self._buffers():
             view = vt.tensor[:self.batch_size, start:self.length]
             view.copy_(view.index_select(0, index))
 
@@ -194,7 +201,7 @@ class VirtualKVLayer(CacheLayerMixin):
             return
         length = self.length - removed
         start = self._window_start(length)
-        if start < self._k.start:
+        if start < self._buffers()[0].start:
             raise RuntimeError(
                 f"cannot crop {removed} tokens of a sliding-window layer: positions from {start} were already "
                 "given back; generate() records the past (activate_past_recording) before it crops")
@@ -218,16 +225,16 @@ class VirtualKVLayer(CacheLayerMixin):
     def _gather_rows(self, index: torch.Tensor) -> None:
         """Row r of the result is row index[r] now (beam expansion, batch selection)."""
         rows, start = len(index), self._window_start(self.length)
-        saved = [vt.tensor[:self.batch_size, start:self.length].index_select(0, index) for vt in (self._k, self._v)]
-        if rows > self._k.shape[0]:  # more rows than reserved: new buffers, one copy
-            k, v = self._k, self._v
+        k, v = self._buffers()
+        saved = [vt.tensor[:self.batch_size, start:self.length].index_select(0, index) for vt in (k, v)]
+        if rows > k.shape[0]:  # more rows than reserved: new buffers, one copy
             self._k = VirtualTensor((rows,) + k.shape[1:], k.dtype, k.device)
             self._v = VirtualTensor((rows,) + v.shape[1:], v.dtype, v.device)
             k.free()
             v.free()
         self.batch_size = rows
         self._commit(rows, self.length, start)
-        for vt, data in zip((self._k, self._v), saved):
+        for vt, data in zip(self._buffers(), saved):
             vt.tensor[:rows, start:self.length].copy_(data)
         self._set_views(start)
 

@@ -102,12 +102,12 @@ class HostBuffer:
                                        "device": device.index if device.index is not None else 0}
         if device.type == "cuda" and nbytes > 0:
             start = time.perf_counter()
-            error = _C.pin_host_memory(self.tensor.data_ptr(), nbytes, self._state["device"])
+            refused = _C.pin_host_memory(self.tensor.data_ptr(), nbytes, self._state["device"])
             with _pinning_lock:
                 _pinning["seconds"] += time.perf_counter() - start
-                _pinning["bytes"] += 0 if error else nbytes
-            if error:
-                _warn_unpinned(error)
+                _pinning["bytes"] += 0 if refused else nbytes
+            if refused:
+                _warn_unpinned(refused)
             else:
                 self._state["pinned"] = True
         self._finalizer = weakref.finalize(self, _release, self._state)

@@ -9,6 +9,7 @@ so everything runs on a machine without a GPU).
 Turn it on for PyTorch with ``vmmalloc.enable_vmm_allocator()`` before any CUDA work, or
 with no code change: ``VMMALLOC=1 python train.py``.
 """
+from vmmalloc import sleep_mode
 from vmmalloc._C import (
     CHUNK_SIZE,
     SMALL_REQUEST_LIMIT,
@@ -21,7 +22,6 @@ from vmmalloc._C import (
     OutOfMemoryError,
     parse_config,
 )
-from vmmalloc import sleep_mode
 from vmmalloc.backends import cuda_available, cuda_unavailable_reason, make_backend
 from vmmalloc.torch_allocator import enable_vmm_allocator, is_enabled
 

@@ -42,6 +42,7 @@ def _gpu_side(system: str, out_dir: Path, quick: bool) -> dict[str, Any]:
     with open(log_path, "w") as log, subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True,
                                                      env=env) as proc:
         bar = None
+        assert proc.stdout is not None  # stdout=PIPE
         for line in proc.stdout:
             if line.startswith("PROGRESS "):
                 done, total = map(int, line.split()[1:3])

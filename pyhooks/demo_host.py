@@ -11,7 +11,8 @@ so the same timeline is drawn.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import vmmalloc
 from vmmalloc import memory_history, timeline
@@ -32,7 +33,8 @@ def _replay(alloc: Any, plan: list[tuple[int, int, int]], virtual_kv: bool,
     for batch, prompt, new in plan:
         # Prefill temporaries: hidden states and the MLP's wider intermediate.
         temps = [alloc.allocate(batch * prompt * HIDDEN_TOKEN_BYTES * k) for k in (1, 3, 3, 1)]
-        ranges, tensors = [], []
+        ranges: list[Any] = []
+        tensors: list[Any] = []
         if virtual_kv:
             ranges = [vmmalloc._C.VirtualRange(alloc, batch * (prompt + new) * KV_TOKEN_BYTES)
                       for _ in range(2 * LAYERS)]

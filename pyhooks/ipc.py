@@ -9,7 +9,8 @@ and then calls torch's unchanged.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 _MAGIC = b"vmmalloc"
 _RECEIVER_HINT = (
@@ -60,6 +61,7 @@ def install() -> None:
 
     from torch.multiprocessing import reductions
 
-    for cls, reduce in list(ForkingPickler._extra_reducers.items()):  # noqa: SLF001
+    reducers: dict[type, Callable[[Any], Any]] = ForkingPickler._extra_reducers  # type: ignore[attr-defined]
+    for cls, reduce in list(reducers.items()):
         if reduce is reductions.reduce_tensor:
             ForkingPickler.register(cls, _wrap(reduce))

@@ -22,9 +22,10 @@ import gzip
 import pickle
 import struct
 from array import array
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from vmmalloc import _C
 

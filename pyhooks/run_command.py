@@ -56,7 +56,7 @@ def run(command: list[str], conf: str | None = None, hf_cache: str | None = None
         history: int = 0, out_dir: Path | None = None) -> int:
     """Runs `command` under vmmalloc; returns its exit status."""
     temporary = out_dir is None
-    report_dir = Path(tempfile.mkdtemp(prefix="vmmalloc-run-")) if temporary else out_dir
+    report_dir = Path(tempfile.mkdtemp(prefix="vmmalloc-run-")) if out_dir is None else out_dir
     report_dir.mkdir(parents=True, exist_ok=True)
     try:
         env = child_environment(conf, hf_cache, kv_budget, history, report_dir)

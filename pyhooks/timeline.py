@@ -6,9 +6,10 @@ can be drawn on one plot.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 # Trace action -> (change of allocated bytes, change of reserved bytes), per byte of size.
 _DELTAS = {

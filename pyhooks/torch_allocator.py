@@ -134,7 +134,9 @@ def _install_pluggable(torch) -> None:
     raw = pluggable.allocator()
 
     def address(name: str) -> int:
-        return ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+        value = ctypes.cast(getattr(library, name), ctypes.c_void_p).value
+        assert value is not None, name  # an exported function has an address
+        return value
 
     raw.set_init_fn(address("vmm_init"))
     raw.set_reset_fn(address("vmm_empty_cache"))

@@ -168,7 +168,7 @@ class VirtualTensor:
             return
         saved = None
         if backup and self.rows and self.stop > self.start:
-            span = self._tensor[:self.rows, self.start:self.stop]
+            span = self.tensor[:self.rows, self.start:self.stop]
             saved = torch.empty(span.shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
             saved.copy_(span)
         rows, start, stop = self.rows, self.start, self.stop

@@ -11,8 +11,14 @@ def tiny_model(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float3
                layers: int = 2, max_positions: int = 512, attention: str = "sdpa"):
     """``kind``: "llama" (GQA), "qwen2" (a full layer then sliding layers) or "mistral"
     (every layer slides, MQA)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, max_position_embeddings=max_positions, attn_implementation=attention,

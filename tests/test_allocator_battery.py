@@ -3,11 +3,11 @@ empty_cache, checked against a reference model. Runs on every backend (see conft
 from __future__ import annotations
 
 import hypothesis.strategies as st
+from conftest import MiB, pattern
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule, run_state_machine_as_test
 
 import vmmalloc
-from conftest import MiB, pattern
 
 CHUNK = vmmalloc.CHUNK_SIZE
 
@@ -97,7 +97,8 @@ def make_machine(kind, capacity: int, conf: str):
             assert stats["requested_bytes.all.current"] == sum(s for s, _, _ in self.live.values())
             assert stats["reserved_bytes.all.current"] == stats["vmm.chunks.current"] * CHUNK
             assert stats["reserved_bytes.all.current"] <= capacity
-            assert stats["allocated_bytes.all.current"] <= stats["active_bytes.all.current"] <= stats["reserved_bytes.all.current"]
+            allocated, active = stats["allocated_bytes.all.current"], stats["active_bytes.all.current"]
+            assert allocated <= active <= stats["reserved_bytes.all.current"]
             assert stats["vmm.backend_errors"] == 0
 
         def teardown(self):

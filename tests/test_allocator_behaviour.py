@@ -6,9 +6,9 @@ from __future__ import annotations
 import threading
 
 import pytest
+from conftest import MiB, assert_stitched_aliases_its_chunks, pattern
 
 import vmmalloc
-from conftest import MiB, assert_stitched_aliases_its_chunks, pattern
 
 CHUNK = vmmalloc.CHUNK_SIZE
 

@@ -4,7 +4,6 @@ PyTorch's own allocator running the same script in another child process."""
 from __future__ import annotations
 
 import pytest
-
 from test_torch_gpu import pytestmark, run  # noqa: F401  (the GPU marks apply here too)
 
 ON = "vmmalloc.enable_vmm_allocator()\n"

@@ -12,12 +12,17 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from hf_models import prompt, tiny_model  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import vmmalloc  # noqa: E402
-from hf_models import prompt, tiny_model  # noqa: E402
-from vmmalloc.integrations import (VirtualKVCache, patch_generate, patched_generate, unpatch_generate,  # noqa: E402
-                                   virtual_sdpa_attention)
+from vmmalloc.integrations import (  # noqa: E402
+    VirtualKVCache,
+    patch_generate,
+    patched_generate,
+    unpatch_generate,
+    virtual_sdpa_attention,
+)
 from vmmalloc.integrations.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from vmmalloc.integrations.kv_cache import VirtualKVLayer  # noqa: E402
 from vmmalloc.virtual_tensor import VirtualTensor, allocator_for  # noqa: E402
@@ -92,7 +97,7 @@ def test_virtual_tensor_bad_use_is_a_clear_error(device):
     with pytest.raises(RuntimeError, match="was freed"):
         vt.commit(1, 1)
     with pytest.raises(RuntimeError, match="was freed"):
-        vt.tensor
+        _ = vt.tensor
 
 
 def test_freed_kv_pages_serve_the_next_allocation(device):

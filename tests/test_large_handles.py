@@ -8,9 +8,9 @@ each backend (see conftest)."""
 from __future__ import annotations
 
 import pytest
+from conftest import MiB, assert_stitched_aliases_its_chunks, pattern
 
 import vmmalloc
-from conftest import MiB, assert_stitched_aliases_its_chunks, pattern
 from vmmalloc import _C
 
 CHUNK = vmmalloc.CHUNK_SIZE

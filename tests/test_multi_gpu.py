@@ -39,7 +39,7 @@ def launch(mode: str, system: str, extra: list[str] | None = None, timeout: int 
                "-m", "bench.multi_gpu_train", "--mode", mode, *SMALL, *(extra or [])]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT, timeout=timeout)
     assert proc.returncode == 0, f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-6000:]}"
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     assert len(lines) == 1, proc.stdout[-3000:]
     return json.loads(lines[0][len("RESULT "):])
 

@@ -14,12 +14,15 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
+from hf_models import prompt, tiny_model  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
 
 import vmmalloc  # noqa: E402
-from hf_models import prompt, tiny_model  # noqa: E402
-from vmmalloc.integrations import OffloadedKVCache, patched_generate  # noqa: E402
-from vmmalloc.integrations import pinned_host  # noqa: E402
+from vmmalloc.integrations import (  # noqa: E402
+    OffloadedKVCache,
+    patched_generate,
+    pinned_host,  # noqa: E402
+)
 from vmmalloc.integrations.hf_compat import cache_kwargs, output_cache  # noqa: E402
 from vmmalloc.sizes import parse_bytes  # noqa: E402
 from vmmalloc.virtual_tensor import allocator_for  # noqa: E402

@@ -4,10 +4,9 @@ that the grant covers exactly what is mapped, before and after a peer arrives.""
 from __future__ import annotations
 
 import pytest
+from conftest import MiB
 
 from vmmalloc import _C
-
-from conftest import MiB
 
 
 @pytest.fixture

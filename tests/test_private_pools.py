@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 
 import pytest
+from conftest import BackendKind, MiB, pattern
 
 import vmmalloc
-from conftest import BackendKind, MiB, pattern
 
 CHUNK = vmmalloc.CHUNK_SIZE
 

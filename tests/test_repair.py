@@ -6,9 +6,9 @@ nothing. Each test runs on each backend (see conftest)."""
 from __future__ import annotations
 
 import pytest
+from conftest import MiB, pattern
 
 import vmmalloc
-from conftest import MiB, pattern
 
 
 def blocked_by_a_stitch(alloc):

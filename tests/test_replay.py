@@ -8,9 +8,9 @@ import pickle
 import random
 
 import pytest
+from conftest import MiB
 
 import vmmalloc
-from conftest import MiB
 from vmmalloc import memory_history, replay
 
 SIZES = [512, 4096, 700_000, 3 * MiB, 9 * MiB, 17 * MiB, 40 * MiB]

@@ -4,9 +4,9 @@ untouched. Host backend (its streams here are made-up numbers, see test_private_
 from __future__ import annotations
 
 import pytest
+from conftest import BackendKind, MiB, pattern
 
 import vmmalloc
-from conftest import BackendKind, MiB, pattern
 
 CHUNK = vmmalloc.CHUNK_SIZE
 WEIGHTS = (7, 1)
@@ -248,7 +248,7 @@ def test_attached_virtual_tensors_sleep_and_wake_at_the_same_addresses(host_devi
     with pytest.raises(RuntimeError, match="asleep"):
         kv.commit(2, MiB)
     with pytest.raises(RuntimeError, match="asleep"):
-        kv.tensor  # touching unmapped pages would fault: refused instead
+        _ = kv.tensor  # touching unmapped pages would fault: refused instead
     with pytest.raises(RuntimeError, match="paused already"):
         sleep_mode.pause("kv", device=0)
     sleep_mode.resume("kv", device=0)
@@ -276,7 +276,6 @@ def test_attached_virtual_tensors_sleep_and_wake_at_the_same_addresses(host_devi
 def test_a_virtual_kv_cache_attached_to_a_tag_sleeps_with_its_layers(host_devices):
     """VirtualKVCache's layers make their buffers lazily: pause asks the cache when it runs."""
     import torch
-
     from transformers import LlamaConfig
 
     from vmmalloc import sleep_mode

@@ -5,9 +5,9 @@ backend (see conftest); streams 1 and 2 are valid handles on CUDA too."""
 from __future__ import annotations
 
 import pytest
+from conftest import MiB
 
 import vmmalloc
-from conftest import MiB
 
 
 def test_growth_within_the_slack_comes_before_another_streams_memory(kind):

@@ -359,7 +359,7 @@ def test_the_adapter_table_serves_events_segments_and_totals(host_devices):
     assert table.segments(0, visit, None) == 0
     assert (large, 6 * MiB, 0, [(large, 6 * MiB, 0)]) in segments  # VMM_SEGMENT_LARGE, VMM_BLOCK_ACTIVE
     assert sum(size for _, size, _, _ in segments) == reserved.value, "regions add up to reserved"
-    for base, size, _, blocks in segments:
+    for _base, size, _, blocks in segments:
         assert sum(b[1] for b in blocks) == size, "blocks tile their region"
     table.deallocate(large)
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 import gc
 
 import pytest
+from conftest import MiB, pattern
 
 import vmmalloc
-from conftest import MiB, pattern
 from vmmalloc import _C
 
 CHUNK = vmmalloc.CHUNK_SIZE
