@@ -28,6 +28,7 @@ the past (assisted decoding may crop back), pages are kept from where recording 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -257,32 +258,20 @@ class VirtualKVLayer(CacheLayerMixin):
         return sum(vt.reserved_bytes for vt in (self._k, self._v) if vt is not None and not vt.freed)
 
 
-class VirtualKVCache(Cache):
-    """A transformers Cache whose K/V grow in place in virtual memory (vAttention).
+class VirtualLayersCache(Cache):
+    """What VirtualKVCache and OffloadedKVCache share: one layer per layer of the config,
+    made by ``make_layer(max_length, window, **common)`` (window: the layer's sliding window,
+    None for full attention), and the memory figures and free() over all of them."""
 
-    Args:
-        config: the model's config: layer count and which layers use a sliding window.
-        max_length: positions reserved per sequence (prompt plus new tokens); by default
-            the config's ``max_position_embeddings``. Reserving is nearly free: only
-            positions holding tokens get memory.
-        max_batch_size: rows reserved; by default the batch of the first update.
-        lookahead: map pages ahead of the tokens, staggered by layer, so that no decode step
-            pays for a page boundary (Note [Pages mapped ahead, staggered by layer]).
-
-    Works with generate(): pass it as ``cache`` (``past_key_values`` before transformers
-    5.24), or let
-    :func:`vmmalloc.integrations.patch_generate` do so.
-    """
-
-    def __init__(self, config: Any, max_length: int | None = None, max_batch_size: int | None = None,
-                 lookahead: bool = True) -> None:
+    def __init__(self, config: Any, make_layer: Callable[..., CacheLayerMixin], max_length: int | None,
+                 max_batch_size: int | None, lookahead: bool) -> None:
         windows = layer_windows(config)
         if max_length is None:
             max_length = getattr(text_config(config), "max_position_embeddings", None)
             if max_length is None:
                 raise ValueError("the config has no max_position_embeddings; pass max_length")
-        layers = [VirtualKVLayer(max_length, window, max_batch_size=max_batch_size, layer_index=i,
-                                 num_layers=len(windows), lookahead=lookahead)
+        layers = [make_layer(max_length, window, max_batch_size=max_batch_size, layer_index=i,
+                             num_layers=len(windows), lookahead=lookahead)
                   for i, window in enumerate(windows)]
         super().__init__(layers=layers)
         self.max_length = int(max_length)
@@ -301,3 +290,25 @@ class VirtualKVCache(Cache):
         """Gives all memory and reservations back now (rather than when collected)."""
         for layer in self.layers:
             layer.free()
+
+
+class VirtualKVCache(VirtualLayersCache):
+    """A transformers Cache whose K/V grow in place in virtual memory (vAttention).
+
+    Args:
+        config: the model's config: layer count and which layers use a sliding window.
+        max_length: positions reserved per sequence (prompt plus new tokens); by default
+            the config's ``max_position_embeddings``. Reserving is nearly free: only
+            positions holding tokens get memory.
+        max_batch_size: rows reserved; by default the batch of the first update.
+        lookahead: map pages ahead of the tokens, staggered by layer, so that no decode step
+            pays for a page boundary (Note [Pages mapped ahead, staggered by layer]).
+
+    Works with generate(): pass it as ``cache`` (``past_key_values`` before transformers
+    5.24), or let
+    :func:`vmmalloc.integrations.patch_generate` do so.
+    """
+
+    def __init__(self, config: Any, max_length: int | None = None, max_batch_size: int | None = None,
+                 lookahead: bool = True) -> None:
+        super().__init__(config, VirtualKVLayer, max_length, max_batch_size, lookahead)

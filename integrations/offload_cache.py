@@ -43,19 +43,16 @@ always stay: their KV is bounded by the window.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
 
-from vmmalloc.integrations.hf_compat import crop_to_removal, layer_windows, text_config
-from vmmalloc.integrations.kv_cache import VirtualKVLayer
+from vmmalloc.integrations.hf_compat import crop_to_removal
+from vmmalloc.integrations.kv_cache import VirtualKVLayer, VirtualLayersCache
+from vmmalloc.integrations.offload_ring import RING_SLOTS, Ring
 from vmmalloc.integrations.pinned_host import HostBuffer, check_host_memory
 from vmmalloc.sizes import parse_bytes
-from vmmalloc.virtual_tensor import CHUNK_SIZE, VirtualTensor
-
-RING_SLOTS = 2
+from vmmalloc.virtual_tensor import CHUNK_SIZE
 
 
 def _host_capacity(max_length: int, held: int, stop: int) -> int:
@@ -65,69 +62,15 @@ def _host_capacity(max_length: int, held: int, stop: int) -> int:
     return min(max_length, max(stop, held + held // 2, stop + 256))
 
 
-class _Copier:
-    """The copy streams and events of Note [The ring and its events]; on the host backend
-    every copy is synchronous and there is nothing to order."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-        self.to_device = torch.cuda.Stream(device) if self.cuda else None
-        self.to_host = torch.cuda.Stream(device) if self.cuda else None
-
-    def mark(self, stream: Any = None) -> Any:
-        """An event after the work queued so far on `stream` (the compute stream by default)."""
-        if not self.cuda:
-            return None
-        event = torch.cuda.Event()
-        event.record(stream if stream is not None else torch.cuda.current_stream(self.device))
-        return event
-
-    def wait(self, *events: Any, stream: Any = None) -> None:
-        """Makes `stream` (the compute stream by default) wait for `events` (None: done)."""
-        if not self.cuda:
-            return
-        stream = stream if stream is not None else torch.cuda.current_stream(self.device)
-        for event in events:
-            if event is not None:
-                stream.wait_event(event)
-
-    def on(self, stream: Any) -> contextlib.AbstractContextManager:
-        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
-
-
-class _Slot:
-    """One ring buffer: ``[max_length, width]`` positions of one offloaded layer."""
-
-    def __init__(self, max_length: int, width: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.buffer = VirtualTensor((1, max_length, width), dtype, device)
-        self.owner: OffloadedKVLayer | None = None
-        self.valid = 0            # positions of the owner that match its host copy
-        self.fetched: Any = None  # event: the fetch into the slot is done
-        self.busy = False         # the owner's attention may still be queued after its last update
-        self.released: Any = None  # event: the owner's attention is done (recorded once not busy)
-        self.sent: Any = None      # event: the copy of the owner's new tokens to the host is done
-
-    def ensure(self, stop: int) -> None:
-        """Maps pages up to `stop` positions (and a page beyond); never gives pages back, so
-        the chunks stay with the ring from layer to layer."""
-        vt = self.buffer
-        if stop > vt.stop:
-            per_page = vt.tokens_per_page
-            vt.commit(1, min(vt.shape[1], -(-(stop + 1) // per_page) * per_page))
-
-    def rows(self) -> torch.Tensor:
-        return self.buffer.tensor[0]
-
-
 class OffloadedKVLayer(VirtualKVLayer):
     """A full-attention layer that is either resident (a VirtualKVLayer) or offloaded: held in
-    host memory, computed in a ring slot. The cache decides which (Note [Which layers stay])."""
+    host memory, computed in a ring slot. The cache decides which (Note [Which layers stay]),
+    and drives an offloaded layer's update through its ring (offload_ring.py): the layer
+    knows its host buffer and the ring buffer it is handed, nothing of the cache."""
 
     def __init__(self, max_length: int, **kwargs: Any) -> None:
         super().__init__(max_length, None, **kwargs)
         self.offloaded = False
-        self.cache: OffloadedKVCache | None = None
         self.slot_index = 0
         self.host: HostBuffer | None = None
         self.capacity = 0  # positions the host buffer holds
@@ -149,7 +92,9 @@ class OffloadedKVLayer(VirtualKVLayer):
         """Elements of one position (every row's K and V)."""
         return self.batch_size * self.heads * (self.k_dim + self.v_dim)
 
-    def _host_rows(self) -> torch.Tensor:
+    def host_rows(self) -> torch.Tensor:
+        """The host buffer as ``[capacity, width]`` (Note [One copy per layer])."""
+        assert self.host is not None and self.host.tensor is not None, "the layer holds no host buffer"
         return self.host.tensor.view(self.dtype).view(self.capacity, self.width)
 
     def _views(self, rows: torch.Tensor, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -175,7 +120,7 @@ class OffloadedKVLayer(VirtualKVLayer):
         self.length = 0
         self.is_initialized = True
 
-    def _position_bytes(self) -> int:
+    def position_bytes(self) -> int:
         return self.width * torch.empty((), dtype=self.dtype).element_size()
 
     def _ensure_capacity(self, stop: int) -> None:
@@ -183,12 +128,12 @@ class OffloadedKVLayer(VirtualKVLayer):
         if stop <= self.capacity and self.host is not None:
             return
         capacity = _host_capacity(self.max_length, self.capacity, stop)
-        host = HostBuffer(capacity * self._position_bytes(), self.device)
+        host = HostBuffer(capacity * self.position_bytes(), self.device)
         if self.host is not None:
             self.host.wait()
             if self.length:
-                host.tensor[:self.length * self._position_bytes()].copy_(
-                    self.host.tensor[:self.length * self._position_bytes()])
+                host.tensor[:self.length * self.position_bytes()].copy_(
+                    self.host.tensor[:self.length * self.position_bytes()])
             self.host.close()
         self.host, self.capacity = host, capacity
         self._host_layout = (self.width, self.dtype)
@@ -197,8 +142,13 @@ class OffloadedKVLayer(VirtualKVLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not self.offloaded:
-            return super().update(key_states, value_states, *args, **kwargs)
+        if self.offloaded:
+            raise RuntimeError("an offloaded layer is updated by its OffloadedKVCache, which moves it through the ring")
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[int, int]:
+        """Checks that new states continue the layer and makes host room for them; returns
+        the positions [before, after) they take."""
         if not self.is_initialized or (self.length == 0 and not self._same_shape(key_states, value_states)):
             self._start(key_states, value_states)
         elif not self._same_shape(key_states, value_states):
@@ -212,23 +162,15 @@ class OffloadedKVLayer(VirtualKVLayer):
                 f"OffloadedKVCache reserved {self.max_length} positions per sequence and this update needs "
                 f"{after}; create it with a larger max_length")
         self._ensure_capacity(after)
-        copier = self.cache._copier
-        slot = self.cache._ring_slot(self)
-        self.cache._load(self, slot, before)
-        slot.ensure(after)
-        rows = slot.rows()
+        return before, after
+
+    def write(self, rows: torch.Tensor, before: int, after: int, key_states: torch.Tensor,
+              value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Writes the new states at [before, after) of `rows` (a ring buffer holding the layer's
+        first `before` positions); returns K and V over all of them."""
         self.keys, self.values = self._views(rows, after)
         self.keys[:, :, before:after].copy_(key_states)
         self.values[:, :, before:after].copy_(value_states)
-        written = copier.mark()
-        copier.wait(written, stream=copier.to_host)
-        with copier.on(copier.to_host):
-            self._host_rows()[before:after].copy_(rows[before:after], non_blocking=True)
-        self.sent = slot.sent = copier.mark(copier.to_host)
-        if self.sent is not None:
-            self.host.fence("to_host", self.sent)
-        self.cache.bytes_to_host += (after - before) * self._position_bytes()
-        slot.valid = after
         self.length = after
         return self.keys, self.values
 
@@ -295,9 +237,10 @@ class OffloadedKVLayer(VirtualKVLayer):
 
     def _regroup(self, index: torch.Tensor) -> None:
         """Row r becomes row index[r], on the host copy (after the copies using it)."""
+        assert self.host is not None, "a layer with tokens has a host buffer"
         self.host.wait()
         stop = self.length
-        rows = self._host_rows()[:stop].view(stop, self.batch_size, -1)
+        rows = self.host_rows()[:stop].view(stop, self.batch_size, -1)
         regrouped = rows.index_select(1, index)
         if len(index) == self.batch_size:
             rows.copy_(regrouped)
@@ -305,7 +248,7 @@ class OffloadedKVLayer(VirtualKVLayer):
             self._drop_host()
             self.batch_size = len(index)
             self._ensure_capacity(stop)
-            self._host_rows()[:stop].copy_(regrouped.view(stop, -1))
+            self.host_rows()[:stop].copy_(regrouped.view(stop, -1))
         self.keys = self.values = None
 
     @property
@@ -322,7 +265,7 @@ class OffloadedKVLayer(VirtualKVLayer):
         return self.host.nbytes if self.host is not None and self.host.tensor is not None else 0
 
 
-class OffloadedKVCache(Cache):
+class OffloadedKVCache(VirtualLayersCache):
     """A transformers Cache that keeps KV within a GPU budget, offloading whole layers to
     (pinned) host memory and prefetching each before it computes (LayerKV).
 
@@ -344,30 +287,33 @@ class OffloadedKVCache(Cache):
 
     def __init__(self, config: Any, kv_budget: int | str, max_length: int | None = None,
                  max_batch_size: int | None = None, lookahead: bool = True) -> None:
-        windows = layer_windows(config)
-        if max_length is None:
-            max_length = getattr(text_config(config), "max_position_embeddings", None)
-            if max_length is None:
-                raise ValueError("the config has no max_position_embeddings; pass max_length")
         self.kv_budget = parse_bytes(kv_budget, "kv_budget")
-        layers: list[VirtualKVLayer] = []
-        for i, window in enumerate(windows):
-            common = dict(max_batch_size=max_batch_size, layer_index=i, num_layers=len(windows), lookahead=lookahead)
+
+        def make_layer(length: int, window: int | None, **common: Any) -> VirtualKVLayer:
             if window is None:
-                layer = OffloadedKVLayer(max_length, **common)
-                layer.cache = self
-            else:
-                layer = VirtualKVLayer(max_length, window, **common)
-            layers.append(layer)
-        super().__init__(layers=layers)
-        self.max_length = int(max_length)
+                return OffloadedKVLayer(length, **common)
+            return VirtualKVLayer(length, window, **common)
+
+        super().__init__(config, make_layer, max_length, max_batch_size, lookahead)
         self._plan: tuple | None = None
-        self._copier: _Copier | None = None
-        self._ring: list[_Slot] = []
-        self.bytes_to_device = 0
-        self.bytes_to_host = 0
-        # Set to a list to collect (start, end) timing events of every fetch (benchmarks).
-        self.copy_times: list | None = None
+        self.ring = Ring(self.max_length)
+
+    # Copy counters and the fetch timings (benchmarks set copy_times to a list) are the ring's.
+    @property
+    def bytes_to_device(self) -> int:
+        return self.ring.bytes_to_device
+
+    @property
+    def bytes_to_host(self) -> int:
+        return self.ring.bytes_to_host
+
+    @property
+    def copy_times(self) -> list | None:
+        return self.ring.copy_times
+
+    @copy_times.setter
+    def copy_times(self, value: list | None) -> None:
+        self.ring.copy_times = value
 
     # ----- the plan --------------------------------------------------------------------
 
@@ -406,103 +352,17 @@ class OffloadedKVCache(Cache):
             position = batch * heads * (head_dim + value_states.shape[-1]) * key_states.element_size()
             check_host_memory(len(offloaded) * position * _host_capacity(self.max_length, 0, tokens),
                               f"offloading {len(offloaded)} KV layers")
-        self._drop_ring()
+        self.ring.start(key_states.device, len(offloaded))
         for rank, i in enumerate(offloaded):
-            self.layers[i].set_offloaded(True, rank % RING_SLOTS)
+            self._offloadable(i).set_offloaded(True, rank % RING_SLOTS)
         for i in full[len(full) - keep:]:
-            self.layers[i].set_offloaded(False)
-        self._copier = _Copier(key_states.device) if offloaded else None
+            self._offloadable(i).set_offloaded(False)
         self._plan = key
 
-    # ----- the ring --------------------------------------------------------------------
-
-    def _drop_ring(self) -> None:
-        for slot in self._ring:  # the copy streams may still use it; the compute stream is ordered by free()
-            for event in (slot.fetched, slot.sent):
-                if event is not None:
-                    event.synchronize()
-            slot.buffer.free()
-        self._ring = []
-
-    def _invalidate_ring(self) -> None:
-        """Forgets what the slots hold (the host copies changed); a slot still busy is
-        released after the work queued so far, as in _release_others."""
-        self._release_others(None)
-        for slot in self._ring:
-            slot.owner, slot.valid = None, 0
-
-    def _ring_slot(self, layer: OffloadedKVLayer) -> _Slot:
-        width = layer.width
-        if self._ring and self._ring[0].buffer.shape[2] != width:
-            self._drop_ring()  # the batch changed
-        if not self._ring:
-            count = min(RING_SLOTS, len(self.offloaded_layers))
-            self._ring = [_Slot(self.max_length, width, layer.dtype, layer.device) for _ in range(count)]
-        return self._ring[layer.slot_index % len(self._ring)]
-
-    def _load(self, layer: OffloadedKVLayer, slot: _Slot, before: int) -> None:
-        """Makes `slot` hold `layer`'s first `before` positions for the compute stream, and
-        marks it busy with the layer (Note [The ring and its events])."""
-        copier = self._copier
-        if slot.owner is not layer or slot.valid < before:
-            if before:
-                self._fetch(layer, slot)
-            else:  # a prompt: the compute stream writes the slot itself
-                copier.wait(slot.released, slot.sent)
-                slot.owner, slot.valid, slot.fetched = layer, 0, None
-        copier.wait(slot.fetched)
-        slot.busy = True
-
-    def _fetch(self, layer: OffloadedKVLayer, slot: _Slot) -> None:
-        """Queues the copy of `layer`'s positions into `slot` on the host-to-device stream."""
-        copier = self._copier
-        stop = layer.length
-        copier.wait(slot.released, slot.sent, layer.sent, stream=copier.to_device)
-        slot.ensure(stop)
-        timing = self.copy_times is not None and copier.cuda
-        with copier.on(copier.to_device):
-            if timing:
-                start = torch.cuda.Event(enable_timing=True)
-                start.record()
-            slot.rows()[:stop].copy_(layer._host_rows()[:stop], non_blocking=True)
-            if timing:
-                end = torch.cuda.Event(enable_timing=True)
-                end.record()
-                self.copy_times.append((start, end))
-        slot.fetched = copier.mark(copier.to_device)
-        if slot.fetched is not None:
-            layer.host.fence("to_device", slot.fetched)
-        slot.owner, slot.valid, slot.sent = layer, stop, None
-        self.bytes_to_device += stop * layer._position_bytes()
-
-    def _release_others(self, layer: Any) -> None:
-        """Slots busy with other layers are free once the work queued so far is done: their
-        attention is in it."""
-        mark = None
-        for slot in self._ring:
-            if slot.busy and slot.owner is not layer:
-                mark = mark if mark is not None else self._copier.mark()
-                slot.busy, slot.released = False, mark
-
-    def _prefetch_after(self, index: int) -> None:
-        """Fetches the next offloaded layers, in the order they compute (wrapping to the next
-        step), into slots that are free, stopping at the first that is not."""
-        order = self.offloaded_layers
-        following = [i for i in order if i > index] + [i for i in order if i <= index]
-        claimed: list[_Slot] = []  # slots holding a layer needed sooner than the next candidate
-        for i in following[:len(self._ring)]:
-            layer = self.layers[i]
-            if not layer.is_initialized or layer.length == 0 or layer.host is None:
-                return
-            slot = self._ring_slot(layer)
-            if any(slot is other for other in claimed):
-                return
-            claimed.append(slot)
-            if slot.owner is layer and slot.valid >= layer.length:
-                continue
-            if slot.busy:
-                return
-            self._fetch(layer, slot)
+    def _offloadable(self, index: int) -> OffloadedKVLayer:
+        layer = self.layers[index]
+        assert isinstance(layer, OffloadedKVLayer), f"layer {index} uses a sliding window and always stays"
+        return layer
 
     # ----- Cache -----------------------------------------------------------------------
 
@@ -512,46 +372,55 @@ class OffloadedKVCache(Cache):
         if isinstance(layer, OffloadedKVLayer) and all(
                 other.length == 0 for other in self.layers if isinstance(other, OffloadedKVLayer)):
             self._make_plan(key_states, value_states)  # a new sequence: the plan may change
-        if self._ring:
-            self._release_others(layer)
-        keys, values = layer.update(key_states, value_states, *args, **kwargs)
-        if self._ring:
-            self._prefetch_after(layer_idx)
+        self.ring.release_others(layer)
+        if isinstance(layer, OffloadedKVLayer) and layer.offloaded:
+            before, after = layer.begin_update(key_states, value_states)
+            slot = self.ring.slot_for(layer, layer.slot_index)
+            self.ring.load(layer, slot, before, after)
+            keys, values = layer.write(slot.rows(), before, after, key_states, value_states)
+            self.ring.send_new_tokens(layer, slot, before, after)
+        else:
+            keys, values = layer.update(key_states, value_states, *args, **kwargs)
+        if self.ring.slots:
+            self.ring.prefetch(self._following(layer_idx))
         return keys, values
+
+    def _following(self, index: int) -> list[tuple[OffloadedKVLayer, int]]:
+        """The offloaded layers in the order they compute after layer `index` (wrapping to
+        the next step), with their slot indices."""
+        order = self.offloaded_layers
+        following = [i for i in order if i > index] + [i for i in order if i <= index]
+        return [(layer, layer.slot_index) for layer in map(self._offloadable, following)]
 
     def crop(self, tokens_to_remove: Any) -> None:
         super().crop(tokens_to_remove)
-        for slot in self._ring:
-            if slot.owner is not None:
-                slot.valid = min(slot.valid, slot.owner.length)
+        self.ring.crop()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         super().reorder_cache(beam_idx)
-        self._invalidate_ring()
+        self.ring.invalidate()
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)
-        self._invalidate_ring()
+        self.ring.invalidate()
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self._invalidate_ring()
+        self.ring.invalidate()
 
     def reset(self) -> None:
         super().reset()
-        self._invalidate_ring()
+        self.ring.invalidate()
 
     @property
     def committed_bytes(self) -> int:
         """Device bytes mapped under the resident layers and the ring now."""
-        return (sum(layer.committed_bytes for layer in self.layers)
-                + sum(slot.buffer.committed_bytes for slot in self._ring))
+        return super().committed_bytes + self.ring.committed_bytes
 
     @property
     def reserved_bytes(self) -> int:
         """Device virtual address space reserved for KV."""
-        return (sum(layer.reserved_bytes for layer in self.layers)
-                + sum(slot.buffer.reserved_bytes for slot in self._ring))
+        return super().reserved_bytes + self.ring.reserved_bytes
 
     @property
     def host_bytes(self) -> int:
@@ -560,7 +429,6 @@ class OffloadedKVCache(Cache):
 
     def free(self) -> None:
         """Gives all device and host memory back now."""
-        self._drop_ring()
-        for layer in self.layers:
-            layer.free()
+        self.ring.drop()
+        super().free()
         self._plan = None

@@ -77,11 +77,11 @@ def test_greedy_matches_dynamic_cache_under_every_budget(device, kind):
         assert cache.offloaded_layers == list(range(offloaded)), "the first full-attention layers go to the host"
         if offloaded == 0:  # degenerates to VirtualKVCache: nothing copied, nothing on the host
             assert cache.bytes_to_device == cache.bytes_to_host == cache.host_bytes == 0
-            assert cache._ring == []
+            assert cache.ring.slots == []
         else:
             # every generated token but the last goes to the host once, per offloaded layer
             assert cache.bytes_to_host > 0 and cache.host_bytes > 0
-            assert len(cache._ring) == min(2, offloaded)
+            assert len(cache.ring.slots) == min(2, offloaded)
             # a ring that holds every offloaded layer never fetches
             assert (cache.bytes_to_device == 0) == (offloaded <= 2)
 
@@ -181,12 +181,12 @@ def test_ring_keeps_its_pages_from_step_to_step(device):
     ids, mask = prompt(2, 12, device)
     cache = OffloadedKVCache(model.config, kv_budget=0, max_length=200)
     first = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False, **cache_kwargs(cache))
-    slots = [slot.buffer for slot in cache._ring]
+    slots = [slot.buffer for slot in cache.ring.slots]
     pages = allocator_for(torch.device(device))
     mapped = pages.stats()["vmm.kv_mapped_bytes.allocated"]
     more = torch.ones_like(first)
     model.generate(first, attention_mask=more, max_new_tokens=30, do_sample=False, **cache_kwargs(cache))
-    assert [slot.buffer for slot in cache._ring] == slots
+    assert [slot.buffer for slot in cache.ring.slots] == slots
     # 2 slots x (batch 2 x 2 heads x 32 values x 4 bytes) x 200 positions fit in one page each
     assert pages.stats()["vmm.kv_mapped_bytes.allocated"] == mapped, "no page mapped while decoding"
 
