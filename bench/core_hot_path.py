@@ -13,6 +13,7 @@ from typing import Any
 
 import vmmalloc
 from bench.common import median_of
+from vmmalloc._C import testing
 
 MiB = 1 << 20
 CHUNK = vmmalloc.CHUNK_SIZE
@@ -27,12 +28,12 @@ def make_backend(name: str, capacity: int) -> vmmalloc.Backend:
 
 def hot_path(backend_name: str, rounds: int, repeats: int) -> dict[str, Any]:
     alloc = vmmalloc.Allocator(make_backend(backend_name, 1 << 30))
-    mixed = median_of(repeats, lambda: vmmalloc._C.time_alloc_free_pairs(alloc, MIXED_SIZES, rounds))
+    mixed = median_of(repeats, lambda: testing.time_alloc_free_pairs(alloc, MIXED_SIZES, rounds))
     per_size = {
-        str(size): median_of(repeats, lambda s=size: vmmalloc._C.time_alloc_free_pairs(alloc, [s], rounds))["median"]
+        str(size): median_of(repeats, lambda s=size: testing.time_alloc_free_pairs(alloc, [s], rounds))["median"]
         for size in MIXED_SIZES
     }
-    malloc = median_of(repeats, lambda: vmmalloc._C.time_malloc_free_pairs(MIXED_SIZES, rounds))
+    malloc = median_of(repeats, lambda: testing.time_malloc_free_pairs(MIXED_SIZES, rounds))
     return {"mixed_ns_per_pair": mixed, "per_size_ns": per_size, "malloc_mixed_ns_per_pair": malloc}
 
 
@@ -47,7 +48,7 @@ def scaling(backend_name: str, rounds: int, repeats: int) -> dict[str, Any]:
         for ptr in held:
             alloc.deallocate(ptr)
         out["large"][str(n)] = median_of(
-            repeats, lambda a=alloc: vmmalloc._C.time_alloc_free_pairs(a, [CHUNK], rounds))["median"]
+            repeats, lambda a=alloc: testing.time_alloc_free_pairs(a, [CHUNK], rounds))["median"]
 
         # Small pool: blocks of distinct sizes with live separators, so none coalesce.
         alloc = vmmalloc.Allocator(make_backend(backend_name, (n // 64 + 16) * CHUNK))
@@ -55,7 +56,7 @@ def scaling(backend_name: str, rounds: int, repeats: int) -> dict[str, Any]:
         for free_me, _ in pairs:
             alloc.deallocate(free_me)
         out["small"][str(n)] = median_of(
-            repeats, lambda a=alloc: vmmalloc._C.time_alloc_free_pairs(a, [512 * 7], rounds))["median"]
+            repeats, lambda a=alloc: testing.time_alloc_free_pairs(a, [512 * 7], rounds))["median"]
     lo, hi = str(FREE_BLOCK_COUNTS[0]), str(FREE_BLOCK_COUNTS[-1])
     log_ratio = math.log2(FREE_BLOCK_COUNTS[-1]) / math.log2(FREE_BLOCK_COUNTS[0])
     out["growth"] = {

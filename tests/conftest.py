@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import pytest
 
 import vmmalloc
+from vmmalloc._C import testing
 
 MiB = 1 << 20
 
@@ -76,11 +77,11 @@ def host_devices():
     from vmmalloc import _C
 
     gc.collect()  # virtual tensors of earlier tests hold the per-device allocators
-    _C.reset_devices_for_tests()
-    _C.use_host_backend_for_devices(64 * MiB)
+    testing.reset_devices_for_tests()
+    testing.use_host_backend_for_devices(64 * MiB)
     yield _C.device_allocator
     gc.collect()
-    _C.reset_devices_for_tests()
+    testing.reset_devices_for_tests()
     _C.configure("")
 
 

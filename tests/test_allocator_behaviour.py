@@ -9,6 +9,7 @@ import pytest
 from conftest import MiB, assert_stitched_aliases_its_chunks, pattern
 
 import vmmalloc
+from vmmalloc._C import testing
 
 CHUNK = vmmalloc.CHUNK_SIZE
 
@@ -169,7 +170,7 @@ def test_empty_cache_keeps_live_data_and_trims_in_use_mappings(kind):
 @pytest.mark.parametrize("op", ["reserve", "map", "set_access"])
 def test_failure_mid_stitch_leaks_nothing(kind, op):
     inner = kind.backend(64 * MiB)
-    faulty = vmmalloc.FaultInjectionBackend(inner)
+    faulty = testing.FaultInjectionBackend(inner)
     alloc = kind.allocator(64 * MiB, backend=faulty)
     blocks = [alloc.allocate(4 * MiB) for _ in range(4)]
     for index, ptr in enumerate(blocks):
@@ -199,7 +200,7 @@ def test_failure_mid_stitch_leaks_nothing(kind, op):
 
 def test_chunk_creation_failure_is_retried_then_reported_without_leak(kind):
     inner = kind.backend(64 * MiB)
-    faulty = vmmalloc.FaultInjectionBackend(inner)
+    faulty = testing.FaultInjectionBackend(inner)
     alloc = kind.allocator(64 * MiB, backend=faulty)
     free_before = inner.free_memory
     faulty.fail("create_chunk", skip=2, count=1)  # third chunk of five fails once
@@ -391,7 +392,7 @@ def test_absurd_sizes_are_out_of_memory_errors(kind):
 
 def held_allocator(kind, capacity=64 * MiB, conf=""):
     """An allocator whose backend can keep stream work 'in flight' on any backend."""
-    faulty = vmmalloc.FaultInjectionBackend(kind.backend(capacity))
+    faulty = testing.FaultInjectionBackend(kind.backend(capacity))
     return kind.allocator(capacity, conf, backend=faulty), faulty
 
 

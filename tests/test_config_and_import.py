@@ -91,10 +91,18 @@ def test_type_stubs_cover_exactly_the_extension():
 
     stub = Path(vmmalloc.__file__).with_name("_C.pyi")
     tree = ast.parse(stub.read_text())
-    stubbed = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
-    stubbed |= {n.target.id for n in tree.body if isinstance(n, ast.AnnAssign)}
+    def names(body: list[ast.stmt]) -> set[str]:
+        found = {n.name for n in body if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        found |= {n.target.id for n in body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
+        return {name for name in found if not name.startswith("_")}
+
+    stubbed = names(tree.body)
     public = {name for name in dir(ext) if not name.startswith("_")}
     assert stubbed == public, f"stub only: {stubbed - public}; module only: {public - stubbed}"
+    # the testing submodule, stubbed as the class _Testing
+    testing = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "_Testing")
+    in_submodule = {name for name in dir(ext.testing) if not name.startswith("_")}
+    assert names(testing.body) == in_submodule, (names(testing.body), in_submodule)
 
 
 def test_byte_counts_follow_one_rule_everywhere(monkeypatch):

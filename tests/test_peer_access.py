@@ -7,6 +7,7 @@ import pytest
 from conftest import MiB
 
 from vmmalloc import _C
+from vmmalloc._C import testing
 
 
 @pytest.fixture
@@ -67,7 +68,7 @@ def test_every_device_in_use_is_a_peer_of_every_other(devices):
 
 def test_a_failed_grant_is_counted_and_leaves_the_allocator_usable():
     inner = _C.HostBackend(64 * MiB, 0)
-    backend = _C.FaultInjectionBackend(inner)
+    backend = testing.FaultInjectionBackend(inner)
     allocator = _C.Allocator(backend)
     ptrs = [allocator.allocate(n * MiB) for n in (4, 6)]
     backend.fail("set_access", 0, 1)  # the first backfill grant fails, the second succeeds

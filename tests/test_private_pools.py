@@ -12,6 +12,7 @@ import pytest
 from conftest import BackendKind, MiB, pattern
 
 import vmmalloc
+from vmmalloc._C import testing
 
 CHUNK = vmmalloc.CHUNK_SIZE
 
@@ -271,7 +272,7 @@ def test_capture_safe_mode_grows_instead_of_waiting_and_defers_frees_with_stream
     another: memory last used on another stream is not reused, a free with recorded streams
     waits until the mode ends."""
     inner = vmmalloc.HostBackend(256 * MiB)
-    backend = vmmalloc.FaultInjectionBackend(inner)
+    backend = testing.FaultInjectionBackend(inner)
     alloc = kind.allocator(256 * MiB, backend=backend)
     other = alloc.allocate(8 * MiB, stream=9)
     alloc.deallocate(other)  # 8 MiB free, last used on stream 9
@@ -314,7 +315,7 @@ def test_out_of_memory_in_capture_safe_mode_does_not_release_caches(kind):
 
 
 def test_failures_while_a_pool_grows_leak_nothing(kind):
-    backend = vmmalloc.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
+    backend = testing.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
     alloc = kind.allocator(256 * MiB, backend=backend)
     alloc.begin_allocate_to_pool(POOL, streams=[S])
     for op in ("create_chunk", "map", "set_access", "reserve"):

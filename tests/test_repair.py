@@ -9,6 +9,7 @@ import pytest
 from conftest import MiB, pattern
 
 import vmmalloc
+from vmmalloc._C import testing
 
 
 def blocked_by_a_stitch(alloc):
@@ -86,7 +87,7 @@ def test_busy_chunks_past_the_request_do_not_block_its_prefix(kind):
 
 
 def test_no_repair_while_the_mappings_last_use_may_still_run(kind):
-    faulty = vmmalloc.FaultInjectionBackend(kind.backend(16 * MiB))
+    faulty = testing.FaultInjectionBackend(kind.backend(16 * MiB))
     alloc = kind.allocator(16 * MiB, backend=faulty)
     faulty.hold_events()  # S's last use is in flight from here on
     s, t = blocked_by_a_stitch(alloc)
@@ -106,7 +107,7 @@ def test_no_repair_while_the_mappings_last_use_may_still_run(kind):
 @pytest.mark.parametrize("op", ["unmap", "map", "set_access"])
 def test_failure_mid_repair_drops_the_mapping_and_leaks_nothing(kind, op):
     inner = kind.backend(16 * MiB)
-    faulty = vmmalloc.FaultInjectionBackend(inner)
+    faulty = testing.FaultInjectionBackend(inner)
     alloc = kind.allocator(16 * MiB, backend=faulty)
     s, t = blocked_by_a_stitch(alloc)
     faulty.write(t, pattern(1, 4 * MiB))

@@ -7,6 +7,7 @@ import pytest
 from conftest import BackendKind, MiB, pattern
 
 import vmmalloc
+from vmmalloc._C import testing
 
 CHUNK = vmmalloc.CHUNK_SIZE
 WEIGHTS = (7, 1)
@@ -143,7 +144,7 @@ def test_a_resume_without_memory_is_out_of_memory_and_the_pool_stays_paused(allo
 
 
 def test_failures_mid_resume_leave_the_pool_paused_and_nothing_leaked():
-    backend = vmmalloc.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
+    backend = testing.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
     alloc = vmmalloc.Allocator(backend, "large_handle_size:4MiB")
     alloc.create_or_incref_pool(WEIGHTS)
     blocks = alloc_in(alloc, WEIGHTS, [12 * MiB, 6 * MiB])
@@ -210,7 +211,7 @@ def test_the_tagging_api_routes_this_threads_allocations_and_pauses_by_tag(host_
 
 
 def test_a_pause_waits_for_the_streams_of_pending_frees_in_the_pool():
-    backend = vmmalloc.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
+    backend = testing.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
     alloc = vmmalloc.Allocator(backend, "")
     alloc.create_or_incref_pool(WEIGHTS)
     (p,) = alloc_in(alloc, WEIGHTS, [4 * MiB])

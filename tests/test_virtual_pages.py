@@ -10,12 +10,13 @@ from conftest import MiB, pattern
 
 import vmmalloc
 from vmmalloc import _C
+from vmmalloc._C import testing
 
 CHUNK = vmmalloc.CHUNK_SIZE
 
 
 def faulty_allocator(kind, capacity=64 * MiB, conf=""):
-    faulty = vmmalloc.FaultInjectionBackend(kind.backend(capacity))
+    faulty = testing.FaultInjectionBackend(kind.backend(capacity))
     return kind.allocator(capacity, conf, backend=faulty), faulty
 
 

@@ -25,7 +25,7 @@
 #include "core/hot_path_timing.hpp"
 #include "abi/shared_mapping.hpp"
 #include "backend/process_descriptors.hpp"
-#include "core/virtual_tensor.hpp"
+#include "core/virtual_range.hpp"
 
 namespace py = pybind11;
 using namespace vmm;
@@ -70,7 +70,7 @@ py::dict config_to_dict(const Config& c) {
   return out;
 }
 
-// The DLPack export of a VirtualTensor keeps its Python handle alive (manager_ctx holds a
+// The DLPack export of a VirtualRange keeps its Python handle alive (manager_ctx holds a
 // reference) so the reserved range outlives every torch tensor viewing it.
 struct Export {
   dlpack::ManagedTensor managed;
@@ -82,7 +82,7 @@ void release_export(dlpack::ManagedTensor* self) {
   PyGILState_STATE gil = PyGILState_Ensure();
   auto* handle = static_cast<PyObject*>(self->manager_ctx);
   try {
-    py::handle(handle).cast<VirtualTensor&>().remove_export();
+    py::handle(handle).cast<VirtualRange&>().remove_export();
   } catch (const std::exception&) {
     // Releasing never throws into torch's deleter; the range then stays reserved.
   }
@@ -98,7 +98,7 @@ void capsule_destructor(PyObject* capsule) {
   if (managed != nullptr && managed->deleter != nullptr) managed->deleter(managed);
 }
 
-py::capsule export_dlpack(py::object handle, VirtualTensor& vt) {
+py::capsule export_dlpack(py::object handle, VirtualRange& vt) {
   const Backend& backend = vt.backend();
   vt.add_export();  // throws for a freed handle
   auto* e = new Export{};
@@ -220,22 +220,6 @@ PYBIND11_MODULE(_C, m) {
       .def(py::init<int, bool>(), py::arg("device"), py::arg("shareable") = true)
       .def_property_readonly("shareable", &CudaBackend::shareable,
                              "Whether chunks created from now on can be shared with other processes.");
-
-  py::class_<FaultInjectionBackend, Backend, std::shared_ptr<FaultInjectionBackend>>(
-      m, "FaultInjectionBackend", "Forwards to a backend and fails chosen calls on demand.")
-      .def(py::init<std::shared_ptr<Backend>>(), py::arg("inner"))
-      .def("fail", [](FaultInjectionBackend& b, const std::string& op, int skip, int count) {
-             b.fail(parse_backend_op(op), skip, count);
-           }, py::arg("op"), py::arg("skip") = 0, py::arg("count") = 1,
-           "After `skip` more successful calls of `op` (reserve, create_chunk, map, "
-           "set_access), fail the next `count`.")
-      .def("calls", [](const FaultInjectionBackend& b, const std::string& op) {
-             return b.calls(parse_backend_op(op));
-           }, py::arg("op"))
-      .def("hold_events", &FaultInjectionBackend::hold_events,
-           "Events recorded from now on stay in flight until release_events() or "
-           "synchronize(): simulates stream work that has not finished.")
-      .def("release_events", &FaultInjectionBackend::release_events);
 
   py::class_<CachingAllocator>(m, "Allocator",
                                "The stitching caching allocator of one device.")
@@ -418,32 +402,32 @@ PYBIND11_MODULE(_C, m) {
            },
            "The regions memory is in now, with their blocks (Note [Snapshot segments]).");
 
-  py::class_<VirtualTensor>(m, "VirtualRange",
+  py::class_<VirtualRange>(m, "VirtualRange",
                             "Reserved virtual memory of an allocator whose 2 MiB pages are "
                             "mapped only where committed (the memory under virtual tensors).")
       .def(py::init([](CachingAllocator& allocator, py::handle bytes) {
-             return std::make_unique<VirtualTensor>(allocator, whole(bytes, "VirtualRange: bytes"));
+             return std::make_unique<VirtualRange>(allocator, whole(bytes, "VirtualRange: bytes"));
            }), py::arg("allocator"), py::arg("bytes"), py::keep_alive<1, 2>())
-      .def_property_readonly("address", &VirtualTensor::address)
-      .def_property_readonly("bytes", &VirtualTensor::bytes)
-      .def_property_readonly("freed", &VirtualTensor::freed)
-      .def_property_readonly("live_bytes", &VirtualTensor::live_bytes)
-      .def("live_pages", &VirtualTensor::live_pages,
+      .def_property_readonly("address", &VirtualRange::address)
+      .def_property_readonly("bytes", &VirtualRange::bytes)
+      .def_property_readonly("freed", &VirtualRange::freed)
+      .def_property_readonly("live_bytes", &VirtualRange::live_bytes)
+      .def("live_pages", &VirtualRange::live_pages,
            "Indices of the 2 MiB pages now mapped and in use.")
       .def("commit",
-           [](VirtualTensor& vt, py::handle rows, py::handle stride, py::handle begin, py::handle end,
+           [](VirtualRange& vt, py::handle rows, py::handle stride, py::handle begin, py::handle end,
               py::handle stream) {
              vt.commit(whole(rows, "commit: rows"), whole(stride, "commit: stride"), whole(begin, "commit: begin"),
                        whole(end, "commit: end"), whole(stream, "commit: stream"));
            }, py::arg("rows"), py::arg("stride"), py::arg("begin"), py::arg("end"), py::arg("stream") = 0,
            "Maps exactly the pages overlapping [r*stride + begin, r*stride + end) for r < "
            "rows; the others are unmapped once the work queued on `stream` is done.")
-      .def("free", &VirtualTensor::free, py::arg("stream") = 0,
+      .def("free", &VirtualRange::free, py::arg("stream") = 0,
            "Gives every page back after the work queued on `stream`; the range is unusable "
            "afterwards (exported tensors keep the address space reserved, never mapped).")
-      .def_property_readonly("exports", &VirtualTensor::exports,
+      .def_property_readonly("exports", &VirtualRange::exports,
                              "Exported tensors (DLPack) still alive.")
-      .def("dlpack", [](py::object self) { return export_dlpack(self, self.cast<VirtualTensor&>()); },
+      .def("dlpack", [](py::object self) { return export_dlpack(self, self.cast<VirtualRange&>()); },
            "A DLPack capsule of the whole range as a 1-D uint8 tensor (torch.from_dlpack).");
 
   py::class_<SharedMapping, std::shared_ptr<SharedMapping>>(
@@ -488,18 +472,37 @@ PYBIND11_MODULE(_C, m) {
   m.def("device_allocator_exists",
         [](int device) { return DeviceRegistry::instance().existing(device) != nullptr; },
         py::arg("device"));
-  m.def("use_host_backend_for_devices", [](std::size_t capacity) {
+  // What tests and benchmarks drive the core with; not part of the API.
+  py::module_ testing = m.def_submodule(
+      "testing", "Fault injection, device-registry control and C++-timed loops, for tests and benchmarks.");
+  py::class_<FaultInjectionBackend, Backend, std::shared_ptr<FaultInjectionBackend>>(
+      testing, "FaultInjectionBackend", "Forwards to a backend and fails chosen calls on demand.")
+      .def(py::init<std::shared_ptr<Backend>>(), py::arg("inner"))
+      .def("fail", [](FaultInjectionBackend& b, const std::string& op, int skip, int count) {
+             b.fail(parse_backend_op(op), skip, count);
+           }, py::arg("op"), py::arg("skip") = 0, py::arg("count") = 1,
+           "After `skip` more successful calls of `op` (reserve, create_chunk, map, "
+           "set_access), fail the next `count`.")
+      .def("calls", [](const FaultInjectionBackend& b, const std::string& op) {
+             return b.calls(parse_backend_op(op));
+           }, py::arg("op"))
+      .def("hold_events", &FaultInjectionBackend::hold_events,
+           "Events recorded from now on stay in flight until release_events() or "
+           "synchronize(): simulates stream work that has not finished.")
+      .def("release_events", &FaultInjectionBackend::release_events);
+
+  testing.def("use_host_backend_for_devices", [](std::size_t capacity) {
           DeviceRegistry::instance().set_backend_factory(
               [capacity](int device) { return std::make_shared<HostBackend>(capacity, device); });
         }, py::arg("capacity"),
         "Tests and demos without a GPU: per-device allocators created from now on use the "
         "host backend.");
-  m.def("reset_devices_for_tests", [] { DeviceRegistry::instance().reset_for_tests(); },
+  testing.def("reset_devices_for_tests", [] { DeviceRegistry::instance().reset_for_tests(); },
         "Drops every per-device allocator (only with nothing allocated).");
-  m.def("time_alloc_free_pairs", &time_alloc_free_pairs, py::arg("allocator"), py::arg("sizes"),
+  testing.def("time_alloc_free_pairs", &time_alloc_free_pairs, py::arg("allocator"), py::arg("sizes"),
         py::arg("rounds"), py::arg("stream") = 0, py::call_guard<py::gil_scoped_release>(),
         "Nanoseconds per cached allocate+deallocate pair, timed in C++.");
-  m.def("time_malloc_free_pairs", &time_malloc_free_pairs, py::arg("sizes"), py::arg("rounds"),
+  testing.def("time_malloc_free_pairs", &time_malloc_free_pairs, py::arg("sizes"), py::arg("rounds"),
         py::call_guard<py::gil_scoped_release>(),
         "Nanoseconds per malloc+free pair of the C library, timed in C++ (the peer).");
 }

@@ -242,7 +242,7 @@ void CachingAllocator::release_cached() {
   sync_reserved_stats();
 }
 
-VirtualRange* CachingAllocator::reserve_range(std::size_t bytes) {
+ReservedRange* CachingAllocator::reserve_range(std::size_t bytes) {
   if (bytes == 0) throw std::invalid_argument("vmmalloc: a virtual tensor needs at least 1 byte");
   if (bytes > (std::numeric_limits<std::size_t>::max() >> 1)) {
     throw std::invalid_argument("vmmalloc: a virtual tensor of " + std::to_string(bytes) +
@@ -253,7 +253,7 @@ VirtualRange* CachingAllocator::reserve_range(std::size_t bytes) {
   return pages_.reserve(rounded);
 }
 
-void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::size_t stride,
+void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std::size_t stride,
                                     std::size_t begin, std::size_t end, StreamId stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (range == nullptr || range->freed) {
@@ -300,7 +300,7 @@ void CachingAllocator::commit_range(VirtualRange* range, std::size_t rows, std::
   sync_reserved_stats();
 }
 
-void CachingAllocator::free_range(VirtualRange* range, StreamId stream) {
+void CachingAllocator::free_range(ReservedRange* range, StreamId stream) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (range == nullptr || range->freed) return;
   count_pages(-static_cast<std::int64_t>(range->live_pages));
@@ -316,7 +316,7 @@ void CachingAllocator::free_range(VirtualRange* range, StreamId stream) {
   sync_reserved_stats();
 }
 
-std::vector<std::size_t> CachingAllocator::live_pages(const VirtualRange* range) const {
+std::vector<std::size_t> CachingAllocator::live_pages(const ReservedRange* range) const {
   std::lock_guard<std::mutex> lock(mutex_);
   std::vector<std::size_t> out;
   if (range == nullptr || range->freed) return out;
@@ -846,7 +846,7 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
       pool_free += held - used;
     }
   }
-  pages_.for_each_range([&](const VirtualRange& range) {
+  pages_.for_each_range([&](const ReservedRange& range) {
     // One region per run of mapped pages; a block per run of pages in one state.
     const auto& pages = range.pages;
     for (std::size_t i = 0; i < pages.size();) {

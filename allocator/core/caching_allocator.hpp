@@ -172,20 +172,20 @@ class CachingAllocator {
   // Virtual tensors (Note [KV pages]). A range is reserved virtual space, kChunkSize-
   // aligned, of at least `bytes`; its pages are mapped by commit_range. Throws
   // std::invalid_argument for 0 bytes, BackendError when the space cannot be reserved.
-  VirtualRange* reserve_range(std::size_t bytes);
+  ReservedRange* reserve_range(std::size_t bytes);
   // Afterwards exactly the pages overlapping [r*stride + begin, r*stride + end) for every
   // r < rows are mapped (and counted as allocated); pages no longer needed are unmapped
   // once the work queued on `stream` so far is done. Throws std::out_of_range past the
   // range, std::logic_error for a freed range, OutOfMemoryError after the usual retry. On
   // a throw no page was given up and none newly mapped (needed pages that were retiring
   // may have been taken back).
-  void commit_range(VirtualRange* range, std::size_t rows, std::size_t stride,
+  void commit_range(ReservedRange* range, std::size_t rows, std::size_t stride,
                     std::size_t begin, std::size_t end, StreamId stream);
   // Gives every page back (after the work queued on `stream`) and the range with them;
   // `range` must not be used afterwards.
-  void free_range(VirtualRange* range, StreamId stream);
+  void free_range(ReservedRange* range, StreamId stream);
   // Indices of the pages of `range` that are mapped and live (introspection and tests).
-  std::vector<std::size_t> live_pages(const VirtualRange* range) const;
+  std::vector<std::size_t> live_pages(const ReservedRange* range) const;
 
   // Lets device `peer` reach this device's memory (Note [Peer access]): every range mapped
   // so far is granted to it, and every range mapped from now on. Returns false when the

@@ -11,7 +11,7 @@ VirtualPages::~VirtualPages() {
   for (Retiring& r : retiring_) count_failure([&] { backend_.release_event(r.event); });
   retiring_.clear();
   for (auto& owned : ranges_) {
-    VirtualRange& range = *owned;
+    ReservedRange& range = *owned;
     for (std::size_t i = 0; i < range.pages.size(); ++i) {
       if (range.pages[i].chunk != nullptr) {
         count_failure([&] { backend_.unmap(range.base + i * kChunkSize, kChunkSize); });
@@ -26,8 +26,8 @@ void VirtualPages::count_failure(F&& cleanup) noexcept {
   vmm::count_failure(backend_errors, std::forward<F>(cleanup));
 }
 
-VirtualRange* VirtualPages::reserve(std::size_t bytes) {
-  auto range = std::make_unique<VirtualRange>();
+ReservedRange* VirtualPages::reserve(std::size_t bytes) {
+  auto range = std::make_unique<ReservedRange>();
   range->pages.resize(bytes / kChunkSize);
   ranges_.reserve(ranges_.size() + 1);
   range->base = backend_.reserve(bytes);
@@ -38,7 +38,7 @@ VirtualRange* VirtualPages::reserve(std::size_t bytes) {
   return ranges_.back().get();
 }
 
-PagePlan VirtualPages::plan(const VirtualRange& range, std::size_t rows, std::size_t stride,
+PagePlan VirtualPages::plan(const ReservedRange& range, std::size_t rows, std::size_t stride,
                             std::size_t begin, std::size_t end) const {
   std::vector<bool> needed(range.pages.size(), false);
   if (end > begin) {
@@ -61,7 +61,7 @@ PagePlan VirtualPages::plan(const VirtualRange& range, std::size_t rows, std::si
   return out;
 }
 
-void VirtualPages::reclaim(VirtualRange& range, const std::vector<std::size_t>& pages, StreamId stream) {
+void VirtualPages::reclaim(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream) {
   std::vector<std::uint64_t> waited;
   for (std::size_t p : pages) {
     const std::uint64_t serial = range.pages[p].retire_serial;
@@ -82,7 +82,7 @@ void VirtualPages::reclaim(VirtualRange& range, const std::vector<std::size_t>& 
   live_bytes.increase(static_cast<std::int64_t>(pages.size() * kChunkSize));
 }
 
-void VirtualPages::retire(VirtualRange& range, const std::vector<std::size_t>& pages,
+void VirtualPages::retire(ReservedRange& range, const std::vector<std::size_t>& pages,
                           StreamId stream) {
   if (pages.empty()) return;
   const std::uint64_t serial = next_serial_++;
@@ -102,7 +102,7 @@ void VirtualPages::retire(VirtualRange& range, const std::vector<std::size_t>& p
   retiring_.push_back(std::move(entry));
 }
 
-void VirtualPages::map(VirtualRange& range, const std::vector<std::size_t>& pages,
+void VirtualPages::map(ReservedRange& range, const std::vector<std::size_t>& pages,
                        const std::vector<Chunk*>& chunks) {
   std::size_t mapped = 0;
   try {
@@ -128,7 +128,7 @@ void VirtualPages::map(VirtualRange& range, const std::vector<std::size_t>& page
   live_bytes.increase(static_cast<std::int64_t>(pages.size() * kChunkSize));
 }
 
-void VirtualPages::free(VirtualRange& range, StreamId stream) {
+void VirtualPages::free(ReservedRange& range, StreamId stream) {
   std::vector<std::size_t> live;
   for (std::size_t p = 0; p < range.pages.size(); ++p) {
     if (range.pages[p].chunk != nullptr && range.pages[p].retire_serial == 0) live.push_back(p);
@@ -138,7 +138,7 @@ void VirtualPages::free(VirtualRange& range, StreamId stream) {
   maybe_destroy(&range);
 }
 
-void VirtualPages::unmap_pages(VirtualRange& range, const std::vector<std::size_t>& pages,
+void VirtualPages::unmap_pages(ReservedRange& range, const std::vector<std::size_t>& pages,
                                std::uint64_t serial, std::vector<Chunk*>& out) {
   for (std::size_t p : pages) {
     PageSlot& slot = range.pages[p];
@@ -153,18 +153,18 @@ void VirtualPages::unmap_pages(VirtualRange& range, const std::vector<std::size_
 std::vector<Chunk*> VirtualPages::finish_retiring(bool wait) {
   std::vector<Chunk*> freed;
   if (retiring_.empty()) return freed;
-  std::vector<VirtualRange*> touched;
+  std::vector<ReservedRange*> touched;
   finish_completed(retiring_, wait, backend_, backend_errors, [&](const Retiring& r) {
     unmap_pages(*r.range, r.pages, r.serial, freed);
     touched.push_back(r.range);
   });
   std::sort(touched.begin(), touched.end());
   touched.erase(std::unique(touched.begin(), touched.end()), touched.end());
-  for (VirtualRange* range : touched) maybe_destroy(range);
+  for (ReservedRange* range : touched) maybe_destroy(range);
   return freed;
 }
 
-void VirtualPages::maybe_destroy(VirtualRange* range) {
+void VirtualPages::maybe_destroy(ReservedRange* range) {
   if (!range->freed || range->mapped_pages != 0) return;
   // Older retirements of pages taken back and unmapped since may still name the range.
   std::size_t kept = 0;

@@ -33,7 +33,7 @@ struct PageSlot {
   std::uint64_t retire_serial = 0;  // non-zero: mapped, retiring (not counted as live)
 };
 
-struct VirtualRange {
+struct ReservedRange {
   std::uintptr_t base = 0;
   std::size_t bytes = 0;  // reserved, a multiple of kChunkSize
   std::vector<PageSlot> pages;
@@ -57,22 +57,22 @@ class VirtualPages {
   VirtualPages(const VirtualPages&) = delete;
   VirtualPages& operator=(const VirtualPages&) = delete;
 
-  VirtualRange* reserve(std::size_t bytes);
+  ReservedRange* reserve(std::size_t bytes);
   // Pages overlapping [r*stride + begin, r*stride + end) for r < rows are needed; the
   // caller checked that this lies inside the range.
-  PagePlan plan(const VirtualRange& range, std::size_t rows, std::size_t stride,
+  PagePlan plan(const ReservedRange& range, std::size_t rows, std::size_t stride,
                 std::size_t begin, std::size_t end) const;
   // Takes retiring pages back for use on `stream`, which first waits for the work their
   // retirement waits for (it may have been queued on another stream).
-  void reclaim(VirtualRange& range, const std::vector<std::size_t>& pages, StreamId stream);
+  void reclaim(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
   // Retires live pages after work queued on `stream` (Note [KV pages]).
-  void retire(VirtualRange& range, const std::vector<std::size_t>& pages, StreamId stream);
+  void retire(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
   // Maps chunks[i] at pages[i] and grants access. Throws BackendError; then nothing is
   // mapped and the caller still owns the chunks.
-  void map(VirtualRange& range, const std::vector<std::size_t>& pages,
+  void map(ReservedRange& range, const std::vector<std::size_t>& pages,
            const std::vector<Chunk*>& chunks);
   // Retires every live page and lets the range go.
-  void free(VirtualRange& range, StreamId stream);
+  void free(ReservedRange& range, StreamId stream);
   // Unmaps retired pages whose work has finished (all of them when `wait`: the caller
   // synchronized the device) and returns their chunks, which are idle (kNoStream).
   std::vector<Chunk*> finish_retiring(bool wait);
@@ -108,20 +108,20 @@ class VirtualPages {
 
  private:
   struct Retiring {
-    VirtualRange* range;
+    ReservedRange* range;
     std::vector<std::size_t> pages;
     EventId event;
     std::uint64_t serial;
   };
 
-  void unmap_pages(VirtualRange& range, const std::vector<std::size_t>& pages,
+  void unmap_pages(ReservedRange& range, const std::vector<std::size_t>& pages,
                    std::uint64_t serial, std::vector<Chunk*>& out);
-  void maybe_destroy(VirtualRange* range);
+  void maybe_destroy(ReservedRange* range);
   template <typename F>
   void count_failure(F&& cleanup) noexcept;
 
   Backend& backend_;
-  std::vector<std::unique_ptr<VirtualRange>> ranges_;
+  std::vector<std::unique_ptr<ReservedRange>> ranges_;
   std::vector<Retiring> retiring_;
   std::uint64_t next_serial_ = 1;
   std::size_t reserved_virtual_bytes_ = 0;

@@ -59,7 +59,7 @@
 #include "core/errors.hpp"
 #include "backend/fault_injection_backend.hpp"
 #include "backend/host_backend.hpp"
-#include "core/virtual_tensor.hpp"
+#include "core/virtual_range.hpp"
 #include "core/small_pool.hpp"
 
 namespace {
@@ -1179,9 +1179,9 @@ void run_pages(const PhaseSpec& spec) {
     t_thread = thread;
     std::mt19937_64 rng(mix64(g_opt.seed ^ (0x9000 + static_cast<std::uint64_t>(thread))));
     constexpr std::size_t kRows = 4, kStride = 3 * kChunk;
-    std::vector<std::unique_ptr<vmm::VirtualTensor>> tensors;
+    std::vector<std::unique_ptr<vmm::VirtualRange>> tensors;
     std::vector<std::map<std::size_t, std::uint64_t>> stamps(2);  // live page -> stamp
-    for (int i = 0; i < 2; ++i) tensors.push_back(std::make_unique<vmm::VirtualTensor>(*alloc, kRows * kStride));
+    for (int i = 0; i < 2; ++i) tensors.push_back(std::make_unique<vmm::VirtualRange>(*alloc, kRows * kStride));
     std::vector<std::uintptr_t> blocks;
     const long ops = std::max(200L, g_opt.ops / 8);
     for (long op = 0; op < ops; ++op) {
@@ -1204,7 +1204,7 @@ void run_pages(const PhaseSpec& spec) {
         continue;
       }
       const int which = static_cast<int>(rng() % 2);
-      vmm::VirtualTensor& vt = *tensors[which];
+      vmm::VirtualRange& vt = *tensors[which];
       const std::size_t rows = rng() % (kRows + 1);
       const std::size_t begin = rng() % (kStride + 1);
       const std::size_t end = begin + rng() % (kStride - begin + 1);
@@ -1248,7 +1248,7 @@ void run_pages(const PhaseSpec& spec) {
       live = std::move(next);
       if (rng() % 50 == 0) {  // a tensor freed and replaced
         tensors[which]->free(rng() % 3);
-        tensors[which] = std::make_unique<vmm::VirtualTensor>(*alloc, kRows * kStride);
+        tensors[which] = std::make_unique<vmm::VirtualRange>(*alloc, kRows * kStride);
         live.clear();
       }
     }

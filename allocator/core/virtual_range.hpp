@@ -1,6 +1,8 @@
 // A handle on one virtual range of a CachingAllocator: reserved address space whose pages
 // are mapped only where the owner commits them (Note [KV pages]). The allocator it refers
-// to must outlive it.
+// to must outlive it. Python binds it as vmmalloc._C.VirtualRange, and
+// vmmalloc.virtual_tensor.VirtualTensor is a shaped tensor over one; the range's page state
+// inside the allocator is ReservedRange (virtual_pages.hpp).
 //
 // Note [Exported views outlive free]
 // Tensors exported over the range (DLPack) may outlive the handle's free(): they are views
@@ -20,19 +22,19 @@
 
 namespace vmm {
 
-class VirtualTensor {
+class VirtualRange {
  public:
-  VirtualTensor(CachingAllocator& allocator, std::size_t bytes)
+  VirtualRange(CachingAllocator& allocator, std::size_t bytes)
       : allocator_(allocator), range_(allocator.reserve_range(bytes)) {
     base_ = range_->base;
     bytes_ = range_->bytes;
   }
-  ~VirtualTensor() {
+  ~VirtualRange() {
     std::lock_guard<std::mutex> lock(mutex_);
     release_locked();
   }
-  VirtualTensor(const VirtualTensor&) = delete;
-  VirtualTensor& operator=(const VirtualTensor&) = delete;
+  VirtualRange(const VirtualRange&) = delete;
+  VirtualRange& operator=(const VirtualRange&) = delete;
 
   std::uintptr_t address() const { return base_; }
   std::size_t bytes() const { return bytes_; }
@@ -94,7 +96,7 @@ class VirtualTensor {
 
   CachingAllocator& allocator_;
   mutable std::mutex mutex_;
-  VirtualRange* range_;  // null once given back to the allocator
+  ReservedRange* range_;  // null once given back to the allocator
   std::uintptr_t base_ = 0;
   std::size_t bytes_ = 0;
   StreamId last_stream_ = 0;
