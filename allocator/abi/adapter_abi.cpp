@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "abi/device_registry.hpp"
-#include "core/errors.hpp"
 #include "abi/shared_mapping.hpp"
 #include "backend/process_descriptors.hpp"
+#include "core/errors.hpp"
 #include "torch_adapter/adapter_abi.h"
 
 #define VMM_EXPORT extern "C" __attribute__((visibility("default")))
@@ -57,8 +57,9 @@ int allocate(size_t size, int device, void* stream, void** out) {
 void deallocate(void* ptr) {
   const int status = guarded([&] {
     if (!DeviceRegistry::instance().deallocate_any(reinterpret_cast<std::uintptr_t>(ptr))) {
-      throw std::invalid_argument("vmmalloc holds no allocation there (double free, or memory "
-                                  "of another allocator)");
+      throw std::invalid_argument(
+          "vmmalloc holds no allocation there (double free, or memory "
+          "of another allocator)");
     }
   });
   if (status != VMM_OK) std::fprintf(stderr, "vmmalloc: free of %p failed: %s\n", ptr, last_error());
@@ -67,8 +68,9 @@ void deallocate(void* ptr) {
 int deallocate_checked(void* ptr) {
   return guarded([&] {
     if (!DeviceRegistry::instance().deallocate_any(reinterpret_cast<std::uintptr_t>(ptr))) {
-      throw std::invalid_argument("vmmalloc: free of a pointer vmmalloc does not hold (double free, or "
-                                  "memory of another allocator)");
+      throw std::invalid_argument(
+          "vmmalloc: free of a pointer vmmalloc does not hold (double free, or "
+          "memory of another allocator)");
     }
   });
 }
@@ -81,7 +83,8 @@ CachingAllocator* owner(std::uintptr_t ptr) {
   DeviceRegistry::instance().for_each([&](int, CachingAllocator& a) {
     if (found == nullptr && a.owns(ptr)) found = &a;
   });
-  if (found == nullptr) throw std::invalid_argument("vmmalloc: the pointer is not a live allocation of vmmalloc");
+  if (found == nullptr)
+    throw std::invalid_argument("vmmalloc: the pointer is not a live allocation of vmmalloc");
   return found;
 }
 
@@ -100,7 +103,8 @@ int allocation_size(void* ptr, size_t* out) {
 }
 
 int empty_cache() {
-  return guarded([] { DeviceRegistry::instance().for_each([](int, CachingAllocator& a) { a.empty_cache(); }); });
+  return guarded(
+      [] { DeviceRegistry::instance().for_each([](int, CachingAllocator& a) { a.empty_cache(); }); });
 }
 
 int set_memory_fraction(int device, double fraction) {
@@ -206,8 +210,10 @@ int device_in_use(int device) { return in_use(device) != nullptr ? 1 : 0; }
 
 int record_events(int device, size_t capacity) {
   return guarded([&] {
-    if (capacity > 0) on(device).record_events(capacity);
-    else if (CachingAllocator* a = in_use(device)) a->record_events(0);
+    if (capacity > 0)
+      on(device).record_events(capacity);
+    else if (CachingAllocator* a = in_use(device))
+      a->record_events(0);
   });
 }
 
@@ -221,7 +227,7 @@ int events(int device, vmm_event_visitor visit, void* context) {
     CachingAllocator* a = in_use(device);
     if (a == nullptr) return;
     for (const vmm::MemoryEvent& e : a->events()) {
-      const vmm_event event{static_cast<uint32_t>(e.kind), e.time_ns, e.addr, e.size, e.aux,
+      const vmm_event event{static_cast<uint32_t>(e.kind),   e.time_ns, e.addr, e.size, e.aux,
                             static_cast<uintptr_t>(e.stream)};
       visit(context, &event);
     }
@@ -247,8 +253,9 @@ int segments(int device, vmm_segment_visitor visit, void* context) {
                             : s.kind == Kind::kSmall ? VMM_SEGMENT_SMALL
                             : s.kind == Kind::kPages ? VMM_SEGMENT_PAGES
                                                      : VMM_SEGMENT_FREE;
-      const vmm_segment segment{s.base, s.bytes, static_cast<uintptr_t>(s.stream), kind,
-                                {s.pool.first, s.pool.second}, blocks.data(), blocks.size()};
+      const vmm_segment segment{
+          s.base,        s.bytes,      static_cast<uintptr_t>(s.stream), kind, {s.pool.first, s.pool.second},
+          blocks.data(), blocks.size()};
       visit(context, &segment);
     }
   });

@@ -27,8 +27,8 @@ void DeviceRegistry::configure(const std::string& conf) {
   for (const auto& owned : owned_) {
     if (owned && conf != conf_text_) {
       throw std::logic_error(
-          "vmmalloc: the allocator options cannot change once memory was allocated (was '" +
-          conf_text_ + "', now '" + conf + "'); set them before the first CUDA allocation");
+          "vmmalloc: the allocator options cannot change once memory was allocated (was '" + conf_text_ +
+          "', now '" + conf + "'); set them before the first CUDA allocation");
     }
   }
   config_ = parsed;
@@ -42,8 +42,8 @@ void DeviceRegistry::set_backend_factory(BackendFactory factory) {
 
 CachingAllocator& DeviceRegistry::create(int device) {
   if (device < 0 || device >= kMaxDevices) {
-    throw std::invalid_argument("vmmalloc: device " + std::to_string(device) +
-                                " is out of range (0 to " + std::to_string(kMaxDevices - 1) + ")");
+    throw std::invalid_argument("vmmalloc: device " + std::to_string(device) + " is out of range (0 to " +
+                                std::to_string(kMaxDevices - 1) + ")");
   }
   std::lock_guard<std::mutex> lock(mutex_);
   if (!owned_[device]) {

@@ -44,7 +44,6 @@ class DeviceRegistry {
   // Frees `ptr` in whichever device's allocator holds it; false when none does.
   bool deallocate_any(std::uintptr_t ptr) const;
 
-
   // Drops every allocator and restores the cuda backend factory (tests of the registry
   // itself; nothing may be allocated, no virtual range may be alive).
   void reset_for_tests();

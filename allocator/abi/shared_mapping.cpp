@@ -18,9 +18,9 @@ const char* kind_name(Backend::Kind kind) { return kind == Backend::Kind::kCuda 
 SharedMapping::SharedMapping(std::shared_ptr<Backend> backend, const SharedDescription& d)
     : backend_(std::move(backend)) {
   if (d.kind != backend_->kind()) {
-    throw std::invalid_argument(std::string("vmmalloc: memory shared by a process on the ") + kind_name(d.kind) +
-                                " backend cannot be opened on the " + kind_name(backend_->kind()) +
-                                " backend");
+    throw std::invalid_argument(std::string("vmmalloc: memory shared by a process on the ") +
+                                kind_name(d.kind) + " backend cannot be opened on the " +
+                                kind_name(backend_->kind()) + " backend");
   }
   bytes_ = d.bytes();
   try {

@@ -36,7 +36,7 @@ class SharedMapping {
   std::uintptr_t base_ = 0;
   std::size_t bytes_ = 0;
   std::vector<std::pair<ChunkHandle, std::size_t>> handles_;  // imported, in mapping order
-  std::size_t mapped_ = 0;  // bytes mapped from base_, whole handles
+  std::size_t mapped_ = 0;                                    // bytes mapped from base_, whole handles
 };
 
 }  // namespace vmm

@@ -30,8 +30,8 @@ std::string hex(std::uint64_t value) {
 std::string hex(const void* pointer) { return hex(reinterpret_cast<std::uintptr_t>(pointer)); }
 
 std::string failure(int device, cu::CUresult result, const std::string& call) {
-  return "cuda backend (device " + std::to_string(device) + "): " + call + " failed: " +
-         cu::result_text(result);
+  return "cuda backend (device " + std::to_string(device) + "): " + call +
+         " failed: " + cu::result_text(result);
 }
 
 // Throws BackendError for a failed driver call. `call` names the call and its arguments;
@@ -108,8 +108,7 @@ CudaBackend::CudaBackend(int device, bool shareable)
   check(device_, api_.cuDeviceGetCount(&count), [] { return std::string("cuDeviceGetCount()"); });
   if (device_ < 0 || device_ >= count) {
     throw BackendError("cuda backend: device " + std::to_string(device_) +
-                       " does not exist; this process sees " + std::to_string(count) +
-                       " CUDA device(s)" +
+                       " does not exist; this process sees " + std::to_string(count) + " CUDA device(s)" +
                        (count > 0 ? " (ordinals 0 to " + std::to_string(count - 1) + ")" : "") +
                        " after CUDA_VISIBLE_DEVICES.");
   }
@@ -126,15 +125,13 @@ CudaBackend::CudaBackend(int device, bool shareable)
     const cu::CUmemAllocationProp prop = chunk_prop(device_);
     std::size_t granularity = 0;
     check(device_,
-          api_.cuMemGetAllocationGranularity(&granularity, &prop,
-                                             cu::CU_MEM_ALLOC_GRANULARITY_MINIMUM),
+          api_.cuMemGetAllocationGranularity(&granularity, &prop, cu::CU_MEM_ALLOC_GRANULARITY_MINIMUM),
           [] { return std::string("cuMemGetAllocationGranularity(pinned, device, minimum)"); });
     // Chunks are created, mapped and aligned in kChunkSize units, which CUDA accepts
     // exactly when they are multiples of the granularity (2 MiB on our GPUs, docs/FACTS.md).
     if (granularity == 0 || kChunkSize % granularity != 0) {
       throw BackendError("cuda backend (device " + std::to_string(device_) +
-                         "): the device's minimum allocation granularity is " +
-                         std::to_string(granularity) +
+                         "): the device's minimum allocation granularity is " + std::to_string(granularity) +
                          " bytes, which does not divide vmmalloc's " + std::to_string(kChunkSize) +
                          "-byte chunk size; this GPU is not supported.");
     }
@@ -164,8 +161,7 @@ std::size_t CudaBackend::free_memory() const {
   ContextGuard guard(api_, context_, device_);  // cuMemGetInfo reports the current device
   std::size_t free = 0;
   std::size_t total = 0;
-  check(device_, api_.cuMemGetInfo_v2(&free, &total),
-        [] { return std::string("cuMemGetInfo_v2()"); });
+  check(device_, api_.cuMemGetInfo_v2(&free, &total), [] { return std::string("cuMemGetInfo_v2()"); });
   return free;
 }
 
@@ -185,9 +181,8 @@ std::uintptr_t CudaBackend::reserve(std::size_t bytes) {
 
 void CudaBackend::unreserve(std::uintptr_t addr, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);
-  check(device_, api_.cuMemAddressFree(addr, bytes), [&] {
-    return "cuMemAddressFree(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) + ")";
-  });
+  check(device_, api_.cuMemAddressFree(addr, bytes),
+        [&] { return "cuMemAddressFree(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) + ")"; });
 }
 
 ChunkHandle CudaBackend::create_chunk(std::size_t bytes) {
@@ -205,15 +200,16 @@ ChunkHandle CudaBackend::create_chunk(std::size_t bytes) {
     // chunk is made as before, and sharing it says why it cannot be.
     std::lock_guard<std::mutex> lock(exported_mutex_);
     if (shareable_.exchange(false)) {
-      unshareable_reason_ = "the driver refused exportable memory (cuMemCreate with POSIX file "
-                            "descriptor handles: " + cu::result_text(result) + ")";
+      unshareable_reason_ =
+          "the driver refused exportable memory (cuMemCreate with POSIX file "
+          "descriptor handles: " +
+          cu::result_text(result) + ")";
     }
     prop = chunk_prop(device_, false);
     result = api_.cuMemCreate(&handle, bytes, &prop, 0);
   }
   if (result == cu::CUDA_ERROR_OUT_OF_MEMORY) {
-    throw DeviceOutOfMemory(
-        failure(device_, result, "cuMemCreate(bytes=" + std::to_string(bytes) + ")"));
+    throw DeviceOutOfMemory(failure(device_, result, "cuMemCreate(bytes=" + std::to_string(bytes) + ")"));
   }
   check(device_, result, [&] { return "cuMemCreate(bytes=" + std::to_string(bytes) + ")"; });
   // Nothing can fail after cuMemCreate succeeded, so no handle can leak. Keep it that way:
@@ -231,23 +227,20 @@ void CudaBackend::release_chunk(ChunkHandle chunk) {
     }
   }
   ContextGuard guard(api_, context_, device_);
-  check(device_, api_.cuMemRelease(chunk),
-        [&] { return "cuMemRelease(handle=" + hex(chunk) + ")"; });
+  check(device_, api_.cuMemRelease(chunk), [&] { return "cuMemRelease(handle=" + hex(chunk) + ")"; });
 }
 
 void CudaBackend::map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemMap(addr, bytes, 0, chunk, 0), [&] {
-    return "cuMemMap(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) +
-           ", handle=" + hex(chunk) + ")";
+    return "cuMemMap(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) + ", handle=" + hex(chunk) + ")";
   });
 }
 
 void CudaBackend::unmap(std::uintptr_t addr, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);
-  check(device_, api_.cuMemUnmap(addr, bytes), [&] {
-    return "cuMemUnmap(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) + ")";
-  });
+  check(device_, api_.cuMemUnmap(addr, bytes),
+        [&] { return "cuMemUnmap(addr=" + hex(addr) + ", bytes=" + std::to_string(bytes) + ")"; });
 }
 
 void CudaBackend::set_access(std::uintptr_t addr, std::size_t bytes) {
@@ -272,8 +265,7 @@ bool CudaBackend::add_peer(int peer) {
         [&] { return "cuDeviceGet(ordinal=" + std::to_string(peer) + ")"; });
   int can_access = 0;
   check(device_, api_.cuDeviceCanAccessPeer(&can_access, peer_device, cu_device_), [&] {
-    return "cuDeviceCanAccessPeer(device=" + std::to_string(peer) +
-           ", peer=" + std::to_string(device_) + ")";
+    return "cuDeviceCanAccessPeer(device=" + std::to_string(peer) + ", peer=" + std::to_string(device_) + ")";
   });
   if (can_access == 0) return false;  // no P2P path: copies go through the host, no grant
   std::lock_guard<std::mutex> lock(access_mutex_);
@@ -322,8 +314,7 @@ EventId CudaBackend::record_event(StreamId stream) {
       }
     }
     if (event != nullptr) api_.cuEventDestroy_v2(event);
-    throw BackendError(
-        failure(device_, result, "cuEventRecord(stream=" + hex(stream) + ")"));
+    throw BackendError(failure(device_, result, "cuEventRecord(stream=" + hex(stream) + ")"));
   }
   return reinterpret_cast<EventId>(event);
 }
@@ -338,9 +329,8 @@ bool CudaBackend::event_done(EventId event) {
 
 void CudaBackend::stream_wait_event(StreamId stream, EventId event) {
   ContextGuard guard(api_, context_, device_);
-  check(device_, api_.cuStreamWaitEvent(as_stream(stream), as_event(event), 0), [&] {
-    return "cuStreamWaitEvent(stream=" + hex(stream) + ", event=" + hex(event) + ")";
-  });
+  check(device_, api_.cuStreamWaitEvent(as_stream(stream), as_event(event), 0),
+        [&] { return "cuStreamWaitEvent(stream=" + hex(stream) + ", event=" + hex(event) + ")"; });
 }
 
 bool CudaBackend::is_capturing(StreamId stream) {
@@ -391,8 +381,7 @@ void CudaBackend::synchronize() {
 void CudaBackend::copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemcpyHtoD_v2(dst, src, bytes), [&] {
-    return "cuMemcpyHtoD_v2(dst=" + hex(dst) + ", src=" + hex(src) +
-           ", bytes=" + std::to_string(bytes) + ")";
+    return "cuMemcpyHtoD_v2(dst=" + hex(dst) + ", src=" + hex(src) + ", bytes=" + std::to_string(bytes) + ")";
   });
 }
 
@@ -405,8 +394,7 @@ void CudaBackend::unpin_host(void* address) { unpin_host_memory(address, device_
 void CudaBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) {
   ContextGuard guard(api_, context_, device_);
   check(device_, api_.cuMemcpyDtoH_v2(dst, src, bytes), [&] {
-    return "cuMemcpyDtoH_v2(dst=" + hex(dst) + ", src=" + hex(src) +
-           ", bytes=" + std::to_string(bytes) + ")";
+    return "cuMemcpyDtoH_v2(dst=" + hex(dst) + ", src=" + hex(src) + ", bytes=" + std::to_string(bytes) + ")";
   });
 }
 
@@ -420,11 +408,11 @@ Backend::SharedHandle CudaBackend::export_handle(ChunkHandle chunk, std::size_t 
   const cu::CUresult result =
       api_.cuMemExportToShareableHandle(&fd, chunk, cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR, 0);
   if (result != cu::CUDA_SUCCESS) {
-    std::string why = failure(device_, result, "cuMemExportToShareableHandle(handle=" + hex(chunk) +
-                                                   ", bytes=" + std::to_string(bytes) + ")");
-    why += unshareable_reason_.empty()
-               ? "; if this process has many open files, raise the limit (ulimit -n)"
-               : "; chunks are not exportable: " + unshareable_reason_;
+    std::string why = failure(
+        device_, result,
+        "cuMemExportToShareableHandle(handle=" + hex(chunk) + ", bytes=" + std::to_string(bytes) + ")");
+    why += unshareable_reason_.empty() ? "; if this process has many open files, raise the limit (ulimit -n)"
+                                       : "; chunks are not exportable: " + unshareable_reason_;
     throw BackendError(why);
   }
   exported_.emplace(chunk, fd);
@@ -438,8 +426,10 @@ ChunkHandle CudaBackend::import_handle(int fd, std::uint64_t offset, std::size_t
   check(device_,
         api_.cuMemImportFromShareableHandle(&handle, reinterpret_cast<void*>(static_cast<std::intptr_t>(fd)),
                                             cu::CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-        [&] { return "cuMemImportFromShareableHandle(fd=" + std::to_string(fd) + ", bytes=" +
-                     std::to_string(bytes) + ")"; });
+        [&] {
+          return "cuMemImportFromShareableHandle(fd=" + std::to_string(fd) +
+                 ", bytes=" + std::to_string(bytes) + ")";
+        });
   return static_cast<ChunkHandle>(handle);
 }
 

@@ -11,10 +11,9 @@ namespace {
 constexpr const char* kLibrary = "libcuda.so.1";
 constexpr const char* kHostHint = " The host backend works without one.";
 
-using GetProcAddressV2 = CUresult (*)(const char* symbol, void** fn, int cuda_version,
-                                      cuuint64_t flags, CUdriverProcAddressQueryResult* status);
-using GetProcAddressV1 = CUresult (*)(const char* symbol, void** fn, int cuda_version,
-                                      cuuint64_t flags);
+using GetProcAddressV2 = CUresult (*)(const char* symbol, void** fn, int cuda_version, cuuint64_t flags,
+                                      CUdriverProcAddressQueryResult* status);
+using GetProcAddressV1 = CUresult (*)(const char* symbol, void** fn, int cuda_version, cuuint64_t flags);
 
 struct Driver {
   DriverApi api{};      // every entry point found, even when loading failed later
@@ -61,8 +60,7 @@ class Resolver {
         return fn;
       }
     } else if (v1_ != nullptr) {
-      if (v1_(base_name, &fn, kDriverApiVersion, CU_GET_PROC_ADDRESS_LEGACY_STREAM) ==
-              CUDA_SUCCESS &&
+      if (v1_(base_name, &fn, kDriverApiVersion, CU_GET_PROC_ADDRESS_LEGACY_STREAM) == CUDA_SUCCESS &&
           fn != nullptr) {
         return fn;
       }
@@ -117,13 +115,11 @@ void load_into(Driver& d) {
   need(a.cuDeviceTotalMem_v2, "cuDeviceTotalMem", "cuDeviceTotalMem_v2");
   need(a.cuMemGetInfo_v2, "cuMemGetInfo", "cuMemGetInfo_v2");
   need(a.cuDevicePrimaryCtxRetain, "cuDevicePrimaryCtxRetain", "cuDevicePrimaryCtxRetain");
-  need(a.cuDevicePrimaryCtxRelease_v2, "cuDevicePrimaryCtxRelease",
-       "cuDevicePrimaryCtxRelease_v2");
+  need(a.cuDevicePrimaryCtxRelease_v2, "cuDevicePrimaryCtxRelease", "cuDevicePrimaryCtxRelease_v2");
   need(a.cuCtxGetCurrent, "cuCtxGetCurrent", "cuCtxGetCurrent");
   need(a.cuCtxSetCurrent, "cuCtxSetCurrent", "cuCtxSetCurrent");
   need(a.cuCtxSynchronize, "cuCtxSynchronize", "cuCtxSynchronize");
-  need(a.cuMemGetAllocationGranularity, "cuMemGetAllocationGranularity",
-       "cuMemGetAllocationGranularity");
+  need(a.cuMemGetAllocationGranularity, "cuMemGetAllocationGranularity", "cuMemGetAllocationGranularity");
   need(a.cuMemAddressReserve, "cuMemAddressReserve", "cuMemAddressReserve");
   need(a.cuMemAddressFree, "cuMemAddressFree", "cuMemAddressFree");
   need(a.cuMemCreate, "cuMemCreate", "cuMemCreate");
@@ -132,8 +128,7 @@ void load_into(Driver& d) {
   need(a.cuMemUnmap, "cuMemUnmap", "cuMemUnmap");
   need(a.cuMemSetAccess, "cuMemSetAccess", "cuMemSetAccess");
   need(a.cuMemExportToShareableHandle, "cuMemExportToShareableHandle", "cuMemExportToShareableHandle");
-  need(a.cuMemImportFromShareableHandle, "cuMemImportFromShareableHandle",
-       "cuMemImportFromShareableHandle");
+  need(a.cuMemImportFromShareableHandle, "cuMemImportFromShareableHandle", "cuMemImportFromShareableHandle");
   need(a.cuEventCreate, "cuEventCreate", "cuEventCreate");
   need(a.cuEventRecord, "cuEventRecord", "cuEventRecord");
   need(a.cuEventQuery, "cuEventQuery", "cuEventQuery");
@@ -148,10 +143,10 @@ void load_into(Driver& d) {
   need(a.cuMemHostRegister_v2, "cuMemHostRegister", "cuMemHostRegister_v2");
   need(a.cuMemHostUnregister, "cuMemHostUnregister", "cuMemHostUnregister");
   if (missing != nullptr) {
-    d.reason = std::string("CUDA is unavailable: the NVIDIA driver's ") + kLibrary +
-               " has no " + missing +
+    d.reason = std::string("CUDA is unavailable: the NVIDIA driver's ") + kLibrary + " has no " + missing +
                "; vmmalloc's cuda backend needs a driver with CUDA virtual memory management"
-               " (CUDA 11.0 or newer)." + kHostHint;
+               " (CUDA 11.0 or newer)." +
+               kHostHint;
     return;
   }
 

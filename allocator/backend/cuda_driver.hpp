@@ -158,11 +158,10 @@ struct DriverApi {
   CUresult (*cuCtxSetCurrent)(CUcontext context);
   CUresult (*cuCtxSynchronize)();
 
-  CUresult (*cuMemGetAllocationGranularity)(std::size_t* granularity,
-                                            const CUmemAllocationProp* prop,
+  CUresult (*cuMemGetAllocationGranularity)(std::size_t* granularity, const CUmemAllocationProp* prop,
                                             CUmemAllocationGranularity_flags option);
-  CUresult (*cuMemAddressReserve)(CUdeviceptr* ptr, std::size_t size, std::size_t alignment,
-                                  CUdeviceptr addr, unsigned long long flags);
+  CUresult (*cuMemAddressReserve)(CUdeviceptr* ptr, std::size_t size, std::size_t alignment, CUdeviceptr addr,
+                                  unsigned long long flags);
   CUresult (*cuMemAddressFree)(CUdeviceptr ptr, std::size_t size);
   CUresult (*cuMemCreate)(CUmemGenericAllocationHandle* handle, std::size_t size,
                           const CUmemAllocationProp* prop, unsigned long long flags);

@@ -14,8 +14,7 @@ BackendOp parse_backend_op(const std::string& name) {
                               "'; allowed: reserve, create_chunk, map, set_access, unmap");
 }
 
-FaultInjectionBackend::FaultInjectionBackend(std::shared_ptr<Backend> inner)
-    : inner_(std::move(inner)) {
+FaultInjectionBackend::FaultInjectionBackend(std::shared_ptr<Backend> inner) : inner_(std::move(inner)) {
   if (!inner_) throw std::invalid_argument("FaultInjectionBackend needs a backend to wrap");
 }
 

@@ -3,9 +3,9 @@
 #pragma once
 
 #include <array>
+#include <map>
 #include <memory>
 #include <mutex>
-#include <map>
 #include <set>
 #include <string>
 

@@ -18,8 +18,7 @@ std::string errno_text(const char* call) {
 
 void check_aligned(std::uintptr_t addr, std::size_t bytes, const char* call) {
   if (addr % kChunkSize != 0 || bytes % kChunkSize != 0 || bytes == 0) {
-    throw BackendError(std::string("host backend: ") + call +
-                       " needs a non-empty, chunk-aligned range");
+    throw BackendError(std::string("host backend: ") + call + " needs a non-empty, chunk-aligned range");
   }
 }
 
@@ -60,8 +59,7 @@ std::uintptr_t HostBackend::reserve(std::size_t bytes) {
   }
   // Over-reserve by one chunk and trim, so that the range is chunk-aligned like CUDA's.
   const std::size_t padded = bytes + kChunkSize;
-  void* raw = mmap(nullptr, padded, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                   -1, 0);
+  void* raw = mmap(nullptr, padded, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (raw == MAP_FAILED) throw BackendError(errno_text("mmap(reserve)"));
   const auto start = reinterpret_cast<std::uintptr_t>(raw);
   const std::uintptr_t aligned = (start + kChunkSize - 1) / kChunkSize * kChunkSize;
@@ -86,9 +84,8 @@ ChunkHandle HostBackend::create_chunk(std::size_t bytes) {
   const std::size_t chunks = bytes / kChunkSize;
   std::lock_guard<std::mutex> lock(mutex_);
   if ((live_chunks_ + chunks) * kChunkSize > capacity_) {
-    throw DeviceOutOfMemory("host backend: out of memory (capacity " +
-                            std::to_string(capacity_ >> 20) + " MiB, " +
-                            std::to_string((live_chunks_ * kChunkSize) >> 20) + " MiB in use)");
+    throw DeviceOutOfMemory("host backend: out of memory (capacity " + std::to_string(capacity_ >> 20) +
+                            " MiB, " + std::to_string((live_chunks_ * kChunkSize) >> 20) + " MiB in use)");
   }
   std::size_t slot;
   auto& reusable = free_slots_[chunks];
@@ -119,8 +116,8 @@ void HostBackend::release_chunk(ChunkHandle chunk) {
   const std::size_t chunks = chunks_of(chunk);
   if (chunks == 0 || slot + chunks > file_chunks_) throw BackendError("host backend: unknown chunk");
   // Give the pages back to the kernel; the slots' offsets stay valid for reuse.
-  if (fallocate(memfd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE,
-                static_cast<off_t>(slot * kChunkSize), static_cast<off_t>(chunks * kChunkSize)) != 0) {
+  if (fallocate(memfd_, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, static_cast<off_t>(slot * kChunkSize),
+                static_cast<off_t>(chunks * kChunkSize)) != 0) {
     throw BackendError(errno_text("fallocate(PUNCH_HOLE)"));
   }
   free_slots_[chunks].push_back(slot);
@@ -149,7 +146,8 @@ void HostBackend::map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes)
   }
   auto next = mapped_.lower_bound(addr);
   const bool overlaps_next = next != mapped_.end() && next->first < addr + bytes;
-  const bool overlaps_prev = next != mapped_.begin() && std::prev(next)->first + std::prev(next)->second > addr;
+  const bool overlaps_prev =
+      next != mapped_.begin() && std::prev(next)->first + std::prev(next)->second > addr;
   if (overlaps_next || overlaps_prev) {
     throw BackendError("host backend: map over a range that is already mapped");
   }

@@ -71,11 +71,11 @@ class HostBackend final : public Backend {
   // Throws unless [addr, addr + bytes) is exactly a run of mapped handles, back to back.
   void check_whole_handles(std::uintptr_t addr, std::size_t bytes, const char* call) const;
 
-  std::size_t file_chunks_ = 0;           // chunk slots the memfd has room for
+  std::size_t file_chunks_ = 0;  // chunk slots the memfd has room for
   // Released handles' first slots by the handle's size in chunks, reused before growing.
   std::map<std::size_t, std::vector<std::size_t>> free_slots_;
   std::size_t live_chunks_ = 0;
-  std::map<std::uintptr_t, std::size_t> mapped_;  // address of each mapped handle -> bytes
+  std::map<std::uintptr_t, std::size_t> mapped_;    // address of each mapped handle -> bytes
   std::vector<std::pair<int, std::size_t>> peers_;  // (peer, bytes granted to it)
   struct Import {
     int fd;  // this backend's duplicate of the descriptor it was imported from

@@ -68,7 +68,8 @@ int ProcessDescriptors::take(int fd) const {
                        "must stay alive in the sender until every receiver has opened it)");
   }
   if (err == EMFILE || err == ENFILE) {
-    throw BackendError("vmmalloc: taking " + which + " failed: too many open files; raise the "
+    throw BackendError("vmmalloc: taking " + which +
+                       " failed: too many open files; raise the "
                        "limit (ulimit -n)");
   }
   throw BackendError("vmmalloc: pidfd_getfd of " + which + " failed: " + std::strerror(err));

@@ -14,10 +14,14 @@ namespace {
 std::string format_size(std::size_t bytes) {
   char buf[64];
   const double b = static_cast<double>(bytes);
-  if (bytes < (std::size_t{1} << 10)) std::snprintf(buf, sizeof buf, "%zu bytes", bytes);
-  else if (bytes < (std::size_t{1} << 20)) std::snprintf(buf, sizeof buf, "%.2f KiB", b / 1024);
-  else if (bytes < (std::size_t{1} << 30)) std::snprintf(buf, sizeof buf, "%.2f MiB", b / (1 << 20));
-  else std::snprintf(buf, sizeof buf, "%.2f GiB", b / (1 << 30));
+  if (bytes < (std::size_t{1} << 10))
+    std::snprintf(buf, sizeof buf, "%zu bytes", bytes);
+  else if (bytes < (std::size_t{1} << 20))
+    std::snprintf(buf, sizeof buf, "%.2f KiB", b / 1024);
+  else if (bytes < (std::size_t{1} << 30))
+    std::snprintf(buf, sizeof buf, "%.2f MiB", b / (1 << 20));
+  else
+    std::snprintf(buf, sizeof buf, "%.2f GiB", b / (1 << 30));
   return buf;
 }
 
@@ -43,19 +47,20 @@ class CaptureModeGuard {
 
 // Moves a stat's current value to `value`, keeping peak and cumulative counts right.
 void set_current(Stat& stat, std::int64_t value) {
-  if (value > stat.current) stat.increase(value - stat.current);
-  else if (value < stat.current) stat.decrease(stat.current - value);
+  if (value > stat.current)
+    stat.increase(value - stat.current);
+  else if (value < stat.current)
+    stat.decrease(stat.current - value);
 }
 
 }  // namespace
 
 CachingAllocator::CachingAllocator(std::shared_ptr<Backend> backend, Config config)
-    : backend_(std::move(backend)),
-      config_(config),
-      main_(*backend_, budget_, config_),
-      pages_(*backend_) {
-  if (config_.memory_fraction != 0) set_memory_fraction(config_.memory_fraction);
-  else set_memory_cap(config_.memory_cap);
+    : backend_(std::move(backend)), config_(config), main_(*backend_, budget_, config_), pages_(*backend_) {
+  if (config_.memory_fraction != 0)
+    set_memory_fraction(config_.memory_fraction);
+  else
+    set_memory_cap(config_.memory_cap);
   events_.enable(config_.history);
 }
 
@@ -81,8 +86,9 @@ std::uintptr_t CachingAllocator::allocate(std::size_t size, StreamId stream) {
 }
 
 // Inlined into allocate: as a call it cost the cached pair 30 instructions (callgrind).
-__attribute__((always_inline)) inline std::uintptr_t CachingAllocator::place(
-    PrivatePool* pool, std::size_t size, StreamId stream) {
+__attribute__((always_inline)) inline std::uintptr_t CachingAllocator::place(PrivatePool* pool,
+                                                                             std::size_t size,
+                                                                             StreamId stream) {
   Arena& arena = arena_of(pool);
   if (size <= kSmallRequestLimit) {
     const std::size_t rounded = SmallPool::round(size);
@@ -126,8 +132,8 @@ __attribute__((always_inline)) inline std::uintptr_t CachingAllocator::place(
 // own stream's would have served the request), and moving segments between streams on
 // every alternation would chain those streams together with waits. It creates a chunk,
 // and only the out-of-memory retry reclaims them, as PyTorch's small pool does.
-Mapping* CachingAllocator::acquire(Arena& arena, std::size_t chunks, StreamId stream,
-                                   std::size_t requested, bool small_segment) {
+Mapping* CachingAllocator::acquire(Arena& arena, std::size_t chunks, StreamId stream, std::size_t requested,
+                                   bool small_segment) {
   MappingCache& cache = arena.cache;
   const std::int64_t stitches = cache.stitches;
   const std::int64_t created = budget_.created;
@@ -214,13 +220,14 @@ void CachingAllocator::throw_oom(std::size_t requested, const std::string& cause
   const std::size_t cap = budget_.cap_bytes;
   log(EventKind::kOom, 0, requested, 0, free);
   std::string message = oom_prefix() + " out of memory. Tried to allocate " + format_size(requested) + ". " +
-      (cuda ? "GPU " : "Device ") + std::to_string(backend_->device()) +
-      " has a total capacity of " + format_size(total) + " of which " + format_size(free) +
-      " is free. vmmalloc's cap is " + format_size(cap) + " (" + cause + "); it holds " +
-      format_size(reserved) + " in " + std::to_string(budget_.chunks) + " chunks, of which " +
-      format_size(allocated) + " is allocated and " + format_size(reserved - std::min(reserved, allocated)) +
-      " is reserved but unallocated, in " + std::to_string(main_.cache.mapping_count()) +
-      " mappings. Free tensors you no longer need, lower the batch size";
+                        (cuda ? "GPU " : "Device ") + std::to_string(backend_->device()) +
+                        " has a total capacity of " + format_size(total) + " of which " + format_size(free) +
+                        " is free. vmmalloc's cap is " + format_size(cap) + " (" + cause + "); it holds " +
+                        format_size(reserved) + " in " + std::to_string(budget_.chunks) +
+                        " chunks, of which " + format_size(allocated) + " is allocated and " +
+                        format_size(reserved - std::min(reserved, allocated)) +
+                        " is reserved but unallocated, in " + std::to_string(main_.cache.mapping_count()) +
+                        " mappings. Free tensors you no longer need, lower the batch size";
   message += cap < total ? ", or raise the cap (VMMALLOC_CONF=memory_cap:<bytes> or "
                            "torch.cuda.set_per_process_memory_fraction)."
                          : ".";
@@ -264,14 +271,14 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
                                 " rows needs a stride > 0 (the bytes between two rows' starts)");
   }
   const std::size_t limit = range->bytes;
-  const bool fits = begin <= end && end <= limit &&
-                    (rows <= 1 || (stride != 0 && (rows - 1) <= (limit - end) / stride));
+  const bool fits =
+      begin <= end && end <= limit && (rows <= 1 || (stride != 0 && (rows - 1) <= (limit - end) / stride));
   if (!fits) {
-    throw std::out_of_range(
-        "vmmalloc: cannot commit bytes [" + std::to_string(begin) + ", " + std::to_string(end) +
-        ") of " + std::to_string(rows) + " rows " + std::to_string(stride) +
-        " bytes apart: the virtual tensor reserves only " + std::to_string(limit) +
-        " bytes. Reserve a larger one (a longer maximum length or batch).");
+    throw std::out_of_range("vmmalloc: cannot commit bytes [" + std::to_string(begin) + ", " +
+                            std::to_string(end) + ") of " + std::to_string(rows) + " rows " +
+                            std::to_string(stride) + " bytes apart: the virtual tensor reserves only " +
+                            std::to_string(limit) +
+                            " bytes. Reserve a larger one (a longer maximum length or batch).");
   }
   if (pages_.has_retiring() && routes_.empty()) finish_page_retiring(/*wait=*/false);
   const PagePlan plan = pages_.plan(*range, rows, stride, begin, end);
@@ -350,8 +357,10 @@ void CachingAllocator::count_pages(std::int64_t pages) {
   if (pages == 0) return;
   const std::int64_t bytes = pages * static_cast<std::int64_t>(kChunkSize);
   for (PoolStat* s : {&allocated_bytes_, &active_bytes_, &requested_bytes_}) {
-    if (bytes > 0) s->increase(Pool::kLarge, bytes);
-    else s->decrease(Pool::kLarge, -bytes);
+    if (bytes > 0)
+      s->increase(Pool::kLarge, bytes);
+    else
+      s->decrease(Pool::kLarge, -bytes);
   }
 }
 
@@ -422,8 +431,10 @@ __attribute__((always_inline)) inline bool CachingAllocator::free_locked(std::ui
       }
       recorded_streams_.erase(it);
       pending_.push_back(std::move(pending));
-      if (block != nullptr) drop_allocated(Pool::kSmall, block->size, block->requested);
-      else drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
+      if (block != nullptr)
+        drop_allocated(Pool::kSmall, block->size, block->requested);
+      else
+        drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
       log_free_requested(block, mapping);
       return true;
     }
@@ -442,8 +453,10 @@ __attribute__((always_inline)) inline bool CachingAllocator::free_locked(std::ui
 }
 
 void CachingAllocator::free_located(const Located& where) {
-  if (where.block != nullptr) free_small(where.pool, where.block);
-  else free_large(where.pool, where.mapping);
+  if (where.block != nullptr)
+    free_small(where.pool, where.block);
+  else
+    free_large(where.pool, where.mapping);
 }
 
 // Allocated counts drop when the caller frees; active ones when the memory is reusable.
@@ -456,8 +469,10 @@ void CachingAllocator::drop_allocated(Pool pool, std::size_t size, std::size_t r
 // free_small / free_large return the memory of a live or pending allocation to the pools;
 // allocated counts were already dropped by deallocate().
 void CachingAllocator::log_free_requested(const SmallBlock* block, const Mapping* mapping) {
-  if (block != nullptr) log(EventKind::kFreeRequested, block->addr, block->size, block->segment->stream);
-  else log(EventKind::kFreeRequested, mapping->base, mapping->used * kChunkSize, mapping->use_stream);
+  if (block != nullptr)
+    log(EventKind::kFreeRequested, block->addr, block->size, block->segment->stream);
+  else
+    log(EventKind::kFreeRequested, mapping->base, mapping->used * kChunkSize, mapping->use_stream);
 }
 
 void CachingAllocator::free_small(PrivatePool* pool, SmallBlock* block) {
@@ -517,8 +532,10 @@ void CachingAllocator::process_pending(bool wait) {
     }
     for (EventId e : p.events) backend_->release_event(e);
     Arena& arena = arena_of(p.pool);
-    if (SmallBlock* block = arena.small.find(p.ptr)) free_small(p.pool, block);
-    else free_large(p.pool, arena.large.find(p.ptr));
+    if (SmallBlock* block = arena.small.find(p.ptr))
+      free_small(p.pool, block);
+    else
+      free_large(p.pool, arena.large.find(p.ptr));
   }
   pending_.resize(kept);
 }
@@ -542,8 +559,7 @@ bool CachingAllocator::is_pending(std::uintptr_t ptr) const {
   return false;
 }
 
-bool CachingAllocator::live(std::uintptr_t ptr, StreamId* stream, std::size_t* size,
-                            Pool* pool) const {
+bool CachingAllocator::live(std::uintptr_t ptr, StreamId* stream, std::size_t* size, Pool* pool) const {
   const Located where = locate(ptr);
   if (!where.found() || (!pending_.empty() && is_pending(ptr))) return false;
   if (const SmallBlock* block = where.block) {
@@ -624,7 +640,8 @@ StatList CachingAllocator::stats_locked() const {
   out.emplace_back("vmm.memory_cap", static_cast<std::int64_t>(budget_.cap_bytes));
   out.emplace_back("vmm.small_segments", static_cast<std::int64_t>(small_segments()));
   std::size_t pool_chunks = 0, paused_chunks = 0;
-  for (const auto& pool : pools_) (pool->paused() ? paused_chunks : pool_chunks) += pool->arena.chunks.count();
+  for (const auto& pool : pools_)
+    (pool->paused() ? paused_chunks : pool_chunks) += pool->arena.chunks.count();
   out.emplace_back("vmm.private_pools", static_cast<std::int64_t>(pools_.size()));
   out.emplace_back("vmm.private_pool_bytes", static_cast<std::int64_t>(pool_chunks * kChunkSize));
   // Note [Sleeping pools]: address space kept, no memory; its live blocks still count as
@@ -663,8 +680,8 @@ bool CachingAllocator::add_peer(int peer) {
 
 void CachingAllocator::reset_peak_stats() {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (PoolStat* s : {&allocation_, &active_, &segment_, &allocated_bytes_, &active_bytes_,
-                      &requested_bytes_, &reserved_bytes_}) {
+  for (PoolStat* s : {&allocation_, &active_, &segment_, &allocated_bytes_, &active_bytes_, &requested_bytes_,
+                      &reserved_bytes_}) {
     s->reset_peak();
   }
   budget_.chunks_stat.reset_peak();
@@ -674,8 +691,8 @@ void CachingAllocator::reset_peak_stats() {
 
 void CachingAllocator::reset_accumulated_stats() {
   std::lock_guard<std::mutex> lock(mutex_);
-  for (PoolStat* s : {&allocation_, &active_, &segment_, &allocated_bytes_, &active_bytes_,
-                      &requested_bytes_, &reserved_bytes_}) {
+  for (PoolStat* s : {&allocation_, &active_, &segment_, &allocated_bytes_, &active_bytes_, &requested_bytes_,
+                      &reserved_bytes_}) {
     s->reset_accumulated();
   }
   num_alloc_retries_ = num_ooms_ = num_sync_all_streams_ = 0;
@@ -815,16 +832,21 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
     arena.large.for_each([&](std::uintptr_t base, const Mapping* m) {
       const std::size_t bytes = m->used * kChunkSize;
       const State state = pending.count(base) ? State::kPendingFree : State::kActive;
-      out.push_back({base, bytes, m->use_stream, SnapshotSegment::Kind::kLarge,
-                     {{base, bytes, m->requested, state}}, pool});
+      out.push_back({base,
+                     bytes,
+                     m->use_stream,
+                     SnapshotSegment::Kind::kLarge,
+                     {{base, bytes, m->requested, state}},
+                     pool});
       busy += m->used;
     });
     arena.small.for_each_segment([&](const SmallSegment& segment) {
-      SnapshotSegment s{segment.first->addr, kChunkSize, segment.stream,
-                        SnapshotSegment::Kind::kSmall, {}, pool};
+      SnapshotSegment s{segment.first->addr,           kChunkSize, segment.stream,
+                        SnapshotSegment::Kind::kSmall, {},         pool};
       for (const SmallBlock* b = segment.first; b != nullptr; b = b->next) {
-        const State state = !b->allocated ? State::kInactive
-                            : pending.count(b->addr) ? State::kPendingFree : State::kActive;
+        const State state = !b->allocated            ? State::kInactive
+                            : pending.count(b->addr) ? State::kPendingFree
+                                                     : State::kActive;
         s.blocks.push_back({b->addr, b->size, b->allocated ? b->requested : 0, state});
       }
       out.push_back(std::move(s));
@@ -928,7 +950,8 @@ void CachingAllocator::begin_allocate_to_pool(PoolId id, StreamFilter filter) {
   routes_.reserve(routes_.size() + 1);
   PrivatePool* pool = find_pool(id);
   if (pool != nullptr && pool->paused()) {
-    throw std::logic_error("vmmalloc: pool " + pool_name(id) + " is paused; resume it before allocating into it");
+    throw std::logic_error("vmmalloc: pool " + pool_name(id) +
+                           " is paused; resume it before allocating into it");
   }
   if (pool != nullptr) {
     ++pool->use_count;
@@ -1021,13 +1044,11 @@ std::vector<LiveBlock> CachingAllocator::pool_allocations(PoolId id) const {
       }
     }
   });
-  std::sort(out.begin(), out.end(),
-            [](const LiveBlock& a, const LiveBlock& b) { return a.ptr < b.ptr; });
+  std::sort(out.begin(), out.end(), [](const LiveBlock& a, const LiveBlock& b) { return a.ptr < b.ptr; });
   return out;
 }
 
-std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
-                                                           const std::vector<LiveBlock>& blocks) {
+std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id, const std::vector<LiveBlock>& blocks) {
   std::lock_guard<std::mutex> lock(mutex_);
   PrivatePool* pool = find_pool(id);
   if (pool == nullptr) {
@@ -1042,8 +1063,9 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
   for (const PendingFree& p : pending_) pending_here = pending_here || p.pool == pool;
   if (pending_here) {
     if (!routes_.empty()) {
-      throw std::logic_error("vmmalloc: a pool with frees waiting for other streams cannot be "
-                             "restored during CUDA graph capture");
+      throw std::logic_error(
+          "vmmalloc: a pool with frees waiting for other streams cannot be "
+          "restored during CUDA graph capture");
     }
     backend_->synchronize();
     ++num_sync_all_streams_;
@@ -1082,8 +1104,8 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
   }
   arena.small.reclaim_except(keep, arena.cache);
   for (const LiveBlock& b : blocks) {
-    const bool small = b.size <= kSmallRequestLimit && SmallPool::round(b.size) == b.size &&
-                       b.size < kChunkSize;
+    const bool small =
+        b.size <= kSmallRequestLimit && SmallPool::round(b.size) == b.size && b.size < kChunkSize;
     if (small) {
       SmallBlock* block = arena.small.allocate_at(b.ptr, b.size);
       if (block != nullptr) {
@@ -1104,10 +1126,9 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id,
       }
     }
     sync_reserved_stats();
-    throw std::logic_error("vmmalloc: cannot restore the block of " + std::to_string(b.size) +
-                           " bytes at " + hex(b.ptr) + " in pool (" + std::to_string(id.first) +
-                           ", " + std::to_string(id.second) +
-                           "): the pool has no free memory mapped there");
+    throw std::logic_error("vmmalloc: cannot restore the block of " + std::to_string(b.size) + " bytes at " +
+                           hex(b.ptr) + " in pool (" + std::to_string(id.first) + ", " +
+                           std::to_string(id.second) + "): the pool has no free memory mapped there");
   }
   sync_reserved_stats();
   return freed;
@@ -1127,7 +1148,8 @@ std::uintptr_t handle_address(const Chunk* head) {
 void CachingAllocator::pause_pool(PoolId id, bool backup) {
   std::lock_guard<std::mutex> lock(mutex_);
   PrivatePool* pool = find_pool(id);
-  if (pool == nullptr) throw std::invalid_argument("vmmalloc: cannot pause pool " + pool_name(id) + ": it does not exist");
+  if (pool == nullptr)
+    throw std::invalid_argument("vmmalloc: cannot pause pool " + pool_name(id) + ": it does not exist");
   if (pool->paused()) throw std::logic_error("vmmalloc: pool " + pool_name(id) + " is paused already");
   if (!routes_.empty()) {
     throw std::logic_error("vmmalloc: pool " + pool_name(id) +
@@ -1144,13 +1166,15 @@ void CachingAllocator::pause_pool(PoolId id, bool backup) {
   arena.large.for_each([&](std::uintptr_t base, const Mapping* m) {
     note(m->use_stream);
     auto it = recorded_streams_.find(base);
-    if (it != recorded_streams_.end()) for (StreamId s : it->second) note(s);
+    if (it != recorded_streams_.end())
+      for (StreamId s : it->second) note(s);
   });
   arena.small.for_each_segment([&](const SmallSegment& segment) {
     note(segment.stream);
     for (const SmallBlock* b = segment.first; b != nullptr; b = b->next) {
       auto it = recorded_streams_.find(b->addr);
-      if (b->allocated && it != recorded_streams_.end()) for (StreamId s : it->second) note(s);
+      if (b->allocated && it != recorded_streams_.end())
+        for (StreamId s : it->second) note(s);
     }
   });
   for (const PendingFree& p : pending_) {
@@ -1195,7 +1219,8 @@ void CachingAllocator::pause_pool(PoolId id, bool backup) {
 void CachingAllocator::resume_pool(PoolId id) {
   std::lock_guard<std::mutex> lock(mutex_);
   PrivatePool* pool = find_pool(id);
-  if (pool == nullptr) throw std::invalid_argument("vmmalloc: cannot resume pool " + pool_name(id) + ": it does not exist");
+  if (pool == nullptr)
+    throw std::invalid_argument("vmmalloc: cannot resume pool " + pool_name(id) + ": it does not exist");
   if (!pool->paused()) throw std::logic_error("vmmalloc: pool " + pool_name(id) + " is not paused");
   Arena& arena = pool->arena;
   const std::size_t bytes = arena.chunks.count() * kChunkSize;

@@ -23,8 +23,8 @@
 #include <utility>
 #include <vector>
 
-#include "core/arena.hpp"
 #include "backend/backend.hpp"
+#include "core/arena.hpp"
 #include "core/chunk_pool.hpp"
 #include "core/config.hpp"
 #include "core/errors.hpp"
@@ -57,7 +57,7 @@ struct SnapshotSegment {
   StreamId stream = 0;
   Kind kind = Kind::kLarge;
   std::vector<SnapshotBlock> blocks;  // tile the region in address order
-  PoolId pool;  // the private pool it belongs to; (0, 0) for the main arena
+  PoolId pool;                        // the private pool it belongs to; (0, 0) for the main arena
 };
 
 // Note [Host time]
@@ -72,9 +72,10 @@ class HostTimer {
   }
   ~HostTimer() {
     if (total_ == nullptr) return;
-    total_->fetch_add(std::chrono::duration_cast<std::chrono::nanoseconds>(
-                          std::chrono::steady_clock::now() - start_).count(),
-                      std::memory_order_relaxed);
+    total_->fetch_add(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - start_)
+            .count(),
+        std::memory_order_relaxed);
   }
   HostTimer(const HostTimer&) = delete;
   HostTimer& operator=(const HostTimer&) = delete;
@@ -179,8 +180,8 @@ class CachingAllocator {
   // range, std::logic_error for a freed range, OutOfMemoryError after the usual retry. On
   // a throw no page was given up and none newly mapped (needed pages that were retiring
   // may have been taken back).
-  void commit_range(ReservedRange* range, std::size_t rows, std::size_t stride,
-                    std::size_t begin, std::size_t end, StreamId stream);
+  void commit_range(ReservedRange* range, std::size_t rows, std::size_t stride, std::size_t begin,
+                    std::size_t end, StreamId stream);
   // Gives every page back (after the work queued on `stream`) and the range with them;
   // `range` must not be used afterwards.
   void free_range(ReservedRange* range, StreamId stream);
@@ -276,8 +277,7 @@ class CachingAllocator {
   void free_large(PrivatePool* pool, Mapping* mapping);
   void free_completed(PrivatePool* pool);
   void sync_reserved_stats();
-  void log(EventKind kind, std::uintptr_t addr, std::size_t size, StreamId stream,
-           std::uint64_t aux = 0) {
+  void log(EventKind kind, std::uintptr_t addr, std::size_t size, StreamId stream, std::uint64_t aux = 0) {
     if (events_.on()) {
       events_.record(kind, addr, size, stream, allocated_bytes_.all.current,
                      static_cast<std::int64_t>(budget_.chunks * kChunkSize), aux);
@@ -300,7 +300,7 @@ class CachingAllocator {
     PrivatePool* pool;
     StreamFilter filter;
   };
-  std::vector<Route> routes_;  // non-empty: capture-safe mode (Note [Capture-safe mode])
+  std::vector<Route> routes_;       // non-empty: capture-safe mode (Note [Capture-safe mode])
   bool retire_pools_owed_ = false;  // a released pool went idle during capture-safe mode
   std::unordered_map<std::uintptr_t, std::vector<StreamId>> recorded_streams_;
   std::vector<PendingFree> pending_;
@@ -312,7 +312,7 @@ class CachingAllocator {
   std::int64_t num_ooms_ = 0;
   std::int64_t num_sync_all_streams_ = 0;
   std::int64_t peer_access_errors_ = 0;
-  double memory_fraction_ = -1;  // the fraction set last; < 0 when the cap was set in bytes
+  double memory_fraction_ = -1;           // the fraction set last; < 0 when the cap was set in bytes
   std::atomic<std::int64_t> host_ns_{0};  // Note [Host time]
 };
 

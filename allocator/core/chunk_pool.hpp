@@ -44,9 +44,9 @@ struct Chunk {
   std::uint64_t id = 0;  // serial number, never reused (introspection and tests)
   bool busy = false;
   StreamId stream = kNoStream;
-  std::vector<Mapping*> mappings;  // cached mappings that map this chunk
-  std::size_t index = 0;  // position in ChunkPool::chunks_
-  std::uint64_t pick_mark = 0;  // MappingCache::pick_chunks' current pick, to skip duplicates
+  std::vector<Mapping*> mappings;   // cached mappings that map this chunk
+  std::size_t index = 0;            // position in ChunkPool::chunks_
+  std::uint64_t pick_mark = 0;      // MappingCache::pick_chunks' current pick, to skip duplicates
   std::uint32_t handle_chunks = 1;  // chunks of its handle (Note [Large handles])
   std::uint32_t handle_pos = 0;     // its place in the handle: the head is this - handle_pos
 
@@ -58,8 +58,8 @@ struct Chunk {
 // exactly one pool; it is counted here from its creation to its release.
 struct ChunkBudget {
   std::size_t cap_bytes = 0;
-  std::size_t chunks = 0;  // live chunks, all pools
-  Stat chunks_stat;        // the same, with peak and totals
+  std::size_t chunks = 0;     // live chunks, all pools
+  Stat chunks_stat;           // the same, with peak and totals
   std::int64_t created = 0;   // handles
   std::int64_t released = 0;  // handles
   std::size_t large_handles = 0;

@@ -21,8 +21,7 @@ std::string lower(std::string s) {
   return s;
 }
 
-[[noreturn]] void bad_value(const std::string& key, const std::string& value,
-                            const std::string& allowed) {
+[[noreturn]] void bad_value(const std::string& key, const std::string& value, const std::string& allowed) {
   throw std::invalid_argument("VMMALLOC_CONF: bad value '" + value + "' for key '" + key +
                               "'; allowed: " + allowed);
 }
@@ -69,15 +68,24 @@ std::size_t parse_bytes(const std::string& raw, const std::string& what) {
   const std::string number = value.substr(0, split);
   const std::string unit = lower(trim(value.substr(split)));
   double scale = 0;
-  if (unit.empty() || unit == "b") scale = 1;
-  else if (unit == "kb") scale = 1e3;
-  else if (unit == "mb") scale = 1e6;
-  else if (unit == "gb") scale = 1e9;
-  else if (unit == "tb") scale = 1e12;
-  else if (unit == "kib" || unit == "k") scale = 1024.0;
-  else if (unit == "mib" || unit == "m") scale = 1024.0 * 1024;
-  else if (unit == "gib" || unit == "g") scale = 1024.0 * 1024 * 1024;
-  else if (unit == "tib" || unit == "t") scale = 1024.0 * 1024 * 1024 * 1024;
+  if (unit.empty() || unit == "b")
+    scale = 1;
+  else if (unit == "kb")
+    scale = 1e3;
+  else if (unit == "mb")
+    scale = 1e6;
+  else if (unit == "gb")
+    scale = 1e9;
+  else if (unit == "tb")
+    scale = 1e12;
+  else if (unit == "kib" || unit == "k")
+    scale = 1024.0;
+  else if (unit == "mib" || unit == "m")
+    scale = 1024.0 * 1024;
+  else if (unit == "gib" || unit == "g")
+    scale = 1024.0 * 1024 * 1024;
+  else if (unit == "tib" || unit == "t")
+    scale = 1024.0 * 1024 * 1024 * 1024;
   if (number.empty() || scale == 0) fail();
   std::size_t used = 0;
   double parsed = 0;
@@ -147,9 +155,12 @@ const std::vector<ConfigKey>& config_key_table() {
       {"cross_stream_reuse", "last_resort or always",
        [](Config& c, const std::string& k, const std::string& v) {
          const std::string l = lower(v);
-         if (l == "last_resort") c.cross_stream_reuse = CrossStreamReuse::kLastResort;
-         else if (l == "always") c.cross_stream_reuse = CrossStreamReuse::kAlways;
-         else bad_value(k, v, "last_resort or always");
+         if (l == "last_resort")
+           c.cross_stream_reuse = CrossStreamReuse::kLastResort;
+         else if (l == "always")
+           c.cross_stream_reuse = CrossStreamReuse::kAlways;
+         else
+           bad_value(k, v, "last_resort or always");
        },
        [](const Config& c) -> ConfigValue {
          return std::string(c.cross_stream_reuse == CrossStreamReuse::kLastResort ? "last_resort" : "always");
@@ -160,7 +171,8 @@ const std::vector<ConfigKey>& config_key_table() {
       {"large_handle_size", "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB",
        [](Config& c, const std::string& k, const std::string& v) {
          c.large_handle_size = bytes_of(k, v);
-         if (c.large_handle_size % (std::size_t{2} << 20) != 0 || c.large_handle_size > (std::size_t{1} << 30)) {
+         if (c.large_handle_size % (std::size_t{2} << 20) != 0 ||
+             c.large_handle_size > (std::size_t{1} << 30)) {
            bad_value(k, v, "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB");
          }
        },
@@ -174,7 +186,9 @@ const std::vector<ConfigKey>& config_key_table() {
        },
        [](const Config& c) -> ConfigValue { return c.history; }},
       {"share_with_any_process", "true or false",
-       [](Config& c, const std::string& k, const std::string& v) { c.share_with_any_process = parse_bool(k, v); },
+       [](Config& c, const std::string& k, const std::string& v) {
+         c.share_with_any_process = parse_bool(k, v);
+       },
        [](const Config& c) -> ConfigValue { return c.share_with_any_process; }},
   };
   return table;
@@ -210,16 +224,15 @@ Config parse_config(const std::string& text) {
       throw std::invalid_argument("VMMALLOC_CONF: key '" + key + "' is given twice");
     }
     const auto& table = config_key_table();
-    const auto found = std::find_if(table.begin(), table.end(),
-                                    [&](const ConfigKey& k) { return key == k.name; });
+    const auto found =
+        std::find_if(table.begin(), table.end(), [&](const ConfigKey& k) { return key == k.name; });
     if (found == table.end()) {
       throw std::invalid_argument("VMMALLOC_CONF: unknown key '" + key + "'; allowed keys: " + config_keys());
     }
     found->set(config, key, value);
   }
   if (config.memory_cap != 0 && config.memory_fraction != 0) {
-    throw std::invalid_argument(
-        "VMMALLOC_CONF: give memory_cap or memory_fraction, not both");
+    throw std::invalid_argument("VMMALLOC_CONF: give memory_cap or memory_fraction, not both");
   }
   return config;
 }

@@ -65,9 +65,9 @@ class EventLog {
               std::int64_t allocated, std::int64_t reserved, std::uint64_t aux = 0) {
     if (ring_.empty()) return;
     MemoryEvent& e = ring_[next_];
-    e.time_ns = static_cast<std::uint64_t>(
-        std::chrono::duration_cast<std::chrono::nanoseconds>(
-            std::chrono::steady_clock::now().time_since_epoch()).count());
+    e.time_ns = static_cast<std::uint64_t>(std::chrono::duration_cast<std::chrono::nanoseconds>(
+                                               std::chrono::steady_clock::now().time_since_epoch())
+                                               .count());
     e.addr = addr;
     e.size = size;
     e.aux = aux;
@@ -76,8 +76,10 @@ class EventLog {
     e.stream = stream;
     e.kind = kind;
     next_ = next_ + 1 == ring_.size() ? 0 : next_ + 1;
-    if (count_ < ring_.size()) ++count_;
-    else ++dropped_;
+    if (count_ < ring_.size())
+      ++count_;
+    else
+      ++dropped_;
   }
 
   // The kept events, oldest first.

@@ -12,8 +12,7 @@ namespace vmm {
 
 MappingCache::MappingCache(Backend& backend, ChunkPool& pool, const Config& config)
     : backend_(backend), pool_(pool), config_(config), progress_(backend, backend_errors) {
-  max_mapped_bytes_ = config.max_mapped_bytes != 0 ? config.max_mapped_bytes
-                                                   : 4 * backend.total_memory();
+  max_mapped_bytes_ = config.max_mapped_bytes != 0 ? config.max_mapped_bytes : 4 * backend.total_memory();
   const std::size_t large = config.large_handle_size / kChunkSize;
   large_chunks_ = large >= 2 ? large : 0;
 }
@@ -124,8 +123,8 @@ void MappingCache::release(Mapping* mapping, StreamId stream) {
 // Idle mappings whose chunks are busy elsewhere are skipped, up to max_ready_scan of them:
 // a fitting ready mapping deeper in the index saves a stitch (>= 23 us per chunk on an
 // H200), while a crowd of blocked mappings still ends in a stitch, not an unbounded walk.
-Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunks,
-                                       StreamId stream, const StreamAffinity* affinity) {
+Mapping* MappingCache::try_ready_group(std::size_t chunks, std::size_t max_chunks, StreamId stream,
+                                       const StreamAffinity* affinity) {
   std::size_t skipped = 0;
   for (auto it = idle_.lower_bound(ReadyKey{stream, chunks, 0, nullptr});
        it != idle_.end() && it->stream == stream && it->chunks <= max_chunks; ++it) {
@@ -247,8 +246,7 @@ void MappingCache::use(Mapping* mapping, std::size_t chunks, StreamId stream) {
 // mappings as possible break, and the coldest ones. (Measured under FSDP2: 15% fewer
 // stitches. Most stitches never get here; they take the free chunks of mappings that one
 // busy chunk already blocks: bench/NOTES.md, "Several GPUs".)
-void MappingCache::take_from_ready(PickPlan& plan, const StreamAffinity* affinity,
-                                   const Mapping* exclude) {
+void MappingCache::take_from_ready(PickPlan& plan, const StreamAffinity* affinity, const Mapping* exclude) {
   // Handles offered are marked with their own serial, so that one shared by two ready
   // mappings is offered once; those the plan already took carry its mark and are skipped.
   const std::uint64_t taken = plan.mark();
@@ -282,9 +280,8 @@ void MappingCache::take_from_ready(PickPlan& plan, const StreamAffinity* affinit
   plan.offer(heads, singles);
 }
 
-bool MappingCache::pick_chunks(PickPlan& plan, bool reuse_free, bool allow_create,
-                               std::size_t growth_budget, const StreamAffinity* affinity,
-                               const Mapping* exclude) {
+bool MappingCache::pick_chunks(PickPlan& plan, bool reuse_free, bool allow_create, std::size_t growth_budget,
+                               const StreamAffinity* affinity, const Mapping* exclude) {
   if (reuse_free) {
     // Note [Growth slack]: free chunks no ready mapping needs first; chunks of ready
     // mappings only when growing within the slack cannot cover the rest.
@@ -301,8 +298,8 @@ bool MappingCache::pick_chunks(PickPlan& plan, bool reuse_free, bool allow_creat
           std::find(c->mappings.begin(), c->mappings.end(), exclude) != c->mappings.end()) {
         continue;
       }
-      const bool feeds_ready = std::any_of(c->mappings.begin(), c->mappings.end(),
-                                           [](const Mapping* m) { return is_ready(m); });
+      const bool feeds_ready =
+          std::any_of(c->mappings.begin(), c->mappings.end(), [](const Mapping* m) { return is_ready(m); });
       if (feeds_ready) {
         feeding += c->handle_chunks;
       } else if (large) {
@@ -483,8 +480,7 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
       Mapping* m = it->mapping;
       const std::size_t blocked =
           wastes_tail(m, chunks) ? best_blocked : blocked_slots(m, chunks, affinity, best_blocked);
-      if (blocked < best_blocked &&
-          (blocked == 0 || last_use_finished(m))) {
+      if (blocked < best_blocked && (blocked == 0 || last_use_finished(m))) {
         best = m;
         best_blocked = blocked;
         if (blocked == 0) break;
@@ -641,8 +637,7 @@ void MappingCache::return_chunks(const std::vector<Chunk*>& chunks, StreamId str
 void MappingCache::enforce_bounds() {
   if (capture_safe_) return;  // Note [Capture-safe mode]: owed until the next stitch after it
   while (lru_head_ != nullptr && (mappings_.size() > config_.max_cached_mappings ||
-                                  static_cast<std::size_t>(mapped_bytes_stat.current) >
-                                      max_mapped_bytes_)) {
+                                  static_cast<std::size_t>(mapped_bytes_stat.current) > max_mapped_bytes_)) {
     evict(lru_head_);
   }
   finish_retiring(/*wait=*/false);
@@ -840,18 +835,24 @@ std::size_t MappingCache::ready_count() const {
 void MappingCache::lru_push(Mapping* mapping) {
   mapping->lru_prev = lru_tail_;
   mapping->lru_next = nullptr;
-  if (lru_tail_) lru_tail_->lru_next = mapping;
-  else lru_head_ = mapping;
+  if (lru_tail_)
+    lru_tail_->lru_next = mapping;
+  else
+    lru_head_ = mapping;
   lru_tail_ = mapping;
   mapping->in_lru = true;
 }
 
 void MappingCache::lru_unlink(Mapping* mapping) {
   if (!mapping->in_lru) return;
-  if (mapping->lru_prev) mapping->lru_prev->lru_next = mapping->lru_next;
-  else lru_head_ = mapping->lru_next;
-  if (mapping->lru_next) mapping->lru_next->lru_prev = mapping->lru_prev;
-  else lru_tail_ = mapping->lru_prev;
+  if (mapping->lru_prev)
+    mapping->lru_prev->lru_next = mapping->lru_next;
+  else
+    lru_head_ = mapping->lru_next;
+  if (mapping->lru_next)
+    mapping->lru_next->lru_prev = mapping->lru_prev;
+  else
+    lru_tail_ = mapping->lru_prev;
   mapping->lru_prev = mapping->lru_next = nullptr;
   mapping->in_lru = false;
 }

@@ -70,11 +70,11 @@ struct Mapping {
   std::size_t reserved_bytes = 0;  // virtual bytes reserved (>= mapped chunks)
   std::vector<Chunk*> chunks;      // mapped back to back from base
   std::uint64_t id = 0;
-  std::size_t index = 0;           // position in MappingCache::mappings_
+  std::size_t index = 0;  // position in MappingCache::mappings_
   std::size_t busy_chunks = 0;
-  std::size_t used = 0;            // chunks held by the allocation while in use
-  std::size_t requested = 0;       // bytes the allocation asked for (statistics)
-  StreamId use_stream = 0;         // the allocation's stream while in use
+  std::size_t used = 0;       // chunks held by the allocation while in use
+  std::size_t requested = 0;  // bytes the allocation asked for (statistics)
+  StreamId use_stream = 0;    // the allocation's stream while in use
   bool in_use = false;
   StreamId last_stream = kNoStream;
   std::uint64_t released = 0;  // number of its last release (Note [Stream progress])
@@ -103,8 +103,7 @@ class MappingCache {
   // `growth_budget` new chunks may be created rather than breaking up ready mappings
   // (Note [Growth slack]). Throws CapExceeded, DeviceOutOfMemory or BackendError; on a
   // throw nothing has changed.
-  Mapping* acquire(std::size_t chunks, StreamId stream, bool allow_create,
-                   std::size_t growth_budget = 0);
+  Mapping* acquire(std::size_t chunks, StreamId stream, bool allow_create, std::size_t growth_budget = 0);
   // The allocation on `mapping` is gone; its chunks were last used on `stream`.
   void release(Mapping* mapping, StreamId stream);
   // The idle mapping at `base`, its first `chunks` chunks now busy and used on `stream`
@@ -142,9 +141,9 @@ class MappingCache {
 
   // Slow paths, called with the device synchronized (Note [Stream-ordered reuse]).
   void forget_streams();
-  void evict_idle();            // unmap every mapping not in use
-  void truncate_in_use();       // unmap the chunks past each in-use mapping's prefix
-  void release_free_chunks();   // give free chunks no mapping refers to back
+  void evict_idle();           // unmap every mapping not in use
+  void truncate_in_use();      // unmap the chunks past each in-use mapping's prefix
+  void release_free_chunks();  // give free chunks no mapping refers to back
   void finish_retiring(bool wait);
 
   // Calls f(base, bytes) for the mapped part of every mapping, in use or idle (retiring
@@ -163,7 +162,10 @@ class MappingCache {
   std::vector<std::uintptr_t> addresses_of(std::uint64_t chunk_id) const;
 
   void append_stats(StatList& out) const;
-  void reset_peak() { mappings_stat.reset_peak(); mapped_bytes_stat.reset_peak(); }
+  void reset_peak() {
+    mappings_stat.reset_peak();
+    mapped_bytes_stat.reset_peak();
+  }
 
   Stat mappings_stat;
   Stat mapped_bytes_stat;
@@ -187,7 +189,7 @@ class MappingCache {
   std::int64_t repairs = 0;
   std::int64_t repaired_chunks = 0;
   std::int64_t repaired_handles = 0;  // handles mapped into repaired slots
-  std::int64_t backend_errors = 0;  // failures on cleanup paths, counted not thrown
+  std::int64_t backend_errors = 0;    // failures on cleanup paths, counted not thrown
 
  private:
   struct Retiring {
@@ -199,8 +201,7 @@ class MappingCache {
 
   // With `affinity`, only memory it reuses without a wait (Note [Streams before stitches]);
   // `count_miss` counts a miss in misses_busy / misses_empty.
-  Mapping* find_ready(std::size_t chunks, StreamId stream, const StreamAffinity* affinity,
-                      bool count_miss);
+  Mapping* find_ready(std::size_t chunks, StreamId stream, const StreamAffinity* affinity, bool count_miss);
   // The largest idle mapping a request of `chunks` may use a prefix of (reuse_ratio).
   std::size_t max_reuse_chunks(std::size_t chunks) const;
   Mapping* find_ready_in_groups(std::size_t chunks, StreamId stream, const StreamAffinity* affinity);
@@ -214,8 +215,8 @@ class MappingCache {
   // Slots to remap so that a request can use the first `chunks` of `mapping`: the whole
   // handle of every busy chunk and, with `affinity`, of every chunk that would need a wait
   // (a handle remaps only whole). Stops counting past `limit`.
-  static std::size_t blocked_slots(const Mapping* mapping, std::size_t chunks,
-                                   const StreamAffinity* affinity, std::size_t limit);
+  static std::size_t blocked_slots(const Mapping* mapping, std::size_t chunks, const StreamAffinity* affinity,
+                                   std::size_t limit);
   // Whether a request cannot use `chunk` as it is: busy, or (with `affinity`) a wait.
   // The one test for blocked slots (repair) and for chunks a stitch may pick.
   static bool blocks_request(const Chunk* chunk, const StreamAffinity* affinity);
@@ -239,8 +240,8 @@ class MappingCache {
                                     const StreamAffinity& affinity);
   // With `affinity`, only chunks it reuses without a wait, and new chunks only within
   // `growth_budget`: nullptr when that does not cover the request.
-  Mapping* stitch(std::size_t chunks, StreamId stream, bool allow_create,
-                  std::size_t growth_budget, const StreamAffinity* affinity);
+  Mapping* stitch(std::size_t chunks, StreamId stream, bool allow_create, std::size_t growth_budget,
+                  const StreamAffinity* affinity);
   // Fills `plan` with free chunks (when reuse_free) then new ones (Note [Picking
   // handles]); false, with nothing picked, when that needs new chunks and !allow_create
   // (or, with `affinity`, more than growth_budget of them). On a throw, the chunks it
@@ -254,8 +255,8 @@ class MappingCache {
   // Makes `stream` wait for the last streams of these chunks (Note [Stream-ordered reuse]).
   void wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId stream);
   void use(Mapping* mapping, std::size_t chunks, StreamId stream);
-  Mapping* serve(std::size_t chunks, StreamId stream, bool allow_create,
-                 std::size_t growth_budget, const StreamAffinity* affinity, bool count_miss);
+  Mapping* serve(std::size_t chunks, StreamId stream, bool allow_create, std::size_t growth_budget,
+                 const StreamAffinity* affinity, bool count_miss);
   void evict(Mapping* mapping);
   void enforce_bounds();
   void index_insert(Mapping* mapping, StreamId stream);
@@ -280,7 +281,7 @@ class MappingCache {
   std::uint64_t pick_serial_ = 0;
   std::uint64_t releases_ = 0;  // releases so far (Note [Stream progress])
   StreamProgress progress_;
-  int skipped_busy_ = 0;  // candidates skipped by the current find_ready
+  int skipped_busy_ = 0;       // candidates skipped by the current find_ready
   bool capture_safe_ = false;  // Note [Capture-safe mode]
   bool unmapped_ = false;      // Note [Sleeping pools]
 };

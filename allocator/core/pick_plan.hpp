@@ -31,8 +31,7 @@ class PickPlan {
  public:
   // `large_chunks`: L, the chunks of a large handle (ignored when `large_spans` is 0).
   // Chunks taken get pick_mark = `mark`, so that a later offer can skip them.
-  PickPlan(std::size_t large_spans, std::size_t single_spans, std::size_t large_chunks,
-           std::uint64_t mark);
+  PickPlan(std::size_t large_spans, std::size_t single_spans, std::size_t large_chunks, std::uint64_t mark);
 
   // Takes what fills open spans from `heads` (heads of free large handles) and `singles`
   // (free single chunks), in that order, skipping those already taken (pick_mark).
@@ -64,7 +63,7 @@ class PickPlan {
 
  private:
   void take(Chunk* chunk);
-  static bool holds_handle(const std::vector<Chunk*>& span);  // a large span's large handle
+  static bool holds_handle(const std::vector<Chunk*>& span);   // a large span's large handle
   bool filled_in_part(const std::vector<Chunk*>& span) const;  // by singles, not yet L
   std::size_t open_singles() const { return single_.size() - filled_singles_; }
 

@@ -126,8 +126,8 @@ struct PrivatePool {
   PoolId id;
   Config config;  // before arena: its mapping cache refers to it
   Arena arena;
-  int use_count = 1;      // graphs, MemPools and active routes holding it
-  std::size_t live = 0;   // allocations not yet given back (pending frees included)
+  int use_count = 1;     // graphs, MemPools and active routes holding it
+  std::size_t live = 0;  // allocations not yet given back (pending frees included)
   // While paused (Note [Sleeping pools]): the handles that held live data, each with the
   // offset of its contents in backup_memory.
   std::vector<std::pair<Chunk*, std::size_t>> backups;

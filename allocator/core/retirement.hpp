@@ -28,8 +28,8 @@ void count_failure(std::int64_t& errors, F&& cleanup) noexcept {
 // finish(entry); the others stay, in order. A failing event query keeps the entry for the
 // next call and is counted in `errors`.
 template <typename Entry, typename Finish>
-void finish_completed(std::vector<Entry>& entries, bool wait, Backend& backend,
-                      std::int64_t& errors, Finish&& finish) {
+void finish_completed(std::vector<Entry>& entries, bool wait, Backend& backend, std::int64_t& errors,
+                      Finish&& finish) {
   std::size_t kept = 0;
   for (std::size_t i = 0; i < entries.size(); ++i) {
     Entry& entry = entries[i];

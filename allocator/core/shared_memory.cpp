@@ -2,7 +2,6 @@
 
 #include <cstring>
 
-
 namespace vmm {
 namespace {
 

@@ -29,8 +29,10 @@ class SizeClassIndex {
 
   void remove(Block* block) {
     const std::size_t c = size_class(block->size);
-    if (block->free_prev) block->free_prev->free_next = block->free_next;
-    else heads_[c] = block->free_next;
+    if (block->free_prev)
+      block->free_prev->free_next = block->free_next;
+    else
+      heads_[c] = block->free_next;
     if (block->free_next) block->free_next->free_prev = block->free_prev;
     if (heads_[c] == nullptr) {
       words_[c >> 6] &= ~(std::uint64_t{1} << (c & 63));

@@ -47,8 +47,7 @@ SmallBlock* SmallPool::allocate(std::size_t size, StreamId stream) {
   return take(index, block, size);
 }
 
-SmallBlock* SmallPool::allocate_in_new_segment(Mapping* mapping, std::size_t size,
-                                               StreamId stream) {
+SmallBlock* SmallPool::allocate_in_new_segment(Mapping* mapping, std::size_t size, StreamId stream) {
   auto* seg = new SmallSegment();
   seg->mapping = mapping;
   seg->stream = stream;

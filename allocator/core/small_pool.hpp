@@ -61,8 +61,7 @@ class SmallPool {
   SmallPool& operator=(const SmallPool&) = delete;
 
   static std::size_t round(std::size_t size) {
-    return size == 0 ? kSmallRounding
-                     : (size + kSmallRounding - 1) / kSmallRounding * kSmallRounding;
+    return size == 0 ? kSmallRounding : (size + kSmallRounding - 1) / kSmallRounding * kSmallRounding;
   }
 
   // A block of `size` (rounded) from a cached segment of `stream`, or nullptr.

@@ -42,9 +42,15 @@ struct PoolStat {
     all.decrease(amount);
     (pool == Pool::kSmall ? small : large).decrease(amount);
   }
-  void reset_peak() { all.reset_peak(); small.reset_peak(); large.reset_peak(); }
+  void reset_peak() {
+    all.reset_peak();
+    small.reset_peak();
+    large.reset_peak();
+  }
   void reset_accumulated() {
-    all.reset_accumulated(); small.reset_accumulated(); large.reset_accumulated();
+    all.reset_accumulated();
+    small.reset_accumulated();
+    large.reset_accumulated();
   }
 };
 

@@ -43,7 +43,7 @@ class StreamProgress {
   };
   struct Track {
     StreamId stream;
-    std::uint64_t finished = 0;  // releases on `stream` up to this one have finished
+    std::uint64_t finished = 0;    // releases on `stream` up to this one have finished
     std::vector<Pending> pending;  // in recording order, so in completion order
   };
   // Events a stream may have in flight; a question beyond them waits for the next one.

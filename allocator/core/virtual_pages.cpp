@@ -52,8 +52,10 @@ PagePlan VirtualPages::plan(const ReservedRange& range, std::size_t rows, std::s
   for (std::size_t p = 0; p < range.pages.size(); ++p) {
     const PageSlot& slot = range.pages[p];
     if (needed[p]) {
-      if (slot.chunk == nullptr) out.map.push_back(p);
-      else if (slot.retire_serial != 0) out.reclaim.push_back(p);
+      if (slot.chunk == nullptr)
+        out.map.push_back(p);
+      else if (slot.retire_serial != 0)
+        out.reclaim.push_back(p);
     } else if (slot.chunk != nullptr && slot.retire_serial == 0) {
       out.drop.push_back(p);
     }
@@ -82,8 +84,7 @@ void VirtualPages::reclaim(ReservedRange& range, const std::vector<std::size_t>&
   live_bytes.increase(static_cast<std::int64_t>(pages.size() * kChunkSize));
 }
 
-void VirtualPages::retire(ReservedRange& range, const std::vector<std::size_t>& pages,
-                          StreamId stream) {
+void VirtualPages::retire(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream) {
   if (pages.empty()) return;
   const std::uint64_t serial = next_serial_++;
   for (std::size_t p : pages) range.pages[p].retire_serial = serial;

@@ -60,8 +60,8 @@ class VirtualPages {
   ReservedRange* reserve(std::size_t bytes);
   // Pages overlapping [r*stride + begin, r*stride + end) for r < rows are needed; the
   // caller checked that this lies inside the range.
-  PagePlan plan(const ReservedRange& range, std::size_t rows, std::size_t stride,
-                std::size_t begin, std::size_t end) const;
+  PagePlan plan(const ReservedRange& range, std::size_t rows, std::size_t stride, std::size_t begin,
+                std::size_t end) const;
   // Takes retiring pages back for use on `stream`, which first waits for the work their
   // retirement waits for (it may have been queued on another stream).
   void reclaim(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
@@ -69,8 +69,7 @@ class VirtualPages {
   void retire(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
   // Maps chunks[i] at pages[i] and grants access. Throws BackendError; then nothing is
   // mapped and the caller still owns the chunks.
-  void map(ReservedRange& range, const std::vector<std::size_t>& pages,
-           const std::vector<Chunk*>& chunks);
+  void map(ReservedRange& range, const std::vector<std::size_t>& pages, const std::vector<Chunk*>& chunks);
   // Retires every live page and lets the range go.
   void free(ReservedRange& range, StreamId stream);
   // Unmaps retired pages whose work has finished (all of them when `wait`: the caller
@@ -114,8 +113,8 @@ class VirtualPages {
     std::uint64_t serial;
   };
 
-  void unmap_pages(ReservedRange& range, const std::vector<std::size_t>& pages,
-                   std::uint64_t serial, std::vector<Chunk*>& out);
+  void unmap_pages(ReservedRange& range, const std::vector<std::size_t>& pages, std::uint64_t serial,
+                   std::vector<Chunk*>& out);
   void maybe_destroy(ReservedRange* range);
   template <typename F>
   void count_failure(F&& cleanup) noexcept;

@@ -45,8 +45,7 @@ class VirtualRange {
   }
 
   // See CachingAllocator::commit_range.
-  void commit(std::size_t rows, std::size_t stride, std::size_t begin, std::size_t end,
-              StreamId stream) {
+  void commit(std::size_t rows, std::size_t stride, std::size_t begin, std::size_t end, StreamId stream) {
     std::lock_guard<std::mutex> lock(mutex_);
     check_usable();
     allocator_.commit_range(range_, rows, stride, begin, end, stream);

@@ -58,7 +58,12 @@ typedef struct vmm_event {
 
 /* A region of a snapshot (Note [Snapshot segments] in allocator/core/caching_allocator.hpp):
  * its blocks tile it in address order. */
-enum vmm_segment_kind { VMM_SEGMENT_LARGE = 0, VMM_SEGMENT_SMALL = 1, VMM_SEGMENT_PAGES = 2, VMM_SEGMENT_FREE = 3 };
+enum vmm_segment_kind {
+  VMM_SEGMENT_LARGE = 0,
+  VMM_SEGMENT_SMALL = 1,
+  VMM_SEGMENT_PAGES = 2,
+  VMM_SEGMENT_FREE = 3
+};
 enum vmm_block_state { VMM_BLOCK_ACTIVE = 0, VMM_BLOCK_PENDING_FREE = 1, VMM_BLOCK_INACTIVE = 2 };
 
 typedef struct vmm_snapshot_block {
@@ -117,8 +122,8 @@ typedef struct vmm_adapter_api {
   int (*create_or_incref_pool)(int device, vmm_pool_id pool);
   /* The core owns `context` from here on and calls release(context) when the route ends
    * (or at once, if this call fails). */
-  int (*begin_allocate_to_pool)(int device, vmm_pool_id pool, vmm_stream_filter filter,
-                                void* context, vmm_release_context release);
+  int (*begin_allocate_to_pool)(int device, vmm_pool_id pool, vmm_stream_filter filter, void* context,
+                                vmm_release_context release);
   int (*end_allocate_to_pool)(int device, vmm_pool_id pool);
   int (*release_pool)(int device, vmm_pool_id pool);
   int (*pool_use_count)(int device, vmm_pool_id pool, int* out);

@@ -88,8 +88,10 @@ int free_block(void* ptr, bool checked) {
       TORCH_WARN_ONCE("vmmalloc: recording a free in the memory history failed: ", e.what());
     }
     int status = VMM_OK;
-    if (checked) status = core->deallocate_checked(ptr);
-    else core->deallocate(ptr);
+    if (checked)
+      status = core->deallocate_checked(ptr);
+    else
+      core->deallocate(ptr);
     try {
       if (known && status == VMM_OK && c10::memoryProfilingEnabled()) {
         report_to_profiler(ptr, -static_cast<int64_t>(size), device);
@@ -128,10 +130,8 @@ std::vector<vmm_block> pool_blocks(c10::DeviceIndex device, c10::MempoolId_t poo
 
 int run_filter(void* context, void* stream) {
   try {
-    return (*static_cast<std::function<bool(cudaStream_t)>*>(context))(
-               static_cast<cudaStream_t>(stream))
-               ? 1
-               : 0;
+    return (*static_cast<std::function<bool(cudaStream_t)>*>(context))(static_cast<cudaStream_t>(stream)) ? 1
+                                                                                                          : 0;
   } catch (...) {
     return 0;  // a filter that cannot answer routes nothing
   }
@@ -151,24 +151,39 @@ void fill_stat(void* context, const char* key, int64_t value) {
   const std::string head = name.substr(0, dot);
   const std::string rest = dot == std::string::npos ? "" : name.substr(dot + 1);
   if (rest.empty()) {
-    if (head == "num_alloc_retries") s.num_alloc_retries = value;
-    else if (head == "num_ooms") s.num_ooms = value;
-    else if (head == "num_sync_all_streams") s.num_sync_all_streams = value;
-    else if (head == "num_device_alloc") s.num_device_alloc = value;
-    else if (head == "num_device_free") s.num_device_free = value;
-    else if (head == "max_split_size") s.max_split_size = value;
+    if (head == "num_alloc_retries")
+      s.num_alloc_retries = value;
+    else if (head == "num_ooms")
+      s.num_ooms = value;
+    else if (head == "num_sync_all_streams")
+      s.num_sync_all_streams = value;
+    else if (head == "num_device_alloc")
+      s.num_device_alloc = value;
+    else if (head == "num_device_free")
+      s.num_device_free = value;
+    else if (head == "max_split_size")
+      s.max_split_size = value;
     return;
   }
   c10::CachingDeviceAllocator::StatArray* array = nullptr;
-  if (head == "allocation") array = &s.allocation;
-  else if (head == "segment") array = &s.segment;
-  else if (head == "active") array = &s.active;
-  else if (head == "inactive_split") array = &s.inactive_split;
-  else if (head == "allocated_bytes") array = &s.allocated_bytes;
-  else if (head == "reserved_bytes") array = &s.reserved_bytes;
-  else if (head == "active_bytes") array = &s.active_bytes;
-  else if (head == "inactive_split_bytes") array = &s.inactive_split_bytes;
-  else if (head == "requested_bytes") array = &s.requested_bytes;
+  if (head == "allocation")
+    array = &s.allocation;
+  else if (head == "segment")
+    array = &s.segment;
+  else if (head == "active")
+    array = &s.active;
+  else if (head == "inactive_split")
+    array = &s.inactive_split;
+  else if (head == "allocated_bytes")
+    array = &s.allocated_bytes;
+  else if (head == "reserved_bytes")
+    array = &s.reserved_bytes;
+  else if (head == "active_bytes")
+    array = &s.active_bytes;
+  else if (head == "inactive_split_bytes")
+    array = &s.inactive_split_bytes;
+  else if (head == "requested_bytes")
+    array = &s.requested_bytes;
   c10::CachingDeviceAllocator::Stat* stat = nullptr;
   std::string metric = rest;
   if (array != nullptr) {
@@ -176,19 +191,26 @@ void fill_stat(void* context, const char* key, int64_t value) {
     if (second == std::string::npos) return;
     const std::string which = rest.substr(0, second);
     metric = rest.substr(second + 1);
-    if (which == "all") stat = &(*array)[0];
-    else if (which == "small_pool") stat = &(*array)[1];
-    else if (which == "large_pool") stat = &(*array)[2];
+    if (which == "all")
+      stat = &(*array)[0];
+    else if (which == "small_pool")
+      stat = &(*array)[1];
+    else if (which == "large_pool")
+      stat = &(*array)[2];
   } else if (head == "oversize_allocations") {
     stat = &s.oversize_allocations;
   } else if (head == "oversize_segments") {
     stat = &s.oversize_segments;
   }
   if (stat == nullptr) return;
-  if (metric == "current") stat->current = value;
-  else if (metric == "peak") stat->peak = value;
-  else if (metric == "allocated") stat->allocated = value;
-  else if (metric == "freed") stat->freed = value;
+  if (metric == "current")
+    stat->current = value;
+  else if (metric == "peak")
+    stat->peak = value;
+  else if (metric == "allocated")
+    stat->allocated = value;
+  else if (metric == "freed")
+    stat->freed = value;
 }
 
 // A snapshot's segments in torch's form (blocks tile a segment, in address order, as torch's
@@ -270,8 +292,8 @@ class VmmAllocator final : public PluggableBase {
   c10::DataPtr allocate(size_t size) override {
     const c10::DeviceIndex device = c10::cuda::current_device();
     // As PyTorch's allocator: no memory for 0 bytes, and a deleter that accepts null.
-    void* ptr = size == 0 ? nullptr
-                          : malloc_on(size, device, c10::cuda::getCurrentCUDAStream(device).stream());
+    void* ptr =
+        size == 0 ? nullptr : malloc_on(size, device, c10::cuda::getCurrentCUDAStream(device).stream());
     return {ptr, ptr, &delete_block, c10::Device(c10::DeviceType::CUDA, device)};
   }
   c10::DeleterFnPtr raw_deleter() const override { return &delete_block; }
@@ -375,7 +397,8 @@ class VmmAllocator final : public PluggableBase {
   // Runs in ~MemPool and ~CUDAGraph: it must not throw.
   void releasePool(c10::DeviceIndex device, c10::MempoolId_t pool) override {
     if (core->release_pool(device, pool_of(pool)) != VMM_OK) {
-      TORCH_WARN("vmmalloc: releasing pool (", pool.first, ", ", pool.second, ") failed: ", core->last_error());
+      TORCH_WARN("vmmalloc: releasing pool (", pool.first, ", ", pool.second,
+                 ") failed: ", core->last_error());
     }
   }
   int getPoolUseCount(c10::DeviceIndex device, c10::MempoolId_t pool) override {
@@ -396,8 +419,9 @@ class VmmAllocator final : public PluggableBase {
   // throw would leak. vmmalloc's out-of-memory retry releases the main cache only.
   void setUseOnOOM(c10::DeviceIndex, c10::MempoolId_t, bool use_on_oom) override {
     if (use_on_oom) {
-      TORCH_WARN_ONCE("vmmalloc: MemPool(use_on_oom=True) has no effect under vmmalloc: a request "
-                      "outside the pool is never served from the pool's memory.");
+      TORCH_WARN_ONCE(
+          "vmmalloc: MemPool(use_on_oom=True) has no effect under vmmalloc: a request "
+          "outside the pool is never served from the pool's memory.");
     }
   }
   void setNoSplit(c10::DeviceIndex, c10::MempoolId_t) override {
@@ -420,15 +444,15 @@ class VmmAllocator final : public PluggableBase {
     return state;
   }
   cca::CheckpointDelta setCheckpointPoolState(c10::DeviceIndex device,
-                                             std::shared_ptr<cca::AllocatorState> as) override {
+                                              std::shared_ptr<cca::AllocatorState> as) override {
     auto state = std::dynamic_pointer_cast<PoolState>(as);
     TORCH_CHECK(state != nullptr, "vmmalloc: a checkpoint state vmmalloc did not make");
     TORCH_CHECK(state->device == device, "vmmalloc: a checkpoint of device ", state->device,
                 " restored on device ", device);
     cca::CheckpointDelta delta;
     const uint64_t began_ns = vmm_torch::steady_ns();
-    check(core->restore_pool(device, pool_of(state->pool), state->blocks.data(),
-                             state->blocks.size(), record_freed, &delta.ptrs_freed));
+    check(core->restore_pool(device, pool_of(state->pool), state->blocks.data(), state->blocks.size(),
+                             record_freed, &delta.ptrs_freed));
     if (history.on()) {
       std::vector<vmm_torch::TraceRecorder::Made> made;
       for (const vmm_block& b : state->blocks) made.push_back({b.ptr, b.requested, b.stream});
@@ -436,8 +460,7 @@ class VmmAllocator final : public PluggableBase {
     }
     for (const vmm_block& b : state->blocks) {
       void* ptr = reinterpret_cast<void*>(b.ptr);
-      delta.dataptrs_allocd.emplace_back(ptr, ptr, &delete_block,
-                                         c10::Device(c10::DeviceType::CUDA, device));
+      delta.dataptrs_allocd.emplace_back(ptr, ptr, &delete_block, c10::Device(c10::DeviceType::CUDA, device));
     }
     return delta;
   }
@@ -485,8 +508,9 @@ class VmmAllocator final : public PluggableBase {
 }  // namespace
 
 // Makes vmmalloc torch's CUDA allocator. Returns 0, or 1 with a message in `error`.
-extern "C" __attribute__((visibility("default"))) int vmm_torch_adapter_install(
-    const vmm_adapter_api* api, char* error, size_t error_size) {
+extern "C" __attribute__((visibility("default"))) int vmm_torch_adapter_install(const vmm_adapter_api* api,
+                                                                                char* error,
+                                                                                size_t error_size) {
   const auto fail = [&](const std::string& message) {
     if (error_size > 0) {
       std::strncpy(error, message.c_str(), error_size - 1);
@@ -496,8 +520,9 @@ extern "C" __attribute__((visibility("default"))) int vmm_torch_adapter_install(
   };
   if (api == nullptr || api->abi_version != VMM_ADAPTER_ABI_VERSION ||
       api->struct_size < sizeof(vmm_adapter_api)) {
-    return fail("vmmalloc's torch adapter was built for another version of vmmalloc._C; "
-                "delete the adapter cache (VMMALLOC_CACHE) and run again");
+    return fail(
+        "vmmalloc's torch adapter was built for another version of vmmalloc._C; "
+        "delete the adapter cache (VMMALLOC_CACHE) and run again");
   }
   try {
     core = api;

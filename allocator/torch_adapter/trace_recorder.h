@@ -37,8 +37,8 @@
 #include <algorithm>
 #include <atomic>
 #include <chrono>
-#include <deque>
 #include <cstdint>
+#include <deque>
 #include <limits>
 #include <memory>
 #include <mutex>
@@ -121,8 +121,10 @@ class TraceRecorder {
     if (!enabled) live_.clear();
     for (int device = 0; device < static_cast<int>(core_recording_.size()); ++device) {
       if (!core_recording_[device]) continue;
-      if (!enabled) (*core_)->record_events(device, 0);
-      else if (clear || capacity != capacity_) (*core_)->record_events(device, core_capacity(capacity));
+      if (!enabled)
+        (*core_)->record_events(device, 0);
+      else if (clear || capacity != capacity_)
+        (*core_)->record_events(device, core_capacity(capacity));
     }
     if (!enabled) core_recording_.assign(core_recording_.size(), false);
     capacity_ = capacity;
@@ -252,9 +254,10 @@ class TraceRecorder {
       }
     }
     std::vector<vmm_event> events;
-    (*core_)->events(device, [](void* out, const vmm_event* e) {
-      static_cast<std::vector<vmm_event>*>(out)->push_back(*e);
-    }, &events);
+    (*core_)->events(
+        device,
+        [](void* out, const vmm_event* e) { static_cast<std::vector<vmm_event>*>(out)->push_back(*e); },
+        &events);
     for (const vmm_event& e : events) add_core_event(device, e, !recording, merged);
     std::stable_sort(merged.begin(), merged.end(),
                      [](const Record& a, const Record& b) { return a.time_ns < b.time_ns; });
@@ -317,7 +320,8 @@ class TraceRecorder {
 
   static std::int64_t unix_minus_steady_ns() {
     const auto unix_ns = std::chrono::duration_cast<std::chrono::nanoseconds>(
-                             std::chrono::system_clock::now().time_since_epoch()).count();
+                             std::chrono::system_clock::now().time_since_epoch())
+                             .count();
     return static_cast<std::int64_t>(unix_ns) - static_cast<std::int64_t>(steady_ns());
   }
 
@@ -351,8 +355,16 @@ class TraceRecorder {
   void push(Action action, int device, std::uintptr_t addr, std::size_t size, std::uintptr_t stream,
             std::shared_ptr<c10::GatheredContext> context, std::uint64_t time_ns = 0) {
     if (std::find(skipped_.begin(), skipped_.end(), action) != skipped_.end()) return;  // as PyTorch
-    Record r{action, device, addr, size, stream, {0, 0}, time_ns != 0 ? time_ns : steady_ns(), std::move(context),
-             compile_contexts_.empty() ? std::string() : compile_contexts_.back(), user_metadata_};
+    Record r{action,
+             device,
+             addr,
+             size,
+             stream,
+             {0, 0},
+             time_ns != 0 ? time_ns : steady_ns(),
+             std::move(context),
+             compile_contexts_.empty() ? std::string() : compile_contexts_.back(),
+             user_metadata_};
     if (ring_.size() < capacity_) {
       ring_.push_back(std::move(r));
     } else {
@@ -371,14 +383,22 @@ class TraceRecorder {
     r.stream = e.stream;
     r.time_ns = e.time_ns;
     switch (e.kind) {
-      case VMM_EVENT_FREE_COMPLETED: r.action = Action::FREE_COMPLETED; break;
-      case VMM_EVENT_GROW: r.action = Action::SEGMENT_MAP; break;
-      case VMM_EVENT_RELEASE: r.action = Action::SEGMENT_UNMAP; break;
+      case VMM_EVENT_FREE_COMPLETED:
+        r.action = Action::FREE_COMPLETED;
+        break;
+      case VMM_EVENT_GROW:
+        r.action = Action::SEGMENT_MAP;
+        break;
+      case VMM_EVENT_RELEASE:
+        r.action = Action::SEGMENT_UNMAP;
+        break;
       case VMM_EVENT_OOM:
         r.action = Action::OOM;
         r.addr = e.aux;  // torch: an OOM entry's addr is the device's free memory
         break;
-      case VMM_EVENT_MAP: r.action = Action::ALLOC; break;
+      case VMM_EVENT_MAP:
+        r.action = Action::ALLOC;
+        break;
       case VMM_EVENT_ALLOC:
         if (!with_requests) return;
         r.action = Action::ALLOC;
@@ -392,7 +412,8 @@ class TraceRecorder {
         out.push_back(r);
         r.action = Action::FREE_COMPLETED;
         break;
-      default: return;  // a stitch: no torch action
+      default:
+        return;  // a stitch: no torch action
     }
     out.push_back(std::move(r));
   }

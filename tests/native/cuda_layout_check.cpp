@@ -12,30 +12,41 @@
 
 namespace ours = vmm::cu;
 
-#define SAME_VALUE(N) \
-  static_assert(static_cast<long long>(ours::N) == static_cast<long long>(::N), #N)
+#define SAME_VALUE(N) static_assert(static_cast<long long>(ours::N) == static_cast<long long>(::N), #N)
 
 #define SAME_SIZE(T) static_assert(sizeof(ours::T) == sizeof(::T), "sizeof " #T)
 
 // Offset and exact type of a member (nested members allowed: allocFlags.usage).
 #define MEMBER_TYPE(S, M) std::remove_reference<decltype(std::declval<S&>().M)>::type
-#define SAME_MEMBER(S, M)                                                                   \
-  static_assert(offsetof(ours::S, M) == offsetof(::S, M) &&                                 \
-                    std::is_same<ToCuda<MEMBER_TYPE(ours::S, M)>::type,                     \
-                                 MEMBER_TYPE(::S, M)>::value,                               \
+#define SAME_MEMBER(S, M)                                                                            \
+  static_assert(offsetof(ours::S, M) == offsetof(::S, M) &&                                          \
+                    std::is_same<ToCuda<MEMBER_TYPE(ours::S, M)>::type, MEMBER_TYPE(::S, M)>::value, \
                 #S "::" #M)
 
 // ToCuda rewrites a type built from our declarations into the same type built from
 // cuda.h's (enum for enum, struct for struct, pointers and const preserved), so struct
 // members and DriverApi entry points can be required to have exactly cuda.h's types.
-template <class T> struct ToCuda { using type = T; };
-template <class T> struct ToCuda<T*> { using type = typename ToCuda<T>::type*; };
-template <class T> struct ToCuda<const T> { using type = const typename ToCuda<T>::type; };
-template <class R, class... Args> struct ToCuda<R (*)(Args...)> {
+template <class T>
+struct ToCuda {
+  using type = T;
+};
+template <class T>
+struct ToCuda<T*> {
+  using type = typename ToCuda<T>::type*;
+};
+template <class T>
+struct ToCuda<const T> {
+  using type = const typename ToCuda<T>::type;
+};
+template <class R, class... Args>
+struct ToCuda<R (*)(Args...)> {
   using type = typename ToCuda<R>::type (*)(typename ToCuda<Args>::type...);
 };
-#define MAP(T) \
-  template <> struct ToCuda<ours::T> { using type = ::T; }
+#define MAP(T)             \
+  template <>              \
+  struct ToCuda<ours::T> { \
+    using type = ::T;      \
+  }
 MAP(CUresult);
 MAP(CUmemAllocationType);
 MAP(CUmemAllocationHandleType);
@@ -58,9 +69,8 @@ MAP(CUevent_st);
 // uint64_t are distinct types on Linux even though both are 64-bit).
 static_assert(std::is_same<ours::CUdevice, ::CUdevice>::value, "CUdevice");
 static_assert(std::is_same<ours::CUdeviceptr, ::CUdeviceptr>::value, "CUdeviceptr");
-static_assert(
-    std::is_same<ours::CUmemGenericAllocationHandle, ::CUmemGenericAllocationHandle>::value,
-    "CUmemGenericAllocationHandle");
+static_assert(std::is_same<ours::CUmemGenericAllocationHandle, ::CUmemGenericAllocationHandle>::value,
+              "CUmemGenericAllocationHandle");
 static_assert(std::is_same<ours::cuuint64_t, ::cuuint64_t>::value, "cuuint64_t");
 
 // Enums: same size, same values.
@@ -105,7 +115,8 @@ SAME_SIZE(CUevent_flags);
 SAME_VALUE(CU_EVENT_DEFAULT);
 SAME_VALUE(CU_EVENT_BLOCKING_SYNC);
 SAME_VALUE(CU_EVENT_DISABLE_TIMING);
-static_assert(ours::kMemHostRegisterPortable == CU_MEMHOSTREGISTER_PORTABLE, "CU_MEMHOSTREGISTER_PORTABLE differs");
+static_assert(ours::kMemHostRegisterPortable == CU_MEMHOSTREGISTER_PORTABLE,
+              "CU_MEMHOSTREGISTER_PORTABLE differs");
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_NONE);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_ACTIVE);
 SAME_VALUE(CU_STREAM_CAPTURE_STATUS_INVALIDATED);
@@ -139,8 +150,7 @@ SAME_MEMBER(CUmemAllocationProp, win32HandleMetaData);
 // allocFlags is an unnamed struct on both sides: its size here, its members below.
 static_assert(offsetof(ours::CUmemAllocationProp, allocFlags) ==
                       offsetof(::CUmemAllocationProp, allocFlags) &&
-                  sizeof(ours::CUmemAllocationProp::allocFlags) ==
-                      sizeof(::CUmemAllocationProp::allocFlags),
+                  sizeof(ours::CUmemAllocationProp::allocFlags) == sizeof(::CUmemAllocationProp::allocFlags),
               "CUmemAllocationProp::allocFlags");
 SAME_MEMBER(CUmemAllocationProp, allocFlags.compressionType);
 SAME_MEMBER(CUmemAllocationProp, allocFlags.gpuDirectRDMACapable);
@@ -148,17 +158,16 @@ SAME_MEMBER(CUmemAllocationProp, allocFlags.usage);
 SAME_MEMBER(CUmemAllocationProp, allocFlags.reserved);
 
 SAME_SIZE(CUmemAccessDesc);
-static_assert(alignof(ours::CUmemAccessDesc) == alignof(::CUmemAccessDesc),
-              "alignof CUmemAccessDesc");
+static_assert(alignof(ours::CUmemAccessDesc) == alignof(::CUmemAccessDesc), "alignof CUmemAccessDesc");
 SAME_MEMBER(CUmemAccessDesc, location);
 SAME_MEMBER(CUmemAccessDesc, flags);
 
 // Signatures. `cuda_name` is spelt as cuda.h's macros leave it (cuMemGetInfo_v2 is declared
 // through the cuMemGetInfo macro), so &::cuda_name is the function of that exact ABI version.
-#define SAME_SIGNATURE(member, cuda_name)                                                  \
-  static_assert(std::is_same<ToCuda<decltype(ours::DriverApi::member)>::type,              \
-                             decltype(&::cuda_name)>::value,                               \
-                "signature of DriverApi::" #member " differs from cuda.h's " #cuda_name)
+#define SAME_SIGNATURE(member, cuda_name)                                                           \
+  static_assert(                                                                                    \
+      std::is_same<ToCuda<decltype(ours::DriverApi::member)>::type, decltype(&::cuda_name)>::value, \
+      "signature of DriverApi::" #member " differs from cuda.h's " #cuda_name)
 
 SAME_SIGNATURE(cuGetErrorName, cuGetErrorName);
 SAME_SIGNATURE(cuGetErrorString, cuGetErrorString);
@@ -200,9 +209,8 @@ SAME_SIGNATURE(cuMemHostUnregister, cuMemHostUnregister);
 // 4-argument cuGetProcAddress, our fallback for pre-12.0 drivers, only in an internal section.)
 using OurGetProcAddressV2 = ours::CUresult (*)(const char*, void**, int, ours::cuuint64_t,
                                                ours::CUdriverProcAddressQueryResult*);
-static_assert(
-    std::is_same<ToCuda<OurGetProcAddressV2>::type, decltype(&::cuGetProcAddress_v2)>::value,
-    "signature of cuGetProcAddress_v2");
+static_assert(std::is_same<ToCuda<OurGetProcAddressV2>::type, decltype(&::cuGetProcAddress_v2)>::value,
+              "signature of cuGetProcAddress_v2");
 
 // The ABI version we ask cuGetProcAddress for must not be newer than the headers checked.
 static_assert(ours::kDriverApiVersion <= CUDA_VERSION, "kDriverApiVersion newer than cuda.h");

@@ -30,10 +30,10 @@
 // violation the program prints what failed and the thread's last operations, and exits 1.
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cmath>
 #include <condition_variable>
-#include <cerrno>
 #include <cstdarg>
 #include <cstdint>
 #include <cstdio>
@@ -54,13 +54,13 @@
 #include <vector>
 
 #include "backend/backend.hpp"
+#include "backend/fault_injection_backend.hpp"
+#include "backend/host_backend.hpp"
 #include "core/caching_allocator.hpp"
 #include "core/config.hpp"
 #include "core/errors.hpp"
-#include "backend/fault_injection_backend.hpp"
-#include "backend/host_backend.hpp"
-#include "core/virtual_range.hpp"
 #include "core/small_pool.hpp"
+#include "core/virtual_range.hpp"
 
 namespace {
 
@@ -77,8 +77,8 @@ constexpr int kNumStreams = 3;
 struct Options {
   int threads = 4;
   std::uint64_t seed = 0x5eed2024;
-  long ops = 8000;   // operations per thread per phase
-  int rounds = 10;   // barriers per phase (quiesced checks)
+  long ops = 8000;                  // operations per thread per phase
+  int rounds = 10;                  // barriers per phase (quiesced checks)
   std::vector<std::string> phases;  // empty: all
 };
 
@@ -88,8 +88,8 @@ const char* g_phase_name = "setup";
 int g_phases_passed = 0;
 
 struct LogEntry {
-  char op = 0;            // 'A' allocate, 'F' free, 'X' free of a handed-off block, 'R'
-                          // record_stream, 'E' empty_cache, 'O' OOM, 'H' hand-off, 'B' error
+  char op = 0;  // 'A' allocate, 'F' free, 'X' free of a handed-off block, 'R'
+                // record_stream, 'E' empty_cache, 'O' OOM, 'H' hand-off, 'B' error
   std::size_t size = 0;
   StreamId stream = 0;
   std::uintptr_t ptr = 0;
@@ -124,8 +124,8 @@ thread_local int t_thread = -1;
     const long first = std::max<long>(0, t_log->count - OpLog::kSize);
     for (long i = first; i < t_log->count; ++i) {
       const LogEntry& e = t_log->entries[i % OpLog::kSize];
-      std::fprintf(stderr, "  #%ld %c size=%zu stream=%zu ptr=0x%zx serial=%llu\n", i, e.op,
-                   e.size, static_cast<std::size_t>(e.stream), static_cast<std::size_t>(e.ptr),
+      std::fprintf(stderr, "  #%ld %c size=%zu stream=%zu ptr=0x%zx serial=%llu\n", i, e.op, e.size,
+                   static_cast<std::size_t>(e.stream), static_cast<std::size_t>(e.ptr),
                    static_cast<unsigned long long>(e.serial));
     }
   }
@@ -134,8 +134,8 @@ thread_local int t_thread = -1;
   std::_Exit(1);
 }
 
-#define CHECK(cond, ...)        \
-  do {                          \
+#define CHECK(cond, ...)            \
+  do {                              \
     if (!(cond)) fail(__VA_ARGS__); \
   } while (0)
 
@@ -232,13 +232,13 @@ void generate(std::uint64_t key, std::size_t first, std::uint64_t* out, std::siz
 
 struct Block {
   std::uintptr_t ptr = 0;
-  std::size_t requested = 0;   // size asked for (and filled)
-  std::size_t size = 0;        // allocation_size()
+  std::size_t requested = 0;  // size asked for (and filled)
+  std::size_t size = 0;       // allocation_size()
   StreamId stream = 0;
   std::uint64_t serial = 0;
   std::uint64_t key = 0;
-  int owner = -1;              // thread that allocated it
-  bool recorded = false;       // record_stream was called on another stream
+  int owner = -1;         // thread that allocated it
+  bool recorded = false;  // record_stream was called on another stream
 };
 
 struct Scratch {
@@ -254,18 +254,19 @@ void fill(vmm::Backend& backend, const Block& b, Scratch& s) {
   }
 }
 
-void report_mismatch(const Block& b, std::size_t off, const unsigned char* got,
-                     const unsigned char* want, std::size_t n, const char* when) {
+void report_mismatch(const Block& b, std::size_t off, const unsigned char* got, const unsigned char* want,
+                     std::size_t n, const char* when) {
   std::size_t i = 0;
   while (i < n && got[i] == want[i]) ++i;
   std::size_t zeros = 0;
   for (std::size_t j = i; j < n && got[j] == 0; ++j) ++zeros;
-  fail("corrupted contents (%s): block 0x%zx (requested %zu, size %zu, stream %zu, serial %llu, "
-       "owner thread %d%s) differs at byte offset %zu: got 0x%02x, want 0x%02x (%zu zero bytes "
-       "follow)",
-       when, static_cast<std::size_t>(b.ptr), b.requested, b.size,
-       static_cast<std::size_t>(b.stream), static_cast<unsigned long long>(b.serial), b.owner,
-       b.recorded ? ", record_stream'ed" : "", off + i, got[i], want[i], zeros);
+  fail(
+      "corrupted contents (%s): block 0x%zx (requested %zu, size %zu, stream %zu, serial %llu, "
+      "owner thread %d%s) differs at byte offset %zu: got 0x%02x, want 0x%02x (%zu zero bytes "
+      "follow)",
+      when, static_cast<std::size_t>(b.ptr), b.requested, b.size, static_cast<std::size_t>(b.stream),
+      static_cast<unsigned long long>(b.serial), b.owner, b.recorded ? ", record_stream'ed" : "", off + i,
+      got[i], want[i], zeros);
 }
 
 // Full check; `via_backend` reads through copy_to_host instead of touching memory directly.
@@ -297,7 +298,8 @@ void verify_sample(const Block& b, std::mt19937_64& rng, const char* when) {
     if (std::memcmp(got, want_bytes, n) != 0) report_mismatch(b, off, got, want_bytes, n, when);
   };
   check_range(0, std::min<std::size_t>(b.requested, 56));
-  if (b.requested > 56) check_range((b.requested - 56) & ~std::size_t{7}, b.requested - ((b.requested - 56) & ~std::size_t{7}));
+  if (b.requested > 56)
+    check_range((b.requested - 56) & ~std::size_t{7}, b.requested - ((b.requested - 56) & ~std::size_t{7}));
   for (std::size_t base = 0; base + 8 <= b.requested; base += 64 * KiB) {
     const std::size_t span = std::min<std::size_t>(64 * KiB, b.requested - base);
     if (span < 8) break;
@@ -326,19 +328,19 @@ struct Stats {
 
 struct PhaseSpec {
   const char* name;
-  const char* config;       // parse_config text
-  std::size_t capacity;     // HostBackend capacity
-  bool faults;              // wrap the backend in a FaultInjectionBackend
-  int large_pct;            // share of 1..24 MiB requests
-  int max_live;             // blocks a thread holds at most
+  const char* config;    // parse_config text
+  std::size_t capacity;  // HostBackend capacity
+  bool faults;           // wrap the backend in a FaultInjectionBackend
+  int large_pct;         // share of 1..24 MiB requests
+  int max_live;          // blocks a thread holds at most
   const char* what;
 };
 
 const PhaseSpec kPhases[] = {
     {"default", "", 256 * MiB, false, 8, 10, "defaults, 256 MiB device"},
     {"cap", "memory_cap:96MiB", 256 * MiB, false, 16, 10, "96 MiB memory cap (OOMs expected)"},
-    {"evict", "max_cached_mappings:8,max_mapped_bytes:96MiB,reuse_ratio:4", 256 * MiB, false,
-     10, 10, "at most 8 cached mappings and 96 MiB of mappings (evictions), reuse_ratio 4"},
+    {"evict", "max_cached_mappings:8,max_mapped_bytes:96MiB,reuse_ratio:4", 256 * MiB, false, 10, 10,
+     "at most 8 cached mappings and 96 MiB of mappings (evictions), reuse_ratio 4"},
     {"nostitch", "stitching:false,reuse_ratio:1.5,memory_cap:128MiB", 256 * MiB, false, 10, 10,
      "stitching off, reuse_ratio 1.5, 128 MiB cap"},
     {"faults", "memory_cap:128MiB,max_cached_mappings:64", 256 * MiB, true, 10, 10,
@@ -350,8 +352,7 @@ const PhaseSpec kPhases[] = {
      "4 MiB large handles beside 2 MiB chunks, 96 MiB cap, injected failures"},
     // Deterministic, single-threaded: exact-fit and oversized requests, record_stream
     // deferral, readiness after empty_cache truncates an in-use mapping, API misuse.
-    {"edges", "memory_cap:32MiB", 64 * MiB, false, 0, 0,
-     "deterministic edge cases (single thread)"},
+    {"edges", "memory_cap:32MiB", 64 * MiB, false, 0, 0, "deterministic edge cases (single thread)"},
     // Virtual tensors (Note [KV pages]) committed at random by every thread next to plain
     // allocations, under a tight cap, with stream events held in flight at random.
     {"pages", "memory_cap:128MiB", 256 * MiB, true, 0, 0,
@@ -380,8 +381,8 @@ void check_all_idle_ready(vmm::CachingAllocator& alloc, const char* when) {
     try {
       p = alloc.allocate(static_cast<std::size_t>(chunks) * kChunk, 0);
     } catch (const vmm::OutOfMemoryError& e) {
-      CHECK(!stitching, "%s: with nothing live, a request for all %lld existing chunks failed: %s",
-            when, static_cast<long long>(chunks), e.what());
+      CHECK(!stitching, "%s: with nothing live, a request for all %lld existing chunks failed: %s", when,
+            static_cast<long long>(chunks), e.what());
       return;
     }
     alloc.deallocate(p);
@@ -395,8 +396,8 @@ void check_all_idle_ready(vmm::CachingAllocator& alloc, const char* when) {
   }
   CHECK(s["vmm.ready_mappings"] == s["vmm.cached_mappings.current"],
         "%s: nothing is live, yet only %lld of %lld cached mappings are ready (the others can "
-        "never be reused; vmm.free_chunks %lld of %lld)", when,
-        static_cast<long long>(s["vmm.ready_mappings"]),
+        "never be reused; vmm.free_chunks %lld of %lld)",
+        when, static_cast<long long>(s["vmm.ready_mappings"]),
         static_cast<long long>(s["vmm.cached_mappings.current"]),
         static_cast<long long>(s["vmm.free_chunks"]), static_cast<long long>(s["vmm.chunks.current"]));
   CHECK(s["vmm.free_chunks"] == s["vmm.chunks.current"],
@@ -405,14 +406,13 @@ void check_all_idle_ready(vmm::CachingAllocator& alloc, const char* when) {
 }
 
 struct Counters {
-  std::atomic<long> ops{0}, allocs{0}, frees{0}, cross_frees{0}, ooms{0}, oom_retry_ok{0},
-      record_streams{0}, empty_caches{0}, injected{0}, bytes{0}, handoffs{0};
+  std::atomic<long> ops{0}, allocs{0}, frees{0}, cross_frees{0}, ooms{0}, oom_retry_ok{0}, record_streams{0},
+      empty_caches{0}, injected{0}, bytes{0}, handoffs{0};
 };
 
 class Phase {
  public:
-  explicit Phase(const PhaseSpec& spec, int index)
-      : spec_(spec), config_(vmm::parse_config(spec.config)) {
+  explicit Phase(const PhaseSpec& spec, int index) : spec_(spec), config_(vmm::parse_config(spec.config)) {
     host_ = std::make_shared<vmm::HostBackend>(spec.capacity);
     if (spec.faults) {
       faults_ = std::make_shared<vmm::FaultInjectionBackend>(host_);
@@ -474,10 +474,9 @@ class Phase {
 };
 
 std::size_t Phase::pick_size(std::mt19937_64& rng) const {
-  static const std::size_t kEdges[] = {0,           1,           511,         512,
-                                       513,         4096,        MiB - 1,     MiB,
-                                       MiB + 1,     2 * MiB - 1, 2 * MiB,     2 * MiB + 1,
-                                       4 * MiB,     6 * MiB + 7, 24 * MiB};
+  static const std::size_t kEdges[] = {0,       1,           511,     512,         513,
+                                       4096,    MiB - 1,     MiB,     MiB + 1,     2 * MiB - 1,
+                                       2 * MiB, 2 * MiB + 1, 4 * MiB, 6 * MiB + 7, 24 * MiB};
   const int r = static_cast<int>(rng() % 100);
   if (r < 3) return kEdges[rng() % (sizeof kEdges / sizeof kEdges[0])];
   if (r < 3 + spec_.large_pct) {
@@ -545,8 +544,10 @@ void Phase::arm_random_fault(std::mt19937_64& rng) {
   // Stream work left in flight for a while: pending frees must stay pending and evicted
   // ranges must wait (on a GPU a lost event once let memory be reused too early).
   const auto dice = rng() % 6;
-  if (dice == 0) faults_->hold_events();
-  else if (dice == 1) faults_->release_events();
+  if (dice == 0)
+    faults_->hold_events();
+  else if (dice == 1)
+    faults_->release_events();
 }
 
 // Allocates and registers the block; kOom on OutOfMemoryError, kInjected when a failure
@@ -556,8 +557,8 @@ Phase::Got Phase::try_allocate(Worker& w, std::size_t size, StreamId stream, Blo
   try {
     ptr = alloc_->allocate(size, stream);
   } catch (const vmm::OutOfMemoryError& e) {
-    CHECK(e.requested() == size, "OutOfMemoryError.requested() is %zu for a request of %zu",
-          e.requested(), size);
+    CHECK(e.requested() == size, "OutOfMemoryError.requested() is %zu for a request of %zu", e.requested(),
+          size);
     CHECK(std::strstr(e.what(), "out of memory") != nullptr, "odd OOM message: %s", e.what());
     w.log.add('O', size, stream, 0, 0);
     return Got::kOom;
@@ -636,13 +637,14 @@ void Phase::after_oom(Worker& w, std::size_t size, StreamId stream) {
   const bool ok = got == Got::kBlock;
   if (ok) {
     CHECK(size <= vmm::kSmallRequestLimit || need <= free_chunks,
-          "a request of %zu chunks succeeded with only %zu of %zu chunks free under the cap",
-          need, free_chunks, cap_chunks_);
+          "a request of %zu chunks succeeded with only %zu of %zu chunks free under the cap", need,
+          free_chunks, cap_chunks_);
     c_.oom_retry_ok.fetch_add(1, std::memory_order_relaxed);
   } else {
     CHECK(need > free_chunks,
           "spurious OOM: with every thread quiesced, allocate(%zu) (%zu chunk(s)) failed while "
-          "live allocations hold %zu of the cap's %zu chunks", size, need, busy, cap_chunks_);
+          "live allocations hold %zu of the cap's %zu chunks",
+          size, need, busy, cap_chunks_);
   }
   // Free everything this thread holds; a small request must then succeed if a chunk is
   // free under the cap.
@@ -663,7 +665,8 @@ void Phase::after_oom(Worker& w, std::size_t size, StreamId stream) {
   } else {
     CHECK(free_chunks == 0,
           "after an OOM and freeing everything this thread held, allocate(%zu) failed with %zu "
-          "of %zu chunks free under the cap", small, free_chunks, cap_chunks_);
+          "of %zu chunks free under the cap",
+          small, free_chunks, cap_chunks_);
   }
   gate_.unlock();
 }
@@ -741,8 +744,10 @@ void Phase::worker_main(Worker& w) {
           b = handoff_.front();
           handoff_.pop_front();
         }
-        if ((w.rng() % 2) == 0 || !can_alloc) free_block(w, b, false, false);
-        else w.held.push_back(b);
+        if ((w.rng() % 2) == 0 || !can_alloc)
+          free_block(w, b, false, false);
+        else
+          w.held.push_back(b);
       } else if (r < 990) {
         if (w.rng() % 4 != 0) continue;
         SharedHold hold(gate_);
@@ -755,8 +760,8 @@ void Phase::worker_main(Worker& w) {
         SharedHold hold(gate_);
         const std::vector<std::uint64_t> ids = alloc_->chunk_ids(b.ptr);
         const std::size_t want = b.size > vmm::kSmallRequestLimit ? b.size / kChunk : 1;
-        CHECK(ids.size() == want, "chunk_ids(0x%zx) has %zu ids, want %zu",
-              static_cast<std::size_t>(b.ptr), ids.size(), want);
+        CHECK(ids.size() == want, "chunk_ids(0x%zx) has %zu ids, want %zu", static_cast<std::size_t>(b.ptr),
+              ids.size(), want);
         const std::vector<std::uintptr_t> where = alloc_->chunk_addresses(ids[0]);
         const std::uintptr_t first = b.ptr & ~(kChunk - 1);
         CHECK(std::find(where.begin(), where.end(), first) != where.end(),
@@ -787,12 +792,12 @@ void Phase::quiesced_check(const char* when) {
     requested += static_cast<std::int64_t>(b.requested);
     if (b.size <= vmm::kSmallRequestLimit) small_bytes += static_cast<std::int64_t>(b.size);
     const std::size_t size = alloc_->allocation_size(b.ptr);
-    CHECK(size == b.size, "%s: allocation_size(0x%zx) is %zu, was %zu", when,
-          static_cast<std::size_t>(b.ptr), size, b.size);
+    CHECK(size == b.size, "%s: allocation_size(0x%zx) is %zu, was %zu", when, static_cast<std::size_t>(b.ptr),
+          size, b.size);
     const std::vector<std::uint64_t> ids = alloc_->chunk_ids(b.ptr);
     if (b.size > vmm::kSmallRequestLimit) {
-      CHECK(ids.size() == b.size / kChunk, "%s: chunk_ids of a %zu-byte block has %zu ids", when,
-            b.size, ids.size());
+      CHECK(ids.size() == b.size / kChunk, "%s: chunk_ids of a %zu-byte block has %zu ids", when, b.size,
+            ids.size());
       for (std::size_t i = 0; i < ids.size(); ++i) {
         CHECK(!small_chunks.count(ids[i]) && large_chunks.emplace(ids[i], b.ptr).second,
               "%s: chunk %llu of large block 0x%zx is also held by another live allocation", when,
@@ -808,8 +813,8 @@ void Phase::quiesced_check(const char* when) {
     verify_sample(b, check_rng_, when);
   }
   const auto n = static_cast<std::int64_t>(registry_.size());
-  CHECK(s["allocation.all.current"] == n, "%s: allocation.all.current is %lld, %lld are live",
-        when, static_cast<long long>(s["allocation.all.current"]), static_cast<long long>(n));
+  CHECK(s["allocation.all.current"] == n, "%s: allocation.all.current is %lld, %lld are live", when,
+        static_cast<long long>(s["allocation.all.current"]), static_cast<long long>(n));
   CHECK(s["allocated_bytes.all.current"] == bytes,
         "%s: allocated_bytes.all.current is %lld, live allocations sum to %lld", when,
         static_cast<long long>(s["allocated_bytes.all.current"]), static_cast<long long>(bytes));
@@ -818,10 +823,10 @@ void Phase::quiesced_check(const char* when) {
         static_cast<long long>(s["requested_bytes.all.current"]), static_cast<long long>(requested));
   CHECK(s["allocated_bytes.small_pool.current"] == small_bytes &&
             s["allocated_bytes.large_pool.current"] == bytes - small_bytes,
-        "%s: allocated_bytes small_pool/large_pool are %lld/%lld, live allocations %lld/%lld",
-        when, static_cast<long long>(s["allocated_bytes.small_pool.current"]),
-        static_cast<long long>(s["allocated_bytes.large_pool.current"]),
-        static_cast<long long>(small_bytes), static_cast<long long>(bytes - small_bytes));
+        "%s: allocated_bytes small_pool/large_pool are %lld/%lld, live allocations %lld/%lld", when,
+        static_cast<long long>(s["allocated_bytes.small_pool.current"]),
+        static_cast<long long>(s["allocated_bytes.large_pool.current"]), static_cast<long long>(small_bytes),
+        static_cast<long long>(bytes - small_bytes));
   CHECK(s["active.all.current"] == n + s["vmm.pending_frees"],
         "%s: active.all.current %lld != live %lld + pending frees %lld", when,
         static_cast<long long>(s["active.all.current"]), static_cast<long long>(n),
@@ -834,20 +839,19 @@ void Phase::quiesced_check(const char* when) {
   CHECK(s["segment.all.current"] == chunks, "%s: segment.all.current != vmm.chunks.current", when);
   CHECK(s["segment.small_pool.current"] == s["vmm.small_segments"],
         "%s: segment.small_pool.current != vmm.small_segments", when);
-  CHECK(static_cast<std::size_t>(chunks) <= cap_chunks_,
-        "%s: %lld chunks exceed the cap of %zu chunks", when, static_cast<long long>(chunks),
-        cap_chunks_);
+  CHECK(static_cast<std::size_t>(chunks) <= cap_chunks_, "%s: %lld chunks exceed the cap of %zu chunks", when,
+        static_cast<long long>(chunks), cap_chunks_);
   CHECK(static_cast<std::size_t>(chunks) >= small_chunks.size() + large_chunks.size(),
         "%s: live allocations use %zu chunks but only %lld exist", when,
         small_chunks.size() + large_chunks.size(), static_cast<long long>(chunks));
   CHECK(small_chunks.size() <= static_cast<std::size_t>(s["vmm.small_segments"]),
-        "%s: small blocks live in %zu chunks but there are %lld small segments", when,
-        small_chunks.size(), static_cast<long long>(s["vmm.small_segments"]));
+        "%s: small blocks live in %zu chunks but there are %lld small segments", when, small_chunks.size(),
+        static_cast<long long>(s["vmm.small_segments"]));
   CHECK(s["vmm.free_chunks"] <= chunks, "%s: more free chunks than chunks", when);
   const std::size_t backend_free = host_->free_memory();
   CHECK(backend_free == host_->total_memory() - static_cast<std::size_t>(chunks) * kChunk,
-        "%s: the backend has %zu bytes free, but the allocator holds %lld chunks of %zu", when,
-        backend_free, static_cast<long long>(chunks), host_->total_memory() / kChunk);
+        "%s: the backend has %zu bytes free, but the allocator holds %lld chunks of %zu", when, backend_free,
+        static_cast<long long>(chunks), host_->total_memory() / kChunk);
   CHECK(s["vmm.backend_errors"] == 0, "%s: vmm.backend_errors is %lld", when,
         static_cast<long long>(s["vmm.backend_errors"]));
   CHECK(s["vmm.cached_mappings.current"] >= 0 && s["vmm.mapped_bytes.current"] >= 0,
@@ -862,9 +866,8 @@ void Phase::final_checks() {
     alloc_->deallocate(p);
   }
   Stats before(alloc_->stats());
-  for (const char* name : {"allocation.all.current", "allocated_bytes.all.current",
-                           "active.all.current", "active_bytes.all.current",
-                           "requested_bytes.all.current", "vmm.pending_frees"}) {
+  for (const char* name : {"allocation.all.current", "allocated_bytes.all.current", "active.all.current",
+                           "active_bytes.all.current", "requested_bytes.all.current", "vmm.pending_frees"}) {
     CHECK(before[name] == 0, "after freeing everything, %s is %lld", name,
           static_cast<long long>(before[name]));
   }
@@ -893,18 +896,16 @@ void Phase::final_checks() {
        {"allocated_bytes.all.current", "active_bytes.all.current", "allocation.all.current",
         "active.all.current", "requested_bytes.all.current", "reserved_bytes.all.current",
         "segment.all.current", "inactive_split_bytes.all.current", "vmm.chunks.current",
-        "vmm.cached_mappings.current", "vmm.mapped_bytes.current", "vmm.free_chunks",
-        "vmm.small_segments", "vmm.pending_frees", "vmm.ready_mappings",
-        "vmm.retiring_mappings", "vmm.backend_errors"}) {
+        "vmm.cached_mappings.current", "vmm.mapped_bytes.current", "vmm.free_chunks", "vmm.small_segments",
+        "vmm.pending_frees", "vmm.ready_mappings", "vmm.retiring_mappings", "vmm.backend_errors"}) {
     CHECK(s[name] == 0, "after freeing everything and empty_cache(), %s is %lld", name,
           static_cast<long long>(s[name]));
   }
   CHECK(host_->free_memory() == host_->total_memory(),
         "after empty_cache() the backend still has %zu bytes in chunks",
         host_->total_memory() - host_->free_memory());
-  CHECK(s["num_device_alloc"] == s["num_device_free"],
-        "num_device_alloc %lld != num_device_free %lld", static_cast<long long>(s["num_device_alloc"]),
-        static_cast<long long>(s["num_device_free"]));
+  CHECK(s["num_device_alloc"] == s["num_device_free"], "num_device_alloc %lld != num_device_free %lld",
+        static_cast<long long>(s["num_device_alloc"]), static_cast<long long>(s["num_device_free"]));
 }
 
 void Phase::run() {
@@ -948,20 +949,18 @@ void Phase::run() {
   Stats s(alloc_->stats());
   final_checks();
   t_log = nullptr;
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
   std::printf(
       "phase %s: %ld ops, %ld allocs (%.1f GiB), %ld OOMs (%ld retried ok), %ld injected "
       "failures, %lld stitches, %lld mapping hits, %lld evictions, %lld cross-stream waits, "
       "%ld record_streams, %ld cross-thread frees, %ld empty_caches, peak %lld MiB reserved, "
       "%.1f s\n",
       spec_.name, c_.ops.load(), c_.allocs.load(),
-      static_cast<double>(c_.bytes.load()) / (1024.0 * 1024 * 1024), c_.ooms.load(),
-      c_.oom_retry_ok.load(), c_.injected.load(), static_cast<long long>(s["vmm.stitches"]),
-      static_cast<long long>(s["vmm.mapping_hits"]),
-      static_cast<long long>(s["vmm.mapping_evictions"]),
-      static_cast<long long>(s["vmm.cross_stream_waits"]), c_.record_streams.load(),
-      c_.cross_frees.load(), c_.empty_caches.load(),
+      static_cast<double>(c_.bytes.load()) / (1024.0 * 1024 * 1024), c_.ooms.load(), c_.oom_retry_ok.load(),
+      c_.injected.load(), static_cast<long long>(s["vmm.stitches"]),
+      static_cast<long long>(s["vmm.mapping_hits"]), static_cast<long long>(s["vmm.mapping_evictions"]),
+      static_cast<long long>(s["vmm.cross_stream_waits"]), c_.record_streams.load(), c_.cross_frees.load(),
+      c_.empty_caches.load(),
       static_cast<long long>(std::max(peak_reserved_, s["reserved_bytes.all.peak"]) >> 20), secs);
   std::fflush(stdout);
 }
@@ -1011,8 +1010,8 @@ void run_edges(const PhaseSpec& spec) {
       fail("edges: allocate(%#zx) (%s) succeeded (0x%zx) beyond the cap of %zu bytes", size, what,
            static_cast<std::size_t>(p), cap);
     } catch (const vmm::OutOfMemoryError& e) {
-      CHECK(e.requested() == size, "edges: OutOfMemoryError.requested() is %#zx for %#zx",
-            e.requested(), size);
+      CHECK(e.requested() == size, "edges: OutOfMemoryError.requested() is %#zx for %#zx", e.requested(),
+            size);
     } catch (const std::exception& e) {
       fail("edges: allocate(%#zx) (%s) threw %s instead of vmm::OutOfMemoryError: %s", size, what,
            exception_name(e), e.what());
@@ -1030,8 +1029,7 @@ void run_edges(const PhaseSpec& spec) {
       ++checks;
       return;
     } catch (const std::exception& e) {
-      fail("edges: %s threw %s instead of std::invalid_argument: %s", what, exception_name(e),
-           e.what());
+      fail("edges: %s threw %s instead of std::invalid_argument: %s", what, exception_name(e), e.what());
     }
     fail("edges: %s was accepted", what);
   };
@@ -1096,9 +1094,9 @@ void run_edges(const PhaseSpec& spec) {
     deallocate(a);
     const std::uintptr_t b = allocate(4 * MiB, 0);  // M1 again (reuse_ratio 2): 2 chunks used
     const std::uintptr_t c = allocate(2 * MiB, 0);  // M1's third chunk, stitched into M2
-    const bool reached = b == a && stat("vmm.mapping_hits") == hits0 + 1 &&
-                         stat("vmm.stitches") == stitches0 + 1;
-    alloc.empty_cache();                            // unmaps M1's third chunk
+    const bool reached =
+        b == a && stat("vmm.mapping_hits") == hits0 + 1 && stat("vmm.stitches") == stitches0 + 1;
+    alloc.empty_cache();  // unmaps M1's third chunk
     deallocate(b);
     deallocate(c);
     if (reached) {
@@ -1110,8 +1108,9 @@ void run_edges(const PhaseSpec& spec) {
       deallocate(d);
       checks += 2;
     } else {
-      std::printf("edges: note: the truncation scenario was not reached (placement policy "
-                  "changed?); its check was skipped\n");
+      std::printf(
+          "edges: note: the truncation scenario was not reached (placement policy "
+          "changed?); its check was skipped\n");
     }
     alloc.empty_cache();
   }
@@ -1139,27 +1138,25 @@ void run_edges(const PhaseSpec& spec) {
   alloc.empty_cache();
   Stats s(alloc.stats());
   for (const char* name : {"allocated_bytes.all.current", "active_bytes.all.current",
-                           "allocation.all.current", "reserved_bytes.all.current",
-                           "vmm.chunks.current", "vmm.cached_mappings.current",
-                           "vmm.backend_errors", "vmm.pending_frees"}) {
+                           "allocation.all.current", "reserved_bytes.all.current", "vmm.chunks.current",
+                           "vmm.cached_mappings.current", "vmm.backend_errors", "vmm.pending_frees"}) {
     CHECK(s[name] == 0, "edges: at the end, %s is %lld", name, static_cast<long long>(s[name]));
   }
   CHECK(host->free_memory() == host->total_memory(), "edges: the backend did not get its memory back");
   t_log = nullptr;
-  const double secs =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("phase edges: %d checks, %lld OOMs, %.1f s\n", checks,
-              static_cast<long long>(s["num_ooms"]), secs);
+  const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  std::printf("phase edges: %d checks, %lld OOMs, %.1f s\n", checks, static_cast<long long>(s["num_ooms"]),
+              secs);
   std::fflush(stdout);
 }
 
 // Pages of a range that rows [0, rows) need over [begin, end) at `stride` (as the allocator
 // computes them, written independently here).
-std::set<std::size_t> needed_pages(std::size_t rows, std::size_t stride, std::size_t begin,
-                                   std::size_t end) {
+std::set<std::size_t> needed_pages(std::size_t rows, std::size_t stride, std::size_t begin, std::size_t end) {
   std::set<std::size_t> out;
   for (std::size_t r = 0; r < rows && end > begin; ++r) {
-    for (std::size_t p = (r * stride + begin) / kChunk; p <= (r * stride + end - 1) / kChunk; ++p) out.insert(p);
+    for (std::size_t p = (r * stride + begin) / kChunk; p <= (r * stride + end - 1) / kChunk; ++p)
+      out.insert(p);
   }
   return out;
 }
@@ -1181,13 +1178,16 @@ void run_pages(const PhaseSpec& spec) {
     constexpr std::size_t kRows = 4, kStride = 3 * kChunk;
     std::vector<std::unique_ptr<vmm::VirtualRange>> tensors;
     std::vector<std::map<std::size_t, std::uint64_t>> stamps(2);  // live page -> stamp
-    for (int i = 0; i < 2; ++i) tensors.push_back(std::make_unique<vmm::VirtualRange>(*alloc, kRows * kStride));
+    for (int i = 0; i < 2; ++i)
+      tensors.push_back(std::make_unique<vmm::VirtualRange>(*alloc, kRows * kStride));
     std::vector<std::uintptr_t> blocks;
     const long ops = std::max(200L, g_opt.ops / 8);
     for (long op = 0; op < ops; ++op) {
       if (thread == 0 && op % 97 == 0) {
-        if (holding.exchange(!holding.load())) faulty->release_events();
-        else faulty->hold_events();
+        if (holding.exchange(!holding.load()))
+          faulty->release_events();
+        else
+          faulty->hold_events();
       }
       const int what = static_cast<int>(rng() % 4);
       if (what == 0) {  // a plain allocation or free beside the pages
@@ -1221,12 +1221,14 @@ void run_pages(const PhaseSpec& spec) {
       const auto pages = vt.live_pages();
       const std::set<std::size_t> now(pages.begin(), pages.end());
       if (!oom) {
-        CHECK(now == needed, "pages: after commit(%zu rows, [%zu, %zu)) %zu pages are live, %zu needed",
-              rows, begin, end, now.size(), needed.size());
+        CHECK(now == needed, "pages: after commit(%zu rows, [%zu, %zu)) %zu pages are live, %zu needed", rows,
+              begin, end, now.size(), needed.size());
       } else {  // a failed commit gives nothing up and maps nothing new
-        for (const auto& kv : live) CHECK(now.count(kv.first), "pages: a failed commit gave up page %zu", kv.first);
+        for (const auto& kv : live)
+          CHECK(now.count(kv.first), "pages: a failed commit gave up page %zu", kv.first);
         for (std::size_t p : now) {
-          CHECK(live.count(p) || needed.count(p), "pages: page %zu live after a failed commit, neither old nor needed", p);
+          CHECK(live.count(p) || needed.count(p),
+                "pages: page %zu live after a failed commit, neither old nor needed", p);
         }
       }
       std::map<std::size_t, std::uint64_t> next;
@@ -1269,8 +1271,8 @@ void run_pages(const PhaseSpec& spec) {
   alloc.reset();
   CHECK(host->free_memory() == host->total_memory(), "pages: the backend did not get its memory back");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("phase pages: %ld commits, %ld OOMs, %ld pages checked across commits, %.1f s\n", commits.load(),
-              ooms.load(), checked.load(), secs);
+  std::printf("phase pages: %ld commits, %ld OOMs, %ld pages checked across commits, %.1f s\n",
+              commits.load(), ooms.load(), checked.load(), secs);
   std::fflush(stdout);
 }
 
@@ -1332,15 +1334,15 @@ void run_pools(const PhaseSpec& spec) {
       const bool by_thread = rng() % 2;
       const auto this_thread = std::this_thread::get_id();
       if (by_thread) {
-        alloc->begin_allocate_to_pool(id, [this_thread](vmm::StreamId) {
-          return std::this_thread::get_id() == this_thread;
-        });
+        alloc->begin_allocate_to_pool(
+            id, [this_thread](vmm::StreamId) { return std::this_thread::get_id() == this_thread; });
       } else {
         alloc->begin_allocate_to_pool(id, [capture_stream](vmm::StreamId s) { return s == capture_stream; });
       }
       const vmm::StreamId stream = by_thread ? rng() % 3 : capture_stream;
       if (rng() % 5 == 0) {
-        faulty->fail(rng() % 2 ? vmm::BackendOp::kMap : vmm::BackendOp::kCreateChunk, static_cast<int>(rng() % 3), 1);
+        faulty->fail(rng() % 2 ? vmm::BackendOp::kMap : vmm::BackendOp::kCreateChunk,
+                     static_cast<int>(rng() % 3), 1);
       }
       std::map<std::uintptr_t, std::uint64_t> outputs;
       std::vector<std::uintptr_t> intermediates;
@@ -1350,8 +1352,10 @@ void run_pools(const PhaseSpec& spec) {
           const std::uintptr_t p = alloc->allocate(size_of(), stream);
           const std::uint64_t v = rng() | 1;
           stamp(p, v);
-          if (rng() % 2) intermediates.push_back(p);
-          else outputs[p] = v;
+          if (rng() % 2)
+            intermediates.push_back(p);
+          else
+            outputs[p] = v;
         } catch (const vmm::OutOfMemoryError&) {
           ++ooms;
         } catch (const vmm::BackendError&) {
@@ -1367,7 +1371,8 @@ void run_pools(const PhaseSpec& spec) {
       ++captures;
       // The pool's live set is exactly the outputs, and no eager block is in it.
       const std::vector<vmm::LiveBlock> state = alloc->pool_allocations(id);
-      CHECK(state.size() == outputs.size(), "pools: %zu live in the pool, %zu outputs", state.size(), outputs.size());
+      CHECK(state.size() == outputs.size(), "pools: %zu live in the pool, %zu outputs", state.size(),
+            outputs.size());
       for (const vmm::LiveBlock& b : state) {
         CHECK(outputs.count(b.ptr) && !eager.count(b.ptr), "pools: a pool block that is not an output");
       }
@@ -1393,10 +1398,11 @@ void run_pools(const PhaseSpec& spec) {
         const std::vector<vmm::LiveBlock> again = alloc->pool_allocations(id);
         CHECK(again.size() == state.size(), "pools: a restore did not bring the checkpoint back");
         for (std::size_t k = 0; k < again.size(); ++k) {
-          CHECK(again[k].ptr == state[k].ptr && again[k].size == state[k].size, "pools: a restored block moved");
+          CHECK(again[k].ptr == state[k].ptr && again[k].size == state[k].size,
+                "pools: a restored block moved");
         }
         for (auto& kv : outputs) stamp(kv.first, kv.second);  // the graph's replay writes them anew
-        alloc->release_pool(id);  // the route of the second path
+        alloc->release_pool(id);                              // the route of the second path
         ++restores;
       }
       for (const auto& kv : outputs) {
@@ -1424,8 +1430,10 @@ void run_pools(const PhaseSpec& spec) {
   alloc.reset();
   CHECK(host->free_memory() == host->total_memory(), "pools: the backend did not get its memory back");
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  std::printf("phase pools: %ld captures, %ld restores, %ld OOMs, %ld injected failures, %ld blocks checked, %.1f s\n",
-              captures.load(), restores.load(), ooms.load(), injected.load(), checked.load(), secs);
+  std::printf(
+      "phase pools: %ld captures, %ld restores, %ld OOMs, %ld injected failures, %ld blocks checked, %.1f "
+      "s\n",
+      captures.load(), restores.load(), ooms.load(), injected.load(), checked.load(), secs);
   std::fflush(stdout);
 }
 

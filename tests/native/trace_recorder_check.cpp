@@ -37,15 +37,24 @@ int number_of(const std::shared_ptr<c10::GatheredContext>& context) {
 const char* action_name(c10::CachingDeviceAllocator::TraceEntry::Action action) {
   using A = c10::CachingDeviceAllocator::TraceEntry::Action;
   switch (action) {
-    case A::ALLOC: return "alloc";
-    case A::FREE_REQUESTED: return "free_requested";
-    case A::FREE_COMPLETED: return "free_completed";
-    case A::SEGMENT_ALLOC: return "segment_alloc";
-    case A::SEGMENT_FREE: return "segment_free";
-    case A::SEGMENT_MAP: return "segment_map";
-    case A::SEGMENT_UNMAP: return "segment_unmap";
-    case A::SNAPSHOT: return "snapshot";
-    case A::OOM: return "oom";
+    case A::ALLOC:
+      return "alloc";
+    case A::FREE_REQUESTED:
+      return "free_requested";
+    case A::FREE_COMPLETED:
+      return "free_completed";
+    case A::SEGMENT_ALLOC:
+      return "segment_alloc";
+    case A::SEGMENT_FREE:
+      return "segment_free";
+    case A::SEGMENT_MAP:
+      return "segment_map";
+    case A::SEGMENT_UNMAP:
+      return "segment_unmap";
+    case A::SNAPSHOT:
+      return "snapshot";
+    case A::OOM:
+      return "oom";
   }
   return "?";
 }
@@ -106,10 +115,11 @@ CHECK_EXPORT size_t check_trace(int device, char* out, size_t capacity) {
   std::string text;
   for (const auto& e : recorder->trace(device)) {
     char line[512];
-    std::snprintf(line, sizeof(line), "%s %zu %zu %zu %d %s %s %lld\n", action_name(e.action_), e.addr_, e.size_,
-                  reinterpret_cast<size_t>(e.stream_), number_of(e.context_),
+    std::snprintf(line, sizeof(line), "%s %zu %zu %zu %d %s %s %lld\n", action_name(e.action_), e.addr_,
+                  e.size_, reinterpret_cast<size_t>(e.stream_), number_of(e.context_),
                   e.compile_context_.empty() ? "-" : e.compile_context_.c_str(),
-                  e.user_metadata_.empty() ? "-" : e.user_metadata_.c_str(), static_cast<long long>(e.time_.t_));
+                  e.user_metadata_.empty() ? "-" : e.user_metadata_.c_str(),
+                  static_cast<long long>(e.time_.t_));
     text += line;
   }
   if (capacity > 0) {
