@@ -245,17 +245,26 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         value = f"{r['decode_tok_s']:.1f} tok/s, {r['peak_reserved'] / GB:.1f} GB" if r["ok"] else "OOM"
         rows.append((f"{name}: decode, peak reserved", value, ""))
     ratios = result["ratios"]
-    for key, target in (("vmm_tok_s_vs_dynamic", ">= 2.0x"), ("vmm_tok_s_vs_static", "(peer)"),
-                        ("vmm_peak_reserved_over_budget", "<= 1.0"), ("vmm_p99_over_median_step", "<= 1.10"),
-                        ("vmm_page_mapping_step_over_plain_step", "<= 1.10"),
-                        ("vmm_no_lookahead_p99_over_median_step", "(ablation)"),
-                        ("vmm_no_lookahead_page_mapping_step_over_plain_step", "(ablation)"),
-                        ("vmm_fraction_of_bandwidth_bound", "(1.0 = HBM bound)"),
-                        ("dynamic_fraction_of_bandwidth_bound", "(peer)")):
+    for key, words, target in RATIO_ROWS:
         if key in ratios:
             value = ratios[key]
-            rows.append((key, "no step mapped" if value is None else f"{value:.2f}", target))
+            rows.append((words, "no step mapped" if value is None else f"{value:.2f}x", target))
     return rows
+
+
+# (ratio key, what it measures in words, target) for the report's rows.
+RATIO_ROWS = (
+    ("vmm_tok_s_vs_dynamic", "VirtualKVCache decode speed / DynamicCache's", ">= 2.0x"),
+    ("vmm_tok_s_vs_static", "VirtualKVCache decode speed / StaticCache's", "(peer)"),
+    ("vmm_peak_reserved_over_budget", "VirtualKVCache peak reserved / its KV budget", "<= 1.0"),
+    ("vmm_p99_over_median_step", "VirtualKVCache p99 decode step / median step", "<= 1.10"),
+    ("vmm_page_mapping_step_over_plain_step", "VirtualKVCache step that maps pages / a plain step", "<= 1.10"),
+    ("vmm_no_lookahead_p99_over_median_step", "without pages mapped ahead: p99 step / median", "(ablation)"),
+    ("vmm_no_lookahead_page_mapping_step_over_plain_step", "without pages mapped ahead: mapping step / plain",
+     "(ablation)"),
+    ("vmm_fraction_of_bandwidth_bound", "VirtualKVCache decode speed / the HBM bound", "(1.0 = HBM bound)"),
+    ("dynamic_fraction_of_bandwidth_bound", "DynamicCache decode speed / the HBM bound", "(peer)"),
+)
 
 
 SWEEP_CONTEXTS = [2048, 8192, 16384, 32768, 65536]  # at batch 4

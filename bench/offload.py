@@ -319,8 +319,21 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                          ""))
     for key, value in result["ratios"].items():
         target = next((t for name, t in TARGETS.items() if key.endswith(name)), "")
-        rows.append((key, f"{value:.2f}", target))
+        context, _, name = key.partition("_")
+        words = RATIO_WORDS.get(name, name.replace("_", " "))
+        rows.append((f"{context} context: {words}", f"{value:.2f}", target))
     return rows
+
+
+# What each ratio of Note [Overlap] measures, in words, for the report's rows.
+RATIO_WORDS = {
+    "fraction_of_pcie_limit": "copy rate in the decode loop / the pinned PCIe limit",
+    "peak_kv_over_budget_plus_two_layers": "peak KV memory / (budget + the two ring layers)",
+    "tok_s_vs_transformers_offload": "decode speed / transformers' offloaded cache",
+    "copy_busy_fraction_of_step": "copy stream busy / step time",
+    "overlap": "copy hidden under compute (1 = all of it)",
+    "tok_s_vs_vmm_no_offload": "decode speed / VirtualKVCache without offloading",
+}
 
 
 def plot_result(result: dict[str, Any], path: Path) -> None:

@@ -76,13 +76,22 @@ def _table(rows: list[tuple[str, str, str, bool | None]]) -> list[str]:
     return lines
 
 
+def _taken(result: dict[str, Any]) -> str:
+    """Where and when, short: the GPU (with their count) and the day."""
+    env = result.get("environment", {})
+    gpu = env.get("gpu") or "host backend"
+    count = env.get("gpu_count") or 1
+    where = f"{count}x {gpu}" if count > 1 and env.get("gpu") else gpu
+    return ", ".join(p for p in (where, str(env.get("date", ""))[:10]) if p)
+
+
 def headline_table(results: list[tuple[Path, dict[str, Any]]]) -> list[str]:
-    """Every row with a checkable target, one table."""
-    lines = ["| benchmark | measure | value | target | |", "|---|---|---|---|---|"]
+    """Every row with a checkable target, one table, each row with where and when it was taken."""
+    lines = ["| benchmark | measure | value | target | | taken on |", "|---|---|---|---|---|---|"]
     for path, result in results:
         for measure, value, target, met in rows_for(result) or []:
             if met is not None:
-                lines.append(f"| {path.stem} | {measure.strip()} | {value} | {target} | {_mark(met)} |")
+                lines.append(f"| {path.stem} | {measure.strip()} | {value} | {target} | {_mark(met)} | {_taken(result)} |")
     return lines
 
 
