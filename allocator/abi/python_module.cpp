@@ -172,7 +172,6 @@ PYBIND11_MODULE(_C, m) {
       },
       py::arg("address"), py::arg("device"), py::call_guard<py::gil_scoped_release>(),
       "Undoes pin_host_memory; returns '' or the error.");
-  m.def("config_keys", [] { return config_keys(); });
   m.def(
       "config_key_table",
       [] {

@@ -135,7 +135,7 @@ __attribute__((always_inline)) inline std::uintptr_t CachingAllocator::place(Pri
 Mapping* CachingAllocator::acquire(Arena& arena, std::size_t chunks, StreamId stream, std::size_t requested,
                                    bool small_segment) {
   MappingCache& cache = arena.cache;
-  const std::int64_t stitches = cache.stitches;
+  const std::int64_t stitches = cache.counters().stitches;
   const std::int64_t created = budget_.created;
   Mapping* mapping = with_oom_retry(requested, [&](bool retry) -> Mapping* {
     if (retry) return cache.acquire(chunks, stream, /*allow_create=*/true);
@@ -152,7 +152,7 @@ Mapping* CachingAllocator::acquire(Arena& arena, std::size_t chunks, StreamId st
     }
     return cache.acquire(chunks, stream, /*allow_create=*/true, growth_budget(chunks));
   });
-  if (events_.on() && cache.stitches != stitches) {
+  if (events_.on() && cache.counters().stitches != stitches) {
     sync_reserved_stats();  // the growth it needed is logged first
     log(EventKind::kStitch, mapping->base, chunks * kChunkSize, stream,
         static_cast<std::uint64_t>(budget_.created - created));

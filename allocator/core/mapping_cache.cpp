@@ -11,7 +11,7 @@
 namespace vmm {
 
 MappingCache::MappingCache(Backend& backend, ChunkPool& pool, const Config& config)
-    : backend_(backend), pool_(pool), config_(config), progress_(backend, backend_errors) {
+    : backend_(backend), pool_(pool), config_(config), progress_(backend, counters_.backend_errors) {
   max_mapped_bytes_ = config.max_mapped_bytes != 0 ? config.max_mapped_bytes : 4 * backend.total_memory();
   const std::size_t large = config.large_handle_size / kChunkSize;
   large_chunks_ = large >= 2 ? large : 0;
@@ -30,7 +30,7 @@ MappingCache::~MappingCache() {
 
 template <typename F>
 void MappingCache::count_failure(F&& cleanup) noexcept {
-  vmm::count_failure(backend_errors, std::forward<F>(cleanup));
+  vmm::count_failure(counters_.backend_errors, std::forward<F>(cleanup));
 }
 
 // Note [Streams before stitches]: first only memory that needs no wait, growing within the
@@ -59,11 +59,11 @@ Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_c
   if (!allow_create) return nullptr;
   // After a refusal only memory already there may serve; otherwise the refusal goes on to
   // the caller's out-of-memory retry (Note [Out-of-memory retry]), as it would have.
-  const std::int64_t waits = cross_stream_waits;
+  const std::int64_t waits = counters_.cross_stream_waits;
   Mapping* m = serve(chunks, stream, /*allow_create=*/refused == nullptr, growth_budget, nullptr,
                      /*count_miss=*/false);
   if (m == nullptr && refused) std::rethrow_exception(refused);
-  if (cross_stream_waits != waits) ++cross_stream_fallbacks;
+  if (counters_.cross_stream_waits != waits) ++counters_.cross_stream_fallbacks;
   return m;
 }
 
@@ -71,7 +71,7 @@ Mapping* MappingCache::serve(std::size_t chunks, StreamId stream, bool allow_cre
                              std::size_t growth_budget, const StreamAffinity* affinity, bool count_miss) {
   if (Mapping* m = find_ready(chunks, stream, affinity, count_miss)) {
     use(m, chunks, stream);
-    ++hits;
+    ++counters_.hits;
     return m;
   }
   if (skipped_busy_ > 0 && config_.repair_blocked && config_.stitching && !capture_safe_) {
@@ -153,7 +153,7 @@ Mapping* MappingCache::find_ready(std::size_t chunks, StreamId stream, const Str
                                   bool count_miss) {
   skipped_busy_ = 0;
   Mapping* found = find_ready_in_groups(chunks, stream, affinity);
-  if (found == nullptr && count_miss) ++(skipped_busy_ > 0 ? misses_busy : misses_empty);
+  if (found == nullptr && count_miss) ++(skipped_busy_ > 0 ? counters_.misses_busy : counters_.misses_empty);
   return found;
 }
 
@@ -215,7 +215,7 @@ void MappingCache::wait_for_chunks(Chunk* const* chunks, std::size_t n, StreamId
       throw;
     }
     count_failure([&] { backend_.release_event(event); });
-    ++cross_stream_waits;
+    ++counters_.cross_stream_waits;
     if (n_waited < 8) waited[n_waited++] = last;
   }
 }
@@ -321,7 +321,7 @@ bool MappingCache::pick_chunks(PickPlan& plan, bool reuse_free, bool allow_creat
     return false;
   }
   try {
-    plan.create_rest(pool_, backend_errors);
+    plan.create_rest(pool_, counters_.backend_errors);
   } catch (...) {
     plan.clear();
     throw;
@@ -362,7 +362,7 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
   } catch (...) {
     if (mapped > 0) count_failure([&] { backend_.unmap(base, mapped * kChunkSize); });
     if (base != 0) count_failure([&] { backend_.unreserve(base, bytes); });
-    plan.release_created(pool_, backend_errors);
+    plan.release_created(pool_, counters_.backend_errors);
     throw;
   }
 
@@ -378,11 +378,11 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
   mappings_stat.increase(1);
   mapped_bytes_stat.increase(static_cast<std::int64_t>(bytes));
   if (reused > 0) {
-    ++stitches;
-    stitched_bytes += static_cast<std::int64_t>(bytes);
-    stitched_handles += static_cast<std::int64_t>(handles);
+    ++counters_.stitches;
+    counters_.stitched_bytes += static_cast<std::int64_t>(bytes);
+    counters_.stitched_handles += static_cast<std::int64_t>(handles);
   } else {
-    ++fresh_mappings;
+    ++counters_.fresh_mappings;
   }
   try {
     use(m, chunks, stream);
@@ -514,13 +514,13 @@ Mapping* MappingCache::repair(std::size_t chunks, StreamId stream, bool allow_cr
     try {
       remap_spans(best, spans, plan);
     } catch (...) {
-      plan.release_created(pool_, backend_errors);
+      plan.release_created(pool_, counters_.backend_errors);
       throw;
     }
-    ++repairs;
-    repaired_chunks += static_cast<std::int64_t>(best_blocked);
+    ++counters_.repairs;
+    counters_.repaired_chunks += static_cast<std::int64_t>(best_blocked);
   } else {
-    ++prefix_reuses;
+    ++counters_.prefix_reuses;
   }
   use(best, chunks, stream);  // a throw leaves it idle and indexed, as a hit would
   return best;
@@ -579,7 +579,7 @@ void MappingCache::remap_spans(Mapping* mapping, const std::vector<std::size_t>&
       }
     }
     count_failure([&] { backend_.unreserve(base, mapping->reserved_bytes); });
-    ++evictions;
+    ++counters_.evictions;
     detach(mapping);
     throw;
   }
@@ -594,7 +594,7 @@ void MappingCache::remap_spans(Mapping* mapping, const std::vector<std::size_t>&
       slot->mappings.push_back(mapping);  // free: busy_chunks unchanged
     }
   }
-  repaired_handles += static_cast<std::int64_t>(handles);
+  counters_.repaired_handles += static_cast<std::int64_t>(handles);
   mapping->foreign_streams = true;  // the fresh chunks' streams were not looked at
 }
 
@@ -614,7 +614,7 @@ std::vector<Chunk*> MappingCache::take_chunks(std::size_t n, StreamId stream, bo
   try {
     wait_for_chunks(picked.data(), picked.size(), stream);
   } catch (...) {
-    plan.release_created(pool_, backend_errors);
+    plan.release_created(pool_, counters_.backend_errors);
     throw;
   }
   for (Chunk* c : picked) {
@@ -653,7 +653,7 @@ void MappingCache::evict(Mapping* mapping) {
       retiring.event = backend_.record_event(mapping->last_stream);
       deferred = true;
     } catch (const std::exception&) {
-      ++backend_errors;
+      ++counters_.backend_errors;
       count_failure([&] { backend_.synchronize(); });
     }
   }
@@ -663,7 +663,7 @@ void MappingCache::evict(Mapping* mapping) {
     if (retiring.mapped_bytes) count_failure([&] { backend_.unmap(retiring.base, retiring.mapped_bytes); });
     count_failure([&] { backend_.unreserve(retiring.base, retiring.reserved_bytes); });
   }
-  ++evictions;
+  ++counters_.evictions;
   detach(mapping);
 }
 
@@ -685,7 +685,7 @@ void MappingCache::detach(Mapping* mapping) {
 void MappingCache::finish_retiring(bool wait) {
   if (retiring_.empty()) return;
   if (wait) count_failure([&] { backend_.synchronize(); });
-  finish_completed(retiring_, wait, backend_, backend_errors, [&](const Retiring& r) {
+  finish_completed(retiring_, wait, backend_, counters_.backend_errors, [&](const Retiring& r) {
     if (r.mapped_bytes) count_failure([&] { backend_.unmap(r.base, r.mapped_bytes); });
     count_failure([&] { backend_.unreserve(r.base, r.reserved_bytes); });
   });
@@ -862,22 +862,22 @@ void MappingCache::append_stats(StatList& out) const {
   append_stat(out, "vmm.mapped_bytes", mapped_bytes_stat);
   out.emplace_back("vmm.ready_mappings", static_cast<std::int64_t>(ready_count()));
   out.emplace_back("vmm.retiring_mappings", static_cast<std::int64_t>(retiring_.size()));
-  out.emplace_back("vmm.mapping_hits", hits);
-  out.emplace_back("vmm.misses_no_candidate", misses_empty);
-  out.emplace_back("vmm.misses_candidates_busy", misses_busy);
-  out.emplace_back("vmm.stitches", stitches);
-  out.emplace_back("vmm.stitched_bytes", stitched_bytes);
-  out.emplace_back("vmm.stitched_handles", stitched_handles);
-  out.emplace_back("vmm.fresh_mappings", fresh_mappings);
-  out.emplace_back("vmm.mapping_evictions", evictions);
-  out.emplace_back("vmm.cross_stream_waits", cross_stream_waits);
-  out.emplace_back("vmm.cross_stream_fallbacks", cross_stream_fallbacks);
-  out.emplace_back("vmm.prefix_reuses", prefix_reuses);
-  out.emplace_back("vmm.repairs", repairs);
-  out.emplace_back("vmm.repaired_chunks", repaired_chunks);
-  out.emplace_back("vmm.repaired_handles", repaired_handles);
+  out.emplace_back("vmm.mapping_hits", counters_.hits);
+  out.emplace_back("vmm.misses_no_candidate", counters_.misses_empty);
+  out.emplace_back("vmm.misses_candidates_busy", counters_.misses_busy);
+  out.emplace_back("vmm.stitches", counters_.stitches);
+  out.emplace_back("vmm.stitched_bytes", counters_.stitched_bytes);
+  out.emplace_back("vmm.stitched_handles", counters_.stitched_handles);
+  out.emplace_back("vmm.fresh_mappings", counters_.fresh_mappings);
+  out.emplace_back("vmm.mapping_evictions", counters_.evictions);
+  out.emplace_back("vmm.cross_stream_waits", counters_.cross_stream_waits);
+  out.emplace_back("vmm.cross_stream_fallbacks", counters_.cross_stream_fallbacks);
+  out.emplace_back("vmm.prefix_reuses", counters_.prefix_reuses);
+  out.emplace_back("vmm.repairs", counters_.repairs);
+  out.emplace_back("vmm.repaired_chunks", counters_.repaired_chunks);
+  out.emplace_back("vmm.repaired_handles", counters_.repaired_handles);
   out.emplace_back("vmm.progress_events", progress_.events_recorded);
-  out.emplace_back("vmm.backend_errors", backend_errors);
+  out.emplace_back("vmm.backend_errors", counters_.backend_errors);
   out.emplace_back("vmm.max_mapped_bytes", static_cast<std::int64_t>(max_mapped_bytes_));
 }
 

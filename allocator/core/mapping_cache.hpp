@@ -91,6 +91,31 @@ struct Mapping {
   bool in_lru = false;
 };
 
+// What a MappingCache counts (vmm.* statistics); only the cache writes them.
+struct MappingCacheCounters {
+  std::int64_t hits = 0;
+  std::int64_t misses_empty = 0;  // no idle mapping of a fitting size
+  // fitting idle mappings, all with chunks busy elsewhere (or, in the first pass of Note
+  // [Streams before stitches], last used on another stream)
+  std::int64_t misses_busy = 0;
+  std::int64_t stitches = 0;
+  std::int64_t stitched_bytes = 0;
+  std::int64_t stitched_handles = 0;  // handles those stitches mapped (each one grant)
+  std::int64_t fresh_mappings = 0;
+  std::int64_t evictions = 0;
+  std::int64_t cross_stream_waits = 0;
+  // requests that found no memory of their own stream (or of an idle one), could not grow
+  // within the slack, and so reused another stream's memory behind a wait
+  std::int64_t cross_stream_fallbacks = 0;
+  // Note [Repairing blocked mappings]: misses served by an idle mapping whose busy chunks
+  // all lie past the request's prefix, and by one repaired in place (slots remapped)
+  std::int64_t prefix_reuses = 0;
+  std::int64_t repairs = 0;
+  std::int64_t repaired_chunks = 0;
+  std::int64_t repaired_handles = 0;  // handles mapped into repaired slots
+  std::int64_t backend_errors = 0;    // failures on cleanup paths, counted not thrown
+};
+
 class MappingCache {
  public:
   MappingCache(Backend& backend, ChunkPool& pool, const Config& config);
@@ -169,27 +194,8 @@ class MappingCache {
 
   Stat mappings_stat;
   Stat mapped_bytes_stat;
-  std::int64_t hits = 0;
-  std::int64_t misses_empty = 0;  // no idle mapping of a fitting size
-  // fitting idle mappings, all with chunks busy elsewhere (or, in the first pass of Note
-  // [Streams before stitches], last used on another stream)
-  std::int64_t misses_busy = 0;
-  std::int64_t stitches = 0;
-  std::int64_t stitched_bytes = 0;
-  std::int64_t stitched_handles = 0;  // handles those stitches mapped (each one grant)
-  std::int64_t fresh_mappings = 0;
-  std::int64_t evictions = 0;
-  std::int64_t cross_stream_waits = 0;
-  // requests that found no memory of their own stream (or of an idle one), could not grow
-  // within the slack, and so reused another stream's memory behind a wait
-  std::int64_t cross_stream_fallbacks = 0;
-  // Note [Repairing blocked mappings]: misses served by an idle mapping whose busy chunks
-  // all lie past the request's prefix, and by one repaired in place (slots remapped)
-  std::int64_t prefix_reuses = 0;
-  std::int64_t repairs = 0;
-  std::int64_t repaired_chunks = 0;
-  std::int64_t repaired_handles = 0;  // handles mapped into repaired slots
-  std::int64_t backend_errors = 0;    // failures on cleanup paths, counted not thrown
+  // What the cache has done, reported as vmm.* statistics by append_stats.
+  const MappingCacheCounters& counters() const { return counters_; }
 
  private:
   struct Retiring {
@@ -267,6 +273,7 @@ class MappingCache {
   template <typename F>
   void count_failure(F&& cleanup) noexcept;
 
+  MappingCacheCounters counters_;  // before progress_, which counts into it
   Backend& backend_;
   ChunkPool& pool_;
   const Config& config_;
