@@ -406,10 +406,8 @@ Mapping* MappingCache::stitch(std::size_t chunks, StreamId stream, bool allow_cr
 // is (busy chunks past the prefix are not touched); otherwise its k blocked slots are
 // unmapped and remapped to free chunks, picked as a stitch picks them (Note [Growth
 // slack]), at ~50 us each (unmap, map, grant), and afterwards the mapping shares fewer
-// chunks, not more. By the driver's costs alone that pays while k x 50 <= n x 32 (a
-// stitch's grants), but each repair takes free chunks that other blocked mappings wanted:
-// on the recorded FSDP2 and single-GPU traces the estimated driver time is flat for k
-// between n/5 and n/2 and grows beyond (bench/NOTES.md), so a repair is done for k <= n/3.
+// chunks, not more. A repair is done for k <= n/3: each one takes free chunks other blocked
+// mappings wanted, and the recorded traces' driver time grows past n/2 (bench/NOTES.md).
 // It needs the candidate's last use finished, since unmapping does not wait for the GPU:
 // Note [Stream progress] tells that without blocking. Until it can tell, the request
 // stitches as before. The slots' old chunks stay where they are mapped elsewhere; a chunk

@@ -23,8 +23,7 @@
 // within (1 + growth_slack) x allocated memory, creates chunks for the rest, and only
 // beyond that breaks up ready mappings. Growth past the slack happens only once no free
 // chunk is left, so reserved exceeds allocated by at most the slack plus the free space
-// inside small segments. (The 1700-stitch cascade measured in a training step was caused
-// by a too shallow lookup, max_ready_scan, not by this: bench/NOTES.md.)
+// inside small segments.
 //
 // Note [Stream-ordered reuse]
 // A chunk freed on stream S may still be read by work queued on S. Reuse on S itself is

@@ -4,9 +4,9 @@
 // Memory last used on stream X serves a request on stream S only behind a GPU-side wait:
 // S waits for an event recorded on X now, that is for everything queued on X so far, not
 // just for the work that used the memory (Note [Stream-ordered reuse]). Under FSDP2 that
-// chains the compute stream to the all-gather and reduce-scatter streams (about 90 waits
-// per training step, bench/NOTES.md): a compute-stream request that reuses an all-gather
-// buffer stalls until the all-gather queued for the next layer has finished. PyTorch's
+// chains the compute stream to the all-gather and reduce-scatter streams: a compute-stream
+// request that reuses an all-gather buffer stalls until the all-gather queued for the next
+// layer has finished. PyTorch's
 // allocator never waits (each stream has its own pool). So a request first takes only
 // memory that needs no wait, last used on S or known idle (kNoStream): a ready mapping
 // all of whose chunks are such, or a stitch of such chunks, growing within the slack
