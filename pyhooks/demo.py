@@ -15,6 +15,7 @@ import pickle
 import subprocess
 import sys
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,19 +62,20 @@ def _gpu_side(system: str, out_dir: Path, quick: bool) -> dict[str, Any]:
     return result
 
 
-def _host_side(system: str, quick: bool) -> dict[str, Any]:
+def _host_side(system: str, quick: bool, label: str) -> dict[str, Any]:
     from vmmalloc import demo_host
 
     plan = demo_worker.schedule(quick)
-    bar = _progress_bar(len(plan), f"{system:>8}")
+    bar = _progress_bar(len(plan), f"{label:>12}")
     try:
         return demo_host.run_side(system, plan, progress=lambda: bar.update(1))
     finally:
         bar.close()
 
 
-def format_table(results: dict[str, dict[str, Any]]) -> list[str]:
-    """The side-by-side figures."""
+def format_table(results: dict[str, dict[str, Any]], labels: Mapping[str, str] | None = None) -> list[str]:
+    """The side-by-side figures, each side under its label."""
+    labels = labels or {side: side for side in SIDES}
     rows = [
         ("peak reserved", lambda r: f"{r['peak_reserved'] / GiB:.2f} GiB"),
         ("peak allocated", lambda r: f"{r['peak_allocated'] / GiB:.2f} GiB"),
@@ -81,7 +83,7 @@ def format_table(results: dict[str, dict[str, Any]]) -> list[str]:
         ("stitches", lambda r: str(r["stitches"]) if r["system"] == "vmmalloc" else "-"),
         ("KV memory held (peak)", lambda r: f"{r['peak_kv'] / GiB:.2f} GiB"),
     ]
-    lines = [f"{'':24}{'native':>16}{'vmmalloc':>16}"]
+    lines = [f"{'':24}" + "".join(f"{labels[s]:>16}" for s in SIDES)]
     for name, cell in rows:
         lines.append(f"{name:24}" + "".join(f"{cell(results[s]):>16}" for s in SIDES))
     return lines
@@ -102,18 +104,21 @@ def run_demo(backend: str = "auto", out_dir: Path | str = "vmmalloc-demo", quick
               "of varying batch (1-16) and prompt (512-3072 tokens),\nonce under PyTorch's allocator with "
               "DynamicCache and once under vmmalloc with its KV cache, each in its own process.\n")
         results = {side: _gpu_side(side, out_dir, quick) for side in SIDES}
+        labels = {"native": "native", "vmmalloc": "vmmalloc"}
         title = f"{len(plan)} generate() requests on {results['vmmalloc'].get('gpu', 'GPU')}"
     else:
         print("No GPU here: running on the host backend (CPU memory with CUDA's virtual memory semantics).")
         if not vmmalloc.cuda_available():
             print(f"  ({vmmalloc.cuda_unavailable_reason()})")
-        print(f"The GPU demo's {len(plan)} requests are replayed as the allocations generate() makes: 'native' "
-              "is a caching allocator without stitching\nand a KV cache grown by concatenation; vmmalloc "
-              "stitches and grows KV in place.\n")
-        results = {side: _host_side(side, quick) for side in SIDES}
+        print(f"The GPU demo's {len(plan)} requests are replayed as the allocations generate() makes: 'no stitching' "
+              "is vmmalloc's allocator caching blocks\nas PyTorch's does, with a KV cache grown by concatenation; "
+              "vmmalloc stitches and grows KV in place.\n")
+        labels = {"native": "no stitching", "vmmalloc": "vmmalloc"}
+        results = {side: _host_side(side, quick, labels[side]) for side in SIDES}
         title = f"{len(plan)} generate() requests replayed on the host backend"
-    print("\n".join(format_table(results)))
-    plot = timeline.plot({side: results[side]["timeline_data"] for side in SIDES}, out_dir / "timeline.png", title)
+    print("\n".join(format_table(results, labels)))
+    plot = timeline.plot({labels[side]: results[side]["timeline_data"] for side in SIDES}, out_dir / "timeline.png",
+                         title)
     snapshot = out_dir / "vmmalloc.pickle"
     if backend == "host":
         with open(snapshot, "wb") as f:
@@ -121,7 +126,7 @@ def run_demo(backend: str = "auto", out_dir: Path | str = "vmmalloc-demo", quick
     saved = results["native"]["peak_reserved"] - results["vmmalloc"]["peak_reserved"]
     ratio = results["vmmalloc"]["peak_reserved"] / max(results["vmmalloc"]["peak_allocated"], 1)
     print(f"\nvmmalloc's peak reserved memory is {abs(saved) / GiB:.2f} GiB {'lower' if saved >= 0 else 'HIGHER'} "
-          f"than native's; it reserves {ratio:.2f}x what it allocates at the peak.")
+          f"than the {labels['native']} run's; it reserves {ratio:.2f}x what it allocates at the peak.")
     print(f"timeline: {plot}")
     print(f"snapshot for PyTorch's memory viewer (pytorch.org/memory_viz): {snapshot}")
     return 0

@@ -2,9 +2,10 @@
 
 The GPU demo's requests (vmmalloc.demo_worker.schedule) are replayed as the allocations
 generate() makes, scaled down to CPU memory: weights once; per request, prefill
-temporaries, then a KV cache per layer that grows every step. "native" is vmmalloc's
-allocator with stitching off, which caches blocks as PyTorch's allocator does, and a KV
-cache grown by concatenation (allocate the longer tensor, copy, free the shorter one), as
+temporaries, then a KV cache per layer that grows every step. "no stitching" (the side
+named "native" in the results) is vmmalloc's allocator with stitching off, which caches
+blocks as PyTorch's allocator does, and a KV cache grown by concatenation (allocate the
+longer tensor, copy, free the shorter one), as
 DynamicCache does with torch.cat. "vmmalloc" stitches, and keeps KV in virtual ranges
 whose pages are mapped as the tokens arrive (VirtualKVCache). Both record their events,
 so the same timeline is drawn.
