@@ -38,6 +38,11 @@ def rebuild_cuda_tensor(*args: Any) -> Any:
 
     if not torch_allocator.is_enabled():
         raise RuntimeError(_RECEIVER_HINT)
+    if not torch_allocator.adapter_active():
+        raise RuntimeError(
+            "vmmalloc: this process runs vmmalloc without its torch adapter (it could not be built: "
+            "see the warning given at start-up; a C++ compiler is needed), and only the adapter opens CUDA "
+            "memory another process shared. Install a C++ compiler (or set CXX) in the receiving process.")
     return reductions.rebuild_cuda_tensor(*args)
 
 

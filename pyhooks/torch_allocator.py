@@ -12,6 +12,7 @@ from vmmalloc import _C
 
 _lock = threading.Lock()
 _enabled_conf: str | None = None
+_adapter_active = False  # enabled through the torch adapter, not the plain pluggable allocator
 _pluggable = None  # keeps torch's wrapper object alive
 
 # enable_vmm_allocator's keywords are the VMMALLOC_CONF keys, from the core's one table
@@ -49,6 +50,11 @@ def is_enabled() -> bool:
     return _enabled_conf is not None
 
 
+def adapter_active() -> bool:
+    """Whether vmmalloc serves them through its torch adapter (graphs, MemPool, IPC, ...)."""
+    return _adapter_active
+
+
 def enable_vmm_allocator(**options: Any) -> None:
     """Make vmmalloc PyTorch's CUDA allocator for this process.
 
@@ -65,7 +71,7 @@ def enable_vmm_allocator(**options: Any) -> None:
         RuntimeError: CUDA was already initialized by PyTorch's native allocator, or
             vmmalloc is already enabled with other options.
     """
-    global _enabled_conf
+    global _enabled_conf, _adapter_active
     import torch
 
     conf = build_conf(options, os.environ.get("VMMALLOC_CONF", ""))
@@ -106,8 +112,9 @@ def enable_vmm_allocator(**options: Any) -> None:
             warnings.warn(
                 "vmmalloc runs as a plain CUDAPluggableAllocator, without its torch adapter "
                 f"({fallback}): CUDA graph capture, torch.compile(mode='reduce-overhead'), "
-                "torch.cuda.MemPool and OOM observers are refused, and out of memory raises "
-                "RuntimeError instead of torch.OutOfMemoryError. Install a C++ compiler "
+                "torch.cuda.MemPool, OOM observers and CUDA tensors shared between processes are "
+                "refused, and out of memory raises RuntimeError instead of torch.OutOfMemoryError. "
+                "Install a C++ compiler "
                 "(and set CXX if it is not 'c++') to get them.", RuntimeWarning, stacklevel=2)
             _install_pluggable(torch)
         torch_memory_api.install(torch, adapter=fallback is None)
@@ -119,6 +126,7 @@ def enable_vmm_allocator(**options: Any) -> None:
             # With the adapter, torch's own history and snapshot functions reach vmmalloc
             # (Note [Adapter history] in allocator/torch_adapter/trace_recorder.h).
             memory_history.install(torch)
+        _adapter_active = fallback is None
         _enabled_conf = conf
 
 

@@ -100,7 +100,25 @@ def test_a_stitched_block_and_a_view_inside_it_are_shared_as_mapped(allocator):
     handle, offset = a.share(ptr)
     data, _ = open_in_child(handle, offset + 9 * MiB, 17)
     assert data == b"inside the stitch"
-    assert [p["serial"] for p in _C.decode_shared_handle(handle)["pieces"]] == a.chunk_ids(ptr)
+    serials = [p["serial"] for p in _C.decode_shared_handle(handle)["pieces"]]
+    assert len(serials) == len(set(serials)) == 7, "seven handles, each named once"
+    assert a.share(ptr) == (handle, offset), "sharing again names the same memory the same way"
+
+
+def test_new_physical_handles_get_new_serials_after_a_pause(allocator):
+    """A pool's pause and resume puts new handles under the same chunks: a receiver that cached
+    the old handle's mapping must not take the new handle for it (Backend::SharedHandle)."""
+    _, a = allocator
+    pool = (1, 9)
+    a.begin_allocate_to_pool(pool, this_thread=True)
+    ptr = a.allocate(6 * MiB)
+    a.end_allocate_to_pool(pool)
+    before, _ = a.share(ptr)
+    a.pause_pool(pool, True)
+    a.resume_pool(pool)
+    after, _ = a.share(ptr)
+    serials = [{p["serial"] for p in _C.decode_shared_handle(h)["pieces"]} for h in (before, after)]
+    assert not serials[0] & serials[1] and before != after
 
 
 @needs_pidfd
@@ -135,6 +153,10 @@ def test_bad_handles_are_refused_with_the_reason(allocator):
         _C.decode_shared_handle(handle[:-1])
     with pytest.raises(ValueError, match="cuda backend cannot be opened on the host backend"):
         _C.SharedMemory(backend, patched(handle, 12, "<I", 0))
+    with pytest.raises(ValueError, match="larger than any device"):
+        _C.decode_shared_handle(patched(handle, 44, "<Q", 1 << 50))
+    with pytest.raises(ValueError, match="names no process"):
+        _C.decode_shared_handle(patched(handle, 16, "<i", 0))
 
 
 @needs_pidfd
@@ -142,10 +164,18 @@ def test_a_closed_descriptor_or_an_exited_sender_is_named(allocator):
     backend, a = allocator
     handle, _ = a.share(a.allocate(4 * MiB))
     with pytest.raises(RuntimeError, match="is not open: the sender has released"):
-        _C.SharedMemory(backend, patched(handle, 24, "<i", 1 << 20))
+        _C.SharedMemory(backend, patched(handle, 32, "<i", 1 << 20))
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     with pytest.raises(RuntimeError, match="has exited"):
         _C.SharedMemory(backend, patched(handle, 16, "<i", int(gone.stdout)))
+    # a live process that is not the sender: its start time gives it away
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        with pytest.raises(RuntimeError, match="another process has its pid now"):
+            _C.SharedMemory(backend, patched(handle, 16, "<i", other.pid))
+    finally:
+        other.kill()
+        other.wait()
 
 
 def test_only_the_start_of_a_live_allocation_can_be_shared(allocator):
@@ -169,8 +199,13 @@ def test_memory_of_a_paused_pool_is_not_shared(allocator):
         a.share(ptr)
 
 
-def test_a_receiver_without_vmmalloc_is_told_to_set_it():
+def test_a_receiver_without_vmmalloc_is_told_to_set_it(monkeypatch):
     with pytest.raises(RuntimeError, match="Set VMMALLOC=1 in the receiving process"):
+        ipc.rebuild_cuda_tensor(*([None] * 15))
+    from vmmalloc import torch_allocator
+
+    monkeypatch.setattr(torch_allocator, "_enabled_conf", "")  # enabled, without the adapter
+    with pytest.raises(RuntimeError, match="without its torch adapter"):
         ipc.rebuild_cuda_tensor(*([None] * 15))
 
 
@@ -186,3 +221,18 @@ def test_tensor_reductions_pass_through_the_receiver_check(monkeypatch):
     assert reduce.__wrapped__ is torch.multiprocessing.reductions.reduce_tensor
     t = torch.arange(6.0)
     assert torch.equal(ForkingPickler.loads(ForkingPickler.dumps(t)), t), "CPU tensors as before"
+
+
+@needs_pidfd
+def test_a_device_in_use_later_is_granted_the_shared_memory_open_before(host_devices):
+    """Note [Peers are the devices in use]: a receiver that opened memory on device 0 and then
+    uses device 1 (a copy there) needs the shared range granted to device 1 too."""
+    d0 = host_devices(0)
+    ptr = d0.allocate(6 * MiB)
+    handle, _ = d0.share(ptr)
+    memory = _C.SharedMemory(d0.backend, handle)  # opened here, as a receiver would
+    own = d0.stats()["vmm.mapped_bytes.current"]
+    host_devices(1)
+    assert d0.backend.peer_granted_bytes(1) == own + memory.bytes
+    del memory
+    d0.deallocate(ptr)

@@ -11,7 +11,6 @@
 
 #include "abi/device_registry.hpp"
 #include "abi/shared_mapping.hpp"
-#include "backend/process_descriptors.hpp"
 #include "core/errors.hpp"
 #include "torch_adapter/adapter_abi.h"
 
@@ -286,12 +285,8 @@ int allocation_info(void* ptr, size_t* size, int* device) {
 int share(void* ptr, char* buffer, size_t capacity, size_t* length, size_t* offset) {
   return guarded([&] {
     const auto address = reinterpret_cast<std::uintptr_t>(ptr);
-    CachingAllocator* allocator = owner(address);
-    auto [description, at] = allocator->share(address);
-    if (allocator->config().share_with_any_process) vmm::allow_any_process_to_take_descriptors();
-    const std::string handle = vmm::encode_shared(description);
+    const std::string handle = vmm::share_handle(*owner(address), address, offset);
     *length = handle.size();
-    *offset = at;
     if (handle.size() > capacity) {
       throw std::length_error("vmmalloc: share: the handle needs " + std::to_string(handle.size()) +
                               " bytes, the buffer has " + std::to_string(capacity));
@@ -301,7 +296,7 @@ int share(void* ptr, char* buffer, size_t capacity, size_t* length, size_t* offs
 }
 
 int is_shared_handle(const char* handle, size_t length) {
-  return vmm::is_vmmalloc_handle(std::string(handle, length)) ? 1 : 0;
+  return vmm::is_vmmalloc_handle(handle, length) ? 1 : 0;  // allocates nothing: no throw crosses
 }
 
 int open_shared(const char* handle, size_t length, int device, void** base, void** token) {

@@ -2,6 +2,7 @@
 
 #include <stdexcept>
 
+#include "abi/shared_mapping.hpp"
 #include "backend/cuda_backend.hpp"
 
 namespace vmm {
@@ -58,7 +59,7 @@ CachingAllocator& DeviceRegistry::create(int device) {
     for (int other = 0; other < kMaxDevices; ++other) {
       if (other == device || !owned_[other]) continue;
       owned_[device]->add_peer(other);
-      owned_[other]->add_peer(device);
+      if (owned_[other]->add_peer(device)) grant_shared_mappings(owned_[other]->backend(), device);
     }
     devices_[device].store(owned_[device].get(), std::memory_order_release);
   }

@@ -20,7 +20,6 @@
 #include "backend/fault_injection_backend.hpp"
 #include "backend/host_backend.hpp"
 #include "backend/host_pinning.hpp"
-#include "backend/process_descriptors.hpp"
 #include "core/caching_allocator.hpp"
 #include "core/config.hpp"
 #include "core/errors.hpp"
@@ -292,9 +291,9 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "share",
           [](CachingAllocator& a, py::handle ptr) {
-            auto [description, offset] = a.share(whole(ptr, "share: ptr"));
-            if (a.config().share_with_any_process) allow_any_process_to_take_descriptors();
-            return py::make_tuple(py::bytes(encode_shared(description)), offset);
+            std::size_t offset = 0;
+            const std::string handle = share_handle(a, whole(ptr, "share: ptr"), &offset);
+            return py::make_tuple(py::bytes(handle), offset);
           },
           py::arg("ptr"),
           "(handle, offset): the live allocation at `ptr` described for another process, "
@@ -505,6 +504,7 @@ PYBIND11_MODULE(_C, m) {
         }
         py::dict out;
         out["pid"] = d.pid;
+    out["start_time"] = d.start_time;
         out["backend"] = d.kind == Backend::Kind::kCuda ? "cuda" : "host";
         out["pieces"] = pieces;
         return out;

@@ -142,6 +142,10 @@ class Backend {
   struct SharedHandle {
     int fd = -1;
     std::uint64_t offset = 0;
+    // Names this physical handle among all the backend ever exported: descriptor numbers
+    // and handle values are reused once a handle is released (a pool's pause and resume
+    // makes new handles for the same chunks), and receivers cache mappings by handle.
+    std::uint64_t serial = 0;
   };
   // Throws BackendError when the backend cannot share the handle (then it names why).
   virtual SharedHandle export_handle(ChunkHandle chunk, std::size_t bytes) {

@@ -3,6 +3,7 @@
 #include "backend/host_pinning.hpp"
 #include "backend/process_descriptors.hpp"
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -144,7 +145,7 @@ CudaBackend::CudaBackend(int device, bool shareable)
 CudaBackend::~CudaBackend() {
   // Never throws, and ignores driver errors: at process exit the driver may already be
   // shut down (CUDA_ERROR_DEINITIALIZED), and there is nothing left to release then.
-  for (const auto& entry : exported_) close(entry.second);
+  for (const auto& entry : exported_) close(entry.second.fd);
   try {
     std::lock_guard<std::mutex> lock(events_mutex_);
     if (!free_events_.empty()) {
@@ -222,7 +223,7 @@ void CudaBackend::release_chunk(ChunkHandle chunk) {
     std::lock_guard<std::mutex> lock(exported_mutex_);
     const auto it = exported_.find(chunk);
     if (it != exported_.end()) {
-      close(it->second);
+      close(it->second.fd);
       exported_.erase(it);
     }
   }
@@ -401,7 +402,7 @@ void CudaBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes)
 Backend::SharedHandle CudaBackend::export_handle(ChunkHandle chunk, std::size_t bytes) {
   std::lock_guard<std::mutex> lock(exported_mutex_);
   const auto it = exported_.find(chunk);
-  if (it != exported_.end()) return {it->second, 0};
+  if (it != exported_.end()) return it->second;
   raise_descriptor_limit();
   ContextGuard guard(api_, context_, device_);
   int fd = -1;
@@ -415,8 +416,12 @@ Backend::SharedHandle CudaBackend::export_handle(ChunkHandle chunk, std::size_t 
                                        : "; chunks are not exportable: " + unshareable_reason_;
     throw BackendError(why);
   }
-  exported_.emplace(chunk, fd);
-  return {fd, 0};
+  // Not inherited by children this process starts (os.system, subprocess): they would pin
+  // the memory for their lifetime.
+  fcntl(fd, F_SETFD, fcntl(fd, F_GETFD) | FD_CLOEXEC);
+  const SharedHandle exported{fd, 0, ++exports_};
+  exported_.emplace(chunk, exported);
+  return exported;
 }
 
 ChunkHandle CudaBackend::import_handle(int fd, std::uint64_t offset, std::size_t bytes) {

@@ -85,7 +85,8 @@ class CudaBackend final : public Backend {
   std::string unshareable_reason_;  // why chunks are not exportable (set with shareable_)
   // The descriptor of every handle exported so far, closed when the handle is released.
   std::mutex exported_mutex_;
-  std::unordered_map<ChunkHandle, int> exported_;
+  std::unordered_map<ChunkHandle, SharedHandle> exported_;
+  std::uint64_t exports_ = 0;  // serials given so far
 
   mutable std::mutex access_mutex_;
   std::vector<cu::CUmemAccessDesc> access_;

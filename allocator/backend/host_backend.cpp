@@ -100,7 +100,9 @@ ChunkHandle HostBackend::create_chunk(std::size_t bytes) {
     file_chunks_ += chunks;
   }
   live_chunks_ += chunks;
-  return (ChunkHandle{chunks} << kSizeShift) | (slot + 1);
+  const ChunkHandle handle = (ChunkHandle{chunks} << kSizeShift) | (slot + 1);
+  generations_[handle] = ++created_;  // a slot reused later is another handle (SharedHandle::serial)
+  return handle;
 }
 
 void HostBackend::release_chunk(ChunkHandle chunk) {
@@ -122,6 +124,7 @@ void HostBackend::release_chunk(ChunkHandle chunk) {
   }
   free_slots_[chunks].push_back(slot);
   live_chunks_ -= chunks;
+  generations_.erase(chunk);
 }
 
 void HostBackend::map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) {
@@ -242,10 +245,13 @@ Backend::SharedHandle HostBackend::export_handle(ChunkHandle chunk, std::size_t 
   // handle, a part released here is emptied for every process that maps it: the host
   // backend plays a device for tests, and its receivers must finish before the sender
   // releases the handle.
-  if ((chunk & kImportedBit) != 0 || chunks_of(chunk) * kChunkSize != bytes) {
+  std::lock_guard<std::mutex> lock(mutex_);
+  const auto generation = generations_.find(chunk);
+  if ((chunk & kImportedBit) != 0 || chunks_of(chunk) * kChunkSize != bytes ||
+      generation == generations_.end()) {
     throw BackendError("host backend: export_handle of a handle this backend did not create");
   }
-  return {memfd_, slot_of(chunk) * kChunkSize};
+  return {memfd_, slot_of(chunk) * kChunkSize, generation->second};
 }
 
 ChunkHandle HostBackend::import_handle(int fd, std::uint64_t offset, std::size_t bytes) {

@@ -83,6 +83,8 @@ class HostBackend final : public Backend {
     std::size_t bytes;
   };
   std::map<ChunkHandle, Import> imports_;
+  std::map<ChunkHandle, std::uint64_t> generations_;  // live own handles: their creation number
+  std::uint64_t created_ = 0;
   std::uint64_t last_import_ = 0;
 };
 

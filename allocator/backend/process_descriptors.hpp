@@ -6,18 +6,22 @@
 //
 // pidfd_getfd needs ptrace access to the sender (PTRACE_MODE_ATTACH_REALCREDS): the same
 // user, and no Yama ptrace_scope, seccomp profile (containers) or missing CAP_SYS_PTRACE
-// forbidding it. Where it is forbidden the error says which of those to look at.
+// forbidding it. Where it is forbidden the error says which of those to look at. The handle
+// carries the sender's start time beside its pid, so a pid reused by another process after
+// the sender exited is refused rather than read.
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 namespace vmm {
 
 class ProcessDescriptors {
  public:
-  // Opens process `pid`. Throws BackendError (ENOSYS: the kernel is too old; ESRCH: the
-  // process has exited).
-  explicit ProcessDescriptors(int pid);
+  // Opens process `pid`, which started at `start_time` (process_start_time; 0: not
+  // checked). Throws BackendError (ENOSYS: the kernel is too old; ESRCH, or another start
+  // time: the process has exited, its pid maybe reused).
+  ProcessDescriptors(int pid, std::uint64_t start_time);
   ~ProcessDescriptors();
   ProcessDescriptors(const ProcessDescriptors&) = delete;
   ProcessDescriptors& operator=(const ProcessDescriptors&) = delete;
@@ -31,6 +35,10 @@ class ProcessDescriptors {
   int pid_;
   int pidfd_;
 };
+
+// When process `pid` started, in clock ticks since boot (/proc/<pid>/stat, field 22); 0 when
+// that cannot be read. Never throws.
+std::uint64_t process_start_time(int pid) noexcept;
 
 // Where Yama's ptrace_scope is 1, lets every process of this user take this process's
 // descriptors (prctl PR_SET_PTRACER_ANY), once. Scope 0 needs nothing, scopes 2 and 3 cannot

@@ -779,7 +779,7 @@ std::pair<SharedDescription, std::size_t> CachingAllocator::share(std::uintptr_t
     if (!head->is_head()) throw std::logic_error("vmmalloc: share: a mapping starts inside a handle");
     const std::size_t bytes = std::size_t{head->handle_chunks} * kChunkSize;
     const Backend::SharedHandle exported = backend_->export_handle(head->handle, bytes);
-    d.pieces.push_back({exported.fd, exported.offset, bytes, head->id});
+    d.pieces.push_back({exported.fd, exported.offset, bytes, exported.serial});
     i += head->handle_chunks;
   }
   out.second = ptr - mapping->base;

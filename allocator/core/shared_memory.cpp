@@ -6,8 +6,11 @@ namespace vmm {
 namespace {
 
 constexpr char kMagic[8] = {'v', 'm', 'm', 'a', 'l', 'l', 'o', 'c'};
-constexpr std::uint32_t kFormatVersion = 1;
-constexpr std::size_t kHeaderBytes = sizeof(kMagic) + 4 + 4 + 4 + 4;
+constexpr std::uint32_t kFormatVersion = 2;
+constexpr std::size_t kHeaderBytes = sizeof(kMagic) + 4 + 4 + 4 + 8 + 4;
+// Far past any device (2^48 is 256 TiB): a larger size is a corrupt handle, refused before
+// sums could wrap.
+constexpr std::uint64_t kMaxSharedBytes = std::uint64_t{1} << 48;
 constexpr std::size_t kPieceBytes = 4 + 8 + 8 + 8;
 
 template <typename T>
@@ -45,6 +48,7 @@ std::string encode_shared(const SharedDescription& d) {
   put<std::uint32_t>(out, kFormatVersion);
   put<std::uint32_t>(out, d.kind == Backend::Kind::kCuda ? 0 : 1);
   put<std::int32_t>(out, d.pid);
+  put<std::uint64_t>(out, d.start_time);
   put<std::uint32_t>(out, static_cast<std::uint32_t>(d.pieces.size()));
   for (const SharedPiece& p : d.pieces) {
     put<std::int32_t>(out, p.fd);
@@ -55,8 +59,8 @@ std::string encode_shared(const SharedDescription& d) {
   return out;
 }
 
-bool is_vmmalloc_handle(const std::string& handle) {
-  return handle.size() >= sizeof(kMagic) && std::memcmp(handle.data(), kMagic, sizeof(kMagic)) == 0;
+bool is_vmmalloc_handle(const char* handle, std::size_t length) noexcept {
+  return handle != nullptr && length >= sizeof(kMagic) && std::memcmp(handle, kMagic, sizeof(kMagic)) == 0;
 }
 
 SharedDescription decode_shared(const std::string& handle) {
@@ -73,6 +77,7 @@ SharedDescription decode_shared(const std::string& handle) {
   SharedDescription d;
   d.kind = kind == 0 ? Backend::Kind::kCuda : Backend::Kind::kHost;
   d.pid = get<std::int32_t>(handle, at);
+  d.start_time = get<std::uint64_t>(handle, at);
   const auto count = get<std::uint32_t>(handle, at);
   if (count == 0) bad("it lists no memory");
   if (handle.size() != kHeaderBytes + std::size_t{count} * kPieceBytes) {
@@ -80,6 +85,7 @@ SharedDescription decode_shared(const std::string& handle) {
         std::to_string(count) + " pieces");
   }
   d.pieces.resize(count);
+  std::uint64_t total = 0;
   for (SharedPiece& p : d.pieces) {
     p.fd = get<std::int32_t>(handle, at);
     p.offset = get<std::uint64_t>(handle, at);
@@ -88,7 +94,11 @@ SharedDescription decode_shared(const std::string& handle) {
     if (p.fd < 0 || p.bytes == 0 || p.bytes % kChunkSize != 0 || p.offset % kChunkSize != 0) {
       bad("a piece is not whole 2 MiB chunks of an open descriptor");
     }
+    if (p.bytes > kMaxSharedBytes || p.offset > kMaxSharedBytes) bad("a piece is larger than any device");
+    total += p.bytes;
+    if (total > kMaxSharedBytes) bad("it lists more memory than any device holds");
   }
+  if (d.pid <= 0) bad("it names no process");
   return d;
 }
 

@@ -19,10 +19,13 @@
 // alive even after the sender releases its chunks (the driver counts handles).
 //
 // Format, fixed-width little-endian fields: the magic "vmmalloc", u32 format version, u32
-// backend kind, i32 sender pid, u32 piece count, then per piece i32 descriptor, u64 offset
-// into it, u64 bytes, u64 serial. The serial is the chunk's id, never reused in the sender:
-// descriptor numbers are reused once a handle is released, and a receiver caches mappings
-// by handle string, so without it one string could name two different memories in turn.
+// backend kind, i32 sender pid, u64 sender start time (clock ticks since boot, as
+// /proc/<pid>/stat says: with the pid it names the process, never a later one given the
+// same pid), u32 piece count, then per piece i32 descriptor, u64 offset into it, u64 bytes,
+// u64 serial. The serial names the physical handle among all the sender's backend ever
+// exported (Backend::SharedHandle): descriptor numbers are reused once a handle is
+// released, and a receiver caches mappings by handle string, so without it one string
+// could name two different memories in turn.
 #pragma once
 
 #include <cstddef>
@@ -43,16 +46,20 @@ struct SharedPiece {
 
 struct SharedDescription {
   int pid = 0;
+  std::uint64_t start_time = 0;
   Backend::Kind kind = Backend::Kind::kCuda;
   std::vector<SharedPiece> pieces;  // mapped back to back, in this order
   std::size_t bytes() const;
 };
 
 std::string encode_shared(const SharedDescription& description);
-// Whether `handle` starts as a vmmalloc handle (a cheap test: the magic).
-bool is_vmmalloc_handle(const std::string& handle);
-// Throws std::invalid_argument naming what is wrong (not vmmalloc's, a newer format,
-// truncated, a piece that is not whole chunks).
+// Whether `handle` starts as a vmmalloc handle (a cheap test: the magic; never throws).
+bool is_vmmalloc_handle(const char* handle, std::size_t length) noexcept;
+inline bool is_vmmalloc_handle(const std::string& handle) noexcept {
+  return is_vmmalloc_handle(handle.data(), handle.size());
+}
+// Throws std::invalid_argument naming what is wrong (not vmmalloc's, another format,
+// truncated, a piece that is not whole chunks, sizes past what a device holds).
 SharedDescription decode_shared(const std::string& handle);
 
 }  // namespace vmm
