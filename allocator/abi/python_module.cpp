@@ -504,7 +504,7 @@ PYBIND11_MODULE(_C, m) {
         }
         py::dict out;
         out["pid"] = d.pid;
-    out["start_time"] = d.start_time;
+        out["start_time"] = d.start_time;
         out["backend"] = d.kind == Backend::Kind::kCuda ? "cuda" : "host";
         out["pieces"] = pieces;
         return out;
