@@ -59,13 +59,3 @@ def receiver(inbox, outbox) -> None:
         except Exception:  # noqa: BLE001
             outbox.put(("error", traceback.format_exc()))
 
-
-def sender_native(outbox, inbox) -> None:
-    """Runs without vmmalloc: shares a tensor of 7s, waits until the receiver is done."""
-    import torch
-
-    tensor = torch.full((3 * MiB // 4,), 7.0, device="cuda")
-    outbox.put(("check", tensor, True))
-    inbox.get()
-    outbox.put(("native_after", float(tensor.double().sum())))
-    inbox.get()
