@@ -1,0 +1,87 @@
+"""Attention over reserved K/V buffers that reads only the positions each row holds, with the
+lengths on the device: the attention a decode step captured in a CUDA graph needs, where the
+key length changes every step but the buffers and the graph do not (the plan: bench/NOTES.md,
+"KV decode in CUDA graphs").
+
+Note [Length block masks]
+A VirtualKVCache reserves ``max_length`` positions per row and maps pages only where tokens
+are (Note [Pages mapped ahead, staggered by layer]); reading past them faults. A FlexAttention
+BlockMask lists, per row, the key blocks a kernel visits: here the first ceil(length / block)
+of them, computed from the lengths by device arithmetic alone (no .item(), no host sync) into
+tensors the mask keeps, so one mask serves every step: LengthMask.update rewrites them in place.
+The fused kernel never loads an unlisted block, and the mask_mod hides the positions past the
+length inside the last listed one. So a row of length L reads blocks up to L rounded up to
+`block`, which must not exceed the mapped lead (a page is 1024 positions or more for the
+8B shape; blocks are 128).
+
+Not wired into generate() yet: capturing the decode step in a graph, is_compileable and the
+device-side positions come with it, after the GPU measurements the plan asks for. Without
+torch.compile (CPU tests), FlexAttention runs an unfused reference that reads every position,
+so there the buffers must be mapped in full.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+
+class LengthMask:
+    """A FlexAttention block mask over `capacity` key positions admitting, in row b, only
+    positions ``< lengths[b]`` (Note [Length block masks]). Its tensors keep their addresses:
+    update() rewrites them in place with device operations alone, so a CUDA graph that read
+    the mask reads the new lengths on its next replay.
+
+    Args:
+        lengths: ``[batch]`` integer tensor of positions held per row, on the device the
+            attention runs on (copied: the mask owns its lengths).
+        capacity: key positions the buffers reserve (a multiple of `block`).
+        heads: 1 (every head alike) or the query heads.
+        query_length: query positions per call (1 while decoding); each sees the same keys.
+        block: key positions per block.
+
+    Raises:
+        ValueError: `capacity` is not a positive multiple of `block`, or `lengths` is not 1-D.
+    """
+
+    def __init__(self, lengths: torch.Tensor, capacity: int, heads: int = 1, query_length: int = 1,
+                 block: int = 128) -> None:
+        if capacity <= 0 or capacity % block:
+            raise ValueError(f"LengthMask: capacity {capacity} must be a positive multiple of block {block}")
+        if lengths.dim() != 1:
+            raise ValueError(f"LengthMask: lengths must be 1-D [batch], got shape {tuple(lengths.shape)}")
+        batch, blocks = lengths.shape[0], capacity // block
+        self.block, self.blocks = block, blocks
+        self.lengths = lengths.to(torch.int32).clone()
+        self._visited = torch.empty(batch, heads, 1, dtype=torch.int32, device=lengths.device)
+        indices = torch.arange(blocks, dtype=torch.int32, device=lengths.device).view(1, 1, 1, blocks)
+        held = self.lengths
+
+        def within_length(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+            return kv < held[b]
+
+        self.update(lengths)
+        self.block_mask = BlockMask.from_kv_blocks(
+            self._visited, indices.expand(batch, heads, 1, blocks).contiguous(),
+            BLOCK_SIZE=(max(query_length, 1), block), mask_mod=within_length,
+            seq_lengths=(query_length, capacity), compute_q_blocks=False)
+        # from_kv_blocks keeps the tensors it is given: the mask reads _visited and lengths.
+        assert self.block_mask.kv_num_blocks.data_ptr() == self._visited.data_ptr()
+
+    def update(self, lengths: torch.Tensor) -> None:
+        """The rows hold `lengths` positions now: rewrites the mask's tensors in place."""
+        self.lengths.copy_(lengths)
+        visited = torch.div(self.lengths + (self.block - 1), self.block, rounding_mode="floor").clamp_(1, self.blocks)
+        self._visited.copy_(visited.view(-1, 1, 1).expand_as(self._visited))
+
+
+def attend_within_lengths(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: LengthMask,
+                          scale: float | None = None) -> torch.Tensor:
+    """Attention of ``query [B, Hq, q, D]`` over ``keys``/``values [B, Hkv, capacity, D]`` (Hq a
+    multiple of Hkv: grouped-query attention without copies), visiting only the blocks `mask`
+    lists; returns ``[B, Hq, q, D]``."""
+    if query.shape[1] % keys.shape[1]:
+        raise ValueError(f"attend_within_lengths: {query.shape[1]} query heads do not group over {keys.shape[1]} KV heads")
+    out = flex_attention(query, keys, values, block_mask=mask.block_mask, scale=scale,
+                         enable_gqa=query.shape[1] != keys.shape[1])
+    assert isinstance(out, torch.Tensor)  # no auxiliary outputs were asked for
+    return out
