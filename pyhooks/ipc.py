@@ -12,7 +12,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-_MAGIC = b"vmmalloc"
 _RECEIVER_HINT = (
     "vmmalloc: this CUDA tensor was shared by a process that runs vmmalloc (VMMALLOC=1), and "
     "this process runs PyTorch's own CUDA allocator, which cannot open vmmalloc's memory. Set "
@@ -22,7 +21,9 @@ _RECEIVER_HINT = (
 
 def is_vmmalloc_handle(handle: Any) -> bool:
     """Whether a storage handle (torch's ``_share_cuda_()`` element) was written by vmmalloc."""
-    return isinstance(handle, (bytes, bytearray)) and bytes(handle[:len(_MAGIC)]) == _MAGIC
+    from vmmalloc import _C
+
+    return isinstance(handle, (bytes, bytearray)) and _C.is_shared_handle(bytes(handle))
 
 
 def rebuild_cuda_tensor(*args: Any) -> Any:

@@ -5,15 +5,14 @@ skipping of unlisted blocks (what keeps unmapped pages unread) is the GPU suite'
 here FlexAttention runs unfused, so the buffers are dense."""
 from __future__ import annotations
 
-import warnings
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vmmalloc.integrations.length_attention import LengthMask, attend_within_lengths
 
-warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
+# The unfused reference is what these tests compare (see the docstring).
+pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 
 
 def reference(query, keys, values, lengths):

@@ -33,6 +33,8 @@ def allocator():
 
 
 def pidfd_allowed() -> bool:
+    """False only where the kernel or a container refuses pidfd_open / pidfd_getfd (the two
+    messages vmmalloc gives for that); any other failure runs the tests, which then fail."""
     try:
         backend = _C.HostBackend(64 * MiB)
         a = _C.Allocator(backend, "")
@@ -40,7 +42,7 @@ def pidfd_allowed() -> bool:
         _C.SharedMemory(backend, handle)
         return True
     except RuntimeError as error:
-        return "pidfd" not in str(error) and "ptrace" not in str(error)
+        return "Operation not permitted" not in str(error) and "Linux 5.6" not in str(error)
 
 
 needs_pidfd = pytest.mark.skipif(not pidfd_allowed(), reason="this kernel or container forbids pidfd_getfd")

@@ -490,6 +490,13 @@ PYBIND11_MODULE(_C, m) {
       .def_property_readonly("base", &SharedMapping::base)
       .def_property_readonly("bytes", &SharedMapping::bytes);
   m.def(
+      "is_shared_handle",
+      [](const py::bytes& handle) {
+        const std::string text = handle;
+        return is_vmmalloc_handle(text);
+      },
+      py::arg("handle"), "Whether a handle was written by vmmalloc (Allocator.share), in any process.");
+  m.def(
       "decode_shared_handle",
       [](const py::bytes& handle) {
         const SharedDescription d = decode_shared(handle);

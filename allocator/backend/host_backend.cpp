@@ -100,9 +100,7 @@ ChunkHandle HostBackend::create_chunk(std::size_t bytes) {
     file_chunks_ += chunks;
   }
   live_chunks_ += chunks;
-  const ChunkHandle handle = (ChunkHandle{chunks} << kSizeShift) | (slot + 1);
-  generations_[handle] = ++created_;  // a slot reused later is another handle (SharedHandle::serial)
-  return handle;
+  return (ChunkHandle{chunks} << kSizeShift) | (slot + 1);
 }
 
 void HostBackend::release_chunk(ChunkHandle chunk) {
@@ -124,7 +122,7 @@ void HostBackend::release_chunk(ChunkHandle chunk) {
   }
   free_slots_[chunks].push_back(slot);
   live_chunks_ -= chunks;
-  generations_.erase(chunk);
+  exported_.erase(chunk);  // a slot reused later is another handle (SharedHandle::serial)
 }
 
 void HostBackend::map(std::uintptr_t addr, ChunkHandle chunk, std::size_t bytes) {
@@ -246,12 +244,13 @@ Backend::SharedHandle HostBackend::export_handle(ChunkHandle chunk, std::size_t 
   // backend plays a device for tests, and its receivers must finish before the sender
   // releases the handle.
   std::lock_guard<std::mutex> lock(mutex_);
-  const auto generation = generations_.find(chunk);
-  if ((chunk & kImportedBit) != 0 || chunks_of(chunk) * kChunkSize != bytes ||
-      generation == generations_.end()) {
+  if ((chunk & kImportedBit) != 0 || chunks_of(chunk) == 0 || chunks_of(chunk) * kChunkSize != bytes ||
+      slot_of(chunk) + chunks_of(chunk) > file_chunks_) {
     throw BackendError("host backend: export_handle of a handle this backend did not create");
   }
-  return {memfd_, slot_of(chunk) * kChunkSize, generation->second};
+  auto exported = exported_.find(chunk);
+  if (exported == exported_.end()) exported = exported_.emplace(chunk, ++exports_).first;
+  return {memfd_, slot_of(chunk) * kChunkSize, exported->second};
 }
 
 ChunkHandle HostBackend::import_handle(int fd, std::uint64_t offset, std::size_t bytes) {

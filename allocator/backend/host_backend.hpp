@@ -83,8 +83,8 @@ class HostBackend final : public Backend {
     std::size_t bytes;
   };
   std::map<ChunkHandle, Import> imports_;
-  std::map<ChunkHandle, std::uint64_t> generations_;  // live own handles: their creation number
-  std::uint64_t created_ = 0;
+  std::map<ChunkHandle, std::uint64_t> exported_;  // own handles exported so far: their serials
+  std::uint64_t exports_ = 0;
   std::uint64_t last_import_ = 0;
 };
 
