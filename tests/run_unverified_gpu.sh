@@ -19,7 +19,7 @@ left() { local l=$(( $1 - (SECONDS - T0) )); [ $l -lt 5 ] && l=5; echo $l; }
 stamp() { echo "$1 at $((SECONDS - T0)) s, exit $2" >> "$L/steps.txt"; }
 python3 -m pip install --no-build-isolation --no-deps -q -e . > "$L/build.log" 2>&1
 python3 -m vmmalloc.torch_adapter > "$L/adapter_build.log" 2>&1; stamp build $?
-timeout $(left 330) python3 -m pytest -q -rs --durations=15 tests/test_ipc_gpu.py tests/test_shared_memory.py \
+timeout $(left 330) python3 -m pytest -q -rs --durations=15 tests/test_ipc_gpu.py tests/test_shared_memory.py tests/test_sleep_gpu.py \
   tests/test_torch_gpu.py > "$L/tests.log" 2>&1; stamp tests $?
 timeout $(left 560) compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
   python3 -m pytest -q -x -rf -p no:cacheprovider tests/test_torch_gpu.py tests/test_graphs_gpu.py \

@@ -53,3 +53,48 @@ def test_weights_sleep_with_backup_kv_discarded_and_a_graph_replays_after_wake()
     assert r["freed"] >= (512 + 256) << 20, r
     assert r["same"] and r["graph"] and r["checksum"] and r["other"], r
     assert abs(r["leak"]) <= 2 << 20, r
+
+
+KV_CACHE = """
+from transformers import LlamaConfig
+from vmmalloc import sleep_mode
+from vmmalloc.integrations.kv_cache import VirtualKVCache
+vmmalloc.enable_vmm_allocator()
+config = LlamaConfig(num_hidden_layers=4, hidden_size=1024, num_attention_heads=8, num_key_value_heads=8,
+                     max_position_embeddings=32768)
+cache = VirtualKVCache(config, max_length=32768)
+sleep_mode.attach("cache", cache)
+torch.manual_seed(0)
+keys = torch.randn(2, 8, 8192, 128, device="cuda", dtype=torch.bfloat16)
+for layer in range(4):
+    cache.update(keys, keys * 2, layer)
+pointers = [cache.layers[i].keys.data_ptr() for i in range(4)]
+committed = sum(vt.committed_bytes for layer in cache.layers for vt in layer.virtual_tensors())
+torch.cuda.synchronize()
+free0 = torch.cuda.mem_get_info()[0]
+sleep_mode.pause("cache", backup=True)
+freed = torch.cuda.mem_get_info()[0] - free0
+other = torch.full((committed // 4,), 3.0, device="cuda")    # the freed memory, used by something else
+other_ok = bool((other == 3.0).all()); del other
+torch.cuda.empty_cache()
+sleep_mode.resume("cache")
+restored = all(torch.equal(cache.layers[i].keys[:, :, :8192], keys) and
+               torch.equal(cache.layers[i].values[:, :, :8192], keys * 2) for i in range(4))
+same_pointers = [cache.layers[i].keys.data_ptr() for i in range(4)] == pointers
+cache.update(keys[:, :, :16], keys[:, :, :16], 0)               # decoding goes on after the wake
+sleep_mode.pause("cache", backup=False)
+discarded_free = torch.cuda.mem_get_info()[0] - free0
+sleep_mode.resume("cache")
+torch.cuda.synchronize()
+report(committed=committed, freed=freed, other=other_ok, restored=restored, same_pointers=same_pointers,
+       length=cache.get_seq_length(), discarded_free=discarded_free)
+"""
+
+
+def test_a_virtual_kv_cache_under_a_tag_gives_its_pages_back_and_restores_them():
+    r = run(KV_CACHE)
+    assert r["committed"] >= 4 * 2 * (2 * 8 * 8192 * 128 * 2), r
+    assert r["freed"] >= r["committed"] - (8 << 20), r
+    assert r["discarded_free"] >= r["committed"] - (8 << 20), r
+    assert r["other"] and r["restored"] and r["same_pointers"], r
+    assert r["length"] == 8192 + 16, r
