@@ -3,14 +3,24 @@ hardware's copy limit and the offload users write without it.
 
 One vmmalloc process: a tag holds `size` bytes of weights. Measured, each the median of
 `repeats`:
-- pause(backup=True) and resume(): the contents go to the host and come back (today
-  pageable std::vector buffers, synchronous copies);
+- pause(backup=True) and resume(): the contents go to the host and come back (into the
+  pool's pinned host buffer, kept between cycles: Note [Sleeping pools]);
 - pause(backup=False) and resume(): unmap and map only (what a KV cache pays);
-- the limit: pinned-host copies of the same bytes (D2H and H2D through torch);
+- the copy limit: pinned-host copies of the same bytes through torch (D2H and H2D), in
+  slices of at most 16 GiB of pinned memory so that the 64 GiB run fits the host beside
+  the pool's own 64 GiB backup;
+- the driver's limit for discarding: one cuMemUnmap + cuMemRelease per 2 MiB handle, and
+  one cuMemCreate + cuMemMap + cuMemSetAccess per handle to come back, timed on 1 GiB of
+  handles through cuda-python and given per GB (what a sleep mode with one 2 MiB handle
+  per unmap pays; torch_memory_saver and vLLM's CuMemAllocator map one handle per
+  allocation instead);
 - the usual offload: t.cpu(), del, empty_cache(), then .cuda() again (new addresses: a
-  CUDA graph captured on the old ones would be invalid).
-Expectations (issue: sleep/wake): backup pause/resume within 2x of the pinned copies once
-backups are pinned and overlapped; unmap/map well under a second per 16 GB.
+  CUDA graph captured on the old ones would be invalid), at sizes whose pageable copy fits
+  the host (16 GiB here).
+Targets (issue: sleep and wake): backup pause and resume at >= 80% of the pinned copy
+bandwidth; discard faster per GB than the driver's per-handle calls. torch_memory_saver is
+not in the comparison: it is built from source against CUDA and nothing can be downloaded
+on the GPU machine.
 """
 from __future__ import annotations
 
@@ -22,6 +32,8 @@ from typing import Any
 from bench.workers import run_worker, worker_main
 
 GiB = 1 << 30
+PINNED_SLICE = 16 * GiB  # pinned host memory for the copy limit's measurement
+PAGEABLE_MAX = 16 * GiB  # the largest size whose pageable .cpu() copy is measured
 
 
 def _timed(fn, torch) -> float:
@@ -55,11 +67,12 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
         out["pause_discard"].append(_timed(lambda: sleep_mode.pause("weights", backup=False), torch))
         out["resume_discard"].append(_timed(lambda: sleep_mode.resume("weights"), torch))
         weights.fill_(7)
-    host = torch.empty(size, dtype=torch.uint8, pin_memory=True)
-    for _ in range(repeats):
-        out["pinned_d2h"].append(_timed(lambda h=host: h.copy_(weights, non_blocking=True), torch))
-        out["pinned_h2d"].append(_timed(lambda h=host: weights.copy_(h, non_blocking=True), torch))
-    del host
+    pinned_copies(torch, weights, repeats, out)
+    driver = driver_per_handle(torch, repeats)
+    if size > PAGEABLE_MAX:
+        for key in ("offload_out", "offload_in"):
+            del out[key]
+        return _result(size, out, driver, intact, vmmalloc.is_enabled())
     box: dict[str, Any] = {"t": torch.empty(size, dtype=torch.uint8, device="cuda")}  # the only reference
 
     def offload_out() -> None:
@@ -72,10 +85,80 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     for _ in range(repeats):
         out["offload_out"].append(_timed(offload_out, torch))
         out["offload_in"].append(_timed(offload_in, torch))
+    return _result(size, out, driver, intact, vmmalloc.is_enabled())
+
+
+def pinned_copies(torch, weights, repeats: int, out: dict[str, list[float]]) -> None:
+    """The copy limit: `weights` to pinned host memory and back through torch, in slices of
+    at most PINNED_SLICE bytes."""
+    size = weights.numel()
+    slice_bytes = min(size, PINNED_SLICE)
+    host = torch.empty(slice_bytes, dtype=torch.uint8, pin_memory=True)
+    slices = [weights[i:i + slice_bytes] for i in range(0, size, slice_bytes)]
+
+    def d2h() -> None:
+        for part in slices:
+            host[:part.numel()].copy_(part, non_blocking=True)
+
+    def h2d() -> None:
+        for part in slices:
+            part.copy_(host[:part.numel()], non_blocking=True)
+
+    for _ in range(repeats):
+        out["pinned_d2h"].append(_timed(d2h, torch))
+        out["pinned_h2d"].append(_timed(h2d, torch))
+
+
+def _result(size: int, out: dict[str, list[float]], driver: dict[str, float], intact: bool,
+            enabled: bool) -> dict[str, Any]:
     medians = {k: statistics.median(v) for k, v in out.items()}
     gbps = {k: size / v / 1e9 for k, v in medians.items()}
-    return {"seconds": medians, "GB_per_s": gbps, "all_seconds": out, "intact": intact,
-            "vmmalloc_enabled": vmmalloc.is_enabled()}
+    gbps.update({f"driver_{k}": v for k, v in driver.items()})
+    return {"seconds": medians, "GB_per_s": gbps, "all_seconds": out, "intact": intact, "vmmalloc_enabled": enabled}
+
+
+def driver_per_handle(torch, repeats: int, handles: int = 512) -> dict[str, float]:
+    """GB/s of giving back and taking again `handles` 2 MiB handles one call per handle
+    (median of `repeats`): unmap + release, and create + map + grant."""
+    from cuda.bindings import driver as cu
+
+    def check(result):
+        if int(result[0]) != 0:
+            raise RuntimeError(f"CUDA driver call failed: {result[0]}")
+        return result[1] if len(result) == 2 else None
+
+    device = torch.cuda.current_device()
+    prop = cu.CUmemAllocationProp()
+    prop.type = cu.CUmemAllocationType.CU_MEM_ALLOCATION_TYPE_PINNED
+    prop.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    prop.location.id = device
+    access = cu.CUmemAccessDesc()
+    access.location.type = cu.CUmemLocationType.CU_MEM_LOCATION_TYPE_DEVICE
+    access.location.id = device
+    access.flags = cu.CUmemAccess_flags.CU_MEM_ACCESS_FLAGS_PROT_READWRITE
+    chunk = 2 << 20
+    base = int(check(cu.cuMemAddressReserve(chunk * handles, 0, 0, 0)))
+    give, take = [], []
+    try:
+        for _ in range(repeats):
+            start = time.perf_counter()
+            held = []
+            for i in range(handles):
+                h = check(cu.cuMemCreate(chunk, prop, 0))
+                check(cu.cuMemMap(base + i * chunk, chunk, 0, h, 0))
+                check(cu.cuMemSetAccess(base + i * chunk, chunk, [access], 1))
+                held.append(h)
+            take.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            for i, h in enumerate(held):
+                check(cu.cuMemUnmap(base + i * chunk, chunk))
+                check(cu.cuMemRelease(h))
+            give.append(time.perf_counter() - start)
+    finally:
+        check(cu.cuMemAddressFree(base, chunk * handles))
+    total = chunk * handles / 1e9
+    return {"give_back_per_2MiB_handle": total / statistics.median(give),
+            "take_again_per_2MiB_handle": total / statistics.median(take)}
 
 
 def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
@@ -84,17 +167,33 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     sizes = [8 * GiB] if quick else [16 * GiB, 64 * GiB]
     results = {}
     for size in sizes:
-        r = run_worker("bench.sleep_wake", "vmmalloc", {"size": size, "repeats": 3 if quick else 5}, timeout=1800)
-        s = r["seconds"]
-        r["ratios"] = {"pause_backup_vs_pinned_d2h": s["pause_backup"] / s["pinned_d2h"],
-                       "resume_backup_vs_pinned_h2d": s["resume_backup"] / s["pinned_h2d"],
-                       "pause_backup_vs_offload_out": s["pause_backup"] / s["offload_out"],
-                       "resume_backup_vs_offload_in": s["resume_backup"] / s["offload_in"]}
+        r = run_worker("bench.sleep_wake", "vmmalloc", {"size": size, "repeats": 3}, timeout=1800)
+        r["ratios"] = ratios(r)
         results[f"{size // GiB}GiB"] = r
-    met = {"backup_within_2x_pinned": all(max(r["ratios"]["pause_backup_vs_pinned_d2h"],
-                                              r["ratios"]["resume_backup_vs_pinned_h2d"]) <= 2 for r in results.values()),
+    met = {"backup_at_80pct_of_pinned": all(min(r["ratios"]["pause_backup_over_pinned_bandwidth"],
+                                                r["ratios"]["resume_backup_over_pinned_bandwidth"]) >= 0.8
+                                            for r in results.values()),
+           "discard_faster_than_per_handle_calls": all(
+               min(r["ratios"]["pause_discard_over_driver_per_handle"],
+                   r["ratios"]["resume_discard_over_driver_per_handle"]) > 1 for r in results.values()),
            "intact": all(r["intact"] for r in results.values())}
-    return {"benchmark": "sleep_wake", "sizes": results, "targets": {"backup_vs_pinned_max": 2.0}, "met": met}
+    return {"benchmark": "sleep_wake", "sizes": results, "targets": TARGETS, "met": met}
+
+
+TARGETS = {"backup_bandwidth_over_pinned": ">= 0.8", "discard_bandwidth_over_driver_per_2MiB_handle": "> 1"}
+
+
+def ratios(r: dict[str, Any]) -> dict[str, float]:
+    """Bandwidths against their limits, and the offload people write, where measured."""
+    g, s = r["GB_per_s"], r["seconds"]
+    out = {"pause_backup_over_pinned_bandwidth": g["pause_backup"] / g["pinned_d2h"],
+           "resume_backup_over_pinned_bandwidth": g["resume_backup"] / g["pinned_h2d"],
+           "pause_discard_over_driver_per_handle": g["pause_discard"] / g["driver_give_back_per_2MiB_handle"],
+           "resume_discard_over_driver_per_handle": g["resume_discard"] / g["driver_take_again_per_2MiB_handle"]}
+    if "offload_out" in s:
+        out.update(pause_backup_vs_offload_out=s["pause_backup"] / s["offload_out"],
+                   resume_backup_vs_offload_in=s["resume_backup"] / s["offload_in"])
+    return out
 
 
 def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
@@ -103,8 +202,13 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         s = r["seconds"]
         rows.append((f"{name}: pause+resume with backup", f"{s['pause_backup']:.2f} + {s['resume_backup']:.2f} s",
                      f"pinned copies {s['pinned_d2h']:.2f} + {s['pinned_h2d']:.2f} s"))
-        rows.append((f"{name}: pause+resume, no backup", f"{s['pause_discard']:.3f} + {s['resume_discard']:.3f} s", ""))
-        rows.append((f"{name}: .cpu()/.cuda() offload", f"{s['offload_out']:.2f} + {s['offload_in']:.2f} s", ""))
+        g = r["GB_per_s"]
+        rows.append((f"{name}: pause+resume, no backup", f"{s['pause_discard']:.3f} + {s['resume_discard']:.3f} s",
+                     f"driver, a call per 2 MiB handle: {g['driver_give_back_per_2MiB_handle']:.0f} + "
+                     f"{g['driver_take_again_per_2MiB_handle']:.0f} GB/s against {g['pause_discard']:.0f} + "
+                     f"{g['resume_discard']:.0f}"))
+        if "offload_out" in s:
+            rows.append((f"{name}: .cpu()/.cuda() offload", f"{s['offload_out']:.2f} + {s['offload_in']:.2f} s", ""))
     return rows
 
 
