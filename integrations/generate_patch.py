@@ -25,7 +25,7 @@ from typing import Any
 from vmmalloc.integrations.hf_compat import generate_cache_kwarg, given_cache, output_cache
 
 CACHES = ("vmm", "offload")
-_state: dict[str, Any] = {"original": None, "cache": None, "options": {}, "attention": True}
+_state: dict[str, Any] = {"original": None, "cache": None, "options": {}, "attention": True, "graphs": True}
 # Positions reserved beyond generate()'s max_length (virtual space only, no memory).
 _RESERVE_MARGIN = 64
 
@@ -44,7 +44,7 @@ def _check_cache(cache: str, options: dict[str, Any]) -> None:
         raise ValueError(f"kv_budget is an option of the offload cache, not of {cache!r}")
 
 
-def patch_generate(cache: str = "vmm", *, attention: bool = True, **options: Any) -> None:
+def patch_generate(cache: str = "vmm", *, attention: bool = True, graphs: bool = True, **options: Any) -> None:
     """Makes ``generate()`` use vmmalloc's cache whenever it is given none.
 
     Args:
@@ -53,6 +53,9 @@ def patch_generate(cache: str = "vmm", *, attention: bool = True, **options: Any
         attention: while generating, models on ``"sdpa"`` attention use
             :func:`~vmmalloc.integrations.attention.virtual_sdpa_attention`, which reads the
             virtual buffers with no copy.
+        graphs: decode steps of a ``VirtualKVCache`` on a GPU are replayed from a CUDA graph
+            (Note [Decode in graphs under the patch]); False, or ``disable_compile=True`` in
+            the generation config, decodes eagerly.
         **options: passed to the cache (``max_batch_size``, ``lookahead``; ``kv_budget``
             for ``"offload"``: GPU bytes for KV, an int or a string such as ``"8GiB"``).
 
@@ -61,7 +64,7 @@ def patch_generate(cache: str = "vmm", *, attention: bool = True, **options: Any
     _check_cache(cache, options)
     from transformers.generation.utils import GenerationMixin
 
-    _state.update(cache=cache, options=dict(options), attention=attention)
+    _state.update(cache=cache, options=dict(options), attention=attention, graphs=graphs)
     if _state["original"] is not None:
         return
     original = GenerationMixin.generate
@@ -102,7 +105,8 @@ def patched_generate(cache: str = "vmm", **options: Any) -> Iterator[None]:
         yield
     finally:
         if was_patched:
-            _state.update(cache=saved["cache"], options=saved["options"], attention=saved["attention"])
+            _state.update(cache=saved["cache"], options=saved["options"], attention=saved["attention"],
+                          graphs=saved["graphs"])
         else:
             unpatch_generate()
 
@@ -182,6 +186,28 @@ def _with_attention(original: Any, model: Any, args: tuple, kwargs: dict[str, An
         return original(model, *args, **kwargs)
     model.config._attn_implementation = register_attention()
     try:
-        return original(model, *args, **kwargs)
+        return _with_graphs(original, model, args, kwargs)
     finally:
         model.config._attn_implementation = "sdpa"
+
+
+# Note [Decode in graphs under the patch]
+# transformers picks the forward of its decode steps once per generate() call:
+# get_compiled_call(compile_config) when _valid_auto_compile_criteria says so, else the
+# model itself (5.17 to 5.24 alike). For a VirtualKVCache on a GPU the patch answers both on
+# the model instance for the length of the call: the criteria say yes unless the generation
+# config sets disable_compile, and the "compiled call" is the cache's GraphDecoder, which
+# replays one-token steps from a CUDA graph and runs anything else eagerly. The prompt always
+# runs eagerly (transformers' _prefill calls the model itself).
+def _with_graphs(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
+    from vmmalloc.integrations.graph_decode import GraphDecoder, _say_once, decoding_in_graphs, why_not
+
+    cache = given_cache(kwargs)
+    if not _state["graphs"] or cache is None or model.device.type != "cuda":
+        return original(model, *args, **kwargs)
+    reason = why_not(model, cache)
+    if reason is not None:
+        _say_once(reason)
+        return original(model, *args, **kwargs)
+    with decoding_in_graphs(model, GraphDecoder.of(model, cache)):
+        return original(model, *args, **kwargs)

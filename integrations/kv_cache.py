@@ -21,6 +21,18 @@ that differs per layer (an even share of a page): the pages of a boundary are ma
 layer at a time, spread over the tokens before it. The cost is at most two pages per row
 beyond the tokens held.
 
+Note [Decode steps in a graph]
+A one-token decode step can be replayed from a CUDA graph (integrations/graph_decode.py):
+the buffers never move, so the step's kernels can be recorded once. Inside a graph nothing
+on the host runs, so the layer's graph mode splits its work: the page mapping and the
+length bookkeeping happen on the host between replays (GraphDecoder, as in eager decode:
+the lead of Note [Pages mapped ahead, staggered by layer] maps a page before a token needs
+it), and update() only writes the new token at a device-held position and returns views of
+the whole reservation (``graph_capacity`` positions, a multiple of 128), which the graph's
+attention reads within the device-held lengths (Note [Length block masks]). The layer's
+``is_compileable`` stays False: transformers' own torch.compile path would trace update()
+and its page mapping into a compiled graph, where mapping cannot happen.
+
 Note [Sliding windows stay contiguous]
 A sliding-window layer keeps the full-length buffer, so its window is one contiguous view;
 the pages wholly before the window are unmapped as it moves on. While generate() records
@@ -35,7 +47,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from vmmalloc.integrations.hf_compat import crop_to_removal, layer_windows, text_config
-from vmmalloc.virtual_tensor import VirtualTensor
+from vmmalloc.virtual_tensor import CHUNK_SIZE, VirtualTensor
 
 
 class VirtualKVLayer(CacheLayerMixin):
@@ -62,6 +74,10 @@ class VirtualKVLayer(CacheLayerMixin):
         self._record_from = 0  # first position kept while recording the past
         self._k: VirtualTensor | None = None
         self._v: VirtualTensor | None = None
+        # Note [Decode steps in a graph]: positions reserved, and the device-held position
+        # update() writes at while a graph is recorded (None: eager).
+        self.graph_capacity = -(-self.max_length // 128) * 128
+        self.graph_position: torch.Tensor | None = None
 
     # ----- the buffers ---------------------------------------------------------------
 
@@ -70,8 +86,9 @@ class VirtualKVLayer(CacheLayerMixin):
         rows = max(batch, self.max_batch_size or 0)
         self.dtype, self.device = key_states.dtype, key_states.device
         self._free_buffers()
-        self._k = VirtualTensor((rows, self.max_length, heads, head_dim), key_states.dtype, key_states.device)
-        self._v = VirtualTensor((rows, self.max_length, value_states.shape[1], value_states.shape[-1]),
+        capacity = self.graph_capacity
+        self._k = VirtualTensor((rows, capacity, heads, head_dim), key_states.dtype, key_states.device)
+        self._v = VirtualTensor((rows, capacity, value_states.shape[1], value_states.shape[-1]),
                                 value_states.dtype, value_states.device)
         self.is_initialized = True
         self.length = 0
@@ -114,7 +131,7 @@ class VirtualKVLayer(CacheLayerMixin):
         k, v = self._buffers()
         page = k.tokens_per_page
         keep_from = min(start, self._record_from) if self.record_past else start
-        lead = max(1, int(page * self._stagger)) if self.lookahead else 0
+        lead = self._lead(page)
         target = min(self.max_length, -(-(stop + lead) // page) * page) if lead else stop
         same = all(vt.rows == rows and vt.start // page == keep_from // page and vt.stop == k.stop for vt in (k, v))
         if same and stop <= k.stop and -(-k.stop // page) <= -(-target // page):
@@ -122,6 +139,10 @@ class VirtualKVLayer(CacheLayerMixin):
                 return  # the same pages serve: enough lead, nothing to give back
         for vt in (k, v):
             vt.commit(rows, target, keep_from)
+
+    def _lead(self, page: int) -> int:
+        """Positions mapped beyond the tokens (Note [Pages mapped ahead, staggered by layer])."""
+        return max(1, int(page * self._stagger)) if self.lookahead else 0
 
     def _set_views(self, start: int) -> None:
         rows, stop = self.batch_size, self.length
@@ -133,6 +154,8 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.graph_position is not None:
+            return self._graph_update(key_states, value_states)
         if not self.is_initialized or not self._fits(key_states, value_states):
             if self.is_initialized and self.length > 0:
                 raise ValueError(
@@ -156,6 +179,44 @@ class VirtualKVLayer(CacheLayerMixin):
         self.length = after
         self._set_views(start)
         return self.keys, self.values
+
+    def _graph_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Note [Decode steps in a graph]: writes the new token at graph_position by device
+        operations alone and returns the whole reservation; the host state is the decoder's."""
+        assert self.graph_position is not None
+        k, v = self._buffers()
+        batch = key_states.shape[0]
+        k.tensor[:batch].index_copy_(1, self.graph_position, key_states.transpose(1, 2))
+        v.tensor[:batch].index_copy_(1, self.graph_position, value_states.transpose(1, 2))
+        return k.tensor[:batch].transpose(1, 2), v.tensor[:batch].transpose(1, 2)
+
+    def prepare_graph_step(self, batch: int, stop: int) -> None:
+        """Maps the pages a graph-replayed step writing position ``stop - 1`` needs (with the
+        eager path's lead), before the replay."""
+        self.batch_size = batch
+        k, _ = self._buffers()
+        if k.row_stride < CHUNK_SIZE:
+            # Rows packed into shared pages (a short reservation): a block read past a row's
+            # span could reach an unmapped page, so the whole reservation is mapped (< 2 MiB a row).
+            stop = self.max_length
+        self._commit(batch, stop, 0)
+
+    def graph_step_needs_pages_at(self) -> int | float:
+        """The least `stop` for which prepare_graph_step has pages to map (as _commit decides)."""
+        k, _ = self._buffers()
+        if k.stop >= self.max_length:
+            return float("inf")
+        return k.stop - self._lead(k.tokens_per_page) + 1
+
+    def finish_graph_step(self, stop: int) -> None:
+        """The host's record of a replayed step: the layer holds `stop` positions now."""
+        self.length = stop
+        self._set_views(0)
+
+    def graph_buffers(self) -> tuple[int, int]:
+        """The addresses a recorded graph wrote to (it must be recorded again when they change)."""
+        k, v = self._buffers()
+        return k.tensor.data_ptr(), v.tensor.data_ptr()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         start = self._window_start(self.length)
@@ -275,6 +336,9 @@ class VirtualLayersCache(Cache):
                   for i, window in enumerate(windows)]
         super().__init__(layers=layers)
         self.max_length = int(max_length)
+        # Its GraphDecoder (integrations/graph_decode.py), whose recorded graph lives as long
+        # as the cache's buffers; free() drops it with them.
+        self.graph_decoder: Any = None
 
     @property
     def committed_bytes(self) -> int:
@@ -288,6 +352,7 @@ class VirtualLayersCache(Cache):
 
     def free(self) -> None:
         """Gives all memory and reservations back now (rather than when collected)."""
+        self.graph_decoder = None
         for layer in self.layers:
             layer.free()
 

@@ -14,10 +14,13 @@ length inside the last listed one. So a row of length L reads blocks up to L rou
 `block`, which must not exceed the mapped lead (a page is 1024 positions or more for the
 8B shape; blocks are 128).
 
-Not wired into generate() yet: capturing the decode step in a graph, is_compileable and the
-device-side positions come with it, after the GPU measurements the plan asks for. Without
-torch.compile (CPU tests), FlexAttention runs an unfused reference that reads every position,
-so there the buffers must be mapped in full.
+Padding (a batch of prompts of different lengths, padded on the left) is a second device
+tensor, ``key_mask [batch, capacity]``: positions it marks False are never attended to. The
+graph decoder (integrations/graph_decode.py) rewrites it from generate()'s attention mask
+before each step.
+
+Without torch.compile (CPU tests), FlexAttention runs an unfused reference that reads every
+position, so there the buffers must be mapped in full.
 """
 from __future__ import annotations
 
@@ -37,32 +40,46 @@ class LengthMask:
         capacity: key positions the buffers reserve (a multiple of `block`).
         heads: 1 (every head alike) or the query heads.
         query_length: query positions per call (1 while decoding); each sees the same keys.
-        block: key positions per block.
+        block: key positions per block (at least 16, and a divisor of the positions a page
+            holds, so that a listed block is always mapped).
+        key_mask: ``[batch, capacity]`` bool, False at positions never to attend to (padding);
+            None: every position below the length. Kept, not copied: its owner rewrites it.
 
     Raises:
         ValueError: `capacity` is not a positive multiple of `block`, or `lengths` is not 1-D.
     """
 
     def __init__(self, lengths: torch.Tensor, capacity: int, heads: int = 1, query_length: int = 1,
-                 block: int = 128) -> None:
+                 block: int = 128, key_mask: torch.Tensor | None = None) -> None:
         if capacity <= 0 or capacity % block:
             raise ValueError(f"LengthMask: capacity {capacity} must be a positive multiple of block {block}")
         if lengths.dim() != 1:
             raise ValueError(f"LengthMask: lengths must be 1-D [batch], got shape {tuple(lengths.shape)}")
         batch, blocks = lengths.shape[0], capacity // block
+        if key_mask is not None and (tuple(key_mask.shape) != (batch, capacity) or key_mask.dtype != torch.bool):
+            raise ValueError(f"LengthMask: key_mask must be a bool tensor of shape {(batch, capacity)}, "
+                             f"got {key_mask.dtype} {tuple(key_mask.shape)}")
         self.block, self.blocks = block, blocks
         self.lengths = lengths.to(torch.int32).clone()
         self._visited = torch.empty(batch, heads, 1, dtype=torch.int32, device=lengths.device)
         indices = torch.arange(blocks, dtype=torch.int32, device=lengths.device).view(1, 1, 1, blocks)
         held = self.lengths
+        self.key_mask = key_mask
 
         def within_length(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
             return kv < held[b]
 
+        def within_length_and_key_mask(b: torch.Tensor, h: torch.Tensor, q: torch.Tensor,
+                                       kv: torch.Tensor) -> torch.Tensor:
+            assert key_mask is not None
+            return (kv < held[b]) & key_mask[b, kv]
+
         self.update(lengths)
+        # A query block of 128 (one block for a decode step's query): the fused decoding
+        # kernel needs query blocks that are multiples of its own (16).
         self.block_mask = BlockMask.from_kv_blocks(
             self._visited, indices.expand(batch, heads, 1, blocks).contiguous(),
-            BLOCK_SIZE=(max(query_length, 1), block), mask_mod=within_length,
+            BLOCK_SIZE=(128, block), mask_mod=within_length if key_mask is None else within_length_and_key_mask,
             seq_lengths=(query_length, capacity), compute_q_blocks=False)
         # from_kv_blocks keeps the tensors it is given: the mask reads _visited and lengths.
         assert self.block_mask.kv_num_blocks.data_ptr() == self._visited.data_ptr()

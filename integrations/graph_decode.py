@@ -1,0 +1,284 @@
+"""Decode steps of a VirtualKVCache replayed from a CUDA graph (Note [Decode steps in a graph]
+in integrations/kv_cache.py; the plan and its bound: bench/NOTES.md, "KV decode in CUDA graphs").
+
+A decode step is launch-bound: a 32-layer model launches about a thousand kernels per token.
+GraphDecoder records one step's kernels once and replays them for every later step, on the
+same fixed virtual addresses. What changes from step to step lives in device tensors the
+graph reads: the token and its position, the write position of the new K/V, the lengths and
+the padding the attention honours (Note [Length block masks]). Pages are mapped on the host
+between replays, exactly as in eager decode, so the memory committed still follows the tokens.
+
+generate() reaches it through transformers' own hook for a compiled decode step: while the
+patched generate() runs (integrations/generate_patch.py), the model's ``get_compiled_call``
+returns the decoder instead of a torch.compile'd forward. A step the decoder cannot replay
+(more than one new token, inputs a graph cannot take) runs eagerly; a model or cache it can
+never replay is said once, and generate() runs eagerly throughout.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+from vmmalloc.integrations.hf_compat import given_cache, layer_windows
+from vmmalloc.integrations.length_attention import LengthMask
+
+NAME = "vmm_graph"  # the attention implementation a recorded step runs under
+# What a decode step may pass besides these makes the decoder run it eagerly.
+_STEP_INPUTS = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "use_cache",
+                "return_dict", "logits_to_keep", "cache_position"}
+_said: set[str] = set()
+
+
+def _say_once(reason: str) -> None:
+    if reason not in _said:
+        _said.add(reason)
+        warnings.warn(f"vmmalloc: decode runs eagerly, not in CUDA graphs: {reason}", stacklevel=3)
+
+
+@functools.cache
+def _flex(device_type: str) -> Callable[..., Any]:
+    """FlexAttention, compiled for the GPU (its fused kernels skip unlisted blocks); on the
+    host its unfused reference (the CPU tests)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    if device_type == "cuda":
+        return torch.compile(flex_attention, dynamic=False, fullgraph=True)
+    return flex_attention
+
+
+def graph_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                    attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
+                    vmm_length_mask: LengthMask | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """transformers' attention-function contract over the whole reservation: query
+    ``[B, Hq, 1, D]``, key/value ``[B, Hkv, capacity, D]``, read within `vmm_length_mask`."""
+    if vmm_length_mask is None:
+        raise RuntimeError(f"the {NAME!r} attention runs only inside vmmalloc's graph decoder (GraphDecoder)")
+    if dropout:
+        raise ValueError(f"the {NAME!r} attention is for inference; dropout {dropout} was asked for")
+    out = _flex(query.device.type)(query, key, value, block_mask=vmm_length_mask.block_mask, scale=scaling,
+                                   enable_gqa=query.shape[1] != key.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register_graph_attention() -> str:
+    """Registers :func:`graph_attention` under :data:`NAME`, with no mask function: a model
+    under it builds no mask (the lengths and padding are the LengthMask's)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, graph_attention)
+    return NAME
+
+
+def why_not(model: Any, cache: Any) -> str | None:
+    """Why the decode steps of `model` over `cache` can never be replayed (None: they can)."""
+    from vmmalloc.integrations.kv_cache import VirtualKVCache
+
+    if not isinstance(cache, VirtualKVCache):
+        return f"the cache is a {type(cache).__name__}, not a VirtualKVCache"
+    config = model.config
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "vmm_sdpa", NAME):
+        return f"the model's attention is {config._attn_implementation!r}; graphs need 'sdpa'"
+    if any(window is not None for window in layer_windows(config)):
+        return "the model has sliding-window layers (their pages before the window are given back)"
+    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    groups = heads // kv_heads
+    if heads % kv_heads or groups & (groups - 1):
+        return f"{heads} query heads over {kv_heads} key/value heads (FlexAttention's decoding needs a power of 2)"
+    if getattr(config, "sub_configs", None) or config.is_encoder_decoder:
+        return "the model is not a plain decoder"
+    return None
+
+
+class _Recorded:
+    """One recorded step: its graph, the static inputs it reads and the output it writes."""
+
+    def __init__(self, batch: int, capacity: int, block: int, device: torch.device) -> None:
+        self.batch = batch
+        self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.position = torch.zeros(1, dtype=torch.long, device=device)  # where the new token's K/V go
+        self.key_mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        self.mask = LengthMask(torch.ones(batch, dtype=torch.int32, device=device), capacity, block=block,
+                               key_mask=self.key_mask)
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.output: Any = None
+        self.buffers: tuple[int, ...] = ()
+        self.logits_to_keep: Any = None
+
+
+class GraphDecoder:
+    """Runs one-token decode steps of `model` over `cache` as CUDA graph replays.
+
+    Called as the model is, with the inputs generate() prepares for a step; returns what the
+    model returns. Steps it cannot replay run the model eagerly.
+
+    Args:
+        model: a transformers decoder on a CUDA device (held weakly).
+        cache: the VirtualKVCache the steps decode over.
+        capture: record and replay a graph (False: run the step's graph-mode operations
+            eagerly every step, the same arithmetic, for machines without a GPU).
+    """
+
+    def __init__(self, model: Any, cache: Any, capture: bool = True) -> None:
+        reason = why_not(model, cache)
+        if reason is not None:
+            raise ValueError(f"vmmalloc: cannot decode in CUDA graphs: {reason}")
+        self._model = weakref.ref(model)
+        self._cache = weakref.ref(cache)  # the cache holds its decoder (graph_decoder), not the reverse
+        self.capture = capture
+        self.replays = 0      # steps served from a graph (or its eager stand-in)
+        self.recordings = 0   # graphs recorded
+        self._recorded: _Recorded | None = None
+        self._next_mapping = 0  # the first length whose step may need a page mapped
+        register_graph_attention()
+
+    @classmethod
+    def of(cls, model: Any, cache: Any, capture: bool = True) -> GraphDecoder:
+        """The decoder `cache` keeps for `model` (made on first use): its graph outlives one
+        generate() call, as long as the cache's buffers stay where they are."""
+        decoder = getattr(cache, "graph_decoder", None)
+        if not isinstance(decoder, cls) or decoder._model() is not model or decoder.capture != capture:
+            decoder = cls(model, cache, capture)
+            cache.graph_decoder = decoder
+        return decoder
+
+    @property
+    def cache(self) -> Any:
+        cache = self._cache()
+        if cache is None:
+            raise RuntimeError("the cache this GraphDecoder served is gone")
+        return cache
+
+    # ----- one step ------------------------------------------------------------------
+
+    def __call__(self, **inputs: Any) -> Any:
+        model = self._model()
+        if model is None:
+            raise RuntimeError("the model this GraphDecoder served is gone")
+        cache = given_cache(inputs)
+        ids = inputs.get("input_ids")
+        if (cache is not self.cache or ids is None or ids.dim() != 2 or ids.shape[1] != 1
+                or not set(inputs) <= _STEP_INPUTS or not inputs.get("use_cache", True)):
+            return model(**inputs)  # a prompt, several tokens, or inputs a graph cannot take
+        layers = self.cache.layers
+        length, batch = layers[0].get_seq_length(), ids.shape[0]
+        if length == 0 or length + 1 > layers[0].max_length:
+            return model(**inputs)
+        self._map_pages(batch, length + 1)
+        recorded = self._recorded_for(model, batch, inputs.get("logits_to_keep"))
+        self._set_inputs(recorded, inputs, length)
+        if not self.capture:
+            with self._graph_mode(model, recorded):
+                recorded.output = self._step(model, recorded, self._cache_key(inputs))
+        elif recorded.graph is None:
+            recorded.output = self._record(model, recorded, self._cache_key(inputs))
+        else:
+            recorded.graph.replay()
+        for layer in layers:
+            layer.finish_graph_step(length + 1)
+        self.replays += 1
+        out = recorded.output
+        return out.__class__(**{**out, "logits": out["logits"].clone()})
+
+    @staticmethod
+    def _cache_key(inputs: dict[str, Any]) -> str:
+        return "cache" if "cache" in inputs else "past_key_values"
+
+    def _map_pages(self, batch: int, stop: int) -> None:
+        """The pages every layer needs for `stop` positions, mapped on the host."""
+        layers = self.cache.layers
+        if stop < self._next_mapping and all(layer.batch_size == batch for layer in layers):
+            return  # every layer has its lead mapped (Note [Pages mapped ahead, staggered by layer])
+        for layer in layers:
+            layer.prepare_graph_step(batch, stop)
+        self._next_mapping = min(layer.graph_step_needs_pages_at() for layer in layers)
+
+    def _set_inputs(self, recorded: _Recorded, inputs: dict[str, Any], length: int) -> None:
+        recorded.input_ids.copy_(inputs["input_ids"])
+        positions = inputs.get("position_ids")
+        if positions is not None:
+            recorded.position_ids.copy_(positions[:, -1:])
+        else:
+            recorded.position_ids.fill_(length)
+        recorded.position.fill_(length)
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] >= length + 1:
+            recorded.key_mask[:, :length + 1].copy_(mask[:, :length + 1])
+        else:
+            recorded.key_mask[:, :length + 1].fill_(True)
+
+    # ----- recording -----------------------------------------------------------------
+
+    def _recorded_for(self, model: Any, batch: int, logits_to_keep: Any) -> _Recorded:
+        buffers = tuple(p for layer in self.cache.layers for p in layer.graph_buffers())
+        r = self._recorded
+        if r is not None and r.batch == batch and r.buffers == buffers and r.logits_to_keep == logits_to_keep:
+            return r
+        first = self.cache.layers[0]
+        k, _ = first._buffers()
+        block = min(128, k.tokens_per_page)
+        if block % 16 or first.graph_capacity % block:
+            raise ValueError(f"vmmalloc: a page holds {k.tokens_per_page} positions here; graph decode needs "
+                             "a multiple of 16")
+        self._recorded = r = _Recorded(batch, first.graph_capacity, block, k.device)
+        r.buffers, r.logits_to_keep = buffers, logits_to_keep
+        return r
+
+    def _step(self, model: Any, recorded: _Recorded, cache_key: str) -> Any:
+        """The operations of one step, all on the device: what the graph records."""
+        recorded.mask.update((recorded.position + 1).expand(recorded.batch))
+        kwargs: dict[str, Any] = {} if recorded.logits_to_keep is None else {"logits_to_keep": recorded.logits_to_keep}
+        return model(input_ids=recorded.input_ids, position_ids=recorded.position_ids, attention_mask=None,
+                     use_cache=True, return_dict=True, vmm_length_mask=recorded.mask,
+                     **{cache_key: self.cache}, **kwargs)
+
+    @contextlib.contextmanager
+    def _graph_mode(self, model: Any, recorded: _Recorded) -> Iterator[None]:
+        """The model under the graph attention, the layers writing at the device position."""
+        config, layers = model.config, self.cache.layers
+        saved = config._attn_implementation
+        config._attn_implementation = NAME
+        for layer in layers:
+            layer.graph_position = recorded.position
+        try:
+            yield
+        finally:
+            config._attn_implementation = saved
+            for layer in layers:
+                layer.graph_position = None
+
+    def _record(self, model: Any, recorded: _Recorded, cache_key: str) -> Any:
+        """Records the step's graph; returns the output it writes (this step's, replayed)."""
+        with self._graph_mode(model, recorded):
+            side = torch.cuda.Stream(recorded.input_ids.device)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up: compiles FlexAttention, fills lazy state
+                for _ in range(2):
+                    self._step(model, recorded, cache_key)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                output = self._step(model, recorded, cache_key)
+        graph.replay()  # recording ran nothing: this step's output comes from the first replay
+        recorded.graph = graph
+        self.recordings += 1
+        return output
+
+
+@contextlib.contextmanager
+def decoding_in_graphs(model: Any, decoder: GraphDecoder) -> Iterator[None]:
+    """generate() calls on `model` in this block decode through `decoder` (Note [Decode in
+    graphs under the patch] in integrations/generate_patch.py): transformers' hook for a
+    compiled decode step, answered on the model instance, ``disable_compile`` honoured."""
+    model.get_compiled_call = lambda compile_config=None: decoder
+    model._valid_auto_compile_criteria = lambda model_kwargs, generation_config: not generation_config.disable_compile
+    try:
+        yield
+    finally:
+        del model.get_compiled_call, model._valid_auto_compile_criteria

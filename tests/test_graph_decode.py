@@ -1,0 +1,91 @@
+"""Decode steps over a VirtualKVCache replayed from a CUDA graph (Note [Decode steps in a
+graph]): the same tokens as eager decode and as DynamicCache, in fp32, padded batches
+included; one graph recorded and every later step replayed; steps a graph cannot take run
+eagerly; models it can never take are said once. On CPU the graph-mode operations run
+eagerly each step (capture=False): the same arithmetic the graph records. On a GPU the
+recorded graph replays over a reservation mapped only where the tokens are, so a read past
+them would fault, not pass."""
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from hf_models import prompt, tiny_model  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+
+from vmmalloc.integrations import VirtualKVCache, patched_generate  # noqa: E402
+from vmmalloc.integrations.graph_decode import GraphDecoder, decoding_in_graphs, why_not  # noqa: E402
+from vmmalloc.integrations.hf_compat import cache_kwargs  # noqa: E402
+
+pytestmark = [pytest.mark.usefixtures("no_patch_left_behind"),
+              pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")]
+
+
+def greedy(model, ids, mask, cache, new_tokens):
+    return model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                          **cache_kwargs(cache))
+
+
+def test_graph_steps_give_the_tokens_of_eager_decode(device):
+    model = tiny_model("llama", device, max_positions=4096)
+    ids, mask = prompt(3, 12, device)  # left padding: the graph's key mask must honour it
+    new = 24
+    ref = greedy(model, ids, mask, DynamicCache(config=model.config), new)
+    eager = greedy(model, ids, mask, VirtualKVCache(model.config, max_length=200), new)
+    cache = VirtualKVCache(model.config, max_length=200)
+    decoder = GraphDecoder.of(model, cache, capture=device == "cuda")
+    with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+        out = greedy(model, ids, mask, cache, new)
+    assert torch.equal(out, eager) and torch.equal(out, ref)
+    assert decoder.replays == new - 1, "every step after the prompt's came from the graph"
+    assert decoder.recordings == (1 if device == "cuda" else 0)
+    assert cache.get_seq_length() == ids.shape[1] + new - 1
+    assert model.config._attn_implementation == "sdpa", "the graph attention is only for recording"
+
+
+def test_a_second_call_on_the_same_cache_replays_the_same_graph(device):
+    model = tiny_model("llama", device, max_positions=4096)
+    ids, mask = prompt(2, 10, device)
+    cache = VirtualKVCache(model.config, max_length=128)
+    decoder = GraphDecoder.of(model, cache, capture=device == "cuda")
+    with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+        first = greedy(model, ids, mask, cache, 8)
+        cache.reset()  # the reservations stay, so the graph's addresses do
+        second = greedy(model, ids, mask, cache, 8)
+        with_compile_off = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False,
+                                          disable_compile=True, **cache_kwargs(VirtualKVCache(model.config, 128)))
+    assert torch.equal(first, second) and torch.equal(first, with_compile_off)
+    assert GraphDecoder.of(model, cache, capture=device == "cuda") is decoder
+    assert decoder.replays == 2 * 7 and decoder.recordings == (1 if device == "cuda" else 0)
+
+
+def test_models_a_graph_cannot_take_are_named():
+    assert why_not(tiny_model("llama"), VirtualKVCache(tiny_model("llama").config, 64)) is None
+    mistral = tiny_model("mistral")
+    assert "sliding-window" in why_not(mistral, VirtualKVCache(mistral.config, 64))
+    assert "not a VirtualKVCache" in why_not(tiny_model("llama"), DynamicCache())
+    eager = tiny_model("llama", attention="eager")
+    assert "'eager'" in why_not(eager, VirtualKVCache(eager.config, 64))
+    with pytest.raises(ValueError, match="sliding-window"):
+        GraphDecoder(mistral, VirtualKVCache(mistral.config, 64))
+
+
+def test_the_graph_attention_outside_the_decoder_is_a_clear_error():
+    from vmmalloc.integrations.graph_decode import graph_attention
+
+    q = torch.randn(1, 4, 1, 16)
+    with pytest.raises(RuntimeError, match="only inside vmmalloc's graph decoder"):
+        graph_attention(torch.nn.Module(), q, q, q, None)
+
+
+def test_on_the_host_the_patch_decodes_eagerly_and_says_nothing():
+    model = tiny_model("llama")
+    ids, mask = prompt(2, 10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with patched_generate():
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert out.shape == (2, 16)
