@@ -103,7 +103,10 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
     g = torch.Generator(device="cuda").manual_seed(context + batch)
     all_ids = torch.randint(3, model.config.vocab_size, (batch, context + (repeats - 1) * page), device="cuda",
                             generator=g)
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, disable_compile=True)
+    # Only the two systems that compile by design may: transformers' StaticCache path and
+    # vmmalloc's graph decoder (which disable_compile turns off too).
+    compiled = cache in ("static_compiled", "vmm_graphs")
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, disable_compile=not compiled)
     runs, ttfts, peaks_reserved, peaks_allocated, after_prefill, mapping_steps = [], [], [], [], [], []
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -112,7 +115,7 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
         for r in range(repeats):
             ids = all_ids[:, :context + r * page]
             kwargs["attention_mask"] = torch.ones_like(ids)
-            if cache == "static":
+            if cache in ("static", "static_compiled"):
                 kwargs["cache_implementation"] = "static"
             elif cache == "dynamic":
                 from transformers import DynamicCache
@@ -125,10 +128,12 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             start = time.perf_counter()
             with torch.no_grad():
                 if cache.startswith("vmm"):
-                    with patched_generate("vmm", lookahead=cache == "vmm"):
+                    with patched_generate("vmm", lookahead=cache != "vmm_no_lookahead", graphs=cache == "vmm_graphs"):
                         out = model.generate(ids, stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
                 else:
                     out = model.generate(ids, stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
+            if r == 0:
+                first_tokens = out[:, -new_tokens:].tolist()
             del out
             kwargs.pop("past_key_values", None)
             kwargs.pop("cache", None)
@@ -168,6 +173,8 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
         "mapping_steps": mapping_steps,
         "mapping_step_over_plain_step": statistics.median(mapped) / statistics.median(plain) if mapped and plain else None,
         "weights_bytes": weights,
+        "tokens": first_tokens,  # the first repeat's new tokens (greedy), for match rates
+        "kv_committed_final": clock.kv_mapped[-1] if clock.kv_mapped else None,
         "kv_bytes": kv_final,
         # prefill's transient tensors: its peak minus weights and the prompt's KV (exact for
         # DynamicCache; under VirtualKVCache it also holds the pages mapped ahead)

@@ -33,9 +33,10 @@ BENCHMARKS = {
     "history_cost": "bench.history_cost",
     "sleep_wake": "bench.sleep_wake",
     "ipc": "bench.ipc",
+    "graph_decode": "bench.graph_decode",
 }
 GPU_ONLY = {"torch_hot_path", "fragmentation", "kv_cache", "multi_gpu", "peer_access", "offload", "compile_graphs",
-            "history_cost", "sleep_wake", "ipc"}
+            "history_cost", "sleep_wake", "ipc", "graph_decode"}
 MULTI_GPU = {"multi_gpu", "peer_access"}  # in the default set only where at least 2 GPUs are visible
 
 

@@ -155,7 +155,12 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     except ValueError:  # layer types the virtual cache does not implement: transformers' own
         return original(model, *args, **kwargs)
     cache_class = OffloadedKVCache if _state["cache"] == "offload" else VirtualKVCache
-    cache = cache_class(model.config, max_length=_reserved_length(model, args, kwargs), **_state["options"])
+    max_length = _reserved_length(model, args, kwargs)
+    if cache_class is VirtualKVCache and _state["graphs"] and model.device.type == "cuda":
+        # Reserved to a power of two: the graph's attention is compiled for the reservation's
+        # length, so calls of nearby lengths share one compiled kernel (virtual space only).
+        max_length = 1 << (max_length - 1).bit_length()
+    cache = cache_class(model.config, max_length=max_length, **_state["options"])
     kwargs.pop("past_key_values", None)  # given as None: one name only, the one this release takes
     kwargs.pop("cache", None)
     kwargs[generate_cache_kwarg()] = cache

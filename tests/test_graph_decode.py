@@ -89,3 +89,71 @@ def test_on_the_host_the_patch_decodes_eagerly_and_says_nothing():
         with patched_generate():
             out = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 16)
+
+
+@pytest.mark.gpu
+def test_a_graph_over_a_long_reservation_reads_only_the_mapped_pages():
+    """Four pages a row reserved, the tokens in the first: the recorded attention must visit
+    only the blocks within the lengths, or the replay faults on the unmapped pages."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    model = tiny_model("llama", "cuda", max_positions=65536)
+    ids, mask = prompt(3, 12, "cuda")
+    eager = greedy(model, ids, mask, VirtualKVCache(model.config, max_length=65536), 30)
+    cache = VirtualKVCache(model.config, max_length=65536)
+    decoder = GraphDecoder.of(model, cache)
+    with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+        out = greedy(model, ids, mask, cache, 30)
+    torch.cuda.synchronize()
+    assert torch.equal(out, eager)
+    assert decoder.recordings == 1 and decoder.replays == 29
+    assert cache.committed_bytes <= cache.reserved_bytes // 2, "most of the reservation stayed unmapped"
+
+
+GENERATE_UNDER_VMMALLOC = """
+import warnings
+from hf_models import prompt, tiny_model
+from vmmalloc.integrations import VirtualKVCache, patched_generate
+from vmmalloc.integrations.hf_compat import cache_kwargs
+vmmalloc.enable_vmm_allocator()
+model = tiny_model("llama", "cuda", max_positions=8192)
+ids, mask = prompt(3, 12, "cuda")
+def greedy(cache=None, **kw):
+    extra = cache_kwargs(cache) if cache is not None else {}
+    return model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, **extra, **kw)
+with patched_generate(graphs=False):
+    eager = greedy()
+with warnings.catch_warnings(record=True) as said:
+    warnings.simplefilter("always")
+    with patched_generate():
+        graphs = greedy()                      # the patch's own cache, decoded in graphs
+        cache = VirtualKVCache(model.config, max_length=4096)
+        given = greedy(cache)                  # a cache the caller passes
+        off = greedy(VirtualKVCache(model.config, max_length=4096), disable_compile=True)
+decoder = cache.graph_decoder
+torch.cuda.synchronize()
+report(same=bool(torch.equal(eager, graphs) and torch.equal(eager, given) and torch.equal(eager, off)),
+       replays=decoder.replays, recordings=decoder.recordings,
+       said=[str(w.message) for w in said if "vmmalloc" in str(w.message)],
+       pools=torch.cuda.memory_stats().get("vmm.private_pools", -1))
+"""
+
+
+@pytest.mark.gpu
+def test_patched_generate_decodes_in_graphs_under_vmmalloc():
+    """The drop-in path: VMMALLOC as torch's allocator (graphs recorded through the adapter),
+    patch_generate()'s defaults, the patch's own cache and a given one; disable_compile
+    turns it off; the tokens are eager decode's."""
+    from test_torch_gpu import run
+
+    import vmmalloc
+
+    if not vmmalloc.cuda_available():
+        pytest.skip(vmmalloc.cuda_unavailable_reason() or "no CUDA")
+    import os
+
+    tests_dir = os.path.dirname(__file__)
+    r = run("import sys; sys.path.insert(0, " + repr(tests_dir) + ")\n" + GENERATE_UNDER_VMMALLOC)
+    assert r["same"], r
+    assert r["recordings"] == 1 and r["replays"] == 39, r
+    assert r["said"] == [], r
