@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,6 +88,9 @@ def unpatch_generate() -> None:
 
     GenerationMixin.generate = original
     _state.update(original=None, cache=None, options={})
+    while _kept:
+        _, (cache, _) = _kept.popitem()
+        cache.free()
 
 
 def is_patched() -> bool:
@@ -156,11 +160,14 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
         return original(model, *args, **kwargs)
     cache_class = OffloadedKVCache if _state["cache"] == "offload" else VirtualKVCache
     max_length = _reserved_length(model, args, kwargs)
-    if cache_class is VirtualKVCache and _state["graphs"] and model.device.type == "cuda":
+    graphs = cache_class is VirtualKVCache and _state["graphs"] and model.device.type == "cuda"
+    if graphs:
         # Reserved to a power of two: the graph's attention is compiled for the reservation's
         # length, so calls of nearby lengths share one compiled kernel (virtual space only).
         max_length = 1 << (max_length - 1).bit_length()
-    cache = cache_class(model.config, max_length=max_length, **_state["options"])
+    cache = _take_kept_cache(model, max_length) if graphs else None
+    if cache is None:
+        cache = cache_class(model.config, max_length=max_length, **_state["options"])
     kwargs.pop("past_key_values", None)  # given as None: one name only, the one this release takes
     kwargs.pop("cache", None)
     kwargs[generate_cache_kwarg()] = cache
@@ -170,13 +177,36 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
         cache.free()
         raise
     # Note [A cache the patch made]
-    # Its memory goes back when generate() returns, unless
-    # the output hands the cache to the caller (return_dict_in_generate): the cache's
-    # layers and container refer to each other, so without this only the garbage
-    # collector would give it back, and back-to-back calls stacked up their KV.
+    # Its memory goes back when generate() returns, unless the output hands the cache to the
+    # caller (return_dict_in_generate): the cache's layers and container refer to each other,
+    # so without this only the garbage collector would give it back, and back-to-back calls
+    # stacked up their KV. Decoding in graphs, the patch keeps the emptied cache for the
+    # model's next call (reset(): every page goes back, the reservations stay), so that the
+    # graph recorded on its buffers is replayed again instead of recorded anew.
     if output_cache(out) is not cache:
-        cache.free()
+        if graphs:
+            cache.reset()
+            _kept[model] = (cache, dict(_state["options"]))
+        else:
+            cache.free()
     return out
+
+
+# A model's emptied cache, kept for its next generate() (Note [A cache the patch made]).
+_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _take_kept_cache(model: Any, max_length: int) -> Any:
+    """The model's kept cache if it reserves `max_length` under today's options (taken: a
+    concurrent call makes its own), else None (a kept cache that does not fit is freed)."""
+    kept = _kept.pop(model, None)
+    if kept is None:
+        return None
+    cache, options = kept
+    if cache.max_length >= max_length and options == _state["options"]:
+        return cache
+    cache.free()
+    return None
 
 
 def _with_attention(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) -> Any:

@@ -135,7 +135,6 @@ class GraphDecoder:
         self.replays = 0      # steps served from a graph (or its eager stand-in)
         self.recordings = 0   # graphs recorded
         self._recorded: _Recorded | None = None
-        self._next_mapping = 0  # the first length whose step may need a page mapped
         register_graph_attention()
 
     @classmethod
@@ -192,12 +191,11 @@ class GraphDecoder:
 
     def _map_pages(self, batch: int, stop: int) -> None:
         """The pages every layer needs for `stop` positions, mapped on the host."""
-        layers = self.cache.layers
-        if stop < self._next_mapping and all(layer.batch_size == batch for layer in layers):
-            return  # every layer has its lead mapped (Note [Pages mapped ahead, staggered by layer])
-        for layer in layers:
-            layer.prepare_graph_step(batch, stop)
-        self._next_mapping = min(layer.graph_step_needs_pages_at() for layer in layers)
+        # Asked of every layer at every step, not remembered: an eager step between replays
+        # (a crop, a prompt, a reset) may have given pages back.
+        for layer in self.cache.layers:
+            if layer.batch_size != batch or stop >= layer.graph_step_needs_pages_at():
+                layer.prepare_graph_step(batch, stop)
 
     def _set_inputs(self, recorded: _Recorded, inputs: dict[str, Any], length: int) -> None:
         recorded.input_ids.copy_(inputs["input_ids"])

@@ -127,12 +127,17 @@ with warnings.catch_warnings(record=True) as said:
     warnings.simplefilter("always")
     with patched_generate():
         graphs = greedy()                      # the patch's own cache, decoded in graphs
+        again = greedy()                       # its emptied cache kept: the same graph replayed
+        from vmmalloc.integrations.generate_patch import _kept
+        own = _kept[model][0].graph_decoder
+        own_counts = (own.recordings, own.replays)
         cache = VirtualKVCache(model.config, max_length=4096)
         given = greedy(cache)                  # a cache the caller passes
         off = greedy(VirtualKVCache(model.config, max_length=4096), disable_compile=True)
 decoder = cache.graph_decoder
 torch.cuda.synchronize()
-report(same=bool(torch.equal(eager, graphs) and torch.equal(eager, given) and torch.equal(eager, off)),
+report(same=bool(torch.equal(eager, graphs) and torch.equal(eager, again) and torch.equal(eager, given)
+                 and torch.equal(eager, off)), own=own_counts,
        replays=decoder.replays, recordings=decoder.recordings,
        said=[str(w.message) for w in said if "vmmalloc" in str(w.message)],
        pools=torch.cuda.memory_stats().get("vmm.private_pools", -1))
@@ -156,4 +161,5 @@ def test_patched_generate_decodes_in_graphs_under_vmmalloc():
     r = run("import sys; sys.path.insert(0, " + repr(tests_dir) + ")\n" + GENERATE_UNDER_VMMALLOC)
     assert r["same"], r
     assert r["recordings"] == 1 and r["replays"] == 39, r
+    assert r["own"] == [1, 2 * 39], "the patch's kept cache replayed its one graph in the second call"
     assert r["said"] == [], r
