@@ -13,6 +13,7 @@ one read of weights and KV per step at 4.3 TB/s (docs/FACTS.md).
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import sys
 import time
@@ -89,6 +90,7 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             self.times: list[float] = []
             self.kv_mapped: list[int] = []  # KV bytes mapped after each step (vmmalloc only)
             self.allocated_after_prefill = 0
+            self.kv_now = 0  # KV bytes mapped at the last step (vmmalloc only)
 
         def __call__(self, input_ids, scores, **kwargs):
             torch.cuda.synchronize()
@@ -96,7 +98,9 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             if len(self.times) == 1:
                 self.allocated_after_prefill = torch.cuda.max_memory_allocated()
             if pages is not None:  # read after the clock: its cost lands on every step alike
-                self.kv_mapped.append(pages.stats()["vmm.kv_mapped_bytes.allocated"])
+                stats = pages.stats()
+                self.kv_mapped.append(stats["vmm.kv_mapped_bytes.allocated"])  # ever mapped: grows when a step maps
+                self.kv_now = stats["vmm.kv_mapped_bytes.current"]
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     page = page_tokens(model.config)
@@ -111,6 +115,12 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     weights = torch.cuda.memory_allocated()
+    # One patch over every repeat, as a server would hold it: decoding in graphs, the patch
+    # keeps the emptied cache between calls, so only the first call records its graph.
+    patch = (patched_generate("vmm", lookahead=cache != "vmm_no_lookahead", graphs=cache == "vmm_graphs")
+             if cache.startswith("vmm") else contextlib.nullcontext())
+    held = contextlib.ExitStack()
+    held.enter_context(patch)
     try:
         for r in range(repeats):
             ids = all_ids[:, :context + r * page]
@@ -127,11 +137,7 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             torch.cuda.reset_peak_memory_stats()
             start = time.perf_counter()
             with torch.no_grad():
-                if cache.startswith("vmm"):
-                    with patched_generate("vmm", lookahead=cache != "vmm_no_lookahead", graphs=cache == "vmm_graphs"):
-                        out = model.generate(ids, stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
-                else:
-                    out = model.generate(ids, stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
+                out = model.generate(ids, stopping_criteria=StoppingCriteriaList([clock]), **kwargs)
             if r == 0:
                 first_tokens = out[:, -new_tokens:].tolist()
             del out
@@ -143,11 +149,14 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             peaks_reserved.append(torch.cuda.max_memory_reserved())
             peaks_allocated.append(torch.cuda.max_memory_allocated())
             after_prefill.append(clock.allocated_after_prefill)
+            kv_now = clock.kv_now
     except torch.OutOfMemoryError as error:
         ids = all_ids = None
         kwargs.clear()
         torch.cuda.empty_cache()
         return {"ok": False, "batch": batch, "context": context, "error": str(error).splitlines()[0][:300]}
+    finally:
+        held.close()
     ids = all_ids = None
     kwargs.clear()
     steps = [statistics.median(run[i] for run in runs) for i in range(len(runs[0]))]
@@ -174,7 +183,7 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
         "mapping_step_over_plain_step": statistics.median(mapped) / statistics.median(plain) if mapped and plain else None,
         "weights_bytes": weights,
         "tokens": first_tokens,  # the first repeat's new tokens (greedy), for match rates
-        "kv_committed_final": clock.kv_mapped[-1] if clock.kv_mapped else None,
+        "kv_committed_final": kv_now if pages is not None else None,  # the last repeat's, at its last step
         "kv_bytes": kv_final,
         # prefill's transient tensors: its peak minus weights and the prompt's KV (exact for
         # DynamicCache; under VirtualKVCache it also holds the pages mapped ahead)

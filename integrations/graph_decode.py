@@ -41,15 +41,39 @@ def _say_once(reason: str) -> None:
         warnings.warn(f"vmmalloc: decode runs eagerly, not in CUDA graphs: {reason}", stacklevel=3)
 
 
-@functools.cache
-def _flex(device_type: str) -> Callable[..., Any]:
-    """FlexAttention, compiled for the GPU (its fused kernels skip unlisted blocks); on the
-    host its unfused reference (the CPU tests)."""
+class CompiledAttentionFellBack(RuntimeError):
+    """torch.compile ran the graph attention's Python instead of its fused kernel (dynamo
+    disabled, or its recompile limit reached): the unfused reference would read every
+    reserved position, unmapped pages included, so it is refused instead."""
+
+
+def _fused_only(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any, scale: float | None,
+                enable_gqa: bool) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
+    if not torch.compiler.is_compiling():  # a constant True where compiled: this branch is traced away
+        raise CompiledAttentionFellBack(
+            "vmmalloc: the graph attention ran uncompiled (torch.compile fell back to eager: dynamo disabled "
+            "or its recompile limit hit); decoding eagerly instead")
+    out = flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+@functools.cache
+def _flex(device_type: str) -> Callable[..., Any]:
+    """FlexAttention, compiled for the GPU (its fused kernels skip unlisted blocks) and never
+    run unfused there; on the host its unfused reference (the CPU tests, buffers mapped in full)."""
     if device_type == "cuda":
-        return torch.compile(flex_attention, dynamic=False, fullgraph=True)
-    return flex_attention
+        return torch.compile(_fused_only, dynamic=False, fullgraph=True)
+
+    def unfused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any, scale: float | None,
+                enable_gqa: bool) -> Any:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+
+    return unfused
 
 
 def graph_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -61,8 +85,7 @@ def graph_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
         raise RuntimeError(f"the {NAME!r} attention runs only inside vmmalloc's graph decoder (GraphDecoder)")
     if dropout:
         raise ValueError(f"the {NAME!r} attention is for inference; dropout {dropout} was asked for")
-    out = _flex(query.device.type)(query, key, value, block_mask=vmm_length_mask.block_mask, scale=scaling,
-                                   enable_gqa=query.shape[1] != key.shape[1])
+    out = _flex(query.device.type)(query, key, value, vmm_length_mask.block_mask, scaling, query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
 
 
@@ -95,6 +118,26 @@ def why_not(model: Any, cache: Any) -> str | None:
     return None
 
 
+# Note [One length mask per shape]
+# torch.compile keys its compiled attention on the mask it is given, its mask function and
+# the tensors that function reads included: a new LengthMask per cache would compile again
+# for every generate() call (about 2 s each, seen on an H200) until the recompile limit, after
+# which the attention would run unfused. So the decoders of one shape (batch, reserved
+# length, block, device) share one mask and its padding tensor. Each step rewrites both
+# before its replay, which is safe while the steps of one device run one at a time, as
+# generate() calls in one thread do.
+_masks: dict[tuple[int, int, int, torch.device], tuple[LengthMask, torch.Tensor]] = {}
+
+
+def _shared_mask(batch: int, capacity: int, block: int, device: torch.device) -> tuple[LengthMask, torch.Tensor]:
+    key = (batch, capacity, block, device)
+    if key not in _masks:
+        key_mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
+        _masks[key] = (LengthMask(torch.ones(batch, dtype=torch.int32, device=device), capacity, block=block,
+                                  key_mask=key_mask), key_mask)
+    return _masks[key]
+
+
 class _Recorded:
     """One recorded step: its graph, the static inputs it reads and the output it writes."""
 
@@ -103,9 +146,7 @@ class _Recorded:
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # where the new token's K/V go
-        self.key_mask = torch.zeros(batch, capacity, dtype=torch.bool, device=device)
-        self.mask = LengthMask(torch.ones(batch, dtype=torch.int32, device=device), capacity, block=block,
-                               key_mask=self.key_mask)
+        self.mask, self.key_mask = _shared_mask(batch, capacity, block, device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output: Any = None
         self.buffers: tuple[int, ...] = ()
@@ -135,6 +176,7 @@ class GraphDecoder:
         self.replays = 0      # steps served from a graph (or its eager stand-in)
         self.recordings = 0   # graphs recorded
         self._recorded: _Recorded | None = None
+        self.failed = ""  # why recording failed (then every step runs eagerly)
         register_graph_attention()
 
     @classmethod
@@ -162,7 +204,7 @@ class GraphDecoder:
             raise RuntimeError("the model this GraphDecoder served is gone")
         cache = given_cache(inputs)
         ids = inputs.get("input_ids")
-        if (cache is not self.cache or ids is None or ids.dim() != 2 or ids.shape[1] != 1
+        if (self.failed or cache is not self.cache or ids is None or ids.dim() != 2 or ids.shape[1] != 1
                 or not set(inputs) <= _STEP_INPUTS or not inputs.get("use_cache", True)):
             return model(**inputs)  # a prompt, several tokens, or inputs a graph cannot take
         layers = self.cache.layers
@@ -176,7 +218,13 @@ class GraphDecoder:
             with self._graph_mode(model, recorded):
                 recorded.output = self._step(model, recorded, self._cache_key(inputs))
         elif recorded.graph is None:
-            recorded.output = self._record(model, recorded, self._cache_key(inputs))
+            try:
+                recorded.output = self._record(model, recorded, self._cache_key(inputs))
+            except CompiledAttentionFellBack as error:
+                # The warm-up wrote this step's K/V at its position, as the eager step will again.
+                self.failed = str(error)
+                _say_once(self.failed)
+                return model(**inputs)
         else:
             recorded.graph.replay()
         for layer in layers:

@@ -163,3 +163,43 @@ def test_patched_generate_decodes_in_graphs_under_vmmalloc():
     assert r["recordings"] == 1 and r["replays"] == 39, r
     assert r["own"] == [1, 2 * 39], "the patch's kept cache replayed its one graph in the second call"
     assert r["said"] == [], r
+
+
+def test_the_attention_refuses_to_run_unfused_where_it_should_be_compiled():
+    """Note [One length mask per shape]: were torch.compile to give up and run the Python, the
+    unfused reference would read unmapped pages; it raises instead, and the decoder decodes
+    eagerly."""
+    from vmmalloc.integrations.graph_decode import CompiledAttentionFellBack, _fused_only
+
+    q = torch.randn(1, 4, 1, 16)
+    with pytest.raises(CompiledAttentionFellBack, match="ran uncompiled"):
+        _fused_only(q, q, q, None, None, False)
+
+
+def test_decoders_of_one_shape_share_one_length_mask():
+    from vmmalloc.integrations.graph_decode import _Recorded
+
+    a, b = _Recorded(3, 256, 128, torch.device("cpu")), _Recorded(3, 256, 128, torch.device("cpu"))
+    c = _Recorded(2, 256, 128, torch.device("cpu"))
+    assert a.mask is b.mask and a.key_mask is b.key_mask, "one compiled attention serves both"
+    assert c.mask is not a.mask
+    assert a.position is not b.position, "each graph has its own inputs"
+
+
+@pytest.mark.gpu
+def test_a_new_cache_of_the_same_shape_does_not_compile_the_attention_again():
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    from torch._dynamo.utils import counters
+
+    model = tiny_model("llama", "cuda", max_positions=4096)
+    ids, mask = prompt(2, 10, "cuda")
+    compiled = []
+    for _ in range(3):
+        cache = VirtualKVCache(model.config, max_length=512)
+        decoder = GraphDecoder.of(model, cache)
+        with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+            greedy(model, ids, mask, cache, 6)
+        assert decoder.recordings == 1 and not decoder.failed
+        compiled.append(sum(counters["stats"].values()))
+    assert compiled[1] == compiled[2] == compiled[0], f"dynamo compiled again: {compiled}"

@@ -332,7 +332,7 @@ def test_a_given_vmmalloc_cache_gets_the_attention_function_and_other_caches_do_
     ids, mask = prompt(2, 8, device)
     common = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
     ref = model.generate(**common)
-    with patched_generate():
+    with patched_generate(graphs=False):  # on a GPU, recorded decode steps use the graph attention
         for cache in (VirtualKVCache(model.config, max_length=32),
                       OffloadedKVCache(model.config, kv_budget=1, max_length=32)):  # every layer offloaded
             assert attention_used(model, **cache_kwargs(cache), **common) == {NAME}, type(cache).__name__

@@ -407,8 +407,10 @@ workload()
 first = start - torch.cuda.mem_get_info()[0]   # the driver's one-time costs (kernel modules) and any leak
 start = torch.cuda.mem_get_info()[0]
 during = workload()
+segments = torch.cuda.memory_snapshot()
 report(first=first, during=during, back=start - torch.cuda.mem_get_info()[0],
-       reserved=torch.cuda.memory_reserved(), pools=torch.cuda.memory_stats().get("vmm.private_pools", 0))
+       reserved=torch.cuda.memory_reserved(), segments=len(segments),
+       pools=len({tuple(seg["segment_pool_id"]) for seg in segments} - {(0, 0)}))
 """
 
 
@@ -416,10 +418,13 @@ def test_empty_cache_gives_the_device_back_its_baseline_free_memory():
     """After empty_cache() the device's free memory is back where it was. The first round
     pays CUDA's one-time costs (lazily loaded kernel modules, about 160 MiB on an H200 with
     torch 2.11), under PyTorch's allocator too: they are compared with native's, and the
-    second round must give back everything it took."""
+    second round must give back everything it took. What stays reserved is held to native's
+    (nothing in a plain run; under compute-sanitizer, whose graphs keep their pools, both
+    allocators keep the same three small segments, measured on an H200)."""
     native, r = run(BASELINE), run(ON_FOR_BASELINE + BASELINE)
     assert r["during"] > 150 << 20
-    assert r["reserved"] == 0 and r["pools"] == 0
-    assert abs(r["back"]) <= 2 << 20, f"{r['back'] / 2**20:.1f} MiB of device memory not given back"
+    assert r["reserved"] <= native["reserved"] and r["segments"] <= native["segments"], (r, native)
+    assert r["pools"] <= native["pools"], (r, native)
+    assert abs(r["back"]) <= abs(native["back"]) + (2 << 20), f"{r['back'] / 2**20:.1f} MiB not given back"
     assert r["first"] <= native["first"] + (2 << 20), \
         f"the first round kept {r['first'] / 2**20:.1f} MiB, native {native['first'] / 2**20:.1f} MiB"
