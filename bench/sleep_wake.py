@@ -180,6 +180,12 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     return {"benchmark": "sleep_wake", "sizes": results, "targets": TARGETS, "met": met}
 
 
+RATIO_ROWS = (
+    ("pause_backup_over_pinned_bandwidth", "pause with backup, bandwidth / pinned copy's", ">= 0.80"),
+    ("resume_backup_over_pinned_bandwidth", "resume with backup, bandwidth / pinned copy's", ">= 0.80"),
+    ("pause_discard_over_driver_per_handle", "pause without backup / a driver call per 2 MiB handle", "> 1"),
+    ("resume_discard_over_driver_per_handle", "resume without backup / a driver call per 2 MiB handle", "> 1"),
+)
 TARGETS = {"backup_bandwidth_over_pinned": ">= 0.8", "discard_bandwidth_over_driver_per_2MiB_handle": "> 1"}
 
 
@@ -209,6 +215,10 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
                      f"{g['resume_discard']:.0f}"))
         if "offload_out" in s:
             rows.append((f"{name}: .cpu()/.cuda() offload", f"{s['offload_out']:.2f} + {s['offload_in']:.2f} s", ""))
+        ratios = r.get("ratios", {})
+        for key, words, target in RATIO_ROWS:
+            if key in ratios:
+                rows.append((f"{name}: {words}", f"{ratios[key]:.2f}", target))
     return rows
 
 
