@@ -181,8 +181,9 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     # caller (return_dict_in_generate): the cache's layers and container refer to each other,
     # so without this only the garbage collector would give it back, and back-to-back calls
     # stacked up their KV. Decoding in graphs, the patch keeps the emptied cache for the
-    # model's next call (reset(): every page goes back, the reservations stay), so that the
-    # graph recorded on its buffers is replayed again instead of recorded anew.
+    # model's next call (reset(): every page goes back; the reservations stay, and so does the
+    # graph's pool, one decode step's activations and logits), so that the graph recorded on
+    # its buffers is replayed again instead of recorded anew. unpatch_generate() frees it.
     if output_cache(out) is not cache:
         if graphs:
             cache.reset()

@@ -109,7 +109,10 @@ def why_not(model: Any, cache: Any) -> str | None:
         return f"the model's attention is {config._attn_implementation!r}; graphs need 'sdpa'"
     if any(window is not None for window in layer_windows(config)):
         return "the model has sliding-window layers (their pages before the window are given back)"
-    heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    heads = getattr(config, "num_attention_heads", None)
+    if not heads:
+        return "the config names no num_attention_heads"
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
     groups = heads // kv_heads
     if heads % kv_heads or groups & (groups - 1):
         return f"{heads} query heads over {kv_heads} key/value heads (FlexAttention's decoding needs a power of 2)"

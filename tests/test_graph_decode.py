@@ -203,3 +203,20 @@ def test_a_new_cache_of_the_same_shape_does_not_compile_the_attention_again():
         assert decoder.recordings == 1 and not decoder.failed
         compiled.append(sum(counters["stats"].values()))
     assert compiled[1] == compiled[2] == compiled[0], f"dynamo compiled again: {compiled}"
+
+
+
+def test_steps_of_several_tokens_and_crops_run_eagerly_and_agree(device):
+    """Prompt-lookup decoding verifies several candidate tokens per step and crops the cache
+    back: the decoder hands such steps to the model (eager), and the tokens stay eager's."""
+    model = tiny_model("llama", device, max_positions=4096)
+    ids, mask = prompt(1, 16, device)
+    ids = torch.cat([ids, ids[:, -8:], ids[:, -8:]], dim=1)  # repeats, so that lookups find candidates
+    mask = torch.ones_like(ids)
+    kwargs = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, prompt_lookup_num_tokens=3)
+    eager = model.generate(ids, **kwargs, **cache_kwargs(VirtualKVCache(model.config, max_length=128)))
+    cache = VirtualKVCache(model.config, max_length=128)
+    decoder = GraphDecoder.of(model, cache, capture=device == "cuda")
+    with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+        out = model.generate(ids, **kwargs, **cache_kwargs(cache))
+    assert torch.equal(out, eager)
