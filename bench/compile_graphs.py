@@ -9,8 +9,11 @@ in rotating order over rounds.
   a 1024-token prompt, 128 new tokens; transformers compiles the decode step with
   mode="reduce-overhead" by itself. Decode tok/s of the second call (the first compiles).
 
-Per system: step time or tok/s, peak reserved / peak allocated, and the memory the graphs'
-pools hold (native: the snapshot's segments of a private pool; vmmalloc: vmm.private_pool_bytes).
+Per system: step time or tok/s, peak reserved / peak allocated, the memory the graphs'
+pools hold (native: the snapshot's segments of a private pool; vmmalloc: vmm.private_pool_bytes),
+and where the reserved bytes are at the end (reserved_breakdown: allocated and free, in the
+default pool and in the graphs' pools), to tell the graph pools' own slack, which replays
+need, from a caching allocator's.
 Targets (issue: drop-in beyond eager PyTorch): step time and tok/s >= 0.98x native,
 reserved/allocated <= 1.05.
 """
@@ -33,6 +36,18 @@ def pool_bytes(torch) -> int:
     if vmmalloc.is_enabled():
         return int(torch.cuda.memory_stats()["vmm.private_pool_bytes"])
     return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0))
+
+
+def reserved_breakdown(torch) -> dict[str, int]:
+    """Where the reserved bytes are now, from torch's memory snapshot (both allocators serve
+    it): allocated and free in the default pool, and in private (graph) pools. A caching
+    allocator gives nothing back unprompted, so at the end of a loop this is the peak's."""
+    out = {"default_allocated": 0, "default_free": 0, "pools_allocated": 0, "pools_free": 0}
+    for segment in torch.cuda.memory_snapshot():
+        where = "default" if tuple(segment["segment_pool_id"]) == (0, 0) else "pools"
+        out[f"{where}_allocated"] += segment["allocated_size"]
+        out[f"{where}_free"] += segment["total_size"] - segment["allocated_size"]
+    return out
 
 
 def measure_train(torch, args: dict[str, Any]) -> dict[str, Any]:
@@ -91,7 +106,8 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
 
     out = measure_train(torch, args) if args["workload"] == "train" else measure_decode(torch, args)
     out.update(peak_reserved=torch.cuda.max_memory_reserved(), peak_allocated=torch.cuda.max_memory_allocated(),
-               pool_bytes=pool_bytes(torch), vmmalloc_enabled=vmmalloc.is_enabled())
+               pool_bytes=pool_bytes(torch), vmmalloc_enabled=vmmalloc.is_enabled(),
+               reserved_breakdown=reserved_breakdown(torch))
     out["reserved_over_allocated"] = out["peak_reserved"] / max(1, out["peak_allocated"])
     return out
 
