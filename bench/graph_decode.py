@@ -6,7 +6,9 @@ system in its own process over the same prompts (bench/kv_cache.py's run_one):
 - static_compiled: StaticCache with transformers' automatic torch.compile of the decode step
   (mode "reduce-overhead": CUDA graphs), native allocator;
 - vmm: VirtualKVCache, eager decode (vmmalloc);
-- vmm_graphs: VirtualKVCache with its decode steps replayed from a CUDA graph (vmmalloc).
+- vmm_graphs: VirtualKVCache with its decode steps replayed from a CUDA graph (vmmalloc);
+- paged: transformers' continuous batching over a PagedAttentionCache (native allocator),
+  the PagedAttention peer (bench/paged_peer.py: decode time by difference, no step times).
 
 The repeats run under one patch, as a server holds it: the first call records the graph
 (reported on its own), later calls replay it from the kept cache; transformers' compile
@@ -18,16 +20,20 @@ The bound: one read of the weights and of the KV per step at the HBM bandwidth
 in tok/s; KV committed <= 1.05x the tokens held; p99 / median step <= 1.10.
 
     python -m bench.run graph_decode --backend cuda [--quick]
+    python -m bench.graph_decode sweep [OUT_DIR]     # contexts 2K-64K at batch 8, and a plot
 """
 from __future__ import annotations
 
+import sys
+from pathlib import Path
 from typing import Any
 
 from bench.kv_cache import GB, kv_bytes, llama3_8b_config
-from bench.workers import WarmWorkers
+from bench.workers import WarmWorkers, run_worker
 
 # Ours first: a run cut short by a time limit still says what matters most.
-SYSTEMS = {"vmm_graphs": "vmmalloc", "vmm": "vmmalloc", "static_compiled": "native", "dynamic": "native"}
+SYSTEMS = {"vmm_graphs": "vmmalloc", "vmm": "vmmalloc", "static_compiled": "native", "paged": "native",
+           "dynamic": "native"}
 TARGETS = {"vmm_graphs_fraction_of_bandwidth_bound": ">= 0.60", "vmm_graphs_tok_s_vs_static_compiled": "> 1.0",
            "vmm_graphs_kv_committed_over_tokens_held": "<= 1.05", "vmm_graphs_p99_over_median_step": "<= 1.10"}
 
@@ -65,7 +71,7 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
             "vmm_graphs_p99_over_median_step": ours["step_p99_s"] / ours["step_median_s"],
             "vmm_graphs_kv_committed_over_tokens_held": (ours["kv_committed_final"] or 0) / held,
         })
-        for peer in ("vmm", "static_compiled", "dynamic"):
+        for peer in ("vmm", "static_compiled", "paged", "dynamic"):
             if systems[peer]["ok"]:
                 ratios[f"vmm_graphs_tok_s_vs_{peer}"] = ours["decode_tok_s"] / systems[peer]["decode_tok_s"]
                 ratios[f"vmm_graphs_token_match_vs_{peer}"] = match_rate(ours["tokens"], systems[peer]["tokens"])
@@ -93,6 +99,8 @@ RATIO_ROWS = (
     ("vmm_graphs_tok_s_vs_static_compiled", "in graphs: decode speed / StaticCache + transformers' compile", "> 1.0"),
     ("vmm_graphs_tok_s_vs_vmm", "in graphs: decode speed / VirtualKVCache eager", ""),
     ("vmm_graphs_tok_s_vs_dynamic", "in graphs: decode speed / DynamicCache", ""),
+    ("vmm_graphs_tok_s_vs_paged", "in graphs: decode speed / continuous batching's (paged)", ""),
+    ("vmm_graphs_peak_reserved_vs_paged", "in graphs: peak reserved / continuous batching's", ""),
     ("vmm_graphs_fraction_of_bandwidth_bound", "in graphs: the HBM bound's step / median step", ">= 0.60"),
     ("vmm_graphs_p99_over_median_step", "in graphs: p99 decode step / median step", "<= 1.10"),
     ("vmm_graphs_kv_committed_over_tokens_held", "in graphs: KV memory mapped / KV of the tokens held", "<= 1.05"),
@@ -113,3 +121,26 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
         if key in ratios:
             rows.append((words, f"{ratios[key]:.3f}", target))
     return rows
+
+
+SWEEP_CONTEXTS = [2048, 8192, 16384, 32768, 65536]  # at batch 8, 32 new tokens
+
+
+def sweep(out_dir: Path, new_tokens: int = 32) -> dict[str, Any]:
+    """tok/s and peak reserved against context for every system, one process each."""
+    from bench.common import environment, write_result
+    from bench.kv_cache import plot
+
+    points = [[8, c, new_tokens] for c in SWEEP_CONTEXTS]
+    systems = {cache: run_worker("bench.kv_cache", allocator, {"cache": cache, "points": points}, timeout=3600)
+               for cache, allocator in SYSTEMS.items()}
+    result = {"benchmark": "graph_decode_sweep", "points": points, "systems": systems, "environment": environment()}
+    write_result("graph_decode_sweep", result, out_dir)
+    plot(result, out_dir / "graph_decode_sweep.png", batch=8, title="Decode in CUDA graphs and its peers")
+    return result
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["sweep"]:
+    from bench.common import RESULTS_DIR
+
+    sweep(Path(sys.argv[2]) if len(sys.argv) > 2 else RESULTS_DIR)

@@ -66,6 +66,13 @@ def kv_bytes(config, batch: int, tokens: int) -> int:
     return 2 * config.num_hidden_layers * batch * tokens * config.num_key_value_heads * head_dim * 2
 
 
+def prompt_ids(torch, config, batch: int, context: int, longest: int):
+    """The prompts of a point, ``[batch, longest]`` on the GPU, the same for every system (the
+    first `context` positions are the first repeat's prompt)."""
+    g = torch.Generator(device="cuda").manual_seed(context + batch)
+    return torch.randint(3, config.vocab_size, (batch, longest), device="cuda", generator=g)
+
+
 def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             repeats: int = 1) -> dict[str, Any]:
     """`repeats` generate() calls: time to first token, decode step times, peak memory.
@@ -104,9 +111,7 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
     page = page_tokens(model.config)
-    g = torch.Generator(device="cuda").manual_seed(context + batch)
-    all_ids = torch.randint(3, model.config.vocab_size, (batch, context + (repeats - 1) * page), device="cuda",
-                            generator=g)
+    all_ids = prompt_ids(torch, model.config, batch, context, context + (repeats - 1) * page)
     # Only the two systems that compile by design may: transformers' StaticCache path and
     # vmmalloc's graph decoder (which disable_compile turns off too).
     compiled = cache in ("static_compiled", "vmm_graphs")
@@ -207,6 +212,12 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     points = args["points"]
     repeats = args.get("repeats", 1)
     model = build_model(torch, max(c + n for _, c, n in points) + repeats * 1024 + 64)
+    if cache == "paged":  # the PagedAttention peer (bench/paged_peer.py), on the first repeat's prompts
+        from bench.paged_peer import run_paged
+
+        results = [run_paged(torch, model, prompt_ids(torch, model.config, b, c, c).tolist(), n, repeats)
+                   for b, c, n in points]
+        return {"cache": cache, "vmmalloc_enabled": vmmalloc.is_enabled(), "results": results}
     for batch in sorted({b for b, _, _ in points}):  # warm-up: kernels of each batch loaded
         run_one(torch, model, cache, batch, 256, 4)
     results = [run_one(torch, model, cache, b, c, n, repeats) for b, c, n in points]
@@ -300,7 +311,8 @@ def sweep(out_dir: Path, new_tokens: int = 16) -> dict[str, Any]:
     return result
 
 
-def plot(result: dict[str, Any], path: Path) -> None:
+def plot(result: dict[str, Any], path: Path, batch: int = 4, title: str = "KV caches") -> None:
+    """tok/s and peak reserved against context, one line per system, at `batch`."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -308,18 +320,18 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for cache, data in result["systems"].items():
-        rows = [r for r in data["results"] if r.get("ok") and r["batch"] == 4]
+        rows = [r for r in data["results"] if r.get("ok") and r["batch"] == batch]
         xs = [r["context"] for r in rows]
         axes[0].plot(xs, [r["decode_tok_s"] for r in rows], marker="o", label=cache)
         axes[1].plot(xs, [r["peak_reserved"] / GB for r in rows], marker="o", label=cache)
-    for ax, label in zip(axes, ("decode tokens/s (batch 4)", "peak reserved GB (batch 4)")):
+    for ax, label in zip(axes, (f"decode tokens/s (batch {batch})", f"peak reserved GB (batch {batch})")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)
         ax.grid(True, alpha=0.3)
         ax.legend()
     gpu = result["environment"].get("gpu")
-    fig.suptitle(f"KV caches on a Llama-3-8B shape, {gpu}; missing points ran out of memory")
+    fig.suptitle(f"{title} on a Llama-3-8B shape, {gpu}; missing points ran out of memory")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -1,0 +1,41 @@
+"""bench/graph_decode's arithmetic on made-up results: token match rates, targets, the
+report's rows, and the sweep's plot with points that ran out of memory."""
+from __future__ import annotations
+
+import pytest
+
+from bench.graph_decode import RATIO_ROWS, TARGETS, _met, match_rate, summary
+
+
+def test_match_rate_counts_equal_tokens_position_by_position():
+    assert match_rate([[1, 2, 3], [4, 5, 6]], [[1, 2, 9], [4, 0, 6]]) == pytest.approx(4 / 6)
+
+
+def test_targets_are_checked_as_written():
+    assert _met(0.6, ">= 0.60") and not _met(0.59, ">= 0.60")
+    assert _met(1.01, "> 1.0") and not _met(1.0, "> 1.0")
+    assert _met(1.05, "<= 1.05") and _met(None, "<= 1.05") is None
+    assert set(TARGETS) <= {key for key, _, _ in RATIO_ROWS}, "every target has its row in the report"
+
+
+def test_summary_rows_name_every_system_and_ratio():
+    system = {"ok": True, "decode_tok_s": 100.0, "step_median_s": 0.01, "peak_reserved": 5e10}
+    result = {"systems": {"vmm_graphs": system, "paged": system, "dynamic": {"ok": False}},
+              "ratios": {"vmm_graphs_p99_over_median_step": 1.08, "vmm_graphs_tok_s_vs_paged": 2.0}}
+    rows = summary(result)
+    assert [r[0] for r in rows[:3]] == ["vmm_graphs: decode", "paged: decode", "dynamic: decode"]
+    assert rows[2][1] == "OOM"
+    assert ("in graphs: p99 decode step / median step", "1.080", "<= 1.10") in rows
+
+
+def test_sweep_plot_draws_what_ran(tmp_path):
+    pytest.importorskip("matplotlib")
+    from bench.kv_cache import plot
+
+    def point(context, ok=True):
+        return {"ok": ok, "batch": 8, "context": context, "decode_tok_s": 100.0, "peak_reserved": 3e10}
+
+    result = {"environment": {"gpu": "a GPU"},
+              "systems": {"vmm_graphs": {"results": [point(2048), point(8192), point(65536, ok=False)]}}}
+    plot(result, tmp_path / "sweep.png", batch=8, title="Decode in graphs")
+    assert (tmp_path / "sweep.png").stat().st_size > 1000

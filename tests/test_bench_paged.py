@@ -1,0 +1,40 @@
+"""The PagedAttention peer of the KV benchmarks (bench/paged_peer.py) on a tiny model on CPU:
+the tokens it reports are greedy generate()'s for each prompt, every request runs its tokens,
+and a decode time that cannot be measured is said, not turned into a speed."""
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from hf_models import prompt, tiny_model  # noqa: E402
+
+from bench.paged_peer import run_paged  # noqa: E402
+
+
+@pytest.mark.skipif(transformers.__version__ < "5.24", reason="continuous batching sizes its cache from "
+                    "psutil on CPU before transformers 5.24 (the GPU machine's 5.17 sizes it from CUDA)")
+def test_paged_peer_reports_greedy_tokens_of_prompts_of_any_length(monkeypatch):
+    model = tiny_model("llama")
+    ids, _ = prompt(3, 12, padded=False)
+    prompts = [ids[0].tolist(), ids[1, :5].tolist(), ids[2, :9].tolist()]
+    clock = iter(range(1000))
+    monkeypatch.setattr("bench.paged_peer.time.perf_counter", lambda: next(clock) ** 2 / 10)  # later runs take longer
+    r = run_paged(torch, model, prompts, 6, 2)
+    expected = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=-1)[0, len(p):].tolist()
+                for p in prompts]
+    assert r["ok"] and r["full_length"] and r["tokens"] == expected
+    assert r["contexts"] == [12, 5, 9] and r["decode_tok_s"] > 0
+
+
+def test_an_unmeasurable_decode_time_is_an_error_not_a_speed(monkeypatch):
+    class Model:
+        config = type("Config", (), {"vocab_size": 10, "pad_token_id": 0})()
+
+        def generate_batch(self, inputs, generation_config, progress_bar):
+            return {f"req_{i}": type("Out", (), {"generated_tokens": [1] * generation_config.max_new_tokens})()
+                    for i in range(len(inputs))}
+
+    monkeypatch.setattr("bench.paged_peer.time.perf_counter", lambda: 0.0)  # every run as fast as the prompt's
+    r = run_paged(torch, Model(), [[1, 2], [3]], 4, 1)
+    assert not r["ok"] and "not measurable" in r["error"]
