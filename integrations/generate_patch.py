@@ -27,6 +27,9 @@ from vmmalloc.integrations.hf_compat import generate_cache_kwarg, given_cache, o
 
 CACHES = ("vmm", "offload")
 _state: dict[str, Any] = {"original": None, "cache": None, "options": {}, "attention": True, "graphs": True}
+# A model's emptied cache and the options it was made with, kept for its next generate()
+# (Note [A cache the patch made]).
+_kept: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any]]] = weakref.WeakKeyDictionary()
 # Positions reserved beyond generate()'s max_length (virtual space only, no memory).
 _RESERVE_MARGIN = 64
 
@@ -185,16 +188,15 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     # graph's pool, one decode step's activations and logits), so that the graph recorded on
     # its buffers is replayed again instead of recorded anew. unpatch_generate() frees it.
     if output_cache(out) is not cache:
-        if graphs:
+        if graphs and cache.graph_decoder is not None:  # a graph to keep (none for a model graphs cannot take)
             cache.reset()
+            previous = _kept.pop(model, None)  # a concurrent call's: one kept cache per model
+            if previous is not None:
+                previous[0].free()
             _kept[model] = (cache, dict(_state["options"]))
         else:
             cache.free()
     return out
-
-
-# A model's emptied cache, kept for its next generate() (Note [A cache the patch made]).
-_kept: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _take_kept_cache(model: Any, max_length: int) -> Any:
@@ -219,7 +221,7 @@ def _with_attention(original: Any, model: Any, args: tuple, kwargs: dict[str, An
     swap = (_state["attention"] and getattr(model.config, "_attn_implementation", None) == "sdpa"
             and not getattr(model.config, "sub_configs", None))
     if not swap:
-        return original(model, *args, **kwargs)
+        return _with_graphs(original, model, args, kwargs)
     model.config._attn_implementation = register_attention()
     try:
         return _with_graphs(original, model, args, kwargs)
@@ -236,14 +238,15 @@ def _with_attention(original: Any, model: Any, args: tuple, kwargs: dict[str, An
 # replays one-token steps from a CUDA graph and runs anything else eagerly. The prompt always
 # runs eagerly (transformers' _prefill calls the model itself).
 def _with_graphs(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) -> Any:
-    from vmmalloc.integrations.graph_decode import GraphDecoder, _say_once, decoding_in_graphs, why_not
+    from vmmalloc.integrations.graph_decode import GraphDecoder, decoding_in_graphs, say_once, why_not
+    from vmmalloc.integrations.kv_cache import VirtualKVCache
 
     cache = given_cache(kwargs)
-    if not _state["graphs"] or cache is None or model.device.type != "cuda":
-        return original(model, *args, **kwargs)
+    if not _state["graphs"] or not isinstance(cache, VirtualKVCache) or model.device.type != "cuda":
+        return original(model, *args, **kwargs)  # graphs are a VirtualKVCache's, on a GPU: nothing to say
     reason = why_not(model, cache)
     if reason is not None:
-        _say_once(reason)
+        say_once(reason)
         return original(model, *args, **kwargs)
     with decoding_in_graphs(model, GraphDecoder.of(model, cache)):
         return original(model, *args, **kwargs)

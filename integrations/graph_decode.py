@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import itertools
 import warnings
 import weakref
 from collections.abc import Callable, Iterator
@@ -31,11 +32,14 @@ from vmmalloc.integrations.length_attention import LengthMask
 NAME = "vmm_graph"  # the attention implementation a recorded step runs under
 # What a decode step may pass besides these makes the decoder run it eagerly.
 _STEP_INPUTS = {"input_ids", "attention_mask", "position_ids", "past_key_values", "cache", "use_cache",
-                "return_dict", "logits_to_keep", "cache_position"}
+                "return_dict", "logits_to_keep"}
+BLOCK = 128  # key positions per block of the graph attention (the reservation is a multiple of it)
+_attention_calls = [0]  # graph_attention's calls in a warm-up step: every layer must make one
 _said: set[str] = set()
 
 
-def _say_once(reason: str) -> None:
+def say_once(reason: str) -> None:
+    """Warns that decode runs eagerly, once per reason in a process."""
     if reason not in _said:
         _said.add(reason)
         warnings.warn(f"vmmalloc: decode runs eagerly, not in CUDA graphs: {reason}", stacklevel=3)
@@ -83,6 +87,7 @@ def graph_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     ``[B, Hq, 1, D]``, key/value ``[B, Hkv, capacity, D]``, read within `vmm_length_mask`."""
     if vmm_length_mask is None:
         raise RuntimeError(f"the {NAME!r} attention runs only inside vmmalloc's graph decoder (GraphDecoder)")
+    _attention_calls[0] += 1
     if dropout:
         raise ValueError(f"the {NAME!r} attention is for inference; dropout {dropout} was asked for")
     out = _flex(query.device.type)(query, key, value, vmm_length_mask.block_mask, scaling, query.shape[1] != key.shape[1])
@@ -118,6 +123,15 @@ def why_not(model: Any, cache: Any) -> str | None:
         return f"{heads} query heads over {kv_heads} key/value heads (FlexAttention's decoding needs a power of 2)"
     if getattr(config, "sub_configs", None) or config.is_encoder_decoder:
         return "the model is not a plain decoder"
+    if not getattr(type(model), "_supports_attention_backend", False):
+        # Its attention may not go through transformers' interface: given the whole
+        # reservation, it would read unmapped pages.
+        return f"{type(model).__name__} does not declare that its attention goes through AttentionInterface"
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and not getattr(quantizer, "is_compileable", False):
+        return f"its quantization ({type(quantizer).__name__}) cannot be compiled"
+    if set(getattr(model, "hf_device_map", {}).values()) & {"cpu", "disk"}:
+        return "parts of it are offloaded to the CPU or the disk"
     return None
 
 
@@ -142,29 +156,48 @@ def _shared_mask(batch: int, capacity: int, block: int, device: torch.device) ->
 
 
 class _Recorded:
-    """One recorded step: its graph, the static inputs it reads and the output it writes."""
+    """One recorded step: its graph, the static inputs it reads and the logits it writes.
 
-    def __init__(self, batch: int, capacity: int, block: int, device: torch.device) -> None:
+    It keeps the output's other fields but not the cache: the cache holds its decoder, which
+    holds this, and a reference back would make a cycle that only the garbage collector ends."""
+
+    def __init__(self, key: tuple, batch: int, capacity: int, device: torch.device) -> None:
+        self.key = key
         self.batch = batch
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # where the new token's K/V go
-        self.mask, self.key_mask = _shared_mask(batch, capacity, block, device)
+        self.mask, self.key_mask = _shared_mask(batch, capacity, BLOCK, device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.output: Any = None
-        self.buffers: tuple[int, ...] = ()
-        self.logits_to_keep: Any = None
+        self.logits: torch.Tensor | None = None
+        self.output_class: Any = None
+        self.fields: dict[str, Any] = {}
+        self.cache_field: str | None = None
+
+    def keep_output(self, output: Any, cache: Any) -> None:
+        """Keeps what the step's output holds, the cache excepted."""
+        self.output_class, self.logits = output.__class__, output["logits"]
+        self.cache_field = next((name for name, value in output.items() if value is cache), None)
+        self.fields = {name: value for name, value in output.items() if name not in ("logits", self.cache_field)}
+
+    def output(self, cache: Any) -> Any:
+        """This step's output: a copy of the logits (the next replay overwrites them)."""
+        assert self.logits is not None
+        extra = {} if self.cache_field is None else {self.cache_field: cache}
+        return self.output_class(**self.fields, logits=self.logits.clone(), **extra)
 
 
 class GraphDecoder:
     """Runs one-token decode steps of `model` over `cache` as CUDA graph replays.
 
     Called as the model is, with the inputs generate() prepares for a step; returns what the
-    model returns. Steps it cannot replay run the model eagerly.
+    model returns. Steps it cannot replay run the model eagerly: prompts and steps of several
+    tokens, inputs a graph cannot take, and every step of a shape whose recording failed
+    (said once). One generate() at a time per device (Note [One length mask per shape]).
 
     Args:
         model: a transformers decoder on a CUDA device (held weakly).
-        cache: the VirtualKVCache the steps decode over.
+        cache: the VirtualKVCache the steps decode over (held weakly: it holds the decoder).
         capture: record and replay a graph (False: run the step's graph-mode operations
             eagerly every step, the same arithmetic, for machines without a GPU).
     """
@@ -174,26 +207,31 @@ class GraphDecoder:
         if reason is not None:
             raise ValueError(f"vmmalloc: cannot decode in CUDA graphs: {reason}")
         self._model = weakref.ref(model)
-        self._cache = weakref.ref(cache)  # the cache holds its decoder (graph_decoder), not the reverse
+        self._cache = weakref.ref(cache)
         self.capture = capture
         self.replays = 0      # steps served from a graph (or its eager stand-in)
         self.recordings = 0   # graphs recorded
         self._recorded: _Recorded | None = None
-        self.failed = ""  # why recording failed (then every step runs eagerly)
+        self.failed: dict[tuple, str] = {}  # shapes whose recording failed, and why
+        self.weights = weights_fingerprint(model)
         register_graph_attention()
 
     @classmethod
     def of(cls, model: Any, cache: Any, capture: bool = True) -> GraphDecoder:
         """The decoder `cache` keeps for `model` (made on first use): its graph outlives one
-        generate() call, as long as the cache's buffers stay where they are."""
+        generate() call while the cache's buffers and the model's weights stay where they are
+        (checked here, once per call: a graph reads them at the addresses it recorded)."""
         decoder = getattr(cache, "graph_decoder", None)
         if not isinstance(decoder, cls) or decoder._model() is not model or decoder.capture != capture:
             decoder = cls(model, cache, capture)
             cache.graph_decoder = decoder
+        else:
+            decoder.weights = weights_fingerprint(model)
         return decoder
 
     @property
     def cache(self) -> Any:
+        """The cache the steps decode over."""
         cache = self._cache()
         if cache is None:
             raise RuntimeError("the cache this GraphDecoder served is gone")
@@ -205,48 +243,49 @@ class GraphDecoder:
         model = self._model()
         if model is None:
             raise RuntimeError("the model this GraphDecoder served is gone")
-        cache = given_cache(inputs)
-        ids = inputs.get("input_ids")
-        if (self.failed or cache is not self.cache or ids is None or ids.dim() != 2 or ids.shape[1] != 1
+        ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
+        if (given_cache(inputs) is not self.cache or ids is None or ids.dim() != 2 or ids.shape[1] != 1
                 or not set(inputs) <= _STEP_INPUTS or not inputs.get("use_cache", True)):
             return model(**inputs)  # a prompt, several tokens, or inputs a graph cannot take
         layers = self.cache.layers
         length, batch = layers[0].get_seq_length(), ids.shape[0]
-        if length == 0 or length + 1 > layers[0].max_length:
+        if (length == 0 or length + 1 > layers[0].max_length or batch != layers[0].batch_size
+                or (mask is not None and (mask.dim() != 2 or mask.shape[1] < length + 1))):
+            return model(**inputs)  # the model's own checks and errors, or a mask of another shape
+        key = (batch, inputs.get("logits_to_keep"), self.weights,
+               tuple(p for layer in layers for p in layer.graph_buffers()))
+        if key in self.failed:
             return model(**inputs)
         self._map_pages(batch, length + 1)
-        recorded = self._recorded_for(model, batch, inputs.get("logits_to_keep"))
+        recorded = self._recorded_for(key, batch)
         self._set_inputs(recorded, inputs, length)
+        cache_key = "cache" if "cache" in inputs else "past_key_values"
         if not self.capture:
             with self._graph_mode(model, recorded):
-                recorded.output = self._step(model, recorded, self._cache_key(inputs))
+                recorded.keep_output(self._step(model, recorded, cache_key), self.cache)
         elif recorded.graph is None:
             try:
-                recorded.output = self._record(model, recorded, self._cache_key(inputs))
-            except CompiledAttentionFellBack as error:
-                # The warm-up wrote this step's K/V at its position, as the eager step will again.
-                self.failed = str(error)
-                _say_once(self.failed)
+                self._record(model, recorded, cache_key)
+            except Exception as error:  # noqa: BLE001 (any failure to record: decode this shape eagerly)
+                # The warm-up wrote this step's K/V at its position, as the eager step does again.
+                self.failed[key] = f"recording the decode step failed: {error}"
+                self._recorded = None
+                say_once(self.failed[key])
                 return model(**inputs)
         else:
             recorded.graph.replay()
         for layer in layers:
             layer.finish_graph_step(length + 1)
         self.replays += 1
-        out = recorded.output
-        return out.__class__(**{**out, "logits": out["logits"].clone()})
-
-    @staticmethod
-    def _cache_key(inputs: dict[str, Any]) -> str:
-        return "cache" if "cache" in inputs else "past_key_values"
+        return recorded.output(self.cache)
 
     def _map_pages(self, batch: int, stop: int) -> None:
-        """The pages every layer needs for `stop` positions, mapped on the host."""
+        """The pages every layer's replay reads for `stop` positions, mapped on the host."""
         # Asked of every layer at every step, not remembered: an eager step between replays
-        # (a crop, a prompt, a reset) may have given pages back.
+        # (a crop, a prompt, a reset) may have given pages back. A layer whose mapped pages
+        # serve returns at once (VirtualKVLayer._commit).
         for layer in self.cache.layers:
-            if layer.batch_size != batch or stop >= layer.graph_step_needs_pages_at():
-                layer.prepare_graph_step(batch, stop)
+            layer.prepare_graph_step(batch, stop, BLOCK)
 
     def _set_inputs(self, recorded: _Recorded, inputs: dict[str, Any], length: int) -> None:
         recorded.input_ids.copy_(inputs["input_ids"])
@@ -257,32 +296,26 @@ class GraphDecoder:
             recorded.position_ids.fill_(length)
         recorded.position.fill_(length)
         mask = inputs.get("attention_mask")
-        if mask is not None and mask.dim() == 2 and mask.shape[1] >= length + 1:
+        if mask is not None:  # [batch, length + 1] or more (checked by the caller)
             recorded.key_mask[:, :length + 1].copy_(mask[:, :length + 1])
         else:
             recorded.key_mask[:, :length + 1].fill_(True)
 
     # ----- recording -----------------------------------------------------------------
 
-    def _recorded_for(self, model: Any, batch: int, logits_to_keep: Any) -> _Recorded:
-        buffers = tuple(p for layer in self.cache.layers for p in layer.graph_buffers())
+    def _recorded_for(self, key: tuple, batch: int) -> _Recorded:
         r = self._recorded
-        if r is not None and r.batch == batch and r.buffers == buffers and r.logits_to_keep == logits_to_keep:
+        if r is not None and r.key == key:
             return r
         first = self.cache.layers[0]
-        k, _ = first._buffers()
-        block = min(128, k.tokens_per_page)
-        if block % 16 or first.graph_capacity % block:
-            raise ValueError(f"vmmalloc: a page holds {k.tokens_per_page} positions here; graph decode needs "
-                             "a multiple of 16")
-        self._recorded = r = _Recorded(batch, first.graph_capacity, block, k.device)
-        r.buffers, r.logits_to_keep = buffers, logits_to_keep
+        self._recorded = r = _Recorded(key, batch, first.graph_capacity, first._buffers()[0].device)
         return r
 
     def _step(self, model: Any, recorded: _Recorded, cache_key: str) -> Any:
         """The operations of one step, all on the device: what the graph records."""
         recorded.mask.update((recorded.position + 1).expand(recorded.batch))
-        kwargs: dict[str, Any] = {} if recorded.logits_to_keep is None else {"logits_to_keep": recorded.logits_to_keep}
+        logits_to_keep = recorded.key[1]
+        kwargs: dict[str, Any] = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         return model(input_ids=recorded.input_ids, position_ids=recorded.position_ids, attention_mask=None,
                      use_cache=True, return_dict=True, vmm_length_mask=recorded.mask,
                      **{cache_key: self.cache}, **kwargs)
@@ -302,32 +335,52 @@ class GraphDecoder:
             for layer in layers:
                 layer.graph_position = None
 
-    def _record(self, model: Any, recorded: _Recorded, cache_key: str) -> Any:
-        """Records the step's graph; returns the output it writes (this step's, replayed)."""
+    def _record(self, model: Any, recorded: _Recorded, cache_key: str) -> None:
+        """Records the step's graph and replays it once for this step's output."""
+        layers = len(self.cache.layers)
         with self._graph_mode(model, recorded):
             side = torch.cuda.Stream(recorded.input_ids.device)
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # warm-up: compiles FlexAttention, fills lazy state
                 for _ in range(2):
+                    _attention_calls[0] = 0
                     self._step(model, recorded, cache_key)
+                    if _attention_calls[0] != layers:
+                        raise RuntimeError(f"{_attention_calls[0]} of the model's {layers} attention layers went "
+                                           "through transformers' attention interface")
             torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 output = self._step(model, recorded, cache_key)
+        recorded.keep_output(output, self.cache)
         graph.replay()  # recording ran nothing: this step's output comes from the first replay
         recorded.graph = graph
         self.recordings += 1
-        return output
+
+
+def weights_fingerprint(model: Any) -> int:
+    """A hash of where the model's parameters and buffers are: a recorded graph reads them
+    there, so a model moved or given new weights (load_state_dict(assign=True), a merged
+    adapter) must be recorded again."""
+    return hash(tuple(t.data_ptr() for t in itertools.chain(model.parameters(), model.buffers())))
 
 
 @contextlib.contextmanager
 def decoding_in_graphs(model: Any, decoder: GraphDecoder) -> Iterator[None]:
     """generate() calls on `model` in this block decode through `decoder` (Note [Decode in
     graphs under the patch] in integrations/generate_patch.py): transformers' hook for a
-    compiled decode step, answered on the model instance, ``disable_compile`` honoured."""
-    model.get_compiled_call = lambda compile_config=None: decoder
-    model._valid_auto_compile_criteria = lambda model_kwargs, generation_config: not generation_config.disable_compile
+    compiled decode step, answered on the model instance, ``disable_compile`` honoured. What
+    the instance had under those names before comes back afterwards (nested blocks too)."""
+    hooks = {"get_compiled_call": lambda compile_config=None: decoder,
+             "_valid_auto_compile_criteria": lambda model_kwargs, generation_config: not generation_config.disable_compile}
+    saved = {name: model.__dict__[name] for name in hooks if name in model.__dict__}
+    for name, hook in hooks.items():
+        setattr(model, name, hook)
     try:
         yield
     finally:
-        del model.get_compiled_call, model._valid_auto_compile_criteria
+        for name in hooks:
+            if name in saved:
+                setattr(model, name, saved[name])
+            else:
+                model.__dict__.pop(name, None)

@@ -126,16 +126,18 @@ class VirtualKVLayer(CacheLayerMixin):
             return 0
         return max(length - self.sliding_window + 1, 0)
 
-    def _commit(self, rows: int, stop: int, start: int) -> None:
-        """Backs [start, stop) of `rows` rows, with the lead of Note [Pages mapped ahead, staggered by layer]."""
+    def _commit(self, rows: int, stop: int, start: int, limit: int | None = None) -> None:
+        """Backs [start, stop) of `rows` rows, with the lead of Note [Pages mapped ahead, staggered
+        by layer], mapping no position at or past `limit` (default: max_length) for the lead."""
         k, v = self._buffers()
+        limit = self.max_length if limit is None else limit
         page = k.tokens_per_page
         keep_from = min(start, self._record_from) if self.record_past else start
         lead = self._lead(page)
-        target = min(self.max_length, -(-(stop + lead) // page) * page) if lead else stop
+        target = min(limit, -(-(stop + lead) // page) * page) if lead else stop
         same = all(vt.rows == rows and vt.start // page == keep_from // page and vt.stop == k.stop for vt in (k, v))
         if same and stop <= k.stop and -(-k.stop // page) <= -(-target // page):
-            if k.stop >= min(stop + lead, self.max_length):
+            if k.stop >= min(stop + lead, limit):
                 return  # the same pages serve: enough lead, nothing to give back
         for vt in (k, v):
             vt.commit(rows, target, keep_from)
@@ -190,23 +192,19 @@ class VirtualKVLayer(CacheLayerMixin):
         v.tensor[:batch].index_copy_(1, self.graph_position, value_states.transpose(1, 2))
         return k.tensor[:batch].transpose(1, 2), v.tensor[:batch].transpose(1, 2)
 
-    def prepare_graph_step(self, batch: int, stop: int) -> None:
-        """Maps the pages a graph-replayed step writing position ``stop - 1`` needs (with the
-        eager path's lead), before the replay."""
+    def prepare_graph_step(self, batch: int, stop: int, block: int) -> None:
+        """Maps what a graph-replayed step writing position ``stop - 1`` reads, before the
+        replay: its attention visits whole blocks of `block` positions, so the span mapped
+        reaches ``stop`` rounded up to a block (pages need not hold a whole number of blocks:
+        2 MiB holds 204 positions of 40 heads x 128 in bf16), with the eager path's lead."""
         self.batch_size = batch
         k, _ = self._buffers()
+        read = min(self.graph_capacity, -(-stop // block) * block)
         if k.row_stride < CHUNK_SIZE:
             # Rows packed into shared pages (a short reservation): a block read past a row's
             # span could reach an unmapped page, so the whole reservation is mapped (< 2 MiB a row).
-            stop = self.max_length
-        self._commit(batch, stop, 0)
-
-    def graph_step_needs_pages_at(self) -> int | float:
-        """The least `stop` for which prepare_graph_step has pages to map (as _commit decides)."""
-        k, _ = self._buffers()
-        if k.stop >= self.max_length:
-            return float("inf")
-        return k.stop - self._lead(k.tokens_per_page) + 1
+            read = self.graph_capacity
+        self._commit(batch, read, 0, limit=self.graph_capacity)
 
     def finish_graph_step(self, stop: int) -> None:
         """The host's record of a replayed step: the layer holds `stop` positions now."""

@@ -179,8 +179,8 @@ def test_the_attention_refuses_to_run_unfused_where_it_should_be_compiled():
 def test_decoders_of_one_shape_share_one_length_mask():
     from vmmalloc.integrations.graph_decode import _Recorded
 
-    a, b = _Recorded(3, 256, 128, torch.device("cpu")), _Recorded(3, 256, 128, torch.device("cpu"))
-    c = _Recorded(2, 256, 128, torch.device("cpu"))
+    cpu = torch.device("cpu")
+    a, b, c = _Recorded(("a",), 3, 256, cpu), _Recorded(("b",), 3, 256, cpu), _Recorded(("c",), 2, 256, cpu)
     assert a.mask is b.mask and a.key_mask is b.key_mask, "one compiled attention serves both"
     assert c.mask is not a.mask
     assert a.position is not b.position, "each graph has its own inputs"
@@ -220,3 +220,95 @@ def test_steps_of_several_tokens_and_crops_run_eagerly_and_agree(device):
     with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
         out = model.generate(ids, **kwargs, **cache_kwargs(cache))
     assert torch.equal(out, eager)
+
+
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_every_block_a_replay_reads_is_mapped_when_pages_hold_no_whole_number_of_blocks(lookahead):
+    """40 heads x 128 in bf16: a 2 MiB page holds 204.8 positions, so page ends fall inside
+    attention blocks; the mapped span must still reach the end of the last block read."""
+    from vmmalloc.integrations.graph_decode import BLOCK
+    from vmmalloc.integrations.kv_cache import VirtualKVLayer
+
+    layer = VirtualKVLayer(4096, layer_index=0, num_layers=2, lookahead=lookahead)
+    keys = torch.zeros(2, 40, 100, 128, dtype=torch.bfloat16)
+    layer.update(keys, keys)
+    k, _ = layer._buffers()
+    assert k.tokens_per_page == 204
+    for stop in range(101, 1500):
+        layer.prepare_graph_step(2, stop, BLOCK)
+        assert k.stop >= min(layer.graph_capacity, -(-stop // BLOCK) * BLOCK), f"stop {stop}: mapped to {k.stop}"
+        layer.finish_graph_step(stop)
+    layer.free()
+
+
+def test_a_model_whose_attention_may_bypass_the_interface_is_refused():
+    model = tiny_model("llama")
+
+    class Unannounced(type(model)):
+        _supports_attention_backend = False
+
+    model.__class__ = Unannounced
+    assert "AttentionInterface" in why_not(model, VirtualKVCache(model.config, 64))
+
+
+def test_moved_weights_change_the_fingerprint_the_graph_is_keyed_on():
+    from vmmalloc.integrations.graph_decode import weights_fingerprint
+
+    model = tiny_model("llama")
+    cache = VirtualKVCache(model.config, 64)
+    decoder = GraphDecoder.of(model, cache, capture=False)
+    before = decoder.weights
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    assert weights_fingerprint(model) != before
+    assert GraphDecoder.of(model, cache, capture=False) is decoder and decoder.weights != before
+
+
+def test_a_cache_decoded_through_its_decoder_is_freed_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    model = tiny_model("llama")
+    ids, mask = prompt(2, 10)
+    gc.collect()
+    gc.disable()
+    try:
+        cache = VirtualKVCache(model.config, max_length=64)
+        decoder = GraphDecoder.of(model, cache, capture=False)
+        with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+            greedy(model, ids, mask, cache, 6)
+        assert decoder.replays == 5
+        gone = weakref.ref(cache)
+        del cache, decoder
+        assert gone() is None, "no reference cycle through the recorded output"
+    finally:
+        gc.enable()
+
+
+def test_replays_after_a_crop_read_the_cropped_cache(device):
+    """Steps replayed, the cache cropped back (as assisted decoding does), steps replayed
+    again: each step's logits equal those of the same steps decoded eagerly."""
+    model = tiny_model("llama", device, max_positions=4096)
+    ids, _ = prompt(2, 10, device, padded=False)
+
+    def run(use_graphs):
+        cache = VirtualKVCache(model.config, max_length=128)
+        step = GraphDecoder.of(model, cache, capture=device == "cuda") if use_graphs else model
+        logits = []
+        with torch.no_grad():
+            out = model(input_ids=ids, **cache_kwargs(cache), use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            for n in range(12):
+                if n == 6:
+                    cache.crop(-3)
+                length = cache.get_seq_length()
+                out = step(input_ids=token, position_ids=torch.full((2, 1), length, device=device),
+                           attention_mask=torch.ones(2, length + 1, dtype=torch.long, device=device),
+                           use_cache=True, return_dict=True, **cache_kwargs(cache))
+                logits.append(out.logits[:, -1].float())
+                token = out.logits[:, -1:].argmax(-1)
+        return torch.stack(logits), step
+
+    eager, _ = run(False)
+    graphs, decoder = run(True)
+    torch.testing.assert_close(graphs, eager, atol=1e-4, rtol=1e-4)
+    assert decoder.replays == 12
