@@ -212,11 +212,14 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     points = args["points"]
     repeats = args.get("repeats", 1)
     model = build_model(torch, max(c + n for _, c, n in points) + repeats * 1024 + 64)
-    if cache == "paged":  # the PagedAttention peer (bench/paged_peer.py), on the first repeat's prompts
+    if cache == "paged":  # the PagedAttention peer (bench/paged_peer.py), on each repeat's prompts
         from bench.paged_peer import run_paged
 
-        results = [run_paged(torch, model, prompt_ids(torch, model.config, b, c, c).tolist(), n, repeats)
-                   for b, c, n in points]
+        page = page_tokens(model.config)
+        results = []
+        for b, c, n in points:
+            ids = prompt_ids(torch, model.config, b, c, c + (repeats - 1) * page)
+            results.append(run_paged(torch, model, [ids[:, :c + r * page].tolist() for r in range(repeats)], n))
         return {"cache": cache, "vmmalloc_enabled": vmmalloc.is_enabled(), "results": results}
     for batch in sorted({b for b, _, _ in points}):  # warm-up: kernels of each batch loaded
         run_one(torch, model, cache, batch, 256, 4)

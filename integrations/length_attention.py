@@ -10,9 +10,9 @@ BlockMask lists, per row, the key blocks a kernel visits: here the first ceil(le
 of them, computed from the lengths by device arithmetic alone (no .item(), no host sync) into
 tensors the mask keeps, so one mask serves every step: LengthMask.update rewrites them in place.
 The fused kernel never loads an unlisted block, and the mask_mod hides the positions past the
-length inside the last listed one. So a row of length L reads blocks up to L rounded up to
-`block`, which must not exceed the mapped lead (a page is 1024 positions or more for the
-8B shape; blocks are 128).
+length inside the last listed one. So a row of length L reads positions up to L rounded up
+to `block`: whoever maps the buffers maps that far (the graph decoder does, whether or not a
+page holds a whole number of blocks).
 
 Padding (a batch of prompts of different lengths, padded on the left) is a second device
 tensor, ``key_mask [batch, capacity]``: positions it marks False are never attended to. The
@@ -40,8 +40,8 @@ class LengthMask:
         capacity: key positions the buffers reserve (a multiple of `block`).
         heads: 1 (every head alike) or the query heads.
         query_length: query positions per call (1 while decoding); each sees the same keys.
-        block: key positions per block (at least 16, and a divisor of the positions a page
-            holds, so that a listed block is always mapped).
+        block: key positions per block (a multiple of 16); a row of length L reads up to L
+            rounded up to it, so the buffers must be mapped that far.
         key_mask: ``[batch, capacity]`` bool, False at positions never to attend to (padding);
             None: every position below the length. Kept, not copied: its owner rewrites it.
 

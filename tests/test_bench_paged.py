@@ -20,11 +20,11 @@ def test_paged_peer_reports_greedy_tokens_of_prompts_of_any_length(monkeypatch):
     prompts = [ids[0].tolist(), ids[1, :5].tolist(), ids[2, :9].tolist()]
     clock = iter(range(1000))
     monkeypatch.setattr("bench.paged_peer.time.perf_counter", lambda: next(clock) ** 2 / 10)  # later runs take longer
-    r = run_paged(torch, model, prompts, 6, 2)
+    r = run_paged(torch, model, [prompts, [p + p[:2] for p in prompts]], 6)
     expected = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=-1)[0, len(p):].tolist()
                 for p in prompts]
     assert r["ok"] and r["full_length"] and r["tokens"] == expected
-    assert r["contexts"] == [12, 5, 9] and r["decode_tok_s"] > 0
+    assert r["contexts"] == [12, 14] and r["repeats"] == 2 and r["decode_tok_s"] > 0
 
 
 def test_an_unmeasurable_decode_time_is_an_error_not_a_speed(monkeypatch):
@@ -36,5 +36,5 @@ def test_an_unmeasurable_decode_time_is_an_error_not_a_speed(monkeypatch):
                     for i in range(len(inputs))}
 
     monkeypatch.setattr("bench.paged_peer.time.perf_counter", lambda: 0.0)  # every run as fast as the prompt's
-    r = run_paged(torch, Model(), [[1, 2], [3]], 4, 1)
+    r = run_paged(torch, Model(), [[[1, 2], [3]]], 4)
     assert not r["ok"] and "not measurable" in r["error"]
