@@ -312,3 +312,20 @@ def test_replays_after_a_crop_read_the_cropped_cache(device):
     graphs, decoder = run(True)
     torch.testing.assert_close(graphs, eager, atol=1e-4, rtol=1e-4)
     assert decoder.replays == 12
+
+
+def test_scores_and_logits_generate_returns_are_eager_decode_s(device):
+    """generate() keeps each step's logits and scores: the decoder hands out a copy of the
+    graph's logits, so a later replay does not overwrite what an earlier step returned."""
+    model = tiny_model("llama", device, max_positions=4096)
+    ids, mask = prompt(2, 10, device)
+    kwargs = dict(attention_mask=mask, max_new_tokens=8, do_sample=False, return_dict_in_generate=True,
+                  output_scores=True, output_logits=True)
+    eager = model.generate(ids, **kwargs, **cache_kwargs(VirtualKVCache(model.config, max_length=128)))
+    cache = VirtualKVCache(model.config, max_length=128)
+    decoder = GraphDecoder.of(model, cache, capture=device == "cuda")
+    with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+        out = model.generate(ids, **kwargs, **cache_kwargs(cache))
+    assert torch.equal(out.sequences, eager.sequences) and decoder.replays == 7
+    for ours, theirs in zip(out.logits + out.scores, eager.logits + eager.scores):
+        torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
