@@ -11,8 +11,8 @@ between replays, exactly as in eager decode, so the memory committed still follo
 generate() reaches it through transformers' own hook for a compiled decode step: while the
 patched generate() runs (integrations/generate_patch.py), the model's ``get_compiled_call``
 returns the decoder instead of a torch.compile'd forward. A step the decoder cannot replay
-(more than one new token, inputs a graph cannot take) runs eagerly; a model or cache it can
-never replay is said once, and generate() runs eagerly throughout.
+(more than one new token, inputs a graph cannot take) runs eagerly; a model it can never
+replay (why_not) is said once, and its generate() runs eagerly throughout.
 """
 from __future__ import annotations
 
