@@ -10,7 +10,8 @@
 #
 # Needing calls of their own: `python -m bench.run graph_decode --backend cuda` (about 5
 # minutes: the graph path after the one-mask-per-shape fix, and the paged peer's first run),
-# `python -m bench.graph_decode sweep` (contexts 2K-64K, longer), and
+# `VMMALLOC=1 python -m bench.graph_decode_profile` (about 2 minutes: where a replayed step's
+# time goes), `python -m bench.graph_decode sweep` (contexts 2K-64K, longer), and
 # `python -m bench.run compile_graphs --backend cuda` (about 15).
 set -uo pipefail
 cd "$(dirname "$0")/.."
