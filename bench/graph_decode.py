@@ -66,7 +66,7 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     ours = systems["vmm_graphs"]
     if ours["ok"]:
         # Tokens held at the end of the longest repeat, against the KV pages mapped then.
-        held = kv_bytes(config, batch, ours["contexts"][-1] + new - 1)
+        held = kv_bytes(config, 1, ours["tokens_held"])
         ratios.update({
             # the first timed call records the graph (a warm-up call at another length came first)
             "vmm_graphs_first_call_first_step_s": ours["raw_step_times_s"][0][0],
@@ -133,14 +133,19 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
 
 
 SWEEP_CONTEXTS = [2048, 8192, 16384, 32768, 65536]  # at batch 8, 32 new tokens
+# A batch of prompts from 2K to 16K (left-padded for generate(), as they are for every
+# system but the paged one): where a cache sized for the longest row wastes the most.
+VARIABLE_LENGTHS = [2048, 4096, 6144, 8192, 10240, 12288, 14336, 16384]
 
 
 def sweep(out_dir: Path, new_tokens: int = 32) -> dict[str, Any]:
-    """tok/s and peak reserved against context for every system, one process each."""
+    """tok/s and peak reserved against context for every system, one process each, and the
+    variable-length batch (its point is the one with row_lengths)."""
     from bench.common import environment, write_result
     from bench.kv_cache import plot
 
-    points = [[8, c, new_tokens] for c in SWEEP_CONTEXTS]
+    points: list[list[Any]] = [[8, c, new_tokens] for c in SWEEP_CONTEXTS]
+    points.append([len(VARIABLE_LENGTHS), max(VARIABLE_LENGTHS), new_tokens, VARIABLE_LENGTHS])
     systems = {cache: run_worker("bench.kv_cache", allocator, {"cache": cache, "points": points}, timeout=3600)
                for cache, allocator in SYSTEMS.items()}
     result = {"benchmark": "graph_decode_sweep", "points": points, "systems": systems, "environment": environment()}

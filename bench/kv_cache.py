@@ -66,6 +66,20 @@ def kv_bytes(config, batch: int, tokens: int) -> int:
     return 2 * config.num_hidden_layers * batch * tokens * config.num_key_value_heads * head_dim * 2
 
 
+def left_padded(torch, ids, row_lengths: list[int] | None, grown: int):
+    """`ids` and their attention mask, row b left-padded (pad id 0, mask 0) before its prompt
+    of row_lengths[b] + grown positions; without row_lengths, `ids` and a mask of ones."""
+    mask = torch.ones_like(ids)
+    if not row_lengths:
+        return ids, mask
+    ids = ids.clone()
+    for row, length in enumerate(row_lengths):
+        pad = ids.shape[1] - (length + grown)
+        mask[row, :pad] = 0
+        ids[row, :pad] = 0
+    return ids, mask
+
+
 def prompt_ids(torch, config, batch: int, context: int, longest: int):
     """The prompts of a point, ``[batch, longest]`` on the GPU, the same for every system (the
     first `context` positions are the first repeat's prompt)."""
@@ -74,8 +88,11 @@ def prompt_ids(torch, config, batch: int, context: int, longest: int):
 
 
 def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
-            repeats: int = 1) -> dict[str, Any]:
+            repeats: int = 1, row_lengths: list[int] | None = None) -> dict[str, Any]:
     """`repeats` generate() calls: time to first token, decode step times, peak memory.
+
+    With `row_lengths` (at most `context` each) row b's prompt is its last row_lengths[b]
+    positions, left-padded as generate() batches prompts of different lengths.
 
     Repeat r's prompt is r pages' worth of tokens longer (1024 tokens on this shape), so that
     every call sees shapes it has not seen (as a server does: cuDNN's attention caches an
@@ -129,7 +146,7 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
     try:
         for r in range(repeats):
             ids = all_ids[:, :context + r * page]
-            kwargs["attention_mask"] = torch.ones_like(ids)
+            ids, kwargs["attention_mask"] = left_padded(torch, ids, row_lengths, r * page)
             if cache in ("static", "static_compiled"):
                 kwargs["cache_implementation"] = "static"
             elif cache == "dynamic":
@@ -189,6 +206,10 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
         "weights_bytes": weights,
         "tokens": first_tokens,  # the first repeat's new tokens (greedy), for match rates
         "kv_committed_final": kv_now if pages is not None else None,  # the last repeat's, at its last step
+        # positions holding real tokens (no padding) at that step, over all rows
+        "tokens_held": (sum(length + (repeats - 1) * page + new_tokens - 1 for length in row_lengths) if row_lengths
+                        else batch * (longest + new_tokens - 1)),
+        "row_lengths": row_lengths,
         "kv_bytes": kv_final,
         # prefill's transient tensors: its peak minus weights and the prompt's KV (exact for
         # DynamicCache; under VirtualKVCache it also holds the pages mapped ahead)
@@ -201,6 +222,15 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
     }
 
 
+def unpadded(ids, row_lengths: list[int] | None, grown: int) -> list[list[int]]:
+    """The prompts of `ids` as token lists, row b its last row_lengths[b] + grown positions
+    (what left_padded keeps), for a system that takes prompts of any length."""
+    rows = ids.tolist()
+    if row_lengths is None:
+        return rows
+    return [row[len(row) - (length + grown):] for row, length in zip(rows, row_lengths)]
+
+
 def measure(args: dict[str, Any]) -> dict[str, Any]:
     import torch
 
@@ -209,21 +239,25 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     cache = args["cache"]
     if cache.startswith("vmm") != vmmalloc.is_enabled():
         raise RuntimeError(f"cache {cache} ran with vmmalloc enabled={vmmalloc.is_enabled()}")
-    points = args["points"]
+    # A point: [batch, context, new tokens] or, for prompts of different lengths,
+    # [batch, context, new tokens, row lengths] (context: the longest).
+    points = [(p[0], p[1], p[2], p[3] if len(p) > 3 else None) for p in args["points"]]
     repeats = args.get("repeats", 1)
-    model = build_model(torch, max(c + n for _, c, n in points) + repeats * 1024 + 64)
+    model = build_model(torch, max(c + n for _, c, n, _ in points) + repeats * 1024 + 64)
     if cache == "paged":  # the PagedAttention peer (bench/paged_peer.py), on each repeat's prompts
         from bench.paged_peer import run_paged
 
         page = page_tokens(model.config)
         results = []
-        for b, c, n in points:
+        for b, c, n, lengths in points:
             ids = prompt_ids(torch, model.config, b, c, c + (repeats - 1) * page)
-            results.append(run_paged(torch, model, [ids[:, :c + r * page].tolist() for r in range(repeats)], n))
+            result = run_paged(torch, model, [unpadded(ids[:, :c + r * page], lengths, r * page)
+                                              for r in range(repeats)], n)
+            results.append({**result, "row_lengths": lengths})
         return {"cache": cache, "vmmalloc_enabled": vmmalloc.is_enabled(), "results": results}
-    for batch in sorted({b for b, _, _ in points}):  # warm-up: kernels of each batch loaded
+    for batch in sorted({b for b, _, _, _ in points}):  # warm-up: kernels of each batch loaded
         run_one(torch, model, cache, batch, 256, 4)
-    results = [run_one(torch, model, cache, b, c, n, repeats) for b, c, n in points]
+    results = [run_one(torch, model, cache, b, c, n, repeats, lengths) for b, c, n, lengths in points]
     return {"cache": cache, "vmmalloc_enabled": vmmalloc.is_enabled(), "results": results}
 
 
@@ -323,7 +357,7 @@ def plot(result: dict[str, Any], path: Path, batch: int = 4, title: str = "KV ca
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for cache, data in result["systems"].items():
-        rows = [r for r in data["results"] if r.get("ok") and r["batch"] == batch]
+        rows = [r for r in data["results"] if r.get("ok") and r["batch"] == batch and not r.get("row_lengths")]
         xs = [r["context"] for r in rows]
         axes[0].plot(xs, [r["decode_tok_s"] for r in rows], marker="o", label=cache)
         axes[1].plot(xs, [r["peak_reserved"] / GB for r in rows], marker="o", label=cache)

@@ -28,6 +28,19 @@ def test_summary_rows_name_every_system_and_ratio():
     assert ("in graphs: p99 decode step / median step", "1.080", "<= 1.10") in rows
 
 
+def test_left_padding_keeps_each_row_s_own_prompt():
+    torch = pytest.importorskip("torch")
+    from bench.kv_cache import left_padded, unpadded
+
+    ids = torch.arange(1, 13).view(2, 6)
+    padded, mask = left_padded(torch, ids, [6, 3], 0)
+    assert mask.tolist() == [[1] * 6, [0, 0, 0, 1, 1, 1]] and padded[1, :3].tolist() == [0, 0, 0]
+    assert ids[1, 0] == 7, "the prompts themselves are not changed"
+    assert unpadded(ids, [6, 3], 0) == [[1, 2, 3, 4, 5, 6], [10, 11, 12]]
+    grown, _ = left_padded(torch, ids, [4, 2], 2)  # a repeat two positions longer
+    assert (grown[0] != 0).sum() == 6 and (grown[1] != 0).sum() == 4
+
+
 def test_sweep_plot_draws_what_ran(tmp_path):
     pytest.importorskip("matplotlib")
     from bench.kv_cache import plot
@@ -36,6 +49,7 @@ def test_sweep_plot_draws_what_ran(tmp_path):
         return {"ok": ok, "batch": 8, "context": context, "decode_tok_s": 100.0, "peak_reserved": 3e10}
 
     result = {"environment": {"gpu": "a GPU"},
-              "systems": {"vmm_graphs": {"results": [point(2048), point(8192), point(65536, ok=False)]}}}
+              "systems": {"vmm_graphs": {"results": [point(2048), point(8192), point(65536, ok=False),
+                                                     {**point(16384), "row_lengths": [2048, 16384]}]}}}
     plot(result, tmp_path / "sweep.png", batch=8, title="Decode in graphs")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
