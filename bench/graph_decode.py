@@ -123,7 +123,7 @@ def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     for name, r in result["systems"].items():
         value = (f"{r['decode_tok_s']:.0f} tok/s, step {r['step_median_s'] * 1e3:.1f} ms, peak reserved "
-                 f"{r['peak_reserved'] / GB:.1f} GB") if r["ok"] else "OOM"
+                 f"{r['peak_reserved'] / GB:.1f} GB") if r["ok"] else r.get("error", "failed")
         rows.append((f"{name}: decode", value, ""))
     ratios = result["ratios"]
     for key, words, target in RATIO_ROWS:

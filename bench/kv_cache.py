@@ -242,6 +242,9 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
     # A point: [batch, context, new tokens] or, for prompts of different lengths,
     # [batch, context, new tokens, row lengths] (context: the longest).
     points = [(p[0], p[1], p[2], p[3] if len(p) > 3 else None) for p in args["points"]]
+    for batch, context, _, lengths in points:
+        if lengths is not None and (len(lengths) != batch or max(lengths) > context):
+            raise ValueError(f"row lengths {lengths} must be {batch} lengths of at most {context}")
     repeats = args.get("repeats", 1)
     model = build_model(torch, max(c + n for _, c, n, _ in points) + repeats * 1024 + 64)
     if cache == "paged":  # the PagedAttention peer (bench/paged_peer.py), on each repeat's prompts
@@ -251,8 +254,12 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
         results = []
         for b, c, n, lengths in points:
             ids = prompt_ids(torch, model.config, b, c, c + (repeats - 1) * page)
-            result = run_paged(torch, model, [unpadded(ids[:, :c + r * page], lengths, r * page)
-                                              for r in range(repeats)], n)
+            try:
+                result = run_paged(torch, model, [unpadded(ids[:, :c + r * page], lengths, r * page)
+                                                  for r in range(repeats)], n)
+            except torch.OutOfMemoryError as error:
+                torch.cuda.empty_cache()
+                result = {"ok": False, "batch": b, "context": c, "error": str(error).splitlines()[0][:300]}
             results.append({**result, "row_lengths": lengths})
         return {"cache": cache, "vmmalloc_enabled": vmmalloc.is_enabled(), "results": results}
     for batch in sorted({b for b, _, _, _ in points}):  # warm-up: kernels of each batch loaded
@@ -306,7 +313,7 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
 def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     for name, r in result["systems"].items():
-        value = f"{r['decode_tok_s']:.1f} tok/s, {r['peak_reserved'] / GB:.1f} GB" if r["ok"] else "OOM"
+        value = f"{r['decode_tok_s']:.1f} tok/s, {r['peak_reserved'] / GB:.1f} GB" if r["ok"] else r["error"]
         rows.append((f"{name}: decode, peak reserved", value, ""))
     ratios = result["ratios"]
     for key, words, target in RATIO_ROWS:

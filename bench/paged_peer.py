@@ -6,6 +6,8 @@ generate_batch has no per-step hook, so a repeat's decode time is the time of a 
 `new_tokens` tokens minus that of a run of one token (the prompt's step) on the same prompts,
 and the median over the repeats is taken; its cache reserves blocks from the free GPU memory when it starts (as vLLM's
 gpu_memory_utilization does), so its peak reserved says what it took, not what it needed.
+Its attention is transformers' paged SDPA without CUDA graphs: a stand-in for vLLM's
+approach, not vLLM's kernels.
 """
 from __future__ import annotations
 
@@ -37,9 +39,10 @@ def run_paged(torch, model, prompts_per_repeat: list[list[list[int]]], new_token
     first = prompts_per_repeat[0]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    generate(1, first)  # warm-up: the cache and the kernels
+    generate(2, first)  # warm-up: the cache, the prompt's kernels and the decode step's
     prefills, decodes, outputs = [], [], []
     for prompts in prompts_per_repeat:
+        generate(1, prompts)  # this repeat's new prompt shapes: their first use is not timed
         prefill = generate(1, prompts)[0]
         total, out = generate(new_tokens, prompts)
         prefills.append(prefill)

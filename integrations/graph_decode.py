@@ -130,8 +130,11 @@ def why_not(model: Any, cache: Any) -> str | None:
     quantizer = getattr(model, "hf_quantizer", None)
     if quantizer is not None and not getattr(quantizer, "is_compileable", False):
         return f"its quantization ({type(quantizer).__name__}) cannot be compiled"
-    if set(getattr(model, "hf_device_map", {}).values()) & {"cpu", "disk"}:
+    placed = set(getattr(model, "hf_device_map", {}).values())
+    if placed & {"cpu", "disk"}:
         return "parts of it are offloaded to the CPU or the disk"
+    if len(placed) > 1:
+        return "it is split across several devices (one graph records one device's work)"
     return None
 
 
@@ -156,7 +159,7 @@ def _shared_mask(batch: int, capacity: int, block: int, device: torch.device) ->
 
 
 class _Recorded:
-    """One recorded step: its graph, the static inputs it reads and the logits it writes.
+    """One recorded step: its graph, the static inputs it reads and the output it writes.
 
     It keeps the output's other fields but not the cache: the cache holds its decoder, which
     holds this, and a reference back would make a cycle that only the garbage collector ends."""
@@ -169,22 +172,23 @@ class _Recorded:
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # where the new token's K/V go
         self.mask, self.key_mask = _shared_mask(batch, capacity, BLOCK, device)
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.logits: torch.Tensor | None = None
         self.output_class: Any = None
         self.fields: dict[str, Any] = {}
         self.cache_field: str | None = None
 
     def keep_output(self, output: Any, cache: Any) -> None:
         """Keeps what the step's output holds, the cache excepted."""
-        self.output_class, self.logits = output.__class__, output["logits"]
+        self.output_class = output.__class__
         self.cache_field = next((name for name, value in output.items() if value is cache), None)
-        self.fields = {name: value for name, value in output.items() if name not in ("logits", self.cache_field)}
+        self.fields = {name: value for name, value in output.items() if name != self.cache_field}
 
     def output(self, cache: Any) -> Any:
-        """This step's output: a copy of the logits (the next replay overwrites them)."""
-        assert self.logits is not None
-        extra = {} if self.cache_field is None else {self.cache_field: cache}
-        return self.output_class(**self.fields, logits=self.logits.clone(), **extra)
+        """This step's output, its tensors copied (the next replay overwrites the graph's)."""
+        fields = {name: value.clone() if isinstance(value, torch.Tensor) else value
+                  for name, value in self.fields.items()}
+        if self.cache_field is not None:
+            fields[self.cache_field] = cache
+        return self.output_class(**fields)
 
 
 class GraphDecoder:
@@ -210,6 +214,7 @@ class GraphDecoder:
         self._cache = weakref.ref(cache)
         self.capture = capture
         self.replays = 0      # steps served from a graph (or its eager stand-in)
+        self.handed_back = 0  # steps run by the model itself (prompts, several tokens, other inputs)
         self.recordings = 0   # graphs recorded
         self._recorded: _Recorded | None = None
         self.failed: dict[tuple, str] = {}  # shapes whose recording failed, and why
@@ -246,16 +251,16 @@ class GraphDecoder:
         ids, mask = inputs.get("input_ids"), inputs.get("attention_mask")
         if (given_cache(inputs) is not self.cache or ids is None or ids.dim() != 2 or ids.shape[1] != 1
                 or not set(inputs) <= _STEP_INPUTS or not inputs.get("use_cache", True)):
-            return model(**inputs)  # a prompt, several tokens, or inputs a graph cannot take
+            return self._eagerly(model, inputs)  # a prompt, several tokens, or inputs a graph cannot take
         layers = self.cache.layers
         length, batch = layers[0].get_seq_length(), ids.shape[0]
         if (length == 0 or length + 1 > layers[0].max_length or batch != layers[0].batch_size
                 or (mask is not None and (mask.dim() != 2 or mask.shape[1] < length + 1))):
-            return model(**inputs)  # the model's own checks and errors, or a mask of another shape
+            return self._eagerly(model, inputs)  # the model's own checks and errors, or another mask shape
         key = (batch, inputs.get("logits_to_keep"), self.weights,
                tuple(p for layer in layers for p in layer.graph_buffers()))
         if key in self.failed:
-            return model(**inputs)
+            return self._eagerly(model, inputs)
         self._map_pages(batch, length + 1)
         recorded = self._recorded_for(key, batch)
         self._set_inputs(recorded, inputs, length)
@@ -271,13 +276,17 @@ class GraphDecoder:
                 self.failed[key] = f"recording the decode step failed: {error}"
                 self._recorded = None
                 say_once(self.failed[key])
-                return model(**inputs)
+                return self._eagerly(model, inputs)
         else:
             recorded.graph.replay()
         for layer in layers:
             layer.finish_graph_step(length + 1)
         self.replays += 1
         return recorded.output(self.cache)
+
+    def _eagerly(self, model: Any, inputs: dict[str, Any]) -> Any:
+        self.handed_back += 1
+        return model(**inputs)
 
     def _map_pages(self, batch: int, stop: int) -> None:
         """The pages every layer's replay reads for `stop` positions, mapped on the host."""
@@ -341,14 +350,21 @@ class GraphDecoder:
         with self._graph_mode(model, recorded):
             side = torch.cuda.Stream(recorded.input_ids.device)
             side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # warm-up: compiles FlexAttention, fills lazy state
-                for _ in range(2):
-                    _attention_calls[0] = 0
-                    self._step(model, recorded, cache_key)
-                    if _attention_calls[0] != layers:
-                        raise RuntimeError(f"{_attention_calls[0]} of the model's {layers} attention layers went "
-                                           "through transformers' attention interface")
-            torch.cuda.current_stream().wait_stream(side)
+            try:
+                with torch.cuda.stream(side):  # warm-up: compiles FlexAttention, fills lazy state
+                    for _ in range(2):
+                        _attention_calls[0] = 0
+                        self._step(model, recorded, cache_key)
+                        # A check after the fact (the real guard is why_not's AttentionInterface
+                        # declaration): a layer that attended by itself was given the whole
+                        # reservation, which on a GPU faults first.
+                        if _attention_calls[0] != layers:
+                            raise RuntimeError(f"{_attention_calls[0]} of the model's {layers} attention layers "
+                                               "went through transformers' attention interface")
+            finally:
+                # Whatever happened, the warm-up's kernels come before anything the current
+                # stream does next (an eager step that maps or unmaps pages after a failure).
+                torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 output = self._step(model, recorded, cache_key)

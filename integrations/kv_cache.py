@@ -78,6 +78,7 @@ class VirtualKVLayer(CacheLayerMixin):
         # update() writes at while a graph is recorded (None: eager).
         self.graph_capacity = -(-self.max_length // 128) * 128
         self.graph_position: torch.Tensor | None = None
+        self.graph_block = 0  # the block a graph's attention reads in, once graph steps ran (0: none)
 
     # ----- the buffers ---------------------------------------------------------------
 
@@ -118,7 +119,7 @@ class VirtualKVLayer(CacheLayerMixin):
         """Gives every page and both reservations back; the layer starts afresh on next use."""
         self._free_buffers()
         self.is_initialized = False
-        self.length = self.batch_size = 0
+        self.length = self.batch_size = self.graph_block = 0
 
     def _window_start(self, length: int) -> int:
         """First position the attention of a new token at `length` reads."""
@@ -126,17 +127,22 @@ class VirtualKVLayer(CacheLayerMixin):
             return 0
         return max(length - self.sliding_window + 1, 0)
 
-    def _commit(self, rows: int, stop: int, start: int, limit: int | None = None) -> None:
+    def _commit(self, rows: int, stop: int, start: int) -> None:
         """Backs [start, stop) of `rows` rows, with the lead of Note [Pages mapped ahead, staggered
-        by layer], mapping no position at or past `limit` (default: max_length) for the lead."""
+        by layer]. Once graph steps ran (graph_block set), also up to `stop` rounded up to a
+        block, the most a replay reads, within the whole reservation: eager steps between
+        replays (prompt lookup, crops) then keep the pages the next replay needs."""
         k, v = self._buffers()
-        limit = self.max_length if limit is None else limit
+        limit, reach = self.max_length, stop
+        if self.graph_block:
+            limit = self.graph_capacity
+            reach = min(limit, -(-stop // self.graph_block) * self.graph_block)
         page = k.tokens_per_page
         keep_from = min(start, self._record_from) if self.record_past else start
         lead = self._lead(page)
-        target = min(limit, -(-(stop + lead) // page) * page) if lead else stop
+        target = max(reach, min(limit, -(-(stop + lead) // page) * page) if lead else stop)
         same = all(vt.rows == rows and vt.start // page == keep_from // page and vt.stop == k.stop for vt in (k, v))
-        if same and stop <= k.stop and -(-k.stop // page) <= -(-target // page):
+        if same and reach <= k.stop and -(-k.stop // page) <= -(-target // page):
             if k.stop >= min(stop + lead, limit):
                 return  # the same pages serve: enough lead, nothing to give back
         for vt in (k, v):
@@ -196,15 +202,15 @@ class VirtualKVLayer(CacheLayerMixin):
         """Maps what a graph-replayed step writing position ``stop - 1`` reads, before the
         replay: its attention visits whole blocks of `block` positions, so the span mapped
         reaches ``stop`` rounded up to a block (pages need not hold a whole number of blocks:
-        2 MiB holds 204 positions of 40 heads x 128 in bf16), with the eager path's lead."""
+        2 MiB holds 204.8 positions of 40 heads x 128 in bf16), with the eager path's lead."""
         self.batch_size = batch
+        self.graph_block = block
         k, _ = self._buffers()
-        read = min(self.graph_capacity, -(-stop // block) * block)
         if k.row_stride < CHUNK_SIZE:
             # Rows packed into shared pages (a short reservation): a block read past a row's
             # span could reach an unmapped page, so the whole reservation is mapped (< 2 MiB a row).
-            read = self.graph_capacity
-        self._commit(batch, read, 0, limit=self.graph_capacity)
+            stop = self.graph_capacity
+        self._commit(batch, stop, 0)
 
     def finish_graph_step(self, stop: int) -> None:
         """The host's record of a replayed step: the layer holds `stop` positions now."""

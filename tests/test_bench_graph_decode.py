@@ -20,11 +20,11 @@ def test_targets_are_checked_as_written():
 
 def test_summary_rows_name_every_system_and_ratio():
     system = {"ok": True, "decode_tok_s": 100.0, "step_median_s": 0.01, "peak_reserved": 5e10}
-    result = {"systems": {"vmm_graphs": system, "paged": system, "dynamic": {"ok": False}},
+    result = {"systems": {"vmm_graphs": system, "paged": system, "dynamic": {"ok": False, "error": "CUDA out of memory"}},
               "ratios": {"vmm_graphs_p99_over_median_step": 1.08, "vmm_graphs_tok_s_vs_paged": 2.0}}
     rows = summary(result)
     assert [r[0] for r in rows[:3]] == ["vmm_graphs: decode", "paged: decode", "dynamic: decode"]
-    assert rows[2][1] == "OOM"
+    assert rows[2][1] == "CUDA out of memory", "a failure says what failed"
     assert ("in graphs: p99 decode step / median step", "1.080", "<= 1.10") in rows
 
 

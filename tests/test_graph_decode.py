@@ -220,6 +220,7 @@ def test_steps_of_several_tokens_and_crops_run_eagerly_and_agree(device):
     with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
         out = model.generate(ids, **kwargs, **cache_kwargs(cache))
     assert torch.equal(out, eager)
+    assert decoder.replays > 0 and decoder.handed_back > 0, "one-token steps replayed, candidate steps eager"
 
 
 @pytest.mark.parametrize("lookahead", [True, False])
@@ -234,10 +235,19 @@ def test_every_block_a_replay_reads_is_mapped_when_pages_hold_no_whole_number_of
     layer.update(keys, keys)
     k, _ = layer._buffers()
     assert k.tokens_per_page == 204
-    for stop in range(101, 1500):
-        layer.prepare_graph_step(2, stop, BLOCK)
-        assert k.stop >= min(layer.graph_capacity, -(-stop // BLOCK) * BLOCK), f"stop {stop}: mapped to {k.stop}"
-        layer.finish_graph_step(stop)
+    remaps = 0
+    for i in range(1400):
+        stop = layer.length + 1
+        if i % 2:  # an eager one-token step between replays (prompt lookup does this)
+            before = k.committed_bytes
+            layer.update(keys[:, :, :1], keys[:, :, :1])
+            remaps += k.committed_bytes < before
+        else:
+            layer.prepare_graph_step(2, stop, BLOCK)
+            layer.finish_graph_step(stop)
+        needed = min(layer.graph_capacity, -(-layer.length // BLOCK) * BLOCK)
+        assert k.stop >= needed, f"at {layer.length}: mapped to {k.stop}, a replay reads to {needed}"
+    assert remaps == 0, "an eager step gave back pages the next replay maps again"
     layer.free()
 
 
@@ -261,6 +271,11 @@ def test_moved_weights_change_the_fingerprint_the_graph_is_keyed_on():
     model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
     assert weights_fingerprint(model) != before
     assert GraphDecoder.of(model, cache, capture=False) is decoder and decoder.weights != before
+    ids, mask = prompt(1, 6)
+    with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+        greedy(model, ids, mask, cache, 3)
+    assert decoder._recorded is not None and decoder._recorded.key[2] == weights_fingerprint(model), \
+        "the step was recorded for the weights where they are now"
 
 
 def test_a_cache_decoded_through_its_decoder_is_freed_without_the_garbage_collector():
