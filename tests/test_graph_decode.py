@@ -220,7 +220,15 @@ def test_steps_of_several_tokens_and_crops_run_eagerly_and_agree(device):
     with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
         out = model.generate(ids, **kwargs, **cache_kwargs(cache))
     assert torch.equal(out, eager)
-    assert decoder.replays > 0 and decoder.handed_back > 0, "one-token steps replayed, candidate steps eager"
+    import inspect
+
+    from transformers.generation.utils import GenerationMixin
+
+    # 5.17 verifies candidates by calling the model itself; later releases through the hook.
+    if "model_forward" in inspect.getsource(GenerationMixin._assisted_decoding):
+        assert decoder.replays > 0 and decoder.handed_back > 0, (decoder.replays, decoder.handed_back)
+    else:
+        assert decoder.replays == decoder.handed_back == 0
 
 
 @pytest.mark.parametrize("lookahead", [True, False])
