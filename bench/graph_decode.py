@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.kv_cache import GB, kv_bytes, llama3_8b_config
+from bench.report import target_met
 from bench.workers import WarmWorkers, run_worker
 
 # Ours first: a run cut short by a time limit still says what matters most.
@@ -86,19 +87,12 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
         if dynamic["ok"]:
             # The floor of the match rates: transformers' own two paths on the same weights.
             ratios["token_match_dynamic_vs_static_compiled"] = match_rate(dynamic["tokens"], static["tokens"])
-    met = {key: _met(ratios.get(key), target) for key, target in TARGETS.items()}
+    met = {key: None if key not in ratios else target_met(f"{ratios[key]:.6f}", target) for key, target in TARGETS.items()}
     return {"benchmark": "graph_decode",
             "workload": {"model": "Llama-3-8B shape, random bf16 weights", "batch": batch, "context": context,
                          "new_tokens": new, "greedy": True, "repeats": repeats,
                          "bound": "weights + KV at mid-decode, one read per step at 4.3 TB/s"},
             "systems": systems, "ratios": ratios, "targets": TARGETS, "met": met}
-
-
-def _met(value: float | None, target: str) -> bool | None:
-    if value is None:
-        return None
-    op, bound = target.split()
-    return {">=": value >= float(bound), ">": value > float(bound), "<=": value <= float(bound)}[op]
 
 
 # (ratio key, what it measures in words, target) for the report's rows.

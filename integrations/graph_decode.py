@@ -51,33 +51,31 @@ class CompiledAttentionFellBack(RuntimeError):
     reserved position, unmapped pages included, so it is refused instead."""
 
 
-def _fused_only(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any, scale: float | None,
-                enable_gqa: bool) -> torch.Tensor:
+def _unfused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any, scale: float | None,
+             enable_gqa: bool) -> torch.Tensor:
     from torch.nn.attention.flex_attention import flex_attention
 
+    out = flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
+    assert isinstance(out, torch.Tensor)  # no auxiliary outputs were asked for
+    return out
+
+
+def _fused_only(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any, scale: float | None,
+                enable_gqa: bool) -> torch.Tensor:
     if not torch.compiler.is_compiling():  # a constant True where compiled: this branch is traced away
         raise CompiledAttentionFellBack(
             "vmmalloc: the graph attention ran uncompiled (torch.compile fell back to eager: dynamo disabled "
             "or its recompile limit hit); decoding eagerly instead")
-    out = flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
-    assert isinstance(out, torch.Tensor)
-    return out
+    return _unfused(query, key, value, block_mask, scale, enable_gqa)
 
 
 @functools.cache
-def _flex(device_type: str) -> Callable[..., Any]:
+def _flex(device_type: str) -> Callable[..., torch.Tensor]:
     """FlexAttention, compiled for the GPU (its fused kernels skip unlisted blocks) and never
     run unfused there; on the host its unfused reference (the CPU tests, buffers mapped in full)."""
     if device_type == "cuda":
         return torch.compile(_fused_only, dynamic=False, fullgraph=True)
-
-    def unfused(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, block_mask: Any, scale: float | None,
-                enable_gqa: bool) -> Any:
-        from torch.nn.attention.flex_attention import flex_attention
-
-        return flex_attention(query, key, value, block_mask=block_mask, scale=scale, enable_gqa=enable_gqa)
-
-    return unfused
+    return _unfused
 
 
 def graph_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,

@@ -12,8 +12,18 @@ from hf_models import prompt, tiny_model  # noqa: E402
 from bench.paged_peer import run_paged  # noqa: E402
 
 
-@pytest.mark.skipif(transformers.__version__ < "5.24", reason="continuous batching sizes its cache from "
-                    "psutil on CPU before transformers 5.24 (the GPU machine's 5.17 sizes it from CUDA)")
+def _sizes_its_cache_on_cpu() -> bool:
+    """Before transformers 5.24 continuous batching sizes its cache on CPU from psutil (without
+    it: "Invalid values: max_batch_tokens = 256, num_blocks = -2"); on a GPU from CUDA."""
+    import importlib.util
+
+    from packaging.version import Version
+
+    return Version(transformers.__version__) >= Version("5.24") or importlib.util.find_spec("psutil") is not None
+
+
+@pytest.mark.skipif(not _sizes_its_cache_on_cpu(), reason="transformers < 5.24 without psutil cannot size its "
+                    "continuous-batching cache on CPU (install psutil)")
 def test_paged_peer_reports_greedy_tokens_of_prompts_of_any_length(monkeypatch):
     model = tiny_model("llama")
     ids, _ = prompt(3, 12, padded=False)
