@@ -120,6 +120,21 @@ class Backend {
   // pools' backups).
   virtual void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) = 0;
   virtual void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) = 0;
+  // Many copies at once (a sleeping pool's backup and restore, one per physical handle):
+  // returns when every one has finished, failed or not. The CUDA backend issues them all
+  // on one stream of its own and waits once, so the bus never idles between copies; here
+  // they run one by one through the single-copy calls above.
+  struct HostCopy {
+    std::uintptr_t device;
+    unsigned char* host;
+    std::size_t bytes;
+  };
+  virtual void copy_many_to_host(const std::vector<HostCopy>& copies) {
+    for (const HostCopy& c : copies) copy_to_host(c.host, c.device, c.bytes);
+  }
+  virtual void copy_many_from_host(const std::vector<HostCopy>& copies) {
+    for (const HostCopy& c : copies) copy_from_host(c.device, c.host, c.bytes);
+  }
   // Page-locks host memory the caller allocated, so that copies to and from it run at the
   // bus's rate. False where it cannot (the host backend, or a refused pin): copies to that
   // memory still work, at pageable speed.

@@ -399,6 +399,40 @@ void CudaBackend::copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes)
   });
 }
 
+void CudaBackend::copy_many_to_host(const std::vector<HostCopy>& copies) { copy_many(copies, true); }
+
+void CudaBackend::copy_many_from_host(const std::vector<HostCopy>& copies) { copy_many(copies, false); }
+
+// One stream per batch, created and destroyed here: a batch is a pause or a resume (seconds
+// of copies), so the stream costs nothing against it and no stream outlives its batch. The
+// stream does not wait for the legacy default stream; the caller has ordered the copies
+// against the streams that use the memory (pause waited for their events, resume maps new
+// memory no stream has used). Every copy issued is waited for before returning, also when
+// one could not be issued, so no copy still runs on memory the caller then unmaps or frees.
+void CudaBackend::copy_many(const std::vector<HostCopy>& copies, bool to_host) {
+  if (copies.empty()) return;
+  ContextGuard guard(api_, context_, device_);
+  cu::CUstream stream = nullptr;
+  check(device_, api_.cuStreamCreate(&stream, cu::kStreamNonBlocking),
+        [] { return std::string("cuStreamCreate(CU_STREAM_NON_BLOCKING)"); });
+  cu::CUresult failed = cu::CUDA_SUCCESS;
+  std::string what;
+  for (const HostCopy& c : copies) {
+    failed = to_host ? api_.cuMemcpyDtoHAsync_v2(c.host, c.device, c.bytes, stream)
+                     : api_.cuMemcpyHtoDAsync_v2(c.device, c.host, c.bytes, stream);
+    if (failed != cu::CUDA_SUCCESS) {
+      what = std::string(to_host ? "cuMemcpyDtoHAsync_v2" : "cuMemcpyHtoDAsync_v2") +
+             "(device=" + hex(c.device) + ", host=" + hex(c.host) + ", bytes=" + std::to_string(c.bytes) +
+             ")";
+      break;
+    }
+  }
+  const cu::CUresult synced = api_.cuStreamSynchronize(stream);
+  api_.cuStreamDestroy_v2(stream);  // work is done; a failure here leaks one stream at most
+  check(device_, failed, [&] { return what; });
+  check(device_, synced, [] { return std::string("cuStreamSynchronize(copy stream)"); });
+}
+
 Backend::SharedHandle CudaBackend::export_handle(ChunkHandle chunk, std::size_t bytes) {
   std::lock_guard<std::mutex> lock(exported_mutex_);
   const auto it = exported_.find(chunk);

@@ -63,6 +63,8 @@ class CudaBackend final : public Backend {
 
   void copy_from_host(std::uintptr_t dst, const void* src, std::size_t bytes) override;
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t bytes) override;
+  void copy_many_to_host(const std::vector<HostCopy>& copies) override;
+  void copy_many_from_host(const std::vector<HostCopy>& copies) override;
   bool pin_host(void* address, std::size_t bytes) override;
   void unpin_host(void* address) override;
 
@@ -72,6 +74,8 @@ class CudaBackend final : public Backend {
   bool shareable() const { return shareable_.load(std::memory_order_relaxed); }
 
  private:
+  void copy_many(const std::vector<HostCopy>& copies, bool to_host);
+
   const cu::DriverApi& api_;
   const int device_;
   cu::CUdevice cu_device_ = 0;

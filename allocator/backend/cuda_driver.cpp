@@ -27,8 +27,9 @@ struct Driver {
 // cuEventRecord and cuEventRecord_ptsz, ...). cuGetProcAddress takes the base name and a
 // CUDA version and returns the variant with that version's ABI: with kDriverApiVersion
 // (12.0) that is cuMemGetInfo_v2, cuDeviceTotalMem_v2, cuDevicePrimaryCtxRelease_v2,
-// cuEventDestroy_v2, cuMemcpy{HtoD,DtoH}_v2 and cuMemHostRegister_v2, the signatures DriverApi declares, and
-// a newer driver keeps returning them for 12000. CU_GET_PROC_ADDRESS_LEGACY_STREAM picks
+// cuEventDestroy_v2, cuStreamDestroy_v2, cuMemcpy{HtoD,DtoH}{,Async}_v2 and
+// cuMemHostRegister_v2, the signatures DriverApi declares, and a newer driver keeps
+// returning them for 12000. CU_GET_PROC_ADDRESS_LEGACY_STREAM picks
 // the variants in which stream 0 is the legacy default stream, as in PyTorch (built
 // without per-thread default streams) and in the plain exported symbols.
 // cuGetProcAddress_v2 exists from driver 12.0 and cuGetProcAddress from 11.3; if neither
@@ -140,6 +141,11 @@ void load_into(Driver& d) {
        "cuThreadExchangeStreamCaptureMode");
   need(a.cuMemcpyHtoD_v2, "cuMemcpyHtoD", "cuMemcpyHtoD_v2");
   need(a.cuMemcpyDtoH_v2, "cuMemcpyDtoH", "cuMemcpyDtoH_v2");
+  need(a.cuMemcpyHtoDAsync_v2, "cuMemcpyHtoDAsync", "cuMemcpyHtoDAsync_v2");
+  need(a.cuMemcpyDtoHAsync_v2, "cuMemcpyDtoHAsync", "cuMemcpyDtoHAsync_v2");
+  need(a.cuStreamCreate, "cuStreamCreate", "cuStreamCreate");
+  need(a.cuStreamSynchronize, "cuStreamSynchronize", "cuStreamSynchronize");
+  need(a.cuStreamDestroy_v2, "cuStreamDestroy", "cuStreamDestroy_v2");
   need(a.cuMemHostRegister_v2, "cuMemHostRegister", "cuMemHostRegister_v2");
   need(a.cuMemHostUnregister, "cuMemHostUnregister", "cuMemHostUnregister");
   if (missing != nullptr) {

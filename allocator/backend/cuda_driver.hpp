@@ -101,6 +101,7 @@ enum CUevent_flags : int {
 
 // cuMemHostRegister's flag for memory pinned for every context (a macro in cuda.h).
 constexpr unsigned int kMemHostRegisterPortable = 0x01;
+constexpr unsigned int kStreamNonBlocking = 0x01;  // CU_STREAM_NON_BLOCKING
 
 enum CUdriverProcAddress_flags : int {
   CU_GET_PROC_ADDRESS_DEFAULT = 0,
@@ -187,6 +188,11 @@ struct DriverApi {
 
   CUresult (*cuMemcpyHtoD_v2)(CUdeviceptr dst, const void* src, std::size_t bytes);
   CUresult (*cuMemcpyDtoH_v2)(void* dst, CUdeviceptr src, std::size_t bytes);
+  CUresult (*cuMemcpyHtoDAsync_v2)(CUdeviceptr dst, const void* src, std::size_t bytes, CUstream stream);
+  CUresult (*cuMemcpyDtoHAsync_v2)(void* dst, CUdeviceptr src, std::size_t bytes, CUstream stream);
+  CUresult (*cuStreamCreate)(CUstream* stream, unsigned int flags);
+  CUresult (*cuStreamSynchronize)(CUstream stream);
+  CUresult (*cuStreamDestroy_v2)(CUstream stream);
 
   CUresult (*cuMemHostRegister_v2)(void* p, std::size_t bytesize, unsigned int flags);
   CUresult (*cuMemHostUnregister)(void* p);

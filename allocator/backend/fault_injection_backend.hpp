@@ -77,6 +77,10 @@ class FaultInjectionBackend final : public Backend {
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t n) override {
     inner_->copy_to_host(dst, src, n);
   }
+  void copy_many_to_host(const std::vector<HostCopy>& copies) override { inner_->copy_many_to_host(copies); }
+  void copy_many_from_host(const std::vector<HostCopy>& copies) override {
+    inner_->copy_many_from_host(copies);
+  }
 
  private:
   struct Plan {

@@ -1206,9 +1206,11 @@ void CachingAllocator::pause_pool(PoolId id, bool backup) {
       total += c->handle_chunks * kChunkSize;
     }
     unsigned char* host = pool->backup_memory.reserve(*backend_, total);
-    for (const auto& [c, offset] : backups) {
-      backend_->copy_to_host(host + offset, handle_address(c), c->handle_chunks * kChunkSize);
-    }
+    std::vector<Backend::HostCopy> copies;
+    copies.reserve(backups.size());
+    for (const auto& [c, offset] : backups)
+      copies.push_back({handle_address(c), host + offset, c->handle_chunks * kChunkSize});
+    backend_->copy_many_to_host(copies);
   }
   arena.cache.unmap_all();
   arena.chunks.pause_handles();
@@ -1238,10 +1240,13 @@ void CachingAllocator::resume_pool(PoolId id) {
     sync_reserved_stats();
     throw;
   }
+  std::vector<Backend::HostCopy> copies;
+  copies.reserve(pool->backups.size());
   for (const auto& [head, offset] : pool->backups) {
-    backend_->copy_from_host(handle_address(head), pool->backup_memory.data() + offset,
-                             head->handle_chunks * kChunkSize);
+    copies.push_back(
+        {handle_address(head), pool->backup_memory.data() + offset, head->handle_chunks * kChunkSize});
   }
+  backend_->copy_many_from_host(copies);
   pool->backups.clear();  // backup_memory stays, for the next pause
   // The new memory is idle on every stream: no wait is owed to the streams of before.
   for (Chunk* c : arena.chunks.all()) {

@@ -103,7 +103,7 @@ class HostBackup {
     pinned_ = backend.pin_host(data_.get(), bytes);
     return data_.get();
   }
-  const unsigned char* data() const { return data_.get(); }
+  unsigned char* data() { return data_.get(); }
   bool pinned() const { return pinned_; }
   void reset() {
     if (pinned_) backend_->unpin_host(data_.get());
