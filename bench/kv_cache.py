@@ -172,6 +172,13 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             peaks_allocated.append(torch.cuda.max_memory_allocated())
             after_prefill.append(clock.allocated_after_prefill)
             kv_now = clock.kv_now
+        graph_kernels = {}
+        if cache == "vmm_graphs":  # which attention kernel the replayed steps ran (the patch's kept decoder)
+            from vmmalloc.integrations.generate_patch import _kept
+
+            kept = _kept.get(model)
+            decoder = kept[0].graph_decoder if kept else None
+            graph_kernels = dict(decoder.kernels) if decoder is not None else {}
     except torch.OutOfMemoryError as error:
         ids = all_ids = None
         kwargs.clear()
@@ -195,6 +202,7 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
         "batch": batch, "context": context, "new_tokens": new_tokens, "repeats": repeats,
         "contexts": [context + r * page for r in range(repeats)],
         "ttft_s": statistics.median(ttfts),
+        "graph_kernels": graph_kernels,
         "decode_tok_s": batch * len(steps) / sum(steps),
         "step_median_s": median,
         "step_p99_s": float(sorted(steps)[min(len(steps) - 1, round(0.99 * (len(steps) - 1)))]),

@@ -26,7 +26,8 @@ from typing import Any
 from vmmalloc.integrations.hf_compat import generate_cache_kwarg, given_cache, output_cache
 
 CACHES = ("vmm", "offload")
-_state: dict[str, Any] = {"original": None, "cache": None, "options": {}, "attention": True, "graphs": True}
+_state: dict[str, Any] = {"original": None, "cache": None, "options": {}, "attention": True, "graphs": True,
+                         "graph_attention": "auto"}
 # A model's emptied cache and the options it was made with, kept for its next generate()
 # (Note [A cache the patch made]).
 _kept: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any]]] = weakref.WeakKeyDictionary()
@@ -48,7 +49,8 @@ def _check_cache(cache: str, options: dict[str, Any]) -> None:
         raise ValueError(f"kv_budget is an option of the offload cache, not of {cache!r}")
 
 
-def patch_generate(cache: str = "vmm", *, attention: bool = True, graphs: bool = True, **options: Any) -> None:
+def patch_generate(cache: str = "vmm", *, attention: bool = True, graphs: bool = True, graph_attention: str = "auto",
+                   **options: Any) -> None:
     """Makes ``generate()`` use vmmalloc's cache whenever it is given none.
 
     Args:
@@ -60,15 +62,21 @@ def patch_generate(cache: str = "vmm", *, attention: bool = True, graphs: bool =
         graphs: decode steps of a ``VirtualKVCache`` on a GPU are replayed from a CUDA graph
             (Note [Decode in graphs under the patch]); False, or ``disable_compile=True`` in
             the generation config, decodes eagerly.
+        graph_attention: the kernel those steps attend with: ``"auto"`` (FlashAttention's
+            varlen kernel for fp16/bf16 caches padded on the left, FlexAttention otherwise),
+            ``"flash"`` or ``"flex"`` (:class:`~vmmalloc.integrations.graph_decode.GraphDecoder`).
         **options: passed to the cache (``max_batch_size``, ``lookahead``; ``kv_budget``
             for ``"offload"``: GPU bytes for KV, an int or a string such as ``"8GiB"``).
 
     Calling it again replaces the settings; the patch is applied once.
     """
     _check_cache(cache, options)
+    if graph_attention not in ("auto", "flash", "flex"):
+        raise ValueError(f"patch_generate: graph_attention must be 'auto', 'flash' or 'flex', not {graph_attention!r}")
     from transformers.generation.utils import GenerationMixin
 
-    _state.update(cache=cache, options=dict(options), attention=attention, graphs=graphs)
+    _state.update(cache=cache, options=dict(options), attention=attention, graphs=graphs,
+                  graph_attention=graph_attention)
     if _state["original"] is not None:
         return
     original = GenerationMixin.generate
@@ -113,7 +121,7 @@ def patched_generate(cache: str = "vmm", **options: Any) -> Iterator[None]:
     finally:
         if was_patched:
             _state.update(cache=saved["cache"], options=saved["options"], attention=saved["attention"],
-                          graphs=saved["graphs"])
+                          graphs=saved["graphs"], graph_attention=saved["graph_attention"])
         else:
             unpatch_generate()
 
@@ -248,5 +256,5 @@ def _with_graphs(original: Any, model: Any, args: tuple, kwargs: dict[str, Any])
     if reason is not None:
         say_once(reason)
         return original(model, *args, **kwargs)
-    with decoding_in_graphs(model, GraphDecoder.of(model, cache)):
+    with decoding_in_graphs(model, GraphDecoder.of(model, cache, attention=_state["graph_attention"])):
         return original(model, *args, **kwargs)

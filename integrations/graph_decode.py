@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from vmmalloc.integrations.hf_compat import given_cache, layer_windows
-from vmmalloc.integrations.length_attention import LengthMask
+from vmmalloc.integrations.length_attention import LengthMask, RowSpans, attend_row_spans, is_left_padding_only, left_padding
 
 NAME = "vmm_graph"  # the attention implementation a recorded step runs under
 # What a decode step may pass besides these makes the decoder run it eagerly.
@@ -80,16 +80,34 @@ def _flex(device_type: str) -> Callable[..., torch.Tensor]:
 
 def graph_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                     attention_mask: Any, dropout: float = 0.0, scaling: float | None = None,
-                    vmm_length_mask: LengthMask | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+                    vmm_length_mask: LengthMask | None = None, vmm_row_spans: RowSpans | None = None,
+                    **kwargs: Any) -> tuple[torch.Tensor, None]:
     """transformers' attention-function contract over the whole reservation: query
-    ``[B, Hq, 1, D]``, key/value ``[B, Hkv, capacity, D]``, read within `vmm_length_mask`."""
-    if vmm_length_mask is None:
+    ``[B, Hq, 1, D]``, key/value ``[B, Hkv, capacity, D]``, read within `vmm_row_spans`
+    (FlashAttention, Note [Row spans for FlashAttention]) or `vmm_length_mask` (FlexAttention)."""
+    if vmm_length_mask is None and vmm_row_spans is None:
         raise RuntimeError(f"the {NAME!r} attention runs only inside vmmalloc's graph decoder (GraphDecoder)")
     _attention_calls[0] += 1
     if dropout:
         raise ValueError(f"the {NAME!r} attention is for inference; dropout {dropout} was asked for")
+    if vmm_row_spans is not None:  # the reservation's own layout, [B, capacity, Hkv, D]
+        return attend_row_spans(query, key.transpose(1, 2), value.transpose(1, 2), vmm_row_spans, scaling), None
+    assert vmm_length_mask is not None
     out = _flex(query.device.type)(query, key, value, vmm_length_mask.block_mask, scaling, query.shape[1] != key.shape[1])
     return out.transpose(1, 2).contiguous(), None
+
+
+def flash_reads(keys: torch.Tensor) -> str | None:
+    """Why FlashAttention's varlen kernel cannot read a reservation like `keys` (None: it can)."""
+    if keys.device.type != "cuda":
+        return "not on a GPU"
+    if keys.dtype not in (torch.float16, torch.bfloat16):
+        return f"{keys.dtype} keys (FlashAttention takes fp16 and bf16)"
+    if keys.shape[-1] % 8 or keys.shape[-1] > 256:
+        return f"head dimension {keys.shape[-1]} (FlashAttention takes multiples of 8 up to 256)"
+    if not torch.backends.cuda.is_flash_attention_available() or torch.cuda.get_device_capability(keys.device) < (8, 0):
+        return "this torch or GPU has no FlashAttention kernels"
+    return None
 
 
 def register_graph_attention() -> str:
@@ -165,10 +183,18 @@ class _Recorded:
     def __init__(self, key: tuple, batch: int, capacity: int, device: torch.device) -> None:
         self.key = key
         self.batch = batch
+        self.kernel = key[-1]  # "flash" (RowSpans) or "flex" (LengthMask)
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # where the new token's K/V go
-        self.mask, self.key_mask = _shared_mask(batch, capacity, BLOCK, device)
+        self.mask: LengthMask | None = None
+        self.key_mask: torch.Tensor | None = None
+        self.spans: RowSpans | None = None
+        self.starts = torch.zeros(batch, dtype=torch.int32, device=device)  # left padding per row (flash)
+        if self.kernel == "flash":
+            self.spans = RowSpans(batch, capacity, device)
+        else:
+            self.mask, self.key_mask = _shared_mask(batch, capacity, BLOCK, device)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.output_class: Any = None
         self.fields: dict[str, Any] = {}
@@ -202,15 +228,25 @@ class GraphDecoder:
         cache: the VirtualKVCache the steps decode over (held weakly: it holds the decoder).
         capture: record and replay a graph (False: run the step's graph-mode operations
             eagerly every step, the same arithmetic, for machines without a GPU).
+        attention: the kernel a step reads the K/V with: "auto" (FlashAttention's varlen
+            kernel where it can read the cache and the padding is on the left, Note [Row
+            spans for FlashAttention]; FlexAttention otherwise), "flash" (where it cannot
+            read them: on the host, its reference; else as "auto") or "flex".
     """
 
-    def __init__(self, model: Any, cache: Any, capture: bool = True) -> None:
+    def __init__(self, model: Any, cache: Any, capture: bool = True, attention: str = "auto") -> None:
         reason = why_not(model, cache)
         if reason is not None:
             raise ValueError(f"vmmalloc: cannot decode in CUDA graphs: {reason}")
+        if attention not in ("auto", "flash", "flex"):
+            raise ValueError(f"GraphDecoder: attention must be 'auto', 'flash' or 'flex', not {attention!r}")
         self._model = weakref.ref(model)
         self._cache = weakref.ref(cache)
         self.capture = capture
+        self.attention = attention
+        self.kernels: dict[str, int] = {"flash": 0, "flex": 0}  # steps served by each
+        self._continues: tuple[int, int] | None = None  # (batch, length) the next step of this decode has
+        self._padding_only = False  # the mask of this decode is left padding alone (checked once per decode)
         self.replays = 0      # steps served from a graph (or its eager stand-in)
         self.handed_back = 0  # steps run by the model itself (prompts, several tokens, other inputs)
         self.recordings = 0   # graphs recorded
@@ -220,13 +256,14 @@ class GraphDecoder:
         register_graph_attention()
 
     @classmethod
-    def of(cls, model: Any, cache: Any, capture: bool = True) -> GraphDecoder:
+    def of(cls, model: Any, cache: Any, capture: bool = True, attention: str = "auto") -> GraphDecoder:
         """The decoder `cache` keeps for `model` (made on first use): its graph outlives one
         generate() call while the cache's buffers and the model's weights stay where they are
         (checked here, once per call: a graph reads them at the addresses it recorded)."""
         decoder = getattr(cache, "graph_decoder", None)
-        if not isinstance(decoder, cls) or decoder._model() is not model or decoder.capture != capture:
-            decoder = cls(model, cache, capture)
+        if (not isinstance(decoder, cls) or decoder._model() is not model or decoder.capture != capture
+                or decoder.attention != attention):
+            decoder = cls(model, cache, capture, attention)
             cache.graph_decoder = decoder
         else:
             decoder.weights = weights_fingerprint(model)
@@ -256,7 +293,9 @@ class GraphDecoder:
                 or (mask is not None and (mask.dim() != 2 or mask.shape[1] < length + 1))):
             return self._eagerly(model, inputs)  # the model's own checks and errors, or another mask shape
         key = (batch, inputs.get("logits_to_keep"), self.weights,
-               tuple(p for layer in layers for p in layer.graph_buffers()))
+               tuple(p for layer in layers for p in layer.graph_buffers()), self._kernel(mask, batch, length))
+        if key in self.failed and key[-1] == "flash":
+            key = key[:-1] + ("flex",)  # the other kernel, where flash could not be recorded
         if key in self.failed:
             return self._eagerly(model, inputs)
         self._map_pages(batch, length + 1)
@@ -280,7 +319,24 @@ class GraphDecoder:
         for layer in layers:
             layer.finish_graph_step(length + 1)
         self.replays += 1
+        self.kernels[recorded.kernel] += 1
+        self._continues = (batch, length + 1)
         return recorded.output(self.cache)
+
+    def _kernel(self, mask: torch.Tensor | None, batch: int, length: int) -> str:
+        """The attention kernel for a step at `length` (Note [Row spans for FlashAttention])."""
+        if self.attention == "flex":
+            return "flex"
+        keys = self.cache.layers[0]._buffers()[0].tensor
+        if flash_reads(keys) is not None and not (self.attention == "flash" and keys.device.type != "cuda"):
+            return "flex"
+        if mask is None:
+            return "flash"
+        if self._continues != (batch, length):
+            # A new decode (or one resumed after eager steps): generate() extends the mask with
+            # ones from here on, so its padding is checked once (one host sync) per decode.
+            self._padding_only = is_left_padding_only(mask[:, :length + 1])
+        return "flash" if self._padding_only else "flex"
 
     def _eagerly(self, model: Any, inputs: dict[str, Any]) -> Any:
         self.handed_back += 1
@@ -302,10 +358,17 @@ class GraphDecoder:
         else:
             recorded.position_ids.fill_(length)
         recorded.position.fill_(length)
-        mask = inputs.get("attention_mask")
-        if mask is not None:  # [batch, length + 1] or more (checked by the caller)
+        mask = inputs.get("attention_mask")  # [batch, length + 1] or more (checked by the caller)
+        if recorded.spans is not None:  # flash: the padding is on the left (the caller checked)
+            if mask is not None:
+                recorded.starts.copy_(left_padding(mask[:, :length + 1]))
+            else:
+                recorded.starts.zero_()
+        elif mask is not None:
+            assert recorded.key_mask is not None
             recorded.key_mask[:, :length + 1].copy_(mask[:, :length + 1])
         else:
+            assert recorded.key_mask is not None
             recorded.key_mask[:, :length + 1].fill_(True)
 
     # ----- recording -----------------------------------------------------------------
@@ -320,12 +383,18 @@ class GraphDecoder:
 
     def _step(self, model: Any, recorded: _Recorded, cache_key: str) -> Any:
         """The operations of one step, all on the device: what the graph records."""
-        recorded.mask.update((recorded.position + 1).expand(recorded.batch))
+        lengths = (recorded.position + 1).expand(recorded.batch)
         logits_to_keep = recorded.key[1]
         kwargs: dict[str, Any] = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
+        if recorded.spans is not None:
+            recorded.spans.update(lengths.to(torch.int32), recorded.starts)
+            kwargs["vmm_row_spans"] = recorded.spans
+        else:
+            assert recorded.mask is not None
+            recorded.mask.update(lengths)
+            kwargs["vmm_length_mask"] = recorded.mask
         return model(input_ids=recorded.input_ids, position_ids=recorded.position_ids, attention_mask=None,
-                     use_cache=True, return_dict=True, vmm_length_mask=recorded.mask,
-                     **{cache_key: self.cache}, **kwargs)
+                     use_cache=True, return_dict=True, **{cache_key: self.cache}, **kwargs)
 
     @contextlib.contextmanager
     def _graph_mode(self, model: Any, recorded: _Recorded) -> Iterator[None]:

@@ -21,6 +21,17 @@ before each step.
 
 Without torch.compile (CPU tests), FlexAttention runs an unfused reference that reads every
 position, so there the buffers must be mapped in full.
+
+Note [Row spans for FlashAttention]
+Where the K/V are fp16 or bf16, the graph decoder reads them with FlashAttention-2's varlen
+entry instead (bench/NOTES.md, "KV decode in CUDA graphs", says why: measured). A reservation
+``[rows, capacity, heads, dim]`` is already that entry's packed layout, read as one sequence
+per row: row b's keys start at ``b * capacity + start[b]`` (``cu_seqlens_k``) and it uses
+``length[b] - start[b]`` of them (``seqused_k``), both device tensors RowSpans rewrites in
+place, so one graph serves every step. The kernel never loads a key past a row's span (its
+last block's loads are predicated on the length), so only the tokens held need be mapped. A
+span is contiguous: it takes left padding (``start`` = the padding's width) but no holes; a
+mask with holes inside a row is the LengthMask's.
 """
 from __future__ import annotations
 
@@ -102,3 +113,71 @@ def attend_within_lengths(query: torch.Tensor, keys: torch.Tensor, values: torch
                          enable_gqa=query.shape[1] != keys.shape[1])
     assert isinstance(out, torch.Tensor)  # no auxiliary outputs were asked for
     return out
+
+
+class RowSpans:
+    """Where each row's keys lie in a reservation of `capacity` positions per row, as
+    FlashAttention's varlen entry reads them (Note [Row spans for FlashAttention]): device
+    tensors a CUDA graph reads, rewritten in place by update().
+
+    Args:
+        batch: rows attended over.
+        capacity: key positions reserved per row.
+        device: where the attention runs.
+    """
+
+    def __init__(self, batch: int, capacity: int, device: torch.device) -> None:
+        self.batch, self.capacity = batch, capacity
+        rows = torch.arange(batch + 1, dtype=torch.int32, device=device)
+        self.query_starts = rows.clone()  # one query position per row
+        self._row_starts = rows * capacity
+        self.key_starts = self._row_starts.clone()  # [batch + 1]; the last entry only closes the list
+        self.used = torch.ones(batch, dtype=torch.int32, device=device)
+
+    def update(self, lengths: torch.Tensor, starts: torch.Tensor) -> None:
+        """Row b holds positions ``starts[b] <= p < lengths[b]`` now (device operations only)."""
+        self.key_starts[:-1].copy_(self._row_starts[:-1] + starts)
+        self.used.copy_(lengths - starts)
+
+
+def left_padding(mask: torch.Tensor) -> torch.Tensor:
+    """The width of each row's left padding in a ``[batch, length]`` attention mask (nonzero
+    = attend): the position of its first attended key, int32, by device operations alone."""
+    return mask.to(torch.bool).to(torch.int32).argmax(dim=1).to(torch.int32)
+
+
+def is_left_padding_only(mask: torch.Tensor) -> bool:
+    """Whether every row of `mask` attends to every position from its first attended one on
+    (one host sync). A row attending to nothing is not: its span would be empty."""
+    positions = torch.arange(mask.shape[1], device=mask.device)
+    return bool(torch.equal(mask.to(torch.bool), positions.unsqueeze(0) >= left_padding(mask).unsqueeze(1)))
+
+
+def attend_row_spans(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, spans: RowSpans,
+                     scale: float | None = None) -> torch.Tensor:
+    """Decode attention of ``query [B, Hq, 1, D]`` over reservations ``keys``/``values
+    [B, capacity, Hkv, D]`` (contiguous, the cache's layout) within `spans`; returns
+    ``[B, 1, Hq, D]``, the layout transformers' attention functions return. On a GPU it is
+    FlashAttention-2's varlen kernel; elsewhere a reference that reads each span alone."""
+    batch, q_heads, _, dim = query.shape
+    capacity, kv_heads = keys.shape[1], keys.shape[2]
+    if not (keys.is_contiguous() and values.is_contiguous()):
+        raise ValueError("attend_row_spans: keys and values must be contiguous [batch, capacity, heads, dim]")
+    if q_heads % kv_heads:
+        raise ValueError(f"attend_row_spans: {q_heads} query heads do not group over {kv_heads} KV heads")
+    rows_q = query.transpose(1, 2).reshape(batch, q_heads, dim)
+    rows_k, rows_v = keys.view(batch * capacity, kv_heads, dim), values.view(batch * capacity, kv_heads, dim)
+    if query.device.type == "cuda":
+        out = torch.ops.aten._flash_attention_forward(
+            rows_q, rows_k, rows_v, spans.query_starts, spans.key_starts, 1, capacity, 0.0, False, False,
+            scale=scale, seqused_k=spans.used)[0]
+        return out.view(batch, 1, q_heads, dim)
+    import torch.nn.functional as F
+
+    outs = []
+    for b, (start, used) in enumerate(zip(spans.key_starts[:-1].tolist(), spans.used.tolist())):
+        k = rows_k[start:start + used].transpose(0, 1).unsqueeze(0)
+        v = rows_v[start:start + used].transpose(0, 1).unsqueeze(0)
+        outs.append(F.scaled_dot_product_attention(query[b:b + 1], k, v, scale=scale,
+                                                   enable_gqa=q_heads != kv_heads))
+    return torch.cat(outs).transpose(1, 2)

@@ -9,7 +9,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vmmalloc.integrations.length_attention import LengthMask, attend_within_lengths
+from vmmalloc.integrations.length_attention import (
+    LengthMask,
+    RowSpans,
+    attend_row_spans,
+    attend_within_lengths,
+    is_left_padding_only,
+    left_padding,
+)
 
 # The unfused reference is what these tests compare (see the docstring).
 pytestmark = pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -57,3 +64,53 @@ def test_bad_arguments_are_named():
     mask = LengthMask(torch.tensor([3]), 128)
     with pytest.raises(ValueError, match="do not group"):
         attend_within_lengths(torch.randn(1, 3, 1, 8), torch.randn(1, 2, 128, 8), torch.randn(1, 2, 128, 8), mask)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_row_spans_attend_from_each_rows_padding_to_its_length_and_read_nothing_else(device):
+    """Note [Row spans for FlashAttention]: the reservation's own layout [rows, capacity,
+    heads, dim]; every position outside a row's span is NaN, so a kernel that loaded one
+    (even under a zero weight) would return NaN."""
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    torch.manual_seed(2)
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    batch, q_heads, kv_heads, dim, capacity = 4, 8, 2, 64, 512
+    starts, lengths = [0, 5, 130, 0], [1, 200, 131, 512]
+    keys = torch.full((batch, capacity, kv_heads, dim), float("nan"), dtype=dtype, device=device)
+    values = keys.clone()
+    for b, (s, n) in enumerate(zip(starts, lengths)):
+        keys[b, s:n] = torch.randn(n - s, kv_heads, dim, dtype=dtype, device=device)
+        values[b, s:n] = torch.randn(n - s, kv_heads, dim, dtype=dtype, device=device)
+    query = torch.randn(batch, q_heads, 1, dim, dtype=dtype, device=device)
+    spans = RowSpans(batch, capacity, torch.device(device))
+    addresses = (spans.key_starts.data_ptr(), spans.used.data_ptr())
+    spans.update(torch.tensor(lengths, dtype=torch.int32, device=device),
+                 torch.tensor(starts, dtype=torch.int32, device=device))
+    assert (spans.key_starts.data_ptr(), spans.used.data_ptr()) == addresses, "rewritten in place"
+    out = attend_row_spans(query, keys, values, spans)
+    assert out.shape == (batch, 1, q_heads, dim)
+    expected = torch.cat([F.scaled_dot_product_attention(
+        query[b:b + 1].float(), keys[b:b + 1, s:n].transpose(1, 2).float(), values[b:b + 1, s:n].transpose(1, 2).float(),
+        enable_gqa=True) for b, (s, n) in enumerate(zip(starts, lengths))]).transpose(1, 2)
+    tolerance = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(out.float(), expected, atol=tolerance, rtol=tolerance)
+
+
+def test_left_padding_is_found_and_holes_are_told_apart():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]])
+    assert left_padding(mask).tolist() == [2, 0, 1]
+    assert left_padding(mask).dtype == torch.int32
+    assert is_left_padding_only(mask)
+    assert not is_left_padding_only(torch.tensor([[1, 0, 1, 1]])), "a hole after the first attended position"
+    assert not is_left_padding_only(torch.tensor([[0, 0, 0, 0]])), "a row attending to nothing has no span"
+
+
+def test_row_spans_refuse_a_layout_they_cannot_read():
+    spans = RowSpans(1, 128, torch.device("cpu"))
+    keys = torch.randn(1, 2, 128, 8).transpose(1, 2)  # [1, 128, 2, 8] but not contiguous
+    with pytest.raises(ValueError, match="contiguous"):
+        attend_row_spans(torch.randn(1, 4, 1, 8), keys, keys, spans)
+    good = torch.randn(1, 128, 2, 8)
+    with pytest.raises(ValueError, match="do not group"):
+        attend_row_spans(torch.randn(1, 3, 1, 8), good, good, spans)
