@@ -118,8 +118,9 @@ def measure(context: int, batch: int, repeats: int, layers: int = 32) -> dict[st
             out["errors"][name] = f"{type(e).__name__}: {e}"[:400]
     out["fraction_of_hbm_bound"] = {name: held_bytes / HBM_BYTES_PER_S / s for name, s in out["seconds"].items()}
     out["GB_per_s"] = {name: held_bytes / s / 1e9 for name, s in out["seconds"].items()}
-    out["gpu"] = torch.cuda.get_device_name()
-    out["torch"] = torch.__version__
+    from bench.common import environment
+
+    out["environment"] = environment()
     return out
 
 

@@ -148,10 +148,11 @@ def test_a_graph_over_a_long_reservation_reads_only_the_mapped_pages(dtype):
     attends through FlexAttention, bf16 through FlashAttention's row spans."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device")
-    model = tiny_model("llama", "cuda", dtype=getattr(torch, dtype), max_positions=65536)
+    reserved = 65536 if dtype == "float32" else 131072  # four 2 MiB pages a row of 2 heads x 16 either way
+    model = tiny_model("llama", "cuda", dtype=getattr(torch, dtype), max_positions=reserved)
     ids, mask = prompt(3, 12, "cuda")
-    eager = greedy(model, ids, mask, VirtualKVCache(model.config, max_length=65536), 30)
-    cache = VirtualKVCache(model.config, max_length=65536)
+    eager = greedy(model, ids, mask, VirtualKVCache(model.config, max_length=reserved), 30)
+    cache = VirtualKVCache(model.config, max_length=reserved)
     decoder = GraphDecoder.of(model, cache)
     with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
         out = greedy(model, ids, mask, cache, 30)
