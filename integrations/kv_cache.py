@@ -59,6 +59,7 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def __init__(self, max_length: int, sliding_window: int | None = None, *, max_batch_size: int | None = None,
                  layer_index: int = 0, num_layers: int = 1, lookahead: bool = True, **kwargs: Any) -> None:
+        self._views_stale = False  # finish_graph_step defers the views to their first read
         super().__init__()
         if max_length <= 0:
             raise ValueError(f"max_length must be positive, got {max_length}")
@@ -158,6 +159,32 @@ class VirtualKVLayer(CacheLayerMixin):
         self.keys = k.tensor[:rows, start:stop].transpose(1, 2)
         self.values = v.tensor[:rows, start:stop].transpose(1, 2)
 
+    # The K/V views over the tokens held. A replayed step only moves the length (the graph
+    # wrote the K/V), so finish_graph_step marks the views stale and the first read makes
+    # them: two views per layer and step cost more host time than the rest of a step's
+    # bookkeeping, and generate() reads none of them between replays.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        if self._views_stale:
+            self._views_stale = False
+            self._set_views(0)  # graph steps attend from position 0 (no sliding windows)
+        return self._keys
+
+    @keys.setter
+    def keys(self, value: torch.Tensor | None) -> None:
+        self._keys = value
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        if self._views_stale:
+            self._views_stale = False
+            self._set_views(0)
+        return self._values
+
+    @values.setter
+    def values(self, value: torch.Tensor | None) -> None:
+        self._values = value
+
     # ----- CacheLayerMixin -----------------------------------------------------------
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
@@ -215,7 +242,7 @@ class VirtualKVLayer(CacheLayerMixin):
     def finish_graph_step(self, stop: int) -> None:
         """The host's record of a replayed step: the layer holds `stop` positions now."""
         self.length = stop
-        self._set_views(0)
+        self._views_stale = True
 
     def graph_buffers(self) -> tuple[int, int]:
         """The addresses a recorded graph wrote to (it must be recorded again when they change)."""
