@@ -252,7 +252,7 @@ def _with_graphs(original: Any, model: Any, args: tuple, kwargs: dict[str, Any])
     cache = given_cache(kwargs)
     if not _state["graphs"] or not isinstance(cache, VirtualKVCache) or model.device.type != "cuda":
         return original(model, *args, **kwargs)  # graphs are a VirtualKVCache's, on a GPU: nothing to say
-    reason = why_not(model, cache)
+    reason = why_not(model, cache, flash=False if _state["graph_attention"] == "flex" else None)
     if reason is not None:
         say_once(reason)
         return original(model, *args, **kwargs)

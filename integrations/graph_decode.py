@@ -90,6 +90,10 @@ def graph_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     _attention_calls[0] += 1
     if dropout:
         raise ValueError(f"the {NAME!r} attention is for inference; dropout {dropout} was asked for")
+    # What neither kernel here applies: a recording that meets one fails, and that shape decodes eagerly.
+    unsupported = [name for name in _UNSUPPORTED_ATTENTION_ARGUMENTS if kwargs.get(name) is not None]
+    if unsupported:
+        raise ValueError(f"the {NAME!r} attention does not apply {', '.join(unsupported)}")
     if vmm_row_spans is not None:  # the reservation's own layout, [B, capacity, Hkv, D]
         return attend_row_spans(query, key.transpose(1, 2), value.transpose(1, 2), vmm_row_spans, scaling), None
     assert vmm_length_mask is not None
@@ -97,15 +101,23 @@ def graph_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Ten
     return out.transpose(1, 2).contiguous(), None
 
 
+_UNSUPPORTED_ATTENTION_ARGUMENTS = ("softcap", "s_aux", "sliding_window")
+
+
 def flash_reads(keys: torch.Tensor) -> str | None:
     """Why FlashAttention's varlen kernel cannot read a reservation like `keys` (None: it can)."""
-    if keys.device.type != "cuda":
+    return _flash_reads(keys.device, keys.dtype, keys.shape[-1])
+
+
+@functools.cache
+def _flash_reads(device: torch.device, dtype: torch.dtype, head_dim: int) -> str | None:
+    if device.type != "cuda":
         return "not on a GPU"
-    if keys.dtype not in (torch.float16, torch.bfloat16):
-        return f"{keys.dtype} keys (FlashAttention takes fp16 and bf16)"
-    if keys.shape[-1] % 8 or keys.shape[-1] > 256:
-        return f"head dimension {keys.shape[-1]} (FlashAttention takes multiples of 8 up to 256)"
-    if not torch.backends.cuda.is_flash_attention_available() or torch.cuda.get_device_capability(keys.device) < (8, 0):
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"{dtype} keys (FlashAttention takes fp16 and bf16)"
+    if head_dim % 8 or head_dim > 256:
+        return f"head dimension {head_dim} (FlashAttention takes multiples of 8 up to 256)"
+    if not torch.backends.cuda.is_flash_attention_available() or torch.cuda.get_device_capability(device) < (8, 0):
         return "this torch or GPU has no FlashAttention kernels"
     return None
 
@@ -119,8 +131,10 @@ def register_graph_attention() -> str:
     return NAME
 
 
-def why_not(model: Any, cache: Any) -> str | None:
-    """Why the decode steps of `model` over `cache` can never be replayed (None: they can)."""
+def why_not(model: Any, cache: Any, flash: bool | None = None) -> str | None:
+    """Why the decode steps of `model` over `cache` can never be replayed (None: they can).
+    `flash`: whether the steps may attend through FlashAttention (None: where the model's
+    dtype and device allow it), which takes any number of query heads per KV head."""
     from vmmalloc.integrations.kv_cache import VirtualKVCache
 
     if not isinstance(cache, VirtualKVCache):
@@ -135,8 +149,15 @@ def why_not(model: Any, cache: Any) -> str | None:
         return "the config names no num_attention_heads"
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     groups = heads // kv_heads
-    if heads % kv_heads or groups & (groups - 1):
-        return f"{heads} query heads over {kv_heads} key/value heads (FlexAttention's decoding needs a power of 2)"
+    if heads % kv_heads:
+        return f"{heads} query heads do not group over {kv_heads} key/value heads"
+    if groups & (groups - 1):
+        if flash is None:
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+            flash = _flash_reads(model.device, model.dtype, head_dim) is None
+        if not flash:
+            return (f"{heads} query heads over {kv_heads} key/value heads: FlexAttention's decoding needs a power of "
+                    "2, and FlashAttention, which does not, needs fp16 or bf16 on a GPU")
     if getattr(config, "sub_configs", None) or config.is_encoder_decoder:
         return "the model is not a plain decoder"
     if not getattr(type(model), "_supports_attention_backend", False):
@@ -235,11 +256,15 @@ class GraphDecoder:
     """
 
     def __init__(self, model: Any, cache: Any, capture: bool = True, attention: str = "auto") -> None:
-        reason = why_not(model, cache)
-        if reason is not None:
-            raise ValueError(f"vmmalloc: cannot decode in CUDA graphs: {reason}")
         if attention not in ("auto", "flash", "flex"):
             raise ValueError(f"GraphDecoder: attention must be 'auto', 'flash' or 'flex', not {attention!r}")
+        host_flash = attention == "flash" and not capture  # the spans' reference, off the GPU
+        reason = why_not(model, cache, flash=False if attention == "flex" else True if host_flash else None)
+        if reason is not None:
+            raise ValueError(f"vmmalloc: cannot decode in CUDA graphs: {reason}")
+        config = model.config
+        groups = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        self._flex_groups = not groups & (groups - 1)  # FlexAttention's decoding can group these heads
         self._model = weakref.ref(model)
         self._cache = weakref.ref(cache)
         self.capture = capture
@@ -296,8 +321,8 @@ class GraphDecoder:
                tuple(p for layer in layers for p in layer.graph_buffers()), self._kernel(mask, batch, length))
         if key in self.failed and key[-1] == "flash":
             key = key[:-1] + ("flex",)  # the other kernel, where flash could not be recorded
-        if key in self.failed:
-            return self._eagerly(model, inputs)
+        if key in self.failed or (key[-1] == "flex" and not self._flex_groups):
+            return self._eagerly(model, inputs)  # (the latter: a mask with holes, over heads flex cannot group)
         self._map_pages(batch, length + 1)
         recorded = self._recorded_for(key, batch)
         self._set_inputs(recorded, inputs, length)

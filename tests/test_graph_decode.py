@@ -122,12 +122,62 @@ def test_models_a_graph_cannot_take_are_named():
         GraphDecoder(mistral, VirtualKVCache(mistral.config, 64))
 
 
+def three_query_heads_per_kv_head(device):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=96, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=6, num_key_value_heads=2, max_position_embeddings=512,
+                         attn_implementation="sdpa", pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = LlamaForCausalLM(config).to(device).eval()
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def test_head_groups_flex_cannot_decode_go_through_flash_or_run_eagerly():
+    """FlexAttention's decoding groups query heads over KV heads in powers of 2 only (Qwen2.5-7B
+    has 7 per KV head); FlashAttention's spans take any grouping. Where flash can serve, the
+    model decodes in graphs; a step that would need FlexAttention (a mask with holes) runs
+    eagerly; the tokens are eager decode's either way."""
+    model = three_query_heads_per_kv_head("cpu")
+    reason = why_not(model, VirtualKVCache(model.config, 64))
+    assert "power of 2" in reason and "FlashAttention" in reason, reason
+    assert why_not(model, VirtualKVCache(model.config, 64), flash=True) is None
+    for padded_with_holes in (False, True):
+        ids, mask = prompt(3, 12, "cpu")
+        if padded_with_holes:
+            mask[2, 5] = 0
+        eager = greedy(model, ids, mask, VirtualKVCache(model.config, max_length=64), 6)
+        cache = VirtualKVCache(model.config, max_length=64)
+        decoder = GraphDecoder.of(model, cache, capture=False, attention="flash")  # the spans' reference
+        with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+            out = greedy(model, ids, mask, cache, 6)
+        assert torch.equal(out, eager)
+        assert decoder.kernels == {"flash": 0 if padded_with_holes else 5, "flex": 0}
+        assert decoder.handed_back == (5 if padded_with_holes else 0), "the steps flex cannot take (the prompt is "\
+            "transformers' own call)"
+
+
 def test_the_graph_attention_outside_the_decoder_is_a_clear_error():
     from vmmalloc.integrations.graph_decode import graph_attention
 
     q = torch.randn(1, 4, 1, 16)
     with pytest.raises(RuntimeError, match="only inside vmmalloc's graph decoder"):
         graph_attention(torch.nn.Module(), q, q, q, None)
+
+
+def test_the_graph_attention_refuses_what_its_kernels_do_not_apply():
+    """A model passing logit soft-capping or attention sinks would get attention without
+    them: the recording fails instead, and that shape decodes eagerly (said once)."""
+    from vmmalloc.integrations.graph_decode import graph_attention
+    from vmmalloc.integrations.length_attention import RowSpans
+
+    q = torch.randn(1, 4, 1, 16)
+    spans = RowSpans(1, 128, torch.device("cpu"))
+    with pytest.raises(ValueError, match="does not apply softcap"):
+        graph_attention(torch.nn.Module(), q, q, q, None, vmm_row_spans=spans, softcap=30.0)
+    with pytest.raises(ValueError, match="does not apply s_aux"):
+        graph_attention(torch.nn.Module(), q, q, q, None, vmm_row_spans=spans, s_aux=torch.zeros(4))
 
 
 def test_on_the_host_the_patch_decodes_eagerly_and_says_nothing():
