@@ -195,6 +195,30 @@ def _shared_mask(batch: int, capacity: int, block: int, device: torch.device) ->
     return _masks[key]
 
 
+# Note [Key splits sized by a bucket]
+# FlashAttention's decode path splits each row's keys across SMs by the key length it is
+# told (max_k), not by the lengths it reads: told the whole reservation, the splits past the
+# tokens have nothing to do and the others do all of it. Measured on an H200 at 16K held of a
+# 32K reservation (the patch reserves powers of two): 7.6 ms of a 15.0 ms step, against
+# 4.7 ms for the same keys told 17K (bench/NOTES.md, "KV decode in CUDA graphs"). So a flash
+# step is recorded for a bucket of key lengths, the reach of the step rounded up to an eighth
+# of its power of two (never above the reservation): a step reads at most its bucket, so the
+# splits cover every key it holds, and fewer than an eighth of that power of two lie past its
+# reach (under a fifth of the keys the splits are sized for). A decode crossing into
+# the next bucket records that bucket's graph once; the decoder keeps the last _KEPT_GRAPHS.
+_KEPT_GRAPHS = 16
+
+
+def key_bucket(reach: int, capacity: int) -> int:
+    """The key length a step that reads `reach` positions is recorded for (Note [Key splits
+    sized by a bucket]): `reach` rounded up to an eighth of its power of two, at least 1024,
+    at most `capacity`."""
+    if reach <= 1024:
+        return min(1024, capacity)
+    step = (1 << (reach - 1).bit_length()) // 8
+    return min(-(-reach // step) * step, capacity)
+
+
 class _Recorded:
     """One recorded step: its graph, the static inputs it reads and the output it writes.
 
@@ -205,6 +229,7 @@ class _Recorded:
         self.key = key
         self.batch = batch
         self.kernel = key[-1]  # "flash" (RowSpans) or "flex" (LengthMask)
+        self.key_length = key[-2] or capacity  # what flash's splits are sized by (its bucket)
         self.input_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position_ids = torch.zeros(batch, 1, dtype=torch.long, device=device)
         self.position = torch.zeros(1, dtype=torch.long, device=device)  # where the new token's K/V go
@@ -213,7 +238,7 @@ class _Recorded:
         self.spans: RowSpans | None = None
         self.starts = torch.zeros(batch, dtype=torch.int32, device=device)  # left padding per row (flash)
         if self.kernel == "flash":
-            self.spans = RowSpans(batch, capacity, device)
+            self.spans = RowSpans(batch, capacity, device, max_length=self.key_length)
         else:
             self.mask, self.key_mask = _shared_mask(batch, capacity, BLOCK, device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -275,7 +300,7 @@ class GraphDecoder:
         self.replays = 0      # steps served from a graph (or its eager stand-in)
         self.handed_back = 0  # steps run by the model itself (prompts, several tokens, other inputs)
         self.recordings = 0   # graphs recorded
-        self._recorded: _Recorded | None = None
+        self._recorded: dict[tuple, _Recorded] = {}  # by key, oldest first (at most _KEPT_GRAPHS)
         self.failed: dict[tuple, str] = {}  # shapes whose recording failed, and why
         self.weights = weights_fingerprint(model)
         register_graph_attention()
@@ -317,10 +342,12 @@ class GraphDecoder:
         if (length == 0 or length + 1 > layers[0].max_length or batch != layers[0].batch_size
                 or (mask is not None and (mask.dim() != 2 or mask.shape[1] < length + 1))):
             return self._eagerly(model, inputs)  # the model's own checks and errors, or another mask shape
+        kernel = self._kernel(mask, batch, length)
         key = (batch, inputs.get("logits_to_keep"), self.weights,
-               tuple(p for layer in layers for p in layer.graph_buffers()), self._kernel(mask, batch, length))
-        if key in self.failed and key[-1] == "flash":
-            key = key[:-1] + ("flex",)  # the other kernel, where flash could not be recorded
+               tuple(p for layer in layers for p in layer.graph_buffers()),
+               key_bucket(length + 1, layers[0].graph_capacity) if kernel == "flash" else 0, kernel)
+        if key in self.failed and kernel == "flash":
+            key = key[:-2] + (0, "flex")  # the other kernel, where flash could not be recorded
         if key in self.failed or (key[-1] == "flex" and not self._flex_groups):
             return self._eagerly(model, inputs)  # (the latter: a mask with holes, over heads flex cannot group)
         self._map_pages(batch, length + 1)
@@ -336,7 +363,7 @@ class GraphDecoder:
             except Exception as error:  # noqa: BLE001 (any failure to record: decode this shape eagerly)
                 # The warm-up wrote this step's K/V at its position, as the eager step does again.
                 self.failed[key] = f"recording the decode step failed: {error}"
-                self._recorded = None
+                del self._recorded[key]
                 say_once(self.failed[key])
                 return self._eagerly(model, inputs)
         else:
@@ -399,11 +426,13 @@ class GraphDecoder:
     # ----- recording -----------------------------------------------------------------
 
     def _recorded_for(self, key: tuple, batch: int) -> _Recorded:
-        r = self._recorded
-        if r is not None and r.key == key:
+        r = self._recorded.get(key)
+        if r is not None:
             return r
+        while len(self._recorded) >= _KEPT_GRAPHS:
+            del self._recorded[next(iter(self._recorded))]  # the oldest
         first = self.cache.layers[0]
-        self._recorded = r = _Recorded(key, batch, first.graph_capacity, first._buffers()[0].device)
+        self._recorded[key] = r = _Recorded(key, batch, first.graph_capacity, first._buffers()[0].device)
         return r
 
     def _step(self, model: Any, recorded: _Recorded, cache_key: str) -> Any:

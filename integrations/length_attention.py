@@ -122,12 +122,18 @@ class RowSpans:
 
     Args:
         batch: rows attended over.
-        capacity: key positions reserved per row.
+        capacity: key positions reserved per row (the stride between rows).
         device: where the attention runs.
+        max_length: the most positions a row's span may reach (default: `capacity`); the
+            kernel sizes its key splits by it (Note [Key splits sized by a bucket] in
+            integrations/graph_decode.py), so a span past it would go unread.
     """
 
-    def __init__(self, batch: int, capacity: int, device: torch.device) -> None:
+    def __init__(self, batch: int, capacity: int, device: torch.device, max_length: int | None = None) -> None:
         self.batch, self.capacity = batch, capacity
+        self.max_length = capacity if max_length is None else max_length
+        if not 0 < self.max_length <= capacity:
+            raise ValueError(f"RowSpans: max_length {self.max_length} must be in (0, capacity {capacity}]")
         rows = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self.query_starts = rows.clone()  # one query position per row
         self._row_starts = rows * capacity
@@ -135,7 +141,8 @@ class RowSpans:
         self.used = torch.ones(batch, dtype=torch.int32, device=device)
 
     def update(self, lengths: torch.Tensor, starts: torch.Tensor) -> None:
-        """Row b holds positions ``starts[b] <= p < lengths[b]`` now (device operations only)."""
+        """Row b holds positions ``starts[b] <= p < lengths[b]`` now (device operations only;
+        lengths at most max_length, which the caller sizes the spans for)."""
         self.key_starts[:-1].copy_(self._row_starts[:-1] + starts)
         self.used.copy_(lengths - starts)
 
@@ -169,12 +176,15 @@ def attend_row_spans(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
     rows_k, rows_v = keys.view(batch * capacity, kv_heads, dim), values.view(batch * capacity, kv_heads, dim)
     if query.device.type == "cuda":
         out = torch.ops.aten._flash_attention_forward(
-            rows_q, rows_k, rows_v, spans.query_starts, spans.key_starts, 1, capacity, 0.0, False, False,
+            rows_q, rows_k, rows_v, spans.query_starts, spans.key_starts, 1, spans.max_length, 0.0, False, False,
             scale=scale, seqused_k=spans.used)[0]
         return out.view(batch, 1, q_heads, dim)
     import torch.nn.functional as F
 
     outs = []
+    if max(spans.used.tolist()) > spans.max_length:  # the kernel would leave the keys past it unread
+        raise ValueError(f"attend_row_spans: a span of {max(spans.used.tolist())} keys exceeds the spans' "
+                         f"max_length {spans.max_length}")
     for b, (start, used) in enumerate(zip(spans.key_starts[:-1].tolist(), spans.used.tolist())):
         k = rows_k[start:start + used].transpose(0, 1).unsqueeze(0)
         v = rows_v[start:start + used].transpose(0, 1).unsqueeze(0)

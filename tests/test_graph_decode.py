@@ -80,6 +80,36 @@ def test_flash_row_spans_give_the_tokens_of_eager_decode_on_left_padded_prompts(
     torch.testing.assert_close(logits[:, :upto], eager_logits[:, :upto], atol=5e-2, rtol=5e-2)
 
 
+def test_key_buckets_cover_every_step_with_under_an_eighth_of_its_power_of_two_idle():
+    from vmmalloc.integrations.graph_decode import key_bucket
+
+    assert key_bucket(1, 32768) == 1024 and key_bucket(1024, 32768) == 1024
+    assert key_bucket(1025, 32768) == 1280, "an eighth of 2048"
+    assert key_bucket(16385, 32768) == 20480 and key_bucket(16448, 32768) == 20480
+    assert key_bucket(30000, 30080) == 30080, "never past the reservation"
+    assert key_bucket(100, 512) == 512
+    for reach in range(1, 70000, 97):
+        bucket = key_bucket(reach, 1 << 17)
+        assert reach <= bucket and (reach <= 1024 or bucket - reach < (1 << (reach - 1).bit_length()) // 8), reach
+
+
+def test_a_decode_crossing_a_key_bucket_records_the_next_and_keeps_both():
+    """Note [Key splits sized by a bucket]: a prompt just under 1024 positions decodes into
+    the 1280 bucket; each bucket has its own recorded step (its spans sized for it), both kept,
+    and the tokens are eager decode's."""
+    model = tiny_model("llama", "cpu", max_positions=4096)
+    ids, mask = prompt(2, 1018, "cpu")
+    eager = greedy(model, ids, mask, VirtualKVCache(model.config, max_length=2048), 12)
+    cache = VirtualKVCache(model.config, max_length=2048)
+    decoder = GraphDecoder.of(model, cache, capture=False, attention="flash")
+    with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
+        out = greedy(model, ids, mask, cache, 12)
+    assert torch.equal(out, eager)
+    assert decoder.kernels == {"flash": 11, "flex": 0}
+    assert sorted(r.key_length for r in decoder._recorded.values()) == [1024, 1280]
+    assert all(r.spans.max_length == r.key_length for r in decoder._recorded.values())
+
+
 def test_a_mask_with_holes_is_read_through_the_length_mask(device):
     """FlashAttention's spans are contiguous: a row whose mask has a hole after its first
     attended position decodes through FlexAttention's mask, with eager decode's tokens."""
@@ -286,8 +316,8 @@ def test_decoders_of_one_shape_share_one_length_mask():
     from vmmalloc.integrations.graph_decode import _Recorded
 
     cpu = torch.device("cpu")
-    a, b, c = (_Recorded(("a", "flex"), 3, 256, cpu), _Recorded(("b", "flex"), 3, 256, cpu),
-               _Recorded(("c", "flex"), 2, 256, cpu))
+    a, b, c = (_Recorded(("a", 0, "flex"), 3, 256, cpu), _Recorded(("b", 0, "flex"), 3, 256, cpu),
+               _Recorded(("c", 0, "flex"), 2, 256, cpu))
     assert a.mask is b.mask and a.key_mask is b.key_mask, "one compiled attention serves both"
     assert c.mask is not a.mask
     assert a.position is not b.position, "each graph has its own inputs"
@@ -389,7 +419,7 @@ def test_moved_weights_change_the_fingerprint_the_graph_is_keyed_on():
     ids, mask = prompt(1, 6)
     with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
         greedy(model, ids, mask, cache, 3)
-    assert decoder._recorded is not None and decoder._recorded.key[2] == weights_fingerprint(model), \
+    assert [r.key[2] for r in decoder._recorded.values()] == [weights_fingerprint(model)], \
         "the step was recorded for the weights where they are now"
 
 
