@@ -3,13 +3,19 @@ decoder could run, timed alone at bench/graph_decode.py's point (Llama-3-8B atte
 query heads over 8 KV heads of 128, bf16; batch 8, 16K positions held of a 17K reservation),
 against the HBM bound of reading every row's K and V once. GPU only:
 
-    python -m bench.decode_attention [--context 16384] [--batch 8] [--repeats 7] [--out FILE]
+    python -m bench.decode_attention [--context 16384] [--batch 8] [--capacity N] [--repeats 7] [--out FILE]
+
+(--capacity: positions reserved per row, by default the context plus 1024 rounded to 128;
+the patch reserves a power of two, 32768 for a 16K prompt.)
 
 - flex_lengths: compiled FlexAttention over the reservation under a LengthMask, what
   graph_attention runs today (Note [Length block masks]);
 - flash_varlen: torch's FlashAttention-2 varlen entry (aten._flash_attention_forward) over
   the reservation's own layout, [rows, capacity, heads, dim] read as one packed sequence per
-  row starting at ``row * capacity``, each row's length in a device tensor (seqused_k);
+  row starting at ``row * capacity``, each row's length in a device tensor (seqused_k), its
+  key splits sized by the context's bucket (Note [Key splits sized by a bucket]), as the
+  graph decoder records it;
+- flash_varlen_told_capacity: the same, its splits sized by the whole reservation;
 - flash_exact: SDPA's flash backend over tensors holding exactly the keys held, the
   attainable rate for a contiguous read (no reservation, one length for every row);
 - sdpa_whole_reservation: SDPA's flash backend over the whole reservation, what attending
@@ -53,16 +59,16 @@ def _graph_time(torch: Any, step: Callable[[], Any], layers: int, repeats: int) 
     return statistics.median(times[1:])
 
 
-def measure(context: int, batch: int, repeats: int, layers: int = 32) -> dict[str, Any]:
+def measure(context: int, batch: int, repeats: int, capacity: int | None = None, layers: int = 32) -> dict[str, Any]:
     import torch
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from vmmalloc.integrations.graph_decode import _flex
-    from vmmalloc.integrations.length_attention import LengthMask
+    from vmmalloc.integrations.graph_decode import _flex, key_bucket
+    from vmmalloc.integrations.length_attention import LengthMask, RowSpans, attend_row_spans
 
     heads, kv_heads, dim, dtype, device = 32, 8, 128, torch.bfloat16, torch.device("cuda")
-    capacity = -(-(context + 1024) // 128) * 128
+    capacity = capacity or -(-(context + 1024) // 128) * 128
     torch.manual_seed(0)
     k_buf = torch.randn(batch, capacity, kv_heads, dim, dtype=dtype, device=device)
     v_buf = torch.randn_like(k_buf)
@@ -83,15 +89,17 @@ def measure(context: int, batch: int, repeats: int, layers: int = 32) -> dict[st
     def flex_lengths() -> torch.Tensor:
         return flex(query, k_buf.transpose(1, 2), v_buf.transpose(1, 2), mask.block_mask, None, True)
 
-    cu_q = torch.arange(batch + 1, dtype=torch.int32, device=device)
-    cu_k = (torch.arange(batch + 1, dtype=torch.int32, device=device) * capacity).contiguous()
-    q_rows = query.transpose(1, 2).reshape(batch, heads, dim)
-    k_rows, v_rows = k_buf.view(batch * capacity, kv_heads, dim), v_buf.view(batch * capacity, kv_heads, dim)
+    starts = torch.zeros(batch, dtype=torch.int32, device=device)
+    bucketed = RowSpans(batch, capacity, device, max_length=key_bucket(context, capacity))
+    whole = RowSpans(batch, capacity, device)
+    for spans in (bucketed, whole):
+        spans.update(lengths, starts)
 
     def flash_varlen() -> torch.Tensor:
-        o = torch.ops.aten._flash_attention_forward(q_rows, k_rows, v_rows, cu_q, cu_k, 1, capacity, 0.0, False, False,
-                                                    seqused_k=lengths)[0]
-        return o.view(batch, 1, heads, dim).transpose(1, 2)
+        return attend_row_spans(query, k_buf, v_buf, bucketed).transpose(1, 2)
+
+    def flash_varlen_told_capacity() -> torch.Tensor:
+        return attend_row_spans(query, k_buf, v_buf, whole).transpose(1, 2)
 
     keys_exact = keys.contiguous()
     values_exact = values.contiguous()
@@ -106,7 +114,8 @@ def measure(context: int, batch: int, repeats: int, layers: int = 32) -> dict[st
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(query, whole_k, whole_v, enable_gqa=True)
 
-    for name, step in (("flex_lengths", flex_lengths), ("flash_varlen", flash_varlen), ("flash_exact", flash_exact),
+    for name, step in (("flex_lengths", flex_lengths), ("flash_varlen", flash_varlen),
+                       ("flash_varlen_told_capacity", flash_varlen_told_capacity), ("flash_exact", flash_exact),
                        ("sdpa_whole_reservation", sdpa_whole_reservation)):
         try:
             result = step().float()
@@ -129,9 +138,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=16384)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--capacity", type=int, default=None)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    result = measure(args.context, args.batch, args.repeats)
+    result = measure(args.context, args.batch, args.repeats, args.capacity)
     line = json.dumps(result)
     print(line)
     if args.out:
