@@ -80,6 +80,8 @@ class VirtualKVLayer(CacheLayerMixin):
         self.graph_capacity = -(-self.max_length // 128) * 128
         self.graph_position: torch.Tensor | None = None
         self.graph_block = 0  # the block a graph's attention reads in, once graph steps ran (0: none)
+        # What the last prepare_graph_step left mapped: (buffers' extent, first and last stop it serves).
+        self._prepared: tuple[tuple[int, ...], int, int] | None = None
 
     # ----- the buffers ---------------------------------------------------------------
 
@@ -232,12 +234,22 @@ class VirtualKVLayer(CacheLayerMixin):
         2 MiB holds 204.8 positions of 40 heads x 128 in bf16), with the eager path's lead."""
         self.batch_size = batch
         self.graph_block = block
-        k, _ = self._buffers()
+        k, v = self._buffers()
+        prepared = self._prepared
+        extent = (batch, block, k.rows, k.start, k.stop, v.rows, v.start, v.stop)
+        if prepared is not None and prepared[0] == extent and prepared[1] <= stop <= prepared[2]:
+            return  # what the last step mapped serves this one (its extent unchanged since)
         if k.row_stride < CHUNK_SIZE:
             # Rows packed into shared pages (a short reservation): a block read past a row's
             # span could reach an unmapped page, so the whole reservation is mapped (< 2 MiB a row).
             stop = self.graph_capacity
         self._commit(batch, stop, 0)
+        # The stops _commit would return early for, the mapping as it is now: every later stop
+        # whose block end and lead stay within the mapped span (a mapping's extent is its rows,
+        # start and stop: any change to it by an eager step, a crop or a reset changes `extent`).
+        limit = self.graph_capacity
+        through = limit if k.stop >= limit else min(k.stop // block * block, k.stop - self._lead(k.tokens_per_page))
+        self._prepared = ((batch, block, k.rows, k.start, k.stop, v.rows, v.start, v.stop), stop, through)
 
     def finish_graph_step(self, stop: int) -> None:
         """The host's record of a replayed step: the layer holds `stop` positions now."""

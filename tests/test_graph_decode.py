@@ -396,6 +396,39 @@ def test_every_block_a_replay_reads_is_mapped_when_pages_hold_no_whole_number_of
     layer.free()
 
 
+@pytest.mark.parametrize("lookahead", [True, False])
+def test_preparing_a_step_maps_what_the_full_commit_would_also_when_it_skips_it(lookahead):
+    """prepare_graph_step returns at once while what the last step mapped serves: the same
+    mapping, step after step (eager steps, a crop and a reset between), as a layer that runs
+    the whole commit every time."""
+    from vmmalloc.integrations.graph_decode import BLOCK
+    from vmmalloc.integrations.kv_cache import VirtualKVLayer
+
+    fast, full = (VirtualKVLayer(4096, layer_index=1, num_layers=3, lookahead=lookahead) for _ in range(2))
+    keys = torch.zeros(2, 40, 100, 128, dtype=torch.bfloat16)
+    for layer in (fast, full):
+        layer.update(keys, keys)
+    for i in range(1200):
+        for layer in (fast, full):
+            if i == 700:
+                layer.crop(150)
+            elif i == 900:
+                layer.reset()
+                layer.update(keys, keys)
+            elif i % 7 == 3:
+                layer.update(keys[:, :, :1], keys[:, :, :1])  # an eager step between replays
+            else:
+                if layer is full:
+                    layer._prepared = None  # the whole commit, every time
+                stop = layer.length + 1
+                layer.prepare_graph_step(2, stop, BLOCK)
+                layer.finish_graph_step(stop)
+        extent = [(vt.rows, vt.start, vt.stop) for vt in (*fast._buffers(), *full._buffers())]
+        assert extent[:2] == extent[2:], f"step {i}: {extent}"
+    for layer in (fast, full):
+        layer.free()
+
+
 def test_a_model_whose_attention_may_bypass_the_interface_is_refused():
     model = tiny_model("llama")
 
