@@ -13,6 +13,11 @@ patched generate() runs (integrations/generate_patch.py), the model's ``get_comp
 returns the decoder instead of a torch.compile'd forward. A step the decoder cannot replay
 (more than one new token, inputs a graph cannot take) runs eagerly; a model it can never
 replay (why_not) is said once, and its generate() runs eagerly throughout.
+
+OffloadedKVCache decodes eagerly: between its layers the host decides which layer's K/V to
+prefetch into which ring slot and waits on the copies' events (integrations/offload_ring.py),
+and a graph of the whole step would freeze one step's decisions. Recording its resident
+layers alone would need the model cut at layer boundaries into graphs of its own; not built.
 """
 from __future__ import annotations
 
