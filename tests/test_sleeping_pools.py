@@ -168,6 +168,37 @@ def test_failures_mid_resume_leave_the_pool_paused_and_nothing_leaked():
     assert backend.free_memory == backend.total_memory
 
 
+def test_failed_copies_leave_a_pause_undone_and_a_resume_paused_with_its_backups():
+    """A batch of host copies that fails (before any copy is issued, as a refused enqueue):
+    a pause leaves the pool running with its contents, a resume leaves it paused with the
+    backups it still has to restore, and neither leaks memory."""
+    backend = testing.FaultInjectionBackend(vmmalloc.HostBackend(256 * MiB))
+    alloc = vmmalloc.Allocator(backend, "large_handle_size:4MiB")
+    alloc.create_or_incref_pool(WEIGHTS)
+    blocks = alloc_in(alloc, WEIGHTS, [12 * MiB, 1000])
+    alloc.backend.write(blocks[0], pattern(7, 12 * MiB))
+    running = backend.free_memory
+    backend.fail("copy_many", skip=0)
+    with pytest.raises(vmmalloc.BackendError, match="injected failure of copy_many_to_host"):
+        alloc.pause_pool(WEIGHTS)
+    assert not alloc.pool_paused(WEIGHTS) and backend.free_memory == running
+    assert alloc.backend.read(blocks[0], 12 * MiB) == pattern(7, 12 * MiB)
+    alloc.pause_pool(WEIGHTS)
+    paused = backend.free_memory
+    assert paused > running
+    backend.fail("copy_many", skip=0)
+    with pytest.raises(vmmalloc.BackendError, match="injected failure of copy_many_from_host"):
+        alloc.resume_pool(WEIGHTS)
+    assert alloc.pool_paused(WEIGHTS) and backend.free_memory == paused, "back to paused, nothing kept"
+    alloc.resume_pool(WEIGHTS)
+    assert alloc.backend.read(blocks[0], 12 * MiB) == pattern(7, 12 * MiB), "the backups were kept for it"
+    for p in blocks:
+        alloc.deallocate(p)
+    alloc.release_pool(WEIGHTS)
+    alloc.empty_cache()
+    assert backend.free_memory == backend.total_memory
+
+
 def test_many_cycles_do_not_grow_anything(alloc):
     alloc.create_or_incref_pool(WEIGHTS)
     blocks = alloc_in(alloc, WEIGHTS, [20 * MiB, 1000, 3 * MiB])

@@ -427,7 +427,10 @@ void CudaBackend::copy_many(const std::vector<HostCopy>& copies, bool to_host) {
       break;
     }
   }
-  const cu::CUresult synced = api_.cuStreamSynchronize(stream);
+  cu::CUresult synced = api_.cuStreamSynchronize(stream);
+  // A refused wait (not a dead context) could return with copies still running into memory
+  // the caller frees or unmaps next: drain the whole device then, the one wait left.
+  if (synced != cu::CUDA_SUCCESS && api_.cuCtxSynchronize() == cu::CUDA_SUCCESS) synced = cu::CUDA_SUCCESS;
   api_.cuStreamDestroy_v2(stream);  // work is done; a failure here leaks one stream at most
   check(device_, failed, [&] { return what; });
   check(device_, synced, [] { return std::string("cuStreamSynchronize(copy stream)"); });

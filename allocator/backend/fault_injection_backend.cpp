@@ -10,8 +10,9 @@ BackendOp parse_backend_op(const std::string& name) {
   if (name == "map") return BackendOp::kMap;
   if (name == "set_access") return BackendOp::kSetAccess;
   if (name == "unmap") return BackendOp::kUnmap;
+  if (name == "copy_many") return BackendOp::kCopyMany;
   throw std::invalid_argument("unknown backend operation '" + name +
-                              "'; allowed: reserve, create_chunk, map, set_access, unmap");
+                              "'; allowed: reserve, create_chunk, map, set_access, unmap, copy_many");
 }
 
 FaultInjectionBackend::FaultInjectionBackend(std::shared_ptr<Backend> inner) : inner_(std::move(inner)) {

@@ -13,9 +13,10 @@
 
 namespace vmm {
 
-enum class BackendOp { kReserve, kCreateChunk, kMap, kSetAccess, kUnmap, kCount };
+enum class BackendOp { kReserve, kCreateChunk, kMap, kSetAccess, kUnmap, kCopyMany, kCount };
 
-// Parses "reserve", "create_chunk", "map", "set_access"; throws std::invalid_argument
+// Parses "reserve", "create_chunk", "map", "set_access", "unmap", "copy_many" (a batch of
+// host copies, failing before any is issued); throws std::invalid_argument
 // naming the allowed values otherwise.
 BackendOp parse_backend_op(const std::string& name);
 
@@ -77,8 +78,12 @@ class FaultInjectionBackend final : public Backend {
   void copy_to_host(void* dst, std::uintptr_t src, std::size_t n) override {
     inner_->copy_to_host(dst, src, n);
   }
-  void copy_many_to_host(const std::vector<HostCopy>& copies) override { inner_->copy_many_to_host(copies); }
+  void copy_many_to_host(const std::vector<HostCopy>& copies) override {
+    maybe_fail(BackendOp::kCopyMany, "copy_many_to_host");
+    inner_->copy_many_to_host(copies);
+  }
   void copy_many_from_host(const std::vector<HostCopy>& copies) override {
+    maybe_fail(BackendOp::kCopyMany, "copy_many_from_host");
     inner_->copy_many_from_host(copies);
   }
 

@@ -1206,6 +1206,7 @@ void CachingAllocator::pause_pool(PoolId id, bool backup) {
       total += c->handle_chunks * kChunkSize;
     }
     unsigned char* host = pool->backup_memory.reserve(*backend_, total);
+    const CaptureModeGuard relaxed(*backend_);  // a capture in another thread is not disturbed
     std::vector<Backend::HostCopy> copies;
     copies.reserve(backups.size());
     for (const auto& [c, offset] : backups)
@@ -1226,6 +1227,9 @@ void CachingAllocator::resume_pool(PoolId id) {
   if (!pool->paused()) throw std::logic_error("vmmalloc: pool " + pool_name(id) + " is not paused");
   Arena& arena = pool->arena;
   const std::size_t bytes = arena.chunks.count() * kChunkSize;
+  // Note [Capture-safe mode]: a resume may run while another thread captures a graph (no
+  // route can target a paused pool, but others may be active).
+  const CaptureModeGuard relaxed(*backend_);
   try {
     arena.chunks.resume_handles();
   } catch (const CapExceeded& e) {
@@ -1246,7 +1250,16 @@ void CachingAllocator::resume_pool(PoolId id) {
     copies.push_back(
         {handle_address(head), pool->backup_memory.data() + offset, head->handle_chunks * kChunkSize});
   }
-  backend_->copy_many_from_host(copies);
+  try {
+    backend_->copy_many_from_host(copies);
+  } catch (...) {
+    // Every copy issued was waited for: back to paused with the backups kept, so that a
+    // later resume restores them (the contents would be partial otherwise).
+    arena.cache.unmap_all();
+    arena.chunks.pause_handles();
+    sync_reserved_stats();
+    throw;
+  }
   pool->backups.clear();  // backup_memory stays, for the next pause
   // The new memory is idle on every stream: no wait is owed to the streams of before.
   for (Chunk* c : arena.chunks.all()) {
