@@ -210,8 +210,18 @@ def _shared_mask(batch: int, capacity: int, block: int, device: torch.device) ->
 # of its power of two (never above the reservation): a step reads at most its bucket, so the
 # splits cover every key it holds, and fewer than an eighth of that power of two lie past its
 # reach (under a fifth of the keys the splits are sized for). A decode crossing into
-# the next bucket records that bucket's graph once; the decoder keeps the last _KEPT_GRAPHS.
-_KEPT_GRAPHS = 16
+# the next bucket records that bucket's graph once; the decoder keeps the _KEPT_GRAPHS used
+# last, enough for every bucket up to 64K positions (49), so that a kept cache's next
+# generate() replays them all again. Where query heads do not group over KV heads the
+# kernel does not split the keys, and one graph (bucket 0: the reservation) serves all.
+#
+# Note [One pool for a decoder's graphs]
+# Those graphs record into one memory pool, so their memory is about one step's, not one
+# step's per bucket. Sharing is safe here: the graphs of a decoder replay one at a time,
+# each replay's outputs are copied (_Recorded.output) before any other graph runs, and each
+# graph's own outputs stay referenced (_Recorded.fields), so no later recording is given
+# their memory; what one graph uses only inside its replay, another may use too.
+_KEPT_GRAPHS = 48
 
 
 def key_bucket(reach: int, capacity: int) -> int:
@@ -295,17 +305,23 @@ class GraphDecoder:
         config = model.config
         groups = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
         self._flex_groups = not groups & (groups - 1)  # FlexAttention's decoding can group these heads
+        # FlashAttention splits the keys only where query heads group over KV heads (its decode
+        # path swaps the groups into the query length): only then do buckets size anything.
+        self._splits = groups > 1
         self._model = weakref.ref(model)
         self._cache = weakref.ref(cache)
         self.capture = capture
         self.attention = attention
         self.kernels: dict[str, int] = {"flash": 0, "flex": 0}  # steps served by each
-        self._continues: tuple[int, int] | None = None  # (batch, length) the next step of this decode has
+        # (batch, length, layer 0's eager epoch) the next step of this decode has: any eager
+        # change of the cache in between (a prompt, a reset, a crop) ends the decode.
+        self._continues: tuple[int, int, int] | None = None
         self._padding_only = False  # the mask of this decode is left padding alone (checked once per decode)
         self.replays = 0      # steps served from a graph (or its eager stand-in)
         self.handed_back = 0  # steps run by the model itself (prompts, several tokens, other inputs)
         self.recordings = 0   # graphs recorded
-        self._recorded: dict[tuple, _Recorded] = {}  # by key, oldest first (at most _KEPT_GRAPHS)
+        self._recorded: dict[tuple, _Recorded] = {}  # by key, least recently used first (at most _KEPT_GRAPHS)
+        self._pool: Any = None  # the memory pool every graph of this decoder records into (one at a time)
         self.failed: dict[tuple, str] = {}  # shapes whose recording failed, and why
         self.weights = weights_fingerprint(model)
         register_graph_attention()
@@ -348,11 +364,12 @@ class GraphDecoder:
                 or (mask is not None and (mask.dim() != 2 or mask.shape[1] < length + 1))):
             return self._eagerly(model, inputs)  # the model's own checks and errors, or another mask shape
         kernel = self._kernel(mask, batch, length)
-        key = (batch, inputs.get("logits_to_keep"), self.weights,
-               tuple(p for layer in layers for p in layer.graph_buffers()),
-               key_bucket(length + 1, layers[0].graph_capacity) if kernel == "flash" else 0, kernel)
-        if key in self.failed and kernel == "flash":
-            key = key[:-2] + (0, "flex")  # the other kernel, where flash could not be recorded
+        shape = (batch, inputs.get("logits_to_keep"), self.weights,
+                 tuple(p for layer in layers for p in layer.graph_buffers()))
+        if kernel == "flash" and shape + (None, "flash") in self.failed:
+            kernel = "flex"  # flash could not be recorded for this shape (at any bucket): the other kernel
+        bucket = key_bucket(length + 1, layers[0].graph_capacity) if kernel == "flash" and self._splits else 0
+        key = shape + (bucket, kernel)
         if key in self.failed or (key[-1] == "flex" and not self._flex_groups):
             return self._eagerly(model, inputs)  # (the latter: a mask with holes, over heads flex cannot group)
         self._map_pages(batch, length + 1)
@@ -368,6 +385,8 @@ class GraphDecoder:
             except Exception as error:  # noqa: BLE001 (any failure to record: decode this shape eagerly)
                 # The warm-up wrote this step's K/V at its position, as the eager step does again.
                 self.failed[key] = f"recording the decode step failed: {error}"
+                if kernel == "flash":  # its cause is the model's, not the bucket's: flex from now on
+                    self.failed[shape + (None, "flash")] = self.failed[key]
                 del self._recorded[key]
                 say_once(self.failed[key])
                 return self._eagerly(model, inputs)
@@ -377,19 +396,22 @@ class GraphDecoder:
             layer.finish_graph_step(length + 1)
         self.replays += 1
         self.kernels[recorded.kernel] += 1
-        self._continues = (batch, length + 1)
+        self._continues = (batch, length + 1, layers[0].eager_epoch)
         return recorded.output(self.cache)
 
     def _kernel(self, mask: torch.Tensor | None, batch: int, length: int) -> str:
         """The attention kernel for a step at `length` (Note [Row spans for FlashAttention])."""
         if self.attention == "flex":
             return "flex"
-        keys = self.cache.layers[0]._buffers()[0].tensor
+        first = self.cache.layers[0]
+        keys = first._buffers()[0].tensor
         if flash_reads(keys) is not None and not (self.attention == "flash" and keys.device.type != "cuda"):
             return "flex"
+        if batch * first.graph_capacity >= 1 << 31:
+            return "flex"  # the row offsets would overflow the kernel's int32 sequence starts
         if mask is None:
             return "flash"
-        if self._continues != (batch, length):
+        if self._continues != (batch, length, first.eager_epoch):
             # A new decode (or one resumed after eager steps): generate() extends the mask with
             # ones from here on, so its padding is checked once (one host sync) per decode.
             self._padding_only = is_left_padding_only(mask[:, :length + 1])
@@ -431,11 +453,12 @@ class GraphDecoder:
     # ----- recording -----------------------------------------------------------------
 
     def _recorded_for(self, key: tuple, batch: int) -> _Recorded:
-        r = self._recorded.get(key)
+        r = self._recorded.pop(key, None)
         if r is not None:
+            self._recorded[key] = r  # the most recently used last
             return r
         while len(self._recorded) >= _KEPT_GRAPHS:
-            del self._recorded[next(iter(self._recorded))]  # the oldest
+            del self._recorded[next(iter(self._recorded))]  # the least recently used
         first = self.cache.layers[0]
         self._recorded[key] = r = _Recorded(key, batch, first.graph_capacity, first._buffers()[0].device)
         return r
@@ -492,8 +515,10 @@ class GraphDecoder:
                 # stream does next (an eager step that maps or unmaps pages after a failure).
                 torch.cuda.current_stream().wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
+            with torch.cuda.graph(graph, pool=self._pool):  # Note [One pool for a decoder's graphs]
                 output = self._step(model, recorded, cache_key)
+            if self._pool is None:
+                self._pool = graph.pool()
         recorded.keep_output(output, self.cache)
         graph.replay()  # recording ran nothing: this step's output comes from the first replay
         recorded.graph = graph

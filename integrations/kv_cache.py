@@ -82,6 +82,10 @@ class VirtualKVLayer(CacheLayerMixin):
         self.graph_block = 0  # the block a graph's attention reads in, once graph steps ran (0: none)
         # What the last prepare_graph_step left mapped: (buffers' extent, first and last stop it serves).
         self._prepared: tuple[tuple[int, ...], int, int] | None = None
+        self.fast_prepares = 0  # steps prepare_graph_step found mapped already
+        # Counts the changes made outside replayed steps (updates, resets, crops, batch changes,
+        # frees): a graph decoder's decode ends at any of them.
+        self.eager_epoch = 0
 
     # ----- the buffers ---------------------------------------------------------------
 
@@ -117,9 +121,12 @@ class VirtualKVLayer(CacheLayerMixin):
                 vt.free()
         self._k = self._v = None
         self.keys = self.values = None
+        self._views_stale = False
+        self._prepared = None  # it described the buffers just freed
 
     def free(self) -> None:
         """Gives every page and both reservations back; the layer starts afresh on next use."""
+        self.eager_epoch += 1
         self._free_buffers()
         self.is_initialized = False
         self.length = self.batch_size = self.graph_block = 0
@@ -160,6 +167,7 @@ class VirtualKVLayer(CacheLayerMixin):
         k, v = self._buffers()
         self.keys = k.tensor[:rows, start:stop].transpose(1, 2)
         self.values = v.tensor[:rows, start:stop].transpose(1, 2)
+        self._views_stale = False  # only once both are made (a sleeping buffer raises above)
 
     # The K/V views over the tokens held. A replayed step only moves the length (the graph
     # wrote the K/V), so finish_graph_step marks the views stale and the first read makes
@@ -168,7 +176,6 @@ class VirtualKVLayer(CacheLayerMixin):
     @property
     def keys(self) -> torch.Tensor | None:
         if self._views_stale:
-            self._views_stale = False
             self._set_views(0)  # graph steps attend from position 0 (no sliding windows)
         return self._keys
 
@@ -179,7 +186,6 @@ class VirtualKVLayer(CacheLayerMixin):
     @property
     def values(self) -> torch.Tensor | None:
         if self._views_stale:
-            self._views_stale = False
             self._set_views(0)
         return self._values
 
@@ -193,6 +199,7 @@ class VirtualKVLayer(CacheLayerMixin):
                **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         if self.graph_position is not None:
             return self._graph_update(key_states, value_states)
+        self.eager_epoch += 1
         if not self.is_initialized or not self._fits(key_states, value_states):
             if self.is_initialized and self.length > 0:
                 raise ValueError(
@@ -238,7 +245,9 @@ class VirtualKVLayer(CacheLayerMixin):
         prepared = self._prepared
         extent = (batch, block, k.rows, k.start, k.stop, v.rows, v.start, v.stop)
         if prepared is not None and prepared[0] == extent and prepared[1] <= stop <= prepared[2]:
+            self.fast_prepares += 1
             return  # what the last step mapped serves this one (its extent unchanged since)
+        asked = stop
         if k.row_stride < CHUNK_SIZE:
             # Rows packed into shared pages (a short reservation): a block read past a row's
             # span could reach an unmapped page, so the whole reservation is mapped (< 2 MiB a row).
@@ -249,7 +258,7 @@ class VirtualKVLayer(CacheLayerMixin):
         # start and stop: any change to it by an eager step, a crop or a reset changes `extent`).
         limit = self.graph_capacity
         through = limit if k.stop >= limit else min(k.stop // block * block, k.stop - self._lead(k.tokens_per_page))
-        self._prepared = ((batch, block, k.rows, k.start, k.stop, v.rows, v.start, v.stop), stop, through)
+        self._prepared = ((batch, block, k.rows, k.start, k.stop, v.rows, v.start, v.stop), asked, through)
 
     def finish_graph_step(self, stop: int) -> None:
         """The host's record of a replayed step: the layer holds `stop` positions now."""
@@ -276,6 +285,7 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         """Forgets the tokens and gives their pages back; the reservations stay (warm)."""
+        self.eager_epoch += 1
         if self._k is not None and not self._k.freed:
             for vt in self._buffers():
                 vt.commit(0, 0)
@@ -290,6 +300,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self._record_from = self._window_start(self.length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self.eager_epoch += 1
         if self.length == 0:
             return
         start = self._window_start(self.length)
@@ -299,6 +310,7 @@ class VirtualKVLayer(CacheLayerMixin):
             view.copy_(view.index_select(0, index))
 
     def crop(self, tokens_to_remove: Any) -> None:
+        self.eager_epoch += 1
         if not self.is_initialized:
             return
         removed = crop_to_removal(tokens_to_remove, self.length)
@@ -315,6 +327,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self._set_views(start)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
+        self.eager_epoch += 1
         if self.length == 0:
             self.batch_size *= repeats
             return
@@ -322,6 +335,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self._gather_rows(index)
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.eager_epoch += 1
         if self.length == 0:
             self.batch_size = len(indices)
             return
@@ -337,6 +351,7 @@ class VirtualKVLayer(CacheLayerMixin):
             self._v = VirtualTensor((rows,) + v.shape[1:], v.dtype, v.device)
             k.free()
             v.free()
+            self._prepared = None
         self.batch_size = rows
         self._commit(rows, self.length, start)
         for vt, data in zip(self._buffers(), saved):

@@ -134,6 +134,9 @@ class RowSpans:
         self.max_length = capacity if max_length is None else max_length
         if not 0 < self.max_length <= capacity:
             raise ValueError(f"RowSpans: max_length {self.max_length} must be in (0, capacity {capacity}]")
+        if batch * capacity >= 1 << 31:
+            raise ValueError(f"RowSpans: {batch} rows of {capacity} positions overflow FlashAttention's int32 "
+                             "sequence starts; attend through a LengthMask instead")
         rows = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self.query_starts = rows.clone()  # one query position per row
         self._row_starts = rows * capacity

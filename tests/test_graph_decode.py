@@ -47,37 +47,65 @@ def test_graph_steps_give_the_tokens_of_eager_decode(device):
     assert model.config._attn_implementation == "sdpa", "the graph attention is only for recording"
 
 
+def decode(model, ids, mask, cache, new, decoder=None):
+    """Greedy tokens and per-step logits, through `decoder` when given."""
+    with contextlib.ExitStack() as stack:
+        if decoder is not None:
+            stack.enter_context(patched_generate(graphs=False))
+            stack.enter_context(decoding_in_graphs(model, decoder))
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, **cache_kwargs(cache))
+    return out.sequences, torch.stack(out.logits, dim=1).float()
+
+
+def assert_decodes_alike(got, want, prompt_length):
+    """fp32: equal tokens. bf16: equal logits within rounding up to the first step whose greedy
+    token differs (two near-equal logits may swap there); the prompt's own step is eager in both."""
+    (tokens, logits), (ref_tokens, ref_logits) = got, want
+    new = logits.shape[1]
+    differ = (tokens[:, prompt_length:] != ref_tokens[:, prompt_length:]).any(dim=0).nonzero()
+    agree = int(differ[0]) if len(differ) else new
+    assert agree >= 1, "the prompt's step is eager in both"
+    upto = min(agree + 1, new)  # the steps up to the first differing token read the same tokens
+    torch.testing.assert_close(logits[:, :upto], ref_logits[:, :upto], atol=5e-2, rtol=5e-2)
+    return agree
+
+
 def test_flash_row_spans_give_the_tokens_of_eager_decode_on_left_padded_prompts(device):
     """Note [Row spans for FlashAttention]. On the host the spans' reference runs (fp32: the
-    tokens must be equal); on a GPU the varlen kernel, which takes bf16: its logits must be
-    eager decode's within bf16 rounding up to the first step whose greedy token differs."""
+    tokens must be equal); on a GPU the varlen kernel, which takes bf16 (assert_decodes_alike)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = tiny_model("llama", device, dtype=dtype, max_positions=4096)
     ids, mask = prompt(3, 12, device)
     new = 16
-
-    def run(cache, decoder=None):
-        with contextlib.ExitStack() as stack:
-            if decoder is not None:
-                stack.enter_context(patched_generate(graphs=False))
-                stack.enter_context(decoding_in_graphs(model, decoder))
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=new, do_sample=False, output_logits=True,
-                                 return_dict_in_generate=True, **cache_kwargs(cache))
-        return out.sequences, torch.stack(out.logits, dim=1).float()
-
-    eager, eager_logits = run(VirtualKVCache(model.config, max_length=200))
+    eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=200), new)
     cache = VirtualKVCache(model.config, max_length=200)
     decoder = GraphDecoder.of(model, cache, capture=device == "cuda", attention="flash")
-    out, logits = run(cache, decoder)
+    out = decode(model, ids, mask, cache, new, decoder)
     assert decoder.kernels == {"flash": new - 1, "flex": 0}, decoder.kernels
     if device == "cpu":
-        assert torch.equal(out, eager)
-        return
-    differ = (out[:, ids.shape[1]:] != eager[:, ids.shape[1]:]).any(dim=0).nonzero()
-    agree = int(differ[0]) if len(differ) else new
-    assert agree >= 1, "the prompt's step is eager in both"
-    upto = min(agree + 1, new)  # the steps up to the first differing token read the same tokens
-    torch.testing.assert_close(logits[:, :upto], eager_logits[:, :upto], atol=5e-2, rtol=5e-2)
+        assert torch.equal(out[0], eager[0])
+    else:
+        assert_decodes_alike(out, eager, ids.shape[1])
+
+
+def test_a_new_decode_checks_its_mask_again_even_at_the_length_the_last_one_ended():
+    """The padding verdict belongs to one decode: a second generate() on the same decoder whose
+    prompt is exactly as long as the first decode ended, with a hole in its mask, must not
+    inherit the first's "left padding only" and attend over the hole through flash."""
+    model = tiny_model("llama", "cpu", max_positions=4096)
+    ids, mask = prompt(2, 12, "cpu")
+    cache = VirtualKVCache(model.config, max_length=128)
+    decoder = GraphDecoder.of(model, cache, capture=False, attention="flash")
+    decode(model, ids, mask, cache, 8, decoder)
+    assert decoder.kernels == {"flash": 7, "flex": 0}
+    cache.reset()
+    ids2, mask2 = prompt(2, 12 + 7, "cpu", seed=3, padded=False)
+    mask2[0, 3:9] = 0
+    eager = decode(model, ids2, mask2, VirtualKVCache(model.config, max_length=128), 6)
+    out = decode(model, ids2, mask2, cache, 6, decoder)
+    assert torch.equal(out[0], eager[0])
+    assert decoder.kernels == {"flash": 7, "flex": 5}, decoder.kernels
 
 
 def test_key_buckets_cover_every_step_with_under_an_eighth_of_its_power_of_two_idle():
@@ -110,18 +138,79 @@ def test_a_decode_crossing_a_key_bucket_records_the_next_and_keeps_both():
     assert all(r.spans.max_length == r.key_length for r in decoder._recorded.values())
 
 
+@pytest.mark.filterwarnings("ignore:vmmalloc. decode runs eagerly")
+def test_a_flash_recording_that_fails_falls_back_to_flex_once_not_at_every_bucket():
+    """On the host a recording fails (no CUDA): the flash step's failure marks flash failed for
+    the shape, every bucket included, and the flex recording is tried once; eager decode's
+    tokens throughout."""
+    model = tiny_model("llama", "cpu", max_positions=4096)
+    ids, mask = prompt(2, 1018, "cpu")
+    eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=2048), 12)
+    cache = VirtualKVCache(model.config, max_length=2048)
+    decoder = GraphDecoder(model, cache, capture=True, attention="flash")
+    out = decode(model, ids, mask, cache, 12, decoder)
+    assert torch.equal(out[0], eager[0])
+    tried = {(key[-2], key[-1]) for key in decoder.failed}
+    assert tried == {(1024, "flash"), (None, "flash"), (0, "flex")}, tried
+    assert decoder.recordings == decoder.replays == 0 and decoder.handed_back == 11
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_buckets_only_where_flash_splits_the_keys(kv_heads):
+    """Note [Key splits sized by a bucket]: with 2 query heads per KV head a decode crossing
+    from the 1024 bucket into 1280 records both; with as many KV heads as query heads flash
+    does not split the keys, and one step (bucket 0) serves the whole decode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=4096,
+                         attn_implementation="sdpa", pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.pad_token_id = 0
+    ids, mask = prompt(2, 1018, "cpu")
+    eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=2048), 12)
+    cache = VirtualKVCache(model.config, max_length=2048)
+    decoder = GraphDecoder.of(model, cache, capture=False, attention="flash")
+    out = decode(model, ids, mask, cache, 12, decoder)
+    assert torch.equal(out[0], eager[0])
+    lengths = sorted(r.key_length for r in decoder._recorded.values())
+    assert lengths == ([1024, 1280] if kv_heads == 2 else [cache.layers[0].graph_capacity]), lengths
+
+
+def test_the_recorded_steps_are_kept_least_recently_used_first(monkeypatch):
+    from vmmalloc.integrations import graph_decode
+
+    monkeypatch.setattr(graph_decode, "_KEPT_GRAPHS", 2)
+    model = tiny_model("llama", "cpu", max_positions=4096)
+    cache = VirtualKVCache(model.config, max_length=64)
+    decoder = GraphDecoder.of(model, cache, capture=False)
+    ids, mask = prompt(2, 12, "cpu")
+    cache.update(torch.zeros(2, 2, 12, 16), torch.zeros(2, 2, 12, 16), 0)
+    first, second, third = (("a",) + (0, "flex")), (("b",) + (0, "flex")), (("c",) + (0, "flex"))
+    decoder._recorded_for(first, 2)
+    decoder._recorded_for(second, 2)
+    decoder._recorded_for(first, 2)  # used again: now the most recent
+    decoder._recorded_for(third, 2)
+    assert list(decoder._recorded) == [first, third], "the least recently used (second) went"
+
+
 def test_a_mask_with_holes_is_read_through_the_length_mask(device):
     """FlashAttention's spans are contiguous: a row whose mask has a hole after its first
-    attended position decodes through FlexAttention's mask, with eager decode's tokens."""
-    model = tiny_model("llama", device, max_positions=4096)
+    attended position decodes through FlexAttention's mask (bf16 on a GPU, where flash would
+    otherwise serve), with eager decode's tokens (fp32) or logits (bf16)."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tiny_model("llama", device, dtype=dtype, max_positions=4096)
     ids, mask = prompt(2, 12, device, padded=False)
     mask[0, 4:6] = 0  # a hole inside row 0
-    eager = greedy(model, ids, mask, VirtualKVCache(model.config, max_length=128), 8)
+    eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=128), 8)
     cache = VirtualKVCache(model.config, max_length=128)
-    decoder = GraphDecoder.of(model, cache, capture=device == "cuda", attention="flash")
-    with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
-        out = greedy(model, ids, mask, cache, 8)
-    assert torch.equal(out, eager)
+    decoder = GraphDecoder.of(model, cache, capture=device == "cuda", attention="auto" if device == "cuda" else "flash")
+    out = decode(model, ids, mask, cache, 8, decoder)
+    if device == "cpu":
+        assert torch.equal(out[0], eager[0])
+    else:
+        assert_decodes_alike(out, eager, ids.shape[1])
     assert decoder.kernels == {"flash": 0, "flex": 7}, decoder.kernels
 
 
@@ -231,16 +320,15 @@ def test_a_graph_over_a_long_reservation_reads_only_the_mapped_pages(dtype):
     reserved = 65536 if dtype == "float32" else 131072  # four 2 MiB pages a row of 2 heads x 16 either way
     model = tiny_model("llama", "cuda", dtype=getattr(torch, dtype), max_positions=reserved)
     ids, mask = prompt(3, 12, "cuda")
-    eager = greedy(model, ids, mask, VirtualKVCache(model.config, max_length=reserved), 30)
+    eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=reserved), 30)
     cache = VirtualKVCache(model.config, max_length=reserved)
     decoder = GraphDecoder.of(model, cache)
-    with patched_generate(graphs=False), decoding_in_graphs(model, decoder):
-        out = greedy(model, ids, mask, cache, 30)
+    out = decode(model, ids, mask, cache, 30, decoder)
     torch.cuda.synchronize()
     if dtype == "float32":
-        assert torch.equal(out, eager)
-    else:  # bf16 greedy tokens may part where two logits tie within rounding; the first agrees
-        assert torch.equal(out[:, :ids.shape[1] + 1], eager[:, :ids.shape[1] + 1])
+        assert torch.equal(out[0], eager[0])
+    else:
+        assert_decodes_alike(out, eager, ids.shape[1])
     assert decoder.kernels == ({"flash": 0, "flex": 29} if dtype == "float32" else {"flash": 29, "flex": 0})
     assert decoder.recordings == 1 and decoder.replays == 29
     assert cache.committed_bytes <= cache.reserved_bytes // 2, "most of the reservation stayed unmapped"
@@ -425,8 +513,29 @@ def test_preparing_a_step_maps_what_the_full_commit_would_also_when_it_skips_it(
                 layer.finish_graph_step(stop)
         extent = [(vt.rows, vt.start, vt.stop) for vt in (*fast._buffers(), *full._buffers())]
         assert extent[:2] == extent[2:], f"step {i}: {extent}"
+        assert fast.keys.shape[-2] == fast.length == full.values.shape[-2], "the views follow the steps"
+    assert fast.fast_prepares > 500 and full.fast_prepares == 0, (fast.fast_prepares, full.fast_prepares)
     for layer in (fast, full):
         layer.free()
+    assert fast.keys is None and fast.values is None, "a freed layer has no views"
+
+
+def test_rows_packed_into_shared_pages_also_take_the_fast_path():
+    """A short reservation (rows under 2 MiB) maps the whole of it for a graph step: every later
+    step finds it mapped."""
+    from vmmalloc.integrations.graph_decode import BLOCK
+    from vmmalloc.integrations.kv_cache import VirtualKVLayer
+
+    layer = VirtualKVLayer(300, lookahead=True)
+    keys = torch.zeros(2, 2, 10, 16)
+    layer.update(keys, keys)
+    for _ in range(100):
+        stop = layer.length + 1
+        layer.prepare_graph_step(2, stop, BLOCK)
+        layer.finish_graph_step(stop)
+    assert layer._buffers()[0].stop == layer.graph_capacity
+    assert layer.fast_prepares == 99
+    layer.free()
 
 
 def test_a_model_whose_attention_may_bypass_the_interface_is_refused():
