@@ -193,8 +193,9 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     # so without this only the garbage collector would give it back, and back-to-back calls
     # stacked up their KV. Decoding in graphs, the patch keeps the emptied cache for the
     # model's next call (reset(): every page goes back; the reservations stay, and so does the
-    # graph's pool, one decode step's activations and logits), so that the graph recorded on
-    # its buffers is replayed again instead of recorded anew. unpatch_generate() frees it.
+    # pool its decoder's graphs share, one decode step's activations and each graph's logits:
+    # Note [One pool for a decoder's graphs]), so that the graphs recorded on its buffers are
+    # replayed again instead of recorded anew. unpatch_generate() frees it.
     if output_cache(out) is not cache:
         if graphs and cache.graph_decoder is not None:  # a graph to keep (none for a model graphs cannot take)
             cache.reset()
