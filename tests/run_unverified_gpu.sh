@@ -12,7 +12,8 @@
 # Needing calls of their own: `python -m bench.run graph_decode --backend cuda` (about 470 s:
 # five systems; give it the whole call), `VMMALLOC=1 python -m bench.graph_decode_profile`
 # (about 30 s after a build), `python -m bench.graph_decode sweep` (contexts 2K-64K, longer),
-# `python -m bench.run compile_graphs --backend cuda` (about 15 minutes).
+# `python -m bench.compile_graphs train` and `python -m bench.compile_graphs decode` (issue 19; the
+# whole `bench.run compile_graphs` is about 15 minutes, more than one call: one workload a call).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-logs}"; L="$OUT/logs"; mkdir -p "$L"
