@@ -1230,6 +1230,15 @@ void CachingAllocator::resume_pool(PoolId id) {
   // Note [Capture-safe mode]: a resume may run while another thread captures a graph (no
   // route can target a paused pool, but others may be active).
   const CaptureModeGuard relaxed(*backend_);
+  // Built first: once the memory is mapped again, nothing may fail before the restore but
+  // the restore itself (whose failure goes back to paused below). The ranges' addresses
+  // stay reserved while paused.
+  std::vector<Backend::HostCopy> copies;
+  copies.reserve(pool->backups.size());
+  for (const auto& [head, offset] : pool->backups) {
+    copies.push_back(
+        {handle_address(head), pool->backup_memory.data() + offset, head->handle_chunks * kChunkSize});
+  }
   try {
     arena.chunks.resume_handles();
   } catch (const CapExceeded& e) {
@@ -1243,12 +1252,6 @@ void CachingAllocator::resume_pool(PoolId id) {
     arena.chunks.pause_handles();  // back to paused, as before the call
     sync_reserved_stats();
     throw;
-  }
-  std::vector<Backend::HostCopy> copies;
-  copies.reserve(pool->backups.size());
-  for (const auto& [head, offset] : pool->backups) {
-    copies.push_back(
-        {handle_address(head), pool->backup_memory.data() + offset, head->handle_chunks * kChunkSize});
   }
   try {
     backend_->copy_many_from_host(copies);
