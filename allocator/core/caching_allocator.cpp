@@ -1194,7 +1194,7 @@ void CachingAllocator::pause_pool(PoolId id, bool backup) {
   }
   if (!pending_.empty()) process_pending(/*wait=*/false);  // the pool's frees are done now
   // Copies first: until the unmap nothing has changed, so a failed copy leaves it running.
-  std::vector<std::pair<Chunk*, std::size_t>> backups;
+  std::vector<Backend::HostCopy> backups;  // their host addresses set once backup_memory is reserved
   if (backup) {
     std::size_t total = 0;
     for (Chunk* c : arena.chunks.all()) {
@@ -1202,16 +1202,16 @@ void CachingAllocator::pause_pool(PoolId id, bool backup) {
       bool holds_data = false;
       for (std::size_t k = 0; k < c->handle_chunks; ++k) holds_data = holds_data || c[k].busy;
       if (!holds_data) continue;
-      backups.emplace_back(c, total);
+      backups.push_back({handle_address(c), nullptr, c->handle_chunks * kChunkSize});
       total += c->handle_chunks * kChunkSize;
     }
     unsigned char* host = pool->backup_memory.reserve(*backend_, total);
+    for (Backend::HostCopy& copy : backups) {
+      copy.host = host;
+      host += copy.bytes;
+    }
     const CaptureModeGuard relaxed(*backend_);  // a capture in another thread is not disturbed
-    std::vector<Backend::HostCopy> copies;
-    copies.reserve(backups.size());
-    for (const auto& [c, offset] : backups)
-      copies.push_back({handle_address(c), host + offset, c->handle_chunks * kChunkSize});
-    backend_->copy_many_to_host(copies);
+    backend_->copy_many_to_host(backups);
   }
   arena.cache.unmap_all();
   arena.chunks.pause_handles();
@@ -1230,15 +1230,6 @@ void CachingAllocator::resume_pool(PoolId id) {
   // Note [Capture-safe mode]: a resume may run while another thread captures a graph (no
   // route can target a paused pool, but others may be active).
   const CaptureModeGuard relaxed(*backend_);
-  // Built first: once the memory is mapped again, nothing may fail before the restore but
-  // the restore itself (whose failure goes back to paused below). The ranges' addresses
-  // stay reserved while paused.
-  std::vector<Backend::HostCopy> copies;
-  copies.reserve(pool->backups.size());
-  for (const auto& [head, offset] : pool->backups) {
-    copies.push_back(
-        {handle_address(head), pool->backup_memory.data() + offset, head->handle_chunks * kChunkSize});
-  }
   try {
     arena.chunks.resume_handles();
   } catch (const CapExceeded& e) {
@@ -1254,7 +1245,7 @@ void CachingAllocator::resume_pool(PoolId id) {
     throw;
   }
   try {
-    backend_->copy_many_from_host(copies);
+    backend_->copy_many_from_host(pool->backups);
   } catch (...) {
     // Every copy issued was waited for: back to paused with the backups kept, so that a
     // later resume restores them (the contents would be partial otherwise).

@@ -103,7 +103,6 @@ class HostBackup {
     pinned_ = backend.pin_host(data_.get(), bytes);
     return data_.get();
   }
-  unsigned char* data() { return data_.get(); }
   bool pinned() const { return pinned_; }
   void reset() {
     if (pinned_) backend_->unpin_host(data_.get());
@@ -128,9 +127,10 @@ struct PrivatePool {
   Arena arena;
   int use_count = 1;     // graphs, MemPools and active routes holding it
   std::size_t live = 0;  // allocations not yet given back (pending frees included)
-  // While paused (Note [Sleeping pools]): the handles that held live data, each with the
-  // offset of its contents in backup_memory.
-  std::vector<std::pair<Chunk*, std::size_t>> backups;
+  // While paused (Note [Sleeping pools]): the copies that restore the handles which held
+  // live data, from backup_memory to the addresses the handles are mapped at again (the
+  // ranges stay reserved while paused, and backup_memory stays until the next pause).
+  std::vector<Backend::HostCopy> backups;
   HostBackup backup_memory;
   bool paused() const { return arena.chunks.paused(); }
 };
