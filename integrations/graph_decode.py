@@ -153,9 +153,9 @@ def why_not(model: Any, cache: Any, flash: bool | None = None) -> str | None:
     if not heads:
         return "the config names no num_attention_heads"
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    groups = heads // kv_heads
     if heads % kv_heads:
         return f"{heads} query heads do not group over {kv_heads} key/value heads"
+    groups = head_groups(config)
     if groups & (groups - 1):
         if flash is None:
             head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
@@ -178,6 +178,12 @@ def why_not(model: Any, cache: Any, flash: bool | None = None) -> str | None:
     if len(placed) > 1:
         return "it is split across several devices (one graph records one device's work)"
     return None
+
+
+def head_groups(config: Any) -> int:
+    """Query heads per key/value head."""
+    heads = config.num_attention_heads
+    return heads // (getattr(config, "num_key_value_heads", None) or heads)
 
 
 # Note [One length mask per shape]
@@ -251,9 +257,10 @@ class _Recorded:
         self.mask: LengthMask | None = None
         self.key_mask: torch.Tensor | None = None
         self.spans: RowSpans | None = None
-        self.starts = torch.zeros(batch, dtype=torch.int32, device=device)  # left padding per row (flash)
+        self.starts: torch.Tensor | None = None  # left padding per row (flash)
         if self.kernel == "flash":
             self.spans = RowSpans(batch, capacity, device, max_length=self.key_length)
+            self.starts = torch.zeros(batch, dtype=torch.int32, device=device)
         else:
             self.mask, self.key_mask = _shared_mask(batch, capacity, BLOCK, device)
         self.graph: torch.cuda.CUDAGraph | None = None
@@ -302,8 +309,7 @@ class GraphDecoder:
         reason = why_not(model, cache, flash=False if attention == "flex" else True if host_flash else None)
         if reason is not None:
             raise ValueError(f"vmmalloc: cannot decode in CUDA graphs: {reason}")
-        config = model.config
-        groups = config.num_attention_heads // (getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+        groups = head_groups(model.config)
         self._flex_groups = not groups & (groups - 1)  # FlexAttention's decoding can group these heads
         # FlashAttention splits the keys only where query heads group over KV heads (its decode
         # path swaps the groups into the query length): only then do buckets size anything.
@@ -407,7 +413,7 @@ class GraphDecoder:
         keys = first._buffers()[0].tensor
         if flash_reads(keys) is not None and not (self.attention == "flash" and keys.device.type != "cuda"):
             return "flex"
-        if batch * first.graph_capacity >= 1 << 31:
+        if not RowSpans.fit(batch, first.graph_capacity):
             return "flex"  # the row offsets would overflow the kernel's int32 sequence starts
         if mask is None:
             return "flash"
@@ -425,7 +431,7 @@ class GraphDecoder:
         """The pages every layer's replay reads for `stop` positions, mapped on the host."""
         # Asked of every layer at every step, not remembered: an eager step between replays
         # (a crop, a prompt, a reset) may have given pages back. A layer whose mapped pages
-        # serve returns at once (VirtualKVLayer._commit).
+        # serve returns at once (VirtualKVLayer.prepare_graph_step).
         for layer in self.cache.layers:
             layer.prepare_graph_step(batch, stop, BLOCK)
 
@@ -438,16 +444,16 @@ class GraphDecoder:
             recorded.position_ids.fill_(length)
         recorded.position.fill_(length)
         mask = inputs.get("attention_mask")  # [batch, length + 1] or more (checked by the caller)
-        if recorded.spans is not None:  # flash: the padding is on the left (the caller checked)
+        if recorded.starts is not None:  # flash: the padding is on the left (the caller checked)
             if mask is not None:
                 recorded.starts.copy_(left_padding(mask[:, :length + 1]))
             else:
                 recorded.starts.zero_()
-        elif mask is not None:
-            assert recorded.key_mask is not None
+            return
+        assert recorded.key_mask is not None
+        if mask is not None:
             recorded.key_mask[:, :length + 1].copy_(mask[:, :length + 1])
         else:
-            assert recorded.key_mask is not None
             recorded.key_mask[:, :length + 1].fill_(True)
 
     # ----- recording -----------------------------------------------------------------
@@ -469,6 +475,7 @@ class GraphDecoder:
         logits_to_keep = recorded.key[1]
         kwargs: dict[str, Any] = {} if logits_to_keep is None else {"logits_to_keep": logits_to_keep}
         if recorded.spans is not None:
+            assert recorded.starts is not None
             recorded.spans.update(lengths.to(torch.int32), recorded.starts)
             kwargs["vmm_row_spans"] = recorded.spans
         else:

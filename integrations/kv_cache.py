@@ -243,8 +243,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self.graph_block = block
         k, v = self._buffers()
         prepared = self._prepared
-        extent = (batch, block, k.rows, k.start, k.stop, v.rows, v.start, v.stop)
-        if prepared is not None and prepared[0] == extent and prepared[1] <= stop <= prepared[2]:
+        if prepared is not None and prepared[0] == self._extent(batch, block) and prepared[1] <= stop <= prepared[2]:
             self.fast_prepares += 1
             return  # what the last step mapped serves this one (its extent unchanged since)
         asked = stop
@@ -258,7 +257,12 @@ class VirtualKVLayer(CacheLayerMixin):
         # start and stop: any change to it by an eager step, a crop or a reset changes `extent`).
         limit = self.graph_capacity
         through = limit if k.stop >= limit else min(k.stop // block * block, k.stop - self._lead(k.tokens_per_page))
-        self._prepared = ((batch, block, k.rows, k.start, k.stop, v.rows, v.start, v.stop), asked, through)
+        self._prepared = (self._extent(batch, block), asked, through)
+
+    def _extent(self, batch: int, block: int) -> tuple[int, ...]:
+        """What a graph step's mapping depends on: the step's shape and the buffers' spans."""
+        k, v = self._buffers()
+        return batch, block, k.rows, k.start, k.stop, v.rows, v.start, v.stop
 
     def finish_graph_step(self, stop: int) -> None:
         """The host's record of a replayed step: the layer holds `stop` positions now."""

@@ -134,7 +134,7 @@ class RowSpans:
         self.max_length = capacity if max_length is None else max_length
         if not 0 < self.max_length <= capacity:
             raise ValueError(f"RowSpans: max_length {self.max_length} must be in (0, capacity {capacity}]")
-        if batch * capacity >= 1 << 31:
+        if not RowSpans.fit(batch, capacity):
             raise ValueError(f"RowSpans: {batch} rows of {capacity} positions overflow FlashAttention's int32 "
                              "sequence starts; attend through a LengthMask instead")
         rows = torch.arange(batch + 1, dtype=torch.int32, device=device)
@@ -142,6 +142,12 @@ class RowSpans:
         self._row_starts = rows * capacity
         self.key_starts = self._row_starts.clone()  # [batch + 1]; the last entry only closes the list
         self.used = torch.ones(batch, dtype=torch.int32, device=device)
+
+    @staticmethod
+    def fit(batch: int, capacity: int) -> bool:
+        """Whether `batch` rows of `capacity` positions have row starts FlashAttention's int32
+        sequence offsets can hold."""
+        return batch * capacity < 1 << 31
 
     def update(self, lengths: torch.Tensor, starts: torch.Tensor) -> None:
         """Row b holds positions ``starts[b] <= p < lengths[b]`` now (device operations only;
@@ -184,11 +190,11 @@ def attend_row_spans(query: torch.Tensor, keys: torch.Tensor, values: torch.Tens
         return out.view(batch, 1, q_heads, dim)
     import torch.nn.functional as F
 
-    outs = []
-    if max(spans.used.tolist()) > spans.max_length:  # the kernel would leave the keys past it unread
-        raise ValueError(f"attend_row_spans: a span of {max(spans.used.tolist())} keys exceeds the spans' "
+    outs, spans_used = [], spans.used.tolist()
+    if max(spans_used) > spans.max_length:  # the kernel would leave the keys past it unread
+        raise ValueError(f"attend_row_spans: a span of {max(spans_used)} keys exceeds the spans' "
                          f"max_length {spans.max_length}")
-    for b, (start, used) in enumerate(zip(spans.key_starts[:-1].tolist(), spans.used.tolist())):
+    for b, (start, used) in enumerate(zip(spans.key_starts[:-1].tolist(), spans_used)):
         k = rows_k[start:start + used].transpose(0, 1).unsqueeze(0)
         v = rows_v[start:start + used].transpose(0, 1).unsqueeze(0)
         outs.append(F.scaled_dot_product_attention(query[b:b + 1], k, v, scale=scale,
