@@ -31,3 +31,24 @@ def test_a_first_run_of_one_workload_stands_alone():
     merged = merge(None, {"workloads": {"train": workload(0.97, 1.0, commit="c")}})
     assert list(merged["workloads"]) == ["train"]
     assert merged["met"] == {"train_speed": False, "train_reserved_over_allocated": True}
+
+
+def test_the_pool_semantics_floor_adds_the_two_peaks_from_the_cores_stats():
+    """A pool that peaks while eager memory is low and an eager peak while the pool is
+    small: reserved can never be less than the two peaks together, so the floor exceeds 1."""
+    import vmmalloc
+    from bench.compile_graphs import pool_semantics_floor
+
+    MiB = 1 << 20
+    alloc = vmmalloc.Allocator(vmmalloc.HostBackend(256 * MiB), "")
+    alloc.begin_allocate_to_pool((1, 7), streams=[5])
+    graph = alloc.allocate(40 * MiB, stream=5)
+    alloc.end_allocate_to_pool((1, 7))
+    alloc.deallocate(graph)  # freed inside the pool: only the pool may reuse it
+    eager = alloc.allocate(60 * MiB, stream=0)
+    stats = alloc.stats()
+    floor = pool_semantics_floor(stats, stats["allocated_bytes.all.peak"])
+    assert floor["main_allocated_peak"] == 60 * MiB and floor["pools_allocated_peak"] == 40 * MiB
+    assert floor["pool_semantics_floor"] == 100 / 60
+    alloc.deallocate(eager)
+    alloc.release_pool((1, 7))

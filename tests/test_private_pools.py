@@ -51,6 +51,44 @@ def test_a_route_sends_its_streams_to_the_pool_and_everything_else_to_the_main_a
     alloc.release_pool(POOL)
 
 
+def test_allocated_bytes_are_split_between_the_main_arena_and_the_pools_with_peaks(kind):
+    """vmm.main_allocated_bytes + vmm.private_pool_allocated_bytes == allocated_bytes.all,
+    at every moment, each with its own peak: pages, pending frees and restores included."""
+    from vmmalloc import _C
+
+    alloc = kind.allocator(256 * MiB)
+
+    def split():
+        s = alloc.stats()
+        main, pools = s["vmm.main_allocated_bytes.current"], s["vmm.private_pool_allocated_bytes.current"]
+        assert main + pools == s["allocated_bytes.all.current"]
+        return main, pools, s["vmm.main_allocated_bytes.peak"], s["vmm.private_pool_allocated_bytes.peak"]
+
+    eager = alloc.allocate(8 * MiB, stream=0)
+    alloc.begin_allocate_to_pool(POOL, streams=[S])
+    graph = [alloc.allocate(6 * MiB, stream=S), alloc.allocate(1000, stream=S)]
+    alloc.end_allocate_to_pool(POOL)
+    assert split() == (8 * MiB, 6 * MiB + 1024, 8 * MiB, 6 * MiB + 1024)
+    state = alloc.pool_allocations(POOL)
+    alloc.record_stream(graph[0], 3)
+    alloc.deallocate(graph[0])  # pending on stream 3: no longer allocated
+    alloc.deallocate(eager)
+    assert split() == (0, 1024, 8 * MiB, 6 * MiB + 1024)
+    alloc.reset_peak_stats()
+    assert split() == (0, 1024, 0, 1024)
+    vr = _C.VirtualRange(alloc, 4 * CHUNK)
+    vr.commit(rows=1, stride=4 * CHUNK, begin=0, end=2 * CHUNK)  # KV pages: main-arena memory
+    assert split() == (2 * CHUNK, 1024, 2 * CHUNK, 1024)
+    del vr
+    alloc.empty_cache()  # finishes the pending free
+    alloc.restore_pool(POOL, state)  # both recorded blocks live again
+    assert split() == (0, 6 * MiB + 1024, 2 * CHUNK, 6 * MiB + 1024)
+    for p, *_ in alloc.pool_allocations(POOL):
+        alloc.deallocate(p)
+    assert split()[:2] == (0, 0)
+    alloc.release_pool(POOL)
+
+
 def test_memory_freed_in_a_pool_is_reused_only_by_that_pool(kind):
     alloc = kind.allocator(256 * MiB)
     alloc.begin_allocate_to_pool(POOL, streams=[S])

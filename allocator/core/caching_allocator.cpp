@@ -100,6 +100,7 @@ __attribute__((always_inline)) inline std::uintptr_t CachingAllocator::place(Pri
     }
     block->requested = size;
     count_allocated<Pool::kSmall>(block->size, size);
+    allocated_in(pool).increase(static_cast<std::int64_t>(block->size));
     if (pool != nullptr) ++pool->live;
     log(EventKind::kAlloc, block->addr, block->size, stream);
     return block->addr;
@@ -121,6 +122,7 @@ __attribute__((always_inline)) inline std::uintptr_t CachingAllocator::place(Pri
   arena.large.insert(mapping->base, mapping);
   sync_reserved_stats();
   count_allocated<Pool::kLarge>(bytes, size);
+  allocated_in(pool).increase(static_cast<std::int64_t>(bytes));
   if (pool != nullptr) ++pool->live;
   log(EventKind::kAlloc, mapping->base, bytes, stream);
   return mapping->base;
@@ -362,6 +364,10 @@ void CachingAllocator::count_pages(std::int64_t pages) {
     else
       s->decrease(Pool::kLarge, -bytes);
   }
+  if (bytes > 0)
+    main_allocated_.increase(bytes);  // pages are main-arena chunks
+  else
+    main_allocated_.decrease(-bytes);
 }
 
 void CachingAllocator::empty_cache() {
@@ -432,20 +438,20 @@ __attribute__((always_inline)) inline bool CachingAllocator::free_locked(std::ui
       recorded_streams_.erase(it);
       pending_.push_back(std::move(pending));
       if (block != nullptr)
-        drop_allocated(Pool::kSmall, block->size, block->requested);
+        drop_allocated(Pool::kSmall, block->size, block->requested, where.pool);
       else
-        drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
+        drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested, where.pool);
       log_free_requested(block, mapping);
       return true;
     }
   }
   // History off (the usual case) costs one branch here, not a call.
   if (block != nullptr) {
-    drop_allocated(Pool::kSmall, block->size, block->requested);
+    drop_allocated(Pool::kSmall, block->size, block->requested, where.pool);
     if (events_.on()) log_free_requested(block, nullptr);
     free_small(where.pool, block);
   } else {
-    drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested);
+    drop_allocated(Pool::kLarge, mapping->used * kChunkSize, mapping->requested, where.pool);
     if (events_.on()) log_free_requested(nullptr, mapping);
     free_large(where.pool, mapping);
   }
@@ -460,9 +466,11 @@ void CachingAllocator::free_located(const Located& where) {
 }
 
 // Allocated counts drop when the caller frees; active ones when the memory is reusable.
-void CachingAllocator::drop_allocated(Pool pool, std::size_t size, std::size_t requested) {
+void CachingAllocator::drop_allocated(Pool pool, std::size_t size, std::size_t requested,
+                                      const PrivatePool* owner) {
   allocation_.decrease(pool, 1);
   allocated_bytes_.decrease(pool, static_cast<std::int64_t>(size));
+  allocated_in(owner).decrease(static_cast<std::int64_t>(size));
   requested_bytes_.decrease(pool, static_cast<std::int64_t>(requested));
 }
 
@@ -644,6 +652,8 @@ StatList CachingAllocator::stats_locked() const {
     (pool->paused() ? paused_chunks : pool_chunks) += pool->arena.chunks.count();
   out.emplace_back("vmm.private_pools", static_cast<std::int64_t>(pools_.size()));
   out.emplace_back("vmm.private_pool_bytes", static_cast<std::int64_t>(pool_chunks * kChunkSize));
+  append_stat(out, "vmm.main_allocated_bytes", main_allocated_);
+  append_stat(out, "vmm.private_pool_allocated_bytes", pools_allocated_);
   // Note [Sleeping pools]: address space kept, no memory; its live blocks still count as
   // allocated (the tensors exist), so allocated may exceed reserved while a pool sleeps.
   out.emplace_back("vmm.paused_bytes", static_cast<std::int64_t>(paused_chunks * kChunkSize));
@@ -685,6 +695,8 @@ void CachingAllocator::reset_peak_stats() {
     s->reset_peak();
   }
   budget_.chunks_stat.reset_peak();
+  main_allocated_.reset_peak();
+  pools_allocated_.reset_peak();
   main_.cache.reset_peak();
   pages_.reset_peak();
 }
@@ -695,6 +707,8 @@ void CachingAllocator::reset_accumulated_stats() {
                       &reserved_bytes_}) {
     s->reset_accumulated();
   }
+  main_allocated_.reset_accumulated();
+  pools_allocated_.reset_accumulated();
   num_alloc_retries_ = num_ooms_ = num_sync_all_streams_ = 0;
   host_ns_.store(0, std::memory_order_relaxed);
 }
@@ -1085,9 +1099,9 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id, const std:
     const std::uintptr_t ptr = where.block != nullptr ? where.block->addr : where.mapping->base;
     recorded_streams_.erase(ptr);
     if (where.block != nullptr) {
-      drop_allocated(Pool::kSmall, where.block->size, where.block->requested);
+      drop_allocated(Pool::kSmall, where.block->size, where.block->requested, pool);
     } else {
-      drop_allocated(Pool::kLarge, where.mapping->used * kChunkSize, where.mapping->requested);
+      drop_allocated(Pool::kLarge, where.mapping->used * kChunkSize, where.mapping->requested, pool);
     }
     log_free_requested(where.block, where.mapping);
     free_located(where);
@@ -1111,6 +1125,7 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id, const std:
       if (block != nullptr) {
         block->requested = b.requested;
         count_allocated<Pool::kSmall>(block->size, b.requested);
+        pools_allocated_.increase(static_cast<std::int64_t>(block->size));
         ++pool->live;
         log(EventKind::kAlloc, block->addr, block->size, b.stream);
         continue;
@@ -1120,6 +1135,7 @@ std::vector<std::uintptr_t> CachingAllocator::restore_pool(PoolId id, const std:
         m->requested = b.requested;
         arena.large.insert(m->base, m);
         count_allocated<Pool::kLarge>(b.size, b.requested);
+        pools_allocated_.increase(static_cast<std::int64_t>(b.size));
         ++pool->live;
         log(EventKind::kAlloc, m->base, b.size, b.stream);
         continue;

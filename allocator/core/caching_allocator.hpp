@@ -229,6 +229,7 @@ class CachingAllocator {
   };
 
   Arena& arena_of(PrivatePool* pool) { return pool != nullptr ? pool->arena : main_; }
+  Stat& allocated_in(const PrivatePool* pool) { return pool != nullptr ? pools_allocated_ : main_allocated_; }
   // The main arena first, inline: the hot path (Note [Private pools]: pools are few).
   Located locate(std::uintptr_t ptr) const {
     Located where;
@@ -261,7 +262,7 @@ class CachingAllocator {
   void finish_page_retiring(bool wait);
   void count_pages(std::int64_t pages);
   void process_pending(bool wait);
-  void drop_allocated(Pool pool, std::size_t size, std::size_t requested);
+  void drop_allocated(Pool pool, std::size_t size, std::size_t requested, const PrivatePool* owner);
   // A constant `pool` folds the per-pool branches away (measured: 80 instructions per
   // allocation as a plain argument).
   template <Pool kPool>
@@ -308,6 +309,11 @@ class CachingAllocator {
 
   PoolStat allocation_, active_, segment_;
   PoolStat allocated_bytes_, active_bytes_, requested_bytes_, reserved_bytes_;
+  // allocated_bytes_ split by arena: the main arena's and every private pool's together
+  // (vmm.main_allocated_bytes, vmm.private_pool_allocated_bytes). Memory freed in a pool
+  // serves only that pool and the main arena's only eager code, so no allocator with
+  // PyTorch's pool semantics reserves less than the sum of the two peaks.
+  Stat main_allocated_, pools_allocated_;
   std::int64_t num_alloc_retries_ = 0;
   std::int64_t num_ooms_ = 0;
   std::int64_t num_sync_all_streams_ = 0;
