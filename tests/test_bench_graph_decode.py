@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import pytest
 
-from bench.graph_decode import RATIO_ROWS, TARGETS, match_rate, summary
+from bench.graph_decode import RATIO_ROWS, TARGETS, kv_page_floor, match_rate, summary
+from bench.kv_cache import llama3_8b_config
 from bench.report import target_met
 
 
 def test_match_rate_counts_equal_tokens_position_by_position():
     assert match_rate([[1, 2, 3], [4, 5, 6]], [[1, 2, 9], [4, 0, 6]]) == pytest.approx(4 / 6)
+
+
+def test_the_page_floor_counts_each_rows_last_page_whole():
+    config = llama3_8b_config(32768)  # 8 KV heads of 128 in bf16: 1024 positions a 2 MiB page
+    assert kv_page_floor(config, [2048, 2048]) == 1.0
+    assert kv_page_floor(config, [16447]) == pytest.approx(17 * 1024 / 16447)  # 64 tokens into page 17
+    assert kv_page_floor(config, [1, 1023]) == pytest.approx(2048 / 1024)
 
 
 def test_targets_are_checked_as_written():
