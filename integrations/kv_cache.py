@@ -252,6 +252,13 @@ class VirtualKVLayer(CacheLayerMixin):
             # span could reach an unmapped page, so the whole reservation is mapped (< 2 MiB a row).
             stop = self.graph_capacity
         self._commit(batch, stop, 0)
+        # Note [Length block masks]: what is mapped past the tokens reads as zeros, since
+        # FlexAttention weighs a masked position's value by a probability of 0 and a recycled
+        # chunk may hold NaN bit patterns (0 x NaN is NaN). Nothing past the tokens was written.
+        held = min(self.length, k.stop)
+        for vt in (k, v):
+            if vt.stop > held:
+                vt.tensor[:batch, held:vt.stop].zero_()
         # The stops _commit would return early for, the mapping as it is now: every later stop
         # whose block end and lead stay within the mapped span (a mapping's extent is its rows,
         # start and stop: any change to it by an eager step, a crop or a reset changes `extent`).

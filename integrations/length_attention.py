@@ -12,7 +12,9 @@ tensors the mask keeps, so one mask serves every step: LengthMask.update rewrite
 The fused kernel never loads an unlisted block, and the mask_mod hides the positions past the
 length inside the last listed one. So a row of length L reads positions up to L rounded up
 to `block`: whoever maps the buffers maps that far (the graph decoder does, whether or not a
-page holds a whole number of blocks).
+page holds a whole number of blocks), and fills what it maps past the tokens with zeros: the
+kernel multiplies each masked position's value by its probability, 0, and a chunk used
+before may hold NaN bit patterns there (0 x NaN is NaN; bf16 on a GPU showed it).
 
 Padding (a batch of prompts of different lengths, padded on the left) is a second device
 tensor, ``key_mask [batch, capacity]``: positions it marks False are never attended to. The

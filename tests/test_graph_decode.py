@@ -89,6 +89,33 @@ def test_flash_row_spans_give_the_tokens_of_eager_decode_on_left_padded_prompts(
         assert_decodes_alike(out, eager, ids.shape[1])
 
 
+def test_positions_mapped_past_the_tokens_are_zeros_for_the_graphs_attention(device, monkeypatch):
+    """Note [Length block masks]: FlexAttention reads whole blocks, so the values past a row's
+    tokens are multiplied by 0, and a recycled chunk may hold NaN there. Every page the cache
+    maps is filled with NaN here before tokens are written; the graph steps must still give
+    eager decode's tokens (they gave NaN logits on a GPU before the decoder zeroed them)."""
+    from vmmalloc.integrations.kv_cache import VirtualKVLayer
+
+    commit = VirtualKVLayer._commit
+
+    def commit_over_old_contents(self, rows, stop, start):
+        commit(self, rows, stop, start)
+        for vt in self._buffers():
+            vt.tensor[:rows, self.length:vt.stop].fill_(float("nan"))
+
+    model = tiny_model("llama", device, max_positions=4096)
+    ids, mask = prompt(2, 12, device, padded=False)
+    mask[0, 4:6] = 0  # a hole: FlexAttention's mask serves, on either device
+    eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=128), 8)
+    monkeypatch.setattr(VirtualKVLayer, "_commit", commit_over_old_contents)
+    cache = VirtualKVCache(model.config, max_length=128)
+    decoder = GraphDecoder.of(model, cache, capture=device == "cuda")
+    out = decode(model, ids, mask, cache, 8, decoder)
+    assert decoder.kernels["flex"] == 7, decoder.kernels
+    assert torch.isfinite(out[1]).all(), "a value past the tokens reached the attention's output"
+    assert torch.equal(out[0], eager[0])
+
+
 def test_a_new_decode_checks_its_mask_again_even_at_the_length_the_last_one_ended():
     """The padding verdict belongs to one decode: a second generate() on the same decoder whose
     prompt is exactly as long as the first decode ended, with a hole in its mask, must not
