@@ -19,7 +19,7 @@ from typing import Any
 
 def kernel_family(name: str) -> str:
     lowered = name.lower()
-    if "flex" in lowered or "attention" in lowered or "triton_tem" in lowered:
+    if any(mark in lowered for mark in ("flex", "attention", "triton_tem", "flash_fwd")):
         return "attention"
     if any(mark in lowered for mark in ("nvjet", "gemm", "gemv", "matmul", "cutlass", "sm90")):
         return "matrix products"

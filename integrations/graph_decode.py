@@ -410,7 +410,7 @@ class GraphDecoder:
         if self.attention == "flex":
             return "flex"
         first = self.cache.layers[0]
-        keys = first._buffers()[0].tensor
+        keys = first._buffers().keys
         if flash_reads(keys) is not None and not (self.attention == "flash" and keys.device.type != "cuda"):
             return "flex"
         if not RowSpans.fit(batch, first.graph_capacity):
@@ -466,7 +466,7 @@ class GraphDecoder:
         while len(self._recorded) >= _KEPT_GRAPHS:
             del self._recorded[next(iter(self._recorded))]  # the least recently used
         first = self.cache.layers[0]
-        self._recorded[key] = r = _Recorded(key, batch, first.graph_capacity, first._buffers()[0].device)
+        self._recorded[key] = r = _Recorded(key, batch, first.graph_capacity, first._buffers().device)
         return r
 
     def _step(self, model: Any, recorded: _Recorded, cache_key: str) -> Any:

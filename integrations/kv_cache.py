@@ -47,12 +47,13 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from vmmalloc.integrations.hf_compat import crop_to_removal, layer_windows, text_config
-from vmmalloc.virtual_tensor import CHUNK_SIZE, VirtualTensor
+from vmmalloc.integrations.kv_buffers import KVBuffers
+from vmmalloc.virtual_tensor import VirtualTensor
 
 
 class VirtualKVLayer(CacheLayerMixin):
-    """One attention layer's K/V in two virtual tensors (full attention, or a sliding window
-    when ``sliding_window`` is set)."""
+    """One attention layer's K/V in virtual memory, side by side (Note [Keys and values share
+    pages]): full attention, or a sliding window when ``sliding_window`` is set."""
 
     is_compileable = False
     is_croppable = True
@@ -73,8 +74,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self.batch_size = 0   # rows in use
         self.record_past = False
         self._record_from = 0  # first position kept while recording the past
-        self._k: VirtualTensor | None = None
-        self._v: VirtualTensor | None = None
+        self._kv: KVBuffers | None = None
         # Note [Decode steps in a graph]: positions reserved, and the device-held position
         # update() writes at while a graph is recorded (None: eager).
         self.graph_capacity = -(-self.max_length // 128) * 128
@@ -94,32 +94,29 @@ class VirtualKVLayer(CacheLayerMixin):
         rows = max(batch, self.max_batch_size or 0)
         self.dtype, self.device = key_states.dtype, key_states.device
         self._free_buffers()
-        capacity = self.graph_capacity
-        self._k = VirtualTensor((rows, capacity, heads, head_dim), key_states.dtype, key_states.device)
-        self._v = VirtualTensor((rows, capacity, value_states.shape[1], value_states.shape[-1]),
-                                value_states.dtype, value_states.device)
+        self._kv = KVBuffers(rows, self.graph_capacity, (heads, head_dim),
+                             (value_states.shape[1], value_states.shape[-1]), key_states.dtype, key_states.device)
         self.is_initialized = True
         self.length = 0
         self.batch_size = batch
         self._set_views(0)
 
     def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
-        k, v = self._k, self._v
-        return (k is not None and v is not None and not k.freed and key_states.dtype == k.dtype
-                and key_states.device == k.device and key_states.shape[0] <= k.shape[0]
-                and tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) == k.shape[2:]
-                and tuple(value_states.shape[1:2]) + tuple(value_states.shape[3:]) == v.shape[2:])
+        kv = self._kv
+        return (kv is not None and not kv.freed and key_states.dtype == kv.dtype
+                and key_states.device == kv.device and key_states.shape[0] <= kv.key_shape[0]
+                and tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) == kv.key_shape[2:]
+                and tuple(value_states.shape[1:2]) + tuple(value_states.shape[3:]) == kv.value_shape[2:])
 
-    def _buffers(self) -> tuple[VirtualTensor, VirtualTensor]:
-        """The key and value buffers of an initialized layer."""
-        assert self._k is not None and self._v is not None, "the layer has no buffers before its first update"
-        return self._k, self._v
+    def _buffers(self) -> KVBuffers:
+        """The K/V buffers of an initialized layer."""
+        assert self._kv is not None, "the layer has no buffers before its first update"
+        return self._kv
 
     def _free_buffers(self) -> None:
-        for vt in (self._k, self._v):
-            if vt is not None:
-                vt.free()
-        self._k = self._v = None
+        if self._kv is not None:
+            self._kv.free()
+        self._kv = None
         self.keys = self.values = None
         self._views_stale = False
         self._prepared = None  # it described the buffers just freed
@@ -142,21 +139,20 @@ class VirtualKVLayer(CacheLayerMixin):
         by layer]. Once graph steps ran (graph_block set), also up to `stop` rounded up to a
         block, the most a replay reads, within the whole reservation: eager steps between
         replays (prompt lookup, crops) then keep the pages the next replay needs."""
-        k, v = self._buffers()
+        kv = self._buffers()
         limit, reach = self.max_length, stop
         if self.graph_block:
             limit = self.graph_capacity
             reach = min(limit, -(-stop // self.graph_block) * self.graph_block)
-        page = k.tokens_per_page
+        page = kv.tokens_per_page
         keep_from = min(start, self._record_from) if self.record_past else start
         lead = self._lead(page)
         target = max(reach, min(limit, -(-(stop + lead) // page) * page) if lead else stop)
-        same = all(vt.rows == rows and vt.start // page == keep_from // page and vt.stop == k.stop for vt in (k, v))
-        if same and reach <= k.stop and -(-k.stop // page) <= -(-target // page):
-            if k.stop >= min(stop + lead, limit):
+        same = kv.rows == rows and kv.start // page == keep_from // page
+        if same and reach <= kv.stop and -(-kv.stop // page) <= -(-target // page):
+            if kv.stop >= min(stop + lead, limit):
                 return  # the same pages serve: enough lead, nothing to give back
-        for vt in (k, v):
-            vt.commit(rows, target, keep_from)
+        kv.commit(rows, target, keep_from)
 
     def _lead(self, page: int) -> int:
         """Positions mapped beyond the tokens (Note [Pages mapped ahead, staggered by layer])."""
@@ -164,9 +160,9 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def _set_views(self, start: int) -> None:
         rows, stop = self.batch_size, self.length
-        k, v = self._buffers()
-        self.keys = k.tensor[:rows, start:stop].transpose(1, 2)
-        self.values = v.tensor[:rows, start:stop].transpose(1, 2)
+        kv = self._buffers()
+        self.keys = kv.keys[:rows, start:stop].transpose(1, 2)
+        self.values = kv.values[:rows, start:stop].transpose(1, 2)
         self._views_stale = False  # only once both are made (a sleeping buffer raises above)
 
     # The K/V views over the tokens held. A replayed step only moves the length (the graph
@@ -217,9 +213,9 @@ class VirtualKVLayer(CacheLayerMixin):
         start = self._window_start(before)
         self.batch_size = batch
         self._commit(batch, after, start)
-        k, v = self._buffers()
-        k.tensor[:batch, before:after].copy_(key_states.transpose(1, 2))
-        v.tensor[:batch, before:after].copy_(value_states.transpose(1, 2))
+        kv = self._buffers()
+        kv.keys[:batch, before:after].copy_(key_states.transpose(1, 2))
+        kv.values[:batch, before:after].copy_(value_states.transpose(1, 2))
         self.length = after
         self._set_views(start)
         return self.keys, self.values
@@ -228,11 +224,12 @@ class VirtualKVLayer(CacheLayerMixin):
         """Note [Decode steps in a graph]: writes the new token at graph_position by device
         operations alone and returns the whole reservation; the host state is the decoder's."""
         assert self.graph_position is not None
-        k, v = self._buffers()
+        kv = self._buffers()
         batch = key_states.shape[0]
-        k.tensor[:batch].index_copy_(1, self.graph_position, key_states.transpose(1, 2))
-        v.tensor[:batch].index_copy_(1, self.graph_position, value_states.transpose(1, 2))
-        return k.tensor[:batch].transpose(1, 2), v.tensor[:batch].transpose(1, 2)
+        keys, values = kv.keys[:batch], kv.values[:batch]
+        keys.index_copy_(1, self.graph_position, key_states.transpose(1, 2))
+        values.index_copy_(1, self.graph_position, value_states.transpose(1, 2))
+        return keys.transpose(1, 2), values.transpose(1, 2)
 
     def prepare_graph_step(self, batch: int, stop: int, block: int) -> None:
         """Maps what a graph-replayed step writing position ``stop - 1`` reads, before the
@@ -241,13 +238,13 @@ class VirtualKVLayer(CacheLayerMixin):
         2 MiB holds 204.8 positions of 40 heads x 128 in bf16), with the eager path's lead."""
         self.batch_size = batch
         self.graph_block = block
-        k, v = self._buffers()
+        kv = self._buffers()
         prepared = self._prepared
         if prepared is not None and prepared[0] == self._extent(batch, block) and prepared[1] <= stop <= prepared[2]:
             self.fast_prepares += 1
             return  # what the last step mapped serves this one (its extent unchanged since)
         asked = stop
-        if k.row_stride < CHUNK_SIZE:
+        if kv.rows_share_pages:
             # Rows packed into shared pages (a short reservation): a block read past a row's
             # span could reach an unmapped page, so the whole reservation is mapped (< 2 MiB a row).
             stop = self.graph_capacity
@@ -255,21 +252,20 @@ class VirtualKVLayer(CacheLayerMixin):
         # Note [Length block masks]: what is mapped past the tokens reads as zeros, since
         # FlexAttention weighs a masked position's value by a probability of 0 and a recycled
         # chunk may hold NaN bit patterns (0 x NaN is NaN). Nothing past the tokens was written.
-        held = min(self.length, k.stop)
-        for vt in (k, v):
-            if vt.stop > held:
-                vt.tensor[:batch, held:vt.stop].zero_()
+        held = min(self.length, kv.stop)
+        if kv.stop > held:
+            kv.zero(batch, held, kv.stop)
         # The stops _commit would return early for, the mapping as it is now: every later stop
         # whose block end and lead stay within the mapped span (a mapping's extent is its rows,
         # start and stop: any change to it by an eager step, a crop or a reset changes `extent`).
         limit = self.graph_capacity
-        through = limit if k.stop >= limit else min(k.stop // block * block, k.stop - self._lead(k.tokens_per_page))
+        through = limit if kv.stop >= limit else min(kv.stop // block * block, kv.stop - self._lead(kv.tokens_per_page))
         self._prepared = (self._extent(batch, block), asked, through)
 
     def _extent(self, batch: int, block: int) -> tuple[int, ...]:
         """What a graph step's mapping depends on: the step's shape and the buffers' spans."""
-        k, v = self._buffers()
-        return batch, block, k.rows, k.start, k.stop, v.rows, v.start, v.stop
+        kv = self._buffers()
+        return batch, block, kv.rows, kv.start, kv.stop
 
     def finish_graph_step(self, stop: int) -> None:
         """The host's record of a replayed step: the layer holds `stop` positions now."""
@@ -278,8 +274,8 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def graph_buffers(self) -> tuple[int, int]:
         """The addresses a recorded graph wrote to (it must be recorded again when they change)."""
-        k, v = self._buffers()
-        return k.tensor.data_ptr(), v.tensor.data_ptr()
+        kv = self._buffers()
+        return kv.keys.data_ptr(), kv.values.data_ptr()
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         start = self._window_start(self.length)
@@ -297,11 +293,10 @@ class VirtualKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Forgets the tokens and gives their pages back; the reservations stay (warm)."""
         self.eager_epoch += 1
-        if self._k is not None and not self._k.freed:
-            for vt in self._buffers():
-                vt.commit(0, 0)
+        if self._kv is not None and not self._kv.freed:
+            self._kv.commit(0, 0)
         self.length = self.batch_size = 0
-        if self._k is not None and not self._k.freed:
+        if self._kv is not None and not self._kv.freed:
             self._set_views(0)
         self.record_past = False
         self._record_from = 0
@@ -315,10 +310,8 @@ class VirtualKVLayer(CacheLayerMixin):
         if self.length == 0:
             return
         start = self._window_start(self.length)
-        index = beam_idx.to(self.device)
-        for vt in self._buffers():
-            view = vt.tensor[:self.batch_size, start:self.length]
-            view.copy_(view.index_select(0, index))
+        kv = self._buffers()
+        kv.put_rows(kv.gather_rows(self.batch_size, start, self.length, beam_idx.to(self.device)), start, self.length)
 
     def crop(self, tokens_to_remove: Any) -> None:
         self.eager_epoch += 1
@@ -329,7 +322,7 @@ class VirtualKVLayer(CacheLayerMixin):
             return
         length = self.length - removed
         start = self._window_start(length)
-        if start < self._buffers()[0].start:
+        if start < self._buffers().start:
             raise RuntimeError(
                 f"cannot crop {removed} tokens of a sliding-window layer: positions from {start} were already "
                 "given back; generate() records the past (activate_past_recording) before it crops")
@@ -355,18 +348,15 @@ class VirtualKVLayer(CacheLayerMixin):
     def _gather_rows(self, index: torch.Tensor) -> None:
         """Row r of the result is row index[r] now (beam expansion, batch selection)."""
         rows, start = len(index), self._window_start(self.length)
-        k, v = self._buffers()
-        saved = [vt.tensor[:self.batch_size, start:self.length].index_select(0, index) for vt in (k, v)]
-        if rows > k.shape[0]:  # more rows than reserved: new buffers, one copy
-            self._k = VirtualTensor((rows,) + k.shape[1:], k.dtype, k.device)
-            self._v = VirtualTensor((rows,) + v.shape[1:], v.dtype, v.device)
-            k.free()
-            v.free()
+        kv = self._buffers()
+        saved = kv.gather_rows(self.batch_size, start, self.length, index)
+        if rows > kv.key_shape[0]:  # more rows than reserved: new buffers, one copy
+            self._kv = kv.with_rows(rows)
+            kv.free()
             self._prepared = None
         self.batch_size = rows
         self._commit(rows, self.length, start)
-        for vt, data in zip(self._buffers(), saved):
-            vt.tensor[:rows, start:self.length].copy_(data)
+        self._buffers().put_rows(saved, start, self.length)
         self._set_views(start)
 
     def offload(self) -> None:
@@ -377,15 +367,15 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def virtual_tensors(self) -> list[VirtualTensor]:
         """The layer's live buffers (what vmmalloc.sleep_mode puts to sleep)."""
-        return [vt for vt in (self._k, self._v) if vt is not None and not vt.freed]
+        return [] if self._kv is None or self._kv.freed else list(self._kv.tensors)
 
     @property
     def committed_bytes(self) -> int:
-        return sum(vt.committed_bytes for vt in (self._k, self._v) if vt is not None and not vt.freed)
+        return 0 if self._kv is None else self._kv.committed_bytes
 
     @property
     def reserved_bytes(self) -> int:
-        return sum(vt.reserved_bytes for vt in (self._k, self._v) if vt is not None and not vt.freed)
+        return 0 if self._kv is None else self._kv.reserved_bytes
 
 
 class VirtualLayersCache(Cache):

@@ -27,8 +27,9 @@ position, so there the buffers must be mapped in full.
 Note [Row spans for FlashAttention]
 Where the K/V are fp16 or bf16, the graph decoder reads them with FlashAttention-2's varlen
 entry instead (bench/NOTES.md, "KV decode in CUDA graphs", says why: measured). A reservation
-``[rows, capacity, heads, dim]`` is already that entry's packed layout, read as one sequence
-per row: row b's keys start at ``b * capacity + start[b]`` (``cu_seqlens_k``) and it uses
+``[rows, capacity, heads, dim]`` is already that entry's packed layout (a position's stride
+may exceed heads x dim: Note [Keys and values share pages]), read as one sequence per row:
+row b's keys start at ``b * capacity + start[b]`` (``cu_seqlens_k``) and it uses
 ``length[b] - start[b]`` of them (``seqused_k``), both device tensors RowSpans rewrites in
 place, so one graph serves every step. The kernel never loads a key past a row's span (its
 last block's loads are predicated on the length), so only the tokens held need be mapped. A
@@ -171,16 +172,24 @@ def is_left_padding_only(mask: torch.Tensor) -> bool:
     return bool(torch.equal(mask.to(torch.bool), positions.unsqueeze(0) >= left_padding(mask).unsqueeze(1)))
 
 
+def _rows_flatten(t: torch.Tensor) -> bool:
+    """Whether ``t [batch, capacity, heads, dim]`` reads as ``[batch * capacity, heads, dim]``
+    with each head's dim contiguous, as FlashAttention's varlen entry takes it (positions may
+    be further apart than heads x dim: Note [Keys and values share pages])."""
+    return t.stride(-1) == 1 and t.stride(2) >= t.shape[3] and t.stride(0) == t.shape[1] * t.stride(1)
+
+
 def attend_row_spans(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, spans: RowSpans,
                      scale: float | None = None) -> torch.Tensor:
     """Decode attention of ``query [B, Hq, 1, D]`` over reservations ``keys``/``values
-    [B, capacity, Hkv, D]`` (contiguous, the cache's layout) within `spans`; returns
+    [B, capacity, Hkv, D]`` (the cache's layout, _rows_flatten) within `spans`; returns
     ``[B, 1, Hq, D]``, the layout transformers' attention functions return. On a GPU it is
     FlashAttention-2's varlen kernel; elsewhere a reference that reads each span alone."""
     batch, q_heads, _, dim = query.shape
     capacity, kv_heads = keys.shape[1], keys.shape[2]
-    if not (keys.is_contiguous() and values.is_contiguous()):
-        raise ValueError("attend_row_spans: keys and values must be contiguous [batch, capacity, heads, dim]")
+    if not (_rows_flatten(keys) and _rows_flatten(values)):
+        raise ValueError("attend_row_spans: keys and values must be [batch, capacity, heads, dim] with rows "
+                         "capacity positions apart and each head's dim contiguous (the cache's layout)")
     if q_heads % kv_heads:
         raise ValueError(f"attend_row_spans: {q_heads} query heads do not group over {kv_heads} KV heads")
     rows_q = query.transpose(1, 2).reshape(batch, q_heads, dim)

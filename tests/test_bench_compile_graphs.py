@@ -52,3 +52,24 @@ def test_the_pool_semantics_floor_adds_the_two_peaks_from_the_cores_stats():
     assert floor["pool_semantics_floor"] == 100 / 60
     alloc.deallocate(eager)
     alloc.release_pool((1, 7))
+
+
+def test_rounds_are_summarised_per_system_with_the_floor_where_it_was_measured(monkeypatch):
+    """run()'s medians over rounds, from made-up worker results (the GPU is not needed for the
+    arithmetic): the floor only vmmalloc can report is kept for vmmalloc alone."""
+    import bench.compile_graphs as cg
+
+    def fake_worker(module, system, args, timeout):
+        step = {"native": 0.030, "expandable_segments": 0.031, "vmmalloc": 0.0305}[system]
+        out = {"step_s": step, "peak_reserved": 120, "peak_allocated": 100, "pool_bytes": 10,
+               "reserved_over_allocated": 1.2}
+        if system == "vmmalloc":
+            out["pool_semantics_floor"] = 1.1
+        return out
+
+    monkeypatch.setattr(cg, "run_worker", fake_worker)
+    result = cg.run("cuda", quick=True, names=("train",), rounds=2)
+    systems = result["workloads"]["train"]["systems"]
+    assert systems["vmmalloc"]["pool_semantics_floor"] == 1.1
+    assert "pool_semantics_floor" not in systems["native"]
+    assert result["workloads"]["train"]["ratios"]["vmmalloc_speed_vs_native"] == 0.030 / 0.0305

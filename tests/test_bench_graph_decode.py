@@ -14,10 +14,11 @@ def test_match_rate_counts_equal_tokens_position_by_position():
 
 
 def test_the_page_floor_counts_each_rows_last_page_whole():
-    config = llama3_8b_config(32768)  # 8 KV heads of 128 in bf16: 1024 positions a 2 MiB page
+    config = llama3_8b_config(32768)  # 8 KV heads of 128 in bf16: 512 positions of K and V a 2 MiB page
     assert kv_page_floor(config, [2048, 2048]) == 1.0
-    assert kv_page_floor(config, [16447]) == pytest.approx(17 * 1024 / 16447)  # 64 tokens into page 17
-    assert kv_page_floor(config, [1, 1023]) == pytest.approx(2048 / 1024)
+    assert kv_page_floor(config, [16447]) == pytest.approx(33 * 512 / 16447)  # 63 tokens into page 33
+    assert kv_page_floor(config, [16447], shared=False) == pytest.approx(17 * 1024 / 16447)
+    assert kv_page_floor(config, [1, 511]) == pytest.approx(1024 / 512)
 
 
 def test_targets_are_checked_as_written():

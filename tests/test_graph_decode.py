@@ -100,7 +100,7 @@ def test_positions_mapped_past_the_tokens_are_zeros_for_the_graphs_attention(dev
 
     def commit_over_old_contents(self, rows, stop, start):
         commit(self, rows, stop, start)
-        for vt in self._buffers():
+        for vt in self._buffers().tensors:
             vt.tensor[:rows, self.length:vt.stop].fill_(float("nan"))
 
     model = tiny_model("llama", device, max_positions=4096)
@@ -485,16 +485,17 @@ def test_steps_of_several_tokens_and_crops_run_eagerly_and_agree(device):
 
 @pytest.mark.parametrize("lookahead", [True, False])
 def test_every_block_a_replay_reads_is_mapped_when_pages_hold_no_whole_number_of_blocks(lookahead):
-    """40 heads x 128 in bf16: a 2 MiB page holds 204.8 positions, so page ends fall inside
-    attention blocks; the mapped span must still reach the end of the last block read."""
+    """40 heads x 128 in bf16: a 2 MiB page holds 102.4 positions of K and V (Note [Keys and
+    values share pages]), so page ends fall inside attention blocks; the mapped span must
+    still reach the end of the last block read."""
     from vmmalloc.integrations.graph_decode import BLOCK
     from vmmalloc.integrations.kv_cache import VirtualKVLayer
 
     layer = VirtualKVLayer(4096, layer_index=0, num_layers=2, lookahead=lookahead)
     keys = torch.zeros(2, 40, 100, 128, dtype=torch.bfloat16)
     layer.update(keys, keys)
-    k, _ = layer._buffers()
-    assert k.tokens_per_page == 204
+    k = layer._buffers()
+    assert k.tokens_per_page == 102
     remaps = 0
     for i in range(1400):
         stop = layer.length + 1
@@ -538,8 +539,8 @@ def test_preparing_a_step_maps_what_the_full_commit_would_also_when_it_skips_it(
                 stop = layer.length + 1
                 layer.prepare_graph_step(2, stop, BLOCK)
                 layer.finish_graph_step(stop)
-        extent = [(vt.rows, vt.start, vt.stop) for vt in (*fast._buffers(), *full._buffers())]
-        assert extent[:2] == extent[2:], f"step {i}: {extent}"
+        extent = [(kv.rows, kv.start, kv.stop) for kv in (fast._buffers(), full._buffers())]
+        assert extent[0] == extent[1], f"step {i}: {extent}"
         assert fast.keys.shape[-2] == fast.length == full.values.shape[-2], "the views follow the steps"
     assert fast.fast_prepares > 500 and full.fast_prepares == 0, (fast.fast_prepares, full.fast_prepares)
     for layer in (fast, full):
@@ -560,7 +561,7 @@ def test_rows_packed_into_shared_pages_also_take_the_fast_path():
         stop = layer.length + 1
         layer.prepare_graph_step(2, stop, BLOCK)
         layer.finish_graph_step(stop)
-    assert layer._buffers()[0].stop == layer.graph_capacity
+    assert layer._buffers().stop == layer.graph_capacity
     assert layer.fast_prepares == 99
     layer.free()
 

@@ -206,7 +206,8 @@ def reference_cat(chunks):
 
 @pytest.mark.parametrize("lookahead", [False, True])
 def test_committed_memory_follows_the_tokens(device, lookahead):
-    # 8 heads x 64 x fp32 = 2 KiB a position: 1024 positions a page; rows are padded to pages.
+    # 8 heads x 64 x fp32, K and V side by side (Note [Keys and values share pages]): 4 KiB a
+    # position, 512 positions a page; rows are padded to pages.
     layer = VirtualKVLayer(max_length=8192, layer_index=1, num_layers=4, lookahead=lookahead)
     g = torch.Generator().manual_seed(0)
     keys = []
@@ -216,8 +217,8 @@ def test_committed_memory_follows_the_tokens(device, lookahead):
         keys.append(k)
         held = sum(x.shape[-2] for x in keys)
         assert torch.equal(out_k, reference_cat(keys)) and torch.equal(out_v, reference_cat(keys) * 2)
-        pages = -(-held // 1024)
-        per_row = layer.committed_bytes // (2 * 2 * CHUNK)  # two rows, K and V
+        pages = -(-held // 512)
+        per_row = layer.committed_bytes // (2 * CHUNK)  # two rows, each one run of K and V pages
         if lookahead:
             assert pages <= per_row <= pages + 2, (step, held, per_row)
         else:
@@ -225,7 +226,7 @@ def test_committed_memory_follows_the_tokens(device, lookahead):
     layer.crop(-2000)
     assert layer.get_seq_length() == held - 2000
     assert torch.equal(layer.keys, reference_cat(keys)[..., : held - 2000, :])
-    assert layer.committed_bytes // (2 * 2 * CHUNK) <= -(-(held - 2000) // 1024) + (2 if lookahead else 0)
+    assert layer.committed_bytes // (2 * CHUNK) <= -(-(held - 2000) // 512) + (2 if lookahead else 0)
     layer.free()
     assert layer.committed_bytes == 0
 
@@ -243,8 +244,8 @@ def test_sliding_window_layer_gives_back_pages_behind_the_window(device):
         full = reference_cat(keys)
         assert kv_offset == max(before - 1500 + 1, 0) and kv_length == before + new - kv_offset
         assert torch.equal(out_k, full[..., kv_offset:, :])
-        first_page, last_page = kv_offset // 1024, (before + new - 1) // 1024
-        assert layer.committed_bytes == 2 * (last_page - first_page + 1) * CHUNK
+        first_page, last_page = kv_offset // 512, (before + new - 1) // 512  # K and V: 512 positions a page
+        assert layer.committed_bytes == (last_page - first_page + 1) * CHUNK
 
 
 def test_batch_select_and_repeat_match_dynamic_layer(device):

@@ -1,0 +1,123 @@
+"""The K/V reservation of one cache layer (VirtualKVLayer's buffers).
+
+Note [Keys and values share pages]
+A page is the 2 MiB granule of CUDA virtual memory, and each run of pages a row grows ends in
+a partly empty page. With K and V in reservations of their own, a row of a layer grows two
+runs: on the Llama-3-8B shape (8 KV heads of 128, bf16) a page holds 1024 positions of one
+row's K, so 64 tokens into a page leave 960 positions mapped for nothing, twice: KV mapped is
+1.058x the KV held at 16K tokens whatever the lead. Laid out ``[rows, capacity, 2, heads,
+dim]``, a position's K and V are adjacent, a page holds 512 positions of both, and a row grows
+one run: the empty tail is half as long (1.027x there). The K and V views keep their shapes
+``[rows, capacity, heads, dim]`` with a position stride of 2 x heads x dim, and the last
+dimension contiguous: SDPA, FlexAttention and FlashAttention's varlen entry (Note [Row spans
+for FlashAttention]) read them as they are. Layers whose K and V differ in heads or head size
+keep two reservations.
+"""
+from __future__ import annotations
+
+import torch
+
+from vmmalloc.virtual_tensor import CHUNK_SIZE, VirtualTensor
+
+
+class KVBuffers:
+    """One layer's K and V: ``keys [rows, capacity, *key_inner]`` and ``values [rows,
+    capacity, *value_inner]`` over one virtual tensor (Note [Keys and values share pages]),
+    or two where their inner shapes differ. Every commit goes to all of its tensors alike."""
+
+    def __init__(self, rows: int, capacity: int, key_inner: tuple[int, ...], value_inner: tuple[int, ...],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.dtype, self.device = dtype, device
+        self.key_shape = (rows, capacity, *key_inner)
+        self.value_shape = (rows, capacity, *value_inner)
+        if tuple(key_inner) == tuple(value_inner):
+            joint = VirtualTensor((rows, capacity, 2, *key_inner), dtype, device)
+            self.tensors: tuple[VirtualTensor, ...] = (joint,)
+            self._keys: torch.Tensor | None = joint.tensor[:, :, 0]
+            self._values: torch.Tensor | None = joint.tensor[:, :, 1]
+        else:
+            k = VirtualTensor(self.key_shape, dtype, device)
+            v = VirtualTensor(self.value_shape, dtype, device)
+            self.tensors = (k, v)
+            self._keys, self._values = k.tensor, v.tensor
+
+    def with_rows(self, rows: int) -> KVBuffers:
+        """New, empty buffers like these for `rows` rows."""
+        return KVBuffers(rows, self.key_shape[1], self.key_shape[2:], self.value_shape[2:], self.dtype, self.device)
+
+    def _check(self) -> None:
+        for vt in self.tensors:
+            vt.tensor  # noqa: B018  (raises, naming why, once freed or asleep)
+
+    @property
+    def keys(self) -> torch.Tensor:
+        """The whole reservation's keys, ``[rows, capacity, heads, dim]``."""
+        self._check()
+        assert self._keys is not None
+        return self._keys
+
+    @property
+    def values(self) -> torch.Tensor:
+        """The whole reservation's values, ``[rows, capacity, heads, dim]``."""
+        self._check()
+        assert self._values is not None
+        return self._values
+
+    # The span committed (all tensors alike: every commit goes to each).
+    @property
+    def rows(self) -> int:
+        return self.tensors[0].rows
+
+    @property
+    def start(self) -> int:
+        return self.tensors[0].start
+
+    @property
+    def stop(self) -> int:
+        return self.tensors[0].stop
+
+    @property
+    def tokens_per_page(self) -> int:
+        """Positions of one row a page holds (the fewest over the tensors)."""
+        return min(vt.tokens_per_page for vt in self.tensors)
+
+    @property
+    def rows_share_pages(self) -> bool:
+        """Whether short rows are packed into shared pages (a reservation under a page a row)."""
+        return any(vt.row_stride < CHUNK_SIZE for vt in self.tensors)
+
+    def commit(self, rows: int, stop: int, start: int = 0) -> None:
+        """Backs positions ``[start, stop)`` of the first `rows` rows (VirtualTensor.commit)."""
+        for vt in self.tensors:
+            vt.commit(rows, stop, start)
+
+    def zero(self, rows: int, start: int, stop: int) -> None:
+        """Zeros positions ``[start, stop)`` of the first `rows` rows, K and V."""
+        for vt in self.tensors:
+            vt.tensor[:rows, start:stop].zero_()
+
+    def gather_rows(self, rows: int, start: int, stop: int, index: torch.Tensor) -> list[torch.Tensor]:
+        """Copies of positions ``[start, stop)`` of rows `index`, one per tensor (put_rows
+        writes them back)."""
+        return [vt.tensor[:rows, start:stop].index_select(0, index) for vt in self.tensors]
+
+    def put_rows(self, saved: list[torch.Tensor], start: int, stop: int) -> None:
+        for vt, data in zip(self.tensors, saved):
+            vt.tensor[:data.shape[0], start:stop].copy_(data)
+
+    @property
+    def freed(self) -> bool:
+        return self.tensors[0].freed
+
+    def free(self) -> None:
+        for vt in self.tensors:
+            vt.free()
+        self._keys = self._values = None
+
+    @property
+    def committed_bytes(self) -> int:
+        return sum(vt.committed_bytes for vt in self.tensors if not vt.freed)
+
+    @property
+    def reserved_bytes(self) -> int:
+        return sum(vt.reserved_bytes for vt in self.tensors if not vt.freed)
