@@ -32,7 +32,14 @@ from typing import Any
 import torch
 
 from vmmalloc.integrations.hf_compat import given_cache, layer_windows
-from vmmalloc.integrations.length_attention import LengthMask, RowSpans, attend_row_spans, is_left_padding_only, left_padding
+from vmmalloc.integrations.length_attention import (
+    LengthMask,
+    RowSpans,
+    attend_row_spans,
+    is_left_padding_only,
+    left_padding,
+    row_positions,
+)
 
 NAME = "vmm_graph"  # the attention implementation a recorded step runs under
 # What a decode step may pass besides these makes the decoder run it eagerly.
@@ -246,7 +253,8 @@ class _Recorded:
     It keeps the output's other fields but not the cache: the cache holds its decoder, which
     holds this, and a reference back would make a cycle that only the garbage collector ends."""
 
-    def __init__(self, key: tuple, batch: int, capacity: int, device: torch.device) -> None:
+    def __init__(self, key: tuple, batch: int, capacity: int, device: torch.device,
+                 row_positions: int | None = None) -> None:
         self.key = key
         self.batch = batch
         self.kernel = key[-1]  # "flash" (RowSpans) or "flex" (LengthMask)
@@ -259,7 +267,7 @@ class _Recorded:
         self.spans: RowSpans | None = None
         self.starts: torch.Tensor | None = None  # left padding per row (flash)
         if self.kernel == "flash":
-            self.spans = RowSpans(batch, capacity, device, max_length=self.key_length)
+            self.spans = RowSpans(batch, capacity, device, max_length=self.key_length, row_positions=row_positions)
             self.starts = torch.zeros(batch, dtype=torch.int32, device=device)
         else:
             self.mask, self.key_mask = _shared_mask(batch, capacity, BLOCK, device)
@@ -413,7 +421,10 @@ class GraphDecoder:
         keys = first._buffers().keys
         if flash_reads(keys) is not None and not (self.attention == "flash" and keys.device.type != "cuda"):
             return "flex"
-        if not RowSpans.fit(batch, first.graph_capacity):
+        rows_apart = row_positions(keys)
+        if rows_apart is None:
+            return "flex"  # the buffers do not read as one run of positions
+        if not RowSpans.fit(batch, rows_apart):
             return "flex"  # the row offsets would overflow the kernel's int32 sequence starts
         if mask is None:
             return "flash"
@@ -466,7 +477,8 @@ class GraphDecoder:
         while len(self._recorded) >= _KEPT_GRAPHS:
             del self._recorded[next(iter(self._recorded))]  # the least recently used
         first = self.cache.layers[0]
-        self._recorded[key] = r = _Recorded(key, batch, first.graph_capacity, first._buffers().device)
+        kv = first._buffers()
+        self._recorded[key] = r = _Recorded(key, batch, first.graph_capacity, kv.device, row_positions(kv.keys))
         return r
 
     def _step(self, model: Any, recorded: _Recorded, cache_key: str) -> Any:

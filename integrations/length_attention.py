@@ -125,24 +125,30 @@ class RowSpans:
 
     Args:
         batch: rows attended over.
-        capacity: key positions reserved per row (the stride between rows).
+        capacity: key positions reserved per row.
         device: where the attention runs.
         max_length: the most positions a row's span may reach (default: `capacity`); the
             kernel sizes its key splits by it (Note [Key splits sized by a bucket] in
             integrations/graph_decode.py), so a span past it would go unread.
+        row_positions: positions from one row's start to the next's (default: `capacity`;
+            more where rows are padded to whole pages: row_positions()).
     """
 
-    def __init__(self, batch: int, capacity: int, device: torch.device, max_length: int | None = None) -> None:
+    def __init__(self, batch: int, capacity: int, device: torch.device, max_length: int | None = None,
+                 row_positions: int | None = None) -> None:
         self.batch, self.capacity = batch, capacity
         self.max_length = capacity if max_length is None else max_length
+        self.row_positions = capacity if row_positions is None else row_positions
         if not 0 < self.max_length <= capacity:
             raise ValueError(f"RowSpans: max_length {self.max_length} must be in (0, capacity {capacity}]")
-        if not RowSpans.fit(batch, capacity):
-            raise ValueError(f"RowSpans: {batch} rows of {capacity} positions overflow FlashAttention's int32 "
-                             "sequence starts; attend through a LengthMask instead")
+        if self.row_positions < capacity:
+            raise ValueError(f"RowSpans: rows {self.row_positions} positions apart cannot hold {capacity} each")
+        if not RowSpans.fit(batch, self.row_positions):
+            raise ValueError(f"RowSpans: {batch} rows of {self.row_positions} positions overflow FlashAttention's "
+                             "int32 sequence starts; attend through a LengthMask instead")
         rows = torch.arange(batch + 1, dtype=torch.int32, device=device)
         self.query_starts = rows.clone()  # one query position per row
-        self._row_starts = rows * capacity
+        self._row_starts = rows * self.row_positions
         self.key_starts = self._row_starts.clone()  # [batch + 1]; the last entry only closes the list
         self.used = torch.ones(batch, dtype=torch.int32, device=device)
 
@@ -172,28 +178,40 @@ def is_left_padding_only(mask: torch.Tensor) -> bool:
     return bool(torch.equal(mask.to(torch.bool), positions.unsqueeze(0) >= left_padding(mask).unsqueeze(1)))
 
 
-def _rows_flatten(t: torch.Tensor) -> bool:
-    """Whether ``t [batch, capacity, heads, dim]`` reads as ``[batch * capacity, heads, dim]``
-    with each head's dim contiguous, as FlashAttention's varlen entry takes it (positions may
-    be further apart than heads x dim: Note [Keys and values share pages])."""
-    return t.stride(-1) == 1 and t.stride(2) >= t.shape[3] and t.stride(0) == t.shape[1] * t.stride(1)
+def row_positions(t: torch.Tensor) -> int | None:
+    """Positions from one row's start to the next's in ``t [batch, capacity, heads, dim]``, where
+    t reads as FlashAttention's varlen entry takes its keys: one run of positions with each
+    head's dim contiguous (a position may be further apart than heads x dim: Note [Keys and
+    values share pages]; rows may be padded to whole pages). None where it cannot."""
+    if t.stride(-1) != 1 or t.stride(2) < t.shape[3] or t.stride(0) % t.stride(1):
+        return None
+    return t.stride(0) // t.stride(1)
+
+
+def _positions(t: torch.Tensor, spans: RowSpans) -> torch.Tensor:
+    """``t [batch, capacity, heads, dim]`` as the run of positions ``[(batch - 1) x
+    row_positions + capacity, heads, dim]`` that spans index into."""
+    batch, capacity, heads, dim = t.shape
+    apart = row_positions(t)
+    if apart != spans.row_positions and not (batch == 1 and apart is not None):
+        raise ValueError(f"attend_row_spans: buffers of shape {tuple(t.shape)} and strides {t.stride()} are not "
+                         f"the cache's layout [batch, capacity, heads, dim] with each head's dim contiguous and "
+                         f"rows {spans.row_positions} positions apart, as the spans were made for")
+    return t.as_strided(((batch - 1) * spans.row_positions + capacity, heads, dim), (t.stride(1), t.stride(2), 1))
 
 
 def attend_row_spans(query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, spans: RowSpans,
                      scale: float | None = None) -> torch.Tensor:
     """Decode attention of ``query [B, Hq, 1, D]`` over reservations ``keys``/``values
-    [B, capacity, Hkv, D]`` (the cache's layout, _rows_flatten) within `spans`; returns
+    [B, capacity, Hkv, D]`` (the cache's layout: row_positions) within `spans`; returns
     ``[B, 1, Hq, D]``, the layout transformers' attention functions return. On a GPU it is
     FlashAttention-2's varlen kernel; elsewhere a reference that reads each span alone."""
     batch, q_heads, _, dim = query.shape
-    capacity, kv_heads = keys.shape[1], keys.shape[2]
-    if not (_rows_flatten(keys) and _rows_flatten(values)):
-        raise ValueError("attend_row_spans: keys and values must be [batch, capacity, heads, dim] with rows "
-                         "capacity positions apart and each head's dim contiguous (the cache's layout)")
+    kv_heads = keys.shape[2]
     if q_heads % kv_heads:
         raise ValueError(f"attend_row_spans: {q_heads} query heads do not group over {kv_heads} KV heads")
     rows_q = query.transpose(1, 2).reshape(batch, q_heads, dim)
-    rows_k, rows_v = keys.view(batch * capacity, kv_heads, dim), values.view(batch * capacity, kv_heads, dim)
+    rows_k, rows_v = _positions(keys, spans), _positions(values, spans)
     if query.device.type == "cuda":
         out = torch.ops.aten._flash_attention_forward(
             rows_q, rows_k, rows_v, spans.query_starts, spans.key_starts, 1, spans.max_length, 0.0, False, False,

@@ -116,6 +116,30 @@ def test_positions_mapped_past_the_tokens_are_zeros_for_the_graphs_attention(dev
     assert torch.equal(out[0], eager[0])
 
 
+def test_flash_reads_rows_padded_to_whole_pages(device):
+    """A reservation whose rows are over a page and not a whole number of pages (18048 positions
+    of 256 B in fp32, 4.4 MiB, padded to 6 MiB; of 128 B in bf16, padded to 4 MiB) still reads
+    as one run of positions, rows a whole number of pages apart (length_attention.row_positions):
+    flash serves, with eager decode's tokens."""
+    from vmmalloc.integrations.length_attention import row_positions
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tiny_model("llama", device, dtype=dtype, max_positions=16384)
+    ids, mask = prompt(2, 12, device)
+    eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=18000), 8)
+    cache = VirtualKVCache(model.config, max_length=18000)
+    decoder = GraphDecoder.of(model, cache, capture=device == "cuda", attention="flash")
+    out = decode(model, ids, mask, cache, 8, decoder)
+    keys = cache.layers[0]._buffers().keys
+    position = 2 * 2 * 16 * keys.element_size()  # K and V of 2 heads of 16
+    assert keys.shape[1] == 18048 and row_positions(keys) == (6 << 20 if dtype == torch.float32 else 4 << 20) // position
+    assert decoder.kernels == {"flash": 7, "flex": 0}, decoder.kernels
+    if device == "cpu":
+        assert torch.equal(out[0], eager[0])
+    else:
+        assert_decodes_alike(out, eager, ids.shape[1])
+
+
 def test_a_new_decode_checks_its_mask_again_even_at_the_length_the_last_one_ended():
     """The padding verdict belongs to one decode: a second generate() on the same decoder whose
     prompt is exactly as long as the first decode ended, with a hole in its mask, must not

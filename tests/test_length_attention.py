@@ -108,9 +108,13 @@ def test_left_padding_is_found_and_holes_are_told_apart():
 
 def test_row_spans_refuse_a_layout_they_cannot_read():
     spans = RowSpans(1, 128, torch.device("cpu"))
-    keys = torch.randn(1, 2, 128, 8).transpose(1, 2)  # [1, 128, 2, 8] but not contiguous
-    with pytest.raises(ValueError, match="contiguous"):
+    keys = torch.randn(1, 128, 8, 2).transpose(2, 3)  # [1, 128, 2, 8], a head's dim not contiguous
+    with pytest.raises(ValueError, match="not the cache's layout"):
         attend_row_spans(torch.randn(1, 4, 1, 8), keys, keys, spans)
+    two_rows = RowSpans(2, 128, torch.device("cpu"))
+    apart = torch.randn(2, 256, 2, 8)[:, :128]  # rows 256 positions apart, spans made for 128
+    with pytest.raises(ValueError, match="rows 128 positions apart"):
+        attend_row_spans(torch.randn(2, 4, 1, 8), apart, apart, two_rows)
     good = torch.randn(1, 128, 2, 8)
     with pytest.raises(ValueError, match="do not group"):
         attend_row_spans(torch.randn(1, 3, 1, 8), good, good, spans)
