@@ -411,15 +411,15 @@ def test_long_context_generate_matches_dynamic_cache_on_gpu(kind):
     ids, mask = prompt(2, 16384, "cuda")
     ref, out, cache = generate_both(model, ids, mask, max_new_tokens=12, do_sample=False)
     assert torch.equal(ref, out)
-    # K and V of 2 rows x 16K positions x (2 or 1) heads x 16 dims x fp32, in whole pages
-    # plus at most two pages of lead per row and buffer.
+    # K and V side by side (Note [Keys and values share pages]) of 2 rows x 16K positions x
+    # (2 or 1) heads x 16 dims x fp32, in whole pages plus at most two pages of lead per row.
     heads = model.config.num_key_value_heads
-    item = heads * 16 * 4
+    item = 2 * heads * 16 * 4
     layers = model.config.num_hidden_layers
     held = ids.shape[1] + 11
     window = getattr(model.config, "sliding_window", None)
     pages = -(-(min(held, window or held) * item) // CHUNK) + 1
-    assert cache.committed_bytes <= layers * 2 * 2 * (pages + 2) * CHUNK
+    assert cache.committed_bytes <= layers * 2 * (pages + 2) * CHUNK
 
 
 @pytest.mark.gpu
@@ -459,7 +459,7 @@ def test_a_cache_the_patch_made_gives_its_memory_back_when_generate_returns(devi
     gc.disable()  # a reference cycle would keep the memory until a collection: none here
     try:
         before = kv_stats(device)["allocated_bytes.all.current"]
-        ranges_kept = 2 * 3 if (cache, device) == ("vmm", "cuda") else 0  # K and V of 3 layers
+        ranges_kept = 3 if (cache, device) == ("vmm", "cuda") else 0  # one K/V reservation a layer
         with patched_generate(cache, **options):
             for length in (8, 40, 16):
                 ids, mask = prompt(2, length, device)
