@@ -235,7 +235,7 @@ class VirtualKVLayer(CacheLayerMixin):
         """Maps what a graph-replayed step writing position ``stop - 1`` reads, before the
         replay: its attention visits whole blocks of `block` positions, so the span mapped
         reaches ``stop`` rounded up to a block (pages need not hold a whole number of blocks:
-        2 MiB holds 204.8 positions of 40 heads x 128 in bf16), with the eager path's lead."""
+        2 MiB holds 102.4 positions of K and V of 40 heads x 128 in bf16), with the eager path's lead."""
         self.batch_size = batch
         self.graph_block = block
         kv = self._buffers()

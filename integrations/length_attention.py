@@ -29,7 +29,8 @@ Where the K/V are fp16 or bf16, the graph decoder reads them with FlashAttention
 entry instead (bench/NOTES.md, "KV decode in CUDA graphs", says why: measured). A reservation
 ``[rows, capacity, heads, dim]`` is already that entry's packed layout (a position's stride
 may exceed heads x dim: Note [Keys and values share pages]), read as one sequence per row:
-row b's keys start at ``b * capacity + start[b]`` (``cu_seqlens_k``) and it uses
+row b's keys start at ``b * row_positions + start[b]`` (``cu_seqlens_k``; row_positions is the
+capacity, or more where rows are padded to whole pages) and it uses
 ``length[b] - start[b]`` of them (``seqused_k``), both device tensors RowSpans rewrites in
 place, so one graph serves every step. The kernel never loads a key past a row's span (its
 last block's loads are predicated on the length), so only the tokens held need be mapped. A
@@ -183,7 +184,7 @@ def row_positions(t: torch.Tensor) -> int | None:
     t reads as FlashAttention's varlen entry takes its keys: one run of positions with each
     head's dim contiguous (a position may be further apart than heads x dim: Note [Keys and
     values share pages]; rows may be padded to whole pages). None where it cannot."""
-    if t.stride(-1) != 1 or t.stride(2) < t.shape[3] or t.stride(0) % t.stride(1):
+    if t.stride(-1) != 1 or t.stride(1) <= 0 or t.stride(2) < t.shape[3] or t.stride(0) % t.stride(1):
         return None
     return t.stride(0) // t.stride(1)
 

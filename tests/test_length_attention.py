@@ -111,6 +111,10 @@ def test_row_spans_refuse_a_layout_they_cannot_read():
     keys = torch.randn(1, 128, 8, 2).transpose(2, 3)  # [1, 128, 2, 8], a head's dim not contiguous
     with pytest.raises(ValueError, match="not the cache's layout"):
         attend_row_spans(torch.randn(1, 4, 1, 8), keys, keys, spans)
+    from vmmalloc.integrations.length_attention import row_positions
+
+    assert row_positions(torch.zeros(1, 1, 2, 8).expand(2, 128, 2, 8)) is None, "no run of positions"
+    assert row_positions(torch.zeros(2, 128, 2, 2, 8)[:, :, 0]) == 128, "K beside V: positions 32 apart"
     two_rows = RowSpans(2, 128, torch.device("cpu"))
     apart = torch.randn(2, 256, 2, 8)[:, :128]  # rows 256 positions apart, spans made for 128
     with pytest.raises(ValueError, match="rows 128 positions apart"):
