@@ -1,19 +1,22 @@
 #!/usr/bin/env bash
 # What was built or changed without a GPU run to prove it, in one device call (under 10
-# minutes on an H200): the graph decoder's key buckets (Note [Key splits sized by a bucket]),
-# its kept recorded steps, the prepare_graph_step fast path, flash for head groups FlexAttention
-# cannot take, the refused attention arguments; the KV and offload cache tests on cuda; the
-# A/B that checks the buckets (flash told 20K against told the whole 32K reservation); and
-# compute-sanitizer memcheck over the offload cache tests (issue 26: the set memcheck has not
-# reached). Logs under $OUT (or ./gpu-logs), tarred.
+# minutes on an H200): flash over rows padded to whole pages (RowSpans' row_positions), the
+# graph and KV tests on cuda at the final layout (K and V share pages: the layout itself ran on
+# the GPU at 33873f8, the row_positions change after it did not); the A/B of the key buckets
+# (flash told 20K against told the whole 32K reservation); and compute-sanitizer memcheck over
+# the offload cache tests (issue 26: the set memcheck has not reached). Logs under $OUT (or
+# ./gpu-logs), tarred.
 #
 #   VMMALLOC_COMMIT=$(git rev-parse --short HEAD) bash tests/run_unverified_gpu.sh
 #
-# Needing calls of their own: `python -m bench.run graph_decode --backend cuda` (about 470 s:
-# five systems; give it the whole call), `VMMALLOC=1 python -m bench.graph_decode_profile`
+# Needing calls of their own: `python -m bench.run graph_decode --backend cuda` (about 450 s:
+# five systems; give it the whole call; predicted at the shared-pages layout: KV mapped / held
+# about 1.028, the step as at 5f27f5d), `VMMALLOC=1 python -m bench.graph_decode_profile`
 # (about 30 s after a build), `python -m bench.graph_decode sweep` (contexts 2K-64K, longer),
-# `python -m bench.compile_graphs train` and `python -m bench.compile_graphs decode` (issue 19; the
-# whole `bench.run compile_graphs` is about 15 minutes, more than one call: one workload a call).
+# `python -m bench.compile_graphs train` and `python -m bench.compile_graphs decode` (issue 19;
+# the whole `bench.run compile_graphs` is about 15 minutes, more than one call: one workload a
+# call, about 4 minutes a round for train), with the graphs' pool snapshot (bench/NOTES.md:
+# where the pool's 0.98 GB over its peak comes from).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-logs}"; L="$OUT/logs"; mkdir -p "$L"
