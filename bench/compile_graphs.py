@@ -49,15 +49,21 @@ def pool_bytes(torch) -> int:
     return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0))
 
 
-def reserved_breakdown(torch) -> dict[str, int]:
+def reserved_breakdown(torch) -> dict[str, Any]:
     """Where the reserved bytes are now, from torch's memory snapshot (both allocators serve
     it): allocated and free in the default pool, and in private (graph) pools. A caching
     allocator gives nothing back unprompted, so at the end of a loop this is the peak's."""
-    out = {"default_allocated": 0, "default_free": 0, "pools_allocated": 0, "pools_free": 0}
+    out: dict[str, Any] = {"default_allocated": 0, "default_free": 0, "pools_allocated": 0, "pools_free": 0,
+                           "pools_by_stream": {}, "pools_by_kind": {}}
     for segment in torch.cuda.memory_snapshot():
         where = "default" if tuple(segment["segment_pool_id"]) == (0, 0) else "pools"
         out[f"{where}_allocated"] += segment["allocated_size"]
         out[f"{where}_free"] += segment["total_size"] - segment["allocated_size"]
+        if where == "pools":  # whether the graphs' pool holds memory of more than one stream
+            stream = str(segment.get("stream", "?"))
+            out["pools_by_stream"][stream] = out["pools_by_stream"].get(stream, 0) + segment["total_size"]
+            kind = str(segment.get("vmm_kind", segment.get("segment_type", "?")))  # vmmalloc: its free chunks too
+            out["pools_by_kind"][kind] = out["pools_by_kind"].get(kind, 0) + segment["total_size"]
     return out
 
 
