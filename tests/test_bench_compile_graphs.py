@@ -73,3 +73,19 @@ def test_rounds_are_summarised_per_system_with_the_floor_where_it_was_measured(m
     assert systems["vmmalloc"]["pool_semantics_floor"] == 1.1
     assert "pool_semantics_floor" not in systems["native"]
     assert result["workloads"]["train"]["ratios"]["vmmalloc_speed_vs_native"] == 0.030 / 0.0305
+
+
+def test_the_reserved_breakdown_splits_pools_by_stream_and_kind():
+    from types import SimpleNamespace
+
+    from bench.compile_graphs import reserved_breakdown
+
+    segments = [
+        {"segment_pool_id": (0, 0), "total_size": 8, "allocated_size": 6, "stream": 0, "vmm_kind": "large"},
+        {"segment_pool_id": (1, 2), "total_size": 4, "allocated_size": 4, "stream": 7, "vmm_kind": "large"},
+        {"segment_pool_id": (1, 2), "total_size": 2, "allocated_size": 0, "stream": 9, "segment_type": "small"},
+    ]
+    fake_torch = SimpleNamespace(cuda=SimpleNamespace(memory_snapshot=lambda: segments))
+    out = reserved_breakdown(fake_torch)
+    assert (out["default_allocated"], out["default_free"], out["pools_allocated"], out["pools_free"]) == (6, 2, 4, 2)
+    assert out["pools_by_stream"] == {"7": 4, "9": 2} and out["pools_by_kind"] == {"large": 4, "small": 2}
