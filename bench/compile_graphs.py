@@ -178,7 +178,7 @@ def run(backend: str = "cuda", quick: bool = False, names: tuple[str, ...] = ("t
             ratios[f"{system}_speed_vs_native_per_round"] = per
         keys = (speed, "peak_reserved", "peak_allocated", "pool_bytes", "reserved_over_allocated",
                 "pool_semantics_floor")
-        systems = {s: {key: statistics.median(run[s][key] for run in per_round)
+        systems = {s: {key: statistics.median(one[s][key] for one in per_round)
                        for key in keys if key in per_round[0][s]}
                    for s in SYSTEMS}
         results[name] = {"args": args, "systems": systems, "ratios": ratios, "rounds": per_round,

@@ -52,11 +52,11 @@ def match_rate(a: list[list[int]], b: list[list[int]]) -> float:
 def kv_page_floor(config, row_tokens: list[int], page_bytes: int = 2 << 20, shared: bool = True) -> float:
     """The least KV mapped over KV held that pages of `page_bytes` allow: a page holds the K
     and V of one row and one layer (Note [Keys and values share pages]; with `shared` False,
-    the K or the V, as before that layout) for page_bytes / (KV heads x head dim x 2 B x 2)
+    the K or the V, as before that layout) for page_bytes / (KV heads x head dim x 2 B x 2, bf16)
     positions (512 on the 8B shape; 1024 unshared), so each row's last page is partly empty
     whatever the lead (Note [Pages mapped ahead, staggered by layer] adds to it)."""
-    head_dim = config.hidden_size // config.num_attention_heads
-    per_page = page_bytes // (config.num_key_value_heads * head_dim * 2 * (2 if shared else 1))
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    per_page = page_bytes // (config.num_key_value_heads * head_dim * 2 * (2 if shared else 1))  # bf16
     return sum(-(-t // per_page) * per_page for t in row_tokens) / sum(row_tokens)
 
 

@@ -418,12 +418,13 @@ class GraphDecoder:
         if self.attention == "flex":
             return "flex"
         first = self.cache.layers[0]
-        keys = first._buffers().keys
+        kv = first._buffers()
+        keys = kv.keys
         if flash_reads(keys) is not None and not (self.attention == "flash" and keys.device.type != "cuda"):
             return "flex"
         rows_apart = row_positions(keys)
-        if rows_apart is None:
-            return "flex"  # the buffers do not read as one run of positions
+        if rows_apart is None or row_positions(kv.values) != rows_apart:
+            return "flex"  # the buffers do not read as one run of positions, K and V alike
         if not RowSpans.fit(batch, rows_apart):
             return "flex"  # the row offsets would overflow the kernel's int32 sequence starts
         if mask is None:

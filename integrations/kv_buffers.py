@@ -26,24 +26,27 @@ class KVBuffers:
     or two where their inner shapes differ. Every commit goes to all of its tensors alike."""
 
     def __init__(self, rows: int, capacity: int, key_inner: tuple[int, ...], value_inner: tuple[int, ...],
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, value_dtype: torch.dtype | None = None) -> None:
         self.dtype, self.device = dtype, device
+        self.value_dtype = dtype if value_dtype is None else value_dtype
         self.key_shape = (rows, capacity, *key_inner)
         self.value_shape = (rows, capacity, *value_inner)
-        if tuple(key_inner) == tuple(value_inner):
+        self.commits = 0  # commits made: what a commit mapped has not been written yet
+        if tuple(key_inner) == tuple(value_inner) and self.value_dtype == dtype:
             joint = VirtualTensor((rows, capacity, 2, *key_inner), dtype, device)
             self.tensors: tuple[VirtualTensor, ...] = (joint,)
             self._keys: torch.Tensor | None = joint.tensor[:, :, 0]
             self._values: torch.Tensor | None = joint.tensor[:, :, 1]
         else:
             k = VirtualTensor(self.key_shape, dtype, device)
-            v = VirtualTensor(self.value_shape, dtype, device)
+            v = VirtualTensor(self.value_shape, self.value_dtype, device)
             self.tensors = (k, v)
             self._keys, self._values = k.tensor, v.tensor
 
     def with_rows(self, rows: int) -> KVBuffers:
         """New, empty buffers like these for `rows` rows."""
-        return KVBuffers(rows, self.key_shape[1], self.key_shape[2:], self.value_shape[2:], self.dtype, self.device)
+        return KVBuffers(rows, self.key_shape[1], self.key_shape[2:], self.value_shape[2:], self.dtype, self.device,
+                         self.value_dtype)
 
     def _check(self) -> None:
         for vt in self.tensors:
@@ -63,18 +66,25 @@ class KVBuffers:
         assert self._values is not None
         return self._values
 
-    # The span committed (all tensors alike: every commit goes to each).
+    # The span committed to every tensor: each commit goes to all, but one that failed
+    # part-way (out of memory on V after K) leaves them apart, and then the span all of them
+    # hold is the narrowest, so that the next commit is made again.
     @property
     def rows(self) -> int:
-        return self.tensors[0].rows
+        return min(vt.rows for vt in self.tensors)
 
     @property
     def start(self) -> int:
-        return self.tensors[0].start
+        return max(vt.start for vt in self.tensors)
 
     @property
     def stop(self) -> int:
-        return self.tensors[0].stop
+        return min(vt.stop for vt in self.tensors)
+
+    @property
+    def spans(self) -> tuple[tuple[int, int, int], ...]:
+        """Each tensor's (rows, start, stop)."""
+        return tuple((vt.rows, vt.start, vt.stop) for vt in self.tensors)
 
     @property
     def tokens_per_page(self) -> int:
@@ -88,6 +98,7 @@ class KVBuffers:
 
     def commit(self, rows: int, stop: int, start: int = 0) -> None:
         """Backs positions ``[start, stop)`` of the first `rows` rows (VirtualTensor.commit)."""
+        self.commits += 1
         for vt in self.tensors:
             vt.commit(rows, stop, start)
 

@@ -81,7 +81,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self.graph_position: torch.Tensor | None = None
         self.graph_block = 0  # the block a graph's attention reads in, once graph steps ran (0: none)
         # What the last prepare_graph_step left mapped: (buffers' extent, first and last stop it serves).
-        self._prepared: tuple[tuple[int, ...], int, int] | None = None
+        self._prepared: tuple[tuple, int, int] | None = None
         self.fast_prepares = 0  # steps prepare_graph_step found mapped already
         # Counts the changes made outside replayed steps (updates, resets, crops, batch changes,
         # frees): a graph decoder's decode ends at any of them.
@@ -95,7 +95,8 @@ class VirtualKVLayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self._free_buffers()
         self._kv = KVBuffers(rows, self.graph_capacity, (heads, head_dim),
-                             (value_states.shape[1], value_states.shape[-1]), key_states.dtype, key_states.device)
+                             (value_states.shape[1], value_states.shape[-1]), key_states.dtype, key_states.device,
+                             value_states.dtype)
         self.is_initialized = True
         self.length = 0
         self.batch_size = batch
@@ -104,7 +105,8 @@ class VirtualKVLayer(CacheLayerMixin):
     def _fits(self, key_states: torch.Tensor, value_states: torch.Tensor) -> bool:
         kv = self._kv
         return (kv is not None and not kv.freed and key_states.dtype == kv.dtype
-                and key_states.device == kv.device and key_states.shape[0] <= kv.key_shape[0]
+                and value_states.dtype == kv.value_dtype and key_states.device == kv.device
+                and key_states.shape[0] <= kv.key_shape[0]
                 and tuple(key_states.shape[1:2]) + tuple(key_states.shape[3:]) == kv.key_shape[2:]
                 and tuple(value_states.shape[1:2]) + tuple(value_states.shape[3:]) == kv.value_shape[2:])
 
@@ -148,7 +150,7 @@ class VirtualKVLayer(CacheLayerMixin):
         keep_from = min(start, self._record_from) if self.record_past else start
         lead = self._lead(page)
         target = max(reach, min(limit, -(-(stop + lead) // page) * page) if lead else stop)
-        same = kv.rows == rows and kv.start // page == keep_from // page
+        same = all(r == rows and a // page == keep_from // page and b == kv.stop for r, a, b in kv.spans)
         if same and reach <= kv.stop and -(-kv.stop // page) <= -(-target // page):
             if kv.stop >= min(stop + lead, limit):
                 return  # the same pages serve: enough lead, nothing to give back
@@ -256,16 +258,18 @@ class VirtualKVLayer(CacheLayerMixin):
         if kv.stop > held:
             kv.zero(batch, held, kv.stop)
         # The stops _commit would return early for, the mapping as it is now: every later stop
-        # whose block end and lead stay within the mapped span (a mapping's extent is its rows,
-        # start and stop: any change to it by an eager step, a crop or a reset changes `extent`).
+        # whose block end and lead stay within the mapped span. A mapping's extent is its spans
+        # and its count of commits: any commit since (an eager step, a crop, a reset and a new
+        # prompt over the same span) changes it, so the zeroing above runs again.
         limit = self.graph_capacity
         through = limit if kv.stop >= limit else min(kv.stop // block * block, kv.stop - self._lead(kv.tokens_per_page))
         self._prepared = (self._extent(batch, block), asked, through)
 
-    def _extent(self, batch: int, block: int) -> tuple[int, ...]:
-        """What a graph step's mapping depends on: the step's shape and the buffers' spans."""
+    def _extent(self, batch: int, block: int) -> tuple:
+        """What a graph step's mapping depends on: the step's shape, the buffers' spans and
+        their count of commits."""
         kv = self._buffers()
-        return batch, block, kv.rows, kv.start, kv.stop
+        return batch, block, kv.commits, kv.spans
 
     def finish_graph_step(self, stop: int) -> None:
         """The host's record of a replayed step: the layer holds `stop` positions now."""

@@ -330,11 +330,14 @@ class OffloadedKVCache(VirtualLayersCache):
     def layer_bytes(self, batch: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
                     v_head_dim: int | None = None) -> int:
         """The most device memory one resident full-attention layer takes at max_length:
-        whole pages per row for K and V, with the pages a layer maps ahead."""
+        whole pages per row, with the pages a layer maps ahead; K and V share them where their
+        head sizes agree (Note [Keys and values share pages]), else each has its own."""
         itemsize = torch.empty((), dtype=dtype).element_size()
+        v_dim = v_head_dim or head_dim
+        runs = [head_dim + v_dim] if v_dim == head_dim else [head_dim, v_dim]
         total = 0
-        for dim in (head_dim, v_head_dim or head_dim):
-            position = kv_heads * dim * itemsize
+        for dims in runs:
+            position = kv_heads * dims * itemsize
             per_page = max(1, CHUNK_SIZE // position)
             total += batch * -(-(self.max_length + 2 * per_page) // per_page) * CHUNK_SIZE
         return total

@@ -114,6 +114,12 @@ def test_positions_mapped_past_the_tokens_are_zeros_for_the_graphs_attention(dev
     assert decoder.kernels["flex"] == 7, decoder.kernels
     assert torch.isfinite(out[1]).all(), "a value past the tokens reached the attention's output"
     assert torch.equal(out[0], eager[0])
+    # The same cache again after a reset: the new prompt maps the very span the last decode
+    # left, over chunks that held anything; the first graph step must zero it again.
+    cache.reset()
+    again = decode(model, ids, mask, cache, 8, decoder)
+    assert torch.isfinite(again[1]).all(), "a reset cache's recycled pages reached the attention"
+    assert torch.equal(again[0], eager[0])
 
 
 def test_flash_reads_rows_padded_to_whole_pages(device):

@@ -231,6 +231,39 @@ def test_committed_memory_follows_the_tokens(device, lookahead):
     assert layer.committed_bytes == 0
 
 
+def test_a_commit_that_fails_on_the_values_is_made_again(device, monkeypatch):
+    """K and V of different head sizes keep two reservations (Note [Keys and values share
+    pages]); out of memory while V grows, after K grew, must not leave the layer believing V
+    is mapped: the next update commits V again and the tokens read back whole."""
+    from transformers.cache_utils import DynamicLayer
+
+    from vmmalloc import virtual_tensor as vt_module
+
+    ours, ref = VirtualKVLayer(max_length=8192, lookahead=False), DynamicLayer()
+    k, v = torch.randn(2, 2, 600, 16).to(device), torch.randn(2, 2, 600, 8).to(device)
+    for layer in (ours, ref):
+        layer.update(k, v)
+    assert len(ours.virtual_tensors()) == 2
+    commit, calls = vt_module.VirtualTensor.commit, []
+
+    def values_out_of_memory(self, rows, stop, start=0):
+        calls.append(self)
+        if len(calls) == 2:  # K's commit went through; V's fails
+            raise torch.OutOfMemoryError("injected: V could not grow")
+        return commit(self, rows, stop, start)
+
+    more_k, more_v = torch.randn(2, 2, 3000, 16).to(device), torch.randn(2, 2, 3000, 8).to(device)
+    monkeypatch.setattr(vt_module.VirtualTensor, "commit", values_out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        ours.update(more_k, more_v)
+    monkeypatch.setattr(vt_module.VirtualTensor, "commit", commit)
+    assert ours.get_seq_length() == 600, "the failed update added nothing"
+    out_k, out_v = ours.update(more_k, more_v)
+    assert all(vt.stop >= 3600 for vt in ours.virtual_tensors()), "V's pages were mapped this time"
+    ref_k, ref_v = ref.update(more_k, more_v)
+    assert torch.equal(out_k, ref_k) and torch.equal(out_v, ref_v)
+
+
 def test_sliding_window_layer_gives_back_pages_behind_the_window(device):
     layer = VirtualKVLayer(max_length=16384, sliding_window=1500, lookahead=False)
     g = torch.Generator().manual_seed(0)
