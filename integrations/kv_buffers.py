@@ -15,6 +15,8 @@ keep two reservations.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from vmmalloc.virtual_tensor import CHUNK_SIZE, VirtualTensor
@@ -31,7 +33,6 @@ class KVBuffers:
         self.value_dtype = dtype if value_dtype is None else value_dtype
         self.key_shape = (rows, capacity, *key_inner)
         self.value_shape = (rows, capacity, *value_inner)
-        self.commits = 0  # commits made: what a commit mapped has not been written yet
         if tuple(key_inner) == tuple(value_inner) and self.value_dtype == dtype:
             joint = VirtualTensor((rows, capacity, 2, *key_inner), dtype, device)
             self.tensors: tuple[VirtualTensor, ...] = (joint,)
@@ -42,6 +43,28 @@ class KVBuffers:
             v = VirtualTensor(self.value_shape, self.value_dtype, device)
             self.tensors = (k, v)
             self._keys, self._values = k.tensor, v.tensor
+
+    @staticmethod
+    def capacity_for(capacity: int, key_inner: tuple[int, ...], value_inner: tuple[int, ...], dtype: torch.dtype,
+                     value_dtype: torch.dtype | None = None) -> int:
+        """The least capacity from `capacity` up, a multiple of 128, at which every row of a page
+        or more fills whole pages: its rows then lie exactly `capacity` positions apart, the run
+        of positions FlashAttention's varlen entry reads (Note [Row spans for FlashAttention]),
+        whatever a position's size. Only address space is added: pages follow the tokens."""
+        value_dtype = dtype if value_dtype is None else value_dtype
+        sizes = [math.prod(key_inner) * dtype.itemsize, math.prod(value_inner) * value_dtype.itemsize]
+        if tuple(key_inner) == tuple(value_inner) and value_dtype == dtype:
+            sizes = [sum(sizes)]  # one tensor, K beside V
+        step = 128
+        while True:
+            capacity = -(-capacity // step) * step
+            needed = step
+            for size in sizes:
+                if capacity * size >= CHUNK_SIZE:
+                    needed = math.lcm(needed, CHUNK_SIZE // math.gcd(CHUNK_SIZE, size))
+            if needed == step:
+                return capacity
+            step = needed
 
     def with_rows(self, rows: int) -> KVBuffers:
         """New, empty buffers like these for `rows` rows."""
@@ -82,6 +105,12 @@ class KVBuffers:
         return min(vt.stop for vt in self.tensors)
 
     @property
+    def commits(self) -> int:
+        """Commits made to the tensors (sleep and wake included): what a commit mapped holds
+        whatever the chunks held before, until written."""
+        return sum(vt.commits for vt in self.tensors)
+
+    @property
     def spans(self) -> tuple[tuple[int, int, int], ...]:
         """Each tensor's (rows, start, stop)."""
         return tuple((vt.rows, vt.start, vt.stop) for vt in self.tensors)
@@ -98,7 +127,6 @@ class KVBuffers:
 
     def commit(self, rows: int, stop: int, start: int = 0) -> None:
         """Backs positions ``[start, stop)`` of the first `rows` rows (VirtualTensor.commit)."""
-        self.commits += 1
         for vt in self.tensors:
             vt.commit(rows, stop, start)
 

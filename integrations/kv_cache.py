@@ -28,8 +28,9 @@ on the host runs, so the layer's graph mode splits its work: the page mapping an
 length bookkeeping happen on the host between replays (GraphDecoder, as in eager decode:
 the lead of Note [Pages mapped ahead, staggered by layer] maps a page before a token needs
 it), and update() only writes the new token at a device-held position and returns views of
-the whole reservation (``graph_capacity`` positions, a multiple of 128), which the graph's
-attention reads within the device-held lengths (Note [Length block masks]). The layer's
+the whole reservation (``graph_capacity`` positions, a multiple of 128 whose rows fill whole
+pages), which the graph's attention reads within the device-held lengths (Note [Length block
+masks]). The layer's
 ``is_compileable`` stays False: transformers' own torch.compile path would trace update()
 and its page mapping into a compiled graph, where mapping cannot happen.
 
@@ -75,8 +76,9 @@ class VirtualKVLayer(CacheLayerMixin):
         self.record_past = False
         self._record_from = 0  # first position kept while recording the past
         self._kv: KVBuffers | None = None
-        # Note [Decode steps in a graph]: positions reserved, and the device-held position
-        # update() writes at while a graph is recorded (None: eager).
+        # Note [Decode steps in a graph]: positions reserved (KVBuffers.capacity_for, once the
+        # first update shows a position's size), and the device-held position update() writes
+        # at while a graph is recorded (None: eager).
         self.graph_capacity = -(-self.max_length // 128) * 128
         self.graph_position: torch.Tensor | None = None
         self.graph_block = 0  # the block a graph's attention reads in, once graph steps ran (0: none)
@@ -94,8 +96,10 @@ class VirtualKVLayer(CacheLayerMixin):
         rows = max(batch, self.max_batch_size or 0)
         self.dtype, self.device = key_states.dtype, key_states.device
         self._free_buffers()
-        self._kv = KVBuffers(rows, self.graph_capacity, (heads, head_dim),
-                             (value_states.shape[1], value_states.shape[-1]), key_states.dtype, key_states.device,
+        key_inner, value_inner = (heads, head_dim), (value_states.shape[1], value_states.shape[-1])
+        self.graph_capacity = KVBuffers.capacity_for(self.max_length, key_inner, value_inner, key_states.dtype,
+                                                     value_states.dtype)
+        self._kv = KVBuffers(rows, self.graph_capacity, key_inner, value_inner, key_states.dtype, key_states.device,
                              value_states.dtype)
         self.is_initialized = True
         self.length = 0

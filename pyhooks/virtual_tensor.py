@@ -106,6 +106,7 @@ class VirtualTensor:
         self.rows = 0
         self.start = 0
         self.stop = 0
+        self.commits = 0  # commits asked for, sleep's and wake's included: what changed the mapping
         self._sleep: tuple[int, int, int, torch.Tensor | None] | None = None  # (rows, start, stop, backup)
 
     @property
@@ -142,6 +143,7 @@ class VirtualTensor:
                 f"{self.shape[1]} positions; reserve a larger one")
         # A failed commit gives no page up (CachingAllocator::commit_range), so the span
         # recorded before still holds: it stays, and the failure leaves nothing to undo here.
+        self.commits += 1
         try:
             self._range.commit(rows, self.row_stride, start * self.item_bytes, stop * self.item_bytes,
                                current_stream(self.device))

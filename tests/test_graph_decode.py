@@ -122,15 +122,15 @@ def test_positions_mapped_past_the_tokens_are_zeros_for_the_graphs_attention(dev
     assert torch.equal(again[0], eager[0])
 
 
-def test_flash_reads_rows_padded_to_whole_pages(device):
-    """A reservation whose rows are over a page and not a whole number of pages (18048 positions
-    of 256 B in fp32, 4.4 MiB, padded to 6 MiB; of 128 B in bf16, padded to 4 MiB) still reads
-    as one run of positions, rows a whole number of pages apart (length_attention.row_positions):
-    flash serves, with eager decode's tokens."""
+def test_rows_fill_whole_pages_so_flash_reads_any_max_length(device):
+    """A reservation's rows of a page or more fill whole pages (KVBuffers.capacity_for): 18000
+    positions of 256 B in fp32 (K and V of 2 heads of 16) would be 4.4 MiB, so the capacity
+    grows to 24576 (6 MiB, address space only) and the rows are one run of positions that
+    flash reads, with eager decode's tokens."""
     from vmmalloc.integrations.length_attention import row_positions
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    model = tiny_model("llama", device, dtype=dtype, max_positions=16384)
+    model = tiny_model("llama", device, dtype=dtype, max_positions=40000)
     ids, mask = prompt(2, 12, device)
     eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=18000), 8)
     cache = VirtualKVCache(model.config, max_length=18000)
@@ -138,7 +138,8 @@ def test_flash_reads_rows_padded_to_whole_pages(device):
     out = decode(model, ids, mask, cache, 8, decoder)
     keys = cache.layers[0]._buffers().keys
     position = 2 * 2 * 16 * keys.element_size()  # K and V of 2 heads of 16
-    assert keys.shape[1] == 18048 and row_positions(keys) == (6 << 20 if dtype == torch.float32 else 4 << 20) // position
+    assert keys.shape[1] * position % (2 << 20) == 0 and keys.shape[1] >= 18000
+    assert keys.shape[1] == (24576 if dtype == torch.float32 else 32768) and row_positions(keys) == keys.shape[1]
     assert decoder.kernels == {"flash": 7, "flex": 0}, decoder.kernels
     if device == "cpu":
         assert torch.equal(out[0], eager[0])

@@ -231,6 +231,21 @@ def test_committed_memory_follows_the_tokens(device, lookahead):
     assert layer.committed_bytes == 0
 
 
+def test_a_reservations_rows_fill_whole_pages_once_they_reach_a_page():
+    from vmmalloc.integrations.kv_buffers import KVBuffers
+
+    bf16, fp32 = torch.bfloat16, torch.float32
+    # 8B shape: K and V of 8 heads of 128 in bf16, 4 KiB a position, 512 a page
+    assert KVBuffers.capacity_for(20000, (8, 128), (8, 128), bf16) == 20480
+    # 40 heads of 128 (no grouped query heads): 20 KiB a position; 512 of them fill 5 pages
+    assert KVBuffers.capacity_for(20000, (40, 128), (40, 128), bf16) == 20480
+    assert KVBuffers.capacity_for(18000, (2, 16), (2, 16), fp32) == 24576  # 256 B: 8192 a page
+    assert KVBuffers.capacity_for(200, (2, 16), (2, 16), fp32) == 256, "rows under a page are packed"
+    # K and V apart (head sizes differ): each reservation's rows fill whole pages
+    c = KVBuffers.capacity_for(5000, (2, 192), (2, 128), bf16)
+    assert c >= 5000 and c % 128 == 0 and c * 768 % (2 << 20) == 0 and c * 512 % (2 << 20) == 0
+
+
 def test_a_commit_that_fails_on_the_values_is_made_again(device, monkeypatch):
     """K and V of different head sizes keep two reservations (Note [Keys and values share
     pages]); out of memory while V grows, after K grew, must not leave the layer believing V

@@ -106,6 +106,27 @@ def test_left_padding_is_found_and_holes_are_told_apart():
     assert not is_left_padding_only(torch.tensor([[0, 0, 0, 0]])), "a row attending to nothing has no span"
 
 
+def test_row_spans_read_rows_padded_past_their_capacity():
+    """Rows 256 positions apart holding 200 each (padded to whole pages, as a VirtualTensor pads
+    a row over a page): the spans start each row at b x 256 and read the same keys SDPA reads."""
+    from vmmalloc.integrations.length_attention import row_positions
+
+    g = torch.Generator().manual_seed(0)
+    padded = torch.randn(3, 256, 2, 2, 8, generator=g)  # K beside V, as the cache lays them out
+    keys, values = padded[:, :200, 0], padded[:, :200, 1]
+    assert row_positions(keys) == 256
+    spans = RowSpans(3, 200, torch.device("cpu"), row_positions=256)
+    lengths, starts = torch.tensor([200, 57, 1], dtype=torch.int32), torch.tensor([0, 7, 0], dtype=torch.int32)
+    spans.update(lengths, starts)
+    query = torch.randn(3, 4, 1, 8, generator=g)
+    out = attend_row_spans(query, keys, values, spans)
+    for b in range(3):
+        k = keys[b, starts[b]:lengths[b]].transpose(0, 1).unsqueeze(0)
+        v = values[b, starts[b]:lengths[b]].transpose(0, 1).unsqueeze(0)
+        ref = F.scaled_dot_product_attention(query[b:b + 1], k, v, enable_gqa=True)
+        torch.testing.assert_close(out[b:b + 1], ref.transpose(1, 2))
+
+
 def test_row_spans_refuse_a_layout_they_cannot_read():
     spans = RowSpans(1, 128, torch.device("cpu"))
     keys = torch.randn(1, 128, 8, 2).transpose(2, 3)  # [1, 128, 2, 8], a head's dim not contiguous
