@@ -13,9 +13,11 @@ to the pool, and a view kept across such a change may then point at unmapped mem
 Models never keep them; callers who do should copy.
 
 Note [Pages mapped ahead, staggered by layer]
-Mapping a page costs about 35 us (docs/FACTS.md). If every layer mapped its next page at the
-same token, that decode step would map 2 x layers x batch pages at once (about 18 ms for
-an 8B model at batch 8) and stand out as a spike. So each layer keeps a lead of mapped
+Mapping a page costs about 35 us on an idle GPU (docs/FACTS.md; about 130 us measured in a
+decode step on an H200). If every layer mapped its next page at the same token, that decode
+step would map layers x batch pages at once (K and V share a row's pages: Note [Keys and
+values share pages]; 256 pages, about 9-33 ms, for an 8B model at batch 8) and stand out as
+a spike. So each layer keeps a lead of mapped
 positions beyond its tokens and extends it by a page when the lead falls below a threshold
 that differs per layer (an even share of a page): the pages of a boundary are mapped a
 layer at a time, spread over the tokens before it. The cost is at most two pages per row
