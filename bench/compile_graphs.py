@@ -166,8 +166,14 @@ def run(backend: str = "cuda", quick: bool = False, names: tuple[str, ...] = ("t
         per_round = []
         for r in range(rounds):
             order = SYSTEMS[r % 3:] + SYSTEMS[:r % 3]
-            per_round.append({system: run_worker("bench.compile_graphs", system, args, timeout=1800)
-                              for system in order})
+            results_of_round = {}
+            for system in order:
+                results_of_round[system] = run_worker("bench.compile_graphs", system, args, timeout=1800)
+                # Each system's figures as they come: a run cut short (or a summary that fails)
+                # still leaves them in the log.
+                figures = {k: v for k, v in results_of_round[system].items() if k not in ("steps_s", "losses")}
+                print(f"[compile_graphs] {name} round {r} {system}: {json.dumps(figures)}", flush=True)
+            per_round.append(results_of_round)
         speed = "step_s" if name == "train" else "tok_s"
         ratios = {}
         for system in ("expandable_segments", "vmmalloc"):

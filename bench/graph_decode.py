@@ -27,6 +27,7 @@ in tok/s; KV committed <= 1.05x the tokens held; p99 / median step <= 1.10.
 """
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
             systems[cache] = r
             print(f"[graph_decode] {cache}: " + (f"{r['decode_tok_s']:.1f} tok/s" if r["ok"] else r["error"]),
                   flush=True)
+            # Its scalar figures as they come: a run cut short still leaves them in the log.
+            print(f"[graph_decode] {cache} figures: "
+                  + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))}), flush=True)
     config = llama3_8b_config(context + new)
     ratios: dict[str, Any] = {}
     ours = systems["vmm_graphs"]
