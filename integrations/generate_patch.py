@@ -27,7 +27,7 @@ from vmmalloc.integrations.hf_compat import generate_cache_kwarg, given_cache, o
 
 CACHES = ("vmm", "offload")
 _state: dict[str, Any] = {"original": None, "cache": None, "options": {}, "attention": True, "graphs": True,
-                         "graph_attention": "auto"}
+                         "graph_attention": "auto", "graph_fuse": False}
 # A model's emptied cache and the options it was made with, kept for its next generate()
 # (Note [A cache the patch made]).
 _kept: weakref.WeakKeyDictionary[Any, tuple[Any, dict[str, Any]]] = weakref.WeakKeyDictionary()
@@ -50,7 +50,7 @@ def _check_cache(cache: str, options: dict[str, Any]) -> None:
 
 
 def patch_generate(cache: str = "vmm", *, attention: bool = True, graphs: bool = True, graph_attention: str = "auto",
-                   **options: Any) -> None:
+                   graph_fuse: bool = False, **options: Any) -> None:
     """Makes ``generate()`` use vmmalloc's cache whenever it is given none.
 
     Args:
@@ -65,6 +65,8 @@ def patch_generate(cache: str = "vmm", *, attention: bool = True, graphs: bool =
         graph_attention: the kernel those steps attend with: ``"auto"`` (FlashAttention's
             varlen kernel for fp16/bf16 caches padded on the left, FlexAttention otherwise),
             ``"flash"`` or ``"flex"`` (:class:`~vmmalloc.integrations.graph_decode.GraphDecoder`).
+        graph_fuse: those steps run the model's RMSNorms and SiLU gates compiled by inductor
+            (Note [Fused small kernels in graph steps]; not yet measured on a GPU, so off).
         **options: passed to the cache (``max_batch_size``, ``lookahead``; ``kv_budget``
             for ``"offload"``: GPU bytes for KV, an int or a string such as ``"8GiB"``).
 
@@ -76,7 +78,7 @@ def patch_generate(cache: str = "vmm", *, attention: bool = True, graphs: bool =
     from transformers.generation.utils import GenerationMixin
 
     _state.update(cache=cache, options=dict(options), attention=attention, graphs=graphs,
-                  graph_attention=graph_attention)
+                  graph_attention=graph_attention, graph_fuse=bool(graph_fuse))
     if _state["original"] is not None:
         return
     original = GenerationMixin.generate
@@ -121,7 +123,8 @@ def patched_generate(cache: str = "vmm", **options: Any) -> Iterator[None]:
     finally:
         if was_patched:
             _state.update(cache=saved["cache"], options=saved["options"], attention=saved["attention"],
-                          graphs=saved["graphs"], graph_attention=saved["graph_attention"])
+                          graphs=saved["graphs"], graph_attention=saved["graph_attention"],
+                          graph_fuse=saved["graph_fuse"])
         else:
             unpatch_generate()
 
@@ -257,5 +260,6 @@ def _with_graphs(original: Any, model: Any, args: tuple, kwargs: dict[str, Any])
     if reason is not None:
         say_once(reason)
         return original(model, *args, **kwargs)
-    with decoding_in_graphs(model, GraphDecoder.of(model, cache, attention=_state["graph_attention"])):
+    decoder = GraphDecoder.of(model, cache, attention=_state["graph_attention"], fuse_small_kernels=_state["graph_fuse"])
+    with decoding_in_graphs(model, decoder):
         return original(model, *args, **kwargs)

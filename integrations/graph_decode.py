@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from vmmalloc.integrations.fused_steps import fused_small_kernels
 from vmmalloc.integrations.hf_compat import given_cache, layer_windows
 from vmmalloc.integrations.length_attention import (
     LengthMask,
@@ -308,9 +309,13 @@ class GraphDecoder:
             kernel where it can read the cache and the padding is on the left, Note [Row
             spans for FlashAttention]; FlexAttention otherwise), "flash" (where it cannot
             read them: on the host, its reference; else as "auto") or "flex".
+        fuse_small_kernels: the steps run the model's RMSNorms and SiLU gates compiled by
+            inductor (Note [Fused small kernels in graph steps]); the first recording then
+            compiles them (seconds).
     """
 
-    def __init__(self, model: Any, cache: Any, capture: bool = True, attention: str = "auto") -> None:
+    def __init__(self, model: Any, cache: Any, capture: bool = True, attention: str = "auto",
+                 fuse_small_kernels: bool = False) -> None:
         if attention not in ("auto", "flash", "flex"):
             raise ValueError(f"GraphDecoder: attention must be 'auto', 'flash' or 'flex', not {attention!r}")
         host_flash = attention == "flash" and not capture  # the spans' reference, off the GPU
@@ -326,6 +331,8 @@ class GraphDecoder:
         self._cache = weakref.ref(cache)
         self.capture = capture
         self.attention = attention
+        self.fuse_small_kernels = fuse_small_kernels
+        self.fused_modules = 0  # modules the last step ran fused
         self.kernels: dict[str, int] = {"flash": 0, "flex": 0}  # steps served by each
         # (batch, length, layer 0's eager epoch) the next step of this decode has: any eager
         # change of the cache in between (a prompt, a reset, a crop) ends the decode.
@@ -341,14 +348,15 @@ class GraphDecoder:
         register_graph_attention()
 
     @classmethod
-    def of(cls, model: Any, cache: Any, capture: bool = True, attention: str = "auto") -> GraphDecoder:
+    def of(cls, model: Any, cache: Any, capture: bool = True, attention: str = "auto",
+           fuse_small_kernels: bool = False) -> GraphDecoder:
         """The decoder `cache` keeps for `model` (made on first use): its graph outlives one
         generate() call while the cache's buffers and the model's weights stay where they are
         (checked here, once per call: a graph reads them at the addresses it recorded)."""
         decoder = getattr(cache, "graph_decoder", None)
         if (not isinstance(decoder, cls) or decoder._model() is not model or decoder.capture != capture
-                or decoder.attention != attention):
-            decoder = cls(model, cache, capture, attention)
+                or decoder.attention != attention or decoder.fuse_small_kernels != fuse_small_kernels):
+            decoder = cls(model, cache, capture, attention, fuse_small_kernels)
             cache.graph_decoder = decoder
         else:
             decoder.weights = weights_fingerprint(model)
@@ -507,7 +515,10 @@ class GraphDecoder:
         for layer in layers:
             layer.graph_position = recorded.position
         try:
-            yield
+            with contextlib.ExitStack() as fused:
+                if self.fuse_small_kernels:
+                    self.fused_modules = fused.enter_context(fused_small_kernels(model))
+                yield
         finally:
             config._attn_implementation = saved
             for layer in layers:

@@ -147,6 +147,26 @@ def test_rows_fill_whole_pages_so_flash_reads_any_max_length(device):
         assert_decodes_alike(out, eager, ids.shape[1])
 
 
+def test_fused_small_kernels_give_the_tokens_of_eager_decode(device):
+    """Note [Fused small kernels in graph steps]: the RMSNorms and SiLU gates run compiled in
+    the graph's steps (2 layers x (2 norms + 1 MLP) + the final norm), with eager decode's
+    tokens, and the modules get their own forwards back after each step."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    model = tiny_model("llama", device, dtype=dtype, max_positions=4096)
+    ids, mask = prompt(2, 12, device)
+    eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=200), 8)
+    cache = VirtualKVCache(model.config, max_length=200)
+    decoder = GraphDecoder.of(model, cache, capture=device == "cuda", attention="flash", fuse_small_kernels=True)
+    out = decode(model, ids, mask, cache, 8, decoder)
+    assert decoder.fused_modules == 7 and decoder.replays == 7
+    assert not any("forward" in m.__dict__ for m in model.modules()), "every module has its own forward back"
+    if device == "cpu":
+        assert torch.equal(out[0], eager[0])
+        torch.testing.assert_close(out[1], eager[1], atol=1e-5, rtol=1e-5)
+    else:
+        assert_decodes_alike(out, eager, ids.shape[1])
+
+
 def test_a_new_decode_checks_its_mask_again_even_at_the_length_the_last_one_ended():
     """The padding verdict belongs to one decode: a second generate() on the same decoder whose
     prompt is exactly as long as the first decode ended, with a hole in its mask, must not
