@@ -3,7 +3,9 @@
 # minutes on an H200): flash over rows padded to whole pages (RowSpans' row_positions), the
 # graph and KV tests on cuda at the final layout (K and V share pages: the layout itself ran on
 # the GPU at 33873f8, the row_positions change after it did not); the A/B of the key buckets
-# (flash told 20K against told the whole 32K reservation); and compute-sanitizer memcheck over
+# (flash told 20K against told the whole 32K reservation); the fused small kernels
+# (GraphDecoder(fuse_small_kernels=True): its test on cuda here, its speed in graph_decode with
+# patch_generate(graph_fuse=True) against False); and compute-sanitizer memcheck over
 # the offload cache tests (issue 26: the set memcheck has not reached). Logs under $OUT (or
 # ./gpu-logs), tarred.
 #
