@@ -7,6 +7,8 @@ system in its own process over the same prompts (bench/kv_cache.py's run_one):
   (mode "reduce-overhead": CUDA graphs), native allocator;
 - vmm: VirtualKVCache, eager decode (vmmalloc);
 - vmm_graphs: VirtualKVCache with its decode steps replayed from a CUDA graph (vmmalloc);
+- vmm_graphs_fused: the same with the steps' small kernels fused by inductor
+  (patch_generate(graph_fuse=True), Note [Fused small kernels in graph steps]);
 - paged: transformers' continuous batching over a PagedAttentionCache (native allocator),
   the PagedAttention peer (bench/paged_peer.py: decode time by difference, no step times).
 
@@ -37,8 +39,8 @@ from bench.report import target_met
 from bench.workers import WarmWorkers, run_worker
 
 # Ours first: a run cut short by a time limit still says what matters most.
-SYSTEMS = {"vmm_graphs": "vmmalloc", "vmm": "vmmalloc", "static_compiled": "native", "paged": "native",
-           "dynamic": "native"}
+SYSTEMS = {"vmm_graphs": "vmmalloc", "vmm_graphs_fused": "vmmalloc", "vmm": "vmmalloc", "static_compiled": "native",
+           "paged": "native", "dynamic": "native"}
 TARGETS = {"vmm_graphs_fraction_of_bandwidth_bound": ">= 0.60", "vmm_graphs_tok_s_vs_static_compiled": "> 1.0",
            "vmm_graphs_kv_committed_over_tokens_held": "<= 1.05", "vmm_graphs_p99_over_median_step": "<= 1.10"}
 
@@ -91,6 +93,11 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
             "vmm_graphs_kv_committed_over_tokens_held": (ours["kv_committed_final"] or 0) / held,
             "vmm_graphs_kv_page_floor": kv_page_floor(config, [ours["tokens_held"] // batch] * batch),
         })
+        fused = systems.get("vmm_graphs_fused", {})
+        if fused.get("ok"):
+            ratios["vmm_graphs_fused_step_over_vmm_graphs"] = fused["step_median_s"] / ours["step_median_s"]
+            ratios["vmm_graphs_fused_fraction_of_bandwidth_bound"] = (fused["bandwidth_bound_step_s"]
+                                                                     / fused["step_median_s"])
         for peer in ("vmm", "static_compiled", "paged", "dynamic"):
             if systems[peer]["ok"]:
                 ratios[f"vmm_graphs_tok_s_vs_{peer}"] = ours["decode_tok_s"] / systems[peer]["decode_tok_s"]
@@ -115,6 +122,8 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
 RATIO_ROWS = (
     ("vmm_graphs_tok_s_vs_static_compiled", "in graphs: decode speed / StaticCache + transformers' compile", "> 1.0"),
     ("vmm_graphs_tok_s_vs_vmm", "in graphs: decode speed / VirtualKVCache eager", ""),
+    ("vmm_graphs_fused_step_over_vmm_graphs", "in graphs, small kernels fused: median step / unfused", ""),
+    ("vmm_graphs_fused_fraction_of_bandwidth_bound", "in graphs, small kernels fused: the bound's step / median", ""),
     ("vmm_graphs_tok_s_vs_dynamic", "in graphs: decode speed / DynamicCache", ""),
     ("vmm_graphs_tok_s_vs_paged", "in graphs: decode speed / continuous batching's (paged)", ""),
     ("vmm_graphs_peak_reserved_vs_paged", "in graphs: peak reserved / continuous batching's", ""),
@@ -158,7 +167,7 @@ def sweep(out_dir: Path, new_tokens: int = 32) -> dict[str, Any]:
     points: list[list[Any]] = [[8, c, new_tokens] for c in SWEEP_CONTEXTS]
     points.append([len(VARIABLE_LENGTHS), max(VARIABLE_LENGTHS), new_tokens, VARIABLE_LENGTHS])
     systems = {cache: run_worker("bench.kv_cache", allocator, {"cache": cache, "points": points}, timeout=3600)
-               for cache, allocator in SYSTEMS.items()}
+               for cache, allocator in SYSTEMS.items() if cache != "vmm_graphs_fused"}  # the A/B is graph_decode's
     result = {"benchmark": "graph_decode_sweep", "points": points, "systems": systems, "environment": environment()}
     write_result("graph_decode_sweep", result, out_dir)
     plot(result, out_dir / "graph_decode_sweep.png", batch=8, title="Decode in CUDA graphs and its peers")

@@ -131,7 +131,8 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
     all_ids = prompt_ids(torch, model.config, batch, context, context + (repeats - 1) * page)
     # Only the two systems that compile by design may: transformers' StaticCache path and
     # vmmalloc's graph decoder (which disable_compile turns off too).
-    compiled = cache in ("static_compiled", "vmm_graphs")
+    graphs = cache in ("vmm_graphs", "vmm_graphs_fused")
+    compiled = cache == "static_compiled" or graphs
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, disable_compile=not compiled)
     runs, ttfts, peaks_reserved, peaks_allocated, after_prefill, mapping_steps = [], [], [], [], [], []
     torch.cuda.synchronize()
@@ -139,7 +140,8 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
     weights = torch.cuda.memory_allocated()
     # One patch over every repeat, as a server would hold it: decoding in graphs, the patch
     # keeps the emptied cache between calls, so only the first call records its graph.
-    patch = (patched_generate("vmm", lookahead=cache != "vmm_no_lookahead", graphs=cache == "vmm_graphs")
+    patch = (patched_generate("vmm", lookahead=cache != "vmm_no_lookahead", graphs=graphs,
+                              graph_fuse=cache == "vmm_graphs_fused")
              if cache.startswith("vmm") else contextlib.nullcontext())
     held = contextlib.ExitStack()
     held.enter_context(patch)
@@ -173,7 +175,7 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
             after_prefill.append(clock.allocated_after_prefill)
             kv_now = clock.kv_now
         graph_kernels = {}
-        if cache == "vmm_graphs":  # which attention kernel the replayed steps ran (the patch's kept decoder)
+        if graphs:  # which attention kernel the replayed steps ran (the patch's kept decoder)
             from vmmalloc.integrations.generate_patch import _kept
 
             kept = _kept.get(model)

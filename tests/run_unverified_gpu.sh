@@ -11,8 +11,8 @@
 #
 #   VMMALLOC_COMMIT=$(git rev-parse --short HEAD) bash tests/run_unverified_gpu.sh
 #
-# Needing calls of their own: `python -m bench.run graph_decode --backend cuda` (about 450 s:
-# five systems; give it the whole call; predicted at the shared-pages layout: KV mapped / held
+# Needing calls of their own: `python -m bench.run graph_decode --backend cuda` (about 510 s:
+# six systems, the fused A/B included; give it the whole call; predicted at the shared-pages layout: KV mapped / held
 # about 1.028, the step as at 5f27f5d), `VMMALLOC=1 python -m bench.graph_decode_profile`
 # (about 30 s after a build), `python -m bench.graph_decode sweep` (contexts 2K-64K, longer),
 # `python -m bench.compile_graphs train` and `python -m bench.compile_graphs decode` (issue 19;
