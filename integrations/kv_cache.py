@@ -85,7 +85,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self.graph_position: torch.Tensor | None = None
         self.graph_block = 0  # the block a graph's attention reads in, once graph steps ran (0: none)
         # What the last prepare_graph_step left mapped: (buffers' extent, first and last stop it serves).
-        self._prepared: tuple[tuple, int, int] | None = None
+        self._prepared: tuple[tuple[int, int, int], int, int] | None = None
         self.fast_prepares = 0  # steps prepare_graph_step found mapped already
         # Counts the changes made outside replayed steps (updates, resets, crops, batch changes,
         # frees): a graph decoder's decode ends at any of them.
@@ -264,18 +264,17 @@ class VirtualKVLayer(CacheLayerMixin):
         if kv.stop > held:
             kv.zero(batch, held, kv.stop)
         # The stops _commit would return early for, the mapping as it is now: every later stop
-        # whose block end and lead stay within the mapped span. A mapping's extent is its spans
-        # and its count of commits: any commit since (an eager step, a crop, a reset and a new
-        # prompt over the same span) changes it, so the zeroing above runs again.
+        # whose block end and lead stay within the mapped span. A mapping's extent is the
+        # buffers' count of commits, through which alone their spans change: any commit since
+        # (an eager step, a crop, a reset and a new prompt over the same span, a sleep) changes
+        # it, so the zeroing above runs again; new buffers drop _prepared.
         limit = self.graph_capacity
         through = limit if kv.stop >= limit else min(kv.stop // block * block, kv.stop - self._lead(kv.tokens_per_page))
         self._prepared = (self._extent(batch, block), asked, through)
 
-    def _extent(self, batch: int, block: int) -> tuple:
-        """What a graph step's mapping depends on: the step's shape, the buffers' spans and
-        their count of commits."""
-        kv = self._buffers()
-        return batch, block, kv.commits, kv.spans
+    def _extent(self, batch: int, block: int) -> tuple[int, int, int]:
+        """What a graph step's mapping depends on: the step's shape and the buffers' commits."""
+        return batch, block, self._buffers().commits
 
     def finish_graph_step(self, stop: int) -> None:
         """The host's record of a replayed step: the layer holds `stop` positions now."""
