@@ -67,13 +67,31 @@ def reserved_breakdown(torch) -> dict[str, Any]:
     return out
 
 
+def memory_now(torch) -> dict[str, int]:
+    """After a step: reserved and allocated, and the graph pools' share of each (in which
+    step a pool grows tells warm-up, recording and replay apart)."""
+    import vmmalloc
+
+    out = {"reserved": torch.cuda.memory_reserved(), "allocated": torch.cuda.memory_allocated()}
+    if vmmalloc.is_enabled():
+        stats = torch.cuda.memory_stats()
+        out.update(pools_reserved=int(stats["vmm.private_pool_bytes"]),
+                   pools_allocated=int(stats["vmm.private_pool_allocated_bytes.current"]),
+                   pending_frees=int(stats["vmm.pending_frees"]), stitches=int(stats["vmm.stitches"]))
+    else:
+        segments = [s for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0)]
+        out.update(pools_reserved=sum(s["total_size"] for s in segments),
+                   pools_allocated=sum(s["allocated_size"] for s in segments))
+    return out
+
+
 def measure_train(torch, args: dict[str, Any]) -> dict[str, Any]:
     from bench.fragmentation import build
 
     model, optimizer = build(torch, args["layers"])
     compiled = torch.compile(model, mode="reduce-overhead")
     batch, seq = args["batch"], args["seq"]
-    times, losses = [], []
+    times, losses, trajectory = [], [], []
     for step in range(args["warmup"] + args["steps"]):
         g = torch.Generator(device="cuda").manual_seed(step)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda", generator=g)
@@ -87,9 +105,10 @@ def measure_train(torch, args: dict[str, Any]) -> dict[str, Any]:
         end.record()
         end.synchronize()
         losses.append(float(loss))
+        trajectory.append(memory_now(torch))
         if step >= args["warmup"]:
             times.append(start.elapsed_time(end) / 1000)
-    return {"step_s": statistics.median(times), "steps_s": times, "losses": losses}
+    return {"step_s": statistics.median(times), "steps_s": times, "losses": losses, "trajectory": trajectory}
 
 
 def measure_decode(torch, args: dict[str, Any]) -> dict[str, Any]:
@@ -171,8 +190,12 @@ def run(backend: str = "cuda", quick: bool = False, names: tuple[str, ...] = ("t
                 results_of_round[system] = run_worker("bench.compile_graphs", system, args, timeout=1800)
                 # Each system's figures as they come: a run cut short (or a summary that fails)
                 # still leaves them in the log.
-                figures = {k: v for k, v in results_of_round[system].items() if k not in ("steps_s", "losses")}
+                figures = {k: v for k, v in results_of_round[system].items() if k not in ("steps_s", "losses", "trajectory")}
                 print(f"[compile_graphs] {name} round {r} {system}: {json.dumps(figures)}", flush=True)
+                for step, m in enumerate(results_of_round[system].get("trajectory", [])):
+                    print(f"[compile_graphs]   step {step}: " + ", ".join(
+                        f"{k} {v / GiB:.3f} GiB" if k.endswith(("reserved", "allocated")) else f"{k} {v}"
+                        for k, v in m.items()), flush=True)
             per_round.append(results_of_round)
         speed = "step_s" if name == "train" else "tok_s"
         ratios = {}
