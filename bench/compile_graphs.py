@@ -40,15 +40,6 @@ from bench.workers import run_worker, worker_main
 GiB = 1 << 30
 
 
-def pool_bytes(torch) -> int:
-    """Bytes held by private (graph) pools now."""
-    import vmmalloc
-
-    if vmmalloc.is_enabled():
-        return int(torch.cuda.memory_stats()["vmm.private_pool_bytes"])
-    return sum(s["total_size"] for s in torch.cuda.memory_snapshot() if tuple(s["segment_pool_id"]) != (0, 0))
-
-
 def reserved_breakdown(torch) -> dict[str, Any]:
     """Where the reserved bytes are now, from torch's memory snapshot (both allocators serve
     it): allocated and free in the default pool, and in private (graph) pools. A caching
@@ -68,8 +59,9 @@ def reserved_breakdown(torch) -> dict[str, Any]:
 
 
 def memory_now(torch) -> dict[str, int]:
-    """After a step: reserved and allocated, and the graph pools' share of each (in which
-    step a pool grows tells warm-up, recording and replay apart)."""
+    """Reserved and allocated now, and the graph pools' share of each (native: the snapshot's
+    segments of private pools; vmmalloc: its pool counters). After each step, in which step a
+    pool grows tells warm-up, recording and replay apart."""
     import vmmalloc
 
     out = {"reserved": torch.cuda.memory_reserved(), "allocated": torch.cuda.memory_allocated()}
@@ -142,7 +134,7 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
 
     out = measure_train(torch, args) if args["workload"] == "train" else measure_decode(torch, args)
     out.update(peak_reserved=torch.cuda.max_memory_reserved(), peak_allocated=torch.cuda.max_memory_allocated(),
-               pool_bytes=pool_bytes(torch), vmmalloc_enabled=vmmalloc.is_enabled(),
+               pool_bytes=memory_now(torch)["pools_reserved"], vmmalloc_enabled=vmmalloc.is_enabled(),
                reserved_breakdown=reserved_breakdown(torch))
     out["reserved_over_allocated"] = out["peak_reserved"] / max(1, out["peak_allocated"])
     if vmmalloc.is_enabled():
