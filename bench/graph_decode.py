@@ -25,7 +25,8 @@ The bound: one read of the weights and of the KV per step at the HBM bandwidth
 in tok/s; KV committed <= 1.05x the tokens held; p99 / median step <= 1.10.
 
     python -m bench.run graph_decode --backend cuda [--quick]
-    python -m bench.graph_decode sweep [OUT_DIR]     # contexts 2K-64K at batch 8, and a plot
+    python -m bench.graph_decode sweep [OUT_DIR] [--systems a,b]  # contexts 2K-64K at batch 8, a plot
+    python -m bench.graph_decode assemble LOG [OUT_DIR]  # the JSON from a run's log, also a cut one
 """
 from __future__ import annotations
 
@@ -63,6 +64,9 @@ def kv_page_floor(config, row_tokens: list[int], page_bytes: int = 2 << 20, shar
     return sum(-(-t // per_page) * per_page for t in row_tokens) / sum(row_tokens)
 
 
+RESULT_LINE = "[graph_decode] result "  # one system's whole result, one JSON line, as it finishes
+
+
 def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
     if backend != "cuda":
         raise ValueError("graph_decode needs a GPU (--backend cuda)")
@@ -76,13 +80,20 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
             systems[cache] = r
             print(f"[graph_decode] {cache}: " + (f"{r['decode_tok_s']:.1f} tok/s" if r["ok"] else r["error"]),
                   flush=True)
-            # Its scalar figures as they come: a run cut short still leaves them in the log.
-            print(f"[graph_decode] {cache} figures: "
-                  + json.dumps({k: v for k, v in r.items() if isinstance(v, (int, float, str, bool))}), flush=True)
+            # The whole result as it comes: a run cut short by a time limit still leaves every
+            # finished system in its log, and `assemble` makes the JSON from it.
+            print(RESULT_LINE + json.dumps({"cache": cache, "batch": batch, "context": context, "new": new,
+                                            "repeats": repeats, "result": r}), flush=True)
+    return result_for(systems, batch, context, new, repeats)
+
+
+def result_for(systems: dict[str, Any], batch: int, context: int, new: int, repeats: int) -> dict[str, Any]:
+    """The benchmark's result from the systems that finished (a ratio whose systems are
+    missing is left out, and its target reads as not measured)."""
     config = llama3_8b_config(context + new)
     ratios: dict[str, Any] = {}
-    ours = systems["vmm_graphs"]
-    if ours["ok"]:
+    ours = systems.get("vmm_graphs", {})
+    if ours.get("ok"):
         # Tokens held at the end of the longest repeat, against the KV pages mapped then.
         held = kv_bytes(config, 1, ours["tokens_held"])
         ratios.update({
@@ -98,24 +109,43 @@ def run(backend: str = "cuda", quick: bool = False) -> dict[str, Any]:
             ratios["vmm_graphs_fused_step_over_vmm_graphs"] = fused["step_median_s"] / ours["step_median_s"]
             ratios["vmm_graphs_fused_fraction_of_bandwidth_bound"] = (fused["bandwidth_bound_step_s"]
                                                                      / fused["step_median_s"])
+            ratios["vmm_graphs_fused_p99_over_median_step"] = fused["step_p99_s"] / fused["step_median_s"]
         for peer in ("vmm", "static_compiled", "paged", "dynamic"):
-            if systems[peer]["ok"]:
+            if systems.get(peer, {}).get("ok"):
                 ratios[f"vmm_graphs_tok_s_vs_{peer}"] = ours["decode_tok_s"] / systems[peer]["decode_tok_s"]
                 ratios[f"vmm_graphs_token_match_vs_{peer}"] = match_rate(ours["tokens"], systems[peer]["tokens"])
                 ratios[f"vmm_graphs_peak_reserved_vs_{peer}"] = ours["peak_reserved"] / systems[peer]["peak_reserved"]
-    static, dynamic = systems["static_compiled"], systems["dynamic"]
-    if static["ok"]:
+    static, dynamic = systems.get("static_compiled", {}), systems.get("dynamic", {})
+    if static.get("ok"):
         ratios["static_compiled_fraction_of_bandwidth_bound"] = static["bandwidth_bound_step_s"] / static["step_median_s"]
         ratios["static_compiled_first_call_first_step_s"] = static["raw_step_times_s"][0][0]  # compiles
-        if dynamic["ok"]:
+        if dynamic.get("ok"):
             # The floor of the match rates: transformers' own two paths on the same weights.
             ratios["token_match_dynamic_vs_static_compiled"] = match_rate(dynamic["tokens"], static["tokens"])
     met = {key: None if key not in ratios else target_met(f"{ratios[key]:.6f}", target) for key, target in TARGETS.items()}
+    missing = [cache for cache in SYSTEMS if cache not in systems]
     return {"benchmark": "graph_decode",
             "workload": {"model": "Llama-3-8B shape, random bf16 weights", "batch": batch, "context": context,
                          "new_tokens": new, "greedy": True, "repeats": repeats,
                          "bound": "weights + KV at mid-decode, one read per step at 4.3 TB/s"},
-            "systems": systems, "ratios": ratios, "targets": TARGETS, "met": met}
+            "systems": systems, "ratios": ratios, "targets": TARGETS, "met": met,
+            **({"missing_systems": missing} if missing else {})}
+
+
+def assemble(log: Path) -> dict[str, Any]:
+    """The result from a run's log (`python -m bench.run graph_decode ... > log`), also when
+    the run was cut short: every system whose RESULT_LINE it printed."""
+    systems: dict[str, Any] = {}
+    shape = None
+    for line in log.read_text().splitlines():
+        if line.startswith(RESULT_LINE):
+            record = json.loads(line[len(RESULT_LINE):])
+            systems[record["cache"]] = record["result"]
+            shape = (record["batch"], record["context"], record["new"], record["repeats"])
+    if shape is None:
+        raise SystemExit(f"graph_decode assemble: {log} holds no '{RESULT_LINE.strip()}' line; "
+                         "give the log of a `python -m bench.run graph_decode` run")
+    return result_for(systems, *shape)
 
 
 # (ratio key, what it measures in words, target) for the report's rows.
@@ -124,6 +154,7 @@ RATIO_ROWS = (
     ("vmm_graphs_tok_s_vs_vmm", "in graphs: decode speed / VirtualKVCache eager", ""),
     ("vmm_graphs_fused_step_over_vmm_graphs", "in graphs, small kernels fused: median step / unfused", ""),
     ("vmm_graphs_fused_fraction_of_bandwidth_bound", "in graphs, small kernels fused: the bound's step / median", ""),
+    ("vmm_graphs_fused_p99_over_median_step", "in graphs, small kernels fused: p99 step / median step", ""),
     ("vmm_graphs_tok_s_vs_dynamic", "in graphs: decode speed / DynamicCache", ""),
     ("vmm_graphs_tok_s_vs_paged", "in graphs: decode speed / continuous batching's (paged)", ""),
     ("vmm_graphs_peak_reserved_vs_paged", "in graphs: peak reserved / continuous batching's", ""),
@@ -158,23 +189,57 @@ SWEEP_CONTEXTS = [2048, 8192, 16384, 32768, 65536]  # at batch 8, 32 new tokens
 VARIABLE_LENGTHS = [2048, 4096, 6144, 8192, 10240, 12288, 14336, 16384]
 
 
-def sweep(out_dir: Path, new_tokens: int = 32) -> dict[str, Any]:
+def sweep(out_dir: Path, new_tokens: int = 32, caches: list[str] | None = None) -> dict[str, Any]:
     """tok/s and peak reserved against context for every system, one process each, and the
-    variable-length batch (its point is the one with row_lengths)."""
+    variable-length batch (its point is the one with row_lengths).
+
+    With `caches`, only those systems run and their results replace theirs in the sweep
+    already in `out_dir`, so a sweep longer than one device call is measured in parts; each
+    system keeps the environment (commit, date) it was measured with, and the result and the
+    plot are written after every system, so a part cut short keeps what finished."""
     from bench.common import environment, write_result
     from bench.kv_cache import plot
 
     points: list[list[Any]] = [[8, c, new_tokens] for c in SWEEP_CONTEXTS]
     points.append([len(VARIABLE_LENGTHS), max(VARIABLE_LENGTHS), new_tokens, VARIABLE_LENGTHS])
-    systems = {cache: run_worker("bench.kv_cache", allocator, {"cache": cache, "points": points}, timeout=3600)
-               for cache, allocator in SYSTEMS.items() if cache != "vmm_graphs_fused"}  # the A/B is graph_decode's
-    result = {"benchmark": "graph_decode_sweep", "points": points, "systems": systems, "environment": environment()}
-    write_result("graph_decode_sweep", result, out_dir)
-    plot(result, out_dir / "graph_decode_sweep.png", batch=8, title="Decode in CUDA graphs and its peers")
+    sweepable = [cache for cache in SYSTEMS if cache != "vmm_graphs_fused"]  # the A/B is graph_decode's
+    unknown = sorted(set(caches or ()) - set(sweepable))
+    if unknown:
+        raise SystemExit(f"graph_decode sweep: unknown system(s) {', '.join(unknown)}; "
+                         f"choose from {', '.join(sweepable)}")
+    path = out_dir / "graph_decode_sweep.json"
+    result: dict[str, Any] = {"benchmark": "graph_decode_sweep", "points": points, "systems": {}}
+    if caches and path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier.get("points") == points:  # the same sweep: keep the systems this part does not run
+            result["systems"] = earlier["systems"]
+    for cache in caches or sweepable:
+        measured = run_worker("bench.kv_cache", SYSTEMS[cache], {"cache": cache, "points": points}, timeout=3600)
+        result["systems"][cache] = {**measured, "environment": environment()}
+        result["environment"] = environment()
+        write_result("graph_decode_sweep", result, out_dir)
+        plot(result, out_dir / "graph_decode_sweep.png", batch=8, title="Decode in CUDA graphs and its peers")
+        print(f"[graph_decode sweep] {cache}: " + ", ".join(
+            f"{r['context']}: {r['decode_tok_s']:.0f} tok/s" if r.get("ok") else f"{r['context']}: failed"
+            for r in measured["results"]), flush=True)
     return result
 
 
 if __name__ == "__main__" and sys.argv[1:2] == ["sweep"]:
     from bench.common import RESULTS_DIR
 
-    sweep(Path(sys.argv[2]) if len(sys.argv) > 2 else RESULTS_DIR)
+    sweep_args = sys.argv[2:]
+    only = None
+    if "--systems" in sweep_args:
+        at = sweep_args.index("--systems")
+        only = sweep_args[at + 1].split(",") if at + 1 < len(sweep_args) else []
+        del sweep_args[at:at + 2]
+    sweep(Path(sweep_args[0]) if sweep_args else RESULTS_DIR, caches=only)
+elif __name__ == "__main__" and sys.argv[1:2] == ["assemble"] and len(sys.argv) in (3, 4):
+    from bench.common import RESULTS_DIR, environment, write_result
+
+    assembled = assemble(Path(sys.argv[2]))
+    assembled["environment"] = environment()  # run on the machine that measured, or fill in its facts
+    print(write_result("graph_decode", assembled, Path(sys.argv[3]) if len(sys.argv) > 3 else RESULTS_DIR))
+elif __name__ == "__main__":
+    raise SystemExit("usage: python -m bench.graph_decode sweep [OUT_DIR] [--systems a,b] | assemble LOG [OUT_DIR]")

@@ -63,3 +63,59 @@ def test_sweep_plot_draws_what_ran(tmp_path):
                                                      {**point(16384), "row_lengths": [2048, 16384]}]}}}
     plot(result, tmp_path / "sweep.png", batch=8, title="Decode in graphs")
     assert (tmp_path / "sweep.png").stat().st_size > 1000
+
+
+def _system(step_s: float, tokens: list[list[int]]) -> dict:
+    return {"ok": True, "decode_tok_s": 8 / step_s, "step_median_s": step_s, "step_p99_s": step_s * 1.05,
+            "peak_reserved": 5e10, "tokens": tokens, "raw_step_times_s": [[0.2, step_s]],
+            "bandwidth_bound_step_s": 0.008, "kv_committed_final": 2e10, "tokens_held": 147960}
+
+
+def test_assemble_rebuilds_the_result_of_a_run_cut_short(tmp_path):
+    import json
+
+    from bench.graph_decode import RESULT_LINE, SYSTEMS, assemble
+
+    lines = ["[graph_decode] vmm_graphs: 600.0 tok/s", "some other output"]
+    for cache, step in (("vmm_graphs", 0.0133), ("vmm", 0.0375)):
+        lines.append(RESULT_LINE + json.dumps({"cache": cache, "batch": 8, "context": 16384, "new": 64,
+                                               "repeats": 3, "result": _system(step, [[1, 2], [3, 4]])}))
+    log = tmp_path / "graph_decode.log"
+    log.write_text("\n".join(lines) + "\n")
+    result = assemble(log)
+    assert set(result["systems"]) == {"vmm_graphs", "vmm"}
+    assert result["missing_systems"] == [c for c in SYSTEMS if c not in ("vmm_graphs", "vmm")]
+    assert result["ratios"]["vmm_graphs_tok_s_vs_vmm"] == pytest.approx(0.0375 / 0.0133)
+    assert result["ratios"]["vmm_graphs_fraction_of_bandwidth_bound"] == pytest.approx(0.008 / 0.0133)
+    assert result["met"]["vmm_graphs_tok_s_vs_static_compiled"] is None, "a peer that did not run is not measured"
+    assert "static_compiled_fraction_of_bandwidth_bound" not in result["ratios"]
+
+
+def test_assemble_refuses_a_log_without_results(tmp_path):
+    from bench.graph_decode import assemble
+
+    log = tmp_path / "other.log"
+    log.write_text("[bench] graph_decode on cuda ...\n")
+    with pytest.raises(SystemExit, match="holds no"):
+        assemble(log)
+
+
+def test_a_sweep_part_keeps_the_systems_it_does_not_run(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import json
+
+    import bench.graph_decode as graph_decode
+
+    def fake_worker(module, allocator, args, timeout):
+        return {"cache": args["cache"], "results": [{"ok": True, "batch": p[0], "context": p[1], "decode_tok_s": 10.0,
+                                                     "peak_reserved": 1e10} for p in args["points"]]}
+
+    monkeypatch.setattr(graph_decode, "run_worker", fake_worker)
+    graph_decode.sweep(tmp_path, caches=["vmm_graphs"])
+    graph_decode.sweep(tmp_path, caches=["dynamic"])
+    stored = json.loads((tmp_path / "graph_decode_sweep.json").read_text())
+    assert set(stored["systems"]) == {"vmm_graphs", "dynamic"}
+    assert "commit" in stored["systems"]["dynamic"]["environment"], "each part says what it measured"
+    assert (tmp_path / "graph_decode_sweep.png").exists()
+    with pytest.raises(SystemExit, match="unknown system"):
+        graph_decode.sweep(tmp_path, caches=["vmm_graphs_fused"])
