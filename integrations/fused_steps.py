@@ -10,7 +10,9 @@ Attention and the cache stay outside the compiled code (their views alias one re
 which AOT autograd's alias replay does not take). Only the classes whose forward is known
 to be exactly the function below are swapped (FUSED_NORMS), so a model with another norm
 (Gemma's 1 + weight) keeps its own. Numerics: the same operations in the same precision;
-inductor may order the fp32 reduction differently, within rounding.
+inductor may order the fp32 reduction differently, within rounding. Where the fused
+functions fail (inductor without a compiler, triton missing), the decoder says so once and its
+graphs run the small kernels unfused (GraphDecoder.fuse_failed), never eagerly.
 """
 from __future__ import annotations
 

@@ -51,11 +51,11 @@ _attention_calls = [0]  # graph_attention's calls in a warm-up step: every layer
 _said: set[str] = set()
 
 
-def say_once(reason: str) -> None:
-    """Warns that decode runs eagerly, once per reason in a process."""
+def say_once(reason: str, prefix: str = "vmmalloc: decode runs eagerly, not in CUDA graphs: ") -> None:
+    """Warns once per reason in a process (by default, that decode runs eagerly)."""
     if reason not in _said:
         _said.add(reason)
-        warnings.warn(f"vmmalloc: decode runs eagerly, not in CUDA graphs: {reason}", stacklevel=3)
+        warnings.warn(prefix + reason, stacklevel=3)
 
 
 class CompiledAttentionFellBack(RuntimeError):
@@ -333,6 +333,9 @@ class GraphDecoder:
         self.attention = attention
         self.fuse_small_kernels = fuse_small_kernels
         self.fused_modules = 0  # modules the last step ran fused
+        # Why fusing failed, once it has: the steps then run the small kernels unfused (in
+        # graphs still), since fusing is only an optimisation of the same arithmetic.
+        self.fuse_failed: str | None = None
         self.kernels: dict[str, int] = {"flash": 0, "flex": 0}  # steps served by each
         # (batch, length, layer 0's eager epoch) the next step of this decode has: any eager
         # change of the cache in between (a prompt, a reset, a crop) ends the decode.
@@ -399,11 +402,10 @@ class GraphDecoder:
         self._set_inputs(recorded, inputs, length)
         cache_key = "cache" if "cache" in inputs else "past_key_values"
         if not self.capture:
-            with self._graph_mode(model, recorded):
-                recorded.keep_output(self._step(model, recorded, cache_key), self.cache)
+            self._unfused_after_failure(lambda: self._run_step(model, recorded, cache_key))
         elif recorded.graph is None:
             try:
-                self._record(model, recorded, cache_key)
+                self._unfused_after_failure(lambda: self._record(model, recorded, cache_key))
             except Exception as error:  # noqa: BLE001 (any failure to record: decode this shape eagerly)
                 # The warm-up wrote this step's K/V at its position, as the eager step does again.
                 self.failed[key] = f"recording the decode step failed: {error}"
@@ -420,6 +422,27 @@ class GraphDecoder:
         self.kernels[recorded.kernel] += 1
         self._continues = (batch, length + 1, layers[0].eager_epoch)
         return recorded.output(self.cache)
+
+    def _run_step(self, model: Any, recorded: _Recorded, cache_key: str) -> None:
+        """The step's graph-mode operations run eagerly (no capture)."""
+        with self._graph_mode(model, recorded):
+            recorded.keep_output(self._step(model, recorded, cache_key), self.cache)
+
+    def _unfused_after_failure(self, attempt: Callable[[], None]) -> None:
+        """`attempt` (a recording, or a step run without capture); where it fails with the
+        small kernels fused, fusing is turned off for this decoder (said once) and `attempt`
+        runs once more, unfused: a step written again at its position writes the same K/V."""
+        fused = self.fuse_small_kernels and self.fuse_failed is None
+        try:
+            attempt()
+        except Exception as error:  # noqa: BLE001 (inductor, triton or a compiler missing, or a recompile refused)
+            if not fused:
+                raise
+            self.fuse_failed = f"{type(error).__name__}: {error}"
+            self.fused_modules = 0
+            say_once(f"fusing the decode step's small kernels failed ({self.fuse_failed}); "
+                     "its graphs run them unfused", prefix="vmmalloc: ")
+            attempt()
 
     def _kernel(self, mask: torch.Tensor | None, batch: int, length: int) -> str:
         """The attention kernel for a step at `length` (Note [Row spans for FlashAttention])."""
@@ -516,7 +539,7 @@ class GraphDecoder:
             layer.graph_position = recorded.position
         try:
             with contextlib.ExitStack() as fused:
-                if self.fuse_small_kernels:
+                if self.fuse_small_kernels and self.fuse_failed is None:
                     self.fused_modules = fused.enter_context(fused_small_kernels(model))
                 yield
         finally:

@@ -167,6 +167,48 @@ def test_fused_small_kernels_give_the_tokens_of_eager_decode(device):
         assert_decodes_alike(out, eager, ids.shape[1])
 
 
+def test_fused_kernels_that_fail_to_compile_leave_the_steps_in_graphs_unfused(device, monkeypatch):
+    """Fusing is an optimisation of the same arithmetic: where the fused functions fail (no
+    compiler for inductor, triton missing), the decoder says so once and its steps run the
+    small kernels unfused, still through the graph path, with eager decode's tokens; the
+    later steps do not try again."""
+    import vmmalloc.integrations.graph_decode as graph_decode
+
+    entered = []
+
+    @contextlib.contextmanager
+    def failing_fused(model):
+        entered.append(1)
+        norm = next(m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm")
+
+        def forward(hidden_states):
+            raise RuntimeError("inductor: no working C++ compiler found")
+        norm.forward = forward
+        try:
+            yield 1
+        finally:
+            del norm.forward
+
+    monkeypatch.setattr(graph_decode, "fused_small_kernels", failing_fused)
+    model = tiny_model("llama", device, max_positions=4096)
+    ids, mask = prompt(2, 12, device)
+    eager = decode(model, ids, mask, VirtualKVCache(model.config, max_length=200), 8)
+    cache = VirtualKVCache(model.config, max_length=200)
+    decoder = GraphDecoder.of(model, cache, capture=device == "cuda", attention="flash", fuse_small_kernels=True)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        out = decode(model, ids, mask, cache, 8, decoder)
+    fusing = [str(w.message) for w in said if "small kernels" in str(w.message)]
+    assert len(fusing) == 1 and "no working C++ compiler" in fusing[0] and "unfused" in fusing[0], fusing
+    assert decoder.fuse_failed is not None and "no working C++ compiler" in decoder.fuse_failed
+    assert len(entered) == 1, "fusing is tried once per decoder, not at every step"
+    assert decoder.replays == 7 and decoder.fused_modules == 0 and not decoder.failed
+    if device == "cpu":
+        assert torch.equal(out[0], eager[0])
+    else:
+        assert_decodes_alike(out, eager, ids.shape[1])
+
+
 def test_a_new_decode_checks_its_mask_again_even_at_the_length_the_last_one_ended():
     """The padding verdict belongs to one decode: a second generate() on the same decoder whose
     prompt is exactly as long as the first decode ended, with a hole in its mask, must not
