@@ -88,7 +88,8 @@ def prompt_ids(torch, config, batch: int, context: int, longest: int):
 
 
 def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
-            repeats: int = 1, row_lengths: list[int] | None = None) -> dict[str, Any]:
+            repeats: int = 1, row_lengths: list[int] | None = None,
+            prefill_chunk: int | None = None) -> dict[str, Any]:
     """`repeats` generate() calls: time to first token, decode step times, peak memory.
 
     With `row_lengths` (at most `context` each) row b's prompt is its last row_lengths[b]
@@ -100,7 +101,11 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
     boundaries fall at the same decode steps. A spike that a page boundary causes then comes
     back at the same step in every repeat, and the machine's noise does not: the step times
     reported are the per-step medians over the repeats, and p99 is taken over those (raw
-    times are kept too)."""
+    times are kept too).
+
+    With `prefill_chunk`, generate() prefills prompts longer than that in chunks of it
+    (transformers' prefill_chunk_size): a one-pass prefill of 8 x 64K tokens would not fit
+    beside its KV on one GPU."""
     from transformers import StoppingCriteria, StoppingCriteriaList
 
     import vmmalloc
@@ -134,6 +139,8 @@ def run_one(torch, model, cache: str, batch: int, context: int, new_tokens: int,
     graphs = cache in ("vmm_graphs", "vmm_graphs_fused")
     compiled = cache == "static_compiled" or graphs
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, disable_compile=not compiled)
+    if prefill_chunk is not None and context > prefill_chunk:
+        kwargs["prefill_chunk_size"] = prefill_chunk
     runs, ttfts, peaks_reserved, peaks_allocated, after_prefill, mapping_steps = [], [], [], [], [], []
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
@@ -274,7 +281,8 @@ def measure(args: dict[str, Any]) -> dict[str, Any]:
         return {"cache": cache, "vmmalloc_enabled": vmmalloc.is_enabled(), "results": results}
     for batch in sorted({b for b, _, _, _ in points}):  # warm-up: kernels of each batch loaded
         run_one(torch, model, cache, batch, 256, 4)
-    results = [run_one(torch, model, cache, b, c, n, repeats, lengths) for b, c, n, lengths in points]
+    chunk = args.get("prefill_chunk")
+    results = [run_one(torch, model, cache, b, c, n, repeats, lengths, chunk) for b, c, n, lengths in points]
     return {"cache": cache, "vmmalloc_enabled": vmmalloc.is_enabled(), "results": results}
 
 
