@@ -17,6 +17,7 @@ import contextlib
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -373,8 +374,10 @@ def sweep(out_dir: Path, new_tokens: int = 16) -> dict[str, Any]:
     return result
 
 
-def plot(result: dict[str, Any], path: Path, batch: int = 4, title: str = "KV caches") -> None:
-    """tok/s and peak reserved against context, one line per system, at `batch`."""
+def plot(result: dict[str, Any], path: Path, batch: int = 4, title: str = "KV caches",
+         tok_s: Callable[[dict[str, Any]], float] | None = None, tok_s_label: str = "decode tokens/s") -> None:
+    """tok/s and peak reserved against context, one line per system, at `batch`; `tok_s`
+    reads a point's speed (default: its decode_tok_s, the mean over its steps)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -384,9 +387,9 @@ def plot(result: dict[str, Any], path: Path, batch: int = 4, title: str = "KV ca
     for cache, data in result["systems"].items():
         rows = [r for r in data["results"] if r.get("ok") and r["batch"] == batch and not r.get("row_lengths")]
         xs = [r["context"] for r in rows]
-        axes[0].plot(xs, [r["decode_tok_s"] for r in rows], marker="o", label=cache)
+        axes[0].plot(xs, [tok_s(r) if tok_s else r["decode_tok_s"] for r in rows], marker="o", label=cache)
         axes[1].plot(xs, [r["peak_reserved"] / GB for r in rows], marker="o", label=cache)
-    for ax, label in zip(axes, (f"decode tokens/s (batch {batch})", f"peak reserved GB (batch {batch})")):
+    for ax, label in zip(axes, (f"{tok_s_label} (batch {batch})", f"peak reserved GB (batch {batch})")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel(label)

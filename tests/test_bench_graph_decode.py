@@ -51,17 +51,31 @@ def test_left_padding_keeps_each_row_s_own_prompt():
     assert (grown[0] != 0).sum() == 6 and (grown[1] != 0).sum() == 4
 
 
-def test_sweep_plot_draws_what_ran(tmp_path):
+def test_sweep_plot_draws_what_ran(tmp_path, monkeypatch):
+    """The sweep's plot takes each point's speed from its median step (a point is one call, so
+    its mean step carries the recording or compile); failed and variable-length points are left out."""
     pytest.importorskip("matplotlib")
-    from bench.kv_cache import plot
+    import bench.kv_cache
+    from bench.graph_decode import plot_sweep, steady_tok_s
 
     def point(context, ok=True):
-        return {"ok": ok, "batch": 8, "context": context, "decode_tok_s": 100.0, "peak_reserved": 3e10}
+        return {"ok": ok, "batch": 8, "context": context, "decode_tok_s": 100.0, "step_median_s": 0.01,
+                "peak_reserved": 3e10}
 
     result = {"environment": {"gpu": "a GPU"},
               "systems": {"vmm_graphs": {"results": [point(2048), point(8192), point(65536, ok=False),
                                                      {**point(16384), "row_lengths": [2048, 16384]}]}}}
-    plot(result, tmp_path / "sweep.png", batch=8, title="Decode in graphs")
+    assert steady_tok_s(point(2048)) == pytest.approx(800.0)
+    drawn = []
+    real_plot = bench.kv_cache.plot
+
+    def spy(result, path, **kwargs):
+        drawn.append([kwargs["tok_s"](r) for r in result["systems"]["vmm_graphs"]["results"] if r["ok"]])
+        real_plot(result, path, **kwargs)
+
+    monkeypatch.setattr(bench.kv_cache, "plot", spy)
+    plot_sweep(result, tmp_path / "sweep.png")
+    assert drawn == [[800.0, 800.0, 800.0]]
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
@@ -107,8 +121,9 @@ def test_a_sweep_part_keeps_the_systems_it_does_not_run(tmp_path, monkeypatch):
     import bench.graph_decode as graph_decode
 
     def fake_worker(module, allocator, args, timeout):
-        return {"cache": args["cache"], "results": [{"ok": True, "batch": p[0], "context": p[1], "decode_tok_s": 10.0,
-                                                     "peak_reserved": 1e10} for p in args["points"]]}
+        results = [{"ok": True, "batch": p[0], "context": p[1], "decode_tok_s": 10.0, "step_median_s": 0.8,
+                    "peak_reserved": 1e10} for p in args["points"]]
+        return {"cache": args["cache"], "results": results}
 
     monkeypatch.setattr(graph_decode, "run_worker", fake_worker)
     graph_decode.sweep(tmp_path, caches=["vmm_graphs"])
