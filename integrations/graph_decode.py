@@ -436,8 +436,8 @@ class GraphDecoder:
         try:
             attempt()
         except Exception as error:  # noqa: BLE001 (inductor, triton or a compiler missing, or a recompile refused)
-            if not fused:
-                raise
+            if not fused or isinstance(error, torch.OutOfMemoryError):
+                raise  # (out of memory is the step's, not the fusing's: the caller's fallback)
             self.fuse_failed = f"{type(error).__name__}: {error}"
             self.fused_modules = 0
             say_once(f"fusing the decode step's small kernels failed ({self.fuse_failed}); "

@@ -209,6 +209,26 @@ def test_fused_kernels_that_fail_to_compile_leave_the_steps_in_graphs_unfused(de
         assert_decodes_alike(out, eager, ids.shape[1])
 
 
+def test_out_of_memory_in_a_fused_step_is_not_blamed_on_fusing(monkeypatch):
+    """Out of memory in a fused step is the step's: it goes to the caller (as unfused) and
+    fusing stays on for the next step."""
+    import vmmalloc.integrations.graph_decode as graph_decode
+
+    @contextlib.contextmanager
+    def out_of_memory(model):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 MiB")
+        yield 0
+
+    monkeypatch.setattr(graph_decode, "fused_small_kernels", out_of_memory)
+    model = tiny_model("llama", "cpu", max_positions=4096)
+    ids, mask = prompt(2, 12, "cpu")
+    cache = VirtualKVCache(model.config, max_length=200)
+    decoder = GraphDecoder.of(model, cache, capture=False, attention="flash", fuse_small_kernels=True)
+    with pytest.raises(torch.OutOfMemoryError):
+        decode(model, ids, mask, cache, 4, decoder)
+    assert decoder.fuse_failed is None
+
+
 def test_a_new_decode_checks_its_mask_again_even_at_the_length_the_last_one_ended():
     """The padding verdict belongs to one decode: a second generate() on the same decoder whose
     prompt is exactly as long as the first decode ended, with a hole in its mask, must not
