@@ -210,7 +210,7 @@ def test_fused_kernels_that_fail_to_compile_leave_the_steps_in_graphs_unfused(de
 
 
 def test_out_of_memory_in_a_fused_step_is_not_blamed_on_fusing(monkeypatch):
-    """Out of memory in a fused step is the step's: it goes to the caller (as unfused) and
+    """Out of memory in a fused step is the step's: it reaches the caller as an unfused one would, and
     fusing stays on for the next step."""
     import vmmalloc.integrations.graph_decode as graph_decode
 
