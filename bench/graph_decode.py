@@ -25,7 +25,8 @@ The bound: one read of the weights and of the KV per step at the HBM bandwidth
 in tok/s; KV committed <= 1.05x the tokens held; p99 / median step <= 1.10.
 
     python -m bench.run graph_decode --backend cuda [--quick]
-    python -m bench.graph_decode sweep [OUT_DIR] [--systems a,b]  # contexts 2K-64K at batch 8, a plot
+    python -m bench.graph_decode sweep [OUT_DIR] [--systems a,b] [--points 16384,variable]
+                                         # contexts 2K-64K at batch 8, a plot; parts replace theirs
     python -m bench.graph_decode assemble LOG [OUT_DIR]  # the JSON from a run's log, also a cut one
 """
 from __future__ import annotations
@@ -209,18 +210,44 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
          tok_s_label="decode tokens/s, batch / median step")
 
 
-def sweep(out_dir: Path, new_tokens: int = 32, caches: list[str] | None = None) -> dict[str, Any]:
+def sweep_points(new_tokens: int = 32) -> list[list[Any]]:
+    """The sweep's points: [batch, context, new tokens] per context, then the variable-length
+    batch [batch, longest, new tokens, row lengths]."""
+    points: list[list[Any]] = [[8, c, new_tokens] for c in SWEEP_CONTEXTS]
+    points.append([len(VARIABLE_LENGTHS), max(VARIABLE_LENGTHS), new_tokens, VARIABLE_LENGTHS])
+    return points
+
+
+def point_indices(names: list[str], points: list[list[Any]]) -> list[int]:
+    """The indices of the points named by context ("16384") or "variable" (the batch with
+    row lengths); a name that is neither is an error naming the choices."""
+    chosen = []
+    for name in names:
+        found = [i for i, p in enumerate(points)
+                 if (name == "variable" and len(p) > 3) or (len(p) == 3 and str(p[1]) == name)]
+        if not found:
+            choices = ", ".join([str(p[1]) for p in points if len(p) == 3] + ["variable"])
+            raise SystemExit(f"graph_decode sweep: unknown point {name!r}; choose from {choices}")
+        chosen += found
+    return sorted(set(chosen))
+
+
+def sweep(out_dir: Path, new_tokens: int = 32, caches: list[str] | None = None,
+          only_points: list[str] | None = None) -> dict[str, Any]:
     """tok/s and peak reserved against context for every system, one process each, and the
     variable-length batch (its point is the one with row_lengths).
 
     With `caches`, only those systems run and their results replace theirs in the sweep
     already in `out_dir`, so a sweep longer than one device call is measured in parts; each
     system keeps the environment (commit, date) it was measured with, and the result and the
-    plot are written after every system, so a part cut short keeps what finished."""
+    plot are written after every system, so a part cut short keeps what finished. With
+    `only_points` (contexts or "variable"), only those points run and each replaces the same
+    point of the system's stored results, carrying its own environment, since the system's
+    other points were measured at another commit."""
     from bench.common import environment, write_result
 
-    points: list[list[Any]] = [[8, c, new_tokens] for c in SWEEP_CONTEXTS]
-    points.append([len(VARIABLE_LENGTHS), max(VARIABLE_LENGTHS), new_tokens, VARIABLE_LENGTHS])
+    points = sweep_points(new_tokens)
+    chosen = point_indices(only_points, points) if only_points else list(range(len(points)))
     sweepable = [cache for cache in SYSTEMS if cache != "vmm_graphs_fused"]  # the A/B is graph_decode's
     unknown = sorted(set(caches or ()) - set(sweepable))
     if unknown:
@@ -228,21 +255,32 @@ def sweep(out_dir: Path, new_tokens: int = 32, caches: list[str] | None = None) 
                          f"choose from {', '.join(sweepable)}")
     path = out_dir / "graph_decode_sweep.json"
     result: dict[str, Any] = {"benchmark": "graph_decode_sweep", "points": points, "systems": {}}
-    if caches and path.exists():
+    if (caches or only_points) and path.exists():
         earlier = json.loads(path.read_text())
         if earlier.get("points") == points:  # the same sweep: keep the systems this part does not run
             result["systems"] = earlier["systems"]
     for cache in caches or sweepable:
+        stored = result["systems"].get(cache)
+        if only_points and (stored is None or len(stored["results"]) != len(points)):
+            raise SystemExit(f"graph_decode sweep: --points replaces points of {cache}'s whole sweep "
+                             f"in {path}, which holds none; run its whole sweep first")
         measured = run_worker("bench.kv_cache", SYSTEMS[cache],
-                              {"cache": cache, "points": points, "prefill_chunk": SWEEP_PREFILL_CHUNK},
+                              {"cache": cache, "points": [points[i] for i in chosen],
+                               "prefill_chunk": SWEEP_PREFILL_CHUNK},
                               timeout=3600)
-        result["systems"][cache] = {**measured, "environment": environment()}
+        if only_points:
+            for i, point_result in zip(chosen, measured["results"]):
+                stored["results"][i] = {**point_result, "environment": environment()}
+            measured = {**measured, "results": stored["results"]}
+            result["systems"][cache] = {**stored, **measured}
+        else:
+            result["systems"][cache] = {**measured, "environment": environment()}
         result["environment"] = environment()
         write_result("graph_decode_sweep", result, out_dir)
         plot_sweep(result, out_dir / "graph_decode_sweep.png")
         print(f"[graph_decode sweep] {cache}: " + ", ".join(
             f"{r['context']}: {steady_tok_s(r):.0f} tok/s" if r.get("ok") else f"{r['context']}: failed"
-            for r in measured["results"]), flush=True)
+            for r in (measured["results"][i] for i in chosen)), flush=True)
     return result
 
 
@@ -255,7 +293,12 @@ if __name__ == "__main__" and sys.argv[1:2] == ["sweep"]:
         at = sweep_args.index("--systems")
         only = sweep_args[at + 1].split(",") if at + 1 < len(sweep_args) else []
         del sweep_args[at:at + 2]
-    sweep(Path(sweep_args[0]) if sweep_args else RESULTS_DIR, caches=only)
+    only_points = None
+    if "--points" in sweep_args:
+        at = sweep_args.index("--points")
+        only_points = sweep_args[at + 1].split(",") if at + 1 < len(sweep_args) else []
+        del sweep_args[at:at + 2]
+    sweep(Path(sweep_args[0]) if sweep_args else RESULTS_DIR, caches=only, only_points=only_points)
 elif __name__ == "__main__" and sys.argv[1:2] == ["assemble"] and len(sys.argv) in (3, 4):
     from bench.common import RESULTS_DIR, environment, write_result
 

@@ -165,6 +165,7 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     from vmmalloc.integrations.offload_cache import OffloadedKVCache
 
     if isinstance(given_cache(kwargs), (VirtualKVCache, OffloadedKVCache)):
+        _pad_from_mask(given_cache(kwargs), model, kwargs)
         return _with_attention(original, model, args, kwargs)  # Note [A given vmmalloc cache]
     if _uses_own_cache(model, kwargs):
         return original(model, *args, **kwargs)
@@ -186,6 +187,7 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
     kwargs.pop("cache", None)
     kwargs[generate_cache_kwarg()] = cache
     try:
+        _pad_from_mask(cache, model, kwargs)
         out = _with_attention(original, model, args, kwargs)
     except BaseException:
         cache.free()
@@ -209,6 +211,26 @@ def _generate(original: Any, model: Any, args: tuple, kwargs: dict[str, Any]) ->
         else:
             cache.free()
     return out
+
+
+def _pad_from_mask(cache: Any, model: Any, kwargs: dict[str, Any]) -> None:
+    """An empty VirtualKVCache learns the prompt's left padding from generate()'s attention
+    mask (Note [Left padding costs no memory]), each row repeated as generate() expands it
+    for beams or returned sequences; a mask with holes, or right padding, leaves it unpadded."""
+    from vmmalloc.integrations.kv_cache import VirtualKVCache
+    from vmmalloc.integrations.length_attention import is_left_padding_only, left_padding
+
+    mask = kwargs.get("attention_mask")
+    if not isinstance(cache, VirtualKVCache) or cache.get_seq_length() > 0:
+        return
+    if mask is None or getattr(mask, "ndim", 0) != 2 or not is_left_padding_only(mask):
+        cache.set_padding(None)
+        return
+    starts = left_padding(mask).tolist()
+    # generate() expands the prompt's rows (repeat_interleave) by this before the prompt runs.
+    expand = max(int(_setting(model, kwargs, "num_beams", 1) or 1),
+                 int(_setting(model, kwargs, "num_return_sequences", 1) or 1))
+    cache.set_padding([s for s in starts for _ in range(expand)] if any(starts) else None)
 
 
 def _take_kept_cache(model: Any, max_length: int) -> Any:

@@ -125,10 +125,16 @@ class KVBuffers:
         """Whether short rows are packed into shared pages (a reservation under a page a row)."""
         return any(vt.row_stride < CHUNK_SIZE for vt in self.tensors)
 
-    def commit(self, rows: int, stop: int, start: int = 0) -> None:
-        """Backs positions ``[start, stop)`` of the first `rows` rows (VirtualTensor.commit)."""
+    @property
+    def row_starts(self) -> tuple[int, ...] | None:
+        """Where each row's tokens start, as committed (None: at `start`)."""
+        return self.tensors[0].row_starts
+
+    def commit(self, rows: int, stop: int, start: int = 0, row_starts: tuple[int, ...] | None = None) -> None:
+        """Backs positions ``[start, stop)`` of the first `rows` rows, those before
+        ``row_starts[r]`` as padding (VirtualTensor.commit: Note [Padding positions])."""
         for vt in self.tensors:
-            vt.commit(rows, stop, start)
+            vt.commit(rows, stop, start, row_starts)
 
     def zero(self, rows: int, start: int, stop: int) -> None:
         """Zeros positions ``[start, stop)`` of the first `rows` rows, K and V."""

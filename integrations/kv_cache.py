@@ -36,6 +36,17 @@ masks]). The layer's
 ``is_compileable`` stays False: transformers' own torch.compile path would trace update()
 and its page mapping into a compiled graph, where mapping cannot happen.
 
+Note [Left padding costs no memory]
+A batch of prompts of different lengths reaches the cache padded on the left to the longest.
+Given where each row's tokens start (set_padding; the patched generate() sets it from the
+attention mask), the layer commits those positions as padding (Note [Padding positions] in
+vmmalloc/virtual_tensor.py): every page holding only padding shares one chunk, so KV memory
+follows the tokens held, not batch x the longest prompt. The mask that made the padding hides
+it from every attention, eager or in a graph, so no computation weighs what those positions
+hold. A reorder of rows by a device index (beam search, batch selection) moves each row's
+padding with it: the index is read on the host once for all layers (rows_on_host: one sync a
+step, and none while every row has the same padding).
+
 Note [Sliding windows stay contiguous]
 A sliding-window layer keeps the full-length buffer, so its window is one contiguous view;
 the pages wholly before the window are unmapped as it moves on. While generate() records
@@ -43,7 +54,8 @@ the past (assisted decoding may crop back), pages are kept from where recording 
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import weakref
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -52,6 +64,19 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from vmmalloc.integrations.hf_compat import crop_to_removal, layer_windows, text_config
 from vmmalloc.integrations.kv_buffers import KVBuffers
 from vmmalloc.virtual_tensor import VirtualTensor
+
+# The last row index rows_on_host read: every layer of a step reorders by the same tensor.
+_last_rows: dict[str, Any] = {"index": None, "version": -1, "rows": []}
+
+
+def rows_on_host(index: torch.Tensor) -> list[int]:
+    """``index.tolist()``, read once while the same unchanged tensor reorders every layer."""
+    last = _last_rows["index"]
+    if last is not None and last() is index and _last_rows["version"] == index._version:
+        return _last_rows["rows"]
+    rows = [int(i) for i in index.tolist()]
+    _last_rows.update(index=weakref.ref(index), version=index._version, rows=rows)
+    return rows
 
 
 class VirtualKVLayer(CacheLayerMixin):
@@ -75,6 +100,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self._stagger = (layer_index % num_layers + 1) / num_layers  # Note [Pages mapped ahead, staggered by layer]
         self.length = 0       # tokens seen, absolute
         self.batch_size = 0   # rows in use
+        self.padding: tuple[int, ...] | None = None  # Note [Left padding costs no memory]
         self.record_past = False
         self._record_from = 0  # first position kept while recording the past
         self._kv: KVBuffers | None = None
@@ -135,6 +161,7 @@ class VirtualKVLayer(CacheLayerMixin):
         self._free_buffers()
         self.is_initialized = False
         self.length = self.batch_size = self.graph_block = 0
+        self.padding = None
 
     def _window_start(self, length: int) -> int:
         """First position the attention of a new token at `length` reads."""
@@ -156,11 +183,13 @@ class VirtualKVLayer(CacheLayerMixin):
         keep_from = min(start, self._record_from) if self.record_past else start
         lead = self._lead(page)
         target = max(reach, min(limit, -(-(stop + lead) // page) * page) if lead else stop)
-        same = all(r == rows and a // page == keep_from // page and b == kv.stop for r, a, b in kv.spans)
+        starts = self.padding if self.padding is not None and len(self.padding) == rows else None
+        same = (all(r == rows and a // page == keep_from // page and b == kv.stop for r, a, b in kv.spans)
+                and kv.row_starts == starts)
         if same and reach <= kv.stop and -(-kv.stop // page) <= -(-target // page):
             if kv.stop >= min(stop + lead, limit):
                 return  # the same pages serve: enough lead, nothing to give back
-        kv.commit(rows, target, keep_from)
+        kv.commit(rows, target, keep_from, starts)
 
     def _lead(self, page: int) -> int:
         """Positions mapped beyond the tokens (Note [Pages mapped ahead, staggered by layer])."""
@@ -305,14 +334,33 @@ class VirtualKVLayer(CacheLayerMixin):
         if self._kv is not None and not self._kv.freed:
             self._kv.commit(0, 0)
         self.length = self.batch_size = 0
+        self.padding = None
         if self._kv is not None and not self._kv.freed:
             self._set_views(0)
         self.record_past = False
         self._record_from = 0
 
-    def activate_past_recording(self) -> None:
+    def activate_past_recording(self, **kwargs: Any) -> None:
+        # transformers passes options meant for recurrent layers (recurrent_states_to_keep,
+        # 5.25); an attention layer keeps every past token, so it has none to take.
         self.record_past = True
         self._record_from = self._window_start(self.length)
+
+    def set_padding(self, starts: list[int] | tuple[int, ...] | None) -> None:
+        """Row b's first ``starts[b]`` positions are left padding, never attended to (Note
+        [Left padding costs no memory]); None: no padding. Set before the first tokens.
+
+        Raises:
+            ValueError: once the layer holds tokens, or for a start outside [0, max_length].
+        """
+        if self.length > 0:
+            raise ValueError(f"set_padding: the layer holds {self.length} tokens already; set the padding "
+                             "before the prompt (or reset() the cache first)")
+        if starts is not None:
+            starts = tuple(int(s) for s in starts)
+            if any(not 0 <= s <= self.max_length for s in starts):
+                raise ValueError(f"set_padding: each start must be in [0, {self.max_length}], got {list(starts)}")
+        self.padding = starts
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         self.eager_epoch += 1
@@ -320,7 +368,18 @@ class VirtualKVLayer(CacheLayerMixin):
             return
         start = self._window_start(self.length)
         kv = self._buffers()
-        kv.put_rows(kv.gather_rows(self.batch_size, start, self.length, beam_idx.to(self.device)), start, self.length)
+        saved = kv.gather_rows(self.batch_size, start, self.length, beam_idx.to(self.device))
+        padding = self._padding_of_rows(beam_idx)
+        if padding != self.padding:
+            self.padding = padding
+            self._commit(self.batch_size, self.length, start)
+        kv.put_rows(saved, start, self.length)
+
+    def _padding_of_rows(self, index: torch.Tensor) -> tuple[int, ...] | None:
+        """The padding once row r is row index[r] (Note [Left padding costs no memory])."""
+        if self.padding is None or len(set(self.padding)) <= 1:
+            return None if self.padding is None else (self.padding[0] if self.padding else 0,) * len(index)
+        return tuple(self.padding[i] for i in rows_on_host(index))
 
     def crop(self, tokens_to_remove: Any) -> None:
         self.eager_epoch += 1
@@ -341,6 +400,8 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self.eager_epoch += 1
+        if self.padding is not None:
+            self.padding = tuple(s for s in self.padding for _ in range(repeats))
         if self.length == 0:
             self.batch_size *= repeats
             return
@@ -349,6 +410,7 @@ class VirtualKVLayer(CacheLayerMixin):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self.eager_epoch += 1
+        self.padding = self._padding_of_rows(indices)
         if self.length == 0:
             self.batch_size = len(indices)
             return
@@ -445,3 +507,16 @@ class VirtualKVCache(VirtualLayersCache):
     def __init__(self, config: Any, max_length: int | None = None, max_batch_size: int | None = None,
                  lookahead: bool = True) -> None:
         super().__init__(config, VirtualKVLayer, max_length, max_batch_size, lookahead)
+
+    def set_padding(self, starts: Sequence[int] | torch.Tensor | None) -> None:
+        """Row b's first ``starts[b]`` positions are left padding that no attention reads with
+        any weight (Note [Left padding costs no memory]): pages holding only padding cost no
+        memory of their own. None: no padding. Set before the prompt; reset() clears it.
+
+        Raises:
+            ValueError: once the cache holds tokens, or for a start outside [0, max_length].
+        """
+        if isinstance(starts, torch.Tensor):
+            starts = starts.tolist()
+        for layer in self.layers:
+            layer.set_padding(None if starts is None else tuple(starts))

@@ -10,6 +10,14 @@ Note [Only committed parts are touched]
 The tensor returned by ``.tensor`` covers the whole reservation, most of which is not
 mapped. Reading or writing outside the committed span faults (on a GPU, it corrupts the
 CUDA context), so callers slice it to the committed span only; the KV caches do.
+
+Note [Padding positions]
+A commit may name, per row, where its tokens start (``row_starts``): the positions before
+are padding, a batch's shorter prompts padded on the left. They stay readable and writable,
+but the pages holding only padding are all one shared chunk (Note [Padding pages] in
+allocator/core/virtual_pages.hpp): what is read there is whatever any row wrote at the same
+offset of a page. So padding is for positions no computation gives weight to (an attention
+mask hides them); a cache that sets it says so.
 """
 from __future__ import annotations
 
@@ -106,8 +114,10 @@ class VirtualTensor:
         self.rows = 0
         self.start = 0
         self.stop = 0
+        self.row_starts: tuple[int, ...] | None = None  # Note [Padding positions]
         self.commits = 0  # commits asked for, sleep's and wake's included: what changed the mapping
-        self._sleep: tuple[int, int, int, torch.Tensor | None] | None = None  # (rows, start, stop, backup)
+        # (rows, start, stop, row_starts, backup)
+        self._sleep: tuple[int, int, int, tuple[int, ...] | None, torch.Tensor | None] | None = None
 
     @property
     def tensor(self) -> torch.Tensor:
@@ -124,12 +134,17 @@ class VirtualTensor:
         """Positions of one row that one page holds (at least 1)."""
         return max(1, CHUNK_SIZE // self.item_bytes)
 
-    def commit(self, rows: int, stop: int, start: int = 0) -> None:
+    def commit(self, rows: int, stop: int, start: int = 0, row_starts: Sequence[int] | None = None) -> None:
         """Backs positions ``[start, stop)`` of the first `rows` rows with memory; pages
         outside go back after the work queued on the current stream.
 
+        With `row_starts` (one position per row), row r's positions before ``row_starts[r]``
+        are padding (Note [Padding positions]): the pages holding nothing else share one
+        chunk, so they cost no memory of their own.
+
         Raises:
-            ValueError: for a span or row count outside the reservation.
+            ValueError: for a span or row count outside the reservation, or row_starts that
+                are not one position per row.
             RuntimeError: once freed.
             torch.OutOfMemoryError: when no memory is left after releasing caches.
         """
@@ -141,15 +156,20 @@ class VirtualTensor:
                 f"cannot commit rows [0, {rows}) positions [{start}, {stop}) of a virtual tensor "
                 f"of shape {self.shape}: it reserves at most {self.shape[0]} rows and "
                 f"{self.shape[1]} positions; reserve a larger one")
+        starts = None if row_starts is None else tuple(int(s) for s in row_starts)
+        if starts is not None and (len(starts) != rows or any(not 0 <= s <= self.shape[1] for s in starts)):
+            raise ValueError(f"row_starts must give one position in [0, {self.shape[1]}] for each of the "
+                             f"{rows} rows committed, got {list(starts)}")
         # A failed commit gives no page up (CachingAllocator::commit_range), so the span
         # recorded before still holds: it stays, and the failure leaves nothing to undo here.
         self.commits += 1
         try:
             self._range.commit(rows, self.row_stride, start * self.item_bytes, stop * self.item_bytes,
-                               current_stream(self.device))
+                               current_stream(self.device),
+                               None if starts is None else [s * self.item_bytes for s in starts])
         except _C.OutOfMemoryError as error:
             raise torch.OutOfMemoryError(str(error)) from error
-        self.rows, self.start, self.stop = rows, start, stop
+        self.rows, self.start, self.stop, self.row_starts = rows, start, stop, starts
 
     @property
     def allocator(self) -> _C.Allocator:
@@ -173,21 +193,21 @@ class VirtualTensor:
             span = self.tensor[:self.rows, self.start:self.stop]
             saved = torch.empty(span.shape, dtype=self.dtype, pin_memory=self.device.type == "cuda")
             saved.copy_(span)
-        rows, start, stop = self.rows, self.start, self.stop
+        rows, start, stop, starts = self.rows, self.start, self.stop, self.row_starts
         self.commit(0, 0)
-        self._sleep = (rows, start, stop, saved)
+        self._sleep = (rows, start, stop, starts, saved)
 
     def wake(self) -> None:
         """Maps the committed span again at the same addresses (contents restored when sleep
         backed them up, else undefined). On torch.OutOfMemoryError it stays asleep."""
         if self._sleep is None:
             return
-        rows, start, stop, saved = self._sleep
+        rows, start, stop, starts, saved = self._sleep
         self._sleep = None
         try:
-            self.commit(rows, stop, start)
+            self.commit(rows, stop, start, starts)
         except BaseException:
-            self._sleep = (rows, start, stop, saved)
+            self._sleep = (rows, start, stop, starts, saved)
             raise
         if saved is not None:
             self.tensor[:rows, start:stop].copy_(saved, non_blocking=saved.is_pinned())
@@ -217,6 +237,7 @@ class VirtualTensor:
         self._sleep = None
         self._tensor = None  # our own export: the pages go back now unless views remain
         self.rows = self.start = self.stop = 0
+        self.row_starts = None
 
     def __repr__(self) -> str:
         state = "freed" if self.freed else f"rows {self.rows}, positions [{self.start}, {self.stop})"

@@ -8,9 +8,10 @@ VOCAB = 128
 
 
 def tiny_model(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0,
-               layers: int = 2, max_positions: int = 512, attention: str = "sdpa"):
+               layers: int = 2, max_positions: int = 512, attention: str = "sdpa", hidden: int = 64):
     """``kind``: "llama" (GQA), "qwen2" (a full layer then sliding layers) or "mistral"
-    (every layer slides, MQA)."""
+    (every layer slides, MQA). Four query heads of ``hidden / 4``: a llama position's K and V
+    take ``hidden * 4`` bytes in fp32."""
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,
@@ -20,7 +21,7 @@ def tiny_model(kind: str, device: str = "cpu", dtype: torch.dtype = torch.float3
         Qwen2ForCausalLM,
     )
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+    common = dict(vocab_size=VOCAB, hidden_size=hidden, intermediate_size=128, num_hidden_layers=layers,
                   num_attention_heads=4, max_position_embeddings=max_positions, attn_implementation=attention,
                   pad_token_id=0, eos_token_id=1, bos_token_id=2)
     if kind == "llama":

@@ -134,3 +134,34 @@ def test_a_sweep_part_keeps_the_systems_it_does_not_run(tmp_path, monkeypatch):
     assert (tmp_path / "graph_decode_sweep.png").exists()
     with pytest.raises(SystemExit, match="unknown system"):
         graph_decode.sweep(tmp_path, caches=["vmm_graphs_fused"])
+
+
+def test_a_sweep_part_of_some_points_replaces_only_those(tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    import json
+
+    import bench.graph_decode as graph_decode
+
+    ran = []
+
+    def fake_worker(module, allocator, args, timeout):
+        ran.append(args["points"])
+        speed = 10.0 if len(ran) == 1 else 20.0
+        results = [{"ok": True, "batch": p[0], "context": p[1], "decode_tok_s": speed, "step_median_s": 0.8,
+                    "peak_reserved": 1e10} for p in args["points"]]
+        return {"cache": args["cache"], "results": results}
+
+    monkeypatch.setattr(graph_decode, "run_worker", fake_worker)
+    with pytest.raises(SystemExit, match="whole sweep first"):
+        graph_decode.sweep(tmp_path, caches=["vmm_graphs"], only_points=["variable"])
+    assert not ran, "nothing runs before the part is known to fit the stored sweep"
+    graph_decode.sweep(tmp_path, caches=["vmm_graphs"])
+    graph_decode.sweep(tmp_path, caches=["vmm_graphs"], only_points=["variable", "2048"])
+    points = graph_decode.sweep_points()
+    assert ran[1] == [points[0], points[-1]], "only the named points run"
+    stored = json.loads((tmp_path / "graph_decode_sweep.json").read_text())["systems"]["vmm_graphs"]["results"]
+    assert [r["decode_tok_s"] for r in stored] == [20.0] + [10.0] * (len(points) - 2) + [20.0]
+    assert "commit" in stored[-1]["environment"] and "environment" not in stored[1], \
+        "a replaced point says what it measured; the others keep their system's"
+    with pytest.raises(SystemExit, match="unknown point '3000'"):
+        graph_decode.sweep(tmp_path, caches=["vmm_graphs"], only_points=["3000"])

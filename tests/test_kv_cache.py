@@ -100,6 +100,27 @@ def test_virtual_tensor_bad_use_is_a_clear_error(device):
         _ = vt.tensor
 
 
+def test_row_starts_share_the_padding_pages(device):
+    """Note [Padding positions]: pages holding only a row's padding cost no memory of their own."""
+    vt = VirtualTensor((3, 8192, 8, 64), torch.float16, device)  # 1 KiB a position: 2048 a page
+    vt.commit(3, 5000, row_starts=[4100, 0, 2048])
+    assert vt.committed_bytes == (1 + 3 + 2) * CHUNK  # row 0: page 2; row 1: pages 0-2; row 2: 1-2
+    assert kv_stats(device)["vmm.kv_padding_pages"] == 3
+    for row, start in enumerate([4100, 0, 2048]):
+        vt.tensor[row, start:5000] = row + 1.0
+    vt.tensor[:3, :2048].zero_()  # padding stays writable (here: rows 0 and 2 share its pages)
+    for row, start in enumerate([4100, 0, 2048]):
+        assert float(vt.tensor[row, max(start, 2048):5000].float().mean()) == row + 1.0
+    vt.sleep()
+    vt.wake()  # the padding is kept across sleep
+    assert vt.row_starts == (4100, 0, 2048) and vt.committed_bytes == 6 * CHUNK
+    with pytest.raises(ValueError, match="one position in \\[0, 8192\\] for each of the 3 rows"):
+        vt.commit(3, 5000, row_starts=[0, 0])
+    vt.free()
+    gc.collect()
+    assert kv_stats(device)["vmm.kv_padding_pages"] == 0
+
+
 def test_freed_kv_pages_serve_the_next_allocation(device):
     alloc = allocator_for(torch.device(device))
     vt = VirtualTensor((1, 8192, 8, 64), torch.float32, device)  # 2 KiB a position
@@ -165,6 +186,40 @@ def test_assisted_decoding_crops_and_matches(device, kind):
     with patched_generate():
         out = model.generate(ids, attention_mask=mask, max_new_tokens=100, do_sample=False, assistant_model=assistant)
     assert torch.equal(ref, out)
+
+
+def test_left_padding_costs_no_memory_and_changes_no_token(device):
+    """Note [Left padding costs no memory]: a batch of prompts of different lengths, padded
+    on the left, maps only the pages its tokens need, and decodes what DynamicCache does."""
+    model = tiny_model("llama", device, hidden=1024)  # K and V of 2 heads of 256: 512 positions a page
+    ids, mask = prompt(3, 1300, device, padded=False)
+    for row, pad in enumerate([1100, 600]):  # row 0 pads 2 whole pages, row 1 one
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    kwargs = dict(attention_mask=mask, max_new_tokens=6, do_sample=False)
+    ref = model.generate(ids, **kwargs, **cache_kwargs(DynamicCache(config=model.config)))
+    plain = VirtualKVCache(model.config, max_length=1320, lookahead=False)
+    padded = VirtualKVCache(model.config, max_length=1320, lookahead=False)
+    padded.set_padding([1100, 600, 0])
+    assert torch.equal(model.generate(ids, **kwargs, **cache_kwargs(plain)), ref)
+    assert torch.equal(model.generate(ids, **kwargs, **cache_kwargs(padded)), ref)
+    layers = len(padded.layers)
+    assert plain.committed_bytes == 9 * layers * CHUNK  # 1305 positions: 3 pages a row
+    assert padded.committed_bytes == 6 * layers * CHUNK, "3 pages a layer of padding are shared"
+    assert kv_stats(device)["vmm.kv_padding_pages"] == 3 * layers
+    with pytest.raises(ValueError, match="holds 1305 tokens already"):
+        padded.set_padding(None)
+    padded.reset()  # a reset forgets the padding with the tokens
+    assert all(layer.padding is None for layer in padded.layers)
+    plain.free()
+    padded.free()
+    # The patched generate() learns the padding from the attention mask.
+    with patched_generate(lookahead=False):
+        out = model.generate(ids, **kwargs, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    made = output_cache(out)
+    assert [layer.padding for layer in made.layers] == [(1100, 600, 0)] * layers
+    assert made.committed_bytes == 6 * layers * CHUNK
+    made.free()
 
 
 def test_cache_reuse_across_generate_calls(device):

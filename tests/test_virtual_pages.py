@@ -182,3 +182,110 @@ def test_empty_cache_keeps_committed_pages(kind):
     assert vr.live_pages() == [0, 1]
     assert alloc.backend.read(vr.address, 4096) == pattern(1, 4096)
     assert alloc.stats()["reserved_bytes.all.current"] == 2 * CHUNK
+
+
+# ----- Note [Padding pages] ----------------------------------------------------------------
+
+
+def test_padding_pages_share_one_chunk_counted_once(kind):
+    alloc = kind.allocator(64 * MiB)
+    vr = _C.VirtualRange(alloc, 3 * 4 * CHUNK)  # 3 rows of 4 pages
+    stride = 4 * CHUNK
+    # Row 0 has no padding; row 1's tokens start 2 pages in, row 2's just past a page.
+    vr.commit(3, stride, 0, 3 * CHUNK + 5, row_begins=[0, 2 * CHUNK, CHUNK + 1])
+    assert vr.live_pages() == [0, 1, 2, 3, 6, 7, 9, 10, 11], "own pages: tokens only"
+    stats = alloc.stats()
+    assert stats["vmm.kv_padding_pages"] == 3  # pages 4, 5 and 8
+    assert stats["allocated_bytes.all.current"] == 10 * CHUNK, "nine own pages and the filler, once"
+    assert stats["vmm.kv_mapped_bytes.current"] == 10 * CHUNK
+    # Padding is readable and writable, and every padding page is the same memory.
+    alloc.backend.write(vr.address + 4 * CHUNK + 64, pattern(5, 256))
+    assert alloc.backend.read(vr.address + 8 * CHUNK + 64, 256) == pattern(5, 256)
+    for row, page in enumerate([0, 6, 9]):  # tokens stay each row's own
+        alloc.backend.write(vr.address + page * CHUNK, pattern(row, 256))
+    for row, page in enumerate([0, 6, 9]):
+        assert alloc.backend.read(vr.address + page * CHUNK, 256) == pattern(row, 256)
+    pages = [s for s in alloc.segments() if s["kind"] == "pages"]
+    assert sum(s["total_size"] for s in pages) == 10 * CHUNK, "a snapshot shows the filler once"
+    vr.commit(0, 0, 0, 0)
+    alloc.empty_cache()
+    stats = alloc.stats()
+    assert stats["vmm.kv_padding_pages"] == 0 and stats["vmm.kv_mapped_bytes.current"] == 0
+    assert stats["reserved_bytes.all.current"] == 0, "the filler goes back with the last padding page"
+
+
+def test_a_padding_page_that_tokens_need_gets_its_own_chunk(kind):
+    alloc, faulty = faulty_allocator(kind)
+    vr = _C.VirtualRange(alloc, 2 * 3 * CHUNK)
+    stride = 3 * CHUNK
+    vr.commit(2, stride, 0, 3 * CHUNK, stream=1, row_begins=[2 * CHUNK, 2 * CHUNK])
+    assert vr.live_pages() == [2, 5] and alloc.stats()["vmm.kv_padding_pages"] == 4
+    faulty.hold_events()  # the work queued on stream 1 has not finished: the move must wait for it
+    vr.commit(2, stride, 0, 3 * CHUNK, stream=1, row_begins=[0, 2 * CHUNK])  # row 0's tokens begin earlier
+    assert vr.live_pages() == [0, 1, 2, 5]
+    faulty.release_events()
+    for page in (0, 1, 3):
+        faulty.write(vr.address + page * CHUNK, pattern(page, 256))
+    for page in (0, 1, 3):
+        assert faulty.read(vr.address + page * CHUNK, 256) == pattern(page, 256), "no page aliases another"
+    # Padding that widens keeps the own chunks (any memory serves as padding).
+    vr.commit(2, stride, 0, 3 * CHUNK, stream=1, row_begins=[2 * CHUNK, 2 * CHUNK])
+    assert vr.live_pages() == [0, 1, 2, 5] and alloc.stats()["vmm.kv_padding_pages"] == 2
+    assert alloc.stats()["allocated_bytes.all.current"] == 5 * CHUNK
+
+
+def test_padding_after_a_reset_of_the_rows_reclaims_or_remaps_cleanly(kind):
+    alloc, faulty = faulty_allocator(kind)
+    vr = _C.VirtualRange(alloc, 2 * 2 * CHUNK)
+    stride = 2 * CHUNK
+    vr.commit(2, stride, 0, 2 * CHUNK, stream=1, row_begins=[CHUNK, 0])  # page 0 padding
+    faulty.hold_events()
+    vr.commit(0, 0, 0, 0, stream=1)  # everything retires, the padding page included
+    # A new prompt, other padding: retiring page 0 (the filler) now holds tokens and gets its
+    # own chunk; retiring page 2 (row 1's own) is taken back as padding, keeping its chunk.
+    vr.commit(2, stride, 0, 2 * CHUNK, stream=1, row_begins=[0, CHUNK])
+    assert vr.live_pages() == [0, 1, 2, 3] and alloc.stats()["vmm.kv_padding_pages"] == 0
+    faulty.release_events()
+    alloc.empty_cache()  # stale retirements unmap nothing still in use
+    assert vr.live_pages() == [0, 1, 2, 3] and alloc.stats()["vmm.kv_padding_pages"] == 0
+    for page in range(4):
+        faulty.write(vr.address + page * CHUNK, pattern(page, 64))
+    assert faulty.read(vr.address, 64) == pattern(0, 64)
+    assert faulty.read(vr.address + 2 * CHUNK, 64) == pattern(2, 64)
+    assert alloc.stats()["allocated_bytes.all.current"] == 4 * CHUNK
+
+
+def test_a_padded_commit_that_runs_out_of_memory_gives_up_nothing(kind):
+    alloc = kind.allocator(8 * MiB)  # 4 chunks
+    vr = _C.VirtualRange(alloc, 8 * CHUNK)
+    with pytest.raises(vmmalloc.OutOfMemoryError):
+        vr.commit(1, 0, 0, 7 * CHUNK, row_begins=[2 * CHUNK])  # the filler and 5 own pages
+    stats = alloc.stats()
+    assert vr.live_pages() == [] and stats["vmm.kv_padding_pages"] == 0
+    assert stats["allocated_bytes.all.current"] == 0 and stats["vmm.kv_mapped_bytes.current"] == 0
+    vr.commit(1, 0, 0, 5 * CHUNK, row_begins=[2 * CHUNK])  # what fits: the filler and 3 own pages
+    assert vr.live_pages() == [2, 3, 4]
+
+
+@pytest.mark.parametrize("op", ["map", "set_access"])
+def test_a_backend_failure_while_mapping_padding_leaks_nothing(kind, op):
+    alloc, faulty = faulty_allocator(kind)
+    vr = _C.VirtualRange(alloc, 4 * CHUNK)
+    faulty.fail(op, skip=0, count=1)
+    with pytest.raises(vmmalloc.BackendError):
+        vr.commit(1, 0, 0, 4 * CHUNK, row_begins=[2 * CHUNK])
+    stats = alloc.stats()
+    assert vr.live_pages() == [] and stats["vmm.kv_padding_pages"] == 0
+    assert stats["allocated_bytes.all.current"] == 0
+    assert stats["vmm.free_chunks"] == stats["vmm.chunks.current"], "the chunks drawn came back"
+    vr.commit(1, 0, 0, 4 * CHUNK, row_begins=[2 * CHUNK])
+    assert vr.live_pages() == [2, 3] and alloc.stats()["vmm.kv_padding_pages"] == 2
+
+
+def test_row_begins_of_another_length_are_a_clear_error(kind):
+    alloc = kind.allocator()
+    vr = _C.VirtualRange(alloc, 4 * CHUNK)
+    with pytest.raises(ValueError, match="got 1 row beginnings; give one per row"):
+        vr.commit(2, 2 * CHUNK, 0, CHUNK, row_begins=[0])
+    with pytest.raises((ValueError, TypeError), match="row_begins"):
+        vr.commit(1, 0, 0, CHUNK, row_begins=[-1])

@@ -463,14 +463,21 @@ PYBIND11_MODULE(_C, m) {
       .def(
           "commit",
           [](VirtualRange& vt, py::handle rows, py::handle stride, py::handle begin, py::handle end,
-             py::handle stream) {
+             py::handle stream, py::object row_begins) {
+            std::vector<std::size_t> begins;
+            if (!row_begins.is_none()) {
+              for (py::handle b : row_begins) begins.push_back(whole(b, "commit: row_begins[r]"));
+            }
             vt.commit(whole(rows, "commit: rows"), whole(stride, "commit: stride"),
                       whole(begin, "commit: begin"), whole(end, "commit: end"),
-                      whole(stream, "commit: stream"));
+                      whole(stream, "commit: stream"), begins);
           },
           py::arg("rows"), py::arg("stride"), py::arg("begin"), py::arg("end"), py::arg("stream") = 0,
+          py::arg("row_begins") = py::none(),
           "Maps exactly the pages overlapping [r*stride + begin, r*stride + end) for r < "
-          "rows; the others are unmapped once the work queued on `stream` is done.")
+          "rows; the others are unmapped once the work queued on `stream` is done. With "
+          "row_begins (a byte offset per row), pages holding only row r's bytes before "
+          "row_begins[r] map one shared filler chunk (Note [Padding pages]).")
       .def("free", &VirtualRange::free, py::arg("stream") = 0,
            "Gives every page back after the work queued on `stream`; the range is unusable "
            "afterwards (exported tensors keep the address space reserved, never mapped).")

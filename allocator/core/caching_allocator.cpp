@@ -263,7 +263,8 @@ ReservedRange* CachingAllocator::reserve_range(std::size_t bytes) {
 }
 
 void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std::size_t stride,
-                                    std::size_t begin, std::size_t end, StreamId stream) {
+                                    std::size_t begin, std::size_t end, StreamId stream,
+                                    const std::vector<std::size_t>& row_begins) {
   std::lock_guard<std::mutex> lock(mutex_);
   if (range == nullptr || range->freed) {
     throw std::logic_error("vmmalloc: this virtual tensor was freed; create a new one");
@@ -271,6 +272,11 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
   if (rows > 1 && stride == 0) {
     throw std::invalid_argument("vmmalloc: commit of " + std::to_string(rows) +
                                 " rows needs a stride > 0 (the bytes between two rows' starts)");
+  }
+  if (!row_begins.empty() && row_begins.size() != rows) {
+    throw std::invalid_argument("vmmalloc: commit of " + std::to_string(rows) + " rows got " +
+                                std::to_string(row_begins.size()) +
+                                " row beginnings; give one per row, or none");
   }
   const std::size_t limit = range->bytes;
   const bool fits =
@@ -283,30 +289,70 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
                             " bytes. Reserve a larger one (a longer maximum length or batch).");
   }
   if (pages_.has_retiring() && routes_.empty()) finish_page_retiring(/*wait=*/false);
-  const PagePlan plan = pages_.plan(*range, rows, stride, begin, end);
+  const PagePlan plan = pages_.plan(*range, rows, stride, begin, end, row_begins);
   // Needed pages still retiring are taken back first (no memory needed; and the retry of
-  // an out-of-memory below would otherwise finish their retirement under us). Pages are
-  // given up only once the new ones are mapped: a failed commit gives up nothing.
-  pages_.reclaim(*range, plan.reclaim, stream);
-  count_pages(static_cast<std::int64_t>(plan.reclaim.size()));
-  for (std::size_t p : plan.reclaim) log(EventKind::kMap, range->base + p * kChunkSize, kChunkSize, stream);
+  // an out-of-memory below would otherwise finish their retirement under us). Memory is
+  // drawn before anything is unmapped, and pages are given up only once the new ones are
+  // mapped: a failed commit gives up nothing.
+  // The event log shows own-chunk pages only: padding maps the filler, which is no memory of its own.
+  const auto log_own = [&](const std::vector<std::size_t>& pages, EventKind kind) {
+    for (std::size_t p : pages) {
+      if (!range->pages[p].padding) log(kind, range->base + p * kChunkSize, kChunkSize, stream);
+    }
+  };
+  count_pages(static_cast<std::int64_t>(pages_.reclaim(*range, plan.reclaim, stream)));
+  log_own(plan.reclaim, EventKind::kMap);
+  Chunk* filler = nullptr;
+  if (!plan.map_padding.empty() && !pages_.holds_filler()) filler = acquire_page_chunks(1, stream).front();
+  std::vector<Chunk*> chunks;
   if (!plan.map.empty()) {
-    std::vector<Chunk*> chunks = acquire_page_chunks(plan.map.size(), stream);
+    try {
+      chunks = acquire_page_chunks(plan.map.size(), stream);
+    } catch (...) {
+      if (filler != nullptr) main_.cache.return_chunks({filler}, stream);
+      sync_reserved_stats();
+      throw;
+    }
+  }
+  try {
+    pages_.map_padding(*range, plan.map_padding, filler);
+  } catch (...) {
+    if (filler != nullptr) chunks.push_back(filler);
+    main_.cache.return_chunks(chunks, stream);
+    sync_reserved_stats();
+    throw;
+  }
+  if (filler != nullptr) count_pages(1);
+  if (!plan.map.empty()) {
+    pages_.unpad(*range, plan.unpad, stream);
     try {
       pages_.map(*range, plan.map, chunks);
     } catch (...) {
       main_.cache.return_chunks(chunks, stream);
+      // Pages that served as padding serve again (best effort: the map that failed may fail again).
+      try {
+        pages_.map_padding(*range, plan.unpad, nullptr);
+      } catch (...) {
+      }
+      release_unused_filler(stream);
       sync_reserved_stats();
       throw;
     }
     count_pages(static_cast<std::int64_t>(plan.map.size()));
     sync_reserved_stats();  // growth is logged before the pages that needed it
-    for (std::size_t p : plan.map) log(EventKind::kMap, range->base + p * kChunkSize, kChunkSize, stream);
+    log_own(plan.map, EventKind::kMap);
   }
-  pages_.retire(*range, plan.drop, stream);
-  count_pages(-static_cast<std::int64_t>(plan.drop.size()));
-  for (std::size_t p : plan.drop) log(EventKind::kUnmap, range->base + p * kChunkSize, kChunkSize, stream);
+  log_own(plan.drop, EventKind::kUnmap);
+  count_pages(-static_cast<std::int64_t>(pages_.retire(*range, plan.drop, stream)));
+  release_unused_filler(stream);
   sync_reserved_stats();
+}
+
+void CachingAllocator::release_unused_filler(StreamId stream) {
+  if (Chunk* filler = pages_.release_unused_filler()) {
+    count_pages(-1);
+    main_.cache.return_chunks({filler}, stream);
+  }
 }
 
 void CachingAllocator::free_range(ReservedRange* range, StreamId stream) {
@@ -315,7 +361,8 @@ void CachingAllocator::free_range(ReservedRange* range, StreamId stream) {
   count_pages(-static_cast<std::int64_t>(range->live_pages));
   if (events_.on()) {
     for (std::size_t p = 0; p < range->pages.size(); ++p) {
-      if (range->pages[p].chunk != nullptr && range->pages[p].retire_serial == 0) {
+      if (range->pages[p].chunk != nullptr && range->pages[p].retire_serial == 0 &&
+          !range->pages[p].padding) {
         log(EventKind::kUnmap, range->base + p * kChunkSize, kChunkSize, stream);
       }
     }
@@ -330,7 +377,8 @@ std::vector<std::size_t> CachingAllocator::live_pages(const ReservedRange* range
   std::vector<std::size_t> out;
   if (range == nullptr || range->freed) return out;
   for (std::size_t p = 0; p < range->pages.size(); ++p) {
-    if (range->pages[p].chunk != nullptr && range->pages[p].retire_serial == 0) out.push_back(p);
+    const PageSlot& slot = range->pages[p];
+    if (slot.chunk != nullptr && slot.retire_serial == 0 && !slot.padding) out.push_back(p);
   }
   return out;
 }
@@ -351,6 +399,7 @@ std::vector<Chunk*> CachingAllocator::acquire_page_chunks(std::size_t n, StreamI
 
 void CachingAllocator::finish_page_retiring(bool wait) {
   main_.cache.return_chunks(pages_.finish_retiring(wait), kNoStream);
+  release_unused_filler(kNoStream);
 }
 
 // KV pages count as allocated (and active, and requested) memory of the large pool, as
@@ -882,16 +931,19 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
       pool_free += held - used;
     }
   }
+  std::uintptr_t filler_at = 0;  // Note [Padding pages]: one region for the filler, however often mapped
   pages_.for_each_range([&](const ReservedRange& range) {
-    // One region per run of mapped pages; a block per run of pages in one state.
+    // One region per run of mapped own-chunk pages; a block per run of pages in one state.
     const auto& pages = range.pages;
+    const auto own = [&](std::size_t i) { return pages[i].chunk != nullptr && !pages[i].padding; };
     for (std::size_t i = 0; i < pages.size();) {
-      if (pages[i].chunk == nullptr) {
+      if (!own(i)) {
+        if (pages[i].padding && filler_at == 0) filler_at = range.base + i * kChunkSize;
         ++i;
         continue;
       }
       SnapshotSegment s{range.base + i * kChunkSize, 0, 0, SnapshotSegment::Kind::kPages, {}, PoolId{}};
-      for (; i < pages.size() && pages[i].chunk != nullptr; ++i) {
+      for (; i < pages.size() && own(i); ++i) {
         const State state = pages[i].retire_serial != 0 ? State::kPendingFree : State::kActive;
         if (s.blocks.empty() || s.blocks.back().state != state) {
           s.blocks.push_back({range.base + i * kChunkSize, 0, 0, state});
@@ -904,6 +956,15 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
       out.push_back(std::move(s));
     }
   });
+  if (pages_.holds_filler()) {
+    out.push_back({filler_at,
+                   kChunkSize,
+                   0,
+                   SnapshotSegment::Kind::kPages,
+                   {{filler_at, kChunkSize, kChunkSize, State::kActive}},
+                   PoolId{}});
+    ++busy;
+  }
   const std::size_t chunks = budget_.chunks - pool_free;
   if (chunks > busy) {
     const std::size_t bytes = (chunks - busy) * kChunkSize;

@@ -176,12 +176,14 @@ class CachingAllocator {
   ReservedRange* reserve_range(std::size_t bytes);
   // Afterwards exactly the pages overlapping [r*stride + begin, r*stride + end) for every
   // r < rows are mapped (and counted as allocated); pages no longer needed are unmapped
-  // once the work queued on `stream` so far is done. Throws std::out_of_range past the
-  // range, std::logic_error for a freed range, OutOfMemoryError after the usual retry. On
-  // a throw no page was given up and none newly mapped (needed pages that were retiring
-  // may have been taken back).
+  // once the work queued on `stream` so far is done. With `row_begins` (one byte offset per
+  // row, or empty), pages that only row r's bytes before r*stride + row_begins[r] need are
+  // mapped to the shared filler (Note [Padding pages]). Throws std::invalid_argument for
+  // row_begins of another length, std::out_of_range past the range, std::logic_error for a
+  // freed range, OutOfMemoryError after the usual retry. On a throw no page was given up
+  // and none newly mapped (needed pages that were retiring may have been taken back).
   void commit_range(ReservedRange* range, std::size_t rows, std::size_t stride, std::size_t begin,
-                    std::size_t end, StreamId stream);
+                    std::size_t end, StreamId stream, const std::vector<std::size_t>& row_begins = {});
   // Gives every page back (after the work queued on `stream`) and the range with them;
   // `range` must not be used afterwards.
   void free_range(ReservedRange* range, StreamId stream);
@@ -261,6 +263,8 @@ class CachingAllocator {
   auto with_oom_retry(std::size_t requested, Attempt&& attempt) -> decltype(attempt(false));
   void finish_page_retiring(bool wait);
   void count_pages(std::int64_t pages);
+  // Returns the filler to the pool once no page maps it (Note [Padding pages]).
+  void release_unused_filler(StreamId stream);
   void process_pending(bool wait);
   void drop_allocated(Pool pool, std::size_t size, std::size_t requested, const PrivatePool* owner);
   // A constant `pool` folds the per-pool branches away (measured: 80 instructions per

@@ -39,21 +39,31 @@ ReservedRange* VirtualPages::reserve(std::size_t bytes) {
 }
 
 PagePlan VirtualPages::plan(const ReservedRange& range, std::size_t rows, std::size_t stride,
-                            std::size_t begin, std::size_t end) const {
-  std::vector<bool> needed(range.pages.size(), false);
+                            std::size_t begin, std::size_t end,
+                            const std::vector<std::size_t>& row_begins) const {
+  enum Need : unsigned char { kNone, kPadding, kTokens };
+  std::vector<Need> needed(range.pages.size(), kNone);
+  const auto mark = [&](std::size_t from, std::size_t to, Need need) {
+    for (std::size_t p = from / kChunkSize; p <= (to - 1) / kChunkSize; ++p) {
+      if (needed[p] < need) needed[p] = need;
+    }
+  };
   if (end > begin) {
     for (std::size_t r = 0; r < rows; ++r) {
-      const std::size_t first = (r * stride + begin) / kChunkSize;
-      const std::size_t last = (r * stride + end - 1) / kChunkSize;
-      for (std::size_t p = first; p <= last; ++p) needed[p] = true;
+      const std::size_t tokens = row_begins.empty() ? begin : std::min(std::max(begin, row_begins[r]), end);
+      if (tokens > begin) mark(r * stride + begin, r * stride + tokens, kPadding);
+      if (end > tokens) mark(r * stride + tokens, r * stride + end, kTokens);
     }
   }
   PagePlan out;
   for (std::size_t p = 0; p < range.pages.size(); ++p) {
     const PageSlot& slot = range.pages[p];
-    if (needed[p]) {
+    if (needed[p] == kTokens && slot.padding) {
+      out.unpad.push_back(p);
+      out.map.push_back(p);
+    } else if (needed[p] != kNone) {
       if (slot.chunk == nullptr)
-        out.map.push_back(p);
+        (needed[p] == kTokens ? out.map : out.map_padding).push_back(p);
       else if (slot.retire_serial != 0)
         out.reclaim.push_back(p);
     } else if (slot.chunk != nullptr && slot.retire_serial == 0) {
@@ -63,9 +73,12 @@ PagePlan VirtualPages::plan(const ReservedRange& range, std::size_t rows, std::s
   return out;
 }
 
-void VirtualPages::reclaim(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream) {
+std::size_t VirtualPages::reclaim(ReservedRange& range, const std::vector<std::size_t>& pages,
+                                  StreamId stream) {
   std::vector<std::uint64_t> waited;
+  std::size_t own = 0;
   for (std::size_t p : pages) {
+    if (!range.pages[p].padding) ++own;
     const std::uint64_t serial = range.pages[p].retire_serial;
     range.pages[p].retire_serial = 0;
     if (std::find(waited.begin(), waited.end(), serial) != waited.end()) continue;
@@ -80,16 +93,24 @@ void VirtualPages::reclaim(ReservedRange& range, const std::vector<std::size_t>&
       }
     }
   }
-  range.live_pages += pages.size();
-  live_bytes.increase(static_cast<std::int64_t>(pages.size() * kChunkSize));
+  range.live_pages += own;
+  range.live_padding += pages.size() - own;
+  live_bytes.increase(static_cast<std::int64_t>(own * kChunkSize));
+  return own;
 }
 
-void VirtualPages::retire(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream) {
-  if (pages.empty()) return;
+std::size_t VirtualPages::retire(ReservedRange& range, const std::vector<std::size_t>& pages,
+                                 StreamId stream) {
+  if (pages.empty()) return 0;
   const std::uint64_t serial = next_serial_++;
-  for (std::size_t p : pages) range.pages[p].retire_serial = serial;
-  range.live_pages -= pages.size();
-  live_bytes.decrease(static_cast<std::int64_t>(pages.size() * kChunkSize));
+  std::size_t own = 0;
+  for (std::size_t p : pages) {
+    range.pages[p].retire_serial = serial;
+    if (!range.pages[p].padding) ++own;
+  }
+  range.live_pages -= own;
+  range.live_padding -= pages.size() - own;
+  live_bytes.decrease(static_cast<std::int64_t>(own * kChunkSize));
   Retiring entry{&range, pages, 0, serial};
   try {
     retiring_.reserve(retiring_.size() + 1);
@@ -101,10 +122,11 @@ void VirtualPages::retire(ReservedRange& range, const std::vector<std::size_t>& 
     entry.event = 0;
   }
   retiring_.push_back(std::move(entry));
+  return own;
 }
 
-void VirtualPages::map(ReservedRange& range, const std::vector<std::size_t>& pages,
-                       const std::vector<Chunk*>& chunks) {
+void VirtualPages::map_chunks(ReservedRange& range, const std::vector<std::size_t>& pages,
+                              const std::vector<Chunk*>& chunks) {
   std::size_t mapped = 0;
   try {
     for (; mapped < pages.size(); ++mapped) {
@@ -123,10 +145,78 @@ void VirtualPages::map(ReservedRange& range, const std::vector<std::size_t>& pag
     }
     throw;
   }
-  for (std::size_t i = 0; i < pages.size(); ++i) range.pages[pages[i]] = PageSlot{chunks[i], 0};
-  range.live_pages += pages.size();
   range.mapped_pages += pages.size();
+}
+
+void VirtualPages::map(ReservedRange& range, const std::vector<std::size_t>& pages,
+                       const std::vector<Chunk*>& chunks) {
+  map_chunks(range, pages, chunks);
+  for (std::size_t i = 0; i < pages.size(); ++i) range.pages[pages[i]] = PageSlot{chunks[i], 0, false};
+  range.live_pages += pages.size();
   live_bytes.increase(static_cast<std::int64_t>(pages.size() * kChunkSize));
+}
+
+void VirtualPages::map_padding(ReservedRange& range, const std::vector<std::size_t>& pages, Chunk* filler) {
+  if (pages.empty()) return;
+  Chunk* chunk = filler_ != nullptr ? filler_ : filler;
+  map_chunks(range, pages, std::vector<Chunk*>(pages.size(), chunk));
+  for (std::size_t p : pages) range.pages[p] = PageSlot{chunk, 0, true};
+  range.live_padding += pages.size();
+  if (filler_ == nullptr) {
+    filler_ = chunk;
+    live_bytes.increase(static_cast<std::int64_t>(kChunkSize));
+  }
+  filler_mappings_ += pages.size();
+}
+
+void VirtualPages::unpad(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream) {
+  if (pages.empty()) return;
+  // Work queued so far may still read the filler at these addresses (Note [KV pages]: the
+  // driver does not wait), and a retiring page may be read by work of another stream.
+  std::vector<EventId> waits;
+  bool live = false;
+  for (std::size_t p : pages) {
+    const std::uint64_t serial = range.pages[p].retire_serial;
+    if (serial == 0) {
+      live = true;
+      continue;
+    }
+    for (const Retiring& r : retiring_) {
+      if (r.serial == serial && r.event != 0) waits.push_back(r.event);
+    }
+  }
+  bool waited_all = false;
+  if (live) {
+    EventId event = 0;
+    try {
+      event = backend_.record_event(stream);
+      backend_.wait_event(event);
+    } catch (const std::exception&) {
+      ++backend_errors;
+      count_failure([&] { backend_.synchronize(); });
+      waited_all = true;
+    }
+    if (event != 0) count_failure([&] { backend_.release_event(event); });
+  }
+  if (!waited_all) {
+    for (EventId event : waits) count_failure([&] { backend_.wait_event(event); });
+  }
+  for (std::size_t p : pages) {
+    PageSlot& slot = range.pages[p];
+    if (slot.retire_serial == 0) --range.live_padding;
+    count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
+    slot = PageSlot{};
+    --range.mapped_pages;
+    --filler_mappings_;
+  }
+}
+
+Chunk* VirtualPages::release_unused_filler() {
+  if (filler_ == nullptr || filler_mappings_ != 0) return nullptr;
+  Chunk* chunk = filler_;
+  filler_ = nullptr;
+  live_bytes.decrease(static_cast<std::int64_t>(kChunkSize));
+  return chunk;
 }
 
 void VirtualPages::free(ReservedRange& range, StreamId stream) {
@@ -145,7 +235,10 @@ void VirtualPages::unmap_pages(ReservedRange& range, const std::vector<std::size
     PageSlot& slot = range.pages[p];
     if (slot.chunk == nullptr || slot.retire_serial != serial) continue;  // taken back since
     count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
-    out.push_back(slot.chunk);
+    if (slot.padding)
+      --filler_mappings_;  // the filler goes back once no page maps it (release_unused_filler)
+    else
+      out.push_back(slot.chunk);
     slot = PageSlot{};
     --range.mapped_pages;
   }
@@ -193,6 +286,9 @@ void VirtualPages::append_stats(StatList& out) const {
   std::int64_t retiring_pages = 0;
   for (const Retiring& r : retiring_) retiring_pages += static_cast<std::int64_t>(r.pages.size());
   out.emplace_back("vmm.retiring_pages", retiring_pages);
+  std::int64_t padding_pages = 0;
+  for (const auto& range : ranges_) padding_pages += static_cast<std::int64_t>(range->live_padding);
+  out.emplace_back("vmm.kv_padding_pages", padding_pages);
   out.emplace_back("vmm.page_backend_errors", backend_errors);
 }
 

@@ -15,6 +15,24 @@
 //   is simply taken back, with no driver call; each retirement carries a serial number so
 //   that a stale retirement never unmaps a page that was taken back and retired anew.
 // - A range whose owner let go is unreserved only once none of its pages is mapped.
+//
+// Note [Padding pages]
+// A batch of prompts of different lengths is padded on the left: row r's positions before
+// its first token are never attended to with any weight (the attention mask says so), yet
+// eager attention and the prompt's copy still touch them, so they must be mapped. A page
+// wholly inside such padding (a commit's `row_begins`) is mapped to one shared chunk, the
+// filler, held once per allocator while any page maps it: memory follows the tokens, not
+// the longest prompt. What the filler holds is whatever some row wrote last at that
+// offset (every write there is a padding position's K or V, a finite value the mask
+// weighs by 0), so no reader may give a padding position weight.
+// - A page that serves tokens is never the filler: a page a commit needs for tokens that
+//   maps the filler now (a row's tokens begin earlier than before) is unmapped once the
+//   work queued on the stream has finished, a host wait (rare: a new prompt over a range
+//   whose retirements are still under way, a reorder of rows), then mapped to its own chunk.
+// - A page needed as padding that is mapped to its own chunk keeps it: any memory serves
+//   as padding, and giving it up would cost a wait for nothing.
+// - The filler counts once in every statistic (allocated, kv_mapped_bytes, snapshots), as
+//   one page; a range's live pages are its own chunks only.
 #pragma once
 
 #include <cstddef>
@@ -31,23 +49,27 @@ namespace vmm {
 struct PageSlot {
   Chunk* chunk = nullptr;           // null: not mapped
   std::uint64_t retire_serial = 0;  // non-zero: mapped, retiring (not counted as live)
+  bool padding = false;             // chunk is the filler (Note [Padding pages])
 };
 
 struct ReservedRange {
   std::uintptr_t base = 0;
   std::size_t bytes = 0;  // reserved, a multiple of kChunkSize
   std::vector<PageSlot> pages;
-  std::size_t live_pages = 0;    // mapped and not retiring
-  std::size_t mapped_pages = 0;  // mapped, retiring included
+  std::size_t live_pages = 0;    // mapped to their own chunk and not retiring
+  std::size_t live_padding = 0;  // mapped to the filler and not retiring
+  std::size_t mapped_pages = 0;  // mapped, retiring and padding included
   bool freed = false;            // the owner let go: unreserve once nothing is mapped
   std::size_t index = 0;         // position in VirtualPages::ranges_
 };
 
 // Which pages a commit maps, takes back from retirement and gives up.
 struct PagePlan {
-  std::vector<std::size_t> map;      // needed, not mapped
-  std::vector<std::size_t> reclaim;  // needed, retiring
-  std::vector<std::size_t> drop;     // live, not needed
+  std::vector<std::size_t> map;          // needed for tokens, not mapped
+  std::vector<std::size_t> map_padding;  // needed as padding, not mapped
+  std::vector<std::size_t> unpad;        // needed for tokens, mapped to the filler
+  std::vector<std::size_t> reclaim;      // needed, retiring (own chunk, or the filler as padding)
+  std::vector<std::size_t> drop;         // live, not needed
 };
 
 class VirtualPages {
@@ -58,18 +80,31 @@ class VirtualPages {
   VirtualPages& operator=(const VirtualPages&) = delete;
 
   ReservedRange* reserve(std::size_t bytes);
-  // Pages overlapping [r*stride + begin, r*stride + end) for r < rows are needed; the
-  // caller checked that this lies inside the range.
+  // Pages overlapping [r*stride + begin, r*stride + end) for r < rows are needed; with
+  // `row_begins` (one per row, or empty), those overlapping only row r's positions before
+  // r*stride + row_begins[r] are needed as padding (Note [Padding pages]). The caller
+  // checked that this lies inside the range.
   PagePlan plan(const ReservedRange& range, std::size_t rows, std::size_t stride, std::size_t begin,
-                std::size_t end) const;
+                std::size_t end, const std::vector<std::size_t>& row_begins) const;
   // Takes retiring pages back for use on `stream`, which first waits for the work their
-  // retirement waits for (it may have been queued on another stream).
-  void reclaim(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
-  // Retires live pages after work queued on `stream` (Note [KV pages]).
-  void retire(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
+  // retirement waits for (it may have been queued on another stream). Returns how many
+  // were own-chunk pages (the rest map the filler).
+  std::size_t reclaim(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
+  // Retires live pages after work queued on `stream` (Note [KV pages]). Returns how many
+  // were own-chunk pages.
+  std::size_t retire(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
   // Maps chunks[i] at pages[i] and grants access. Throws BackendError; then nothing is
   // mapped and the caller still owns the chunks.
   void map(ReservedRange& range, const std::vector<std::size_t>& pages, const std::vector<Chunk*>& chunks);
+  // Maps the filler at `pages` (Note [Padding pages]); `filler` becomes it if none is held
+  // (the caller drew it from the pool). Throws BackendError; then nothing is mapped.
+  void map_padding(ReservedRange& range, const std::vector<std::size_t>& pages, Chunk* filler);
+  // Unmaps pages mapped to the filler, live or retiring, once the work queued on `stream`
+  // (and each retiring page's own work) has finished: a host wait.
+  void unpad(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
+  // The filler once no page maps it (then no longer held), else null.
+  Chunk* release_unused_filler();
+  bool holds_filler() const { return filler_ != nullptr; }
   // Retires every live page and lets the range go.
   void free(ReservedRange& range, StreamId stream);
   // Unmaps retired pages whose work has finished (all of them when `wait`: the caller
@@ -102,7 +137,7 @@ class VirtualPages {
   void append_stats(StatList& out) const;
   void reset_peak() { live_bytes.reset_peak(); }
 
-  Stat live_bytes;  // bytes of live pages (KV-mapped bytes)
+  Stat live_bytes;  // bytes of live own-chunk pages and the filler once (KV-mapped bytes)
   std::int64_t backend_errors = 0;
 
  private:
@@ -113,6 +148,9 @@ class VirtualPages {
     std::uint64_t serial;
   };
 
+  // The driver's part of map(): maps and grants access, or nothing on a throw.
+  void map_chunks(ReservedRange& range, const std::vector<std::size_t>& pages,
+                  const std::vector<Chunk*>& chunks);
   void unmap_pages(ReservedRange& range, const std::vector<std::size_t>& pages, std::uint64_t serial,
                    std::vector<Chunk*>& out);
   void maybe_destroy(ReservedRange* range);
@@ -124,6 +162,8 @@ class VirtualPages {
   std::vector<Retiring> retiring_;
   std::uint64_t next_serial_ = 1;
   std::size_t reserved_virtual_bytes_ = 0;
+  Chunk* filler_ = nullptr;          // Note [Padding pages]
+  std::size_t filler_mappings_ = 0;  // pages mapping it, retiring ones included
 };
 
 }  // namespace vmm

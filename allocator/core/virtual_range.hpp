@@ -45,10 +45,11 @@ class VirtualRange {
   }
 
   // See CachingAllocator::commit_range.
-  void commit(std::size_t rows, std::size_t stride, std::size_t begin, std::size_t end, StreamId stream) {
+  void commit(std::size_t rows, std::size_t stride, std::size_t begin, std::size_t end, StreamId stream,
+              const std::vector<std::size_t>& row_begins = {}) {
     std::lock_guard<std::mutex> lock(mutex_);
     check_usable();
-    allocator_.commit_range(range_, rows, stride, begin, end, stream);
+    allocator_.commit_range(range_, rows, stride, begin, end, stream, row_begins);
     last_stream_ = stream;
   }
   // Note [Exported views outlive free]. Pages go back after the work queued on `stream`.

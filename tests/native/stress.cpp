@@ -1161,9 +1161,24 @@ std::set<std::size_t> needed_pages(std::size_t rows, std::size_t stride, std::si
   return out;
 }
 
+// With row_begins (Note [Padding pages]): the pages tokens need, and those only padding needs.
+std::pair<std::set<std::size_t>, std::set<std::size_t>> needed_split(
+    std::size_t rows, std::size_t stride, std::size_t begin, std::size_t end,
+    const std::vector<std::size_t>& row_begins) {
+  std::set<std::size_t> tokens, padding;
+  for (std::size_t r = 0; r < rows && end > begin; ++r) {
+    const std::size_t first = row_begins.empty() ? begin : row_begins[r];
+    for (std::size_t p : needed_pages(1, stride, r * stride + first, r * stride + end)) tokens.insert(p);
+    for (std::size_t p : needed_pages(1, stride, r * stride + begin, r * stride + first)) padding.insert(p);
+  }
+  for (std::size_t p : tokens) padding.erase(p);
+  return {tokens, padding};
+}
+
 // Each thread owns two virtual tensors of 4 rows x 3 pages and commits random spans of
-// them, stamping every newly live page and checking that a page live before and after a
-// commit kept its stamp, with allocations of its own in between. Thread 0 holds stream
+// them, half of them with padded rows, stamping every newly live page and checking that a
+// page live before and after a commit kept its stamp (padding pages, the one shared filler,
+// are scribbled on at the same offsets), with allocations of its own in between. Thread 0 holds stream
 // events in flight now and then, so that given-up pages stay retiring while others commit.
 void run_pages(const PhaseSpec& spec) {
   const auto start = std::chrono::steady_clock::now();
@@ -1208,11 +1223,15 @@ void run_pages(const PhaseSpec& spec) {
       const std::size_t rows = rng() % (kRows + 1);
       const std::size_t begin = rng() % (kStride + 1);
       const std::size_t end = begin + rng() % (kStride - begin + 1);
-      const auto needed = needed_pages(rows, kStride, begin, end);
+      std::vector<std::size_t> row_begins;  // half the commits pad their rows (Note [Padding pages])
+      if (rng() % 2) {
+        for (std::size_t r = 0; r < rows; ++r) row_begins.push_back(begin + rng() % (end - begin + 1));
+      }
+      const auto [needed, padding] = needed_split(rows, kStride, begin, end, row_begins);
       auto& live = stamps[which];
       bool oom = false;
       try {
-        vt.commit(rows, kStride, begin, end, rng() % 3);
+        vt.commit(rows, kStride, begin, end, rng() % 3, row_begins);
         ++commits;
       } catch (const vmm::OutOfMemoryError&) {
         ++ooms;
@@ -1221,14 +1240,29 @@ void run_pages(const PhaseSpec& spec) {
       const auto pages = vt.live_pages();
       const std::set<std::size_t> now(pages.begin(), pages.end());
       if (!oom) {
-        CHECK(now == needed, "pages: after commit(%zu rows, [%zu, %zu)) %zu pages are live, %zu needed", rows,
-              begin, end, now.size(), needed.size());
+        // Tokens' pages are own; padding's are the filler, or own where an own page served.
+        for (std::size_t p : needed) CHECK(now.count(p), "pages: page %zu holds tokens but is not own", p);
+        for (std::size_t p : now) {
+          CHECK(needed.count(p) || padding.count(p),
+                "pages: page %zu live after commit(%zu rows, [%zu, %zu))", p, rows, begin, end);
+        }
+        for (const auto& kv : live) {
+          CHECK(!padding.count(kv.first) || now.count(kv.first), "pages: own page %zu given up as padding",
+                kv.first);
+        }
       } else {  // a failed commit gives nothing up and maps nothing new
         for (const auto& kv : live)
           CHECK(now.count(kv.first), "pages: a failed commit gave up page %zu", kv.first);
         for (std::size_t p : now) {
-          CHECK(live.count(p) || needed.count(p),
+          CHECK(live.count(p) || needed.count(p) || padding.count(p),
                 "pages: page %zu live after a failed commit, neither old nor needed", p);
+        }
+      }
+      if (!oom) {  // the filler, written where own pages keep their stamps: no own page may alias it
+        for (std::size_t p : padding) {
+          if (now.count(p)) continue;
+          const std::uint64_t scribble = rng();
+          faulty->copy_from_host(vt.address() + p * kChunk + 8 * (p % 7), &scribble, sizeof scribble);
         }
       }
       std::map<std::size_t, std::uint64_t> next;
@@ -1265,7 +1299,7 @@ void run_pages(const PhaseSpec& spec) {
   Stats s(alloc->stats());
   for (const char* name : {"allocated_bytes.all.current", "reserved_bytes.all.current", "vmm.chunks.current",
                            "vmm.kv_mapped_bytes.current", "vmm.virtual_ranges", "vmm.retiring_pages",
-                           "vmm.page_backend_errors", "vmm.backend_errors"}) {
+                           "vmm.kv_padding_pages", "vmm.page_backend_errors", "vmm.backend_errors"}) {
     CHECK(s[name] == 0, "pages: at the end, %s is %lld", name, static_cast<long long>(s[name]));
   }
   alloc.reset();
