@@ -16,11 +16,17 @@ import time
 from typing import Any
 
 
-def run_paged(torch, model, prompts_per_repeat: list[list[list[int]]], new_tokens: int) -> dict[str, Any]:
+def run_paged(torch, model, prompts_per_repeat: list[list[list[int]]], new_tokens: int,
+              cache_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Decode speed and memory of continuous batching, greedy, `new_tokens` a request: one
     batch of prompts (token id lists, any lengths: no padding) per repeat, the same prompts
-    the other systems get in that repeat."""
+    the other systems get in that repeat. `cache_options` (ContinuousBatchingConfig's fields,
+    e.g. num_blocks, max_batch_tokens) size its cache; by default it sizes itself from the
+    free memory of the model's device."""
     from transformers import GenerationConfig
+    from transformers.generation.configuration_utils import ContinuousBatchingConfig
+
+    batching = {"continuous_batching_config": ContinuousBatchingConfig(**cache_options)} if cache_options else {}
 
     def generate(n: int, prompts: list[list[int]]) -> tuple[float, dict[str, Any]]:
         # An end-of-sequence id no token has: every request runs its n tokens, as
@@ -31,7 +37,7 @@ def run_paged(torch, model, prompts_per_repeat: list[list[list[int]]], new_token
             torch.cuda.synchronize()
         start = time.perf_counter()
         with torch.no_grad():
-            out = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False)
+            out = model.generate_batch(inputs=prompts, generation_config=config, progress_bar=False, **batching)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - start, out

@@ -30,7 +30,10 @@ def test_paged_peer_reports_greedy_tokens_of_prompts_of_any_length(monkeypatch):
     prompts = [ids[0].tolist(), ids[1, :5].tolist(), ids[2, :9].tolist()]
     clock = iter(range(1000))
     monkeypatch.setattr("bench.paged_peer.time.perf_counter", lambda: next(clock) ** 2 / 10)  # later runs take longer
-    r = run_paged(torch, model, [prompts, [p + p[:2] for p in prompts]], 6)
+    # A small cache: sized from the host's memory, its attention mask (tokens x cache positions,
+    # pinned where a GPU is present) would be gigabytes for a model on the CPU.
+    r = run_paged(torch, model, [prompts, [p + p[:2] for p in prompts]], 6,
+                  cache_options={"num_blocks": 16, "max_batch_tokens": 64})
     expected = [model.generate(torch.tensor([p]), max_new_tokens=6, do_sample=False, eos_token_id=-1)[0, len(p):].tolist()
                 for p in prompts]
     assert r["ok"] and r["full_length"] and r["tokens"] == expected

@@ -316,11 +316,11 @@ def test_a_commit_that_fails_on_the_values_is_made_again(device, monkeypatch):
     assert len(ours.virtual_tensors()) == 2
     commit, calls = vt_module.VirtualTensor.commit, []
 
-    def values_out_of_memory(self, rows, stop, start=0):
+    def values_out_of_memory(self, rows, stop, start=0, row_starts=None):
         calls.append(self)
         if len(calls) == 2:  # K's commit went through; V's fails
             raise torch.OutOfMemoryError("injected: V could not grow")
-        return commit(self, rows, stop, start)
+        return commit(self, rows, stop, start, row_starts)
 
     more_k, more_v = torch.randn(2, 2, 3000, 16).to(device), torch.randn(2, 2, 3000, 8).to(device)
     monkeypatch.setattr(vt_module.VirtualTensor, "commit", values_out_of_memory)

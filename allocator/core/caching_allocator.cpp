@@ -342,8 +342,16 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
     sync_reserved_stats();  // growth is logged before the pages that needed it
     log_own(plan.map, EventKind::kMap);
   }
-  log_own(plan.drop, EventKind::kUnmap);
+  // An event carries the totals after it, so own pages given up are told apart before
+  // retire() and logged after their count drops.
+  std::vector<std::size_t> own_dropped;
+  if (events_.on()) {
+    for (std::size_t p : plan.drop) {
+      if (!range->pages[p].padding) own_dropped.push_back(p);
+    }
+  }
   count_pages(-static_cast<std::int64_t>(pages_.retire(*range, plan.drop, stream)));
+  for (std::size_t p : own_dropped) log(EventKind::kUnmap, range->base + p * kChunkSize, kChunkSize, stream);
   release_unused_filler(stream);
   sync_reserved_stats();
 }
