@@ -5,10 +5,9 @@
 #   STEP=sweep   VMMALLOC_COMMIT=$(git rev-parse --short HEAD) bash tests/run_unverified_gpu.sh
 #   STEP=memcheck ...   STEP=compile_train ...   STEP=compile_decode ...
 #
-# - sweep: the context sweep's two systems not yet measured (VirtualKVCache eager, the paged
-#   peer), merged into the committed bench/results/graph_decode_sweep.json (same points).
-#   The eager worker takes about 100 s cold; the paged one is the slowest (474 ms a step at
-#   16K), so it may need a call of its own.
+# - sweep: the context sweep's system not yet measured (the paged peer: 474 ms a step at
+#   16K, the slowest), merged into the committed bench/results/graph_decode_sweep.json (same
+#   points); a call of its own.
 # - memcheck: compute-sanitizer memcheck over the offload cache tests (issue 26), about 25 s a
 #   test under the sanitizer: a whole call, -k narrowed if it is cut again.
 # - compile_train / compile_decode: issue 19's workloads, one a call, with the graphs' pool
@@ -26,7 +25,7 @@ python3 -m vmmalloc.torch_adapter > "$L/adapter_build.log" 2>&1; stamp build $?
 case "${STEP:-sweep}" in
   sweep)
     mkdir -p "$L/results"; cp bench/results/graph_decode_sweep.json "$L/results/"
-    timeout $(left 580) python3 -m bench.graph_decode sweep "$L/results" --systems vmm,paged \
+    timeout $(left 580) python3 -m bench.graph_decode sweep "$L/results" --systems paged \
       > "$L/sweep.log" 2>&1; stamp sweep $? ;;
   memcheck)
     timeout $(left 580) compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
