@@ -202,12 +202,66 @@ def steady_tok_s(point: dict[str, Any]) -> float:
     return point["batch"] / point["step_median_s"]
 
 
-def plot_sweep(result: dict[str, Any], path: Path) -> None:
-    """The sweep's plot: steady tok/s and peak reserved against context at batch 8."""
-    from bench.kv_cache import plot
+def kv_memory(point: dict[str, Any]) -> float:
+    """The KV memory a sweep point's cache held at its last step, in bytes: the pages mapped
+    (VirtualKVCache, measured: kv_committed_final), else every row at the longest row's
+    length (StaticCache and DynamicCache hold left-padded rows of one length: their
+    tensors' size by construction, `kv_bytes`)."""
+    measured = point.get("kv_committed_final")
+    return float(measured if measured is not None else point["kv_bytes"])
 
-    plot(result, path, batch=8, title="Decode in CUDA graphs and its peers", tok_s=steady_tok_s,
-         tok_s_label="decode tokens/s, batch / median step")
+
+def sweep_series(result: dict[str, Any]) -> dict[str, dict[str, list[float]]]:
+    """Per system, what the sweep's plot draws: the uniform contexts that ran ("context",
+    "tok_s" as batch / median step, "reserved_gb", "kv_gb") and the variable-length point
+    ("variable": [longest context, tok/s, reserved GB, KV GB], empty if it did not run)."""
+    series = {}
+    for cache, data in result["systems"].items():
+        ran = [r for r in data["results"] if r.get("ok")]
+        uniform = [r for r in ran if not r.get("row_lengths")]
+        variable = [r for r in ran if r.get("row_lengths")]
+        series[cache] = {
+            "context": [r["context"] for r in uniform],
+            "tok_s": [steady_tok_s(r) for r in uniform],
+            "reserved_gb": [r["peak_reserved"] / GB for r in uniform],
+            "kv_gb": [kv_memory(r) / GB for r in uniform],
+            "variable": ([variable[0]["context"], steady_tok_s(variable[0]), variable[0]["peak_reserved"] / GB,
+                          kv_memory(variable[0]) / GB] if variable else []),
+        }
+    return series
+
+
+def plot_sweep(result: dict[str, Any], path: Path) -> None:
+    """The sweep's plot: steady tok/s, peak reserved and KV memory against context at batch
+    8, one line per system; the variable-length batch as a star at its longest prompt."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    labels = ("decode tokens/s, batch / median step", "peak reserved GB", "KV memory GB at the last step")
+    for cache, s in sweep_series(result).items():
+        line = None
+        for ax, key, at in zip(axes, ("tok_s", "reserved_gb", "kv_gb"), (1, 2, 3)):
+            drawn = ax.plot(s["context"], s[key], marker="o", label=cache,
+                            color=line.get_color() if line is not None else None)[0]
+            line = line or drawn
+            if s["variable"]:
+                ax.plot([s["variable"][0]], [s["variable"][at]], marker="*", markersize=13, linestyle="none",
+                        color=line.get_color())
+    for ax, label in zip(axes, labels):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    gpu = result["environment"].get("gpu")
+    fig.suptitle(f"Decode in CUDA graphs and its peers on a Llama-3-8B shape, batch 8, {gpu}. Stars: prompts "
+                 "of 2K-16K, left-padded. Missing points ran out of memory. KV: pages mapped (vmm), rows x "
+                 "longest (static, dynamic)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def sweep_points(new_tokens: int = 32) -> list[list[Any]]:

@@ -51,31 +51,31 @@ def test_left_padding_keeps_each_row_s_own_prompt():
     assert (grown[0] != 0).sum() == 6 and (grown[1] != 0).sum() == 4
 
 
-def test_sweep_plot_draws_what_ran(tmp_path, monkeypatch):
+def test_sweep_plot_draws_what_ran(tmp_path):
     """The sweep's plot takes each point's speed from its median step (a point is one call, so
-    its mean step carries the recording or compile); failed and variable-length points are left out."""
+    its mean step carries the recording or compile); failed points are left out, the
+    variable-length point is drawn apart, and KV memory is the pages mapped where measured,
+    else the rows at the longest length."""
     pytest.importorskip("matplotlib")
-    import bench.kv_cache
-    from bench.graph_decode import plot_sweep, steady_tok_s
+    from bench.graph_decode import plot_sweep, steady_tok_s, sweep_series
 
-    def point(context, ok=True):
+    def point(context, ok=True, kv=None):
         return {"ok": ok, "batch": 8, "context": context, "decode_tok_s": 100.0, "step_median_s": 0.01,
-                "peak_reserved": 3e10}
+                "peak_reserved": 3e10, "kv_bytes": 2e9, "kv_committed_final": kv}
 
     result = {"environment": {"gpu": "a GPU"},
-              "systems": {"vmm_graphs": {"results": [point(2048), point(8192), point(65536, ok=False),
-                                                     {**point(16384), "row_lengths": [2048, 16384]}]}}}
+              "systems": {"vmm_graphs": {"results": [point(2048, kv=1e9), point(8192, kv=3e9),
+                                                     point(65536, ok=False),
+                                                     {**point(16384, kv=5e9), "row_lengths": [2048, 16384]}]},
+                          "static_compiled": {"results": [point(2048), point(16384, ok=False)]}}}
     assert steady_tok_s(point(2048)) == pytest.approx(800.0)
-    drawn = []
-    real_plot = bench.kv_cache.plot
-
-    def spy(result, path, **kwargs):
-        drawn.append([kwargs["tok_s"](r) for r in result["systems"]["vmm_graphs"]["results"] if r["ok"]])
-        real_plot(result, path, **kwargs)
-
-    monkeypatch.setattr(bench.kv_cache, "plot", spy)
+    series = sweep_series(result)
+    assert series["vmm_graphs"]["context"] == [2048, 8192]
+    assert series["vmm_graphs"]["tok_s"] == pytest.approx([800.0, 800.0])
+    assert series["vmm_graphs"]["kv_gb"] == pytest.approx([1.0, 3.0])
+    assert series["vmm_graphs"]["variable"] == pytest.approx([16384, 800.0, 30.0, 5.0])
+    assert series["static_compiled"]["kv_gb"] == pytest.approx([2.0]) and series["static_compiled"]["variable"] == []
     plot_sweep(result, tmp_path / "sweep.png")
-    assert drawn == [[800.0, 800.0, 800.0]]
     assert (tmp_path / "sweep.png").stat().st_size > 1000
 
 
@@ -122,7 +122,7 @@ def test_a_sweep_part_keeps_the_systems_it_does_not_run(tmp_path, monkeypatch):
 
     def fake_worker(module, allocator, args, timeout):
         results = [{"ok": True, "batch": p[0], "context": p[1], "decode_tok_s": 10.0, "step_median_s": 0.8,
-                    "peak_reserved": 1e10} for p in args["points"]]
+                    "peak_reserved": 1e10, "kv_bytes": 1e9} for p in args["points"]]
         return {"cache": args["cache"], "results": results}
 
     monkeypatch.setattr(graph_decode, "run_worker", fake_worker)
@@ -148,7 +148,7 @@ def test_a_sweep_part_of_some_points_replaces_only_those(tmp_path, monkeypatch):
         ran.append(args["points"])
         speed = 10.0 if len(ran) == 1 else 20.0
         results = [{"ok": True, "batch": p[0], "context": p[1], "decode_tok_s": speed, "step_median_s": 0.8,
-                    "peak_reserved": 1e10} for p in args["points"]]
+                    "peak_reserved": 1e10, "kv_bytes": 1e9} for p in args["points"]]
         return {"cache": args["cache"], "results": results}
 
     monkeypatch.setattr(graph_decode, "run_worker", fake_worker)
