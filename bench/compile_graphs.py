@@ -19,6 +19,8 @@ reserved/allocated <= 1.05.
 
     python -m bench.run compile_graphs --backend cuda [--quick]     # both workloads
     python -m bench.compile_graphs {train,decode} [--rounds N]      # one, merged into the result
+    python -m bench.compile_graphs train --history 2 [--out DIR]    # the graph pools' live bytes
+                                                                    # over warm-up and recording
 
 The whole run is 18 processes that each compile (about 15 minutes on an H200): more than
 one 10-minute device call, so one workload can run on its own and replace its entry in
@@ -84,6 +86,9 @@ def measure_train(torch, args: dict[str, Any]) -> dict[str, Any]:
     compiled = torch.compile(model, mode="reduce-overhead")
     batch, seq = args["batch"], args["seq"]
     times, losses, trajectory = [], [], []
+    history_steps, pools = int(args.get("history_steps", 0)), None
+    if history_steps:  # the warm-up's and recording's trace, for bench/pool_trace.py
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
     for step in range(args["warmup"] + args["steps"]):
         g = torch.Generator(device="cuda").manual_seed(step)
         ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda", generator=g)
@@ -98,9 +103,27 @@ def measure_train(torch, args: dict[str, Any]) -> dict[str, Any]:
         end.synchronize()
         losses.append(float(loss))
         trajectory.append(memory_now(torch))
+        if history_steps and step == history_steps - 1:
+            pools = pool_history(torch, args.get("history_out"))
         if step >= args["warmup"]:
             times.append(start.elapsed_time(end) / 1000)
-    return {"step_s": statistics.median(times), "steps_s": times, "losses": losses, "trajectory": trajectory}
+    out = {"step_s": statistics.median(times), "steps_s": times, "losses": losses, "trajectory": trajectory}
+    return {**out, "pool_history": pools} if pools is not None else out
+
+
+def pool_history(torch, path: str | None) -> dict[str, Any]:
+    """Stops the history and reads the pools' live bytes over it (bench/pool_trace.py); the
+    snapshot itself goes to `path` when given (for torch's memory viewer)."""
+    import pickle
+
+    from bench.pool_trace import pool_timeline
+
+    snapshot = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    if path:
+        with open(path, "wb") as f:
+            pickle.dump(snapshot, f)
+    return pool_timeline(snapshot, device=torch.cuda.current_device())
 
 
 def measure_decode(torch, args: dict[str, Any]) -> dict[str, Any]:
@@ -207,6 +230,25 @@ def run(backend: str = "cuda", quick: bool = False, names: tuple[str, ...] = ("t
     return with_targets({"benchmark": "compile_graphs", "workloads": results})
 
 
+def trace_pools(quick: bool, steps: int, out_dir: Path) -> dict[str, Any]:
+    """The train workload's first `steps` steps under native and vmmalloc with memory history
+    on: each system's graph pools' peak live bytes, when, what was live then, against their
+    reserved bytes (bench/pool_trace.py), and its snapshot in `out_dir` (not timed: the
+    history costs every allocation)."""
+    from bench.common import environment
+
+    args = {**workload_args(quick)["train"], "history_steps": steps, "warmup": steps, "steps": 1}
+    systems = {}
+    for system in ("native", "vmmalloc"):
+        measured = run_worker("bench.compile_graphs", system,
+                              {**args, "history_out": str(out_dir / f"compile_train_{system}.pickle")}, timeout=1800)
+        systems[system] = {k: measured[k] for k in ("pool_history", "trajectory", "peak_reserved", "peak_allocated",
+                                                    "reserved_breakdown") if k in measured}
+        print(f"[compile_graphs] history {system}: {json.dumps(measured.get('pool_history'))[:4000]}", flush=True)
+    return {"benchmark": "compile_graphs_pool_history", "args": args, "systems": systems,
+            "environment": environment()}
+
+
 def with_targets(result: dict[str, Any]) -> dict[str, Any]:
     """`result` with its targets and which of them its workloads meet."""
     met = {}
@@ -235,12 +277,21 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--history", type=int, default=0, metavar="STEPS",
+                        help="train: record the first STEPS steps' memory history (one round), read the graph "
+                             "pools' live bytes over it (bench/pool_trace.py) and save each system's snapshot")
     args = parser.parse_args()
     from bench.common import RESULTS_DIR, environment, write_result
 
     out_dir = args.out or RESULTS_DIR
     path = out_dir / "compile_graphs.json"
     previous = json.loads(path.read_text()) if path.exists() else None
+    if args.history:
+        if args.workload != "train":
+            raise SystemExit("compile_graphs: --history reads the train workload's graph pools; use it with train")
+        histories = trace_pools(args.quick, args.history, out_dir)
+        print(f"wrote {write_result('compile_graphs_pool_history', histories, out_dir)}")
+        return
     result = merge(previous, run("cuda", args.quick, (args.workload,), args.rounds))
     result["environment"] = environment()  # the latest workload's; each workload holds its own
     print(f"wrote {write_result('compile_graphs', result, out_dir)}")

@@ -3,7 +3,7 @@
 # on an H200; pick one with STEP=...). Logs under $OUT (or ./gpu-logs), tarred.
 #
 #   STEP=sweep   VMMALLOC_COMMIT=$(git rev-parse --short HEAD) bash tests/run_unverified_gpu.sh
-#   STEP=memcheck ...   STEP=compile_train ...   STEP=compile_decode ...
+#   STEP=memcheck ...   STEP=compile_train ...   STEP=compile_decode ...   STEP=compile_history ...
 #
 # - sweep: the context sweep's system not yet measured (the paged peer: 474 ms a step at
 #   16K, the slowest), merged into the committed bench/results/graph_decode_sweep.json (same
@@ -12,6 +12,9 @@
 #   test under the sanitizer: a whole call, -k narrowed if it is cut again.
 # - compile_train / compile_decode: issue 19's workloads, one a call, with the graphs' pool
 #   snapshot (bench/NOTES.md: where the pool's 0.98 GB over its peak comes from).
+# - compile_history: the train workload's warm-up and recording under native and vmmalloc
+#   with memory history on: each pool's peak live bytes, when, and what was live then
+#   (bench/pool_trace.py), beside its reserved bytes; the snapshots are kept for the viewer.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT="${OUT:-$PWD/gpu-logs}"; L="$OUT/logs"; mkdir -p "$L"
@@ -34,5 +37,8 @@ case "${STEP:-sweep}" in
   compile_train|compile_decode)
     timeout $(left 580) python3 -m bench.compile_graphs "${STEP#compile_}" --out "$L" \
       > "$L/$STEP.log" 2>&1; stamp "$STEP" $? ;;
-  *) echo "unknown STEP=$STEP (sweep, memcheck, compile_train, compile_decode)" >&2; exit 2 ;;
+  compile_history)
+    timeout $(left 580) python3 -m bench.compile_graphs train --history 2 --out "$L" \
+      > "$L/$STEP.log" 2>&1; stamp "$STEP" $? ;;
+  *) echo "unknown STEP=$STEP (sweep, memcheck, compile_train, compile_decode, compile_history)" >&2; exit 2 ;;
 esac
