@@ -125,10 +125,10 @@ class KVBuffers:
         """Whether short rows are packed into shared pages (a reservation under a page a row)."""
         return any(vt.row_stride < CHUNK_SIZE for vt in self.tensors)
 
-    @property
-    def row_starts(self) -> tuple[int, ...] | None:
-        """Where each row's tokens start, as committed (None: at `start`)."""
-        return self.tensors[0].row_starts
+    def holds_row_starts(self, starts: tuple[int, ...] | None) -> bool:
+        """Whether every tensor was committed with these row starts (a commit that failed
+        part-way leaves them apart: then the next commit is made again)."""
+        return all(vt.row_starts == starts for vt in self.tensors)
 
     def commit(self, rows: int, stop: int, start: int = 0, row_starts: tuple[int, ...] | None = None) -> None:
         """Backs positions ``[start, stop)`` of the first `rows` rows, those before

@@ -54,6 +54,7 @@ the past (assisted decoding may crop back), pages are kept from where recording 
 """
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -65,17 +66,18 @@ from vmmalloc.integrations.hf_compat import crop_to_removal, layer_windows, text
 from vmmalloc.integrations.kv_buffers import KVBuffers
 from vmmalloc.virtual_tensor import VirtualTensor
 
-# The last row index rows_on_host read: every layer of a step reorders by the same tensor.
-_last_rows: dict[str, Any] = {"index": None, "version": -1, "rows": []}
+# The last row index rows_on_host read, per thread (generate() calls in threads reorder by
+# indices of their own): every layer of a step reorders by the same tensor.
+_last_rows = threading.local()
 
 
 def rows_on_host(index: torch.Tensor) -> list[int]:
     """``index.tolist()``, read once while the same unchanged tensor reorders every layer."""
-    last = _last_rows["index"]
-    if last is not None and last() is index and _last_rows["version"] == index._version:
-        return _last_rows["rows"]
+    last = getattr(_last_rows, "memo", None)  # (weak ref to the index, its version, its rows)
+    if last is not None and last[0]() is index and last[1] == index._version:
+        return last[2]
     rows = [int(i) for i in index.tolist()]
-    _last_rows.update(index=weakref.ref(index), version=index._version, rows=rows)
+    _last_rows.memo = (weakref.ref(index), index._version, rows)
     return rows
 
 
@@ -185,7 +187,7 @@ class VirtualKVLayer(CacheLayerMixin):
         target = max(reach, min(limit, -(-(stop + lead) // page) * page) if lead else stop)
         starts = self.padding if self.padding is not None and len(self.padding) == rows else None
         same = (all(r == rows and a // page == keep_from // page and b == kv.stop for r, a, b in kv.spans)
-                and kv.row_starts == starts)
+                and kv.holds_row_starts(starts))
         if same and reach <= kv.stop and -(-kv.stop // page) <= -(-target // page):
             if kv.stop >= min(stop + lead, limit):
                 return  # the same pages serve: enough lead, nothing to give back
@@ -371,8 +373,12 @@ class VirtualKVLayer(CacheLayerMixin):
         saved = kv.gather_rows(self.batch_size, start, self.length, beam_idx.to(self.device))
         padding = self._padding_of_rows(beam_idx)
         if padding != self.padding:
-            self.padding = padding
-            self._commit(self.batch_size, self.length, start)
+            before, self.padding = self.padding, padding
+            try:
+                self._commit(self.batch_size, self.length, start)
+            except BaseException:
+                self.padding = before  # the rows were not reordered: their padding stays theirs
+                raise
         kv.put_rows(saved, start, self.length)
 
     def _padding_of_rows(self, index: torch.Tensor) -> tuple[int, ...] | None:

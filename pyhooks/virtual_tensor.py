@@ -14,10 +14,14 @@ CUDA context), so callers slice it to the committed span only; the KV caches do.
 Note [Padding positions]
 A commit may name, per row, where its tokens start (``row_starts``): the positions before
 are padding, a batch's shorter prompts padded on the left. They stay readable and writable,
-but the pages holding only padding are all one shared chunk (Note [Padding pages] in
+but the pages holding only padding are all one chunk shared by every virtual tensor of the
+dtype on the allocator (Note [Padding pages] in
 allocator/core/virtual_pages.hpp): what is read there is whatever any row wrote at the same
 offset of a page. So padding is for positions no computation gives weight to (an attention
-mask hides them); a cache that sets it says so.
+mask hides them); a cache that sets it says so. A weight of 0 hides a finite value only (0
+times NaN is NaN): the model writes finite values of the tensor's dtype there, but bytes of
+one dtype read as another can be NaN (a float32's low half read as bfloat16, bfloat16 bytes
+read as float8). So each dtype has a filler of its own (the range's filler kind).
 """
 from __future__ import annotations
 
@@ -31,6 +35,14 @@ from vmmalloc import _C
 
 CHUNK_SIZE: int = _C.CHUNK_SIZE
 _host_allocator: _C.Allocator | None = None
+# The filler kind of each dtype (Note [Padding positions]): 1, 2, ... in order of first use
+# (0 is the core's default, for ranges made without a dtype).
+_filler_kinds: dict[torch.dtype, int] = {}
+
+
+def filler_kind(dtype: torch.dtype) -> int:
+    """The filler kind of `dtype`: virtual tensors of one dtype share a padding chunk."""
+    return _filler_kinds.setdefault(dtype, len(_filler_kinds) + 1)
 
 
 def host_allocator() -> _C.Allocator:
@@ -103,7 +115,8 @@ class VirtualTensor:
         row_bytes = shape[1] * self.item_bytes
         self.row_stride = -(-row_bytes // CHUNK_SIZE) * CHUNK_SIZE if row_bytes >= CHUNK_SIZE else row_bytes
         self._allocator = allocator if allocator is not None else allocator_for(self.device)
-        self._range = _C.VirtualRange(self._allocator, (shape[0] - 1) * self.row_stride + row_bytes)
+        self._range = _C.VirtualRange(self._allocator, (shape[0] - 1) * self.row_stride + row_bytes,
+                                      filler_kind(dtype))
         flat = torch.from_dlpack(self._range.dlpack())
         if flat.device != self.device:
             self._range.free()
@@ -160,8 +173,10 @@ class VirtualTensor:
         if starts is not None and (len(starts) != rows or any(not 0 <= s <= self.shape[1] for s in starts)):
             raise ValueError(f"row_starts must give one position in [0, {self.shape[1]}] for each of the "
                              f"{rows} rows committed, got {list(starts)}")
-        # A failed commit gives no page up (CachingAllocator::commit_range), so the span
-        # recorded before still holds: it stays, and the failure leaves nothing to undo here.
+        # Out of memory, a commit gives no page up and maps none (CachingAllocator::
+        # commit_range), so the span recorded before still holds and stays. After a driver
+        # failure, what is mapped is unknown: the span is forgotten, so that the next commit
+        # maps again whatever it needs (the core plans from the pages themselves).
         self.commits += 1
         try:
             self._range.commit(rows, self.row_stride, start * self.item_bytes, stop * self.item_bytes,
@@ -169,6 +184,10 @@ class VirtualTensor:
                                None if starts is None else [s * self.item_bytes for s in starts])
         except _C.OutOfMemoryError as error:
             raise torch.OutOfMemoryError(str(error)) from error
+        except Exception:
+            self.rows = self.start = self.stop = 0
+            self.row_starts = None
+            raise
         self.rows, self.start, self.stop, self.row_starts = rows, start, stop, starts
 
     @property

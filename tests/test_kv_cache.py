@@ -121,6 +121,41 @@ def test_row_starts_share_the_padding_pages(device):
     assert kv_stats(device)["vmm.kv_padding_pages"] == 0
 
 
+def test_padding_of_another_dtype_never_reads_this_ones_bytes(device):
+    """Note [Padding positions]: each dtype has its own filler; float32 bytes read as
+    bfloat16 (their low halves) can be NaN, which a mask weighs into NaN."""
+    base = kv_stats(device)["allocated_bytes.all.current"]
+    wide = VirtualTensor((2, 4096, 8, 64), torch.float32, device)  # 2 KiB a position: 1024 a page
+    narrow = VirtualTensor((2, 8192, 8, 64), torch.bfloat16, device)  # 1 KiB: 2048 a page
+    wide.commit(2, 2048, row_starts=[1024, 0])  # row 0: page 0 padding
+    narrow.commit(2, 4096, row_starts=[2048, 0])  # row 0: page 0 padding
+    assert kv_stats(device)["vmm.kv_padding_pages"] == 2
+    assert kv_stats(device)["allocated_bytes.all.current"] - base == (3 + 3 + 2) * CHUNK, "a filler each"
+    wide.tensor[0, :1024] = float("nan")  # what a float32 padding write may hold, seen as float32
+    assert not narrow.tensor[0, :2048].isnan().any(), "bfloat16 padding reads no float32 bytes"
+    wide.free()
+    narrow.free()
+
+
+def test_a_commit_that_fails_in_the_driver_forgets_its_span(device):
+    """After a driver failure what is mapped is unknown: the tensor forgets its span, so the
+    next commit of the same span goes to the allocator (which maps what is missing)."""
+    from vmmalloc._C import testing
+
+    backend = (vmmalloc.HostBackend(64 << 20) if device == "cpu" else vmmalloc.CudaBackend(0))
+    faulty = testing.FaultInjectionBackend(backend)
+    alloc = vmmalloc.Allocator(faulty, "memory_cap:64MiB")
+    vt = VirtualTensor((1, 8192, 8, 64), torch.float16, device, allocator=alloc)
+    vt.commit(1, 2048)
+    faulty.fail("map", skip=0, count=1)
+    with pytest.raises(vmmalloc.BackendError):
+        vt.commit(1, 6000)
+    assert (vt.rows, vt.start, vt.stop) == (0, 0, 0)
+    vt.commit(1, 6000)
+    assert vt.committed_bytes == 3 * CHUNK and (vt.rows, vt.stop) == (1, 6000)
+    vt.free()
+
+
 def test_freed_kv_pages_serve_the_next_allocation(device):
     alloc = allocator_for(torch.device(device))
     vt = VirtualTensor((1, 8192, 8, 64), torch.float32, device)  # 2 KiB a position

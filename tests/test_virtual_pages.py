@@ -289,3 +289,94 @@ def test_row_begins_of_another_length_are_a_clear_error(kind):
         vr.commit(2, 2 * CHUNK, 0, CHUNK, row_begins=[0])
     with pytest.raises((ValueError, TypeError), match="row_begins"):
         vr.commit(1, 0, 0, CHUNK, row_begins=[-1])
+
+
+def test_a_filler_only_retiring_pages_map_may_go_in_an_out_of_memory_retry(kind):
+    """The retry of an out-of-memory commit finishes retirements; when only retiring pages
+    mapped the filler, it goes back to the pool then, and the commit draws a new one."""
+    alloc, faulty = faulty_allocator(kind, capacity=3 * CHUNK)
+    first = _C.VirtualRange(alloc, 2 * CHUNK)
+    first.commit(1, 0, 0, 2 * CHUNK, stream=1, row_begins=[CHUNK])  # the filler and one own page
+    faulty.hold_events()
+    first.commit(0, 0, 0, 0, stream=1)  # both retire: their chunks stay taken
+    second = _C.VirtualRange(alloc, 4 * CHUNK)
+    second.commit(1, 0, 0, 4 * CHUNK, stream=1, row_begins=[2 * CHUNK])  # 2 padding + 2 own: retries
+    stats = alloc.stats()
+    assert second.live_pages() == [2, 3] and stats["vmm.kv_padding_pages"] == 2
+    assert stats["allocated_bytes.all.current"] == 3 * CHUNK, "two own pages and the filler once"
+    faulty.release_events()
+    for vr in (first, second):
+        vr.free()
+    alloc.empty_cache()
+    stats = alloc.stats()
+    assert stats["vmm.virtual_ranges"] == 0 and stats["reserved_bytes.all.current"] == 0
+
+
+def test_a_retiring_padding_page_tokens_need_is_taken_back_before_memory_is_drawn(kind):
+    """A padding page whose retirement is under way and that tokens now need: the commit
+    that runs out of memory leaves every count as it was, and the filler never serves a
+    tensor while a page maps it."""
+    alloc, faulty = faulty_allocator(kind, capacity=3 * CHUNK)
+    vr = _C.VirtualRange(alloc, 2 * CHUNK)
+    vr.commit(1, 0, 0, 2 * CHUNK, stream=1, row_begins=[CHUNK])  # page 0 the filler, page 1 own
+    hog = alloc.allocate(CHUNK, stream=0)  # the third chunk
+    faulty.hold_events()
+    vr.commit(0, 0, 0, 0, stream=1)  # both retire
+    with pytest.raises(vmmalloc.OutOfMemoryError):
+        vr.commit(1, 0, 0, 2 * CHUNK, stream=1, row_begins=[0])  # page 0 needs a chunk of its own
+    stats = alloc.stats()
+    assert stats["vmm.kv_padding_pages"] == 1 and stats["vmm.page_backend_errors"] == 0
+    assert vr.live_pages() == [1], "taken back from retirement, nothing given up"
+    faulty.release_events()
+    vr.commit(0, 0, 0, 0, stream=1)
+    alloc.deallocate(hog)
+    alloc.empty_cache()
+    vr.commit(1, 0, 0, 2 * CHUNK, stream=1, row_begins=[CHUNK])  # a filler again at page 0
+    tensor = alloc.allocate(CHUNK, stream=1)
+    alloc.backend.write(tensor, pattern(7, 4096))
+    alloc.backend.write(vr.address, pattern(3, 4096))
+    assert alloc.backend.read(tensor, 4096) == pattern(7, 4096), "the filler is no tensor's memory"
+    alloc.deallocate(tensor)
+    vr.free()
+    alloc.empty_cache()
+    stats = alloc.stats()
+    assert stats["vmm.virtual_ranges"] == 0 and stats["vmm.kv_padding_pages"] == 0
+    assert stats["allocated_bytes.all.current"] == 0 and stats["reserved_bytes.all.current"] == 0
+
+
+def test_a_failed_own_page_map_unmaps_the_padding_the_commit_mapped(kind):
+    """Padding mapped, then an own page's map fails: the commit maps nothing new."""
+    alloc, faulty = faulty_allocator(kind)
+    vr = _C.VirtualRange(alloc, 4 * CHUNK)
+    faulty.fail("map", skip=2, count=1)  # the two padding pages map; the first own page fails
+    with pytest.raises(vmmalloc.BackendError):
+        vr.commit(1, 0, 0, 4 * CHUNK, row_begins=[2 * CHUNK])
+    stats = alloc.stats()
+    assert stats["vmm.kv_padding_pages"] == 0 and stats["allocated_bytes.all.current"] == 0
+    assert stats["vmm.kv_mapped_bytes.current"] == 0 and stats["vmm.free_chunks"] == stats["vmm.chunks.current"]
+    vr.commit(1, 0, 0, 4 * CHUNK, row_begins=[2 * CHUNK])
+    assert vr.live_pages() == [2, 3] and alloc.stats()["vmm.kv_padding_pages"] == 2
+
+
+def test_each_filler_kind_has_a_filler_of_its_own(kind):
+    """Ranges of one kind (one element type) share a filler; another kind never reads what
+    they wrote there (bytes of one dtype read as another can be NaN)."""
+    alloc = kind.allocator(64 * MiB)
+    a, b = _C.VirtualRange(alloc, 2 * CHUNK, filler_kind=1), _C.VirtualRange(alloc, 2 * CHUNK, filler_kind=1)
+    c = _C.VirtualRange(alloc, 2 * CHUNK, filler_kind=2)
+    for vr in (a, b, c):
+        vr.commit(1, 0, 0, 2 * CHUNK, row_begins=[CHUNK])  # page 0 padding, page 1 own
+    stats = alloc.stats()
+    assert stats["vmm.kv_padding_pages"] == 3
+    assert stats["allocated_bytes.all.current"] == 5 * CHUNK, "three own pages and two fillers"
+    alloc.backend.write(a.address, pattern(1, 256))
+    alloc.backend.write(c.address, pattern(2, 256))
+    assert alloc.backend.read(b.address, 256) == pattern(1, 256), "one kind, one filler"
+    assert alloc.backend.read(a.address, 256) == pattern(1, 256), "the other kind's filler is another chunk"
+    pages = [s for s in alloc.segments() if s["kind"] == "pages"]
+    assert sum(s["total_size"] for s in pages) == 5 * CHUNK, "a snapshot shows each filler once"
+    c.commit(0, 0, 0, 0)
+    alloc.empty_cache()
+    assert alloc.stats()["allocated_bytes.all.current"] == 3 * CHUNK, "kind 2's filler went with its last page"
+    with pytest.raises(ValueError, match="filler_kind must be in"):
+        _C.VirtualRange(alloc, CHUNK, filler_kind=1 << 32)

@@ -3,6 +3,7 @@
 #include <pybind11/stl.h>
 
 #include <algorithm>
+#include <limits>
 #include <memory>
 #include <optional>
 #include <string>
@@ -451,10 +452,18 @@ PYBIND11_MODULE(_C, m) {
   py::class_<VirtualRange>(m, "VirtualRange",
                            "Reserved virtual memory of an allocator whose 2 MiB pages are "
                            "mapped only where committed (the memory under virtual tensors).")
-      .def(py::init([](CachingAllocator& allocator, py::handle bytes) {
-             return std::make_unique<VirtualRange>(allocator, whole(bytes, "VirtualRange: bytes"));
+      .def(py::init([](CachingAllocator& allocator, py::handle bytes, py::handle filler_kind) {
+             const std::size_t kind = whole(filler_kind, "VirtualRange: filler_kind");
+             if (kind > std::numeric_limits<std::uint32_t>::max()) {
+               throw py::value_error("VirtualRange: filler_kind must be in [0, 2**32), got " +
+                                     std::to_string(kind));
+             }
+             return std::make_unique<VirtualRange>(allocator, whole(bytes, "VirtualRange: bytes"),
+                                                   static_cast<std::uint32_t>(kind));
            }),
-           py::arg("allocator"), py::arg("bytes"), py::keep_alive<1, 2>())
+           py::arg("allocator"), py::arg("bytes"), py::arg("filler_kind") = 0, py::keep_alive<1, 2>(),
+           "filler_kind: ranges of one kind (one element type) share the chunk their padding "
+           "pages map (Note [Padding pages]).")
       .def_property_readonly("address", &VirtualRange::address)
       .def_property_readonly("bytes", &VirtualRange::bytes)
       .def_property_readonly("freed", &VirtualRange::freed)
@@ -477,7 +486,7 @@ PYBIND11_MODULE(_C, m) {
           "Maps exactly the pages overlapping [r*stride + begin, r*stride + end) for r < "
           "rows; the others are unmapped once the work queued on `stream` is done. With "
           "row_begins (a byte offset per row), pages holding only row r's bytes before "
-          "row_begins[r] map one shared filler chunk (Note [Padding pages]).")
+          "row_begins[r] map the filler chunk of the range's kind (Note [Padding pages]).")
       .def("free", &VirtualRange::free, py::arg("stream") = 0,
            "Gives every page back after the work queued on `stream`; the range is unusable "
            "afterwards (exported tensors keep the address space reserved, never mapped).")

@@ -251,7 +251,7 @@ void CachingAllocator::release_cached() {
   sync_reserved_stats();
 }
 
-ReservedRange* CachingAllocator::reserve_range(std::size_t bytes) {
+ReservedRange* CachingAllocator::reserve_range(std::size_t bytes, std::uint32_t filler_kind) {
   if (bytes == 0) throw std::invalid_argument("vmmalloc: a virtual tensor needs at least 1 byte");
   if (bytes > (std::numeric_limits<std::size_t>::max() >> 1)) {
     throw std::invalid_argument("vmmalloc: a virtual tensor of " + std::to_string(bytes) +
@@ -259,7 +259,7 @@ ReservedRange* CachingAllocator::reserve_range(std::size_t bytes) {
   }
   const std::size_t rounded = (bytes + kChunkSize - 1) / kChunkSize * kChunkSize;
   std::lock_guard<std::mutex> lock(mutex_);
-  return pages_.reserve(rounded);
+  return pages_.reserve(rounded, filler_kind);
 }
 
 void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std::size_t stride,
@@ -291,9 +291,10 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
   if (pages_.has_retiring() && routes_.empty()) finish_page_retiring(/*wait=*/false);
   const PagePlan plan = pages_.plan(*range, rows, stride, begin, end, row_begins);
   // Needed pages still retiring are taken back first (no memory needed; and the retry of
-  // an out-of-memory below would otherwise finish their retirement under us). Memory is
-  // drawn before anything is unmapped, and pages are given up only once the new ones are
-  // mapped: a failed commit gives up nothing.
+  // an out-of-memory below finishes retirements, which must not unmap a page this commit
+  // needs). Memory is drawn before anything is unmapped, the filler last (that retry may
+  // give back a filler only retiring pages still map), and pages are given up only once
+  // the new ones are mapped: a failed commit gives up nothing and maps nothing new.
   // The event log shows own-chunk pages only: padding maps the filler, which is no memory of its own.
   const auto log_own = [&](const std::vector<std::size_t>& pages, EventKind kind) {
     for (std::size_t p : pages) {
@@ -302,15 +303,18 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
   };
   count_pages(static_cast<std::int64_t>(pages_.reclaim(*range, plan.reclaim, stream)));
   log_own(plan.reclaim, EventKind::kMap);
-  Chunk* filler = nullptr;
-  if (!plan.map_padding.empty() && !pages_.holds_filler()) filler = acquire_page_chunks(1, stream).front();
   std::vector<Chunk*> chunks;
-  if (!plan.map.empty()) {
+  if (!plan.map.empty()) chunks = acquire_page_chunks(plan.map.size(), stream);
+  const auto give_back = [&](std::vector<Chunk*> drawn) {
+    if (!drawn.empty()) main_.cache.return_chunks(drawn, stream);
+    sync_reserved_stats();
+  };
+  Chunk* filler = nullptr;
+  if (!plan.map_padding.empty() && !pages_.holds_filler(range->filler_kind)) {
     try {
-      chunks = acquire_page_chunks(plan.map.size(), stream);
+      filler = acquire_page_chunks(1, stream).front();
     } catch (...) {
-      if (filler != nullptr) main_.cache.return_chunks({filler}, stream);
-      sync_reserved_stats();
+      give_back(chunks);
       throw;
     }
   }
@@ -318,8 +322,7 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
     pages_.map_padding(*range, plan.map_padding, filler);
   } catch (...) {
     if (filler != nullptr) chunks.push_back(filler);
-    main_.cache.return_chunks(chunks, stream);
-    sync_reserved_stats();
+    give_back(chunks);
     throw;
   }
   if (filler != nullptr) count_pages(1);
@@ -328,14 +331,16 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
     try {
       pages_.map(*range, plan.map, chunks);
     } catch (...) {
-      main_.cache.return_chunks(chunks, stream);
-      // Pages that served as padding serve again (best effort: the map that failed may fail again).
+      pages_.unmap_new_padding(*range, plan.map_padding);
+      // Pages that served as padding serve again. Best effort: should that map fail too,
+      // those pages stay unmapped, and VirtualTensor forgets its span on any failure that
+      // is not out of memory, so its next commit maps them again.
       try {
         pages_.map_padding(*range, plan.unpad, nullptr);
       } catch (...) {
       }
       release_unused_filler(stream);
-      sync_reserved_stats();
+      give_back(chunks);
       throw;
     }
     count_pages(static_cast<std::int64_t>(plan.map.size()));
@@ -357,10 +362,10 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
 }
 
 void CachingAllocator::release_unused_filler(StreamId stream) {
-  if (Chunk* filler = pages_.release_unused_filler()) {
-    count_pages(-1);
-    main_.cache.return_chunks({filler}, stream);
-  }
+  const std::vector<Chunk*> unused = pages_.release_unused_fillers();
+  if (unused.empty()) return;
+  count_pages(-static_cast<std::int64_t>(unused.size()));
+  main_.cache.return_chunks(unused, stream);
 }
 
 void CachingAllocator::free_range(ReservedRange* range, StreamId stream) {
@@ -939,14 +944,18 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
       pool_free += held - used;
     }
   }
-  std::uintptr_t filler_at = 0;  // Note [Padding pages]: one region for the filler, however often mapped
+  // Note [Padding pages]: one region per filler, however often mapped, at its first address.
+  std::vector<std::pair<const Chunk*, std::uintptr_t>> filler_at;
+  pages_.for_each_filler([&](const Chunk* chunk) { filler_at.emplace_back(chunk, 0); });
   pages_.for_each_range([&](const ReservedRange& range) {
     // One region per run of mapped own-chunk pages; a block per run of pages in one state.
     const auto& pages = range.pages;
     const auto own = [&](std::size_t i) { return pages[i].chunk != nullptr && !pages[i].padding; };
     for (std::size_t i = 0; i < pages.size();) {
       if (!own(i)) {
-        if (pages[i].padding && filler_at == 0) filler_at = range.base + i * kChunkSize;
+        for (auto& [chunk, at] : filler_at) {
+          if (pages[i].padding && pages[i].chunk == chunk && at == 0) at = range.base + i * kChunkSize;
+        }
         ++i;
         continue;
       }
@@ -964,12 +973,12 @@ std::vector<SnapshotSegment> CachingAllocator::segments() const {
       out.push_back(std::move(s));
     }
   });
-  if (pages_.holds_filler()) {
-    out.push_back({filler_at,
+  for (const auto& [chunk, at] : filler_at) {
+    out.push_back({at,
                    kChunkSize,
                    0,
                    SnapshotSegment::Kind::kPages,
-                   {{filler_at, kChunkSize, kChunkSize, State::kActive}},
+                   {{at, kChunkSize, kChunkSize, State::kActive}},
                    PoolId{}});
     ++busy;
   }

@@ -173,12 +173,14 @@ class CachingAllocator {
   // Virtual tensors (Note [KV pages]). A range is reserved virtual space, kChunkSize-
   // aligned, of at least `bytes`; its pages are mapped by commit_range. Throws
   // std::invalid_argument for 0 bytes, BackendError when the space cannot be reserved.
-  ReservedRange* reserve_range(std::size_t bytes);
+  // Its padding pages map the filler of `filler_kind` (Note [Padding pages]: ranges of one
+  // element type share one).
+  ReservedRange* reserve_range(std::size_t bytes, std::uint32_t filler_kind = 0);
   // Afterwards exactly the pages overlapping [r*stride + begin, r*stride + end) for every
   // r < rows are mapped (and counted as allocated); pages no longer needed are unmapped
   // once the work queued on `stream` so far is done. With `row_begins` (one byte offset per
   // row, or empty), pages that only row r's bytes before r*stride + row_begins[r] need are
-  // mapped to the shared filler (Note [Padding pages]). Throws std::invalid_argument for
+  // mapped to the filler of the range's kind (Note [Padding pages]). Throws std::invalid_argument for
   // row_begins of another length, std::out_of_range past the range, std::logic_error for a
   // freed range, OutOfMemoryError after the usual retry. On a throw no page was given up
   // and none newly mapped (needed pages that were retiring may have been taken back).
@@ -263,7 +265,7 @@ class CachingAllocator {
   auto with_oom_retry(std::size_t requested, Attempt&& attempt) -> decltype(attempt(false));
   void finish_page_retiring(bool wait);
   void count_pages(std::int64_t pages);
-  // Returns the filler to the pool once no page maps it (Note [Padding pages]).
+  // Returns the fillers no page maps any more to the pool (Note [Padding pages]).
   void release_unused_filler(StreamId stream);
   void process_pending(bool wait);
   void drop_allocated(Pool pool, std::size_t size, std::size_t requested, const PrivatePool* owner);

@@ -26,8 +26,9 @@ void VirtualPages::count_failure(F&& cleanup) noexcept {
   vmm::count_failure(backend_errors, std::forward<F>(cleanup));
 }
 
-ReservedRange* VirtualPages::reserve(std::size_t bytes) {
+ReservedRange* VirtualPages::reserve(std::size_t bytes, std::uint32_t filler_kind) {
   auto range = std::make_unique<ReservedRange>();
+  range->filler_kind = filler_kind;
   range->pages.resize(bytes / kChunkSize);
   ranges_.reserve(ranges_.size() + 1);
   range->base = backend_.reserve(bytes);
@@ -59,6 +60,9 @@ PagePlan VirtualPages::plan(const ReservedRange& range, std::size_t rows, std::s
   for (std::size_t p = 0; p < range.pages.size(); ++p) {
     const PageSlot& slot = range.pages[p];
     if (needed[p] == kTokens && slot.padding) {
+      // Taken out of retirement first, like any needed page: an out-of-memory retry while
+      // memory is drawn finishes retirements, and must not unmap what unpad() will.
+      if (slot.retire_serial != 0) out.reclaim.push_back(p);
       out.unpad.push_back(p);
       out.map.push_back(p);
     } else if (needed[p] != kNone) {
@@ -156,67 +160,85 @@ void VirtualPages::map(ReservedRange& range, const std::vector<std::size_t>& pag
   live_bytes.increase(static_cast<std::int64_t>(pages.size() * kChunkSize));
 }
 
-void VirtualPages::map_padding(ReservedRange& range, const std::vector<std::size_t>& pages, Chunk* filler) {
+void VirtualPages::map_padding(ReservedRange& range, const std::vector<std::size_t>& pages, Chunk* fresh) {
   if (pages.empty()) return;
-  Chunk* chunk = filler_ != nullptr ? filler_ : filler;
+  Filler* held = nullptr;
+  for (Filler& f : fillers_) {
+    if (f.kind == range.filler_kind) held = &f;
+  }
+  Chunk* chunk = held != nullptr ? held->chunk : fresh;
+  if (chunk == nullptr) {
+    throw std::logic_error("vmmalloc: padding pages to map but no filler chunk held or given");
+  }
+  if (held == nullptr) fillers_.reserve(fillers_.size() + 1);  // before mapping: nothing to undo after
   map_chunks(range, pages, std::vector<Chunk*>(pages.size(), chunk));
   for (std::size_t p : pages) range.pages[p] = PageSlot{chunk, 0, true};
   range.live_padding += pages.size();
-  if (filler_ == nullptr) {
-    filler_ = chunk;
+  if (held == nullptr) {
+    fillers_.push_back({range.filler_kind, chunk, pages.size()});
     live_bytes.increase(static_cast<std::int64_t>(kChunkSize));
+  } else {
+    held->mappings += pages.size();
   }
-  filler_mappings_ += pages.size();
+}
+
+void VirtualPages::unmapped_filler_page(Chunk* chunk) {
+  for (Filler& f : fillers_) {
+    if (f.chunk == chunk) --f.mappings;
+  }
 }
 
 void VirtualPages::unpad(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream) {
   if (pages.empty()) return;
+  for (std::size_t p : pages) {
+    if (!range.pages[p].padding || range.pages[p].retire_serial != 0) {
+      throw std::logic_error("vmmalloc: unpad of a page that is not live padding (reclaim it first)");
+    }
+  }
   // Work queued so far may still read the filler at these addresses (Note [KV pages]: the
-  // driver does not wait), and a retiring page may be read by work of another stream.
-  std::vector<EventId> waits;
-  bool live = false;
+  // driver does not wait); a page reclaimed from retirement made `stream` wait for its
+  // retirement's work, so an event recorded on `stream` now covers that too.
+  EventId event = 0;
+  try {
+    event = backend_.record_event(stream);
+    backend_.wait_event(event);
+  } catch (const std::exception&) {
+    ++backend_errors;
+    count_failure([&] { backend_.synchronize(); });
+  }
+  if (event != 0) count_failure([&] { backend_.release_event(event); });
   for (std::size_t p : pages) {
-    const std::uint64_t serial = range.pages[p].retire_serial;
-    if (serial == 0) {
-      live = true;
-      continue;
-    }
-    for (const Retiring& r : retiring_) {
-      if (r.serial == serial && r.event != 0) waits.push_back(r.event);
-    }
-  }
-  bool waited_all = false;
-  if (live) {
-    EventId event = 0;
-    try {
-      event = backend_.record_event(stream);
-      backend_.wait_event(event);
-    } catch (const std::exception&) {
-      ++backend_errors;
-      count_failure([&] { backend_.synchronize(); });
-      waited_all = true;
-    }
-    if (event != 0) count_failure([&] { backend_.release_event(event); });
-  }
-  if (!waited_all) {
-    for (EventId event : waits) count_failure([&] { backend_.wait_event(event); });
-  }
-  for (std::size_t p : pages) {
-    PageSlot& slot = range.pages[p];
-    if (slot.retire_serial == 0) --range.live_padding;
     count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
-    slot = PageSlot{};
+    unmapped_filler_page(range.pages[p].chunk);
+    range.pages[p] = PageSlot{};
+    --range.live_padding;
     --range.mapped_pages;
-    --filler_mappings_;
   }
 }
 
-Chunk* VirtualPages::release_unused_filler() {
-  if (filler_ == nullptr || filler_mappings_ != 0) return nullptr;
-  Chunk* chunk = filler_;
-  filler_ = nullptr;
-  live_bytes.decrease(static_cast<std::int64_t>(kChunkSize));
-  return chunk;
+void VirtualPages::unmap_new_padding(ReservedRange& range, const std::vector<std::size_t>& pages) {
+  for (std::size_t p : pages) {
+    count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
+    unmapped_filler_page(range.pages[p].chunk);
+    range.pages[p] = PageSlot{};
+    --range.live_padding;
+    --range.mapped_pages;
+  }
+}
+
+std::vector<Chunk*> VirtualPages::release_unused_fillers() {
+  std::vector<Chunk*> out;
+  std::size_t kept = 0;
+  for (std::size_t i = 0; i < fillers_.size(); ++i) {
+    if (fillers_[i].mappings == 0) {
+      out.push_back(fillers_[i].chunk);
+      continue;
+    }
+    fillers_[kept++] = fillers_[i];
+  }
+  fillers_.resize(kept);
+  live_bytes.decrease(static_cast<std::int64_t>(out.size() * kChunkSize));
+  return out;
 }
 
 void VirtualPages::free(ReservedRange& range, StreamId stream) {
@@ -236,7 +258,7 @@ void VirtualPages::unmap_pages(ReservedRange& range, const std::vector<std::size
     if (slot.chunk == nullptr || slot.retire_serial != serial) continue;  // taken back since
     count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
     if (slot.padding)
-      --filler_mappings_;  // the filler goes back once no page maps it (release_unused_filler)
+      unmapped_filler_page(slot.chunk);  // it goes back once no page maps it (release_unused_fillers)
     else
       out.push_back(slot.chunk);
     slot = PageSlot{};

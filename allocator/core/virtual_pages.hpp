@@ -24,14 +24,17 @@
 // filler, held once per allocator while any page maps it: memory follows the tokens, not
 // the longest prompt. What the filler holds is whatever some row wrote last at that
 // offset (every write there is a padding position's K or V, a finite value the mask
-// weighs by 0), so no reader may give a padding position weight.
+// weighs by 0), so no reader may give a padding position weight. A weight of 0 hides a
+// finite value only (0 times NaN is NaN), and bytes of one element type read as another
+// can be NaN, so each range names its filler kind when reserved (its element type) and
+// each kind has a filler of its own: a range only ever reads what ranges of its kind wrote.
 // - A page that serves tokens is never the filler: a page a commit needs for tokens that
 //   maps the filler now (a row's tokens begin earlier than before) is unmapped once the
 //   work queued on the stream has finished, a host wait (rare: a new prompt over a range
 //   whose retirements are still under way, a reorder of rows), then mapped to its own chunk.
 // - A page needed as padding that is mapped to its own chunk keeps it: any memory serves
 //   as padding, and giving it up would cost a wait for nothing.
-// - The filler counts once in every statistic (allocated, kv_mapped_bytes, snapshots), as
+// - Each filler counts once in every statistic (allocated, kv_mapped_bytes, snapshots), as
 //   one page; a range's live pages are its own chunks only.
 #pragma once
 
@@ -56,19 +59,20 @@ struct ReservedRange {
   std::uintptr_t base = 0;
   std::size_t bytes = 0;  // reserved, a multiple of kChunkSize
   std::vector<PageSlot> pages;
-  std::size_t live_pages = 0;    // mapped to their own chunk and not retiring
-  std::size_t live_padding = 0;  // mapped to the filler and not retiring
-  std::size_t mapped_pages = 0;  // mapped, retiring and padding included
-  bool freed = false;            // the owner let go: unreserve once nothing is mapped
-  std::size_t index = 0;         // position in VirtualPages::ranges_
+  std::size_t live_pages = 0;     // mapped to their own chunk and not retiring
+  std::size_t live_padding = 0;   // mapped to the filler and not retiring
+  std::size_t mapped_pages = 0;   // mapped, retiring and padding included
+  bool freed = false;             // the owner let go: unreserve once nothing is mapped
+  std::size_t index = 0;          // position in VirtualPages::ranges_
+  std::uint32_t filler_kind = 0;  // which filler its padding maps (Note [Padding pages])
 };
 
 // Which pages a commit maps, takes back from retirement and gives up.
 struct PagePlan {
   std::vector<std::size_t> map;          // needed for tokens, not mapped
   std::vector<std::size_t> map_padding;  // needed as padding, not mapped
-  std::vector<std::size_t> unpad;        // needed for tokens, mapped to the filler
-  std::vector<std::size_t> reclaim;      // needed, retiring (own chunk, or the filler as padding)
+  std::vector<std::size_t> unpad;        // needed for tokens, mapped to the filler (also in map)
+  std::vector<std::size_t> reclaim;      // needed, retiring (own chunk, or the filler; unpad's too)
   std::vector<std::size_t> drop;         // live, not needed
 };
 
@@ -79,7 +83,7 @@ class VirtualPages {
   VirtualPages(const VirtualPages&) = delete;
   VirtualPages& operator=(const VirtualPages&) = delete;
 
-  ReservedRange* reserve(std::size_t bytes);
+  ReservedRange* reserve(std::size_t bytes, std::uint32_t filler_kind = 0);
   // Pages overlapping [r*stride + begin, r*stride + end) for r < rows are needed; with
   // `row_begins` (one per row, or empty), those overlapping only row r's positions before
   // r*stride + row_begins[r] are needed as padding (Note [Padding pages]). The caller
@@ -96,15 +100,28 @@ class VirtualPages {
   // Maps chunks[i] at pages[i] and grants access. Throws BackendError; then nothing is
   // mapped and the caller still owns the chunks.
   void map(ReservedRange& range, const std::vector<std::size_t>& pages, const std::vector<Chunk*>& chunks);
-  // Maps the filler at `pages` (Note [Padding pages]); `filler` becomes it if none is held
-  // (the caller drew it from the pool). Throws BackendError; then nothing is mapped.
-  void map_padding(ReservedRange& range, const std::vector<std::size_t>& pages, Chunk* filler);
-  // Unmaps pages mapped to the filler, live or retiring, once the work queued on `stream`
-  // (and each retiring page's own work) has finished: a host wait.
+  // Maps the filler of the range's kind at `pages` (Note [Padding pages]); `fresh` becomes
+  // it if none is held (the caller drew it from the pool). Throws BackendError; then
+  // nothing is mapped. Throws std::logic_error when no filler is held or given.
+  void map_padding(ReservedRange& range, const std::vector<std::size_t>& pages, Chunk* fresh);
+  // Unmaps live pages mapped to the filler once the work queued on `stream` has finished: a
+  // host wait. Retiring ones must be reclaimed first (plan() puts them in `reclaim`).
   void unpad(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
-  // The filler once no page maps it (then no longer held), else null.
-  Chunk* release_unused_filler();
-  bool holds_filler() const { return filler_ != nullptr; }
+  // Undoes map_padding(range, pages, ...) of this very commit: no work can have been queued
+  // on those addresses since they were mapped, so they are unmapped at once.
+  void unmap_new_padding(ReservedRange& range, const std::vector<std::size_t>& pages);
+  // The fillers no page maps any more (then no longer held).
+  std::vector<Chunk*> release_unused_fillers();
+  bool holds_filler(std::uint32_t kind) const {
+    for (const Filler& f : fillers_) {
+      if (f.kind == kind) return true;
+    }
+    return false;
+  }
+  template <typename F>
+  void for_each_filler(F&& f) const {
+    for (const Filler& filler : fillers_) f(filler.chunk);
+  }
   // Retires every live page and lets the range go.
   void free(ReservedRange& range, StreamId stream);
   // Unmaps retired pages whose work has finished (all of them when `wait`: the caller
@@ -137,7 +154,7 @@ class VirtualPages {
   void append_stats(StatList& out) const;
   void reset_peak() { live_bytes.reset_peak(); }
 
-  Stat live_bytes;  // bytes of live own-chunk pages and the filler once (KV-mapped bytes)
+  Stat live_bytes;  // bytes of live own-chunk pages and each filler once (KV-mapped bytes)
   std::int64_t backend_errors = 0;
 
  private:
@@ -162,8 +179,16 @@ class VirtualPages {
   std::vector<Retiring> retiring_;
   std::uint64_t next_serial_ = 1;
   std::size_t reserved_virtual_bytes_ = 0;
-  Chunk* filler_ = nullptr;          // Note [Padding pages]
-  std::size_t filler_mappings_ = 0;  // pages mapping it, retiring ones included
+  // Note [Padding pages]: a filler per kind held, with the pages mapping it, retiring ones
+  // included (kinds are a range's element types: a handful).
+  struct Filler {
+    std::uint32_t kind;
+    Chunk* chunk;
+    std::size_t mappings;
+  };
+  // One page that mapped `chunk`, a filler, no longer does.
+  void unmapped_filler_page(Chunk* chunk);
+  std::vector<Filler> fillers_;
 };
 
 }  // namespace vmm

@@ -24,8 +24,8 @@ namespace vmm {
 
 class VirtualRange {
  public:
-  VirtualRange(CachingAllocator& allocator, std::size_t bytes)
-      : allocator_(allocator), range_(allocator.reserve_range(bytes)) {
+  VirtualRange(CachingAllocator& allocator, std::size_t bytes, std::uint32_t filler_kind = 0)
+      : allocator_(allocator), range_(allocator.reserve_range(bytes, filler_kind)) {
     base_ = range_->base;
     bytes_ = range_->bytes;
   }

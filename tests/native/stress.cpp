@@ -1177,8 +1177,9 @@ std::pair<std::set<std::size_t>, std::set<std::size_t>> needed_split(
 
 // Each thread owns two virtual tensors of 4 rows x 3 pages and commits random spans of
 // them, half of them with padded rows, stamping every newly live page and checking that a
-// page live before and after a commit kept its stamp (padding pages, the one shared filler,
-// are scribbled on at the same offsets), with allocations of its own in between. Thread 0 holds stream
+// page live before and after a commit kept its stamp (padding pages, mapping the filler of
+// their tensor's kind, 1 or 2, are scribbled on at the same offsets), with allocations of
+// its own in between. Thread 0 holds stream
 // events in flight now and then, so that given-up pages stay retiring while others commit.
 void run_pages(const PhaseSpec& spec) {
   const auto start = std::chrono::steady_clock::now();
@@ -1194,7 +1195,7 @@ void run_pages(const PhaseSpec& spec) {
     std::vector<std::unique_ptr<vmm::VirtualRange>> tensors;
     std::vector<std::map<std::size_t, std::uint64_t>> stamps(2);  // live page -> stamp
     for (int i = 0; i < 2; ++i)
-      tensors.push_back(std::make_unique<vmm::VirtualRange>(*alloc, kRows * kStride));
+      tensors.push_back(std::make_unique<vmm::VirtualRange>(*alloc, kRows * kStride, 1 + i));
     std::vector<std::uintptr_t> blocks;
     const long ops = std::max(200L, g_opt.ops / 8);
     for (long op = 0; op < ops; ++op) {
@@ -1284,7 +1285,7 @@ void run_pages(const PhaseSpec& spec) {
       live = std::move(next);
       if (rng() % 50 == 0) {  // a tensor freed and replaced
         tensors[which]->free(rng() % 3);
-        tensors[which] = std::make_unique<vmm::VirtualRange>(*alloc, kRows * kStride);
+        tensors[which] = std::make_unique<vmm::VirtualRange>(*alloc, kRows * kStride, 1 + which);
         live.clear();
       }
     }
