@@ -239,6 +239,8 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from bench.kv_cache import context_axis
+
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     labels = ("decode tokens/s, batch / median step", "peak reserved GB", "KV memory GB at the last step")
     for cache, s in sweep_series(result).items():
@@ -251,11 +253,7 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
                 ax.plot([s["variable"][0]], [s["variable"][at]], marker="*", markersize=13, linestyle="none",
                         color=line.get_color())
     for ax, label in zip(axes, labels):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+        context_axis(ax, label)
     gpu = result["environment"].get("gpu")
     fig.suptitle(f"Decode in CUDA graphs and its peers on a Llama-3-8B shape, batch 8, {gpu}. Stars: prompts "
                  "of 2K-16K, left-padded. Missing points ran out of memory. KV: pages mapped (vmm), rows x "

@@ -374,6 +374,15 @@ def sweep(out_dir: Path, new_tokens: int = 16) -> dict[str, Any]:
     return result
 
 
+def context_axis(ax: Any, label: str) -> None:
+    """A plot's axis with context (tokens, log 2) across and `label` up, a grid and a legend."""
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(label)
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+
+
 def plot(result: dict[str, Any], path: Path, batch: int = 4, title: str = "KV caches",
          tok_s: Callable[[dict[str, Any]], float] | None = None, tok_s_label: str = "decode tokens/s") -> None:
     """tok/s and peak reserved against context, one line per system, at `batch`; `tok_s`
@@ -390,11 +399,7 @@ def plot(result: dict[str, Any], path: Path, batch: int = 4, title: str = "KV ca
         axes[0].plot(xs, [tok_s(r) if tok_s else r["decode_tok_s"] for r in rows], marker="o", label=cache)
         axes[1].plot(xs, [r["peak_reserved"] / GB for r in rows], marker="o", label=cache)
     for ax, label in zip(axes, (f"{tok_s_label} (batch {batch})", f"peak reserved GB (batch {batch})")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(label)
-        ax.grid(True, alpha=0.3)
-        ax.legend()
+        context_axis(ax, label)
     gpu = result["environment"].get("gpu")
     fig.suptitle(f"{title} on a Llama-3-8B shape, {gpu}; missing points ran out of memory")
     fig.tight_layout()

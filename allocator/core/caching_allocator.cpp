@@ -331,7 +331,7 @@ void CachingAllocator::commit_range(ReservedRange* range, std::size_t rows, std:
     try {
       pages_.map(*range, plan.map, chunks);
     } catch (...) {
-      pages_.unmap_new_padding(*range, plan.map_padding);
+      pages_.unmap_padding_now(*range, plan.map_padding);
       // Pages that served as padding serve again. Best effort: should that map fail too,
       // those pages stay unmapped, and VirtualTensor forgets its span on any failure that
       // is not out of memory, so its next commit maps them again.

@@ -207,16 +207,10 @@ void VirtualPages::unpad(ReservedRange& range, const std::vector<std::size_t>& p
     count_failure([&] { backend_.synchronize(); });
   }
   if (event != 0) count_failure([&] { backend_.release_event(event); });
-  for (std::size_t p : pages) {
-    count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
-    unmapped_filler_page(range.pages[p].chunk);
-    range.pages[p] = PageSlot{};
-    --range.live_padding;
-    --range.mapped_pages;
-  }
+  unmap_padding_now(range, pages);
 }
 
-void VirtualPages::unmap_new_padding(ReservedRange& range, const std::vector<std::size_t>& pages) {
+void VirtualPages::unmap_padding_now(ReservedRange& range, const std::vector<std::size_t>& pages) {
   for (std::size_t p : pages) {
     count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
     unmapped_filler_page(range.pages[p].chunk);

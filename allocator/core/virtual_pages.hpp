@@ -107,9 +107,9 @@ class VirtualPages {
   // Unmaps live pages mapped to the filler once the work queued on `stream` has finished: a
   // host wait. Retiring ones must be reclaimed first (plan() puts them in `reclaim`).
   void unpad(ReservedRange& range, const std::vector<std::size_t>& pages, StreamId stream);
-  // Undoes map_padding(range, pages, ...) of this very commit: no work can have been queued
-  // on those addresses since they were mapped, so they are unmapped at once.
-  void unmap_new_padding(ReservedRange& range, const std::vector<std::size_t>& pages);
+  // Unmaps live padding pages at once: for pages no queued work can read (mapped by this
+  // very commit: undoing its map_padding; or after unpad's wait).
+  void unmap_padding_now(ReservedRange& range, const std::vector<std::size_t>& pages);
   // The fillers no page maps any more (then no longer held).
   std::vector<Chunk*> release_unused_fillers();
   bool holds_filler(std::uint32_t kind) const {
