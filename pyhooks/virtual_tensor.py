@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -35,14 +36,17 @@ from vmmalloc import _C
 
 CHUNK_SIZE: int = _C.CHUNK_SIZE
 _host_allocator: _C.Allocator | None = None
-# The filler kind of each dtype (Note [Padding positions]): 1, 2, ... in order of first use
-# (0 is the core's default, for ranges made without a dtype).
+# The filler kind of each dtype (Note [Padding positions]), in order of first use, from a
+# base apart from the small kinds direct users of the core pick (0 is its default).
+_FILLER_KIND_BASE = 1 << 16
 _filler_kinds: dict[torch.dtype, int] = {}
+_filler_kinds_lock = threading.Lock()
 
 
 def filler_kind(dtype: torch.dtype) -> int:
     """The filler kind of `dtype`: virtual tensors of one dtype share a padding chunk."""
-    return _filler_kinds.setdefault(dtype, len(_filler_kinds) + 1)
+    with _filler_kinds_lock:
+        return _filler_kinds.setdefault(dtype, _FILLER_KIND_BASE + len(_filler_kinds))
 
 
 def host_allocator() -> _C.Allocator:

@@ -380,3 +380,22 @@ def test_each_filler_kind_has_a_filler_of_its_own(kind):
     assert alloc.stats()["allocated_bytes.all.current"] == 3 * CHUNK, "kind 2's filler went with its last page"
     with pytest.raises(ValueError, match="filler_kind must be in"):
         _C.VirtualRange(alloc, CHUNK, filler_kind=1 << 32)
+
+
+def test_a_filler_whose_unmap_failed_never_serves_a_tensor(kind):
+    """An unmap that fails leaves the filler mapped at that address: it must never go back
+    to the pool, where a tensor would share memory with the range."""
+    alloc, faulty = faulty_allocator(kind, capacity=8 * CHUNK)
+    vr = _C.VirtualRange(alloc, 4 * CHUNK, filler_kind=1)
+    vr.commit(1, 0, 0, 4 * CHUNK, row_begins=[3 * CHUNK])  # pages 0-2 the filler, page 3 own
+    faulty.fail("unmap", skip=0, count=1)  # page 0's unmap, as tokens take the padding over
+    with pytest.raises(vmmalloc.BackendError):
+        vr.commit(1, 0, 0, 4 * CHUNK, row_begins=[0])
+    assert alloc.stats()["vmm.page_backend_errors"] >= 1
+    tensors = []
+    with pytest.raises(vmmalloc.OutOfMemoryError):
+        while True:
+            tensors.append(alloc.allocate(CHUNK, stream=0))
+    for t in tensors:
+        alloc.backend.write(t, pattern(9, 64))
+    assert alloc.backend.read(vr.address, 64) != pattern(9, 64), "no tensor is the filler"

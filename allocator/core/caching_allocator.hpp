@@ -183,7 +183,9 @@ class CachingAllocator {
   // mapped to the filler of the range's kind (Note [Padding pages]). Throws std::invalid_argument for
   // row_begins of another length, std::out_of_range past the range, std::logic_error for a
   // freed range, OutOfMemoryError after the usual retry. On a throw no page was given up
-  // and none newly mapped (needed pages that were retiring may have been taken back).
+  // and none newly mapped (needed pages that were retiring may have been taken back); after
+  // two driver failures in a row (an own page's map, then mapping back the padding it
+  // replaced), padding pages may be left unmapped (VirtualTensor forgets its span then).
   void commit_range(ReservedRange* range, std::size_t rows, std::size_t stride, std::size_t begin,
                     std::size_t end, StreamId stream, const std::vector<std::size_t>& row_begins = {});
   // Gives every page back (after the work queued on `stream`) and the range with them;

@@ -13,13 +13,15 @@
 namespace vmm {
 
 // Runs a cleanup step that must not throw (rollback, retirement); a failure is counted in
-// `errors` instead, and the step's effect is simply missing.
+// `errors` instead, and the step's effect is simply missing. Returns whether it succeeded.
 template <typename F>
-void count_failure(std::int64_t& errors, F&& cleanup) noexcept {
+bool count_failure(std::int64_t& errors, F&& cleanup) noexcept {
   try {
     cleanup();
+    return true;
   } catch (const std::exception&) {
     ++errors;
+    return false;
   }
 }
 

@@ -22,8 +22,8 @@ VirtualPages::~VirtualPages() {
 }
 
 template <typename F>
-void VirtualPages::count_failure(F&& cleanup) noexcept {
-  vmm::count_failure(backend_errors, std::forward<F>(cleanup));
+bool VirtualPages::count_failure(F&& cleanup) noexcept {
+  return vmm::count_failure(backend_errors, std::forward<F>(cleanup));
 }
 
 ReservedRange* VirtualPages::reserve(std::size_t bytes, std::uint32_t filler_kind) {
@@ -167,8 +167,9 @@ void VirtualPages::map_padding(ReservedRange& range, const std::vector<std::size
     if (f.kind == range.filler_kind) held = &f;
   }
   Chunk* chunk = held != nullptr ? held->chunk : fresh;
-  if (chunk == nullptr) {
-    throw std::logic_error("vmmalloc: padding pages to map but no filler chunk held or given");
+  if (chunk == nullptr || (held != nullptr && fresh != nullptr)) {
+    throw std::logic_error(
+        "vmmalloc: map_padding needs a fresh filler exactly when none of the kind is held");
   }
   if (held == nullptr) fillers_.reserve(fillers_.size() + 1);  // before mapping: nothing to undo after
   map_chunks(range, pages, std::vector<Chunk*>(pages.size(), chunk));
@@ -212,8 +213,10 @@ void VirtualPages::unpad(ReservedRange& range, const std::vector<std::size_t>& p
 
 void VirtualPages::unmap_padding_now(ReservedRange& range, const std::vector<std::size_t>& pages) {
   for (std::size_t p : pages) {
-    count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
-    unmapped_filler_page(range.pages[p].chunk);
+    // A filler whose unmap failed is still mapped there: it keeps that mapping counted, so
+    // it never goes back to the pool to serve a tensor through this address too.
+    if (count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); }))
+      unmapped_filler_page(range.pages[p].chunk);
     range.pages[p] = PageSlot{};
     --range.live_padding;
     --range.mapped_pages;
@@ -250,10 +253,12 @@ void VirtualPages::unmap_pages(ReservedRange& range, const std::vector<std::size
   for (std::size_t p : pages) {
     PageSlot& slot = range.pages[p];
     if (slot.chunk == nullptr || slot.retire_serial != serial) continue;  // taken back since
-    count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
-    if (slot.padding)
+    // A chunk whose unmap failed is still mapped there: it is kept out of the pool (lost,
+    // and counted in page_backend_errors) rather than handed to a tensor through two addresses.
+    const bool unmapped = count_failure([&] { backend_.unmap(range.base + p * kChunkSize, kChunkSize); });
+    if (unmapped && slot.padding)
       unmapped_filler_page(slot.chunk);  // it goes back once no page maps it (release_unused_fillers)
-    else
+    else if (unmapped)
       out.push_back(slot.chunk);
     slot = PageSlot{};
     --range.mapped_pages;

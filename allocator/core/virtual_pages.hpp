@@ -102,7 +102,8 @@ class VirtualPages {
   void map(ReservedRange& range, const std::vector<std::size_t>& pages, const std::vector<Chunk*>& chunks);
   // Maps the filler of the range's kind at `pages` (Note [Padding pages]); `fresh` becomes
   // it if none is held (the caller drew it from the pool). Throws BackendError; then
-  // nothing is mapped. Throws std::logic_error when no filler is held or given.
+  // nothing is mapped. Throws std::logic_error unless `fresh` is given exactly when none of
+  // the kind is held.
   void map_padding(ReservedRange& range, const std::vector<std::size_t>& pages, Chunk* fresh);
   // Unmaps live pages mapped to the filler once the work queued on `stream` has finished: a
   // host wait. Retiring ones must be reclaimed first (plan() puts them in `reclaim`).
@@ -172,7 +173,7 @@ class VirtualPages {
                    std::vector<Chunk*>& out);
   void maybe_destroy(ReservedRange* range);
   template <typename F>
-  void count_failure(F&& cleanup) noexcept;
+  bool count_failure(F&& cleanup) noexcept;
 
   Backend& backend_;
   std::vector<std::unique_ptr<ReservedRange>> ranges_;
