@@ -89,3 +89,23 @@ def test_the_reserved_breakdown_splits_pools_by_stream_and_kind():
     out = reserved_breakdown(fake_torch)
     assert (out["default_allocated"], out["default_free"], out["pools_allocated"], out["pools_free"]) == (6, 2, 4, 2)
     assert out["pools_by_stream"] == {"7": 4, "9": 2} and out["pools_by_kind"] == {"large": 4, "small": 2}
+
+
+def test_the_history_run_traces_the_warm_up_and_recording_of_both_allocators(tmp_path, monkeypatch):
+    import bench.compile_graphs as compile_graphs
+
+    calls = []
+
+    def fake_worker(module, system, args, timeout):
+        calls.append((system, args))
+        return {"pool_history": {"pools": {}}, "trajectory": [], "peak_reserved": 2, "peak_allocated": 1,
+                "step_s": 0.1}
+
+    monkeypatch.setattr(compile_graphs, "run_worker", fake_worker)
+    out = compile_graphs.trace_pools(quick=True, steps=2, out_dir=tmp_path)
+    assert [system for system, _ in calls] == ["native", "vmmalloc"]
+    for system, args in calls:
+        assert args["history_steps"] == 2 and args["warmup"] == 2 and args["steps"] == 1
+        assert args["history_out"] == str(tmp_path / f"compile_train_{system}.pickle")
+    assert set(out["systems"]["vmmalloc"]) == {"pool_history", "trajectory", "peak_reserved", "peak_allocated"}
+    assert "commit" in out["environment"]
