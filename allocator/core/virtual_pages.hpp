@@ -21,7 +21,7 @@
 // its first token are never attended to with any weight (the attention mask says so), yet
 // eager attention and the prompt's copy still touch them, so they must be mapped. A page
 // wholly inside such padding (a commit's `row_begins`) is mapped to one shared chunk, the
-// filler, held once per allocator while any page maps it: memory follows the tokens, not
+// filler of its kind, held while any page maps it: memory follows the tokens, not
 // the longest prompt. What the filler holds is whatever some row wrote last at that
 // offset (every write there is a padding position's K or V, a finite value the mask
 // weighs by 0), so no reader may give a padding position weight. A weight of 0 hides a
