@@ -121,12 +121,20 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     print(f"{'VMMALLOC_CONF':<32} {'stitches':>9} {'stitched GiB':>13} {'handles mapped':>15} "
           f"{'handles made':>13} {'repaired chunks':>16} {'peak res/alloc':>15} {'stream waits':>13} "
           f"{'driver ms (est.)':>17}")
+    pool_streams = args.pool_stream or []
+    unknown = sorted(set(pool_streams) - set(trace.streams))
+    if unknown:
+        raise SystemExit(f"vmmalloc replay: --pool-stream {unknown[0]} is not a stream of {args.trace}; "
+                         f"its streams: {', '.join(str(s) for s in sorted(set(trace.streams)))}")
     for conf in args.conf or [""]:
-        r = replay.replay(trace, conf=conf, device_memory=device_memory)
+        r = replay.replay(trace, conf=conf, device_memory=device_memory, pool_streams=pool_streams)
         mapped = r["vmm.stitched_handles"] + r["vmm.repaired_handles"]
         print(f"{conf or '(defaults)':<32} {r['vmm.stitches']:>9} {r['vmm.stitched_bytes'] / 2**30:>13.1f} "
               f"{mapped:>15} {r['num_device_alloc']:>13} {r['vmm.repaired_chunks']:>16} {r['ratio']:>15.3f} "
               f"{r['vmm.cross_stream_waits']:>13} {r['driver_ms_estimate']:>17.0f}")
+        if pool_streams:
+            print(f"{'':<32} graph pool: {r['pool_bytes'] / 2**30:.3f} GiB held for a peak of "
+                  f"{r['pool_peak_allocated'] / 2**30:.3f} GiB allocated ({r['pool_ratio']:.3f}x)")
     return 0
 
 
@@ -209,6 +217,9 @@ def _add_replay(commands: argparse._SubParsersAction) -> None:
     replay.add_argument("--device", type=int, default=None, help="which device's trace (when it holds several)")
     replay.add_argument("--device-memory", default="80GiB", help="the GPU memory to play (default 80GiB)")
     replay.add_argument("--save", type=Path, default=None, help="also write the requests compactly (.trace.gz)")
+    replay.add_argument("--pool-stream", type=int, action="append", default=None, metavar="STREAM",
+                        help="send this stream's requests to a CUDA graph's pool, as a graph tree's warm-up "
+                             "and recording are (repeatable; the replay module's docstring says how)")
     replay.set_defaults(handler=_cmd_replay)
 
 

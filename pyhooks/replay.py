@@ -15,6 +15,14 @@ compactly with :func:`save_trace` (``.trace.gz``).
 Where a replay and a GPU run of vmmalloc differ: on the host backend every event is
 complete when recorded, so mappings evicted under the cache's bounds are unmapped at once
 rather than when their stream's work is done; nothing else in the policy looks at time.
+
+CUDA graphs' memory (Note [Private pools]): a trace does not say which pool a request went
+to, but a graph tree warms up and records on a stream of its own (torch/_inductor/
+cudagraph_trees.py), so ``pool_streams`` routes the requests of those streams to one graph
+pool, from the first of them to the end of the trace. On the trace of a compiled training
+step the stream matched the pool of 2775 of 2777 requests under PyTorch's allocator. The
+route keeps the allocator in capture-safe mode for the rest of the trace, main-arena
+requests too, where on a GPU the mode lasts only through warm-up and recording.
 """
 from __future__ import annotations
 
@@ -22,7 +30,7 @@ import gzip
 import pickle
 import struct
 from array import array
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -143,15 +151,26 @@ COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.stitched_handles", "vmm.f
             "vmm.repaired_chunks", "vmm.repaired_handles", "num_device_alloc", "num_device_free")
 
 
-def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30) -> dict[str, Any]:
+GRAPH_POOL = (0, 1)  # torch's id of the first graph pool (Note [Graph pools map single chunks])
+
+
+def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30,
+           pool_streams: Collection[int] = ()) -> dict[str, Any]:
     """Runs `trace` through a fresh allocator on the host backend (`device_memory` plays the
     GPU's memory) with VMMALLOC_CONF `conf`; returns its figures and an estimate of the
-    driver time its mappings cost (docs/FACTS.md's per-handle costs)."""
+    driver time its mappings cost (docs/FACTS.md's per-handle costs). Requests on
+    `pool_streams` go to a graph pool (the module's docstring); the figures then include the
+    pool's bytes at the end, its peak of allocated bytes and their ratio."""
     backend = _C.HostBackend(device_memory)
     allocator = _C.Allocator(backend, conf)
     live: dict[int, int] = {}
+    pooled = frozenset(pool_streams)
+    routed = False
     for op, ident, size, stream in zip(trace.ops, trace.ids, trace.sizes, trace.streams):
         if op == ALLOC:
+            if stream in pooled and not routed:
+                allocator.begin_allocate_to_pool(GRAPH_POOL, streams=sorted(pooled))
+                routed = True
             live[ident] = allocator.allocate(size, stream)
         else:
             allocator.deallocate(live.pop(ident))
@@ -171,6 +190,13 @@ def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30) -> dict[
                                + out["vmm.repaired_handles"] * REPAIRED_HANDLE_US
                                + out["num_device_alloc"] * CREATED_HANDLE_US) / 1000.0,
     })
+    if routed:
+        pool_bytes = stats["vmm.private_pool_bytes"]
+        pool_peak = stats["vmm.private_pool_allocated_bytes.peak"]
+        out.update({"pool_bytes": pool_bytes, "pool_peak_allocated": pool_peak,
+                    "pool_ratio": pool_bytes / pool_peak if pool_peak else float("nan")})
+        allocator.end_allocate_to_pool(GRAPH_POOL)
+        allocator.release_pool(GRAPH_POOL)
     for ident in list(live):
         allocator.deallocate(live.pop(ident))
     return out

@@ -9,8 +9,8 @@ from bench.pool_trace import main, pool_timeline
 MiB = 1 << 20
 
 
-def entry(action, addr, size, filename="model.py", line=1):
-    return {"action": action, "addr": addr, "size": size, "stream": 0, "time_us": addr + size,
+def entry(action, addr, size, filename="model.py", line=1, stream=0):
+    return {"action": action, "addr": addr, "size": size, "stream": stream, "time_us": addr + size,
             "frames": [{"filename": "/site-packages/torch/nn/modules/module.py", "line": 9, "name": "_call_impl"},
                        {"filename": filename, "line": line, "name": "forward"}]}  # innermost first
 
@@ -55,3 +55,23 @@ def test_the_command_reads_a_pickle_and_says_what_is_missing(tmp_path, capsys):
     assert '"1,7"' in capsys.readouterr().out
     with pytest.raises(SystemExit, match="no file"):
         main([str(tmp_path / "missing.pickle")])
+
+
+def test_a_block_in_no_segment_counts_to_the_pool_of_its_stream():
+    """vmmalloc's snapshot shows a pool's free chunks at address 0, so a block freed in the
+    pool lies in no segment at the end: its stream (5, the graph tree's) names the pool."""
+    segments = [
+        {"device": 0, "address": 0x1000_0000, "total_size": 64 * MiB, "segment_pool_id": (0, 0)},
+        {"device": 0, "address": 0x4000_0000, "total_size": 2 * MiB, "segment_pool_id": (0, 1)},
+        {"device": 0, "address": 0, "total_size": 30 * MiB, "segment_pool_id": (0, 1)},
+    ]
+    trace = [
+        entry("alloc", 0x4000_0000, 4096, stream=5),               # in the pool's segment
+        entry("alloc", 0x7000_0000, 20 * MiB, stream=5),           # freed in the pool: no segment
+        entry("alloc", 0x1000_0000, 8 * MiB),                      # the main arena's
+        entry("alloc", 0x7800_0000, 6 * MiB),                      # stream 0's: the main arena's
+        entry("free_requested", 0x7000_0000, 20 * MiB, stream=5),
+    ]
+    out = pool_timeline({"segments": segments, "device_traces": [trace]})
+    assert out["pools"]["0,1"]["peak_live_bytes"] == 20 * MiB + 4096
+    assert out["pools"]["0,0"]["peak_live_bytes"] == 14 * MiB

@@ -423,3 +423,71 @@ def test_a_restore_takes_back_a_mapping_that_became_a_small_segment(kind):
     alloc.release_pool(POOL)
     alloc.release_pool(POOL)
     assert alloc.stats()["vmm.private_pools"] == 0
+
+
+GRAPH_POOL = (0, 9)  # torch's id for a graph's pool: graph_pool_handle(), a capture's own
+MEM_POOL = (9, 0)  # torch's id for a MemPool
+
+
+def test_a_graph_pool_maps_single_chunks_and_a_mempool_large_handles(kind):
+    """Note [Graph pools map single chunks]."""
+    alloc = kind.allocator(256 * MiB)
+    alloc.begin_allocate_to_pool(GRAPH_POOL, streams=[S])
+    in_graph = alloc.allocate(40 * MiB, stream=S)
+    alloc.end_allocate_to_pool(GRAPH_POOL)
+    stats = alloc.stats()
+    assert stats["vmm.large_handles"] == 0 and stats["num_device_alloc"] == 20
+    alloc.begin_allocate_to_pool(MEM_POOL, this_thread=True)
+    in_mempool = alloc.allocate(40 * MiB)
+    alloc.end_allocate_to_pool(MEM_POOL)
+    assert alloc.stats()["vmm.large_handles"] == 2, "two 16 MiB handles and four 2 MiB chunks"
+    for p, tag in ((in_graph, 1), (in_mempool, 2)):
+        alloc.backend.write(p, pattern(tag, 40 * MiB))
+    for p, tag in ((in_graph, 1), (in_mempool, 2)):
+        assert alloc.backend.read(p, 40 * MiB) == pattern(tag, 40 * MiB)
+        alloc.deallocate(p)
+    for pool in (GRAPH_POOL, MEM_POOL):
+        alloc.release_pool(pool)
+
+
+def test_a_graph_pool_serves_a_new_mix_of_sizes_from_what_it_freed(kind):
+    """A forward's 16 MiB blocks freed, then a backward's 22 MiB ones: the pool's free memory
+    covers them, so it must not grow (with large handles it grew by every 22 MiB block's
+    2 MiB tails, and in capture-safe mode it grew rather than stitch chunks of ready
+    mappings)."""
+    alloc = kind.allocator(512 * MiB)
+    alloc.begin_allocate_to_pool(GRAPH_POOL, streams=[S])
+    forward = [alloc.allocate(16 * MiB, stream=S) for _ in range(8)]
+    for p in forward:
+        alloc.deallocate(p)
+    held = alloc.stats()["vmm.private_pool_bytes"]
+    assert held == 128 * MiB
+    backward = [alloc.allocate(22 * MiB, stream=S) for _ in range(5)]  # 110 MiB of the 128
+    assert alloc.stats()["vmm.private_pool_bytes"] == held, "the pool grew with free memory of its own"
+    for i, p in enumerate(backward):
+        alloc.backend.write(p, pattern(i, 22 * MiB))
+    for i, p in enumerate(backward):
+        assert alloc.backend.read(p, 22 * MiB) == pattern(i, 22 * MiB)
+        alloc.deallocate(p)
+    alloc.end_allocate_to_pool(GRAPH_POOL)
+    alloc.release_pool(GRAPH_POOL)
+    assert alloc.stats()["vmm.private_pools"] == 0
+
+
+def test_capture_safe_mode_stitches_chunks_of_ready_mappings_before_growing_past_the_slack(kind):
+    """Note [Capture-safe mode]: no waits, but the slack's order. The freed blocks' chunks
+    were last used on the request's own stream (no wait needed) and cover 8 of the 12
+    chunks a request needs: only the other 4 are new (it grew by all 12 before)."""
+    alloc = kind.allocator(256 * MiB)
+    alloc.begin_allocate_to_pool(MEM_POOL, this_thread=True)
+    small = [alloc.allocate(4 * MiB) for _ in range(4)]
+    for p in small:
+        alloc.deallocate(p)  # four ready mappings of 2 chunks each
+    held = alloc.stats()["vmm.private_pool_bytes"]
+    joined = alloc.allocate(24 * MiB - 4096)  # 12 chunks: no ready mapping fits
+    assert alloc.stats()["vmm.private_pool_bytes"] == held + 8 * MiB
+    alloc.backend.write(joined, pattern(5, 24 * MiB - 4096))
+    assert alloc.backend.read(joined, 24 * MiB - 4096) == pattern(5, 24 * MiB - 4096)
+    alloc.deallocate(joined)
+    alloc.end_allocate_to_pool(MEM_POOL)
+    alloc.release_pool(MEM_POOL)

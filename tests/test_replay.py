@@ -6,6 +6,7 @@ from __future__ import annotations
 import gzip
 import pickle
 import random
+from pathlib import Path
 
 import pytest
 from conftest import MiB
@@ -106,3 +107,30 @@ def test_the_cli_replays_under_each_conf(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "(defaults)" in out and "growth_slack:0.5" in out
     assert (tmp_path / "t.trace.gz").is_file()
+
+
+GRAPH_TREE_TRACE = Path(__file__).resolve().parent.parent / "bench" / "traces" / "compile_train_graph_tree.trace.gz"
+
+
+def test_a_graph_trees_pool_holds_little_more_than_its_peak_on_the_recorded_training_step():
+    """The trace of torch.compile(mode="reduce-overhead")'s training step (bench/NOTES.md,
+    "compile_graphs: the pool's live bytes"): stream 1 is the graph tree's, whose requests
+    go to its pool. Note [Graph pools map single chunks]: the pool held 1.47x its peak of
+    allocated bytes with large handles; what PyTorch's allocator held for it on the GPU was
+    1.53x."""
+    trace = replay.load_trace(GRAPH_TREE_TRACE)
+    assert set(trace.streams) == {0, 1}
+    pooled = replay.replay(trace, pool_streams=[1])
+    assert pooled["pool_peak_allocated"] > 1 << 30
+    assert pooled["pool_ratio"] <= 1.02
+    alone = replay.replay(trace)  # the same requests, all in the main arena
+    assert alone["peak_allocated"] == pooled["peak_allocated"]
+
+
+def test_the_cli_names_a_pool_stream_the_trace_does_not_have(capsys):
+    from vmmalloc import cli
+
+    with pytest.raises(SystemExit, match="--pool-stream 7 is not a stream of .*its streams: 0, 1"):
+        cli.main(["replay", str(GRAPH_TREE_TRACE), "--pool-stream", "7"])
+    assert cli.main(["replay", str(GRAPH_TREE_TRACE), "--pool-stream", "1"]) == 0
+    assert "graph pool:" in capsys.readouterr().out

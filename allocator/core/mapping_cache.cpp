@@ -39,10 +39,10 @@ void MappingCache::count_failure(F&& cleanup) noexcept {
 Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_create,
                                std::size_t growth_budget) {
   if (capture_safe_) {
-    // Note [Capture-safe mode]: only memory that needs no wait; growth is not limited.
+    // Note [Capture-safe mode]: only memory that needs no wait; past the slack, chunks of
+    // ready mappings before growth, then growth without limit (pick_chunks).
     StreamAffinity affinity(stream);
-    const std::size_t budget = allow_create ? std::numeric_limits<std::size_t>::max() : 0;
-    return serve(chunks, stream, allow_create, budget, &affinity, /*count_miss=*/true);
+    return serve(chunks, stream, allow_create, growth_budget, &affinity, /*count_miss=*/true);
   }
   if (config_.cross_stream_reuse == CrossStreamReuse::kAlways) {
     return serve(chunks, stream, allow_create, growth_budget, nullptr, /*count_miss=*/true);
@@ -313,9 +313,10 @@ bool MappingCache::pick_chunks(PickPlan& plan, bool reuse_free, bool allow_creat
     const bool grow = missing > 0 && allow_create && missing <= growth_budget;
     if (missing > 0 && !grow && feeding > 0) take_from_ready(plan, affinity, exclude);
   }
-  // Note [Streams before stitches]: without waits, growth stays within the slack.
+  // Note [Streams before stitches]: without waits, growth stays within the slack, except
+  // in capture-safe mode, where no later pass may wait instead (Note [Capture-safe mode]).
   const std::size_t missing = plan.missing();
-  const bool may_create = allow_create && (affinity == nullptr || missing <= growth_budget);
+  const bool may_create = allow_create && (affinity == nullptr || capture_safe_ || missing <= growth_budget);
   if (missing > 0 && !may_create) {
     plan.clear();
     return false;
@@ -603,7 +604,6 @@ std::vector<Chunk*> MappingCache::take_chunks(std::size_t n, StreamId stream, bo
   if (!allow_create && pool_.free_count() < n) return {};
   PickPlan plan(0, n, large_chunks_, ++pick_serial_);
   const StreamAffinity affinity(stream);  // Note [Capture-safe mode]: no waits in it
-  if (capture_safe_ && allow_create) growth_budget = std::numeric_limits<std::size_t>::max();
   if (!pick_chunks(plan, /*reuse_free=*/true, allow_create, growth_budget,
                    capture_safe_ ? &affinity : nullptr)) {
     return {};

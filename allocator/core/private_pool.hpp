@@ -26,6 +26,22 @@
 //   frees every live allocation of the pool and allocates exactly the recorded blocks at
 //   their recorded addresses, which is possible because the addresses keep their mappings.
 //
+// Note [Graph pools map single chunks]
+// A graph's pool (torch's id (0, n): graph_pool_handle() and captures without a pool)
+// maps 2 MiB chunks only, never large handles (Note [Large handles] in chunk_pool.hpp). A
+// large handle maps only whole and never serves a request's tail (Note [Picking handles]);
+// the main arena gives free ones back when memory runs short, but a pool keeps every chunk
+// for its life, so each change in the mix of request sizes (a forward's 16 MiB blocks
+// freed, a backward's 44 MiB ones needing 2 MiB tails) leaves free handles no tail can use,
+// and the pool grows instead. Measured on the trace of inductor's graph tree for a
+// training step (bench/NOTES.md, "compile_graphs: the pool's live bytes"), replayed on the
+// host backend: the pool reserved 1.47x its peak of live bytes with large handles, 1.008x
+// with single chunks. What single chunks cost is paid once: the pool's memory is mapped
+// during warm-up and recording (that step's handles created: 2136 instead of 1626, about
+// 25 ms of driver time), while replays call no allocator. A
+// MemPool, (n, 0), keeps large handles: it holds long-lived memory (weights, KV caches)
+// whose sleep, wake and sharing cost per handle (Note [Sleeping pools]).
+//
 // Note [Sleeping pools]
 // A pool can give its physical memory back for a while and take it again at the same
 // addresses (sleep mode for RL colocation and model swapping, as vLLM's CuMemAllocator and
@@ -62,6 +78,9 @@ struct PoolId {
   bool operator!=(const PoolId& o) const { return !(*this == o); }
 };
 
+// A pool torch made for CUDA graphs rather than a MemPool (Note [Graph pools map single chunks]).
+inline bool is_graph_pool(PoolId id) { return id.first == 0 && id.second != 0; }
+
 // Whether a request on this stream goes to the route's pool (torch's filter: the stream is
 // capturing into this graph, or the request comes from the thread under use_mem_pool).
 using StreamFilter = std::function<bool(StreamId)>;
@@ -76,8 +95,9 @@ struct LiveBlock {
 };
 
 // The device's options with what a private pool must never do turned off.
-inline Config private_pool_config(Config config) {
+inline Config private_pool_config(Config config, PoolId id) {
   config.repair_blocked = false;
+  if (is_graph_pool(id)) config.large_handle_size = 0;  // Note [Graph pools map single chunks]
   config.max_cached_mappings = std::size_t{1} << 40;
   config.max_mapped_bytes = std::size_t{1} << 62;
   return config;
@@ -120,7 +140,7 @@ class HostBackup {
 
 struct PrivatePool {
   PrivatePool(PoolId pool_id, Backend& backend, ChunkBudget& budget, const Config& device_config)
-      : id(pool_id), config(private_pool_config(device_config)), arena(backend, budget, config) {}
+      : id(pool_id), config(private_pool_config(device_config, pool_id)), arena(backend, budget, config) {}
 
   PoolId id;
   Config config;  // before arena: its mapping cache refers to it
