@@ -262,6 +262,14 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def not_run(point: list[Any]) -> dict[str, Any]:
+    """The result of a sweep point not measured yet (batch, context[, new tokens, rows])."""
+    out: dict[str, Any] = {"ok": False, "not_run": True, "batch": point[0], "context": point[1]}
+    if len(point) > 3:
+        out["row_lengths"] = point[3]
+    return out
+
+
 def sweep_points(new_tokens: int = 32) -> list[list[Any]]:
     """The sweep's points: [batch, context, new tokens] per context, then the variable-length
     batch [batch, longest, new tokens, row lengths]."""
@@ -314,8 +322,9 @@ def sweep(out_dir: Path, new_tokens: int = 32, caches: list[str] | None = None,
     for cache in caches or sweepable:
         stored = result["systems"].get(cache)
         if only_points and (stored is None or len(stored["results"]) != len(points)):
-            raise SystemExit(f"graph_decode sweep: --points replaces points of {cache}'s whole sweep "
-                             f"in {path}, which holds none; run its whole sweep first")
+            # A system measured in parts (a sweep longer than one device call): the points
+            # not run yet stand as such, and plots and tables leave them out.
+            stored = {"cache": cache, "results": [not_run(point) for point in points]}
         measured = run_worker("bench.kv_cache", SYSTEMS[cache],
                               {"cache": cache, "points": [points[i] for i in chosen],
                                "prefill_chunk": SWEEP_PREFILL_CHUNK},
@@ -331,7 +340,8 @@ def sweep(out_dir: Path, new_tokens: int = 32, caches: list[str] | None = None,
         write_result("graph_decode_sweep", result, out_dir)
         plot_sweep(result, out_dir / "graph_decode_sweep.png")
         print(f"[graph_decode sweep] {cache}: " + ", ".join(
-            f"{r['context']}: {steady_tok_s(r):.0f} tok/s" if r.get("ok") else f"{r['context']}: failed"
+            f"{r['context']}: {steady_tok_s(r):.0f} tok/s" if r.get("ok")
+            else f"{r['context']}: {'not run' if r.get('not_run') else 'failed'}"
             for r in (measured["results"][i] for i in chosen)), flush=True)
     return result
 

@@ -7,11 +7,12 @@
 #
 # - sweep: the context sweep's system not yet measured (the paged peer: 474 ms a step at
 #   16K, the slowest), merged into the committed bench/results/graph_decode_sweep.json (same
-#   points); a call of its own.
+#   points); its points in two calls (POINTS=...), since the whole outlasts one.
 # - memcheck: compute-sanitizer memcheck over the offload cache tests (issue 26), about 25 s a
 #   test under the sanitizer: a whole call, -k narrowed if it is cut again.
 # - compile_train / compile_decode: issue 19's workloads, one a call, with the graphs' pool
-#   snapshot (bench/NOTES.md: where the pool's 0.98 GB over its peak comes from).
+#   snapshot; compile_train checks the graph pools' single chunks (bench/NOTES.md predicts
+#   reserved / allocated 1.157 -> about 1.04).
 # - compile_history: the train workload's warm-up and recording under native and vmmalloc
 #   with memory history on: each pool's peak live bytes, when, and what was live then
 #   (bench/pool_trace.py), beside its reserved bytes; the snapshots are kept for the viewer.
@@ -28,8 +29,10 @@ python3 -m vmmalloc.torch_adapter > "$L/adapter_build.log" 2>&1; stamp build $?
 case "${STEP:-sweep}" in
   sweep)
     mkdir -p "$L/results"; cp bench/results/graph_decode_sweep.json "$L/results/"
+    # The paged peer's whole sweep outlasts a device call (cut after 420 s of one, 2026-12-04):
+    # POINTS splits it, e.g. POINTS=2048,8192,16384 then POINTS=32768,65536,variable.
     timeout $(left 580) python3 -m bench.graph_decode sweep "$L/results" --systems paged \
-      > "$L/sweep.log" 2>&1; stamp sweep $? ;;
+      ${POINTS:+--points "$POINTS"} > "$L/sweep.log" 2>&1; stamp sweep $? ;;
   memcheck)
     timeout $(left 580) compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
       python3 -m pytest -q -rf -p no:cacheprovider -k cuda tests/test_offload_cache.py \

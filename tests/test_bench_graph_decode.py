@@ -152,9 +152,6 @@ def test_a_sweep_part_of_some_points_replaces_only_those(tmp_path, monkeypatch):
         return {"cache": args["cache"], "results": results}
 
     monkeypatch.setattr(graph_decode, "run_worker", fake_worker)
-    with pytest.raises(SystemExit, match="whole sweep first"):
-        graph_decode.sweep(tmp_path, caches=["vmm_graphs"], only_points=["variable"])
-    assert not ran, "nothing runs before the part is known to fit the stored sweep"
     graph_decode.sweep(tmp_path, caches=["vmm_graphs"])
     graph_decode.sweep(tmp_path, caches=["vmm_graphs"], only_points=["variable", "2048"])
     points = graph_decode.sweep_points()
@@ -165,3 +162,30 @@ def test_a_sweep_part_of_some_points_replaces_only_those(tmp_path, monkeypatch):
         "a replaced point says what it measured; the others keep their system's"
     with pytest.raises(SystemExit, match="unknown point '3000'"):
         graph_decode.sweep(tmp_path, caches=["vmm_graphs"], only_points=["3000"])
+
+
+def test_a_system_swept_in_parts_holds_the_points_not_run_yet_as_such(tmp_path, monkeypatch):
+    """A sweep longer than one device call (the paged peer's) is measured point by point;
+    until every part ran, the points not run stand as such and are not drawn."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    import bench.graph_decode as graph_decode
+
+    def fake_worker(module, allocator, args, timeout):
+        return {"cache": args["cache"], "results": [
+            {"ok": True, "batch": p[0], "context": p[1], "decode_tok_s": 5.0, "step_median_s": 1.6,
+             "peak_reserved": 1e10, "kv_bytes": 1e9} for p in args["points"]]}
+
+    monkeypatch.setattr(graph_decode, "run_worker", fake_worker)
+    graph_decode.sweep(tmp_path, caches=["paged"], only_points=["2048", "8192"])
+    points = graph_decode.sweep_points()
+    stored = json.loads((tmp_path / "graph_decode_sweep.json").read_text())["systems"]["paged"]["results"]
+    assert [r.get("not_run", False) for r in stored] == [False, False] + [True] * (len(points) - 2)
+    assert stored[-1]["row_lengths"] == points[-1][3]
+    series = graph_decode.sweep_series(json.loads((tmp_path / "graph_decode_sweep.json").read_text()))
+    assert series["paged"]["context"] == [2048, 8192] and series["paged"]["variable"] == []
+    graph_decode.sweep(tmp_path, caches=["paged"], only_points=["16384", "variable"])
+    stored = json.loads((tmp_path / "graph_decode_sweep.json").read_text())["systems"]["paged"]["results"]
+    assert [r.get("not_run", False) for r in stored] == [False, False, False, True, True, False]
+    assert (tmp_path / "graph_decode_sweep.png").is_file()
