@@ -151,7 +151,7 @@ COUNTERS = ("vmm.stitches", "vmm.stitched_bytes", "vmm.stitched_handles", "vmm.f
             "vmm.repaired_chunks", "vmm.repaired_handles", "num_device_alloc", "num_device_free")
 
 
-GRAPH_POOL = (0, 1)  # torch's id of the first graph pool (Note [Graph pools map single chunks])
+GRAPH_POOL = (0, 1)  # graph_pool_handle()'s first id, a graph tree's (Note [Torch's pools map single chunks])
 
 
 def replay(trace: Trace, conf: str = "", device_memory: int = 80 << 30,

@@ -32,7 +32,9 @@ from typing import Any
 from vmmalloc import _C
 
 # Pool ids of tags: (first, second) with both non-zero, which torch's own ids never are
-# (torch makes (n, 0) for MemPool() and (0, n) for graph pools).
+# (torch makes (0, n) for MemPool() and graph_pool_handle(), (n, 0) for a capture given no
+# pool); the core keeps large handles for these pools only (Note [Torch's pools map single
+# chunks]).
 _TAG_POOL_FIRST = 0x766D6D
 _lock = threading.Lock()
 _tags: dict[tuple[str, int], tuple[int, int]] = {}

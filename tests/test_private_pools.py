@@ -425,28 +425,31 @@ def test_a_restore_takes_back_a_mapping_that_became_a_small_segment(kind):
     assert alloc.stats()["vmm.private_pools"] == 0
 
 
-GRAPH_POOL = (0, 9)  # torch's id for a graph's pool: graph_pool_handle(), a capture's own
-MEM_POOL = (9, 0)  # torch's id for a MemPool
+GRAPH_POOL = (0, 9)  # torch's id from graph_pool_handle() or MemPool()
+CAPTURE_POOL = (9, 0)  # torch's id for a capture given no pool
+TAG_POOL = (0x766D6D, 9)  # vmmalloc's sleep_mode tags: both halves set
 
 
-def test_a_graph_pool_maps_single_chunks_and_a_mempool_large_handles(kind):
-    """Note [Graph pools map single chunks]."""
-    alloc = kind.allocator(256 * MiB)
-    alloc.begin_allocate_to_pool(GRAPH_POOL, streams=[S])
-    in_graph = alloc.allocate(40 * MiB, stream=S)
-    alloc.end_allocate_to_pool(GRAPH_POOL)
+def test_torchs_pools_map_single_chunks_and_tag_pools_large_handles(kind):
+    """Note [Torch's pools map single chunks]."""
+    alloc = kind.allocator(512 * MiB)
+    blocks = []
+    for pool, route in ((GRAPH_POOL, {"this_thread": True}), (CAPTURE_POOL, {"streams": [S]})):
+        alloc.begin_allocate_to_pool(pool, **route)
+        blocks.append(alloc.allocate(40 * MiB, stream=S))
+        alloc.end_allocate_to_pool(pool)
     stats = alloc.stats()
-    assert stats["vmm.large_handles"] == 0 and stats["num_device_alloc"] == 20
-    alloc.begin_allocate_to_pool(MEM_POOL, this_thread=True)
-    in_mempool = alloc.allocate(40 * MiB)
-    alloc.end_allocate_to_pool(MEM_POOL)
+    assert stats["vmm.large_handles"] == 0 and stats["num_device_alloc"] == 40
+    alloc.begin_allocate_to_pool(TAG_POOL, this_thread=True)
+    blocks.append(alloc.allocate(40 * MiB))
+    alloc.end_allocate_to_pool(TAG_POOL)
     assert alloc.stats()["vmm.large_handles"] == 2, "two 16 MiB handles and four 2 MiB chunks"
-    for p, tag in ((in_graph, 1), (in_mempool, 2)):
+    for tag, p in enumerate(blocks):
         alloc.backend.write(p, pattern(tag, 40 * MiB))
-    for p, tag in ((in_graph, 1), (in_mempool, 2)):
+    for tag, p in enumerate(blocks):
         assert alloc.backend.read(p, 40 * MiB) == pattern(tag, 40 * MiB)
         alloc.deallocate(p)
-    for pool in (GRAPH_POOL, MEM_POOL):
+    for pool in (GRAPH_POOL, CAPTURE_POOL, TAG_POOL):
         alloc.release_pool(pool)
 
 
@@ -479,7 +482,7 @@ def test_capture_safe_mode_stitches_chunks_of_ready_mappings_before_growing_past
     were last used on the request's own stream (no wait needed) and cover 8 of the 12
     chunks a request needs: only the other 4 are new (it grew by all 12 before)."""
     alloc = kind.allocator(256 * MiB)
-    alloc.begin_allocate_to_pool(MEM_POOL, this_thread=True)
+    alloc.begin_allocate_to_pool(TAG_POOL, this_thread=True)
     small = [alloc.allocate(4 * MiB) for _ in range(4)]
     for p in small:
         alloc.deallocate(p)  # four ready mappings of 2 chunks each
@@ -489,5 +492,5 @@ def test_capture_safe_mode_stitches_chunks_of_ready_mappings_before_growing_past
     alloc.backend.write(joined, pattern(5, 24 * MiB - 4096))
     assert alloc.backend.read(joined, 24 * MiB - 4096) == pattern(5, 24 * MiB - 4096)
     alloc.deallocate(joined)
-    alloc.end_allocate_to_pool(MEM_POOL)
-    alloc.release_pool(MEM_POOL)
+    alloc.end_allocate_to_pool(TAG_POOL)
+    alloc.release_pool(TAG_POOL)

@@ -115,7 +115,7 @@ GRAPH_TREE_TRACE = Path(__file__).resolve().parent.parent / "bench" / "traces" /
 def test_a_graph_trees_pool_holds_little_more_than_its_peak_on_the_recorded_training_step():
     """The trace of torch.compile(mode="reduce-overhead")'s training step (bench/NOTES.md,
     "compile_graphs: the pool's live bytes"): stream 1 is the graph tree's, whose requests
-    go to its pool. Note [Graph pools map single chunks]: the pool held 1.47x its peak of
+    go to its pool. Note [Torch's pools map single chunks]: the pool held 1.47x its peak of
     allocated bytes with large handles; what PyTorch's allocator held for it on the GPU was
     1.53x."""
     trace = replay.load_trace(GRAPH_TREE_TRACE)

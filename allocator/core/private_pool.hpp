@@ -26,21 +26,24 @@
 //   frees every live allocation of the pool and allocates exactly the recorded blocks at
 //   their recorded addresses, which is possible because the addresses keep their mappings.
 //
-// Note [Graph pools map single chunks]
-// A graph's pool (torch's id (0, n): graph_pool_handle() and captures without a pool)
-// maps 2 MiB chunks only, never large handles (Note [Large handles] in chunk_pool.hpp). A
-// large handle maps only whole and never serves a request's tail (Note [Picking handles]);
-// the main arena gives free ones back when memory runs short, but a pool keeps every chunk
-// for its life, so each change in the mix of request sizes (a forward's 16 MiB blocks
-// freed, a backward's 44 MiB ones needing 2 MiB tails) leaves free handles no tail can use,
-// and the pool grows instead. Measured on the trace of inductor's graph tree for a
-// training step (bench/NOTES.md, "compile_graphs: the pool's live bytes"), replayed on the
-// host backend: the pool reserved 1.47x its peak of live bytes with large handles, 1.008x
-// with single chunks. What single chunks cost is paid once: the pool's memory is mapped
-// during warm-up and recording (that step's handles created: 2136 instead of 1626, about
-// 25 ms of driver time), while replays call no allocator. A
-// MemPool, (n, 0), keeps large handles: it holds long-lived memory (weights, KV caches)
-// whose sleep, wake and sharing cost per handle (Note [Sleeping pools]).
+// Note [Torch's pools map single chunks]
+// A pool torch makes maps 2 MiB chunks only, never large handles (Note [Large handles] in
+// chunk_pool.hpp). A large handle maps only whole and never serves a request's tail (Note
+// [Picking handles]); the main arena gives free ones back when memory runs short, but a pool
+// keeps every chunk for its life, so each change in the mix of request sizes (a forward's
+// 16 MiB blocks freed, a backward's 44 MiB ones needing 2 MiB tails) leaves free handles no
+// tail can use, and the pool grows instead. Measured on the trace of inductor's graph tree
+// for a training step (bench/NOTES.md, "compile_graphs: the pool's live bytes"), replayed on
+// the host backend: the pool reserved 1.47x its peak of live bytes with large handles,
+// 1.008x with single chunks. What single chunks cost is paid once: the pool's memory is
+// mapped during warm-up and recording (that step's handles created: 2136 instead of 1626,
+// about 25 ms of driver time), while replays call no allocator.
+// Torch's ids have one half zero: (0, n) from MemPool() and graph_pool_handle(), (n, 0) for
+// a capture given no pool. Nothing else tells a graph's pool from a MemPool's: a graph tree
+// warms up into its pool through a thread route, as use_mem_pool does. vmmalloc's own pools
+// of tagged memory (sleep_mode: both halves set) keep large handles: they hold long-lived
+// weights and KV caches, whose sleep, wake and sharing cost per handle (Note [Sleeping
+// pools]).
 //
 // Note [Sleeping pools]
 // A pool can give its physical memory back for a while and take it again at the same
@@ -70,7 +73,8 @@
 
 namespace vmm {
 
-// torch's MempoolId_t: (0, 0) is no pool; graph_pool_handle() and MemPool() make the rest.
+// torch's MempoolId_t: (0, 0) is no pool; MemPool() and graph_pool_handle() make (0, n), a
+// capture given no pool (n, 0).
 struct PoolId {
   std::uint64_t first = 0;
   std::uint64_t second = 0;
@@ -78,8 +82,9 @@ struct PoolId {
   bool operator!=(const PoolId& o) const { return !(*this == o); }
 };
 
-// A pool torch made for CUDA graphs rather than a MemPool (Note [Graph pools map single chunks]).
-inline bool is_graph_pool(PoolId id) { return id.first == 0 && id.second != 0; }
+// A pool torch made (MemPool, graph_pool_handle, a capture's own), not one of vmmalloc's
+// tags: Note [Torch's pools map single chunks].
+inline bool is_torch_pool(PoolId id) { return id.first == 0 || id.second == 0; }
 
 // Whether a request on this stream goes to the route's pool (torch's filter: the stream is
 // capturing into this graph, or the request comes from the thread under use_mem_pool).
@@ -97,7 +102,7 @@ struct LiveBlock {
 // The device's options with what a private pool must never do turned off.
 inline Config private_pool_config(Config config, PoolId id) {
   config.repair_blocked = false;
-  if (is_graph_pool(id)) config.large_handle_size = 0;  // Note [Graph pools map single chunks]
+  if (is_torch_pool(id)) config.large_handle_size = 0;  // Note [Torch's pools map single chunks]
   config.max_cached_mappings = std::size_t{1} << 40;
   config.max_mapped_bytes = std::size_t{1} << 62;
   return config;

@@ -1364,12 +1364,15 @@ void run_pools(const PhaseSpec& spec) {
         }
         continue;
       }
-      // A capture into a pool of this thread's own: use_mem_pool's into a MemPool (torch's
-      // id (n, 0) kind, large handles), a capture's into a graph pool ((0, n): single chunks,
-      // Note [Graph pools map single chunks]).
+      // A capture into a pool of this thread's own, with an id of each kind: torch's (0, n)
+      // and (n, 0) map single chunks, a tag's (both halves set) large handles (Note [Torch's
+      // pools map single chunks]).
       const bool by_thread = rng() % 2;
       const std::uint64_t serial = (static_cast<std::uint64_t>(thread) + 1) << 32 | next_pool++;
-      const vmm::PoolId id = by_thread ? vmm::PoolId{serial, 0} : vmm::PoolId{0, serial};
+      const std::uint64_t id_kind = rng() % 3;
+      const vmm::PoolId id = id_kind == 0   ? vmm::PoolId{0, serial}
+                             : id_kind == 1 ? vmm::PoolId{serial, 0}
+                                            : vmm::PoolId{0x766D6D, serial};
       const auto this_thread = std::this_thread::get_id();
       if (by_thread) {
         alloc->begin_allocate_to_pool(
