@@ -26,6 +26,7 @@ in tok/s; KV committed <= 1.05x the tokens held; p99 / median step <= 1.10.
 
     python -m bench.run graph_decode --backend cuda [--quick]
     python -m bench.graph_decode sweep [OUT_DIR] [--systems a,b] [--points 16384,variable]
+                                         [--worker-per-point]
                                          # contexts 2K-64K at batch 8, a plot; parts replace theirs
     python -m bench.graph_decode assemble LOG [OUT_DIR]  # the JSON from a run's log, also a cut one
 """
@@ -293,7 +294,7 @@ def point_indices(names: list[str], points: list[list[Any]]) -> list[int]:
 
 
 def sweep(out_dir: Path, new_tokens: int = 32, caches: list[str] | None = None,
-          only_points: list[str] | None = None) -> dict[str, Any]:
+          only_points: list[str] | None = None, per_point: bool = False) -> dict[str, Any]:
     """tok/s and peak reserved against context for every system, one process each, and the
     variable-length batch (its point is the one with row_lengths).
 
@@ -303,7 +304,10 @@ def sweep(out_dir: Path, new_tokens: int = 32, caches: list[str] | None = None,
     plot are written after every system, so a part cut short keeps what finished. With
     `only_points` (contexts or "variable"), only those points run and each replaces the same
     point of the system's stored results, carrying its own environment, since the system's
-    other points were measured at another commit."""
+    other points were measured at another commit. With `per_point`, each point runs in a
+    worker of its own and is written as soon as it is measured (as a part of the system's
+    sweep), so a call cut short keeps every point that finished; each worker builds the
+    model again."""
     from bench.common import environment, write_result
 
     points = sweep_points(new_tokens)
@@ -315,34 +319,36 @@ def sweep(out_dir: Path, new_tokens: int = 32, caches: list[str] | None = None,
                          f"choose from {', '.join(sweepable)}")
     path = out_dir / "graph_decode_sweep.json"
     result: dict[str, Any] = {"benchmark": "graph_decode_sweep", "points": points, "systems": {}}
-    if (caches or only_points) and path.exists():
+    if (caches or only_points or per_point) and path.exists():
         earlier = json.loads(path.read_text())
         if earlier.get("points") == points:  # the same sweep: keep the systems this part does not run
             result["systems"] = earlier["systems"]
+    partial = only_points is not None or per_point
     for cache in caches or sweepable:
         stored = result["systems"].get(cache)
-        if only_points and (stored is None or len(stored["results"]) != len(points)):
+        if partial and (stored is None or len(stored["results"]) != len(points)):
             # A system measured in parts (a sweep longer than one device call): the points
             # not run yet stand as such, and plots and tables leave them out.
             stored = {"cache": cache, "results": [not_run(point) for point in points]}
-        measured = run_worker("bench.kv_cache", SYSTEMS[cache],
-                              {"cache": cache, "points": [points[i] for i in chosen],
-                               "prefill_chunk": SWEEP_PREFILL_CHUNK},
-                              timeout=3600)
-        if only_points:
-            for i, point_result in zip(chosen, measured["results"]):
-                stored["results"][i] = {**point_result, "environment": environment()}
-            measured = {**measured, "results": stored["results"]}
-            result["systems"][cache] = {**stored, **measured}
-        else:
-            result["systems"][cache] = {**measured, "environment": environment()}
-        result["environment"] = environment()
-        write_result("graph_decode_sweep", result, out_dir)
-        plot_sweep(result, out_dir / "graph_decode_sweep.png")
-        print(f"[graph_decode sweep] {cache}: " + ", ".join(
-            f"{r['context']}: {steady_tok_s(r):.0f} tok/s" if r.get("ok")
-            else f"{r['context']}: {'not run' if r.get('not_run') else 'failed'}"
-            for r in (measured["results"][i] for i in chosen)), flush=True)
+        for group in ([[i] for i in chosen] if per_point else [chosen]):
+            measured = run_worker("bench.kv_cache", SYSTEMS[cache],
+                                  {"cache": cache, "points": [points[i] for i in group],
+                                   "prefill_chunk": SWEEP_PREFILL_CHUNK},
+                                  timeout=3600)
+            if partial:
+                for i, point_result in zip(group, measured["results"]):
+                    stored["results"][i] = {**point_result, "environment": environment()}
+                stored = {**stored, **measured, "results": stored["results"]}
+                result["systems"][cache] = stored
+            else:
+                result["systems"][cache] = {**measured, "environment": environment()}
+            result["environment"] = environment()
+            write_result("graph_decode_sweep", result, out_dir)
+            plot_sweep(result, out_dir / "graph_decode_sweep.png")
+            print(f"[graph_decode sweep] {cache}: " + ", ".join(
+                f"{r['context']}: {steady_tok_s(r):.0f} tok/s" if r.get("ok")
+                else f"{r['context']}: {'not run' if r.get('not_run') else 'failed'}"
+                for r in (result["systems"][cache]["results"][i] for i in group)), flush=True)
     return result
 
 
@@ -360,7 +366,11 @@ if __name__ == "__main__" and sys.argv[1:2] == ["sweep"]:
         at = sweep_args.index("--points")
         only_points = sweep_args[at + 1].split(",") if at + 1 < len(sweep_args) else []
         del sweep_args[at:at + 2]
-    sweep(Path(sweep_args[0]) if sweep_args else RESULTS_DIR, caches=only, only_points=only_points)
+    per_point = "--worker-per-point" in sweep_args
+    if per_point:
+        sweep_args.remove("--worker-per-point")
+    sweep(Path(sweep_args[0]) if sweep_args else RESULTS_DIR, caches=only, only_points=only_points,
+          per_point=per_point)
 elif __name__ == "__main__" and sys.argv[1:2] == ["assemble"] and len(sys.argv) in (3, 4):
     from bench.common import RESULTS_DIR, environment, write_result
 
@@ -368,4 +378,5 @@ elif __name__ == "__main__" and sys.argv[1:2] == ["assemble"] and len(sys.argv) 
     assembled["environment"] = environment()  # run on the machine that measured, or fill in its facts
     print(write_result("graph_decode", assembled, Path(sys.argv[3]) if len(sys.argv) > 3 else RESULTS_DIR))
 elif __name__ == "__main__":
-    raise SystemExit("usage: python -m bench.graph_decode sweep [OUT_DIR] [--systems a,b] | assemble LOG [OUT_DIR]")
+    raise SystemExit("usage: python -m bench.graph_decode sweep [OUT_DIR] [--systems a,b] [--points P,Q] "
+                     "[--worker-per-point] | assemble LOG [OUT_DIR]")

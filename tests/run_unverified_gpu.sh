@@ -7,7 +7,7 @@
 #
 # - sweep: the context sweep's system not yet measured (the paged peer: 474 ms a step at
 #   16K, the slowest), merged into the committed bench/results/graph_decode_sweep.json (same
-#   points); its points in two calls (POINTS=...), since the whole outlasts one.
+#   points), a worker per point; the points left after one call in the next (POINTS=...).
 # - memcheck: compute-sanitizer memcheck over the offload cache tests (issue 26), about 25 s a
 #   test under the sanitizer: a whole call, -k narrowed if it is cut again.
 # - compile_train / compile_decode: issue 19's workloads, one a call, with the graphs' pool
@@ -30,9 +30,10 @@ case "${STEP:-sweep}" in
   sweep)
     mkdir -p "$L/results"; cp bench/results/graph_decode_sweep.json "$L/results/"
     # The paged peer's whole sweep outlasts a device call (cut after 420 s of one, 2026-12-04):
-    # POINTS splits it, e.g. POINTS=2048,8192,16384 then POINTS=32768,65536,variable.
+    # a worker per point keeps what finished; POINTS names the points still to run, e.g.
+    # POINTS=32768,65536,variable in the next call.
     timeout $(left 580) python3 -m bench.graph_decode sweep "$L/results" --systems paged \
-      ${POINTS:+--points "$POINTS"} > "$L/sweep.log" 2>&1; stamp sweep $? ;;
+      --worker-per-point ${POINTS:+--points "$POINTS"} > "$L/sweep.log" 2>&1; stamp sweep $? ;;
   memcheck)
     timeout $(left 580) compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
       python3 -m pytest -q -rf -p no:cacheprovider -k cuda tests/test_offload_cache.py \

@@ -189,3 +189,30 @@ def test_a_system_swept_in_parts_holds_the_points_not_run_yet_as_such(tmp_path, 
     stored = json.loads((tmp_path / "graph_decode_sweep.json").read_text())["systems"]["paged"]["results"]
     assert [r.get("not_run", False) for r in stored] == [False, False, False, True, True, False]
     assert (tmp_path / "graph_decode_sweep.png").is_file()
+
+
+def test_a_sweep_with_a_worker_per_point_keeps_the_points_that_finished(tmp_path, monkeypatch):
+    """--worker-per-point: a call cut short (here a worker that fails at the third point)
+    leaves every point measured before it written."""
+    pytest.importorskip("matplotlib")
+    import json
+
+    import bench.graph_decode as graph_decode
+
+    calls = []
+
+    def fake_worker(module, allocator, args, timeout):
+        calls.append(args["points"])
+        if len(calls) == 3:
+            raise RuntimeError("the call's limit")
+        return {"cache": args["cache"], "results": [
+            {"ok": True, "batch": p[0], "context": p[1], "decode_tok_s": 5.0, "step_median_s": 1.6,
+             "peak_reserved": 1e10, "kv_bytes": 1e9} for p in args["points"]]}
+
+    monkeypatch.setattr(graph_decode, "run_worker", fake_worker)
+    with pytest.raises(RuntimeError, match="limit"):
+        graph_decode.sweep(tmp_path, caches=["paged"], per_point=True)
+    assert [len(points) for points in calls] == [1, 1, 1], "one worker per point"
+    stored = json.loads((tmp_path / "graph_decode_sweep.json").read_text())["systems"]["paged"]["results"]
+    assert [r.get("ok") for r in stored[:3]] == [True, True, False]
+    assert all(r.get("not_run") for r in stored[2:])
