@@ -257,8 +257,8 @@ def plot_sweep(result: dict[str, Any], path: Path) -> None:
         context_axis(ax, label)
     gpu = result["environment"].get("gpu")
     fig.suptitle(f"Decode in CUDA graphs and its peers on a Llama-3-8B shape, batch 8, {gpu}. Stars: prompts "
-                 "of 2K-16K, left-padded. Missing points ran out of memory. KV: pages mapped (vmm), rows x "
-                 "longest (static, dynamic)", fontsize=9)
+                 "of 2K-16K, left-padded. Missing points ran out of memory or have not run yet. KV: pages "
+                 "mapped (vmm), rows x longest (static, dynamic)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -31,7 +31,8 @@ case "${STEP:-sweep}" in
     mkdir -p "$L/results"; cp bench/results/graph_decode_sweep.json "$L/results/"
     # The paged peer's whole sweep outlasts a device call (cut after 420 s of one, 2026-12-04):
     # a worker per point keeps what finished; POINTS names the points still to run, e.g.
-    # POINTS=32768,65536,variable in the next call.
+    # POINTS=32768,65536,variable in the next call. Each call starts from the committed
+    # bench/results/graph_decode_sweep.json: commit the first call's before the second.
     timeout $(left 580) python3 -m bench.graph_decode sweep "$L/results" --systems paged \
       --worker-per-point ${POINTS:+--points "$POINTS"} > "$L/sweep.log" 2>&1; stamp sweep $? ;;
   memcheck)

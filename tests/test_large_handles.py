@@ -64,11 +64,32 @@ def test_large_handle_size_accepts_multiples_of_two_mib_up_to_one_gib(good):
     vmmalloc.parse_config(good)  # no exception (the parsed dict does not report the key)
 
 
-@pytest.mark.parametrize("bad", ["large_handle_size:3MiB", "large_handle_size:2GiB",
-                                 "large_handle_size:big"])
-def test_bad_large_handle_sizes_name_the_key(bad):
-    with pytest.raises(ValueError, match="'large_handle_size'"):
-        _C.parse_config(bad)
+@pytest.mark.parametrize("key", ["large_handle_size", "pool_large_handle_size"])
+@pytest.mark.parametrize("bad", ["3MiB", "2GiB", "big"])
+def test_bad_large_handle_sizes_name_the_key(key, bad):
+    with pytest.raises(ValueError, match=f"'{key}'"):
+        _C.parse_config(f"{key}:{bad}")
+
+
+@pytest.mark.parametrize("conf, handles", [("", 0), ("pool_large_handle_size:16MiB", 2),
+                                           ("pool_large_handle_size:32MiB", 1)])
+def test_pool_large_handle_size_sets_the_handles_of_torchs_pools(kind, conf, handles):
+    """Note [Torch's pools map single chunks]: 2 MiB chunks by default, the key's handles
+    when set; the main arena keeps large_handle_size's."""
+    alloc = kind.allocator(256 * MiB, conf=conf)
+    alloc.begin_allocate_to_pool((0, 3), this_thread=True)  # torch's MemPool id
+    in_pool = alloc.allocate(40 * MiB)
+    alloc.end_allocate_to_pool((0, 3))
+    assert alloc.stats()["vmm.large_handles"] == handles
+    eager = alloc.allocate(40 * MiB)
+    assert alloc.stats()["vmm.large_handles"] == handles + 2
+    alloc.backend.write(in_pool, pattern(1, 40 * MiB))
+    alloc.backend.write(eager, pattern(2, 40 * MiB))
+    assert_holds(alloc, in_pool, 1, 40 * MiB)
+    assert_holds(alloc, eager, 2, 40 * MiB)
+    alloc.deallocate(in_pool)
+    alloc.deallocate(eager)
+    alloc.release_pool((0, 3))
 
 
 # ----- stitching and reuse ------------------------------------------------------------------

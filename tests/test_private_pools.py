@@ -27,6 +27,16 @@ OTHER = (1, 8)
 S = 5  # the capturing stream
 
 
+@pytest.fixture(autouse=True, params=["torch", "tag"])
+def pool_ids(request, monkeypatch):
+    """Every test runs with pools of both id kinds (Note [Torch's pools map single chunks]):
+    torch's, (0, n), which map single chunks, and ids with both halves set (vmmalloc's
+    tags), which map large handles."""
+    first = 0 if request.param == "torch" else 1
+    monkeypatch.setitem(globals(), "POOL", (first, 7))
+    monkeypatch.setitem(globals(), "OTHER", (first, 8))
+
+
 def live_ptrs(alloc, pool):
     return [p for p, *_ in alloc.pool_allocations(pool)]
 
@@ -357,14 +367,17 @@ def test_failures_while_a_pool_grows_leak_nothing(kind):
     alloc = kind.allocator(256 * MiB, backend=backend)
     alloc.begin_allocate_to_pool(POOL, streams=[S])
     for op in ("create_chunk", "map", "set_access", "reserve"):
-        backend.fail(op)
+        # An injected create_chunk failure reads as the device's out of memory, which
+        # capture-safe mode meets with one more try (Note [Capture-safe mode]): fail both.
+        backend.fail(op, count=2 if op == "create_chunk" else 1)
         reserved = alloc.stats()["reserved_bytes.all.current"]
-        # An injected create_chunk failure reads as the device's out of memory.
         with pytest.raises((vmmalloc.BackendError, vmmalloc.OutOfMemoryError)):
             alloc.allocate(6 * MiB, stream=S)
         assert alloc.stats()["reserved_bytes.all.current"] == reserved
         assert alloc.pool_allocations(POOL) == []
+    backend.fail("create_chunk")  # the second try serves it
     p = alloc.allocate(6 * MiB, stream=S)
+    assert [ptr for ptr, *_ in alloc.pool_allocations(POOL)] == [p]
     alloc.end_allocate_to_pool(POOL)
     alloc.deallocate(p)
     alloc.release_pool(POOL)
@@ -393,7 +406,7 @@ def test_one_route_per_pool_at_a_time_and_no_end_without_a_route(kind):
     """As PyTorch: two threads under use_mem_pool of one pool would end each other's routes."""
     alloc = kind.allocator(64 * MiB)
     alloc.begin_allocate_to_pool(POOL, this_thread=True)
-    with pytest.raises(RuntimeError, match=r"already allocating to pool \(1, 7\)"):
+    with pytest.raises(RuntimeError, match=rf"already allocating to pool \({POOL[0]}, 7\)"):
         alloc.begin_allocate_to_pool(POOL, streams=[S])
     assert alloc.pool_use_count(POOL) == 1, "a refused route takes no reference"
     alloc.end_allocate_to_pool(POOL)
@@ -456,8 +469,7 @@ def test_torchs_pools_map_single_chunks_and_tag_pools_large_handles(kind):
 def test_a_graph_pool_serves_a_new_mix_of_sizes_from_what_it_freed(kind):
     """A forward's 16 MiB blocks freed, then a backward's 22 MiB ones: the pool's free memory
     covers them, so it must not grow (with large handles it grew by every 22 MiB block's
-    2 MiB tails, and in capture-safe mode it grew rather than stitch chunks of ready
-    mappings)."""
+    2 MiB tails)."""
     alloc = kind.allocator(512 * MiB)
     alloc.begin_allocate_to_pool(GRAPH_POOL, streams=[S])
     forward = [alloc.allocate(16 * MiB, stream=S) for _ in range(8)]
@@ -494,3 +506,22 @@ def test_capture_safe_mode_stitches_chunks_of_ready_mappings_before_growing_past
     alloc.deallocate(joined)
     alloc.end_allocate_to_pool(TAG_POOL)
     alloc.release_pool(TAG_POOL)
+
+
+def test_growth_the_cap_refuses_in_capture_safe_mode_takes_ready_chunks_instead(kind):
+    """Note [Capture-safe mode]: growth within the slack would pass the cap, and the
+    out-of-memory retry cannot run during a capture; the pool's own free chunks (last used
+    on the capture's stream) plus fewer new ones fit, so the request must succeed."""
+    alloc = kind.allocator(224 * MiB)
+    eager = alloc.allocate(200 * MiB)
+    alloc.begin_allocate_to_pool(GRAPH_POOL, streams=[S])
+    for p in [alloc.allocate(4 * MiB, stream=S) for _ in range(2)]:
+        alloc.deallocate(p)  # 8 MiB of the pool's, in two ready mappings
+    block = alloc.allocate(20 * MiB, stream=S)  # slack: 10 new chunks, 228 MiB > the cap
+    assert alloc.stats()["vmm.private_pool_bytes"] == 20 * MiB, "8 MiB reused, 12 MiB new"
+    alloc.backend.write(block, pattern(7, 20 * MiB))
+    assert alloc.backend.read(block, 20 * MiB) == pattern(7, 20 * MiB)
+    alloc.deallocate(block)
+    alloc.end_allocate_to_pool(GRAPH_POOL)
+    alloc.release_pool(GRAPH_POOL)
+    alloc.deallocate(eager)

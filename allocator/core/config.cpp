@@ -111,6 +111,15 @@ std::size_t bytes_of(const std::string& key, const std::string& value) {
   return parse_bytes(value, "VMMALLOC_CONF key '" + key + "'");
 }
 
+constexpr const char* kHandleSizeRule = "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB";
+
+std::size_t handle_size(const std::string& key, const std::string& value) {
+  const std::size_t bytes = bytes_of(key, value);
+  if (bytes % (std::size_t{2} << 20) != 0 || bytes > (std::size_t{1} << 30))
+    bad_value(key, value, kHandleSizeRule);
+  return bytes;
+}
+
 }  // namespace
 
 const std::vector<ConfigKey>& config_key_table() {
@@ -168,15 +177,14 @@ const std::vector<ConfigKey>& config_key_table() {
       {"repair_blocked", "true or false",
        [](Config& c, const std::string& k, const std::string& v) { c.repair_blocked = parse_bool(k, v); },
        [](const Config& c) -> ConfigValue { return c.repair_blocked; }},
-      {"large_handle_size", "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB",
-       [](Config& c, const std::string& k, const std::string& v) {
-         c.large_handle_size = bytes_of(k, v);
-         if (c.large_handle_size % (std::size_t{2} << 20) != 0 ||
-             c.large_handle_size > (std::size_t{1} << 30)) {
-           bad_value(k, v, "0 (off) or a multiple of 2 MiB up to 1 GiB, such as 16MiB");
-         }
-       },
+      {"large_handle_size", kHandleSizeRule,
+       [](Config& c, const std::string& k, const std::string& v) { c.large_handle_size = handle_size(k, v); },
        [](const Config& c) -> ConfigValue { return c.large_handle_size; }},
+      {"pool_large_handle_size", kHandleSizeRule,
+       [](Config& c, const std::string& k, const std::string& v) {
+         c.pool_large_handle_size = handle_size(k, v);
+       },
+       [](const Config& c) -> ConfigValue { return c.pool_large_handle_size; }},
       {"host_timing", "true or false",
        [](Config& c, const std::string& k, const std::string& v) { c.host_timing = parse_bool(k, v); },
        [](const Config& c) -> ConfigValue { return c.host_timing; }},

@@ -46,6 +46,10 @@ struct Config {
   // Requests of at least this many bytes are mapped from physical handles of this size,
   // their tails from 2 MiB chunks (Note [Large handles]); 0 or 2 MiB: 2 MiB chunks only.
   std::size_t large_handle_size = std::size_t{16} << 20;
+  // The same for the pools torch makes (MemPools, CUDA graphs' pools); 0 by default: they
+  // keep their memory for life, where large handles strand free memory (Note [Torch's
+  // pools map single chunks] in private_pool.hpp).
+  std::size_t pool_large_handle_size = 0;
   // Time allocate and deallocate into vmm.host_time_ns (Note [Host time]); off by default
   // since the clock reads cost as much as the cached path itself.
   bool host_timing = false;

@@ -40,9 +40,19 @@ Mapping* MappingCache::acquire(std::size_t chunks, StreamId stream, bool allow_c
                                std::size_t growth_budget) {
   if (capture_safe_) {
     // Note [Capture-safe mode]: only memory that needs no wait; past the slack, chunks of
-    // ready mappings before growth, then growth without limit (pick_chunks).
+    // ready mappings before growth, then growth without limit (pick_chunks). Growth within
+    // the slack that the cap or the device refuses is tried once more taking ready
+    // mappings' chunks first, since the out-of-memory retry cannot run during a capture.
     StreamAffinity affinity(stream);
-    return serve(chunks, stream, allow_create, growth_budget, &affinity, /*count_miss=*/true);
+    if (!allow_create || growth_budget == 0) {
+      return serve(chunks, stream, allow_create, growth_budget, &affinity, /*count_miss=*/true);
+    }
+    try {
+      return serve(chunks, stream, true, growth_budget, &affinity, /*count_miss=*/true);
+    } catch (const CapExceeded&) {
+    } catch (const DeviceOutOfMemory&) {
+    }
+    return serve(chunks, stream, true, /*growth_budget=*/0, &affinity, /*count_miss=*/false);
   }
   if (config_.cross_stream_reuse == CrossStreamReuse::kAlways) {
     return serve(chunks, stream, allow_create, growth_budget, nullptr, /*count_miss=*/true);

@@ -146,8 +146,10 @@ class MappingCache {
   // free chunks no ready mapping needs, growth within the slack, chunks of ready mappings,
   // and then, since no later pass may wait for another stream's memory, growth past the
   // slack. Growing past the slack before taking chunks of ready mappings made a graph
-  // tree's pool reserve 1.024x its peak of live bytes on a training step's trace (2 MiB
-  // chunks, replayed: bench/NOTES.md), this order 1.008x.
+  // tree's pool hold 1.023x its peak of allocated bytes on a training step's trace (2 MiB
+  // chunks, replayed: bench/NOTES.md), this order 1.007x. The out-of-memory retry cannot run
+  // during a capture, so growth within the slack that the cap or the device refuses is
+  // tried again taking ready mappings' chunks first (acquire).
   void set_capture_safe(bool on) { capture_safe_ = on; }
   // Takes over the retiring ranges of `other` (a private pool's cache about to go), so
   // that they are unmapped here once the GPU is done with them.

@@ -28,22 +28,27 @@
 //
 // Note [Torch's pools map single chunks]
 // A pool torch makes maps 2 MiB chunks only, never large handles (Note [Large handles] in
-// chunk_pool.hpp). A large handle maps only whole and never serves a request's tail (Note
-// [Picking handles]); the main arena gives free ones back when memory runs short, but a pool
-// keeps every chunk for its life, so each change in the mix of request sizes (a forward's
-// 16 MiB blocks freed, a backward's 44 MiB ones needing 2 MiB tails) leaves free handles no
-// tail can use, and the pool grows instead. Measured on the trace of inductor's graph tree
-// for a training step (bench/NOTES.md, "compile_graphs: the pool's live bytes"), replayed on
-// the host backend: the pool reserved 1.47x its peak of live bytes with large handles,
-// 1.008x with single chunks. What single chunks cost is paid once: the pool's memory is
-// mapped during warm-up and recording (that step's handles created: 2136 instead of 1626,
-// about 25 ms of driver time), while replays call no allocator.
+// chunk_pool.hpp), unless config pool_large_handle_size says otherwise. A large handle maps
+// only whole and never serves a request's tail (Note [Picking handles]); the main arena
+// gives free ones back when memory runs short, but a pool keeps every chunk for its life,
+// so each change in the mix of request sizes (a forward's 16 MiB blocks freed, a
+// backward's 44 MiB ones needing 2 MiB tails) leaves free handles no tail can use, and the
+// pool grows instead. Measured on the trace of inductor's graph tree for a training step
+// (bench/NOTES.md, "compile_graphs: the pool's live bytes"), replayed on the host backend:
+// the pool held 1.47x its peak of allocated bytes with large handles, 1.023x with single
+// chunks; with Note [Capture-safe mode]'s order, 1.24x and 1.007x. For a graph's
+// pool what single chunks cost is paid once: its memory is mapped during warm-up and
+// recording (that step's handles created: 2136 instead of 1642, the replay's driver
+// estimate 109 ms instead of 85), while replays call no allocator. Eager code under
+// use_mem_pool pays it at every stitch and fresh mapping in the pool (a grant per 2 MiB
+// instead of per 16 MiB), and sharing a MemPool's tensor exports a handle per chunk: set
+// pool_large_handle_size:16MiB where that matters more than the pool's packing.
 // Torch's ids have one half zero: (0, n) from MemPool() and graph_pool_handle(), (n, 0) for
 // a capture given no pool. Nothing else tells a graph's pool from a MemPool's: a graph tree
 // warms up into its pool through a thread route, as use_mem_pool does. vmmalloc's own pools
-// of tagged memory (sleep_mode: both halves set) keep large handles: they hold long-lived
-// weights and KV caches, whose sleep, wake and sharing cost per handle (Note [Sleeping
-// pools]).
+// of tagged memory (sleep_mode: both halves set) keep the device's large handles: they hold
+// long-lived weights and KV caches, whose sleep, wake and sharing cost per handle (Note
+// [Sleeping pools]).
 //
 // Note [Sleeping pools]
 // A pool can give its physical memory back for a while and take it again at the same
@@ -102,7 +107,8 @@ struct LiveBlock {
 // The device's options with what a private pool must never do turned off.
 inline Config private_pool_config(Config config, PoolId id) {
   config.repair_blocked = false;
-  if (is_torch_pool(id)) config.large_handle_size = 0;  // Note [Torch's pools map single chunks]
+  if (is_torch_pool(id))
+    config.large_handle_size = config.pool_large_handle_size;  // Note [Torch's pools map single chunks]
   config.max_cached_mappings = std::size_t{1} << 40;
   config.max_mapped_bytes = std::size_t{1} << 62;
   return config;
