@@ -104,7 +104,8 @@ struct LiveBlock {
   StreamId stream = 0;
 };
 
-// The device's options with what a private pool must never do turned off.
+// The device's options with what a private pool must never do turned off, and the handle
+// size of torch's pools.
 inline Config private_pool_config(Config config, PoolId id) {
   config.repair_blocked = false;
   if (is_torch_pool(id))
