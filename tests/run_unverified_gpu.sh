@@ -4,12 +4,15 @@
 #
 #   STEP=sweep   VMMALLOC_COMMIT=$(git rev-parse --short HEAD) bash tests/run_unverified_gpu.sh
 #   STEP=memcheck ...   STEP=compile_train ...   STEP=compile_decode ...   STEP=compile_history ...
+#   STEP="compile_train memcheck" ...   # steps in order, in one call
 #
 # - sweep: the context sweep's system not yet measured (the paged peer: 474 ms a step at
 #   16K, the slowest), merged into the committed bench/results/graph_decode_sweep.json (same
 #   points), a worker per point; the points left after one call in the next (POINTS=...).
-# - memcheck: compute-sanitizer memcheck over the offload cache tests (issue 26), about 25 s a
-#   test under the sanitizer: a whole call, -k narrowed if it is cut again.
+# - memcheck: compute-sanitizer memcheck over what no sanitizer run finished (issue 26): the
+#   offload and KV cache tests, the compile, static-cache and Hugging Face tests (and the
+#   large handles and virtual pages again, which the pools' change touched), in shards that run at once (tests/run_sanitizer_shards.sh) in the time the call has left;
+#   about 25 s a model-based test under the sanitizer, one shard per compile test.
 # - compile_train / compile_decode: issue 19's workloads, one a call, with the graphs' pool
 #   snapshot; compile_train checks the graph pools' single chunks (bench/NOTES.md predicts
 #   reserved / allocated 1.157 -> about 1.04).
@@ -26,7 +29,8 @@ left() { local l=$(( $1 - (SECONDS - T0) )); [ $l -lt 5 ] && l=5; echo $l; }
 stamp() { echo "$1 at $((SECONDS - T0)) s, exit $2" >> "$L/steps.txt"; }
 python3 -m pip install --no-build-isolation --no-deps -q -e . > "$L/build.log" 2>&1
 python3 -m vmmalloc.torch_adapter > "$L/adapter_build.log" 2>&1; stamp build $?
-case "${STEP:-sweep}" in
+for step in ${STEP:-sweep}; do
+case "$step" in
   sweep)
     mkdir -p "$L/results"; cp bench/results/graph_decode_sweep.json "$L/results/"
     # The paged peer's whole sweep outlasts a device call (cut after 420 s of one, 2026-12-04):
@@ -36,14 +40,25 @@ case "${STEP:-sweep}" in
     timeout $(left 580) python3 -m bench.graph_decode sweep "$L/results" --systems paged \
       --worker-per-point ${POINTS:+--points "$POINTS"} > "$L/sweep.log" 2>&1; stamp sweep $? ;;
   memcheck)
-    timeout $(left 580) compute-sanitizer --tool memcheck --target-processes all --print-limit 20 \
-      python3 -m pytest -q -rf -p no:cacheprovider -k cuda tests/test_offload_cache.py \
-      > "$L/sanitizer_memcheck_offload.log" 2>&1; stamp memcheck_offload $? ;;
+    compute-sanitizer --version > "$L/sanitizer_version.txt"
+    lim=$(left 585); g=tests/test_graphs_gpu.py
+    # None of these reads mem_get_info (the shards would move it for each other).
+    OUT="$L" LIMIT=$lim SHARDS=4 bash tests/run_sanitizer_shards.sh offload -k cuda tests/test_offload_cache.py &
+    OUT="$L" LIMIT=$lim SHARDS=3 bash tests/run_sanitizer_shards.sh kv -k cuda tests/test_kv_cache.py &
+    OUT="$L" LIMIT=$lim SHARDS=2 bash tests/run_sanitizer_shards.sh pages -k cuda tests/test_large_handles.py \
+      tests/test_virtual_pages.py &
+    OUT="$L" LIMIT=$lim SHARDS=4 bash tests/run_sanitizer_shards.sh compile \
+      $g::test_compile_reduce_overhead_training_and_a_two_path_tree_match_native \
+      $g::test_static_cache_generate_compiles_and_matches_native \
+      $g::test_eager_allocations_of_another_thread_during_capture_stay_out_of_the_graph_pool \
+      tests/test_torch_gpu.py::test_hugging_face_forward_and_generate_match_native &
+    wait; stamp memcheck 0 ;;
   compile_train|compile_decode)
-    timeout $(left 580) python3 -m bench.compile_graphs "${STEP#compile_}" --out "$L" \
-      > "$L/$STEP.log" 2>&1; stamp "$STEP" $? ;;
+    timeout $(left 580) python3 -m bench.compile_graphs "${step#compile_}" --out "$L" \
+      > "$L/$step.log" 2>&1; stamp "$step" $? ;;
   compile_history)
     timeout $(left 580) python3 -m bench.compile_graphs train --history 2 --out "$L" \
-      > "$L/$STEP.log" 2>&1; stamp "$STEP" $? ;;
-  *) echo "unknown STEP=$STEP (sweep, memcheck, compile_train, compile_decode, compile_history)" >&2; exit 2 ;;
+      > "$L/$step.log" 2>&1; stamp "$step" $? ;;
+  *) echo "unknown step $step (sweep, memcheck, compile_train, compile_decode, compile_history)" >&2; exit 2 ;;
 esac
+done
