@@ -21,6 +21,8 @@ reserved/allocated <= 1.05.
     python -m bench.compile_graphs {train,decode} [--rounds N]      # one, merged into the result
     python -m bench.compile_graphs train --history 2 [--out DIR]    # the graph pools' live bytes
                                                                     # over warm-up and recording
+    python -m bench.compile_graphs train --from-log LOG             # a run cut before it wrote
+    python -m bench.compile_graphs decode --rounds 1 --add-rounds   # one round a device call
 
 The whole run is 18 processes that each compile (about 15 minutes on an H200): more than
 one 10-minute device call, so one workload can run on its own and replace its entry in
@@ -188,23 +190,26 @@ def workload_args(quick: bool) -> dict[str, dict[str, Any]]:
 
 
 def run(backend: str = "cuda", quick: bool = False, names: tuple[str, ...] = ("train", "decode"),
-        rounds: int | None = None) -> dict[str, Any]:
+        rounds: int | None = None, first_round: int = 0) -> dict[str, Any]:
     if backend != "cuda":
         raise ValueError("compile_graphs needs a GPU (--backend cuda)")
     from bench.common import environment
 
     workloads = {name: args for name, args in workload_args(quick).items() if name in names}
     rounds = rounds or (1 if quick else 3)
+    measured_in = environment()
+    # The environment first, then each system's figures as they come: a run cut short (or a
+    # summary that fails) leaves in its log all that `from_log` needs to summarize it.
+    print(f"[compile_graphs] environment: {json.dumps(measured_in)}", flush=True)
     results: dict[str, Any] = {}
     for name, args in workloads.items():
+        print(f"[compile_graphs] {name} args: {json.dumps(args)}", flush=True)
         per_round = []
-        for r in range(rounds):
+        for r in range(first_round, first_round + rounds):
             order = SYSTEMS[r % 3:] + SYSTEMS[:r % 3]
             results_of_round = {}
             for system in order:
                 results_of_round[system] = run_worker("bench.compile_graphs", system, args, timeout=1800)
-                # Each system's figures as they come: a run cut short (or a summary that fails)
-                # still leaves them in the log.
                 figures = {k: v for k, v in results_of_round[system].items() if k not in ("steps_s", "losses", "trajectory")}
                 print(f"[compile_graphs] {name} round {r} {system}: {json.dumps(figures)}", flush=True)
                 for step, m in enumerate(results_of_round[system].get("trajectory", [])):
@@ -212,22 +217,79 @@ def run(backend: str = "cuda", quick: bool = False, names: tuple[str, ...] = ("t
                         f"{k} {v / GiB:.3f} GiB" if k.endswith(("reserved", "allocated")) else f"{k} {v}"
                         for k, v in m.items()), flush=True)
             per_round.append(results_of_round)
-        speed = "step_s" if name == "train" else "tok_s"
-        ratios = {}
-        for system in ("expandable_segments", "vmmalloc"):
-            # speed relative to native: >1 is faster
-            per = [(r["native"][speed] / r[system][speed]) if speed == "step_s" else (r[system][speed] / r["native"][speed])
-                   for r in per_round]
-            ratios[f"{system}_speed_vs_native"] = statistics.median(per)
-            ratios[f"{system}_speed_vs_native_per_round"] = per
-        keys = (speed, "peak_reserved", "peak_allocated", "pool_bytes", "reserved_over_allocated",
-                "pool_semantics_floor")
-        systems = {s: {key: statistics.median(one[s][key] for one in per_round)
-                       for key in keys if key in per_round[0][s]}
-                   for s in SYSTEMS}
-        results[name] = {"args": args, "systems": systems, "ratios": ratios, "rounds": per_round,
-                         "environment": environment()}
+        results[name] = summarize(name, args, per_round, measured_in)
     return with_targets({"benchmark": "compile_graphs", "workloads": results})
+
+
+def summarize(name: str, args: dict[str, Any], per_round: list[dict[str, dict[str, Any]]],
+              measured_in: dict[str, Any]) -> dict[str, Any]:
+    """A workload's entry from its rounds (each system's figures per round): per system the
+    median over the rounds, and each system's speed against native's in the same round."""
+    speed = "step_s" if name == "train" else "tok_s"
+    ratios: dict[str, Any] = {}
+    for system in ("expandable_segments", "vmmalloc"):
+        # speed relative to native: >1 is faster
+        per = [(r["native"][speed] / r[system][speed]) if speed == "step_s" else (r[system][speed] / r["native"][speed])
+               for r in per_round]
+        ratios[f"{system}_speed_vs_native"] = statistics.median(per)
+        ratios[f"{system}_speed_vs_native_per_round"] = per
+    keys = (speed, "peak_reserved", "peak_allocated", "pool_bytes", "reserved_over_allocated",
+            "pool_semantics_floor")
+    systems = {s: {key: statistics.median(one[s][key] for one in per_round)
+                   for key in keys if key in per_round[0][s]}
+               for s in SYSTEMS}
+    return {"args": args, "systems": systems, "ratios": ratios, "rounds": per_round,
+            "environment": measured_in}
+
+
+def add_rounds(stored: dict[str, Any] | None, name: str, quick: bool, rounds: int) -> dict[str, Any]:
+    """The `name` workload's entry with `rounds` more rounds run now beside the stored entry's
+    (a workload whose rounds outlast one device call: the decode workload's nine processes
+    each load the 8B shape and compile). The stored rounds count only if they were measured
+    with the same arguments at the same commit; the rotation of the systems' order goes on
+    from them."""
+    from bench.common import environment
+
+    entry = (stored or {}).get("workloads", {}).get(name)
+    args, commit = workload_args(quick)[name], environment()["commit"]
+    if entry and entry.get("args") == args and entry.get("environment", {}).get("commit") == commit:
+        earlier = entry["rounds"]
+    else:
+        earlier = []
+        print(f"[compile_graphs] {name}: no stored rounds of these arguments at commit {commit}; starting anew",
+              flush=True)
+    new = run("cuda", quick, (name,), rounds, first_round=len(earlier))["workloads"][name]
+    return summarize(name, args, earlier + new["rounds"], new["environment"])
+
+
+def from_log(text: str, name: str) -> dict[str, Any]:
+    """The `name` workload's entry, summarized from the log of a run that did not write its
+    result (cut by a device call's limit after its last worker): the environment, args and
+    per-round figures it printed, without the per-step times, losses and trajectory (the
+    log holds those only rounded, or not at all). Every round must be whole."""
+    measured_in: dict[str, Any] | None = None
+    args: dict[str, Any] | None = None
+    rounds: dict[int, dict[str, dict[str, Any]]] = {}
+    for line in text.splitlines():
+        if line.startswith("[compile_graphs] environment: "):
+            measured_in = json.loads(line.split(": ", 1)[1])
+        elif line.startswith(f"[compile_graphs] {name} args: "):
+            args = json.loads(line.split(": ", 1)[1])
+        elif line.startswith(f"[compile_graphs] {name} round "):
+            head, figures = line.split(": ", 1)
+            r, system = head.split()[3:5]
+            rounds.setdefault(int(r), {})[system] = json.loads(figures)
+    if measured_in is None or args is None:
+        raise SystemExit(f"compile_graphs --from-log: the log has no environment or {name} args line "
+                         "(it predates them, or is not a compile_graphs log)")
+    whole = [rounds[r] for r in sorted(rounds) if set(rounds[r]) == set(SYSTEMS)]
+    if not whole or len(whole) != len(rounds):
+        raise SystemExit(f"compile_graphs --from-log: {len(rounds)} {name} rounds in the log, "
+                         f"{len(whole)} of them with all of {', '.join(SYSTEMS)}; every round must be whole")
+    entry = summarize(name, args, whole, measured_in)
+    return {**entry, "note": "summarized from the run's log (python -m bench.compile_graphs --from-log): the "
+                             "run was cut before it wrote its result; per-step times, losses and trajectories "
+                             "are not in the log"}
 
 
 def trace_pools(quick: bool, steps: int, out_dir: Path) -> dict[str, Any]:
@@ -277,6 +339,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--add-rounds", action="store_true",
+                        help="add --rounds rounds to the stored entry's (same arguments and commit) instead of "
+                             "replacing it: a workload measured over several device calls")
+    parser.add_argument("--from-log", type=Path, default=None, metavar="LOG",
+                        help="summarize the workload from the log of a run cut before it wrote its result, "
+                             "and merge it into the result in --out")
     parser.add_argument("--history", type=int, default=0, metavar="STEPS",
                         help="train: record the first STEPS steps' memory history (one round), read the graph "
                              "pools' live bytes over it (bench/pool_trace.py) and save each system's snapshot")
@@ -292,8 +360,17 @@ def main() -> None:
         histories = trace_pools(args.quick, args.history, out_dir)
         print(f"wrote {write_result('compile_graphs_pool_history', histories, out_dir)}")
         return
-    result = merge(previous, run("cuda", args.quick, (args.workload,), args.rounds))
-    result["environment"] = environment()  # the latest workload's; each workload holds its own
+    if args.from_log:
+        entry = from_log(args.from_log.read_text(), args.workload)
+        result = merge(previous, {"workloads": {args.workload: entry}})
+        result["environment"] = entry["environment"]
+    elif args.add_rounds:
+        entry = add_rounds(previous, args.workload, args.quick, args.rounds)
+        result = merge(previous, {"workloads": {args.workload: entry}})
+        result["environment"] = entry["environment"]
+    else:
+        result = merge(previous, run("cuda", args.quick, (args.workload,), args.rounds))
+        result["environment"] = environment()  # the latest workload's; each workload holds its own
     print(f"wrote {write_result('compile_graphs', result, out_dir)}")
 
 

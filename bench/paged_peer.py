@@ -4,7 +4,9 @@ by block index; vLLM's approach, which vAttention measured itself against).
 
 generate_batch has no per-step hook, so a repeat's decode time is the time of a run of
 `new_tokens` tokens minus that of a run of one token (the prompt's step) on the same prompts,
-and the median over the repeats is taken; its cache reserves blocks from the free GPU memory when it starts (as vLLM's
+and the median over the repeats is taken; each repeat's prompts run once untimed first (the
+warm-up is the first repeat's), since a long prompt's prefill is most of a point's time
+(8 x 64K tokens); its cache reserves blocks from the free GPU memory when it starts (as vLLM's
 gpu_memory_utilization does), so its peak reserved says what it took, not what it needed.
 Its attention is transformers' paged SDPA without CUDA graphs: a stand-in for vLLM's
 approach, not vLLM's kernels.
@@ -48,7 +50,8 @@ def run_paged(torch, model, prompts_per_repeat: list[list[list[int]]], new_token
     generate(2, first)  # warm-up: the cache, the prompt's kernels and the decode step's
     prefills, decodes, outputs = [], [], []
     for prompts in prompts_per_repeat:
-        generate(1, prompts)  # this repeat's new prompt shapes: their first use is not timed
+        if prompts is not first:  # the warm-up ran the first repeat's prompts already
+            generate(1, prompts)  # this repeat's new prompt shapes: their first use is not timed
         prefill = generate(1, prompts)[0]
         total, out = generate(new_tokens, prompts)
         prefills.append(prefill)

@@ -109,3 +109,64 @@ def test_the_history_run_traces_the_warm_up_and_recording_of_both_allocators(tmp
         assert args["history_out"] == str(tmp_path / f"compile_train_{system}.pickle")
     assert set(out["systems"]["vmmalloc"]) == {"pool_history", "trajectory", "peak_reserved", "peak_allocated"}
     assert "commit" in out["environment"]
+
+
+def test_a_runs_log_summarizes_to_the_entry_the_run_returned(monkeypatch, capsys):
+    """A run cut by a device call's limit after its last worker leaves only its log: the
+    environment, args and per-round figures printed there give the same medians and ratios
+    the run would have written (without the per-step times it does not print)."""
+    import pytest
+
+    import bench.compile_graphs as cg
+
+    steps = iter([0.030, 0.031, 0.0305, 0.029, 0.032, 0.0300])
+
+    def fake_worker(module, system, args, timeout):
+        return {"step_s": next(steps), "steps_s": [1.0], "peak_reserved": 120, "peak_allocated": 100,
+                "pool_bytes": 10, "reserved_over_allocated": 1.2 if system != "vmmalloc" else 1.04,
+                "trajectory": [{"reserved": 1 << 30}]}
+
+    monkeypatch.setattr(cg, "run_worker", fake_worker)
+    ran = cg.run("cuda", quick=True, names=("train",), rounds=2)["workloads"]["train"]
+    log = capsys.readouterr().out
+    summarized = cg.from_log(log, "train")
+    assert summarized["systems"] == ran["systems"] and summarized["ratios"] == ran["ratios"]
+    assert summarized["environment"] == ran["environment"] and summarized["args"] == ran["args"]
+    assert "cut" in summarized["note"]
+    assert "steps_s" not in summarized["rounds"][0]["vmmalloc"], "the log has no per-step times"
+
+    first_of_round_1 = log.index("[compile_graphs] train round 1")
+    cut_mid_round = log[:first_of_round_1] + log[first_of_round_1:].split("\n", 1)[0] + "\n"
+    with pytest.raises(SystemExit, match="every round must be whole"):
+        cg.from_log(cut_mid_round, "train")
+    with pytest.raises(SystemExit, match="no environment"):
+        cg.from_log("[compile_graphs] train round 0 native: {}\n", "train")
+
+
+def test_rounds_added_in_later_calls_count_only_at_the_same_commit_and_go_on_rotating(monkeypatch):
+    """A workload measured one round a device call: the stored rounds and the new one are
+    summarized together when arguments and commit match, the systems' order goes on rotating
+    from the rounds already held, and rounds of another commit are not mixed in."""
+    import bench.common
+    import bench.compile_graphs as cg
+
+    order = []
+
+    def fake_worker(module, system, args, timeout):
+        order.append(system)
+        return {"tok_s": {"native": 100.0, "expandable_segments": 95.0, "vmmalloc": 99.0}[system],
+                "peak_reserved": 10, "peak_allocated": 10, "pool_bytes": 0, "reserved_over_allocated": 1.0}
+
+    monkeypatch.setattr(cg, "run_worker", fake_worker)
+    monkeypatch.setattr(bench.common, "_commit", lambda: "abc1234")
+    first = cg.merge(None, {"workloads": {"decode": cg.add_rounds(None, "decode", True, 1)}})
+    assert order == list(cg.SYSTEMS)
+    order.clear()
+    second = cg.add_rounds(first, "decode", True, 1)
+    assert order == list(cg.SYSTEMS[1:] + cg.SYSTEMS[:1]), "the second round starts where the rotation is"
+    assert len(second["rounds"]) == 2 and second["ratios"]["vmmalloc_speed_vs_native_per_round"] == [0.99, 0.99]
+
+    monkeypatch.setattr(bench.common, "_commit", lambda: "def5678")
+    order.clear()
+    other = cg.add_rounds(cg.merge(None, {"workloads": {"decode": second}}), "decode", True, 1)
+    assert len(other["rounds"]) == 1 and order == list(cg.SYSTEMS), "another commit's rounds are not mixed in"

@@ -51,3 +51,24 @@ def test_an_unmeasurable_decode_time_is_an_error_not_a_speed(monkeypatch):
     monkeypatch.setattr("bench.paged_peer.time.perf_counter", lambda: 0.0)  # every run as fast as the prompt's
     r = run_paged(torch, Model(), [[[1, 2], [3]]], 4)
     assert not r["ok"] and "not measurable" in r["error"]
+
+
+def test_every_repeats_prompts_run_once_untimed_and_the_warm_up_is_the_first_repeats(monkeypatch):
+    """The runs per repeat: the warm-up (2 tokens) on the first repeat's prompts, then for each
+    repeat one untimed run of its prompts unless the warm-up already ran them, the timed prompt
+    step and the timed decode; a long prompt's prefill is most of a sweep point's time."""
+    runs = []
+
+    class Model:
+        config = type("Config", (), {"vocab_size": 10, "pad_token_id": 0})()
+
+        def generate_batch(self, inputs, generation_config, progress_bar):
+            runs.append((len(inputs[0]), generation_config.max_new_tokens))
+            return {f"req_{i}": type("Out", (), {"generated_tokens": [1] * generation_config.max_new_tokens})()
+                    for i in range(len(inputs))}
+
+    clock = iter(range(1000))
+    monkeypatch.setattr("bench.paged_peer.time.perf_counter", lambda: next(clock) ** 2 / 10)
+    r = run_paged(torch, Model(), [[[1, 2]], [[1, 2, 3]]], 4)
+    assert r["ok"]
+    assert runs == [(2, 2), (2, 1), (2, 4), (3, 1), (3, 1), (3, 4)]
