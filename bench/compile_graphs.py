@@ -374,10 +374,20 @@ def main() -> None:
     print(f"wrote {write_result('compile_graphs', result, out_dir)}")
 
 
+def measured_apart(result: dict[str, Any], workload: dict[str, Any]) -> str:
+    """What a workload measured in another run than the result's latest says beside its rows
+    (the report dates each row by the result's environment): its commit and day."""
+    env, latest = workload.get("environment") or {}, result.get("environment") or {}
+    if env and env.get("commit") != latest.get("commit"):
+        return f" [measured at {env.get('commit')}, {str(env.get('date', ''))[:10]}]"
+    return ""
+
+
 def summary(result: dict[str, Any]) -> list[tuple[str, str, str]]:
     rows = []
     for name, w in result["workloads"].items():
         v = w["systems"]["vmmalloc"]
+        name = name + measured_apart(result, w)
         rows.append((f"{name}: vmmalloc speed vs native", f"{w['ratios']['vmmalloc_speed_vs_native']:.3f}x", ">= 0.98x"))
         rows.append((f"{name}: reserved/allocated (native {w['systems']['native']['reserved_over_allocated']:.3f})",
                      f"{v['reserved_over_allocated']:.3f}", "<= 1.05"))

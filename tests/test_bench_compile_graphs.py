@@ -170,3 +170,20 @@ def test_rounds_added_in_later_calls_count_only_at_the_same_commit_and_go_on_rot
     order.clear()
     other = cg.add_rounds(cg.merge(None, {"workloads": {"decode": second}}), "decode", True, 1)
     assert len(other["rounds"]) == 1 and order == list(cg.SYSTEMS), "another commit's rounds are not mixed in"
+
+
+def test_a_workload_from_another_run_says_when_it_was_measured_in_the_summary():
+    """The report dates a result's rows by its latest environment: a workload kept from an
+    earlier run names its own commit and day in its rows."""
+    from bench.compile_graphs import summary
+
+    def entry(commit: str, date: str) -> dict:
+        systems = {s: {"reserved_over_allocated": 1.0, "pool_bytes": 0} for s in ("native", "vmmalloc")}
+        return {"systems": systems, "ratios": {"vmmalloc_speed_vs_native": 1.0},
+                "environment": {"commit": commit, "date": date}}
+
+    result = {"environment": {"commit": "new", "date": "2026-12-04 04:46 UTC"},
+              "workloads": {"train": entry("new", "2026-12-04 04:46 UTC"), "decode": entry("old", "2026-12-01 23:28 UTC")}}
+    measures = [m for m, _, _ in summary(result)]
+    assert all("measured at" not in m for m in measures if m.startswith("train"))
+    assert all("[measured at old, 2026-12-01]" in m for m in measures if m.startswith("decode"))
